@@ -1,0 +1,3 @@
+"""lipkit: CLIP-family language-image pre-training — train, evaluate, serve."""
+
+__version__ = "0.1.0"

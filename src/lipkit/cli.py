@@ -1,0 +1,192 @@
+"""The `lipkit` command line. Thin: parse, load a config, call one function."""
+
+from __future__ import annotations
+
+import sys
+from importlib import resources
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lipkit import __version__
+from lipkit.errors import UserError
+
+app = typer.Typer(
+    help="lipkit: train, evaluate and serve CLIP-family image–text models.\n\n"
+    "Start with `lipkit demo` (builds the emoji dataset, trains a tiny CLIP on the CPU, evaluates it and "
+    "writes an HTML report), then `lipkit train --config configs/demo.yaml` on your own data.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Build and inspect datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+console = Console(stderr=True)
+
+
+def demo_config_path() -> Path:
+    return Path(str(resources.files("lipkit") / "configs" / "demo.yaml"))
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"lipkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    pass
+
+
+@app.command()
+def train(
+    config: Path = typer.Option(None, "--config", "-c", help="YAML config (see configs/demo.yaml)."),
+    set_: list[str] = typer.Option(
+        [],
+        "--set",
+        "-s",
+        help="Override a config key, e.g. --set train.lr=5e-4 --set model.preset=base-32. Repeatable.",
+    ),
+) -> None:
+    """Train a dual encoder. Writes checkpoint/, metrics.jsonl and config.json into train.output."""
+    from lipkit.config import load_config
+    from lipkit.train.run import run_training
+
+    run_training(load_config(config, set_))
+
+
+def _print_results(results: dict) -> None:
+    table = Table(title="evaluation")
+    splits = list(results["splits"])
+    table.add_column("metric")
+    for s in splits:
+        table.add_column(s, justify="right")
+    names = sorted({k for s in splits for k in results["splits"][s]["metrics"]})
+    for name in names:
+        cells = []
+        for s in splits:
+            r = results["splits"][s]
+            v, c = r["metrics"].get(name), r["chance"].get(name)
+            cells.append("" if v is None else f"{100 * v:.1f}%  [dim](chance {100 * c:.1f}%)[/]")
+        table.add_row(name, *cells)
+    Console().print(table)
+
+
+@app.command("eval")
+def eval_(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint directory written by `lipkit train`."),
+    data: list[str] = typer.Option(
+        [],
+        "--data",
+        "-d",
+        help="NAME=TABLE to evaluate on, e.g. "
+        "--data test-style=~/.cache/lipkit/datasets/emoji/test-style.jsonl. Repeatable.",
+    ),
+    config: Path = typer.Option(
+        None,
+        "--config",
+        "-c",
+        help="Config whose eval: section (and data.eval splits, when no --data is given) to use.",
+    ),
+    set_: list[str] = typer.Option(
+        [], "--set", "-s", help="Override a config key, e.g. --set eval.templates=['{}']."
+    ),
+    out: Path = typer.Option(
+        None,
+        "--out",
+        "-o",
+        help="Where to write results JSON (default: eval/results.json beside the checkpoint).",
+    ),
+) -> None:
+    """Zero-shot classification (top-1/top-5/mean recall) and image↔text retrieval (R@1/5/10)."""
+    from lipkit.config import load_config
+    from lipkit.eval.run import run_eval
+
+    cfg = load_config(config, set_)
+    splits = dict(cfg.data.eval)
+    for item in data:
+        if "=" not in item:
+            raise UserError(f"--data '{item}' must look like NAME=TABLE, e.g. test-style=data/test.jsonl.")
+        name, path = item.split("=", 1)
+        splits[name] = path
+    if not splits:
+        raise UserError("Nothing to evaluate on; pass --data NAME=TABLE or a --config with data.eval splits.")
+    out = out or checkpoint.expanduser().parent / "eval" / "results.json"
+    _print_results(run_eval(checkpoint, splits, cfg, out))
+    console.print(f"results: {out}")
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="Run directory (holding metrics.jsonl and eval/results.json)."),
+):
+    """Write an HTML report (curves, metrics vs chance, heat map, retrieval examples) for a run."""
+    from lipkit.eval.report import write_report
+
+    console.print(f"report: {write_report(run_dir)}")
+
+
+@data_app.command("build")
+def data_build(
+    name: str = typer.Argument(..., help="Dataset to build; built in: emoji."),
+    out: Path = typer.Option(None, "--out", "-o", help="Output folder (default: the user cache dir)."),
+    force: bool = typer.Option(False, "--force", help="Rebuild even when a complete build exists."),
+    seed: int = typer.Option(0, help="Seed of the novel-concept split."),
+) -> None:
+    """Build a dataset. `emoji`: three artists' emoji sets from npm with captions in 9 languages; splits
+    train / test-style (the third artist) / test-novel (unseen concepts)."""
+    from lipkit.data.emoji import build_emoji
+
+    if name != "emoji":
+        raise UserError(
+            f"Unknown dataset '{name}'; the built-in one is 'emoji' (your own data needs no build)."
+        )
+    build_emoji(out, force=force, seed=seed)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run directory."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a key of the demo config."),
+) -> None:
+    """Build the emoji dataset, train the tiny model on the CPU, evaluate it and write the report."""
+    from lipkit.config import load_config
+    from lipkit.data.emoji import build_emoji, default_root
+    from lipkit.eval.report import write_report
+    from lipkit.eval.run import run_eval
+    from lipkit.train.run import run_training
+
+    root = default_root()
+    build_emoji(root)
+    paths = [
+        f"data.train={root / 'train.jsonl'}",
+        f"train.output={out}",
+        "data.eval={" + ", ".join(f"'{s}': '{root / s}.jsonl'" for s in ("test-style", "test-novel")) + "}",
+    ]
+    cfg = load_config(demo_config_path(), paths + set_)
+    run_dir, _ = run_training(cfg)
+    results = run_eval(run_dir / "checkpoint", cfg.data.eval, cfg, run_dir / "eval" / "results.json")
+    _print_results(results)
+    console.print(f"[bold green]report:[/] {write_report(run_dir, results)}")
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as e:
+        console.print(f"[bold red]error:[/] {e}")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

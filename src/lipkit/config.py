@@ -1,0 +1,214 @@
+"""Typed configuration: one dataclass per section, loaded from YAML with dotted overrides.
+
+    cfg = load_config("configs/demo.yaml", overrides=["train.lr=1e-3", "model.preset=tiny"])
+
+Unknown keys and values of the wrong type are rejected with one sentence that names the key and,
+where it looks like a typo, the key that was probably meant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lipkit.errors import UserError
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # CSV/TSV/JSONL captions table; image paths are relative to its folder
+    eval: dict[str, str] = field(default_factory=dict)  # split name -> table
+    image_root: str = ""  # default: the folder of each table
+    image_column: str = "image"
+    caption_column: str = "captions"  # a string or a list of strings per row
+    caption_policy: str = "random"  # random | first
+    cache_images: bool = True  # decode every image once into memory (small datasets)
+    workers: int = 0
+
+
+@dataclass
+class AugmentConfig:
+    scale_min: float = 0.6  # random resized crop: smallest area fraction kept
+    rotate_deg: float = 10.0
+    hflip: bool = False  # off by default: mirrored text/flags/arrows change meaning
+    blur_p: float = 0.2
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    overrides: dict[str, Any] = field(default_factory=dict)  # any field of lipkit.models.presets
+
+
+@dataclass
+class TokenizerConfig:
+    path: str = ""  # an existing tokenizer.json; empty: train one on the training captions
+    vocab_size: int = 8192
+    context_length: int = 32
+
+
+@dataclass
+class TrainConfig:
+    output: str = "runs/demo"
+    epochs: float = 10.0
+    max_minutes: float = 0.0  # stop after this wall time (0: no limit)
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.02
+    grad_clip: float = 1.0
+    precision: str = "fp32"  # fp32 | bf16
+    objective: str = "infonce"
+    init_logit_scale: float = 14.285714  # 1 / 0.07, as CLIP
+    max_logit_scale: float = 100.0
+    eval_every: int = 0  # steps between evaluations (0: only at the end)
+    log_every: int = 10
+    seed: int = 0
+    threads: int = 0  # torch intra-op threads (0: torch default)
+
+
+@dataclass
+class EvalConfig:
+    class_columns: list[str] = field(default_factory=lambda: ["subcategory", "category"])
+    templates: list[str] = field(
+        default_factory=lambda: ["{}", "an emoji of {}.", "a picture of {}.", "an icon of {}."]
+    )
+    retrieval_caption: int = 0  # which caption of each row is the text→image query
+    batch_size: int = 256
+    max_images: int = 0  # 0: all
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _typo_hint(key: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(key, options, n=1)
+    return f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(sorted(options))}"
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`, converting only the safe cases (int → float)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, where)
+            except UserError:
+                continue
+        raise UserError(f"Config key '{where}' has the wrong type; expected {tp}, got {value!r}.")
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"Config key '{where}' must be a list, got {value!r}.")
+        (arg,) = typing.get_args(tp)
+        return [_coerce(v, arg, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"Config key '{where}' must be a mapping, got {value!r}.")
+        return dict(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise UserError(f"Config key '{where}' must be true or false, got {value!r}.")
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise UserError(f"Config key '{where}' must be of type {tp.__name__}, got {value!r}.")
+    return value
+
+
+def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in fields(obj)]
+    for key, value in data.items():
+        where = f"{prefix}{key}"
+        if key not in names:
+            raise UserError(f"Unknown config key '{where}'; {_typo_hint(key, names)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise UserError(f"Config key '{where}' is a section and needs a mapping, got {value!r}.")
+            _apply(current, value, prefix=f"{where}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], where))
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise UserError(f"Override '{item}' must look like section.key=value, e.g. train.lr=1e-3.")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> Config:
+    cfg = Config()
+    _apply(cfg, data or {})
+    for item in overrides or []:
+        path, value = _parse_override(item)
+        nested: Any = value
+        for part in reversed(path):
+            nested = {part: nested}
+        _apply(cfg, nested)
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(
+                f"Config file '{p}' does not exist; pass the path of a YAML file such as configs/demo.yaml."
+            )
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise UserError(
+                f"Config file '{p}' is not valid YAML ({e.__class__.__name__}); fix the syntax."
+            ) from e
+        if not isinstance(data, dict):
+            raise UserError(f"Config file '{p}' must hold a mapping of sections (data:, model:, train: ...).")
+    return config_from_dict(data, overrides)
+
+
+def validate(cfg: Config) -> None:
+    """Reject impossible values before anything starts."""
+    t = cfg.train
+    checks = [
+        (t.batch_size >= 2, "train.batch_size must be at least 2 (a contrastive batch needs negatives)."),
+        (t.lr > 0, "train.lr must be positive."),
+        (t.epochs > 0, "train.epochs must be positive."),
+        (t.precision in ("fp32", "bf16"), "train.precision must be 'fp32' or 'bf16'."),
+        (cfg.data.caption_policy in ("random", "first"), "data.caption_policy must be 'random' or 'first'."),
+        (0 < cfg.augment.scale_min <= 1, "augment.scale_min must be in (0, 1]."),
+        (cfg.tokenizer.context_length >= 4, "tokenizer.context_length must be at least 4."),
+        (
+            cfg.tokenizer.vocab_size >= 300,
+            "tokenizer.vocab_size must be at least 300 (256 bytes + specials).",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)

@@ -1,0 +1,126 @@
+"""Evaluate a dual encoder on captioned image tables: zero-shot classification over metadata columns,
+image↔text retrieval, plus the examples and similarity heat map the report shows."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from rich.progress import Progress
+
+from lipkit.config import EvalConfig
+from lipkit.data.loader import ImageStore
+from lipkit.data.sources import Record
+from lipkit.data.transforms import normalize
+from lipkit.eval.retrieval import retrieval_chance, retrieval_metrics
+from lipkit.eval.zeroshot import class_embeddings, zeroshot_chance, zeroshot_metrics
+from lipkit.models.dual_encoder import DualEncoder
+from lipkit.text.tokenizer import TextTokenizer
+
+
+def _device(model: DualEncoder) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def embed_images(model: DualEncoder, store: ImageStore, batch_size: int) -> torch.Tensor:
+    spec, n = model.spec, len(store.records)
+    out = []
+    with Progress(transient=True) as bar:
+        task = bar.add_task("embedding images", total=n)
+        for s in range(0, n, batch_size):
+            x = normalize(store.get(range(s, min(n, s + batch_size))), spec.image_mean, spec.image_std)
+            out.append(model.encode_image(x.to(_device(model))).float().cpu())
+            bar.advance(task, x.shape[0])
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def embed_texts(
+    model: DualEncoder, tokenizer: TextTokenizer, texts: Sequence[str], batch_size: int
+) -> torch.Tensor:
+    dev = _device(model)
+    return torch.cat(
+        [
+            model.encode_text(tokenizer(texts[s : s + batch_size]).to(dev)).float().cpu()
+            for s in range(0, len(texts), batch_size)
+        ]
+    )
+
+
+def _spread(n: int, k: int) -> list[int]:
+    return sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(min(n, k))})
+
+
+def evaluate_records(
+    model: DualEncoder,
+    tokenizer: TextTokenizer,
+    records: Sequence[Record],
+    cfg: EvalConfig,
+    store: ImageStore | None = None,
+    details: bool = True,
+) -> dict[str, Any]:
+    """Metrics (and chance levels) for one split; with `details`, also retrieval examples and a heat map."""
+    was_training = model.training
+    model.eval()
+    store = store or ImageStore(records, model.spec.image_size, cache=True, desc="evaluation")
+    img = embed_images(model, store, cfg.batch_size)
+    metrics: dict[str, float] = {}
+    chance: dict[str, float] = {}
+    for column in cfg.class_columns:
+        values = [r.meta.get(column) for r in records]
+        if any(v in (None, "") for v in values):
+            continue  # this table has no such labels: nothing to classify
+        classes = sorted(set(values))
+        labels = torch.tensor([classes.index(v) for v in values])
+        prompts = [t.format(c) for c in classes for t in cfg.templates]
+        cls = class_embeddings(
+            embed_texts(model, tokenizer, prompts, cfg.batch_size), len(classes), len(cfg.templates)
+        )
+        for name, v in zeroshot_metrics(img, cls, labels).items():
+            metrics[f"zeroshot/{column}/{name}"] = v
+        for name, v in zeroshot_chance(labels, len(classes)).items():
+            chance[f"zeroshot/{column}/{name}"] = v
+    captions = [r.captions[min(cfg.retrieval_caption, len(r.captions) - 1)] for r in records]
+    texts = sorted(set(captions))
+    index = {t: i for i, t in enumerate(texts)}
+    relevant = torch.zeros(len(texts), len(records), dtype=torch.bool)
+    relevant[torch.tensor([index[c] for c in captions]), torch.arange(len(records))] = True
+    txt = embed_texts(model, tokenizer, texts, cfg.batch_size)
+    metrics.update({f"retrieval/{k}": v for k, v in retrieval_metrics(img, txt, relevant).items()})
+    chance.update({f"retrieval/{k}": v for k, v in retrieval_chance(relevant).items()})
+    result: dict[str, Any] = {
+        "n_images": len(records),
+        "n_texts": len(texts),
+        "metrics": metrics,
+        "chance": chance,
+    }
+    if details:
+        sims = txt @ img.t()
+        examples = []
+        for t in _spread(len(texts), 8):
+            top = sims[t].topk(min(5, len(records)))
+            examples.append(
+                {
+                    "query": texts[t],
+                    "results": [
+                        {
+                            "image": str(records[i].image),
+                            "score": round(s, 4),
+                            "correct": bool(relevant[t, i]),
+                        }
+                        for s, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+                    ],
+                }
+            )
+        rows = _spread(len(records), 8)
+        cols = [index[captions[i]] for i in rows]
+        result["examples"] = examples
+        result["heatmap"] = {
+            "texts": [texts[c] for c in cols],
+            "images": [str(records[i].image) for i in rows],
+            "sim": sims[cols][:, rows].tolist(),
+        }
+    model.train(was_training)
+    return result

@@ -1,0 +1,43 @@
+"""Image↔text retrieval recall@K with any number of relevant items per query.
+
+`relevant[t, i]` is True when text t describes image i (one text may describe several images, e.g.
+the same concept drawn in several styles). A query counts as a hit at K when any relevant item is
+among its K most similar.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def recall_at_k(
+    scores: torch.Tensor, relevant: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)
+) -> dict[str, float]:
+    """scores, relevant: (Q, N). Returns {"R@k": fraction of queries with a relevant item in the top k}."""
+    order = scores.argsort(dim=1, descending=True)
+    hits = relevant.gather(1, order)  # (Q, N) relevance in ranked order
+    first = torch.where(hits.any(1), hits.float().argmax(1), torch.full((hits.shape[0],), hits.shape[1]))
+    return {f"R@{k}": (first < k).double().mean().item() for k in ks}
+
+
+def retrieval_metrics(
+    image_features: torch.Tensor, text_features: torch.Tensor, relevant: torch.Tensor
+) -> dict[str, float]:
+    sims = text_features @ image_features.t()  # (T, N)
+    out = {f"text_to_image/{k}": v for k, v in recall_at_k(sims, relevant).items()}
+    out.update({f"image_to_text/{k}": v for k, v in recall_at_k(sims.t(), relevant.t()).items()})
+    return out
+
+
+def retrieval_chance(relevant: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+    """Expected recall@k of a random ranking: 1 − C(N−r, k)/C(N, k), averaged over queries."""
+    out = {}
+    for name, rel in (("text_to_image", relevant), ("image_to_text", relevant.t())):
+        n = rel.shape[1]
+        r = rel.sum(1).double()
+        for k in ks:
+            miss = torch.ones_like(r)
+            for j in range(min(k, n)):  # probability that none of the first k picks is relevant
+                miss = miss * ((n - r - j) / (n - j)).clamp(min=0)
+            out[f"{name}/R@{k}"] = (1 - miss).mean().item()
+    return out

@@ -1,0 +1,37 @@
+"""`lipkit eval`: evaluate a checkpoint on named tables and write the results JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lipkit.config import Config
+from lipkit.data.sources import read_table
+from lipkit.eval.evaluate import evaluate_records
+from lipkit.train.checkpoint import load_checkpoint
+
+
+def run_eval(checkpoint: str | Path, splits: dict[str, str], cfg: Config, out: Path) -> dict[str, Any]:
+    model, tokenizer, info = load_checkpoint(checkpoint)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    d = cfg.data
+    results: dict[str, Any] = {
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "model": {"preset": info.get("preset", "custom"), "params": model.num_params()},
+        "splits": {},
+    }
+    for name, path in splits.items():
+        records = read_table(path, d.image_column, d.caption_column, d.image_root)
+        if cfg.eval.max_images:
+            records = records[: cfg.eval.max_images]
+        results["splits"][name] = evaluate_records(model, tokenizer, records, cfg.eval)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, out)
+    return results

@@ -1,0 +1,35 @@
+"""Zero-shot classification as in CLIP: each class is the mean of its prompt-template text embeddings
+(re-normalised); an image is assigned the class with the highest cosine similarity."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def class_embeddings(text_features: torch.Tensor, n_classes: int, n_templates: int) -> torch.Tensor:
+    """(C·T, D) normalised prompt embeddings, class-major → (C, D) normalised class embeddings."""
+    return F.normalize(text_features.view(n_classes, n_templates, -1).mean(1), dim=-1)
+
+
+def zeroshot_metrics(
+    image_features: torch.Tensor, class_features: torch.Tensor, labels: torch.Tensor
+) -> dict[str, float]:
+    """top-1, top-5 accuracy and mean per-class recall (over the classes present in `labels`)."""
+    scores = image_features @ class_features.t()
+    k = min(5, scores.shape[1])
+    topk = scores.topk(k, dim=1).indices
+    hit1 = topk[:, 0] == labels
+    hit5 = (topk == labels[:, None]).any(1)
+    present = labels.unique()
+    recalls = torch.stack([hit1[labels == c].double().mean() for c in present])
+    return {
+        "top1": hit1.double().mean().item(),
+        "top5": hit5.double().mean().item(),
+        "mean_recall": recalls.mean().item(),
+    }
+
+
+def zeroshot_chance(labels: torch.Tensor, n_classes: int) -> dict[str, float]:
+    """Expected scores of a classifier that guesses uniformly at random among the classes."""
+    return {"top1": 1 / n_classes, "top5": min(5, n_classes) / n_classes, "mean_recall": 1 / n_classes}

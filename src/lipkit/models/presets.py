@@ -1,0 +1,90 @@
+"""Named model sizes. A `ModelSpec` is the whole shape of a dual encoder; presets are just specs."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from lipkit.errors import UserError
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    embed_dim: int = 256
+    # image tower (ViT)
+    image_size: int = 64
+    patch_size: int = 8
+    vision_width: int = 192
+    vision_layers: int = 6
+    vision_heads: int = 3
+    # text tower (causal transformer, pooled at the end-of-text token)
+    text_width: int = 192
+    text_layers: int = 4
+    text_heads: int = 3
+    context_length: int = 32
+    vocab_size: int = 8192
+    mlp_ratio: float = 4.0
+    quick_gelu: bool = False
+    image_mean: tuple[float, float, float] = OPENAI_MEAN
+    image_std: tuple[float, float, float] = OPENAI_STD
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        names = {f.name for f in fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise UserError(f"Unknown model setting(s) {sorted(unknown)}; valid ones are {sorted(names)}.")
+        clean = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**clean)
+
+
+PRESETS: dict[str, ModelSpec] = {
+    # The CPU demo: 64 px emoji, 8 px patches (64 tokens + cls).
+    "tiny": ModelSpec(),
+    # A step up for small GPU runs.
+    "small": ModelSpec(
+        embed_dim=384,
+        image_size=128,
+        patch_size=16,
+        vision_width=384,
+        vision_layers=8,
+        vision_heads=6,
+        text_width=384,
+        text_layers=6,
+        text_heads=6,
+        context_length=64,
+        vocab_size=16384,
+    ),
+    # The shape of OpenAI CLIP ViT-B/32.
+    "base-32": ModelSpec(
+        embed_dim=512,
+        image_size=224,
+        patch_size=32,
+        vision_width=768,
+        vision_layers=12,
+        vision_heads=12,
+        text_width=512,
+        text_layers=12,
+        text_heads=8,
+        context_length=77,
+        vocab_size=49408,
+    ),
+}
+
+
+def get_spec(preset: str, **overrides: Any) -> ModelSpec:
+    if preset not in PRESETS:
+        raise UserError(f"Unknown model preset '{preset}'; choose one of {', '.join(PRESETS)}.")
+    base = PRESETS[preset].to_dict()
+    unknown = set(overrides) - set(base)
+    if unknown:
+        raise UserError(f"Unknown model override(s) {sorted(unknown)}; valid ones are {sorted(base)}.")
+    return replace(
+        PRESETS[preset], **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    )

@@ -1,0 +1,30 @@
+"""CLIP's symmetric InfoNCE loss (Radford et al., 2021, "Learning Transferable Visual Models From
+Natural Language Supervision").
+
+With L2-normalised image features x_i, text features y_j and learnable scale s = exp(t):
+
+    logits_ij = s · <x_i, y_j>
+    L = ½ [ −1/N Σ_i log softmax_j(logits)_ii  −  1/N Σ_j log softmax_i(logits)_jj ]
+
+i.e. the mean of cross-entropy over rows (image→text) and over columns (text→image), with the
+matching pair on the diagonal.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class InfoNCE(nn.Module):
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        **_: object,
+    ) -> torch.Tensor:
+        logits = logit_scale * image_features @ text_features.t()
+        labels = torch.arange(logits.shape[0], device=logits.device)
+        return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))

@@ -1,0 +1,36 @@
+import pytest
+
+from lipkit.config import load_config
+from lipkit.errors import UserError
+
+
+def test_overrides_and_types(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  lr: 1\n  batch_size: 8\n")
+    cfg = load_config(p, ["train.epochs=2", "model.preset=base-32", "data.eval={a: x.jsonl}"])
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.train.epochs == 2 and cfg.model.preset == "base-32" and cfg.data.eval == {"a": "x.jsonl"}
+
+
+@pytest.mark.parametrize(
+    "text, overrides, match",
+    [
+        ("train:\n  lrr: 1\n", [], "Unknown config key 'train.lrr'; did you mean 'lr'"),
+        ("trian:\n  lr: 1\n", [], "did you mean 'train'"),
+        ("", ["train.batch_size=abc"], "train.batch_size' must be of type int"),
+        ("", ["train.batch_size=1"], "at least 2"),
+        ("", ["train.precision=fp8"], "fp32"),
+        ("train: 3\n", [], "is a section"),
+        ("", ["nonsense"], "section.key=value"),
+    ],
+)
+def test_bad_config_is_one_clear_sentence(tmp_path, text, overrides, match):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(UserError, match=match):
+        load_config(p, overrides)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(tmp_path / "none.yaml")

@@ -1,0 +1,63 @@
+import pytest
+import torch
+
+from lipkit.errors import UserError
+from lipkit.models.dual_encoder import DualEncoder
+from lipkit.models.presets import get_spec
+from lipkit.text.tokenizer import TextTokenizer
+from lipkit.train.checkpoint import load_checkpoint, save_checkpoint
+
+SMALL = dict(
+    vision_width=32,
+    vision_layers=2,
+    vision_heads=2,
+    text_width=32,
+    text_layers=2,
+    text_heads=2,
+    embed_dim=16,
+    image_size=32,
+    patch_size=8,
+    context_length=12,
+)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return TextTokenizer.train(
+        ["a red heart", "a nerd face", "egypt flag"] * 5, vocab_size=300, context_length=12
+    )
+
+
+def test_save_load_gives_identical_embeddings(tmp_path, tok):
+    torch.manual_seed(0)
+    model = DualEncoder(get_spec("tiny", **SMALL, vocab_size=tok.vocab_size)).eval()
+    images, ids = torch.randn(3, 3, 32, 32), tok(["a red heart", "nerd", "flag"])
+    save_checkpoint(tmp_path / "ckpt", model, tok, {"preset": "tiny"})
+    save_checkpoint(tmp_path / "ckpt", model, tok, {"preset": "tiny"})  # overwriting is atomic and fine
+    again, tok2, info = load_checkpoint(tmp_path / "ckpt")
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(images), again.encode_image(images))
+        assert torch.equal(model.encode_text(ids), again.encode_text(tok2(["a red heart", "nerd", "flag"])))
+    assert info["preset"] == "tiny"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary leftovers
+
+
+def test_padding_does_not_change_text_features(tok):
+    model = DualEncoder(get_spec("tiny", **SMALL, vocab_size=tok.vocab_size)).eval()
+    ids = tok(["a nerd face"])
+    short = ids[:, : int((ids != 0).sum())]
+    with torch.no_grad():
+        assert torch.allclose(model.encode_text(ids), model.encode_text(short), atol=1e-6)
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(UserError, match="not a lipkit checkpoint"):
+        load_checkpoint(tmp_path)
+
+
+def test_base32_has_clip_b32_shape():
+    spec = get_spec("base-32")
+    model = DualEncoder(spec)
+    n = sum(p.numel() for p in model.visual.parameters())
+    assert 87e6 < n < 89e6  # OpenAI ViT-B/32 image tower: 87.8M parameters
+    assert model.visual.positional_embedding.shape == (50, 768)
