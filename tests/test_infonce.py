@@ -40,3 +40,12 @@ def test_infonce_is_low_for_aligned_pairs_and_registered():
     aligned = loss(x, x, torch.tensor(50.0))
     shuffled = loss(x, x.roll(1, 0), torch.tensor(50.0))
     assert aligned < 0.1 < shuffled
+
+
+def test_schedule_warmup_then_cosine():
+    from lipkit.train.trainer import lr_factor
+
+    assert lr_factor(0, 0.0, 10, 0.1) == 0.1 and lr_factor(9, 0.0, 10, 0.1) == 1.0
+    assert lr_factor(10, 0.0, 10, 0.1) == 1.0
+    assert math.isclose(lr_factor(50, 0.5, 10, 0.1), 0.55)
+    assert math.isclose(lr_factor(99, 1.0, 10, 0.1), 0.1) and math.isclose(lr_factor(99, 2.0, 10, 0.1), 0.1)

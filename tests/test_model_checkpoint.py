@@ -30,7 +30,7 @@ def tok():
 
 def test_save_load_gives_identical_embeddings(tmp_path, tok):
     torch.manual_seed(0)
-    model = DualEncoder(get_spec("tiny", **SMALL, vocab_size=tok.vocab_size)).eval()
+    model = DualEncoder(get_spec("tiny", **SMALL, vocab_size=tok.vocab_size, eot_id=tok.eot_id)).eval()
     images, ids = torch.randn(3, 3, 32, 32), tok(["a red heart", "nerd", "flag"])
     save_checkpoint(tmp_path / "ckpt", model, tok, {"preset": "tiny"})
     save_checkpoint(tmp_path / "ckpt", model, tok, {"preset": "tiny"})  # overwriting is atomic and fine
@@ -43,7 +43,7 @@ def test_save_load_gives_identical_embeddings(tmp_path, tok):
 
 
 def test_padding_does_not_change_text_features(tok):
-    model = DualEncoder(get_spec("tiny", **SMALL, vocab_size=tok.vocab_size)).eval()
+    model = DualEncoder(get_spec("tiny", **SMALL, vocab_size=tok.vocab_size, eot_id=tok.eot_id)).eval()
     ids = tok(["a nerd face"])
     short = ids[:, : int((ids != 0).sum())]
     with torch.no_grad():

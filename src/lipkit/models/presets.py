@@ -26,6 +26,7 @@ class ModelSpec:
     text_heads: int = 3
     context_length: int = 32
     vocab_size: int = 8192
+    eot_id: int = 2  # the text tower pools at the first end-of-text token (set from the tokenizer)
     mlp_ratio: float = 4.0
     quick_gelu: bool = False
     image_mean: tuple[float, float, float] = OPENAI_MEAN

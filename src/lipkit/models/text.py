@@ -1,7 +1,8 @@
 """Text tower: token + position embeddings → causal pre-norm transformer → end-of-text token → projection.
 
-Padding comes after the end-of-text token, and attention is causal, so padding never changes the
-pooled feature.
+The pooled feature is taken at the first end-of-text token (`spec.eot_id`; OpenCLIP's `argmax(ids)`
+finds the same position for CLIP's BPE, whose end token has the largest id). Padding comes after it
+and attention is causal, so padding never changes the pooled feature.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from lipkit.models.transformer import Transformer
 
 
 class TextTransformer(nn.Module):
-    def __init__(self, spec: ModelSpec, pad_id: int = 0) -> None:
+    def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         w = spec.text_width
-        self.pad_id = pad_id
+        self.eot_id = spec.eot_id
         self.context_length = spec.context_length
         self.token_embedding = nn.Embedding(spec.vocab_size, w)
         self.positional_embedding = nn.Parameter(torch.empty(spec.context_length, w))
@@ -32,7 +33,11 @@ class TextTransformer(nn.Module):
         n = ids.shape[1]
         x = self.token_embedding(ids) + self.positional_embedding[:n].to(self.token_embedding.weight.dtype)
         x = self.ln_final(self.transformer(x, causal=True))
-        eot = (ids != self.pad_id).sum(dim=1).clamp(min=1) - 1  # last real token = end-of-text
+        is_eot = ids == self.eot_id
+        last = torch.full_like(
+            ids[:, 0], n - 1
+        )  # no end token (truncated by a foreign tokenizer): last position
+        eot = torch.where(is_eot.any(1), is_eot.int().argmax(1), last)
         pooled = x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
         if return_tokens:
             return pooled, x @ self.text_projection

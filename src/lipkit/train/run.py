@@ -53,7 +53,12 @@ def run_training(cfg: Config) -> tuple[Path, TrainResult]:
         )
     spec = get_spec(
         cfg.model.preset,
-        **{**cfg.model.overrides, "vocab_size": tokenizer.vocab_size, "context_length": tk.context_length},
+        **{
+            **cfg.model.overrides,
+            "vocab_size": tokenizer.vocab_size,
+            "eot_id": tokenizer.eot_id,
+            "context_length": tk.context_length,
+        },
     )
     model = DualEncoder(
         spec, init_logit_scale=cfg.train.init_logit_scale, max_logit_scale=cfg.train.max_logit_scale

@@ -38,12 +38,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """Linear warmup to 1, then cosine decay to `min_ratio` at `total`."""
+def lr_factor(step: int, progress: float, warmup: int, min_ratio: float) -> float:
+    """Linear warmup to 1 over `warmup` steps, then cosine decay to `min_ratio` as `progress` goes 0 → 1."""
     if step < warmup:
         return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 @dataclass
@@ -74,6 +73,7 @@ class Trainer:
         )
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.metrics_path = run_dir / "metrics.jsonl"
+        self.eval_seconds = 0.0
 
     def _log(self, record: dict[str, Any]) -> None:
         with self.metrics_path.open("a", encoding="utf-8") as f:
@@ -111,6 +111,17 @@ class Trainer:
         batch_size = cfg.batch_size
         self.model.train()
         start = time.perf_counter()
+        self.eval_seconds = 0.0  # excluded from the time budget
+        budget = cfg.max_minutes * 60
+        warm = min(cfg.warmup_steps, total - 1) / total  # the part of the run spent warming up
+
+        def progress(step: int) -> float:
+            """Fraction of the run done: by steps, or by training wall time when that budget ends first."""
+            by_steps = step / total
+            if not budget:
+                return by_steps
+            return max(by_steps, (time.perf_counter() - start - self.eval_seconds) / budget)
+
         last_log_t, last_log_step, loss_value, step, stopped = start, 0, float("nan"), 0, False
         columns = [
             TextColumn("[bold]train"),
@@ -126,7 +137,8 @@ class Trainer:
             epoch = 0
             while step < total and not stopped:
                 for images, captions in batches(epoch):
-                    lr = cfg.lr * lr_factor(step, total, cfg.warmup_steps, cfg.min_lr_ratio)
+                    decay = max(0.0, progress(step) - warm) / (1 - warm)
+                    lr = cfg.lr * lr_factor(step, decay, cfg.warmup_steps, cfg.min_lr_ratio)
                     loss = self.step(images, captions, lr)
                     step += 1
                     bar.advance(task)
@@ -151,8 +163,7 @@ class Trainer:
                         bar.update(task, info=f"loss {loss_value:.3f}  {sps:.0f} samples/s  T={scale:.1f}")
                     if evaluate and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
                         self._evaluate(evaluate, step)
-                    if cfg.max_minutes and time.perf_counter() - start > cfg.max_minutes * 60:
-                        stopped = True
+                    stopped = step < total and progress(step) >= 1.0
                     if step >= total or stopped:
                         break
                 epoch += 1
@@ -164,6 +175,8 @@ class Trainer:
         return TrainResult(step, step * batch_size, seconds, loss_value, stopped)
 
     def _evaluate(self, evaluate: EvalHook, step: int) -> None:
+        t = time.perf_counter()
         for split, metrics in evaluate(self.model, step).items():
             self._log({"kind": "eval", "step": step, "split": split, "metrics": metrics})
         self.model.train()
+        self.eval_seconds += time.perf_counter() - t
