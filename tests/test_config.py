@@ -7,7 +7,9 @@ from lipkit.errors import UserError
 def test_overrides_and_types(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("train:\n  lr: 1\n  batch_size: 8\n")
-    cfg = load_config(p, ["train.epochs=2", "train.weight_decay=3e-3", "model.preset=base-32", "data.eval={a: x.jsonl}"])
+    cfg = load_config(
+        p, ["train.epochs=2", "train.weight_decay=3e-3", "model.preset=base-32", "data.eval={a: x.jsonl}"]
+    )
     assert cfg.train.weight_decay == 0.003
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
     assert cfg.train.epochs == 2 and cfg.model.preset == "base-32" and cfg.data.eval == {"a": "x.jsonl"}

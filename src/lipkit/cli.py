@@ -55,11 +55,17 @@ def train(
         help="Override a config key, e.g. --set train.lr=5e-4 --set model.preset=base-32. Repeatable.",
     ),
 ) -> None:
-    """Train a dual encoder. Writes checkpoint/, metrics.jsonl and config.json into train.output."""
+    """Train a dual encoder. Writes checkpoint/, checkpoints/, metrics.jsonl and config.json into train.output.
+
+    Resume after a crash or preemption with --set train.resume=auto. SIGTERM/SIGINT finish the current
+    step, write a checkpoint and exit with status 75; a second signal exits at once."""
     from lipkit.config import load_config
     from lipkit.train.run import run_training
+    from lipkit.train.trainer import EXIT_PREEMPTED
 
-    run_training(load_config(config, set_))
+    _, result = run_training(load_config(config, set_))
+    if result.interrupted:
+        raise typer.Exit(EXIT_PREEMPTED)
 
 
 def _print_results(results: dict) -> None:
@@ -171,7 +177,9 @@ def demo(
         "data.eval={" + ", ".join(f"'{s}': '{root / s}.jsonl'" for s in ("test-style", "test-novel")) + "}",
     ]
     cfg = load_config(demo_config_path(), paths + set_)
-    run_dir, _ = run_training(cfg)
+    run_dir, result = run_training(cfg)
+    if result.interrupted:
+        raise typer.Exit(75)
     results = run_eval(run_dir / "checkpoint", cfg.data.eval, cfg, run_dir / "eval" / "results.json")
     _print_results(results)
     console.print(f"[bold green]report:[/] {write_report(run_dir, results)}")

@@ -70,6 +70,13 @@ class TrainConfig:
     init_logit_scale: float = 14.285714  # 1 / 0.07, as CLIP
     max_logit_scale: float = 100.0
     eval_every: int = 0  # steps between evaluations (0: only at the end)
+    save_every: int = 0  # steps between resumable checkpoints in output/checkpoints (0: only at the end)
+    keep_last: int = 2  # resumable checkpoints kept (plus the best one)
+    best_metric: str = (
+        ""  # e.g. "test-style/zeroshot/subcategory/top1": keep the checkpoint that maximises it
+    )
+    resume: str = ""  # "auto": newest valid checkpoint in output/checkpoints, or a checkpoint path
+    max_faults: int = 3  # non-finite steps in a row before the run stops
     log_every: int = 10
     seed: int = 0
     threads: int = 0  # torch intra-op threads (0: torch default)
@@ -206,6 +213,12 @@ def validate(cfg: Config) -> None:
         (t.lr > 0, "train.lr must be positive."),
         (t.epochs > 0, "train.epochs must be positive."),
         (t.precision in ("fp32", "bf16"), "train.precision must be 'fp32' or 'bf16'."),
+        (t.keep_last >= 1, "train.keep_last must be at least 1."),
+        (t.max_faults >= 1, "train.max_faults must be at least 1."),
+        (
+            t.save_every >= 0 and t.eval_every >= 0 and t.log_every >= 1,
+            "train.save_every/eval_every must be >= 0 and train.log_every >= 1.",
+        ),
         (cfg.data.caption_policy in ("random", "first"), "data.caption_policy must be 'random' or 'first'."),
         (0 < cfg.augment.scale_min <= 1, "augment.scale_min must be in (0, 1]."),
         (cfg.tokenizer.context_length >= 4, "tokenizer.context_length must be at least 4."),

@@ -104,8 +104,10 @@ class TrainBatches:
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + row)
         return caps[int(torch.randint(len(caps), (1,), generator=g))]
 
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, list[str], list[str]]]:
+        """Batches (uint8 images, captions, keys = image paths) of `epoch`, from batch `start_batch` on."""
         order = self.order(epoch)
         for b in range(start_batch, len(self)):
-            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
-            yield self.store.get(idx), [self.caption(int(i), epoch) for i in idx]
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size].tolist()
+            keys = [str(self.records[i].image) for i in idx]
+            yield self.store.get(idx), [self.caption(i, epoch) for i in idx], keys

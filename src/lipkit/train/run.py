@@ -1,23 +1,33 @@
-"""Assemble a training run from a `Config`: data, tokenizer, model, objective, loop, checkpoint."""
+"""Assemble a training run from a `Config`: data, tokenizer, model, objective, loop, checkpoints.
+
+Run directory layout:
+    config.json        the resolved config
+    metrics.jsonl      one JSON object per log / eval / fault line
+    checkpoints/       resumable checkpoints step-XXXXXXXX/ (last `keep_last`, plus the best)
+    checkpoint/        the final model (what `lipkit eval` and friends take)
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
+from safetensors.torch import load_file
 
 from lipkit.config import Config
 from lipkit.data.loader import ImageStore, TrainBatches
 from lipkit.data.sources import read_table
+from lipkit.errors import UserError
 from lipkit.eval.evaluate import evaluate_records
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.models.presets import get_spec
 from lipkit.objectives import build_objective
 from lipkit.text.tokenizer import TextTokenizer
-from lipkit.train.checkpoint import save_checkpoint
+from lipkit.train.checkpoint import find_resume, load_training_state, prune, save_checkpoint
 from lipkit.train.trainer import Trainer, TrainResult
 
 console = Console(stderr=True)
@@ -27,25 +37,63 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _prepare_run_dir(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(
+            f"Output directory '{run_dir}' is not writable ({e.strerror}); "
+            "set train.output to a writable place."
+        ) from e
+
+
+def _resume_point(cfg: Config, run_dir: Path) -> Path | None:
+    if not cfg.train.resume:
+        return None
+    if cfg.train.resume == "auto":
+        return find_resume(run_dir / "checkpoints")
+    path = Path(cfg.train.resume).expanduser()
+    if not (path / "trainer_state.json").is_file():
+        raise UserError(
+            f"train.resume '{path}' is not a resumable checkpoint; use train.resume=auto or a "
+            f"directory under {run_dir / 'checkpoints'}."
+        )
+    return path
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from, so the log reads as one run."""
+    if path.is_file():
+        lines = [x for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+        kept = [x for x in lines if json.loads(x).get("step", 0) <= step]
+        path.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
+
+
 def run_training(cfg: Config) -> tuple[Path, TrainResult]:
-    """Train as configured; returns the run directory (holding `checkpoint/`, `metrics.jsonl`, `config.json`)."""
+    """Train as configured; returns the run directory and what happened."""
     torch.manual_seed(cfg.train.seed)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    d = cfg.data
-    spec_size = get_spec(cfg.model.preset, **cfg.model.overrides).image_size
+    d, t = cfg.data, cfg.train
     records = read_table(d.train, d.image_column, d.caption_column, d.image_root)
     eval_tables = {
         name: read_table(path, d.image_column, d.caption_column, d.image_root)
         for name, path in d.eval.items()
     }
-    run_dir = Path(cfg.train.output).expanduser()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    run_dir = Path(t.output).expanduser()
+    _prepare_run_dir(run_dir)
+    resume = _resume_point(cfg, run_dir)
+    if resume is None:
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2), encoding="utf-8")
 
     tk = cfg.tokenizer
-    if tk.path:
+    if resume is not None:
+        tokenizer = TextTokenizer.load(resume, tk.context_length)
+    elif tk.path:
         tokenizer = TextTokenizer.load(tk.path, tk.context_length)
     else:
         tokenizer = TextTokenizer.train(
@@ -60,25 +108,32 @@ def run_training(cfg: Config) -> tuple[Path, TrainResult]:
             "context_length": tk.context_length,
         },
     )
-    model = DualEncoder(
-        spec, init_logit_scale=cfg.train.init_logit_scale, max_logit_scale=cfg.train.max_logit_scale
-    )
+    model = DualEncoder(spec, init_logit_scale=t.init_logit_scale, max_logit_scale=t.max_logit_scale)
     device = pick_device()
     batches = TrainBatches(
-        records, spec_size, cfg.train.batch_size, cfg.train.seed, d.caption_policy, d.cache_images, d.workers
+        records, spec.image_size, t.batch_size, t.seed, d.caption_policy, d.cache_images, d.workers
     )
     stores = {
         name: ImageStore(recs, spec.image_size, cache=True, workers=d.workers, desc=name)
         for name, recs in eval_tables.items()
     }
+    trainer = Trainer(model, build_objective(t.objective), tokenizer, t, cfg.augment, run_dir, device)
+    if resume is not None:
+        model.load_state_dict(load_file(str(resume / "model.safetensors")))
+        trainer.load_training_state(load_training_state(resume))
+        trainer.last_checkpoint = resume
+        _truncate_metrics(run_dir / "metrics.jsonl", trainer.step_count)
+        console.print(f"resuming from {resume} (step {trainer.step_count})")
     console.print(
-        f"[bold]lipkit train[/]: {len(records)} pairs, {len(batches)} steps/epoch, model "
-        f"{cfg.model.preset} ({model.num_params() / 1e6:.1f}M params), vocab {tokenizer.vocab_size}, "
-        f"device {device}, run dir {run_dir}"
+        f"[bold]lipkit train[/]: {len(records)} pairs, {len(batches)} steps/epoch, model {cfg.model.preset} "
+        f"({model.num_params() / 1e6:.1f}M params), vocab {tokenizer.vocab_size}, device {device}, "
+        f"run dir {run_dir}"
     )
+    best: dict[str, Any] = {"value": None, "path": None}
+    last_metrics: dict[str, float] = {}
 
     def evaluate(m: DualEncoder, step: int) -> dict[str, dict[str, float]]:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16"):
             out = {
                 name: evaluate_records(
                     m, tokenizer, eval_tables[name], cfg.eval, stores[name], details=False
@@ -88,19 +143,42 @@ def run_training(cfg: Config) -> tuple[Path, TrainResult]:
         for name, metrics in out.items():
             top = {k: round(v, 4) for k, v in metrics.items() if k.endswith(("top1", "R@1"))}
             console.print(f"  eval step {step} {name}: {top}")
+            last_metrics.update({f"{name}/{k}": v for k, v in metrics.items()})
         return out
 
-    def save(m: DualEncoder, info: dict[str, Any]) -> None:
-        save_checkpoint(
-            run_dir / "checkpoint", m.cpu(), tokenizer, {"train": info, "preset": cfg.model.preset}
+    def checkpoint(tr: Trainer, final: bool) -> Path:
+        info = {
+            "train": {"step": tr.step_count, "train_seconds": tr.train_seconds},
+            "preset": cfg.model.preset,
+        }
+        path = save_checkpoint(
+            run_dir / "checkpoints" / f"step-{tr.step_count:08d}",
+            tr.model,
+            tokenizer,
+            info,
+            training=tr.training_state(),
         )
+        value = last_metrics.get(t.best_metric)
+        if t.best_metric and value is not None and (best["value"] is None or value > best["value"]):
+            best.update(value=value, path=path)
+            (run_dir / "checkpoints" / "best.json").write_text(
+                json.dumps({"metric": t.best_metric, "value": value, "path": str(path)}), encoding="utf-8"
+            )
+        prune(run_dir / "checkpoints", t.keep_last, {best["path"]} if best["path"] else set())
+        if final:
+            save_checkpoint(run_dir / "checkpoint", tr.model, tokenizer, info)
+        return path
 
-    trainer = Trainer(
-        model, build_objective(cfg.train.objective), tokenizer, cfg.train, cfg.augment, run_dir, device
-    )
-    result = trainer.fit(batches.epoch, len(batches), evaluate if eval_tables else None, save)
-    console.print(
-        f"trained {result.steps} steps ({result.samples} samples) in {result.seconds / 60:.1f} min; "
-        f"checkpoint: {run_dir / 'checkpoint'}"
-    )
+    result = trainer.fit(batches.epoch, len(batches), evaluate if eval_tables else None, checkpoint)
+    if result.interrupted:
+        console.print(
+            f"[yellow]interrupted at step {result.steps}[/]; checkpoint {trainer.last_checkpoint}; "
+            "resume with --set train.resume=auto"
+        )
+    else:
+        console.print(
+            f"trained {result.steps} steps ({result.samples} samples) in {result.seconds / 60:.1f} min"
+            f"{f', {result.faults} faulty steps skipped' if result.faults else ''}; "
+            f"checkpoint: {run_dir / 'checkpoint'}"
+        )
     return run_dir, result

@@ -1,15 +1,22 @@
-"""The training loop: AdamW, warmup + cosine schedule, autocast, clipping, logging, eval hooks.
+"""The training loop: AdamW, warmup + cosine schedule, autocast, clipping, logging, eval hooks,
+fault skipping and graceful preemption.
 
-It owns nothing else: data arrives as an iterator of (uint8 images, captions) per epoch, evaluation
-is a callback, and checkpoints are written by a callback too.
+It owns nothing else: data arrives as batches per epoch, evaluation and checkpoint writing are
+callbacks. The whole loop state (`training_state`) is small enough to checkpoint every few steps,
+and resuming from it is bitwise exact on a CPU.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,12 +27,22 @@ from torch import nn
 
 from lipkit.config import AugmentConfig, TrainConfig
 from lipkit.data.transforms import augment, normalize
+from lipkit.errors import UserError
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.text.tokenizer import TextTokenizer
+from lipkit.train.checkpoint import TrainingState
+from lipkit.train.state import load_optimizer_state, load_rng_state, optimizer_state, rng_state
 
-Batches = Callable[[int], Iterator[tuple[torch.Tensor, list[str]]]]  # epoch -> batches
+EXIT_PREEMPTED = 75  # a signal stopped the run after writing a checkpoint: resume with train.resume=auto
+
+Batch = tuple[torch.Tensor, list[str], list[str]]  # uint8 images, captions, keys
+Batches = Callable[[int, int], Iterator[Batch]]  # (epoch, start batch) -> batches
 EvalHook = Callable[[DualEncoder, int], dict[str, dict[str, float]]]  # (model, step) -> split -> metrics
-SaveHook = Callable[[DualEncoder, dict[str, Any]], None]
+CheckpointHook = Callable[["Trainer", bool], Path]  # (trainer, final) -> checkpoint written
+
+
+class TrainingFault(UserError):
+    """Too many non-finite steps in a row."""
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -51,7 +68,9 @@ class TrainResult:
     samples: int
     seconds: float
     last_loss: float
-    stopped_early: bool
+    stopped_early: bool  # the time budget ended the run
+    interrupted: bool = False  # a signal ended the run (checkpoint written)
+    faults: int = 0
 
 
 class Trainer:
@@ -73,13 +92,38 @@ class Trainer:
         )
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.metrics_path = run_dir / "metrics.jsonl"
-        self.eval_seconds = 0.0
+        self.step_count = 0
+        self.train_seconds = 0.0  # training wall time of earlier processes of this run (resume)
+        self.faults = 0
+        self.last_checkpoint: Path | None = None
+        self.signal: int | None = None
+
+    # -- state -------------------------------------------------------------------------------------
+    def training_state(self) -> TrainingState:
+        opt_t, opt_meta = optimizer_state(self.opt)
+        rng_t, rng_meta = rng_state(self.gen)
+        meta = {
+            "step": self.step_count,
+            "train_seconds": self.train_seconds,
+            "faults": self.faults,
+            "optimizer": opt_meta,
+            "rng": rng_meta,
+        }
+        return {**opt_t, **rng_t}, meta
+
+    def load_training_state(self, state: TrainingState) -> None:
+        tensors, meta = state
+        load_optimizer_state(self.opt, tensors, meta["optimizer"])
+        load_rng_state(self.gen, tensors, meta["rng"])
+        self.step_count, self.train_seconds, self.faults = meta["step"], meta["train_seconds"], meta["faults"]
 
     def _log(self, record: dict[str, Any]) -> None:
         with self.metrics_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
-    def step(self, images_u8: torch.Tensor, captions: list[str], lr: float) -> float:
+    # -- one step ----------------------------------------------------------------------------------
+    def step(self, images_u8: torch.Tensor, captions: list[str], lr: float) -> tuple[torch.Tensor, bool]:
+        """One optimiser step; returns (loss, finite). A non-finite loss or gradient skips the update."""
         spec = self.model.spec
         images = normalize(images_u8, spec.image_mean, spec.image_std)
         images = augment(images, self.gen, self.aug.scale_min, self.aug.rotate_deg, self.aug.hflip)
@@ -92,37 +136,81 @@ class Trainer:
             loss = self.objective(**{k: v.float() for k, v in out.items()})
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        if self.cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))  # the step's one host sync
+        if not finite:
+            self.opt.zero_grad(set_to_none=True)
+            return loss.detach(), False
         self.opt.step()
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, math.log(self.cfg.max_logit_scale))
-        return loss.detach()
+        return loss.detach(), True
+
+    # -- the loop ----------------------------------------------------------------------------------
+    @contextmanager
+    def _signals(self) -> Iterator[None]:
+        """SIGTERM/SIGINT: finish the step, checkpoint, exit EXIT_PREEMPTED; a second signal exits at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, _frame: Any) -> None:
+            if self.signal is not None:
+                os._exit(128 + signum)
+            self.signal = signum
+            print(
+                f"\nlipkit: got signal {signum}; finishing this step and writing a checkpoint "
+                "(send it again to exit at once)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
 
     def fit(
         self,
         batches: Batches,
         steps_per_epoch: int,
         evaluate: EvalHook | None = None,
-        save: SaveHook | None = None,
+        checkpoint: CheckpointHook | None = None,
     ) -> TrainResult:
         cfg = self.cfg
         total = max(1, int(cfg.epochs * steps_per_epoch))
-        batch_size = cfg.batch_size
-        self.model.train()
-        start = time.perf_counter()
-        self.eval_seconds = 0.0  # excluded from the time budget
-        budget = cfg.max_minutes * 60
         warm = min(cfg.warmup_steps, total - 1) / total  # the part of the run spent warming up
+        budget = cfg.max_minutes * 60
+        start, eval_seconds = time.perf_counter(), 0.0
+
+        def elapsed() -> float:
+            return self.train_seconds + time.perf_counter() - start - eval_seconds
 
         def progress(step: int) -> float:
             """Fraction of the run done: by steps, or by training wall time when that budget ends first."""
-            by_steps = step / total
-            if not budget:
-                return by_steps
-            return max(by_steps, (time.perf_counter() - start - self.eval_seconds) / budget)
+            return max(step / total, elapsed() / budget) if budget else step / total
 
-        last_log_t, last_log_step, loss_value, step, stopped = start, 0, float("nan"), 0, False
+        def run_eval(step: int) -> None:
+            nonlocal eval_seconds
+            t = time.perf_counter()
+            for split, metrics in evaluate(self.model, step).items():
+                self._log({"kind": "eval", "step": step, "split": split, "metrics": metrics})
+            self.model.train()
+            eval_seconds += time.perf_counter() - t
+
+        def save(final: bool) -> None:
+            self.train_seconds, t0 = elapsed(), time.perf_counter()
+            nonlocal start, eval_seconds
+            start, eval_seconds = t0, 0.0
+            if checkpoint:
+                self.last_checkpoint = checkpoint(self, final)
+
+        step = self.step_count
+        loss_value, stopped, in_a_row = float("nan"), False, 0
+        last_log_t, last_log_step = time.perf_counter(), step
         columns = [
             TextColumn("[bold]train"),
             BarColumn(),
@@ -132,20 +220,33 @@ class Trainer:
             TextColumn("ETA"),
             TimeRemainingColumn(),
         ]
-        with Progress(*columns) as bar:
-            task = bar.add_task("train", total=total, info="")
-            epoch = 0
-            while step < total and not stopped:
-                for images, captions in batches(epoch):
+        self.model.train()
+        with self._signals(), Progress(*columns) as bar:
+            task = bar.add_task("train", total=total, completed=step, info="")
+            epoch, first = divmod(step, steps_per_epoch)
+            while step < total and not stopped and self.signal is None:
+                for images, captions, keys in batches(epoch, first):
                     decay = max(0.0, progress(step) - warm) / (1 - warm)
                     lr = cfg.lr * lr_factor(step, decay, cfg.warmup_steps, cfg.min_lr_ratio)
-                    loss = self.step(images, captions, lr)
-                    step += 1
+                    loss, finite = self.step(images, captions, lr)
+                    step = self.step_count = step + 1
                     bar.advance(task)
+                    if not finite:
+                        self.faults, in_a_row = self.faults + 1, in_a_row + 1
+                        self._log({"kind": "fault", "step": step, "loss": float(loss), "keys": keys[:8]})
+                        if in_a_row >= cfg.max_faults:
+                            where = self.last_checkpoint or "none yet"
+                            raise TrainingFault(
+                                f"Step {step}: {in_a_row} non-finite losses or gradients in a row (batch keys: "
+                                f"{', '.join(keys[:3])} …); the last good checkpoint is {where} — lower "
+                                "train.lr, enable train.grad_clip or remove the bad samples, then resume."
+                            )
+                    else:
+                        in_a_row = 0
                     if step % cfg.log_every == 0 or step == total:
-                        loss_value = float(loss)  # the only host sync, once per log interval
+                        loss_value = float(loss)
                         now = time.perf_counter()
-                        sps = (step - last_log_step) * batch_size / max(1e-9, now - last_log_t)
+                        sps = (step - last_log_step) * cfg.batch_size / max(1e-9, now - last_log_t)
                         last_log_t, last_log_step = now, step
                         scale = float(self.model.scale().detach())
                         self._log(
@@ -157,26 +258,26 @@ class Trainer:
                                 "lr": lr,
                                 "logit_scale": scale,
                                 "samples_per_s": sps,
-                                "time_s": now - start,
+                                "time_s": elapsed(),
+                                "faults": self.faults,
                             }
                         )
                         bar.update(task, info=f"loss {loss_value:.3f}  {sps:.0f} samples/s  T={scale:.1f}")
                     if evaluate and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
-                        self._evaluate(evaluate, step)
+                        run_eval(step)
+                    if cfg.save_every and step % cfg.save_every == 0 and step < total:
+                        save(final=False)
                     stopped = step < total and progress(step) >= 1.0
-                    if step >= total or stopped:
+                    if step >= total or stopped or self.signal is not None:
                         break
-                epoch += 1
-        seconds = time.perf_counter() - start
+                epoch, first = epoch + 1, 0
+        if self.signal is not None:
+            if not (cfg.save_every and step % cfg.save_every == 0):
+                save(final=False)
+            return TrainResult(step, step * cfg.batch_size, elapsed(), loss_value, False, True, self.faults)
         if evaluate:
-            self._evaluate(evaluate, step)
-        if save:
-            save(self.model, {"step": step, "epoch": step / steps_per_epoch, "train_seconds": seconds})
-        return TrainResult(step, step * batch_size, seconds, loss_value, stopped)
-
-    def _evaluate(self, evaluate: EvalHook, step: int) -> None:
-        t = time.perf_counter()
-        for split, metrics in evaluate(self.model, step).items():
-            self._log({"kind": "eval", "step": step, "split": split, "metrics": metrics})
-        self.model.train()
-        self.eval_seconds += time.perf_counter() - t
+            run_eval(step)
+        save(final=True)
+        return TrainResult(
+            step, step * cfg.batch_size, self.train_seconds, loss_value, stopped, False, self.faults
+        )
