@@ -1,14 +1,48 @@
-"""Contrastive objectives, one file per method, chosen by name in `train.objective`."""
+"""Contrastive objectives, one file per method, chosen by name in `train.objective`.
+
+Every objective is an `nn.Module` called with keyword arguments (unknown ones are ignored); the ones
+added for issue 4 list the inputs they read in the class attribute `inputs`.
+"""
+
+import inspect
 
 from torch import nn
 
 from lipkit.errors import UserError
+from lipkit.objectives.alip import ALIPLoss
 from lipkit.objectives.infonce import InfoNCE
+from lipkit.objectives.intra_modal import TripleContrast
+from lipkit.objectives.late_interaction import FILIPLoss
+from lipkit.objectives.lexicon import LexiconContrast
+from lipkit.objectives.multi_positive import MultiPositiveInfoNCE
+from lipkit.objectives.sigmoid import SigmoidLoss
 
-OBJECTIVES: dict[str, type[nn.Module]] = {"infonce": InfoNCE}
+OBJECTIVES: dict[str, type[nn.Module]] = {
+    "infonce": InfoNCE,
+    "siglip": SigmoidLoss,
+    "sigmoid": SigmoidLoss,
+    "filip": FILIPLoss,
+    "multi_positive": MultiPositiveInfoNCE,
+    "alip": ALIPLoss,
+    "tcl": TripleContrast,
+    "lexlip": LexiconContrast,
+}
 
 
-def build_objective(name: str) -> nn.Module:
+def build_objective(name: str, **kwargs: object) -> nn.Module:
+    """The objective registered as `name`, constructed with its hyper-parameters `kwargs`."""
     if name not in OBJECTIVES:
         raise UserError(f"Unknown objective '{name}'; choose one of {', '.join(OBJECTIVES)}.")
-    return OBJECTIVES[name]()
+    cls = OBJECTIVES[name]
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]  # without self
+    accepted = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        options = ", ".join(accepted) if accepted else "none"
+        raise UserError(
+            f"Objective '{name}' has no option {', '.join(repr(k) for k in unknown)}; its options are: {options}."
+        )
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise UserError(f"Objective '{name}': {e}") from e
