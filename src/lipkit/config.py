@@ -29,6 +29,7 @@ class DataConfig:
     image_column: str = "image"
     caption_column: str = "captions"  # a string or a list of strings per row
     caption_policy: str = "random"  # random | first
+    captions_per_image: int = 1  # >1 for multi-positive (all positives), ALIP (raw + second) and TCL objectives
     cache_images: bool = True  # decode every image once into memory (small datasets)
     workers: int = 0
 
@@ -66,7 +67,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.02
     grad_clip: float = 1.0
     precision: str = "fp32"  # fp32 | bf16
-    objective: str = "infonce"
+    objective: str = "infonce"  # infonce | siglip | filip | multi_positive | alip | tcl | lexlip
+    objective_args: dict[str, Any] = field(default_factory=dict)  # constructor options of the objective
+    init_logit_bias: float = -10.0  # objectives with a learnable bias (siglip)
     init_logit_scale: float = 14.285714  # 1 / 0.07, as CLIP
     max_logit_scale: float = 100.0
     eval_every: int = 0  # steps between evaluations (0: only at the end)
@@ -213,6 +216,7 @@ def validate(cfg: Config) -> None:
         (t.lr > 0, "train.lr must be positive."),
         (t.epochs > 0, "train.epochs must be positive."),
         (t.precision in ("fp32", "bf16"), "train.precision must be 'fp32' or 'bf16'."),
+        (cfg.data.captions_per_image >= 1, "data.captions_per_image must be at least 1."),
         (t.keep_last >= 1, "train.keep_last must be at least 1."),
         (t.max_faults >= 1, "train.max_faults must be at least 1."),
         (

@@ -78,6 +78,7 @@ class TrainBatches:
         batch_size: int,
         seed: int,
         caption_policy: str = "random",
+        captions_per_image: int = 1,
         cache: bool = True,
         workers: int = 0,
     ) -> None:
@@ -87,6 +88,7 @@ class TrainBatches:
                 f"{batch_size}; lower the batch size or add data."
             )
         self.records, self.batch_size, self.seed, self.policy = records, batch_size, seed, caption_policy
+        self.per_image = captions_per_image
         self.store = ImageStore(records, size, cache, workers, desc="training")
 
     def __len__(self) -> int:
@@ -97,17 +99,21 @@ class TrainBatches:
             len(self.records), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         )
 
-    def caption(self, row: int, epoch: int) -> str:
-        caps = self.records[row].captions
+    def captions(self, row: int, epoch: int) -> list[str]:
+        """`captions_per_image` captions of a row: the first ones, or a seeded random choice without
+        replacement (cycling when the row has fewer captions than asked for)."""
+        caps, k = self.records[row].captions, self.per_image
         if self.policy == "first" or len(caps) == 1:
-            return caps[0]
+            return [caps[i % len(caps)] for i in range(k)]
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + row)
-        return caps[int(torch.randint(len(caps), (1,), generator=g))]
+        order = torch.randperm(len(caps), generator=g).tolist()
+        return [caps[order[i % len(caps)]] for i in range(k)]
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, list[str], list[str]]]:
-        """Batches (uint8 images, captions, keys = image paths) of `epoch`, from batch `start_batch` on."""
+        """Batches of `epoch` from batch `start_batch` on: (uint8 images (B, 3, H, W), captions (B·k,
+        image-major: the k captions of image 0, then of image 1 ...), keys = image paths (B))."""
         order = self.order(epoch)
         for b in range(start_batch, len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size].tolist()
             keys = [str(self.records[i].image) for i in idx]
-            yield self.store.get(idx), [self.caption(i, epoch) for i in idx], keys
+            yield self.store.get(idx), [c for i in idx for c in self.captions(i, epoch)], keys

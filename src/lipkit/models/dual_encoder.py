@@ -14,13 +14,20 @@ from lipkit.models.vision import VisionTransformer
 
 
 class DualEncoder(nn.Module):
-    def __init__(self, spec: ModelSpec, init_logit_scale: float = 1 / 0.07, max_logit_scale: float = 100.0):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        init_logit_scale: float = 1 / 0.07,
+        max_logit_scale: float = 100.0,
+        init_logit_bias: float = -10.0,
+    ):
         super().__init__()
         self.spec = spec
         self.max_logit_scale = max_logit_scale
         self.visual = VisionTransformer(spec)
         self.text = TextTransformer(spec)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(init_logit_scale)))
+        self.logit_bias = nn.Parameter(torch.tensor(init_logit_bias)) if spec.logit_bias else None
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         feats = self.visual(images)

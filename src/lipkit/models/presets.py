@@ -29,6 +29,7 @@ class ModelSpec:
     eot_id: int = 2  # the text tower pools at the first end-of-text token (set from the tokenizer)
     mlp_ratio: float = 4.0
     quick_gelu: bool = False
+    logit_bias: bool = False  # a learnable logit bias (SigLIP's sigmoid loss needs one)
     image_mean: tuple[float, float, float] = OPENAI_MEAN
     image_std: tuple[float, float, float] = OPENAI_STD
 

@@ -12,12 +12,16 @@ matching pair on the diagonal.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
 class InfoNCE(nn.Module):
+    inputs: ClassVar[tuple[str, ...]] = ("image_features", "text_features", "logit_scale")
+
     def forward(
         self,
         image_features: torch.Tensor,

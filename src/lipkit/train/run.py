@@ -99,25 +99,37 @@ def run_training(cfg: Config) -> tuple[Path, TrainResult]:
         tokenizer = TextTokenizer.train(
             (c for r in records for c in r.captions), tk.vocab_size, tk.context_length
         )
-    spec = get_spec(
-        cfg.model.preset,
-        **{
-            **cfg.model.overrides,
-            "vocab_size": tokenizer.vocab_size,
-            "eot_id": tokenizer.eot_id,
-            "context_length": tk.context_length,
-        },
+    objective = build_objective(t.objective, **t.objective_args)
+    fixed = {
+        "vocab_size": tokenizer.vocab_size,
+        "eot_id": tokenizer.eot_id,
+        "context_length": tk.context_length,
+    }
+    if "logit_bias" in getattr(objective, "inputs", ()):
+        fixed["logit_bias"] = True
+    spec = get_spec(cfg.model.preset, **{**cfg.model.overrides, **fixed})
+    model = DualEncoder(
+        spec,
+        init_logit_scale=t.init_logit_scale,
+        max_logit_scale=t.max_logit_scale,
+        init_logit_bias=t.init_logit_bias,
     )
-    model = DualEncoder(spec, init_logit_scale=t.init_logit_scale, max_logit_scale=t.max_logit_scale)
     device = pick_device()
     batches = TrainBatches(
-        records, spec.image_size, t.batch_size, t.seed, d.caption_policy, d.cache_images, d.workers
+        records,
+        spec.image_size,
+        t.batch_size,
+        t.seed,
+        d.caption_policy,
+        d.captions_per_image,
+        d.cache_images,
+        d.workers,
     )
     stores = {
         name: ImageStore(recs, spec.image_size, cache=True, workers=d.workers, desc=name)
         for name, recs in eval_tables.items()
     }
-    trainer = Trainer(model, build_objective(t.objective), tokenizer, t, cfg.augment, run_dir, device)
+    trainer = Trainer(model, objective, tokenizer, t, cfg.augment, run_dir, device, d.captions_per_image)
     if resume is not None:
         model.load_state_dict(load_file(str(resume / "model.safetensors")))
         trainer.load_training_state(load_training_state(resume))

@@ -31,6 +31,7 @@ from lipkit.errors import UserError
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.text.tokenizer import TextTokenizer
 from lipkit.train.checkpoint import TrainingState
+from lipkit.train.inputs import check_inputs, objective_inputs
 from lipkit.train.state import load_optimizer_state, load_rng_state, optimizer_state, rng_state
 
 EXIT_PREEMPTED = 75  # a signal stopped the run after writing a checkpoint: resume with train.resume=auto
@@ -83,13 +84,17 @@ class Trainer:
         augment_cfg: AugmentConfig,
         run_dir: Path,
         device: torch.device,
+        captions_per_image: int = 1,
     ) -> None:
-        self.model, self.objective, self.tokenizer = model.to(device), objective, tokenizer
+        self.model, self.objective, self.tokenizer = model.to(device), objective.to(device), tokenizer
         self.cfg, self.aug, self.run_dir, self.device = cfg, augment_cfg, run_dir, device
+        self.needs = set(getattr(objective, "inputs", ("image_features", "text_features", "logit_scale")))
+        self.per_image = captions_per_image
+        check_inputs(self.needs, captions_per_image, model.logit_bias is not None, cfg.objective)
         fused = device.type == "cuda"
-        self.opt = torch.optim.AdamW(
-            param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6, fused=fused or None
-        )
+        # objectives may own parameters too (LexLIP's lexicon heads)
+        groups = [g for m in (model, objective) for g in param_groups(m, cfg.weight_decay) if g["params"]]
+        self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6, fused=fused or None)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.metrics_path = run_dir / "metrics.jsonl"
         self.step_count = 0
@@ -102,6 +107,7 @@ class Trainer:
     def training_state(self) -> TrainingState:
         opt_t, opt_meta = optimizer_state(self.opt)
         rng_t, rng_meta = rng_state(self.gen)
+        objective = {f"objective.{k}": v.detach() for k, v in self.objective.state_dict().items()}
         meta = {
             "step": self.step_count,
             "train_seconds": self.train_seconds,
@@ -109,12 +115,16 @@ class Trainer:
             "optimizer": opt_meta,
             "rng": rng_meta,
         }
-        return {**opt_t, **rng_t}, meta
+        return {**opt_t, **rng_t, **objective}, meta
 
     def load_training_state(self, state: TrainingState) -> None:
         tensors, meta = state
         load_optimizer_state(self.opt, tensors, meta["optimizer"])
         load_rng_state(self.gen, tensors, meta["rng"])
+        prefix = "objective."
+        own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if own:
+            self.objective.load_state_dict(own)
         self.step_count, self.train_seconds, self.faults = meta["step"], meta["train_seconds"], meta["faults"]
 
     def _log(self, record: dict[str, Any]) -> None:
@@ -131,9 +141,22 @@ class Trainer:
         ids = self.tokenizer(captions).to(self.device, non_blocking=True)
         for group in self.opt.param_groups:
             group["lr"] = lr
+
+        def second_view() -> torch.Tensor:
+            view = augment(
+                normalize(images_u8, spec.image_mean, spec.image_std),
+                self.gen,
+                self.aug.scale_min,
+                self.aug.rotate_deg,
+                self.aug.hflip,
+            )
+            return view.to(self.device, non_blocking=True)
+
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
-            out = self.model(images, ids)
-            loss = self.objective(**{k: v.float() for k, v in out.items()})
+            out = objective_inputs(
+                self.model, self.needs, images, ids, self.per_image, second_view, self.tokenizer.pad_id
+            )
+            loss = self.objective(**{k: v.float() if v.is_floating_point() else v for k, v in out.items()})
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")

@@ -1,0 +1,69 @@
+"""What an objective reads, computed from one batch: the trainer asks the objective for its `inputs`
+and runs only the forward passes those need (token features for FILIP/LexLIP, a second image view for
+TCL, every caption for multi-positive, the second caption for ALIP, the bias for SigLIP)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from lipkit.errors import UserError
+from lipkit.models.dual_encoder import DualEncoder
+
+TOKENS = {"image_tokens", "text_tokens", "text_mask"}
+NEEDS_SECOND_CAPTION = {"synth_features", "text_features_2"}
+
+
+def check_inputs(needs: set[str], captions_per_image: int, has_bias: bool, objective: str) -> None:
+    if needs & NEEDS_SECOND_CAPTION and captions_per_image < 2:
+        raise UserError(
+            f"Objective '{objective}' needs two captions per image; set data.captions_per_image=2."
+        )
+    if "caption_owner" in needs and captions_per_image < 2:
+        raise UserError(
+            f"Objective '{objective}' contrasts several captions per image; set "
+            "data.captions_per_image to 2 or more."
+        )
+    if "logit_bias" in needs and not has_bias:
+        raise UserError(f"Objective '{objective}' needs a logit bias; set model.overrides.logit_bias=true.")
+
+
+def objective_inputs(
+    model: DualEncoder,
+    needs: set[str],
+    images: torch.Tensor,
+    ids: torch.Tensor,
+    captions_per_image: int,
+    second_view: Callable[[], torch.Tensor],
+    pad_id: int,
+) -> dict[str, torch.Tensor]:
+    """images: (B, 3, H, W); ids: (B·k, L) image-major. Returns the named tensors the objective reads."""
+    k = captions_per_image
+    out: dict[str, torch.Tensor] = {"logit_scale": model.scale()}
+    all_captions = "caption_owner" in needs or bool(needs & NEEDS_SECOND_CAPTION)
+    text_ids = ids if all_captions else ids[::k]
+    first = slice(None, None, k) if all_captions else slice(None)  # the first caption of each image
+    if needs & TOKENS:
+        img, img_tok = model.visual(images, return_tokens=True)
+        txt, txt_tok = model.text(text_ids, return_tokens=True)
+        out["image_tokens"] = F.normalize(img_tok, dim=-1)
+        out["text_tokens"] = F.normalize(txt_tok[first], dim=-1)
+        out["text_mask"] = (text_ids != pad_id)[first]
+    else:
+        img, txt = model.visual(images), model.text(text_ids)
+    out["image_features"] = F.normalize(img, dim=-1)
+    txt = F.normalize(txt, dim=-1)
+    if "caption_owner" in needs:
+        out["text_features"] = txt
+        out["caption_owner"] = torch.arange(images.shape[0], device=ids.device).repeat_interleave(k)
+    else:
+        out["text_features"] = txt[first]
+    if needs & NEEDS_SECOND_CAPTION:
+        out["synth_features"] = out["text_features_2"] = txt[1::k]
+    if "image_features_2" in needs:
+        out["image_features_2"] = F.normalize(model.visual(second_view()), dim=-1)
+    if "logit_bias" in needs:
+        out["logit_bias"] = model.logit_bias
+    return {name: value for name, value in out.items() if name in needs}
