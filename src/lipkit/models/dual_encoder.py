@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lipkit.models.hf_text import HFTextTower
 from lipkit.models.presets import ModelSpec
 from lipkit.models.text import TextTransformer
 from lipkit.models.vision import VisionTransformer
@@ -25,7 +26,7 @@ class DualEncoder(nn.Module):
         self.spec = spec
         self.max_logit_scale = max_logit_scale
         self.visual = VisionTransformer(spec)
-        self.text = TextTransformer(spec)
+        self.text = HFTextTower(spec) if spec.text_tower == "hf" else TextTransformer(spec)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(init_logit_scale)))
         self.logit_bias = nn.Parameter(torch.tensor(init_logit_bias)) if spec.logit_bias else None
 
@@ -47,6 +48,15 @@ class DualEncoder(nn.Module):
             "text_features": self.encode_text(ids),
             "logit_scale": self.scale(),
         }
+
+    def lock(self, tower: str, mode: str) -> None:
+        """LiT: freeze the "image" or "text" tower — "all" of it, or its "backbone" (all but the projection)."""
+        module = self.visual if tower == "image" else self.text
+        projection = "proj" if tower == "image" else "text_projection"
+        for name, p in module.named_parameters():
+            if mode == "all" or (mode == "backbone" and name != projection):
+                p.requires_grad_(False)
+        module.train(self.training)  # lets a locked Hugging Face encoder switch its dropout off
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -27,6 +27,12 @@ class ModelSpec:
     context_length: int = 32
     vocab_size: int = 8192
     eot_id: int = 2  # the text tower pools at the first end-of-text token (set from the tokenizer)
+    pad_id: int = 0
+    # "transformer": the tower above, trained from scratch; "hf": a Hugging Face encoder (e.g. the pretrained
+    # all-MiniLM-L6-v2) built from `text_hf_config`, pooled by `text_pool` ("mean" or "cls"), then projected.
+    text_tower: str = "transformer"
+    text_hf_config: dict[str, Any] | None = None
+    text_pool: str = "mean"
     mlp_ratio: float = 4.0
     quick_gelu: bool = False
     logit_bias: bool = False  # a learnable logit bias (SigLIP's sigmoid loss needs one)

@@ -17,6 +17,16 @@ from lipkit.errors import UserError
 
 PAD, SOT, EOT = "<|pad|>", "<|startoftext|>", "<|endoftext|>"
 SPECIALS = [PAD, SOT, EOT]
+# Names of the same roles in other tokenizers that lipkit loads (BERT-style pretrained text towers).
+PAD_NAMES, SOT_NAMES, EOT_NAMES = (PAD, "[PAD]", "<pad>"), (SOT, "[CLS]", "<s>"), (EOT, "[SEP]", "</s>")
+
+
+def _special(tokenizer: Tokenizer, names: Sequence[str]) -> tuple[int | None, str]:
+    for name in names:
+        token_id = tokenizer.token_to_id(name)
+        if token_id is not None:
+            return token_id, name
+    return None, names[0]
 
 
 class TextTokenizer:
@@ -26,13 +36,19 @@ class TextTokenizer:
         tokenizer = Tokenizer.from_str(tokenizer.to_str())  # own copy: padding/truncation are set on it
         self.tok = tokenizer
         self.context_length = context_length
-        self.pad_id = tokenizer.token_to_id(PAD)
-        self.sot_id = tokenizer.token_to_id(SOT)
-        self.eot_id = tokenizer.token_to_id(EOT)
+        self.pad_id, pad_token = _special(tokenizer, PAD_NAMES)
+        if self.pad_id is None and tokenizer.padding is not None:
+            # No dedicated pad token (e.g. CLIP's BPE pads with id 0): use the padding saved with it.
+            self.pad_id, pad_token = tokenizer.padding["pad_id"], tokenizer.padding["pad_token"]
+        self.sot_id, _ = _special(tokenizer, SOT_NAMES)
+        self.eot_id, _ = _special(tokenizer, EOT_NAMES)
         if None in (self.pad_id, self.sot_id, self.eot_id):
-            raise UserError(f"The tokenizer lacks the special tokens {SPECIALS}; train it with lipkit.")
+            raise UserError(
+                f"The tokenizer lacks start/end/pad tokens (such as {SPECIALS}); train one with lipkit "
+                "or use a CLIP/BERT-style tokenizer.json."
+            )
         tokenizer.enable_truncation(max_length=context_length)
-        tokenizer.enable_padding(pad_id=self.pad_id, pad_token=PAD, length=context_length)
+        tokenizer.enable_padding(pad_id=self.pad_id, pad_token=pad_token, length=context_length)
 
     @property
     def vocab_size(self) -> int:

@@ -19,11 +19,13 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from lipkit.config import Config
+from lipkit.data.captions import keep_languages
 from lipkit.data.loader import ImageStore, TrainBatches
 from lipkit.data.sources import read_table
 from lipkit.errors import UserError
 from lipkit.eval.evaluate import evaluate_records
 from lipkit.models.dual_encoder import DualEncoder
+from lipkit.models.hf_text import resolve_pretrained
 from lipkit.models.presets import get_spec
 from lipkit.objectives import build_objective
 from lipkit.text.tokenizer import TextTokenizer
@@ -78,7 +80,9 @@ def run_training(cfg: Config) -> tuple[Path, TrainResult]:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     d, t = cfg.data, cfg.train
-    records = read_table(d.train, d.image_column, d.caption_column, d.image_root)
+    records = keep_languages(
+        read_table(d.train, d.image_column, d.caption_column, d.image_root), d.caption_langs
+    )
     eval_tables = {
         name: read_table(path, d.image_column, d.caption_column, d.image_root)
         for name, path in d.eval.items()
@@ -91,8 +95,11 @@ def run_training(cfg: Config) -> tuple[Path, TrainResult]:
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2), encoding="utf-8")
 
     tk = cfg.tokenizer
+    pretrained = resolve_pretrained(cfg.model.text_pretrained) if cfg.model.text_pretrained else None
     if resume is not None:
         tokenizer = TextTokenizer.load(resume, tk.context_length)
+    elif pretrained is not None:
+        tokenizer = TextTokenizer.load(pretrained / "tokenizer.json", tk.context_length)
     elif tk.path:
         tokenizer = TextTokenizer.load(tk.path, tk.context_length)
     else:
@@ -100,13 +107,17 @@ def run_training(cfg: Config) -> tuple[Path, TrainResult]:
             (c for r in records for c in r.captions), tk.vocab_size, tk.context_length
         )
     objective = build_objective(t.objective, **t.objective_args)
-    fixed = {
+    fixed: dict[str, Any] = {
         "vocab_size": tokenizer.vocab_size,
         "eot_id": tokenizer.eot_id,
+        "pad_id": tokenizer.pad_id,
         "context_length": tk.context_length,
     }
     if "logit_bias" in getattr(objective, "inputs", ()):
         fixed["logit_bias"] = True
+    if pretrained is not None:
+        hf_config = json.loads((pretrained / "config.json").read_text(encoding="utf-8"))
+        fixed.update(text_tower="hf", text_hf_config=hf_config, text_pool=cfg.model.text_pool)
     spec = get_spec(cfg.model.preset, **{**cfg.model.overrides, **fixed})
     model = DualEncoder(
         spec,
@@ -114,6 +125,10 @@ def run_training(cfg: Config) -> tuple[Path, TrainResult]:
         max_logit_scale=t.max_logit_scale,
         init_logit_bias=t.init_logit_bias,
     )
+    if pretrained is not None and resume is None:
+        model.text.load_pretrained(pretrained)
+    model.lock("text", t.lock_text)
+    model.lock("image", t.lock_image)
     device = pick_device()
     batches = TrainBatches(
         records,

@@ -46,14 +46,21 @@ class TrainingFault(UserError):
     """Too many non-finite steps in a row."""
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices only: no decay on biases, norms, embeddings' scalars or the logit scale."""
-    decay, no_decay = [], []
+def param_groups(
+    model: nn.Module, weight_decay: float, lr_scales: dict[str, float] | None = None
+) -> list[dict[str, Any]]:
+    """Weight decay on matrices only (no decay on biases, norms, embeddings or the logit scale); frozen
+    parameters left out; parameters under a prefix in `lr_scales` get that multiple of the learning rate."""
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 and "embedding" not in name else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        scale = next((s for prefix, s in (lr_scales or {}).items() if name.startswith(prefix)), 1.0)
+        groups.setdefault((p.ndim >= 2 and "embedding" not in name, scale), []).append(p)
+    return [
+        {"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
+        for (decay, scale), ps in sorted(groups.items())
+    ]
 
 
 def lr_factor(step: int, progress: float, warmup: int, min_ratio: float) -> float:
@@ -93,7 +100,8 @@ class Trainer:
         check_inputs(self.needs, captions_per_image, model.logit_bias is not None, cfg.objective)
         fused = device.type == "cuda"
         # objectives may own parameters too (LexLIP's lexicon heads)
-        groups = [g for m in (model, objective) for g in param_groups(m, cfg.weight_decay) if g["params"]]
+        scales = {"text.encoder.": cfg.text_backbone_lr_scale}
+        groups = [g for m in (model, objective) for g in param_groups(m, cfg.weight_decay, scales)]
         self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6, fused=fused or None)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.metrics_path = run_dir / "metrics.jsonl"
@@ -140,7 +148,7 @@ class Trainer:
         images = images.to(self.device, non_blocking=True)
         ids = self.tokenizer(captions).to(self.device, non_blocking=True)
         for group in self.opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
 
         def second_view() -> torch.Tensor:
             view = augment(

