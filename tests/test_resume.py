@@ -5,6 +5,7 @@ import errno
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -81,8 +82,9 @@ def wait_for_step(proc: subprocess.Popen, metrics: Path, step: int, timeout: flo
     end = time.monotonic() + timeout
     while time.monotonic() < end and proc.poll() is None:
         if metrics.is_file():
-            lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
-            if any(x.get("step", 0) >= step for x in lines):
+            text = metrics.read_text()
+            steps = [int(m) for m in re.findall(r'"step": (\d+)', text)]
+            if steps and max(steps) >= step:
                 return
         time.sleep(0.02)
 

@@ -23,7 +23,9 @@ from lipkit.errors import UserError
 
 @dataclass
 class DataConfig:
-    train: str = ""  # CSV/TSV/JSONL captions table; image paths are relative to its folder
+    # CSV/TSV/JSONL table (image paths relative to its folder), .parquet file or folder, a folder of
+    # images with .txt/.json captions, or WebDataset shards (.tar, a folder of them, or a brace pattern)
+    train: str = ""
     eval: dict[str, str] = field(default_factory=dict)  # split name -> table
     image_root: str = ""  # default: the folder of each table
     image_column: str = "image"
@@ -33,8 +35,11 @@ class DataConfig:
         default_factory=list
     )  # keep only these languages (needs a `langs` column)
     captions_per_image: int = 1  # >1 for the multi_positive, alip and tcl objectives
-    cache_images: bool = True  # decode every image once into memory (small datasets)
-    workers: int = 0
+    cache_images: bool = True  # decode every image once into memory (small datasets; not for shards)
+    workers: int = 0  # DataLoader worker processes decoding images (shards: one stream each)
+    samples_per_epoch: int = 0  # shards: samples in an epoch (0: count them once, cached beside them)
+    shuffle_buffer: int = 1000  # shards: samples in the seeded in-shard shuffle buffer
+    max_skip_fraction: float = 0.01  # stop when an epoch skips more than this fraction of its samples
 
 
 @dataclass
@@ -77,6 +82,8 @@ class TrainConfig:
     objective: str = "infonce"  # infonce | siglip | filip | multi_positive | alip | tcl | lexlip
     objective_args: dict[str, Any] = field(default_factory=dict)  # constructor options of the objective
     init_logit_bias: float = -10.0  # objectives with a learnable bias (siglip)
+    local_loss: bool = False  # distributed: each rank computes only its own rows of the logits
+    grad_cache_chunk: int = 0  # >0: gradient caching, re-embedding this many images at a time
     lock_text: str = "none"  # LiT: none | all | backbone (everything but the projection)
     lock_image: str = "none"
     text_backbone_lr_scale: float = 1.0  # lr multiplier of an unlocked pretrained text encoder
@@ -230,6 +237,14 @@ def validate(cfg: Config) -> None:
         (t.epochs > 0, "train.epochs must be positive."),
         (t.precision in ("fp32", "bf16"), "train.precision must be 'fp32' or 'bf16'."),
         (cfg.data.captions_per_image >= 1, "data.captions_per_image must be at least 1."),
+        (
+            0 <= cfg.data.max_skip_fraction <= 1,
+            "data.max_skip_fraction must be between 0 and 1 (e.g. 0.01).",
+        ),
+        (
+            cfg.data.workers >= 0 and cfg.data.samples_per_epoch >= 0 and cfg.data.shuffle_buffer >= 1,
+            "data.workers and data.samples_per_epoch must be >= 0 and data.shuffle_buffer >= 1.",
+        ),
         (
             t.lock_text in LOCKS and t.lock_image in LOCKS,
             "train.lock_text/lock_image must be none, all or backbone.",

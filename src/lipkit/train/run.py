@@ -19,8 +19,7 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from lipkit.config import Config
-from lipkit.data.captions import keep_languages
-from lipkit.data.loader import ImageStore, TrainBatches
+from lipkit.data.loader import ImageStore, jsonl_log, open_train_data, skip_summary
 from lipkit.data.sources import read_table
 from lipkit.errors import UserError
 from lipkit.eval.evaluate import evaluate_records
@@ -30,13 +29,14 @@ from lipkit.models.presets import get_spec
 from lipkit.objectives import build_objective
 from lipkit.text.tokenizer import TextTokenizer
 from lipkit.train.checkpoint import find_resume, load_training_state, prune, save_checkpoint
+from lipkit.train.distributed import init as init_distributed
 from lipkit.train.trainer import Trainer, TrainResult
 
-console = Console(stderr=True)
+console = Console(stderr=True, quiet=os.environ.get("RANK", "0") != "0")
 
 
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def pick_device(local_rank: int = 0) -> torch.device:
+    return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _prepare_run_dir(run_dir: Path) -> None:
@@ -70,19 +70,24 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop log lines written after the checkpoint we resume from, so the log reads as one run."""
     if path.is_file():
         lines = [x for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-        kept = [x for x in lines if json.loads(x).get("step", 0) <= step]
+        kept = []
+        for line in lines:
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                pass  # a line cut short by a kill
         path.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
 
 
 def run_training(cfg: Config) -> tuple[Path, TrainResult]:
     """Train as configured; returns the run directory and what happened."""
-    torch.manual_seed(cfg.train.seed)
+    dist = init_distributed()
+    torch.manual_seed(cfg.train.seed)  # every rank builds the same initial model
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     d, t = cfg.data, cfg.train
-    records = keep_languages(
-        read_table(d.train, d.image_column, d.caption_column, d.image_root), d.caption_langs
-    )
+    data = open_train_data(d)  # a table, parquet, a folder of images or WebDataset shards
     eval_tables = {
         name: read_table(path, d.image_column, d.caption_column, d.image_root)
         for name, path in d.eval.items()
@@ -103,9 +108,7 @@ def run_training(cfg: Config) -> tuple[Path, TrainResult]:
     elif tk.path:
         tokenizer = TextTokenizer.load(tk.path, tk.context_length)
     else:
-        tokenizer = TextTokenizer.train(
-            (c for r in records for c in r.captions), tk.vocab_size, tk.context_length
-        )
+        tokenizer = TextTokenizer.train(data.captions(), tk.vocab_size, tk.context_length)
     objective = build_objective(t.objective, **t.objective_args)
     fixed: dict[str, Any] = {
         "vocab_size": tokenizer.vocab_size,
@@ -129,30 +132,26 @@ def run_training(cfg: Config) -> tuple[Path, TrainResult]:
         model.text.load_pretrained(pretrained)
     model.lock("text", t.lock_text)
     model.lock("image", t.lock_image)
-    device = pick_device()
-    batches = TrainBatches(
-        records,
-        spec.image_size,
-        t.batch_size,
-        t.seed,
-        d.caption_policy,
-        d.captions_per_image,
-        d.cache_images,
-        d.workers,
-    )
+    device = pick_device(dist.local_rank)
+    log = jsonl_log(run_dir / "metrics.jsonl") if dist.main else None
+    batches = data.batches(spec.image_size, t.batch_size, t.seed, log=log)  # skips logged as kind "data"
     stores = {
         name: ImageStore(recs, spec.image_size, cache=True, workers=d.workers, desc=name)
         for name, recs in eval_tables.items()
     }
-    trainer = Trainer(model, objective, tokenizer, t, cfg.augment, run_dir, device, d.captions_per_image)
+    trainer = Trainer(
+        model, objective, tokenizer, t, cfg.augment, run_dir, device, d.captions_per_image, dist
+    )
     if resume is not None:
         model.load_state_dict(load_file(str(resume / "model.safetensors")))
-        trainer.load_training_state(load_training_state(resume))
+        state = load_training_state(resume)
+        trainer.load_training_state(state)
+        batches.load_state(state[1].get("data"))  # the stream position (shards) and skip counts
         trainer.last_checkpoint = resume
         _truncate_metrics(run_dir / "metrics.jsonl", trainer.step_count)
         console.print(f"resuming from {resume} (step {trainer.step_count})")
     console.print(
-        f"[bold]lipkit train[/]: {len(records)} pairs, {len(batches)} steps/epoch, model {cfg.model.preset} "
+        f"[bold]lipkit train[/]: {batches.num_samples} pairs, {len(batches)} steps/epoch, model {cfg.model.preset} "
         f"({model.num_params() / 1e6:.1f}M params), vocab {tokenizer.vocab_size}, device {device}, "
         f"run dir {run_dir}"
     )
@@ -178,12 +177,13 @@ def run_training(cfg: Config) -> tuple[Path, TrainResult]:
             "train": {"step": tr.step_count, "train_seconds": tr.train_seconds},
             "preset": cfg.model.preset,
         }
+        tensors, meta = tr.training_state()
         path = save_checkpoint(
             run_dir / "checkpoints" / f"step-{tr.step_count:08d}",
             tr.model,
             tokenizer,
             info,
-            training=tr.training_state(),
+            training=(tensors, {**meta, "data": batches.state()}),  # + the data position
         )
         value = last_metrics.get(t.best_metric)
         if t.best_metric and value is not None and (best["value"] is None or value > best["value"]):
@@ -196,7 +196,12 @@ def run_training(cfg: Config) -> tuple[Path, TrainResult]:
             save_checkpoint(run_dir / "checkpoint", tr.model, tokenizer, info)
         return path
 
-    result = trainer.fit(batches.epoch, len(batches), evaluate if eval_tables else None, checkpoint)
+    main = dist.main  # only rank 0 evaluates, writes checkpoints and logs
+    result = trainer.fit(
+        batches.epoch, len(batches), evaluate if eval_tables and main else None, checkpoint if main else None
+    )
+    if skip_summary(batches.skipped):
+        console.print(f"[yellow]{skip_summary(batches.skipped)}[/]")
     if result.interrupted:
         console.print(
             f"[yellow]interrupted at step {result.steps}[/]; checkpoint {trainer.last_checkpoint}; "

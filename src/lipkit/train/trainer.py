@@ -31,6 +31,15 @@ from lipkit.errors import UserError
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.text.tokenizer import TextTokenizer
 from lipkit.train.checkpoint import TrainingState
+from lipkit.train.distributed import (
+    Dist,
+    all_true,
+    average_gradients,
+    check_scaling,
+    gather_inputs,
+    local_infonce,
+    sync_signal,
+)
 from lipkit.train.inputs import check_inputs, objective_inputs
 from lipkit.train.state import load_optimizer_state, load_rng_state, optimizer_state, rng_state
 
@@ -92,17 +101,21 @@ class Trainer:
         run_dir: Path,
         device: torch.device,
         captions_per_image: int = 1,
+        dist: Dist | None = None,
     ) -> None:
         self.model, self.objective, self.tokenizer = model.to(device), objective.to(device), tokenizer
         self.cfg, self.aug, self.run_dir, self.device = cfg, augment_cfg, run_dir, device
         self.needs = set(getattr(objective, "inputs", ("image_features", "text_features", "logit_scale")))
-        self.per_image = captions_per_image
+        self.per_image, self.dist = captions_per_image, dist or Dist()
+        self.local_batch = cfg.batch_size // self.dist.world
         check_inputs(self.needs, captions_per_image, model.logit_bias is not None, cfg.objective)
+        check_scaling(cfg, self.needs, self.dist)
         fused = device.type == "cuda"
         # objectives may own parameters too (LexLIP's lexicon heads)
         scales = {"text.encoder.": cfg.text_backbone_lr_scale}
         groups = [g for m in (model, objective) for g in param_groups(m, cfg.weight_decay, scales)]
         self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6, fused=fused or None)
+        self.params = [p for g in groups for p in g["params"]]
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.metrics_path = run_dir / "metrics.jsonl"
         self.step_count = 0
@@ -136,41 +149,78 @@ class Trainer:
         self.step_count, self.train_seconds, self.faults = meta["step"], meta["train_seconds"], meta["faults"]
 
     def _log(self, record: dict[str, Any]) -> None:
+        if not self.dist.main:
+            return
         with self.metrics_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
     # -- one step ----------------------------------------------------------------------------------
-    def step(self, images_u8: torch.Tensor, captions: list[str], lr: float) -> tuple[torch.Tensor, bool]:
-        """One optimiser step; returns (loss, finite). A non-finite loss or gradient skips the update."""
+    def _augmented(self, images_u8: torch.Tensor) -> torch.Tensor:
         spec = self.model.spec
-        images = normalize(images_u8, spec.image_mean, spec.image_std)
-        images = augment(images, self.gen, self.aug.scale_min, self.aug.rotate_deg, self.aug.hflip)
-        images = images.to(self.device, non_blocking=True)
-        ids = self.tokenizer(captions).to(self.device, non_blocking=True)
+        x = normalize(images_u8, spec.image_mean, spec.image_std)
+        x = augment(x, self.gen, self.aug.scale_min, self.aug.rotate_deg, self.aug.hflip)
+        return x[self.dist.rank * self.local_batch : (self.dist.rank + 1) * self.local_batch].to(self.device)
+
+    def _inputs(self, images: torch.Tensor, ids: torch.Tensor, second: torch.Tensor | None) -> dict:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
+            return objective_inputs(
+                self.model, self.needs, images, ids, self.per_image, lambda: second, self.tokenizer.pad_id
+            )
+
+    def _loss(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = {k: v.float() if v.is_floating_point() else v for k, v in out.items()}
+        if self.dist.enabled and self.cfg.local_loss:
+            return local_infonce(out["image_features"], out["text_features"], out["logit_scale"], self.dist)
+        if self.dist.enabled:
+            out = gather_inputs(out, self.dist, self.local_batch)
+        return self.objective(**out)
+
+    def _grad_cache_backward(self, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """GradCache: embed the whole batch without a graph, take the loss's gradient w.r.t. the
+        embeddings, then re-embed chunk by chunk with a graph and back-propagate those gradients.
+        Same gradients as one big backward, with the activation memory of one chunk."""
+        c, k = self.cfg.grad_cache_chunk, self.per_image
+        chunks = [slice(s, s + c) for s in range(0, images.shape[0], c)]
+        with torch.no_grad():
+            parts = [self._inputs(images[ch], ids[ch.start * k : ch.stop * k], None) for ch in chunks]
+        cached = {
+            name: torch.cat([p[name] for p in parts]).float().requires_grad_()
+            for name in ("image_features", "text_features")
+        }
+        out: dict[str, torch.Tensor] = {**cached, "logit_scale": self.model.scale()}
+        if "logit_bias" in self.needs:
+            out["logit_bias"] = self.model.logit_bias
+        loss = self._loss(out)
+        loss.backward()  # gradients reach the logit scale/bias directly and the cached embeddings
+        for ch in chunks:
+            part = self._inputs(images[ch], ids[ch.start * k : ch.stop * k], None)
+            surrogate = sum((part[n].float() * cached[n].grad[ch]).sum() for n in cached)
+            surrogate.backward()
+        return loss
+
+    def step(self, images_u8: torch.Tensor, captions: list[str], lr: float) -> tuple[torch.Tensor, bool]:
+        """One optimiser step on a global batch (this rank trains on its slice); returns (loss, finite).
+        A non-finite loss or gradient on any rank skips the update on all ranks."""
+        b, k, r = self.local_batch, self.per_image, self.dist.rank
+        images = self._augmented(images_u8)
+        second = self._augmented(images_u8) if "image_features_2" in self.needs else None
+        ids = self.tokenizer(captions[r * b * k : (r + 1) * b * k]).to(self.device)
         for group in self.opt.param_groups:
             group["lr"] = lr * group["lr_scale"]
-
-        def second_view() -> torch.Tensor:
-            view = augment(
-                normalize(images_u8, spec.image_mean, spec.image_std),
-                self.gen,
-                self.aug.scale_min,
-                self.aug.rotate_deg,
-                self.aug.hflip,
-            )
-            return view.to(self.device, non_blocking=True)
-
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
-            out = objective_inputs(
-                self.model, self.needs, images, ids, self.per_image, second_view, self.tokenizer.pad_id
-            )
-            loss = self.objective(**{k: v.float() if v.is_floating_point() else v for k, v in out.items()})
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.cfg.grad_cache_chunk and self.cfg.grad_cache_chunk < b:
+            loss = self._grad_cache_backward(images, ids)
+        else:
+            loss = self._loss(self._inputs(images, ids, second))
+            loss.backward()
+        if self.dist.enabled:
+            average_gradients(self.params)
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))  # the step's one host sync
-        if not finite:
+        grad_norm = nn.utils.clip_grad_norm_(self.params, clip)
+        finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
+        if self.dist.enabled:
+            finite = all_true(finite)
+        if not bool(finite):  # the step's one host sync
             self.opt.zero_grad(set_to_none=True)
             return loss.detach(), False
         self.opt.step()
@@ -252,7 +302,7 @@ class Trainer:
             TimeRemainingColumn(),
         ]
         self.model.train()
-        with self._signals(), Progress(*columns) as bar:
+        with self._signals(), Progress(*columns, disable=not self.dist.main) as bar:
             task = bar.add_task("train", total=total, completed=step, info="")
             epoch, first = divmod(step, steps_per_epoch)
             while step < total and not stopped and self.signal is None:
@@ -261,6 +311,8 @@ class Trainer:
                     lr = cfg.lr * lr_factor(step, decay, cfg.warmup_steps, cfg.min_lr_ratio)
                     loss, finite = self.step(images, captions, lr)
                     step = self.step_count = step + 1
+                    if self.dist.enabled:  # every rank stops at the same step
+                        self.signal = sync_signal(self.signal)
                     bar.advance(task)
                     if not finite:
                         self.faults, in_a_row = self.faults + 1, in_a_row + 1

@@ -1,0 +1,158 @@
+"""torchrun / DDP setup and global negatives.
+
+`torchrun --nproc-per-node N -m lipkit train ...` sets RANK, WORLD_SIZE and LOCAL_RANK; `init()` joins
+the process group (nccl on GPUs, gloo on CPUs) and every rank then trains on its own slice of each
+global batch.
+
+Global negatives: each rank's per-sample features are all-gathered *with gradient*
+(`torch.distributed.nn.functional.all_gather`), so every rank evaluates the loss on the whole global
+batch. The backward of that all-gather sums, onto each rank's slice, the gradients of all W ranks'
+(identical) losses, i.e. W·∂L/∂x_r; DDP then averages parameter gradients over W, which leaves exactly
+the single-process gradient of L on the global batch.
+
+Local loss (`train.local_loss`, InfoNCE only): rank r computes only the B rows it owns — its images
+against all texts and its texts against all images, labels offset by r·B — cutting the logit work by
+W. The mean of the ranks' local losses is the global loss; the gradients again match.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from lipkit.errors import UserError
+
+PER_SAMPLE = (
+    "image_features",
+    "text_features",
+    "image_features_2",
+    "text_features_2",
+    "synth_features",
+    "image_tokens",
+    "text_tokens",
+    "text_mask",
+)
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init() -> Dist:
+    """Join the process group when launched by torchrun (or any launcher setting WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend)
+    return Dist(rank, world, local)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient of the gathered tensor and hands each rank
+    the rows it contributed (a reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows = slice(dist.get_rank() * x.shape[0], (dist.get_rank() + 1) * x.shape[0])
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rows]
+
+
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """All-gather along dim 0, keeping the autograd graph (gradients flow back to each rank's slice)."""
+    return _GatherWithGrad.apply(x)
+
+
+def gather_inputs(inputs: dict[str, torch.Tensor], d: Dist, batch: int) -> dict[str, torch.Tensor]:
+    """Make an objective's inputs global: per-sample tensors gathered, caption owners offset by rank."""
+    out = dict(inputs)
+    for name in PER_SAMPLE:
+        if name in out:
+            out[name] = gather(out[name]) if out[name].is_floating_point() else _gather_plain(out[name])
+    if "caption_owner" in out:
+        out["caption_owner"] = _gather_plain(out["caption_owner"] + d.rank * batch)
+    return out
+
+
+def _gather_plain(x: torch.Tensor) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def local_infonce(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, d: Dist) -> torch.Tensor:
+    """InfoNCE over the rows this rank owns, against the global batch of the other modality."""
+    all_image, all_text = gather(image), gather(text)
+    labels = torch.arange(image.shape[0], device=image.device) + d.rank * image.shape[0]
+    i2t = F.cross_entropy(scale * image @ all_text.t(), labels)
+    t2i = F.cross_entropy(scale * text @ all_image.t(), labels)
+    return 0.5 * (i2t + t2i)
+
+
+def average_gradients(params: list[torch.Tensor]) -> None:
+    """Average gradients over ranks with one flattened all-reduce (DDP's arithmetic, without its
+    bucketing/overlap; plain enough to compose with gradient caching and local losses)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for p, g in zip(params, _unflatten_dense_tensors(flat, grads), strict=True):
+        p.grad = g
+
+
+def all_true(flag: torch.Tensor) -> torch.Tensor:
+    t = flag.to(torch.int32).reshape(1).cpu()
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t[0].bool()
+
+
+def sync_signal(signum: int | None) -> int | None:
+    """A signal seen by any rank stops all ranks after the same step."""
+    t = torch.tensor([signum or 0], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t[0]) or None
+
+
+def check_scaling(cfg: Any, needs: set[str], d: Dist) -> None:
+    """Reject impossible combinations before the first step."""
+    if cfg.batch_size % d.world:
+        raise UserError(
+            f"train.batch_size={cfg.batch_size} is not divisible by the {d.world} ranks; "
+            f"use a multiple of {d.world}."
+        )
+    if cfg.local_loss and cfg.objective != "infonce":
+        raise UserError("train.local_loss is implemented for the infonce objective only; unset it.")
+    if cfg.grad_cache_chunk and not needs <= {"image_features", "text_features", "logit_scale", "logit_bias"}:
+        raise UserError(
+            f"train.grad_cache_chunk works with objectives on pooled features only, not "
+            f"'{cfg.objective}'; unset it."
+        )

@@ -1,0 +1,125 @@
+"""Two gloo processes on the CPU train exactly like one process on the same global batch; gradient
+caching gives the gradients of the plain step."""
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+from lipkit.config import AugmentConfig, TrainConfig
+from lipkit.errors import UserError
+from lipkit.models.dual_encoder import DualEncoder
+from lipkit.models.presets import get_spec
+from lipkit.objectives import build_objective
+from lipkit.text.tokenizer import TextTokenizer
+from lipkit.train.distributed import Dist
+from lipkit.train.trainer import Trainer
+
+WORDS = ["red", "blue", "heart", "face", "flag", "hand", "star", "cat", "dog", "sun", "moon", "tree"]
+SPEC = {
+    "vision_width": 32,
+    "vision_layers": 2,
+    "vision_heads": 2,
+    "text_width": 32,
+    "text_layers": 2,
+    "text_heads": 2,
+    "embed_dim": 16,
+    "image_size": 32,
+    "context_length": 12,
+}
+BATCH = 8
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (BATCH, 3, 32, 32), dtype=torch.uint8, generator=g)
+    captions = [f"{WORDS[i]} {WORDS[(i * 5 + 3) % 12]}" for i in range(BATCH)]
+    return images, captions
+
+
+def one_step(tmp: Path, rank: int, world: int, **train) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    tok = TextTokenizer.train(WORDS * 3, vocab_size=300, context_length=12)
+    model = DualEncoder(get_spec("tiny", **SPEC, vocab_size=tok.vocab_size, eot_id=tok.eot_id))
+    cfg = TrainConfig(batch_size=BATCH, grad_clip=0.0, **train)
+    trainer = Trainer(
+        model,
+        build_objective(cfg.objective),
+        tok,
+        cfg,
+        AugmentConfig(),
+        tmp,
+        torch.device("cpu"),
+        dist=Dist(rank, world),
+    )
+    images, captions = batch()
+    loss, finite = trainer.step(images, captions, lr=1e-3)
+    assert finite
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    return {"loss": loss.reshape(1), **{f"grad.{n}": g for n, g in grads.items()}}
+
+
+def _worker(rank: int, world: int, port: int, tmp: str, train: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        out = one_step(Path(tmp), rank, world, **train)
+        save_file(out, os.path.join(tmp, f"rank{rank}.safetensors"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two(tmp: Path, **train) -> list[dict[str, torch.Tensor]]:
+    mp.spawn(_worker, args=(2, free_port(), str(tmp), train), nprocs=2, join=True)
+    return [load_file(str(tmp / f"rank{r}.safetensors")) for r in range(2)]
+
+
+def assert_close(a: dict, b: dict, atol: float = 1e-5) -> None:
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=atol), (k, (a[k] - b[k]).abs().max().item())
+
+
+@pytest.mark.parametrize("local_loss", [False, True])
+def test_two_gloo_ranks_equal_one_process(tmp_path, local_loss):
+    single = one_step(tmp_path, 0, 1)
+    ranks = run_two(tmp_path, local_loss=local_loss)
+    grads = {k: v for k, v in single.items() if k.startswith("grad.")}
+    for r in ranks:  # every rank holds the averaged gradient of the global loss
+        assert_close({k: r[k] for k in grads}, grads)
+    losses = torch.stack([r["loss"] for r in ranks])
+    if local_loss:  # each rank owns half the rows: their mean is the global loss
+        assert torch.allclose(losses.mean(), single["loss"], atol=1e-5)
+    else:
+        assert torch.allclose(losses, single["loss"].expand(2), atol=1e-5)
+
+
+def test_gradient_caching_equals_the_plain_step(tmp_path):
+    plain = one_step(tmp_path, 0, 1)
+    cached = one_step(tmp_path, 0, 1, grad_cache_chunk=3)  # chunks of 3, 3, 2
+    assert_close(cached, plain)
+
+
+def test_batch_not_divisible_by_ranks_is_refused(tmp_path):
+    with pytest.raises(UserError, match="not divisible by the 3 ranks"):
+        tok = TextTokenizer.train(WORDS, vocab_size=300, context_length=12)
+        model = DualEncoder(get_spec("tiny", **SPEC, vocab_size=tok.vocab_size, eot_id=tok.eot_id))
+        Trainer(
+            model,
+            build_objective("infonce"),
+            tok,
+            TrainConfig(batch_size=8),
+            AugmentConfig(),
+            tmp_path,
+            torch.device("cpu"),
+            dist=Dist(0, 3),
+        )
