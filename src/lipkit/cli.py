@@ -23,6 +23,7 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Build and inspect datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+__import__("lipkit.cli_data", fromlist=["register"]).register(data_app)  # convert, inspect, validate
 console = Console(stderr=True)
 
 
@@ -183,6 +184,15 @@ def demo(
     results = run_eval(run_dir / "checkpoint", cfg.data.eval, cfg, run_dir / "eval" / "results.json")
     _print_results(results)
     console.print(f"[bold green]report:[/] {write_report(run_dir, results)}")
+
+
+def _register_extensions() -> None:
+    from lipkit.cli_interop import register as register_interop
+
+    register_interop(app)
+
+
+_register_extensions()
 
 
 def main() -> None:

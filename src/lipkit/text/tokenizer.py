@@ -59,7 +59,10 @@ class TextTokenizer:
         return torch.tensor([e.ids for e in encs], dtype=torch.long)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=True).strip()
+        ids = list(ids)
+        while ids and ids[-1] == self.pad_id:  # a pad that is an ordinary token (CLIP's "!") is not skipped
+            ids.pop()
+        return self.tok.decode(ids, skip_special_tokens=True).strip()
 
     def save(self, path: str | Path) -> None:
         self.tok.save(str(path))
