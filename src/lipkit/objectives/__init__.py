@@ -15,6 +15,7 @@ from lipkit.objectives.intra_modal import TripleContrast
 from lipkit.objectives.late_interaction import FILIPLoss
 from lipkit.objectives.lexicon import LexiconContrast
 from lipkit.objectives.multi_positive import MultiPositiveInfoNCE
+from lipkit.objectives.refine import CLIPRefine
 from lipkit.objectives.sigmoid import SigmoidLoss
 
 OBJECTIVES: dict[str, type[nn.Module]] = {
@@ -26,6 +27,7 @@ OBJECTIVES: dict[str, type[nn.Module]] = {
     "alip": ALIPLoss,
     "tcl": TripleContrast,
     "lexlip": LexiconContrast,
+    "clip_refine": CLIPRefine,
 }
 
 

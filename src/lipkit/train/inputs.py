@@ -16,7 +16,9 @@ TOKENS = {"image_tokens", "text_tokens", "text_mask"}
 NEEDS_SECOND_CAPTION = {"synth_features", "text_features_2"}
 
 
-def check_inputs(needs: set[str], captions_per_image: int, has_bias: bool, objective: str) -> None:
+def check_inputs(
+    needs: set[str], captions_per_image: int, has_bias: bool, objective: str, has_teacher: bool = False
+) -> None:
     if needs & NEEDS_SECOND_CAPTION and captions_per_image < 2:
         raise UserError(
             f"Objective '{objective}' needs two captions per image; set data.captions_per_image=2."
@@ -25,6 +27,11 @@ def check_inputs(needs: set[str], captions_per_image: int, has_bias: bool, objec
         raise UserError(
             f"Objective '{objective}' contrasts several captions per image; set "
             "data.captions_per_image to 2 or more."
+        )
+    if "teacher_image_features" in needs and not has_teacher:
+        raise UserError(
+            f"Objective '{objective}' distils from the starting model; set model.init_from to a "
+            "checkpoint (or use `lipkit refine CHECKPOINT`)."
         )
     if "logit_bias" in needs and not has_bias:
         raise UserError(f"Objective '{objective}' needs a logit bias; set model.overrides.logit_bias=true.")
@@ -38,6 +45,7 @@ def objective_inputs(
     captions_per_image: int,
     second_view: Callable[[], torch.Tensor],
     pad_id: int,
+    teacher: DualEncoder | None = None,
 ) -> dict[str, torch.Tensor]:
     """images: (B, 3, H, W); ids: (B·k, L) image-major. Returns the named tensors the objective reads."""
     k = captions_per_image
@@ -66,4 +74,9 @@ def objective_inputs(
         out["image_features_2"] = F.normalize(model.visual(second_view()), dim=-1)
     if "logit_bias" in needs:
         out["logit_bias"] = model.logit_bias
+    if teacher is not None and "teacher_image_features" in needs:
+        with torch.no_grad():
+            out["teacher_image_features"] = F.normalize(teacher.visual(images), dim=-1)
+            out["teacher_text_features"] = F.normalize(teacher.text(text_ids[first]), dim=-1)
+            out["teacher_logit_scale"] = teacher.scale()
     return {name: value for name, value in out.items() if name in needs}

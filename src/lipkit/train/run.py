@@ -9,6 +9,7 @@ Run directory layout:
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -28,7 +29,7 @@ from lipkit.models.hf_text import resolve_pretrained
 from lipkit.models.presets import get_spec
 from lipkit.objectives import build_objective
 from lipkit.text.tokenizer import TextTokenizer
-from lipkit.train.checkpoint import find_resume, load_training_state, prune, save_checkpoint
+from lipkit.train.checkpoint import find_resume, load_checkpoint, load_training_state, prune, save_checkpoint
 from lipkit.train.distributed import init as init_distributed
 from lipkit.train.trainer import Trainer, TrainResult
 
@@ -80,6 +81,31 @@ def _truncate_metrics(path: Path, step: int) -> None:
         path.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
 
 
+def _new_model(cfg: Config, tokenizer: TextTokenizer, objective: Any, pretrained: Path | None, fresh: bool):
+    t = cfg.train
+    fixed: dict[str, Any] = {
+        "vocab_size": tokenizer.vocab_size,
+        "eot_id": tokenizer.eot_id,
+        "pad_id": tokenizer.pad_id,
+        "context_length": cfg.tokenizer.context_length,
+    }
+    if "logit_bias" in getattr(objective, "inputs", ()):
+        fixed["logit_bias"] = True
+    if pretrained is not None:
+        hf_config = json.loads((pretrained / "config.json").read_text(encoding="utf-8"))
+        fixed.update(text_tower="hf", text_hf_config=hf_config, text_pool=cfg.model.text_pool)
+    spec = get_spec(cfg.model.preset, **{**cfg.model.overrides, **fixed})
+    model = DualEncoder(
+        spec,
+        init_logit_scale=t.init_logit_scale,
+        max_logit_scale=t.max_logit_scale,
+        init_logit_bias=t.init_logit_bias,
+    )
+    if pretrained is not None and fresh:
+        model.text.load_pretrained(pretrained)
+    return model
+
+
 def run_training(cfg: Config) -> tuple[Path, TrainResult]:
     """Train as configured; returns the run directory and what happened."""
     dist = init_distributed()
@@ -101,46 +127,38 @@ def run_training(cfg: Config) -> tuple[Path, TrainResult]:
 
     tk = cfg.tokenizer
     pretrained = resolve_pretrained(cfg.model.text_pretrained) if cfg.model.text_pretrained else None
+    start = load_checkpoint(cfg.model.init_from) if cfg.model.init_from else None  # fine-tune / refine
+    objective = build_objective(t.objective, **t.objective_args)
     if resume is not None:
         tokenizer = TextTokenizer.load(resume, tk.context_length)
+    elif start is not None:
+        tokenizer = start[1]
     elif pretrained is not None:
         tokenizer = TextTokenizer.load(pretrained / "tokenizer.json", tk.context_length)
     elif tk.path:
         tokenizer = TextTokenizer.load(tk.path, tk.context_length)
     else:
         tokenizer = TextTokenizer.train(data.captions(), tk.vocab_size, tk.context_length)
-    objective = build_objective(t.objective, **t.objective_args)
-    fixed: dict[str, Any] = {
-        "vocab_size": tokenizer.vocab_size,
-        "eot_id": tokenizer.eot_id,
-        "pad_id": tokenizer.pad_id,
-        "context_length": tk.context_length,
-    }
-    if "logit_bias" in getattr(objective, "inputs", ()):
-        fixed["logit_bias"] = True
-    if pretrained is not None:
-        hf_config = json.loads((pretrained / "config.json").read_text(encoding="utf-8"))
-        fixed.update(text_tower="hf", text_hf_config=hf_config, text_pool=cfg.model.text_pool)
-    spec = get_spec(cfg.model.preset, **{**cfg.model.overrides, **fixed})
-    model = DualEncoder(
-        spec,
-        init_logit_scale=t.init_logit_scale,
-        max_logit_scale=t.max_logit_scale,
-        init_logit_bias=t.init_logit_bias,
-    )
-    if pretrained is not None and resume is None:
-        model.text.load_pretrained(pretrained)
+    teacher = None
+    if start is not None:
+        model = start[0].train()
+        if "teacher_image_features" in getattr(objective, "inputs", ()):
+            teacher = copy.deepcopy(model).eval().requires_grad_(False)  # the frozen starting model
+    else:
+        model = _new_model(cfg, tokenizer, objective, pretrained, fresh=resume is None)
     model.lock("text", t.lock_text)
     model.lock("image", t.lock_image)
     device = pick_device(dist.local_rank)
     log = jsonl_log(run_dir / "metrics.jsonl") if dist.main else None
-    batches = data.batches(spec.image_size, t.batch_size, t.seed, log=log)  # skips logged as kind "data"
+    batches = data.batches(
+        model.spec.image_size, t.batch_size, t.seed, log=log
+    )  # skips logged as kind "data"
     stores = {
-        name: ImageStore(recs, spec.image_size, cache=True, workers=d.workers, desc=name)
+        name: ImageStore(recs, model.spec.image_size, cache=True, workers=d.workers, desc=name)
         for name, recs in eval_tables.items()
     }
     trainer = Trainer(
-        model, objective, tokenizer, t, cfg.augment, run_dir, device, d.captions_per_image, dist
+        model, objective, tokenizer, t, cfg.augment, run_dir, device, d.captions_per_image, dist, teacher
     )
     if resume is not None:
         model.load_state_dict(load_file(str(resume / "model.safetensors")))

@@ -102,13 +102,17 @@ class Trainer:
         device: torch.device,
         captions_per_image: int = 1,
         dist: Dist | None = None,
+        teacher: DualEncoder | None = None,
     ) -> None:
         self.model, self.objective, self.tokenizer = model.to(device), objective.to(device), tokenizer
         self.cfg, self.aug, self.run_dir, self.device = cfg, augment_cfg, run_dir, device
         self.needs = set(getattr(objective, "inputs", ("image_features", "text_features", "logit_scale")))
         self.per_image, self.dist = captions_per_image, dist or Dist()
         self.local_batch = cfg.batch_size // self.dist.world
-        check_inputs(self.needs, captions_per_image, model.logit_bias is not None, cfg.objective)
+        self.teacher = teacher.to(device).eval() if teacher is not None else None
+        check_inputs(
+            self.needs, captions_per_image, model.logit_bias is not None, cfg.objective, teacher is not None
+        )
         check_scaling(cfg, self.needs, self.dist)
         fused = device.type == "cuda"
         # objectives may own parameters too (LexLIP's lexicon heads)
@@ -164,7 +168,14 @@ class Trainer:
     def _inputs(self, images: torch.Tensor, ids: torch.Tensor, second: torch.Tensor | None) -> dict:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
             return objective_inputs(
-                self.model, self.needs, images, ids, self.per_image, lambda: second, self.tokenizer.pad_id
+                self.model,
+                self.needs,
+                images,
+                ids,
+                self.per_image,
+                lambda: second,
+                self.tokenizer.pad_id,
+                self.teacher,
             )
 
     def _loss(self, out: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -1,0 +1,614 @@
+"""Embed a collection (a captions table or a folder of images) into a folder of vectors, and embed
+queries (text, image files, uploaded bytes) with the same model.
+
+An embeddings folder:
+  manifest.json   source, checkpoint fingerprint, counts, chunk size, whether it is complete
+  image_emb.npy   float32 N×D, L2-normalised image embeddings, row i = item i
+  text_emb.npy    float32 N×D embeddings of each item's first caption (tables only)
+  ids.json        [{"id", "path", "caption", "meta"}] for the N embedded items, in row order
+  skipped.json    images that could not be decoded (path and reason); they get no row
+While it runs, finished chunks live in chunks/NNNNN.npz (written atomically); a rerun with the same
+source and checkpoint skips them, so an interrupted job continues after its last complete chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import uuid
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from torch.utils.data import DataLoader, Dataset
+
+from lipkit.data.sources import Record, read_table
+from lipkit.data.transforms import load_image, normalize
+from lipkit.errors import UserError
+from lipkit.models.dual_encoder import DualEncoder
+from lipkit.text.tokenizer import TextTokenizer
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+FORMAT = "lipkit-embeddings"
+OUR_FILES = ("manifest.json", "image_emb.npy", "text_emb.npy", "ids.json", "skipped.json", "chunks")
+
+
+# ----------------------------------------------------------------------------------------------
+# sources
+
+
+def collect(
+    source: str | Path, image_column: str = "image", caption_column: str = "captions"
+) -> list[Record]:
+    """Records of a folder of images (recursive, sorted, no captions), or of anything `read_table`
+    reads (CSV/TSV/JSONL captions tables and the other source kinds it knows)."""
+    p = Path(source).expanduser()
+    if p.is_dir():
+        files = sorted(
+            f
+            for f in p.rglob("*")
+            if f.suffix.lower() in IMAGE_EXTS
+            and f.is_file()
+            and not any(s.startswith(".") for s in f.relative_to(p).parts)
+        )
+        if not files:
+            raise UserError(
+                f"Folder '{p}' holds no images ({', '.join(sorted(IMAGE_EXTS))}); point SOURCE at a folder "
+                "of images or at a CSV/TSV/JSONL table."
+            )
+        return [Record(f.resolve(), [], {"relpath": str(f.relative_to(p))}) for f in files]
+    return read_table(source, image_column=image_column, caption_column=caption_column)
+
+
+def _inline(record: Record) -> bytes | None:
+    """Encoded image bytes of a record whose source stores them inline (shards, parquet), else None."""
+    return getattr(record, "data", None)
+
+
+def _key(record: Record) -> str:
+    return str(getattr(record, "key", "") or record.image)
+
+
+def _digest(parts: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for s in parts:
+        h.update(s.encode("utf-8", "surrogatepass"))
+        h.update(b"\0")
+    return h.hexdigest()[:32]
+
+
+def records_fingerprint(records: Sequence[Record]) -> str:
+    return _digest([f"{_key(r)}\t{r.captions[0] if r.captions else ''}" for r in records])
+
+
+def checkpoint_fingerprint(checkpoint: str | Path) -> str:
+    """Hash of config.json and model.safetensors: a different checkpoint gives different vectors."""
+    p = Path(checkpoint).expanduser()
+    h = hashlib.sha256()
+    for name in ("config.json", "model.safetensors"):
+        with (p / name).open("rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+    return h.hexdigest()[:32]
+
+
+# ----------------------------------------------------------------------------------------------
+# embedding a collection
+
+
+class _Decode(Dataset):
+    def __init__(self, records: Sequence[Record], rows: Sequence[int], size: int) -> None:
+        self.records, self.rows, self.size = records, rows, size
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
+        row = self.rows[i]
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                rec = self.records[row]
+                data = _inline(rec)
+                src = io.BytesIO(data) if data is not None else rec.image
+                return row, load_image(src, self.size), ""  # type: ignore[arg-type]
+        except FileNotFoundError:
+            return row, None, "file not found"
+        except (
+            OSError,
+            ValueError,
+            SyntaxError,
+            Image.DecompressionBombError,
+            Image.DecompressionBombWarning,
+        ) as e:
+            return row, None, f"cannot decode: {e}"
+
+
+def _keep_list(batch: list) -> list:
+    return batch
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None], text: bool = False) -> None:
+    """write(file) into a temporary sibling, fsync, rename over `path`: readers see old or new, whole."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "x", encoding="utf-8") if text else open(tmp, "xb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
+    _atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    _atomic_write(path, lambda f: np.save(f, array))
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    indent = None if isinstance(obj, list) else 2
+    _atomic_write(path, lambda f: json.dump(obj, f, ensure_ascii=False, indent=indent), text=True)
+
+
+def model_device(model: DualEncoder) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.inference_mode()
+def encode_images(model: DualEncoder, images_u8: torch.Tensor) -> np.ndarray:
+    """uint8 (B,3,S,S) at the model's size → float32 (B,D) L2-normalised embeddings."""
+    spec = model.spec
+    x = normalize(images_u8, spec.image_mean, spec.image_std).to(model_device(model))
+    return model.encode_image(x).float().cpu().numpy()
+
+
+@torch.inference_mode()
+def encode_texts(model: DualEncoder, tokenizer: TextTokenizer, texts: Sequence[str]) -> np.ndarray:
+    return model.encode_text(tokenizer(list(texts)).to(model_device(model))).float().cpu().numpy()
+
+
+@dataclass
+class EmbedResult:
+    out: Path
+    n_items: int
+    n_embedded: int
+    n_skipped: int
+    dim: int
+    has_text: bool
+    chunks_done_before: int  # chunks found complete when the run started (resumed work)
+    chunks_computed: int
+
+
+def embed_collection(
+    model: DualEncoder,
+    tokenizer: TextTokenizer,
+    records: Sequence[Record],
+    out: str | Path,
+    *,
+    fingerprint: dict[str, str] | None = None,
+    batch_size: int = 256,
+    chunk_size: int = 4096,
+    workers: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+    extra_manifest: dict[str, Any] | None = None,
+) -> EmbedResult:
+    """Embed `records` into `out` (see the module doc); resumes from complete chunks already there."""
+    out = Path(out).expanduser()
+    if batch_size < 1 or chunk_size < 1:
+        raise UserError("--batch-size and --chunk-size must be at least 1.")
+    if not records:
+        raise UserError("There is nothing to embed: the source has no rows.")
+    has_text = all(r.captions for r in records)
+    fp = {"items": records_fingerprint(records), **(fingerprint or {})}
+    manifest_path = out / "manifest.json"
+    manifest: dict[str, Any] | None = None
+    if out.exists():
+        if not out.is_dir():
+            raise UserError(f"Output '{out}' is a file; pass a folder path for the embeddings.")
+        if manifest_path.is_file():
+            try:
+                manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError:
+                manifest = {}
+            if manifest.get("format") != FORMAT:
+                raise UserError(f"'{manifest_path}' is not a lipkit embeddings manifest; choose another OUT.")
+            same = manifest.get("fingerprint") == fp and manifest.get("chunk_size") == chunk_size
+            if overwrite:
+                for name in OUR_FILES:
+                    target = out / name
+                    if target.is_dir():
+                        shutil.rmtree(target)
+                    else:
+                        target.unlink(missing_ok=True)
+                manifest = None
+            elif not same:
+                raise UserError(
+                    f"'{out}' holds embeddings of another source, checkpoint or chunk size; pass --overwrite "
+                    "to replace them or choose a new OUT."
+                )
+            elif manifest.get("complete"):
+                return EmbedResult(
+                    out,
+                    manifest["n_items"],
+                    manifest["n_embedded"],
+                    manifest["n_skipped"],
+                    manifest["dim"],
+                    manifest["has_text"],
+                    manifest["n_chunks"],
+                    0,
+                )
+        elif any(out.iterdir()):
+            raise UserError(
+                f"Output '{out}' exists and is not an embeddings folder; choose a new or empty OUT folder."
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    chunks = out / "chunks"
+    chunks.mkdir(exist_ok=True)
+    n = len(records)
+    n_chunks = (n + chunk_size - 1) // chunk_size
+    dim = int(model.spec.embed_dim)
+    manifest = {
+        "format": FORMAT,
+        "version": 1,
+        **(extra_manifest or {}),
+        "fingerprint": fp,
+        "chunk_size": chunk_size,
+        "n_chunks": n_chunks,
+        "n_items": n,
+        "dim": dim,
+        "has_text": has_text,
+        "complete": False,
+    }
+    _write_json_atomic(manifest_path, manifest)
+
+    def chunk_file(c: int) -> Path:
+        return chunks / f"{c:05d}.npz"
+
+    def chunk_ok(c: int) -> bool:
+        try:
+            with np.load(chunk_file(c), allow_pickle=False) as z:
+                return {"rows", "image"} <= set(z.files)
+        except (OSError, ValueError):
+            return False
+
+    done = {c for c in range(n_chunks) if chunk_file(c).is_file() and chunk_ok(c)}
+    computed = 0
+    size = int(model.spec.image_size)
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        disable=not progress,
+        transient=False,
+    ) as bar:
+        task = bar.add_task("embedding", total=n)
+        bar.advance(task, sum(min(chunk_size, n - c * chunk_size) for c in done))
+        for c in range(n_chunks):
+            if c in done:
+                continue
+            rows = list(range(c * chunk_size, min(n, (c + 1) * chunk_size)))
+            loader = DataLoader(
+                _Decode(records, rows, size),
+                batch_size=batch_size,
+                num_workers=workers,
+                collate_fn=_keep_list,
+            )
+            kept: list[int] = []
+            img_parts: list[np.ndarray] = []
+            txt_parts: list[np.ndarray] = []
+            bad_rows: list[int] = []
+            bad_why: list[str] = []
+            for batch in loader:
+                good = [(r, x) for r, x, _ in batch if x is not None]
+                for r, x, why in batch:
+                    if x is None:
+                        bad_rows.append(r)
+                        bad_why.append(why)
+                if good:
+                    kept.extend(r for r, _ in good)
+                    img_parts.append(encode_images(model, torch.stack([x for _, x in good])))
+                    if has_text:
+                        txt_parts.append(
+                            encode_texts(model, tokenizer, [records[r].captions[0] for r, _ in good])
+                        )
+                bar.advance(task, len(batch))
+            arrays = {
+                "rows": np.asarray(kept, dtype=np.int64),
+                "image": np.concatenate(img_parts) if img_parts else np.zeros((0, dim), np.float32),
+                "bad_rows": np.asarray(bad_rows, dtype=np.int64),
+                "bad_why": np.asarray(bad_why, dtype=str) if bad_why else np.zeros(0, dtype="<U1"),
+            }
+            if has_text:
+                arrays["text"] = np.concatenate(txt_parts) if txt_parts else np.zeros((0, dim), np.float32)
+            _save_npz_atomic(chunk_file(c), **arrays)
+            computed += 1
+
+    # finalise: one matrix per modality, the items list, the skipped list
+    rows_all, imgs, txts, skipped = [], [], [], []
+    for c in range(n_chunks):
+        with np.load(chunk_file(c), allow_pickle=False) as z:
+            rows_all.append(z["rows"])
+            imgs.append(z["image"])
+            if has_text:
+                txts.append(z["text"])
+            skipped.extend(
+                {"path": _key(records[int(r)]), "reason": str(w)}
+                for r, w in zip(z["bad_rows"], z["bad_why"], strict=True)
+            )
+    rows = np.concatenate(rows_all)
+    image_emb = np.concatenate(imgs).astype(np.float32)
+    items = []
+    for i, r in enumerate(rows.tolist()):
+        rec = records[r]
+        inline = _inline(rec) is not None  # the image lives inside a shard: no file to serve
+        items.append(
+            {
+                "id": i,
+                "path": None if inline else str(Path(rec.image).resolve()),
+                "key": _key(rec),
+                "caption": rec.captions[0] if rec.captions else None,
+                "meta": rec.meta,
+            }
+        )
+    _save_npy_atomic(out / "image_emb.npy", image_emb)
+    if has_text:
+        _save_npy_atomic(out / "text_emb.npy", np.concatenate(txts).astype(np.float32))
+    _write_json_atomic(out / "ids.json", items)
+    _write_json_atomic(out / "skipped.json", skipped)
+    manifest.update(complete=True, n_embedded=len(items), n_skipped=len(skipped))
+    _write_json_atomic(manifest_path, manifest)
+    shutil.rmtree(chunks, ignore_errors=True)
+    return EmbedResult(out, n, len(items), len(skipped), dim, has_text, len(done), computed)
+
+
+def run_embed(
+    checkpoint: str | Path,
+    source: str | Path,
+    out: str | Path,
+    *,
+    image_column: str = "image",
+    caption_column: str = "captions",
+    device: str = "auto",
+    **kwargs: Any,
+) -> EmbedResult:
+    from lipkit.train.checkpoint import load_checkpoint
+
+    records = collect(source, image_column, caption_column)  # a bad source fails before the model loads
+    model, tokenizer, _ = load_checkpoint(checkpoint)
+    model.to(pick_device(device))
+    return embed_collection(
+        model,
+        tokenizer,
+        records,
+        out,
+        fingerprint={"checkpoint": checkpoint_fingerprint(checkpoint)},
+        extra_manifest={"source": str(Path(source).expanduser().resolve()), "checkpoint": str(checkpoint)},
+        **kwargs,
+    )
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise UserError(f"Unknown device '{device}'; use auto, cpu, cuda or cuda:N.") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"Device '{device}' was asked for but no CUDA GPU is available; use --device cpu.")
+    return dev
+
+
+# ----------------------------------------------------------------------------------------------
+# reading an embeddings folder
+
+
+@dataclass
+class Embeddings:
+    path: Path
+    items: list[dict[str, Any]]
+    manifest: dict[str, Any]
+
+    def image(self) -> np.ndarray:
+        return np.load(self.path / "image_emb.npy", mmap_mode="r", allow_pickle=False)
+
+    def lexical_file(self) -> Path | None:
+        for name in ("lex.npy", "lex.npz"):
+            if (self.path / name).is_file():
+                return self.path / name
+        return None
+
+
+def load_embeddings(path: str | Path, need_dense: bool = True) -> Embeddings:
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise UserError(
+            f"Embeddings folder '{p}' does not exist; make it with `lipkit embed CHECKPOINT SOURCE {p}`."
+        )
+    manifest: dict[str, Any] = {}
+    if (p / "manifest.json").is_file():
+        manifest = json.loads((p / "manifest.json").read_text(encoding="utf-8"))
+        if not manifest.get("complete", False):
+            raise UserError(
+                f"Embeddings in '{p}' are incomplete (the embed job stopped); rerun the same `lipkit embed` "
+                "command to finish them."
+            )
+    if need_dense and not (p / "image_emb.npy").is_file():
+        raise UserError(f"'{p}' has no image_emb.npy; make it with `lipkit embed CHECKPOINT SOURCE {p}`.")
+    items: list[dict[str, Any]] = []
+    if (p / "ids.json").is_file():
+        items = json.loads((p / "ids.json").read_text(encoding="utf-8"))
+    return Embeddings(p, items, manifest)
+
+
+# ----------------------------------------------------------------------------------------------
+# queries
+
+
+class ImageRejected(UserError):
+    """An uploaded image the server refuses; `status` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def decode_image_bytes(data: bytes, size: int, max_pixels: int) -> torch.Tensor:
+    """Bytes of an image file → uint8 (3,size,size); refuses non-images and too many pixels before
+    decoding the pixel data (the header alone gives the size)."""
+    if not data:
+        raise ImageRejected("The uploaded file is empty; send an image file (PNG, JPEG, WebP, GIF, BMP).")
+    fmt = "image"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+                fmt = f"{im.format} image" if im.format else "image"
+            if w * h > max_pixels:
+                raise ImageRejected(
+                    f"The image is {w}×{h} = {w * h / 1e6:.1f} megapixels, over the limit of "
+                    f"{max_pixels / 1e6:.1f}; send a smaller image.",
+                    413,
+                )
+            return load_image(io.BytesIO(data), size)  # type: ignore[arg-type]  # PIL reads file objects
+    except ImageRejected:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageRejected(f"The image has too many pixels ({e}); send a smaller image.", 413) from e
+    except UnidentifiedImageError as e:
+        raise ImageRejected(
+            "The uploaded file is not an image this server can read; send a PNG, JPEG, WebP, GIF or BMP file."
+        ) from e
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ImageRejected(
+            f"The uploaded {fmt} is damaged or truncated ({e}); send a complete image file."
+        ) from e
+
+
+def lexical_queries(
+    model: DualEncoder, tokenizer: TextTokenizer, texts: Sequence[str], vocab: int
+) -> np.ndarray:
+    """Texts → non-negative V-vectors for a sparse index. A model with a lexicon head exposes
+    `encode_text_lexical(ids) -> (B, V)`; without one, a query is its bag of tokenizer ids (the
+    document side must then be over the same tokenizer vocabulary)."""
+    ids = tokenizer(list(texts))
+    head: Callable[..., torch.Tensor] | None = getattr(model, "encode_text_lexical", None)
+    if head is not None:
+        with torch.inference_mode():
+            out = head(ids.to(model_device(model))).float().cpu().numpy()
+        if out.shape[1] != vocab:
+            raise UserError(
+                f"The checkpoint's lexicon head has {out.shape[1]} terms but the sparse index has {vocab}; "
+                "search with the checkpoint that built it."
+            )
+        return np.maximum(out, 0)
+    if tokenizer.vocab_size > vocab:
+        raise UserError(
+            f"The sparse index is over {vocab} terms but the tokenizer has {tokenizer.vocab_size}; search "
+            "with the checkpoint whose vocabulary built the index."
+        )
+    q = np.zeros((len(texts), vocab), dtype=np.float32)
+    specials = {tokenizer.pad_id, tokenizer.sot_id, tokenizer.eot_id}
+    for r, row in enumerate(ids.tolist()):
+        for t in row:
+            if t not in specials:
+                q[r, t] += 1.0
+    return q
+
+
+class Searcher:
+    """A model and an index together: embed a text or an image and return the top-k items."""
+
+    def __init__(self, checkpoint: str | Path, index_path: str | Path, device: str = "cpu") -> None:
+        from lipkit.search.index import load_index
+        from lipkit.train.checkpoint import load_checkpoint
+
+        self.model, self.tokenizer, self.config = load_checkpoint(checkpoint)
+        self.model.to(pick_device(device))
+        self.index = load_index(index_path)
+        self.size = int(self.model.spec.image_size)
+        self.dim = int(self.model.spec.embed_dim)
+        if self.index.kind != "sparse" and self.index.dim != self.dim:
+            raise UserError(
+                f"Index '{index_path}' holds {self.index.dim}-d vectors but checkpoint '{checkpoint}' makes "
+                f"{self.dim}-d embeddings; search with the checkpoint that embedded the collection."
+            )
+
+    @property
+    def sparse(self) -> bool:
+        return self.index.kind == "sparse"
+
+    def text_query(self, text: str) -> np.ndarray:
+        if self.sparse:
+            return lexical_queries(self.model, self.tokenizer, [text], self.index.dim)
+        return encode_texts(self.model, self.tokenizer, [text])
+
+    def image_query(self, image_u8: torch.Tensor) -> np.ndarray:
+        if self.sparse:
+            head = getattr(self.model, "encode_image_lexical", None)
+            if head is None:
+                raise ImageRejected(
+                    "This index is sparse (lexical) and the checkpoint has no image lexicon head, so it "
+                    "answers text queries only; search a dense index for images.",
+                    400,
+                )
+            spec = self.model.spec
+            x = normalize(image_u8[None], spec.image_mean, spec.image_std).to(model_device(self.model))
+            with torch.inference_mode():
+                return np.maximum(head(x).float().cpu().numpy(), 0)
+        return encode_images(self.model, image_u8[None])
+
+    def image_file(self, path: str | Path) -> torch.Tensor:
+        p = Path(path)
+        try:
+            return load_image(p, self.size)
+        except FileNotFoundError as e:
+            raise UserError(f"Image '{p}' does not exist; pass the path of an image file.") from e
+        except (OSError, ValueError) as e:
+            raise UserError(
+                f"Image '{p}' cannot be decoded ({e}); pass a PNG, JPEG, WebP, GIF or BMP file."
+            ) from e
+
+    def search(self, query: np.ndarray, k: int, **params: Any) -> list[dict[str, Any]]:
+        scores, ids = self.index.search(query, k, **params)
+        hits = []
+        for s, i in zip(scores[0].tolist(), ids[0].tolist(), strict=True):
+            if i < 0:
+                continue
+            item = self.index.items[i]
+            hits.append(
+                {
+                    "id": int(i),
+                    "score": round(float(s), 6),
+                    "caption": item.get("caption"),
+                    "path": item.get("path"),
+                    "meta": item.get("meta") or {},
+                }
+            )
+        return hits
