@@ -13,6 +13,7 @@ import html
 import io
 import json
 import re
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -75,8 +76,10 @@ def _png_uri(data: bytes) -> str:
 
 def _load_image(path: str | Path, max_side: int) -> Image.Image | None:
     try:
-        with Image.open(path) as im:
-            img = im.convert("RGB")
+        with Image.open(path) as im, warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # palette + transparency: RGBA is what it asks for
+            rgba = im.convert("RGBA")
+            img = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
     except (OSError, ValueError):
         return None
     if max(img.size) > max_side:
