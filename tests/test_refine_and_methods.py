@@ -7,10 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import TINY_MODEL
 from lipkit.cli import demo_config_path
 from lipkit.config import config_from_dict, load_config
-from lipkit.data.emoji import build_emoji
-from lipkit.data.emoji_fixture import make_fixture_packages
 from lipkit.data.loader import ImageStore
 from lipkit.data.sources import read_table
 from lipkit.errors import UserError
@@ -21,16 +20,6 @@ from lipkit.train.checkpoint import load_checkpoint
 from lipkit.train.run import run_training
 
 METHODS = sorted((demo_config_path().parent / "methods").glob("*.yaml"))
-MODEL = {
-    "vision_width": 32,
-    "vision_layers": 1,
-    "vision_heads": 2,
-    "text_width": 32,
-    "text_layers": 1,
-    "text_heads": 2,
-    "embed_dim": 32,
-    "image_size": 32,
-}
 
 
 def naive_refine(x, y, s, tx, ty, ts, z, alpha, lam):
@@ -80,13 +69,10 @@ def gap(checkpoint: Path, table: Path) -> float:
     return float((img.mean(0) - txt.mean(0)).norm())
 
 
-def test_refine_narrows_the_modality_gap(tmp_path):
-    make_fixture_packages(tmp_path / "packages", n_concepts=40)
-    build_emoji(tmp_path / "emoji", cache_dir=tmp_path, progress=False)
-    table = tmp_path / "emoji" / "train.jsonl"
+def test_refine_narrows_the_modality_gap(table, tmp_path):
     base = {
         "data": {"train": str(table)},
-        "model": {"overrides": MODEL},
+        "model": {"overrides": TINY_MODEL},
         "tokenizer": {"vocab_size": 400},
         "train": {"output": str(tmp_path / "a"), "batch_size": 16, "epochs": 4, "precision": "fp32"},
     }

@@ -16,38 +16,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import TINY_MODEL
 from lipkit.config import config_from_dict
-from lipkit.data.emoji import build_emoji
-from lipkit.data.emoji_fixture import make_fixture_packages
 from lipkit.errors import UserError
 from lipkit.train import checkpoint as ckpt
 from lipkit.train.run import run_training
 from lipkit.train.trainer import EXIT_PREEMPTED, TrainingFault
 
-MODEL = {
-    "vision_width": 32,
-    "vision_layers": 1,
-    "vision_heads": 2,
-    "text_width": 32,
-    "text_layers": 1,
-    "text_heads": 2,
-    "embed_dim": 32,
-    "image_size": 32,
-}
-
-
-@pytest.fixture(scope="module")
-def table(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    make_fixture_packages(root / "packages", n_concepts=40)
-    build_emoji(root / "emoji", cache_dir=root, progress=False)
-    return root / "emoji" / "train.jsonl"
-
 
 def config(table: Path, out: Path, **train) -> dict:
     return {
         "data": {"train": str(table)},
-        "model": {"overrides": MODEL},
+        "model": {"overrides": TINY_MODEL},
         "tokenizer": {"vocab_size": 400},
         "train": {
             "output": str(out),
