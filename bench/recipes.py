@@ -52,6 +52,10 @@ ROWS: dict[str, tuple[str, list[str]]] = {
         [*MINILM, "train.lock_text=backbone", "data.caption_langs=[en]", "augment.hflip=true"],
     ),
 }
+# The methods of docs/methods.md, each its preset in configs/methods (refine needs a checkpoint to start).
+for _preset in sorted((demo_config_path().parent / "methods").glob("*.yaml")):
+    if _preset.stem not in ("clip_refine", "lit_minilm"):
+        ROWS[f"method-{_preset.stem}"] = (f"objective preset {_preset.name}", [])
 SHOWN = [
     ("test-style", "zeroshot/subcategory/top1"),
     ("test-style", "zeroshot/category/top1"),
@@ -77,9 +81,10 @@ def run_row(name: str, overrides: list[str], seed: int, minutes: float, epochs: 
     budget = [f"train.max_minutes={minutes}"] + (
         [f"train.epochs={epochs}", "train.max_minutes=0"] if epochs else []
     )
-    cfg = load_config(
-        demo_config_path(), [*data, f"train.seed={seed}", *budget, "train.eval_every=0", *overrides]
-    )
+    layers = [demo_config_path()]
+    if name.startswith("method-"):  # a method preset of configs/methods layered on the demo
+        layers.append(demo_config_path().parent / "methods" / f"{name.removeprefix('method-')}.yaml")
+    cfg = load_config(layers, [*data, f"train.seed={seed}", *budget, "train.eval_every=0", *overrides])
     c0, t0 = cpu_seconds(), time.perf_counter()
     run_dir, result = run_training(cfg)
     cpu = cpu_seconds() - c0
