@@ -26,8 +26,6 @@ from typer.testing import CliRunner
 
 from lipkit.cli import app
 from lipkit.config import config_from_dict
-from lipkit.data.emoji import build_emoji
-from lipkit.data.emoji_fixture import make_fixture_packages
 from lipkit.data.tools import convert
 from lipkit.errors import UserError
 from lipkit.train.checkpoint import find_resume
@@ -44,14 +42,6 @@ MODEL = {
     "embed_dim": 16,
     "image_size": 16,
 }
-
-
-@pytest.fixture(scope="module")
-def table(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    make_fixture_packages(root / "packages", n_concepts=40)
-    build_emoji(root / "emoji", cache_dir=root, progress=False)
-    return root / "emoji" / "train.jsonl"  # 130 rows
 
 
 @pytest.fixture(scope="module")
