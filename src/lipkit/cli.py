@@ -18,7 +18,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from lipkit import __version__  # noqa: E402
-from lipkit.errors import UserError  # noqa: E402
+from lipkit.errors import EXIT_PREEMPTED, UserError  # noqa: E402
 
 app = typer.Typer(
     help="lipkit: train, evaluate and serve CLIP-family image–text models.\n\n"
@@ -74,7 +74,6 @@ def train(
     step, write a checkpoint and exit with status 75; a second signal exits at once."""
     from lipkit.config import load_config
     from lipkit.train.run import run_training
-    from lipkit.train.trainer import EXIT_PREEMPTED
 
     _, result = run_training(load_config(config, set_))
     if result.interrupted:
@@ -119,7 +118,7 @@ def refine(
     fixed = [f"model.init_from={checkpoint}", f"data.train={data}", f"train.output={out}"]
     _, result = run_training(load_config([preset, *config], fixed + set_))
     if result.interrupted:
-        raise typer.Exit(75)
+        raise typer.Exit(EXIT_PREEMPTED)
 
 
 @app.command("eval")
@@ -216,7 +215,7 @@ def demo(
     cfg = load_config(demo_config_path(), paths + set_)
     run_dir, result = run_training(cfg)
     if result.interrupted:
-        raise typer.Exit(75)
+        raise typer.Exit(EXIT_PREEMPTED)
     results = run_eval(run_dir / "checkpoint", cfg.data.eval, cfg, run_dir / "eval" / "results.json")
     _print_results(results)
     console.print(f"[bold green]report:[/] {write_report(run_dir, results)}")

@@ -7,3 +7,6 @@ class UserError(Exception):
     The message is one sentence that names the thing and the fix; the CLI prints it without a
     traceback and exits with status 2.
     """
+
+
+EXIT_PREEMPTED = 75  # a signal stopped training after it wrote a checkpoint: resume with train.resume=auto

@@ -12,27 +12,21 @@ from rich.progress import Progress
 from lipkit.config import EvalConfig
 from lipkit.data.loader import ImageStore
 from lipkit.data.sources import Record
-from lipkit.data.transforms import normalize
 from lipkit.eval.retrieval import retrieval_chance, retrieval_metrics
 from lipkit.eval.zeroshot import class_embeddings, zeroshot_chance, zeroshot_metrics
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.text.tokenizer import TextTokenizer
 
 
-def _device(model: DualEncoder) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def embed_images(model: DualEncoder, store: ImageStore, batch_size: int) -> torch.Tensor:
-    spec, n = model.spec, len(store.records)
+    n = len(store.records)
     out = []
     with Progress(transient=True) as bar:
         task = bar.add_task("embedding images", total=n)
         for s in range(0, n, batch_size):
-            x = normalize(store.get(range(s, min(n, s + batch_size))), spec.image_mean, spec.image_std)
-            out.append(model.encode_image(x.to(_device(model))).float().cpu())
-            bar.advance(task, x.shape[0])
+            out.append(model.embed_images_u8(store.get(range(s, min(n, s + batch_size)))))
+            bar.advance(task, out[-1].shape[0])
     return torch.cat(out)
 
 
@@ -40,7 +34,7 @@ def embed_images(model: DualEncoder, store: ImageStore, batch_size: int) -> torc
 def embed_texts(
     model: DualEncoder, tokenizer: TextTokenizer, texts: Sequence[str], batch_size: int
 ) -> torch.Tensor:
-    dev = _device(model)
+    dev = model.device
     return torch.cat(
         [
             model.encode_text(tokenizer(texts[s : s + batch_size]).to(dev)).float().cpu()

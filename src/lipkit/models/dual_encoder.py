@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lipkit.data.transforms import normalize as normalize_pixels
 from lipkit.models.hf_text import HFTextTower
 from lipkit.models.presets import ModelSpec
 from lipkit.models.text import TextTransformer
@@ -29,6 +30,17 @@ class DualEncoder(nn.Module):
         self.text = HFTextTower(spec) if spec.text_tower == "hf" else TextTransformer(spec)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(init_logit_scale)))
         self.logit_bias = nn.Parameter(torch.tensor(init_logit_bias)) if spec.logit_bias else None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @torch.no_grad()
+    def embed_images_u8(self, images_u8: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, S, S) at the model's size → float32 (B, D) L2-normalised embeddings on the CPU,
+        normalised with the model's own image mean/std (what eval, embed and search all need)."""
+        x = normalize_pixels(images_u8, self.spec.image_mean, self.spec.image_std).to(self.device)
+        return self.encode_image(x).float().cpu()
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         feats = self.visual(images)

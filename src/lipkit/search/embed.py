@@ -171,21 +171,15 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     _atomic_write(path, lambda f: json.dump(obj, f, ensure_ascii=False, indent=indent), text=True)
 
 
-def model_device(model: DualEncoder) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.inference_mode()
 def encode_images(model: DualEncoder, images_u8: torch.Tensor) -> np.ndarray:
     """uint8 (B,3,S,S) at the model's size → float32 (B,D) L2-normalised embeddings."""
-    spec = model.spec
-    x = normalize(images_u8, spec.image_mean, spec.image_std).to(model_device(model))
-    return model.encode_image(x).float().cpu().numpy()
+    return model.embed_images_u8(images_u8).numpy()
 
 
 @torch.inference_mode()
 def encode_texts(model: DualEncoder, tokenizer: TextTokenizer, texts: Sequence[str]) -> np.ndarray:
-    return model.encode_text(tokenizer(list(texts)).to(model_device(model))).float().cpu().numpy()
+    return model.encode_text(tokenizer(list(texts)).to(model.device)).float().cpu().numpy()
 
 
 @dataclass
@@ -521,7 +515,7 @@ def lexical_queries(
     head: Callable[..., torch.Tensor] | None = getattr(model, "encode_text_lexical", None)
     if head is not None:
         with torch.inference_mode():
-            out = head(ids.to(model_device(model))).float().cpu().numpy()
+            out = head(ids.to(model.device)).float().cpu().numpy()
         if out.shape[1] != vocab:
             raise UserError(
                 f"The checkpoint's lexicon head has {out.shape[1]} terms but the sparse index has {vocab}; "
@@ -579,7 +573,7 @@ class Searcher:
                     400,
                 )
             spec = self.model.spec
-            x = normalize(image_u8[None], spec.image_mean, spec.image_std).to(model_device(self.model))
+            x = normalize(image_u8[None], spec.image_mean, spec.image_std).to(self.model.device)
             with torch.inference_mode():
                 return np.maximum(head(x).float().cpu().numpy(), 0)
         return encode_images(self.model, image_u8[None])

@@ -27,7 +27,7 @@ from torch import nn
 
 from lipkit.config import AugmentConfig, TrainConfig
 from lipkit.data.transforms import augment, normalize
-from lipkit.errors import UserError
+from lipkit.errors import EXIT_PREEMPTED, UserError  # noqa: F401  (re-exported)
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.text.tokenizer import TextTokenizer
 from lipkit.train.checkpoint import TrainingState
@@ -42,8 +42,6 @@ from lipkit.train.distributed import (
 )
 from lipkit.train.inputs import check_inputs, objective_inputs
 from lipkit.train.state import load_optimizer_state, load_rng_state, optimizer_state, rng_state
-
-EXIT_PREEMPTED = 75  # a signal stopped the run after writing a checkpoint: resume with train.resume=auto
 
 Batch = tuple[torch.Tensor, list[str], list[str]]  # uint8 images, captions, keys
 Batches = Callable[[int, int], Iterator[Batch]]  # (epoch, start batch) -> batches
