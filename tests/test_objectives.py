@@ -398,25 +398,6 @@ def test_lexicon_contrast_matches_naive_loop():
     assert torch.autograd.gradcheck(lambda a, b, s: loss(s.exp(), a, b), (img, txt, t))
 
 
-def test_lexicon_contrast_with_its_own_heads():
-    torch.manual_seed(1)
-    loss = LexiconContrast(width=4, vocab_size=11).double()
-    img_tokens, txt_tokens = torch.randn(3, 5, 4, dtype=F64), torch.randn(3, 6, 4, dtype=F64)
-    mask = torch.arange(6)[None] < torch.tensor([[6], [2], [4]])
-    scale = torch.tensor(5.0, dtype=F64)
-    via_heads = loss(image_tokens=img_tokens, text_tokens=txt_tokens, text_mask=mask, logit_scale=scale)
-    direct = loss(
-        image_lexicon=loss.image_head(img_tokens),
-        text_lexicon=loss.text_head(txt_tokens, mask),
-        logit_scale=scale,
-    )
-    assert torch.equal(via_heads, direct)
-    via_heads.backward()
-    assert loss.image_head.proj.weight.grad is not None and loss.text_head.proj.weight.grad is not None
-    with pytest.raises(ValueError):
-        LexiconContrast()(logit_scale=scale, image_tokens=img_tokens, text_tokens=txt_tokens)
-
-
 # --- registry ---------------------------------------------------------------------------------------
 
 

@@ -73,11 +73,14 @@ WORDS = [
 # shared helpers
 
 
-def tiny_checkpoint(path: Path, seed: int = 0) -> Path:
-    """A random-weight dual encoder (16-d, 32 px) + a small BPE tokenizer, saved as a checkpoint."""
+def tiny_checkpoint(path: Path, seed: int = 0, lexicon: bool = False) -> Path:
+    """A random-weight dual encoder (16-d, 32 px) + a small BPE tokenizer, saved as a checkpoint
+    (with LexLIP heads over the tokenizer's vocabulary when `lexicon`)."""
     tok = TextTokenizer.train([f"a {a} {b}" for a in WORDS for b in WORDS], vocab_size=300, context_length=16)
     torch.manual_seed(seed)
-    model = DualEncoder(get_spec("tiny", **TINY, vocab_size=tok.vocab_size, eot_id=tok.eot_id)).eval()
+    lex = tok.vocab_size if lexicon else 0
+    spec = get_spec("tiny", **TINY, vocab_size=tok.vocab_size, eot_id=tok.eot_id, lexicon_vocab=lex)
+    model = DualEncoder(spec).eval()
     return save_checkpoint(path, model, tok, {"preset": "tiny"})
 
 
@@ -397,6 +400,37 @@ def test_cli_embed_index_search(collection, tmp_path):
     assert r.exit_code == 0, r.output
     r = run(app, ["search", str(ckpt), str(tmp_path / "sp"), "red star", "--json"])
     assert r.exit_code == 0, r.output
+
+
+def test_lexicon_heads_embed_index_and_search(collection, tmp_path):
+    """A model with LexLIP heads: `embed` writes lex.npz (the image head's weights), the sparse index
+    over it scores text and image queries by the exact sparse dot product."""
+    from lipkit.search.embed import Searcher
+    from lipkit.train.checkpoint import load_checkpoint
+
+    _, table = collection
+    ckpt = tiny_checkpoint(tmp_path / "lexckpt", seed=3, lexicon=True)
+    app, run = search_cli(), CliRunner().invoke
+    r = run(app, ["embed", str(ckpt), str(table), str(tmp_path / "emb"), "--chunk-size", "16"])
+    assert r.exit_code == 0, r.output
+    lex = read_lexical(tmp_path / "emb" / "lex.npz")
+    model, tok, _ = load_checkpoint(ckpt)
+    items = load_embeddings(tmp_path / "emb").items
+    from lipkit.data.transforms import load_image, normalize
+
+    images = torch.stack([load_image(it["path"], 32) for it in items])
+    with torch.no_grad():
+        want = model.encode_image_lexical(normalize(images, model.spec.image_mean, model.spec.image_std))
+    dense = lex.toarray()
+    np.testing.assert_allclose(dense, want.numpy(), atol=1e-5)
+    assert (dense > 0).any() and (dense == 0).any()
+    r = run(app, ["index", "build", str(tmp_path / "emb"), str(tmp_path / "sp"), "--kind", "sparse"])
+    assert r.exit_code == 0, r.output
+    searcher = Searcher(ckpt, tmp_path / "sp")
+    for query in (searcher.text_query("a red star"), searcher.image_query(images[7])):
+        hits = searcher.search(query, 5)
+        scores = dense @ query[0]
+        assert [h["score"] for h in hits] == pytest.approx(sorted(scores, reverse=True)[: len(hits)], rel=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -336,3 +336,32 @@ def test_load_2000_requests_at_concurrency_16(server, collection):
     )
     assert not errors, errors[:5]
     assert len(latencies) == n
+
+
+def test_images_from_shards_are_served_from_the_embeddings_folder(tmp_path):
+    """Shard images have no file of their own: embed keeps their bytes in images.bin and /image/{id}
+    answers with exactly those bytes (in-process app; the routes are the same as under uvicorn)."""
+    from fastapi.testclient import TestClient
+
+    from lipkit.data.tools import convert
+    from lipkit.search.embed import Searcher
+    from lipkit.search.server import create_app
+
+    ckpt = tiny_checkpoint(tmp_path / "ckpt")
+    table = image_collection(tmp_path, n=12)
+    convert(table, tmp_path / "shards", shard_size=5, progress=False)
+    run_embed(ckpt, tmp_path / "shards", tmp_path / "emb", batch_size=4, progress=False)
+    items = json.loads((tmp_path / "emb" / "ids.json").read_text())
+    assert all(it["path"] is None and it["blob"]["size"] > 0 for it in items)
+    build_index(np.load(tmp_path / "emb" / "image_emb.npy"), "flat", items).save(tmp_path / "index")
+    by_key = {json.loads(line)["image"]: line for line in table.read_text().splitlines()}
+    with TestClient(create_app(Searcher(ckpt, tmp_path / "index"))) as c:
+        hits = c.post("/search", json={"q": "a red star", "k": 3}).json()["results"]
+        assert len(hits) == 3 and all(h["image"] == f"/image/{h['id']}" for h in hits)
+        for it in items[:4]:
+            r = c.get(f"/image/{it['id']}")
+            original = next(
+                (tmp_path / k).read_bytes() for k in by_key if Path(k).stem in it["key"]
+            )
+            assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+            assert r.content == original

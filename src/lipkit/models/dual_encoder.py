@@ -10,6 +10,7 @@ from torch import nn
 
 from lipkit.data.transforms import normalize as normalize_pixels
 from lipkit.models.hf_text import HFTextTower
+from lipkit.models.lexicon import LexiconHead
 from lipkit.models.presets import ModelSpec
 from lipkit.models.text import TextTransformer
 from lipkit.models.vision import VisionTransformer
@@ -30,6 +31,9 @@ class DualEncoder(nn.Module):
         self.text = HFTextTower(spec) if spec.text_tower == "hf" else TextTransformer(spec)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(init_logit_scale)))
         self.logit_bias = nn.Parameter(torch.tensor(init_logit_bias)) if spec.logit_bias else None
+        if spec.lexicon_vocab:  # LexLIP heads on the projected token features of each tower
+            self.image_lexicon = LexiconHead(spec.embed_dim, spec.lexicon_vocab)
+            self.text_lexicon = LexiconHead(spec.embed_dim, spec.lexicon_vocab)
 
     @property
     def device(self) -> torch.device:
@@ -49,6 +53,20 @@ class DualEncoder(nn.Module):
     def encode_text(self, ids: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         feats = self.text(ids)
         return F.normalize(feats, dim=-1) if normalize else feats
+
+    @property
+    def has_lexicon(self) -> bool:
+        return self.spec.lexicon_vocab > 0
+
+    def encode_image_lexical(self, images: torch.Tensor) -> torch.Tensor:
+        """Images → (B, lexicon_vocab) non-negative term weights (needs `spec.lexicon_vocab`)."""
+        _, tokens = self.visual(images, return_tokens=True)
+        return self.image_lexicon(F.normalize(tokens, dim=-1))
+
+    def encode_text_lexical(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids → (B, lexicon_vocab) non-negative term weights; padding never contributes."""
+        _, tokens = self.text(ids, return_tokens=True)
+        return self.text_lexicon(F.normalize(tokens, dim=-1), ids != self.spec.pad_id)
 
     def scale(self) -> torch.Tensor:
         """exp(logit_scale), clamped as in CLIP so the temperature cannot collapse."""

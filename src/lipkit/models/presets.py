@@ -36,6 +36,9 @@ class ModelSpec:
     mlp_ratio: float = 4.0
     quick_gelu: bool = False
     logit_bias: bool = False  # a learnable logit bias (SigLIP's sigmoid loss needs one)
+    # LexLIP: one lexicon head per tower over this many vocabulary terms (0: none; the lexlip objective
+    # turns them on with the tokenizer's vocabulary size)
+    lexicon_vocab: int = 0
     image_mean: tuple[float, float, float] = OPENAI_MEAN
     image_std: tuple[float, float, float] = OPENAI_STD
 

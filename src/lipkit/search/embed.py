@@ -5,6 +5,10 @@ An embeddings folder:
   manifest.json   source, checkpoint fingerprint, counts, chunk size, whether it is complete
   image_emb.npy   float32 N×D, L2-normalised image embeddings, row i = item i
   text_emb.npy    float32 N×D embeddings of each item's first caption (tables only)
+  lex.npz         N×V non-negative term weights (SciPy coo layout) when the model has LexLIP heads:
+                  what `lipkit index build --kind sparse` indexes
+  images.bin      the encoded bytes of images stored inside shards or parquet (items point into it with
+                  "blob": {"file", "offset", "size"}), so a server can show them
   ids.json        [{"id", "path", "caption", "meta"}] for the N embedded items, in row order
   skipped.json    images that could not be decoded (path and reason); they get no row
 While it runs, finished chunks live in chunks/NNNNN.npz (written atomically); a rerun with the same
@@ -38,7 +42,7 @@ from rich.progress import (
 )
 from torch.utils.data import DataLoader, Dataset
 
-from lipkit.data.sources import Record, read_table
+from lipkit.data.sources import Record, read_table, source_kind
 from lipkit.data.transforms import load_image, normalize
 from lipkit.errors import UserError
 from lipkit.models.dual_encoder import DualEncoder
@@ -46,7 +50,16 @@ from lipkit.text.tokenizer import TextTokenizer
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 FORMAT = "lipkit-embeddings"
-OUR_FILES = ("manifest.json", "image_emb.npy", "text_emb.npy", "ids.json", "skipped.json", "chunks")
+OUR_FILES = (
+    "manifest.json",
+    "image_emb.npy",
+    "text_emb.npy",
+    "lex.npz",
+    "images.bin",
+    "ids.json",
+    "skipped.json",
+    "chunks",
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -59,7 +72,7 @@ def collect(
     """Records of a folder of images (recursive, sorted, no captions), or of anything `read_table`
     reads (CSV/TSV/JSONL captions tables and the other source kinds it knows)."""
     p = Path(source).expanduser()
-    if p.is_dir():
+    if source_kind(source) == "folder":
         files = sorted(
             f
             for f in p.rglob("*")
@@ -175,6 +188,14 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
 def encode_images(model: DualEncoder, images_u8: torch.Tensor) -> np.ndarray:
     """uint8 (B,3,S,S) at the model's size → float32 (B,D) L2-normalised embeddings."""
     return model.embed_images_u8(images_u8).numpy()
+
+
+@torch.inference_mode()
+def encode_images_lexical(model: DualEncoder, images_u8: torch.Tensor) -> np.ndarray:
+    """uint8 (B,3,S,S) → float32 (B,V) non-negative term weights from the model's LexLIP image head."""
+    spec = model.spec
+    x = normalize(images_u8, spec.image_mean, spec.image_std).to(model.device)
+    return model.encode_image_lexical(x).float().clamp_min(0).cpu().numpy()
 
 
 @torch.inference_mode()
@@ -315,6 +336,9 @@ def embed_collection(
             kept: list[int] = []
             img_parts: list[np.ndarray] = []
             txt_parts: list[np.ndarray] = []
+            lex_rows: list[np.ndarray] = []  # non-zero (row, term, weight) of the LexLIP image head
+            lex_cols: list[np.ndarray] = []
+            lex_vals: list[np.ndarray] = []
             bad_rows: list[int] = []
             bad_why: list[str] = []
             for batch in loader:
@@ -324,8 +348,15 @@ def embed_collection(
                         bad_rows.append(r)
                         bad_why.append(why)
                 if good:
+                    first = len(kept)
                     kept.extend(r for r, _ in good)
-                    img_parts.append(encode_images(model, torch.stack([x for _, x in good])))
+                    batch_u8 = torch.stack([x for _, x in good])
+                    img_parts.append(encode_images(model, batch_u8))
+                    if model.has_lexicon:
+                        r_, c_ = np.nonzero(lex := encode_images_lexical(model, batch_u8))
+                        lex_rows.append(r_ + first)
+                        lex_cols.append(c_)
+                        lex_vals.append(lex[r_, c_])
                     if has_text:
                         txt_parts.append(
                             encode_texts(model, tokenizer, [records[r].captions[0] for r, _ in good])
@@ -339,13 +370,21 @@ def embed_collection(
             }
             if has_text:
                 arrays["text"] = np.concatenate(txt_parts) if txt_parts else np.zeros((0, dim), np.float32)
+            if model.has_lexicon:
+                arrays["lex_row"] = np.concatenate([np.zeros(0, np.int64), *lex_rows]).astype(np.int64)
+                arrays["lex_col"] = np.concatenate([np.zeros(0, np.int64), *lex_cols]).astype(np.int64)
+                arrays["lex_val"] = np.concatenate([np.zeros(0, np.float32), *lex_vals]).astype(np.float32)
             _save_npz_atomic(chunk_file(c), **arrays)
             computed += 1
 
     # finalise: one matrix per modality, the items list, the skipped list
     rows_all, imgs, txts, skipped = [], [], [], []
+    lex_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     for c in range(n_chunks):
         with np.load(chunk_file(c), allow_pickle=False) as z:
+            if model.has_lexicon:  # chunk-local rows → rows of the whole collection
+                offset = sum(len(r) for r in rows_all)
+                lex_parts.append((z["lex_row"] + offset, z["lex_col"], z["lex_val"]))
             rows_all.append(z["rows"])
             imgs.append(z["image"])
             if has_text:
@@ -357,21 +396,41 @@ def embed_collection(
     rows = np.concatenate(rows_all)
     image_emb = np.concatenate(imgs).astype(np.float32)
     items = []
-    for i, r in enumerate(rows.tolist()):
-        rec = records[r]
-        inline = _inline(rec) is not None  # the image lives inside a shard: no file to serve
-        items.append(
-            {
+    blobs = out / "images.bin"  # the encoded bytes of images that live inside shards/parquet (no file)
+    blob_tmp = blobs.with_name(f".images.bin.{uuid.uuid4().hex}.tmp")
+    offset = 0
+    with open(blob_tmp, "wb") as blob_file:
+        for i, r in enumerate(rows.tolist()):
+            rec = records[r]
+            data = _inline(rec)
+            item: dict[str, Any] = {
                 "id": i,
-                "path": None if inline else str(Path(rec.image).resolve()),
+                "path": None if data is not None else str(Path(rec.image).resolve()),
                 "key": _key(rec),
                 "caption": rec.captions[0] if rec.captions else None,
                 "meta": rec.meta,
             }
-        )
+            if data is not None:  # served from images.bin by `lipkit serve` (GET /image/{id})
+                blob_file.write(data)
+                item["blob"] = {"file": str(blobs.resolve()), "offset": offset, "size": len(data)}
+                offset += len(data)
+            items.append(item)
+    if offset:
+        os.replace(blob_tmp, blobs)
+    else:
+        blob_tmp.unlink()
     _save_npy_atomic(out / "image_emb.npy", image_emb)
     if has_text:
         _save_npy_atomic(out / "text_emb.npy", np.concatenate(txts).astype(np.float32))
+    if model.has_lexicon:  # SciPy's save_npz "coo" layout (read without SciPy by search.index.read_lexical)
+        _save_npz_atomic(
+            out / "lex.npz",
+            format=np.asarray("coo"),
+            shape=np.asarray([len(items), model.spec.lexicon_vocab], dtype=np.int64),
+            row=np.concatenate([p[0] for p in lex_parts]),
+            col=np.concatenate([p[1] for p in lex_parts]),
+            data=np.concatenate([p[2] for p in lex_parts]),
+        )
     _write_json_atomic(out / "ids.json", items)
     _write_json_atomic(out / "skipped.json", skipped)
     manifest.update(complete=True, n_embedded=len(items), n_skipped=len(skipped))
@@ -512,8 +571,8 @@ def lexical_queries(
     `encode_text_lexical(ids) -> (B, V)`; without one, a query is its bag of tokenizer ids (the
     document side must then be over the same tokenizer vocabulary)."""
     ids = tokenizer(list(texts))
-    head: Callable[..., torch.Tensor] | None = getattr(model, "encode_text_lexical", None)
-    if head is not None:
+    if model.has_lexicon:
+        head = model.encode_text_lexical
         with torch.inference_mode():
             out = head(ids.to(model.device)).float().cpu().numpy()
         if out.shape[1] != vocab:
@@ -565,17 +624,13 @@ class Searcher:
 
     def image_query(self, image_u8: torch.Tensor) -> np.ndarray:
         if self.sparse:
-            head = getattr(self.model, "encode_image_lexical", None)
-            if head is None:
+            if not self.model.has_lexicon:
                 raise ImageRejected(
                     "This index is sparse (lexical) and the checkpoint has no image lexicon head, so it "
                     "answers text queries only; search a dense index for images.",
                     400,
                 )
-            spec = self.model.spec
-            x = normalize(image_u8[None], spec.image_mean, spec.image_std).to(self.model.device)
-            with torch.inference_mode():
-                return np.maximum(head(x).float().cpu().numpy(), 0)
+            return encode_images_lexical(self.model, image_u8[None])
         return encode_images(self.model, image_u8[None])
 
     def image_file(self, path: str | Path) -> torch.Tensor:
@@ -602,6 +657,7 @@ class Searcher:
                     "score": round(float(s), 6),
                     "caption": item.get("caption"),
                     "path": item.get("path"),
+                    "has_image": bool(item.get("path") or item.get("blob")),
                     "meta": item.get("meta") or {},
                 }
             )

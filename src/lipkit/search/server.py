@@ -29,7 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -327,7 +327,7 @@ def create_app(searcher: Searcher, limits: Limits | None = None) -> FastAPI:
         for h in hits:
             path = h.pop("path", None)
             h["name"] = Path(path).name if path else None
-            h["image"] = f"/image/{h['id']}" if path else None
+            h["image"] = f"/image/{h['id']}" if h.pop("has_image", bool(path)) else None
         return {
             "query": {"type": kind, "value": query},
             "k": len(hits),
@@ -435,17 +435,43 @@ def create_app(searcher: Searcher, limits: Limits | None = None) -> FastAPI:
             "embedding": v.astype(float).tolist(),
         }
 
-    @app.get("/image/{item}", response_class=FileResponse, responses={404: {"description": "No such item"}})
-    def image(item: str) -> FileResponse:
-        """The image file of an indexed item."""
+    @app.get(
+        "/image/{item}",
+        response_class=Response,
+        responses={200: {"content": {"image/*": {}}}, 404: {"description": "No such item"}},
+    )
+    def image(item: str) -> Response:
+        """The image of an indexed item: its file, or its bytes from a shard (kept in images.bin by embed)."""
         i = item_id(item)
-        path = s.index.items[i].get("path")
-        if not path or not Path(path).is_file():
-            raise ApiError(404, f"Item {i} has no image file on this server (it was moved or never had one).")
-        media = mimetypes.guess_type(path)[0] or "application/octet-stream"
-        return FileResponse(path, media_type=media, headers={"Cache-Control": "public, max-age=3600"})
+        entry = s.index.items[i]
+        path, blob = entry.get("path"), entry.get("blob")
+        cache = {"Cache-Control": "public, max-age=3600"}
+        if path and Path(path).is_file():
+            media = mimetypes.guess_type(path)[0] or "application/octet-stream"
+            return FileResponse(path, media_type=media, headers=cache)
+        if blob and Path(blob["file"]).is_file():
+            with open(blob["file"], "rb") as f:
+                f.seek(int(blob["offset"]))
+                data = f.read(int(blob["size"]))
+            return Response(data, media_type=sniff_image_type(data), headers=cache)
+        raise ApiError(404, f"Item {i} has no image file on this server (it was moved or never had one).")
 
     return app
+
+
+def sniff_image_type(data: bytes) -> str:
+    """The media type of encoded image bytes from their magic number."""
+    for magic, media in (
+        (b"\x89PNG", "image/png"),
+        (b"\xff\xd8\xff", "image/jpeg"),
+        (b"GIF8", "image/gif"),
+        (b"BM", "image/bmp"),
+    ):
+        if data.startswith(magic):
+            return media
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return "application/octet-stream"
 
 
 def serve(

@@ -12,12 +12,17 @@ import torch.nn.functional as F
 from lipkit.errors import UserError
 from lipkit.models.dual_encoder import DualEncoder
 
-TOKENS = {"image_tokens", "text_tokens", "text_mask"}
+TOKENS = {"image_tokens", "text_tokens", "text_mask", "image_lexicon", "text_lexicon"}
 NEEDS_SECOND_CAPTION = {"synth_features", "text_features_2"}
 
 
 def check_inputs(
-    needs: set[str], captions_per_image: int, has_bias: bool, objective: str, has_teacher: bool = False
+    needs: set[str],
+    captions_per_image: int,
+    has_bias: bool,
+    objective: str,
+    has_teacher: bool = False,
+    has_lexicon: bool = False,
 ) -> None:
     if needs & NEEDS_SECOND_CAPTION and captions_per_image < 2:
         raise UserError(
@@ -32,6 +37,11 @@ def check_inputs(
         raise UserError(
             f"Objective '{objective}' distils from the starting model; set model.init_from to a "
             "checkpoint (or use `lipkit refine CHECKPOINT`)."
+        )
+    if "image_lexicon" in needs and not has_lexicon:
+        raise UserError(
+            f"Objective '{objective}' trains lexicon heads and this model has none; start from a model "
+            "without model.init_from, or set model.overrides.lexicon_vocab (e.g. the tokenizer's vocabulary size)."
         )
     if "logit_bias" in needs and not has_bias:
         raise UserError(f"Objective '{objective}' needs a logit bias; set model.overrides.logit_bias=true.")
@@ -59,6 +69,9 @@ def objective_inputs(
         out["image_tokens"] = F.normalize(img_tok, dim=-1)
         out["text_tokens"] = F.normalize(txt_tok[first], dim=-1)
         out["text_mask"] = (text_ids != pad_id)[first]
+        if "image_lexicon" in needs:  # the model's own LexLIP heads (see DualEncoder.encode_*_lexical)
+            out["image_lexicon"] = model.image_lexicon(out["image_tokens"])
+            out["text_lexicon"] = model.text_lexicon(out["text_tokens"], out["text_mask"])
     else:
         img, txt = model.visual(images), model.text(text_ids)
     out["image_features"] = F.normalize(img, dim=-1)

@@ -91,6 +91,8 @@ def _new_model(cfg: Config, tokenizer: TextTokenizer, objective: Any, pretrained
     }
     if "logit_bias" in getattr(objective, "inputs", ()):
         fixed["logit_bias"] = True
+    if "image_lexicon" in getattr(objective, "inputs", ()) and not cfg.model.overrides.get("lexicon_vocab"):
+        fixed["lexicon_vocab"] = tokenizer.vocab_size  # LexLIP: one weight per tokenizer term
     if pretrained is not None:
         hf_config = json.loads((pretrained / "config.json").read_text(encoding="utf-8"))
         fixed.update(text_tower="hf", text_hf_config=hf_config, text_pool=cfg.model.text_pool)

@@ -109,11 +109,16 @@ class Trainer:
         self.local_batch = cfg.batch_size // self.dist.world
         self.teacher = teacher.to(device).eval() if teacher is not None else None
         check_inputs(
-            self.needs, captions_per_image, model.logit_bias is not None, cfg.objective, teacher is not None
+            self.needs,
+            captions_per_image,
+            model.logit_bias is not None,
+            cfg.objective,
+            teacher is not None,
+            model.has_lexicon,
         )
         check_scaling(cfg, self.needs, self.dist)
         fused = device.type == "cuda"
-        # objectives may own parameters too (LexLIP's lexicon heads)
+        # objectives may own parameters too (optimised and kept in the trainer state)
         scales = {"text.encoder.": cfg.text_backbone_lr_scale}
         groups = [g for m in (model, objective) for g in param_groups(m, cfg.weight_decay, scales)]
         self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6, fused=fused or None)
