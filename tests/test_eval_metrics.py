@@ -54,3 +54,54 @@ def test_zeroshot_naive():
         for c in set(labels.tolist())
     ]
     assert math.isclose(m["mean_recall"], sum(recalls) / len(recalls), rel_tol=1e-6)
+
+
+def test_filip_evaluation_scores_pairs_token_wise(table):
+    """eval.similarity=filip: recall and zero-shot come from the token-wise scores of every pair,
+    computed here by a naive per-pair loop over the model's own normalised tokens."""
+    from conftest import TINY_MODEL
+
+    from lipkit.config import EvalConfig
+    from lipkit.data.sources import read_table
+    from lipkit.eval.evaluate import evaluate_records, resolve_similarity
+    from lipkit.models.dual_encoder import DualEncoder
+    from lipkit.models.presets import get_spec
+    from lipkit.text.tokenizer import TextTokenizer
+
+    records = read_table(table)[:12]
+    tok = TextTokenizer.train([c for r in records for c in r.captions], vocab_size=300, context_length=16)
+    torch.manual_seed(0)
+    spec = get_spec("tiny", **TINY_MODEL, vocab_size=tok.vocab_size, eot_id=tok.eot_id, context_length=16)
+    model = DualEncoder(spec).eval()
+    cfg = EvalConfig(class_columns=["category"], templates=["{}", "an emoji of {}."])
+    got = evaluate_records(model, tok, records, cfg, details=False, similarity="filip")["metrics"]
+    from lipkit.data.transforms import load_image, normalize
+
+    with torch.no_grad():
+        x = normalize(torch.stack([load_image(r.image, 32) for r in records]), spec.image_mean, spec.image_std)
+        img_tok = F.normalize(model.visual(x, return_tokens=True)[1], dim=-1)
+
+        def words(text):
+            ids = tok([text])
+            t = F.normalize(model.text(ids, return_tokens=True)[1], dim=-1)[0]
+            return t[ids[0] != spec.pad_id]
+
+        def s_image(i, w):  # mean over patches of the best word
+            return (img_tok[i] @ w.t()).max(1).values.mean().item()
+
+        def s_text(i, w):  # mean over words of the best patch
+            return (img_tok[i] @ w.t()).max(0).values.mean().item()
+
+        texts = sorted({r.captions[0] for r in records})
+        ws = [words(t) for t in texts]
+        rel = torch.tensor([[r.captions[0] == t for r in records] for t in texts])
+        t2i = torch.tensor([[s_text(i, w) for i in range(len(records))] for w in ws])
+        i2t = torch.tensor([[s_image(i, w) for w in ws] for i in range(len(records))])
+        assert math.isclose(got["retrieval/text_to_image/R@1"], recall_at_k(t2i, rel, ks=(1,))["R@1"])
+        assert math.isclose(got["retrieval/image_to_text/R@1"], recall_at_k(i2t, rel.t(), ks=(1,))["R@1"])
+        classes = sorted({r.meta["category"] for r in records})
+        cls_w = [[words(t.format(c)) for t in cfg.templates] for c in classes]
+        scores = torch.tensor([[sum(s_image(i, w) for w in cw) / 2 for cw in cls_w] for i in range(len(records))])
+        labels = torch.tensor([classes.index(r.meta["category"]) for r in records])
+        assert math.isclose(got["zeroshot/category/top1"], (scores.argmax(1) == labels).double().mean().item())
+    assert resolve_similarity("auto", "filip") == "filip" and resolve_similarity("auto", "infonce") == "dense"

@@ -218,3 +218,7 @@ def test_refuses_what_clipmodel_cannot_hold(tmp_path):
     assert not (tmp_path / "hf").exists()
     with pytest.raises(UserError, match="text_tower='hf'"):
         check_exportable(replace(spec, text_tower="hf"), "CLIPModel")
+    with pytest.raises(UserError, match="convolutional stem"):
+        check_exportable(replace(spec, vision_stem="conv"), "CLIPModel")
+    with pytest.raises(UserError, match="LexLIP lexicon heads"):
+        check_exportable(replace(spec, lexicon_vocab=tok.vocab_size), "CLIPModel")

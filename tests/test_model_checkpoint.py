@@ -28,9 +28,13 @@ def tok():
     )
 
 
-def test_save_load_gives_identical_embeddings(tmp_path, tok):
+@pytest.mark.parametrize("stem", ["patch", "conv"])
+def test_save_load_gives_identical_embeddings(tmp_path, tok, stem):
     torch.manual_seed(0)
-    model = DualEncoder(get_spec("tiny", **SMALL, vocab_size=tok.vocab_size, eot_id=tok.eot_id)).eval()
+    spec = get_spec("tiny", **SMALL, vocab_size=tok.vocab_size, eot_id=tok.eot_id, vision_stem=stem)
+    model = DualEncoder(spec)
+    model.train()(torch.randn(4, 3, 32, 32), tok(["a", "b", "c", "d"]))  # batch-norm statistics move
+    model.eval()
     images, ids = torch.randn(3, 3, 32, 32), tok(["a red heart", "nerd", "flag"])
     save_checkpoint(tmp_path / "ckpt", model, tok, {"preset": "tiny"})
     save_checkpoint(tmp_path / "ckpt", model, tok, {"preset": "tiny"})  # overwriting is atomic and fine
@@ -48,6 +52,16 @@ def test_padding_does_not_change_text_features(tok):
     short = ids[:, : int((ids != 0).sum())]
     with torch.no_grad():
         assert torch.allclose(model.encode_text(ids), model.encode_text(short), atol=1e-6)
+
+
+def test_conv_stem_keeps_the_token_grid_and_rejects_odd_patches():
+    from lipkit.models.vision import VisionTransformer
+
+    vit = VisionTransformer(get_spec("tiny", **SMALL, vision_stem="conv"))
+    pooled, tokens = vit(torch.randn(2, 3, 32, 32), return_tokens=True)
+    assert pooled.shape == (2, 16) and tokens.shape == (2, 16, 16)  # (32/8)² tokens
+    with pytest.raises(ValueError, match="power-of-two"):
+        VisionTransformer(get_spec("tiny", **{**SMALL, "patch_size": 6, "image_size": 36}, vision_stem="conv"))
 
 
 def test_not_a_checkpoint(tmp_path):

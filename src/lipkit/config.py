@@ -47,7 +47,8 @@ class AugmentConfig:
     scale_min: float = 0.6  # random resized crop: smallest area fraction kept
     rotate_deg: float = 10.0
     hflip: bool = False  # off by default: mirrored text/flags/arrows change meaning
-    blur_p: float = 0.2
+    blur_p: float = 0.0  # probability of a 3×3 blur per image
+    colour: float = 0.0  # brightness/contrast/saturation jitter strength (hue never changes)
 
 
 @dataclass
@@ -110,6 +111,9 @@ class EvalConfig:
         default_factory=lambda: ["{}", "an emoji of {}.", "a picture of {}.", "an icon of {}."]
     )
     retrieval_caption: int = 0  # which caption of each row is the text→image query
+    # how a pair is scored: "dense" (cosine of the pooled embeddings), "filip" (token-wise late
+    # interaction), or "auto": filip for checkpoints trained with the filip objective, dense otherwise
+    similarity: str = "auto"
     batch_size: int = 256
     max_images: int = 0  # 0: all
 

@@ -140,18 +140,54 @@ def normalize(images_u8: torch.Tensor, mean: Sequence[float], std: Sequence[floa
     return (images_u8.float() / 255.0 - m) / s
 
 
+def jitter_colour(images: torch.Tensor, generator: torch.Generator, strength: float) -> torch.Tensor:
+    """Per image: brightness, contrast and saturation each scaled by a factor in [1-s, 1+s] (hue is kept:
+    the colour of a thing is often what its caption says). `images` in [0, 1], (B, 3, H, W)."""
+    b = images.shape[0]
+    f = 1 + (torch.rand(3, b, 1, 1, 1, generator=generator) * 2 - 1) * strength
+    grey = (images * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    x = images * f[0]  # brightness
+    mean = grey.mean((2, 3), keepdim=True) * f[0]
+    x = (x - mean) * f[1] + mean  # contrast around the image's mean grey
+    grey = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    x = (x - grey) * f[2] + grey  # saturation
+    return x.clamp(0, 1)
+
+
+def blur_some(images: torch.Tensor, generator: torch.Generator, p: float) -> torch.Tensor:
+    """A 3×3 binomial blur (σ ≈ 0.85 px) on each image with probability p: softer outlines, as another
+    artist's drawing or a smaller rendering has."""
+    chosen = torch.rand(images.shape[0], generator=generator) < p
+    if not chosen.any():
+        return images
+    k1 = torch.tensor([1.0, 2.0, 1.0]) / 4
+    kernel = (k1[:, None] * k1[None, :]).expand(images.shape[1], 1, 3, 3).to(images.dtype)
+    blurred = F.conv2d(F.pad(images[chosen], (1, 1, 1, 1), mode="replicate"), kernel, groups=images.shape[1])
+    out = images.clone()
+    out[chosen] = blurred
+    return out
+
+
 def augment(
     images: torch.Tensor,
     generator: torch.Generator,
     scale_min: float = 0.6,
     rotate_deg: float = 10.0,
     hflip: bool = False,
+    blur_p: float = 0.0,
+    colour: float = 0.0,
 ) -> torch.Tensor:
-    """Random resized crop + rotation (+ mirror) of a float batch (B, 3, H, W) in one `grid_sample`.
+    """Random resized crop + rotation (+ mirror) of a float batch (B, 3, H, W) in one `grid_sample`,
+    after an optional colour jitter (`jitter_colour`, strength `colour`) and blur (`blur_some`, blur_p);
+    those two expect pixel values in [0, 1].
 
     A crop keeping area fraction a ∈ [scale_min, 1] is a zoom by 1/√a; its centre moves anywhere the
     crop still fits. Pixels sampled from outside are filled from the border (white for emoji).
     """
+    if colour > 0:
+        images = jitter_colour(images, generator, colour)
+    if blur_p > 0:
+        images = blur_some(images, generator, blur_p)
     b = images.shape[0]
     area = torch.empty(b).uniform_(scale_min, 1.0, generator=generator)
     zoom = area.sqrt()  # the crop's side relative to the image

@@ -12,8 +12,10 @@ from rich.progress import Progress
 from lipkit.config import EvalConfig
 from lipkit.data.loader import ImageStore
 from lipkit.data.sources import Record
-from lipkit.eval.retrieval import retrieval_chance, retrieval_metrics
-from lipkit.eval.zeroshot import class_embeddings, zeroshot_chance, zeroshot_metrics
+from lipkit.errors import UserError
+from lipkit.eval import late_interaction as li
+from lipkit.eval.retrieval import retrieval_chance, retrieval_scores_metrics
+from lipkit.eval.zeroshot import class_embeddings, zeroshot_chance, zeroshot_scores_metrics
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.text.tokenizer import TextTokenizer
 
@@ -43,6 +45,15 @@ def embed_texts(
     )
 
 
+def resolve_similarity(setting: str, objective: str | None) -> str:
+    """eval.similarity → "dense" or "filip" ("auto": filip for a model trained with the filip objective)."""
+    if setting == "auto":
+        return "filip" if objective == "filip" else "dense"
+    if setting not in ("dense", "filip"):
+        raise UserError(f"eval.similarity is '{setting}'; use auto, dense or filip.")
+    return setting
+
+
 def _spread(n: int, k: int) -> list[int]:
     return sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(min(n, k))})
 
@@ -54,12 +65,18 @@ def evaluate_records(
     cfg: EvalConfig,
     store: ImageStore | None = None,
     details: bool = True,
+    similarity: str = "dense",
 ) -> dict[str, Any]:
-    """Metrics (and chance levels) for one split; with `details`, also retrieval examples and a heat map."""
+    """Metrics (and chance levels) for one split; with `details`, also retrieval examples and a heat map.
+    `similarity`: "dense" (cosine of pooled embeddings) or "filip" (token-wise, see eval.late_interaction)."""
+    if similarity not in ("dense", "filip"):
+        raise ValueError(f"similarity must be 'dense' or 'filip', not {similarity!r}")
     was_training = model.training
     model.eval()
     store = store or ImageStore(records, model.spec.image_size, cache=True, desc="evaluation")
+    filip = similarity == "filip"
     img = embed_images(model, store, cfg.batch_size)
+    img_tok = li.image_tokens(model, store, cfg.batch_size) if filip else None
     metrics: dict[str, float] = {}
     chance: dict[str, float] = {}
     for column in cfg.class_columns:
@@ -69,10 +86,15 @@ def evaluate_records(
         classes = sorted(set(values))
         labels = torch.tensor([classes.index(v) for v in values])
         prompts = [t.format(c) for c in classes for t in cfg.templates]
-        cls = class_embeddings(
-            embed_texts(model, tokenizer, prompts, cfg.batch_size), len(classes), len(cfg.templates)
-        )
-        for name, v in zeroshot_metrics(img, cls, labels).items():
+        if img_tok is not None:
+            tok, mask = li.text_tokens(model, tokenizer, prompts, cfg.batch_size)
+            scores = li.class_scores(img_tok, tok, mask, len(cfg.templates))
+        else:
+            cls = class_embeddings(
+                embed_texts(model, tokenizer, prompts, cfg.batch_size), len(classes), len(cfg.templates)
+            )
+            scores = img @ cls.t()
+        for name, v in zeroshot_scores_metrics(scores, labels).items():
             metrics[f"zeroshot/{column}/{name}"] = v
         for name, v in zeroshot_chance(labels, len(classes)).items():
             chance[f"zeroshot/{column}/{name}"] = v
@@ -81,17 +103,24 @@ def evaluate_records(
     index = {t: i for i, t in enumerate(texts)}
     relevant = torch.zeros(len(texts), len(records), dtype=torch.bool)
     relevant[torch.tensor([index[c] for c in captions]), torch.arange(len(records))] = True
-    txt = embed_texts(model, tokenizer, texts, cfg.batch_size)
-    metrics.update({f"retrieval/{k}": v for k, v in retrieval_metrics(img, txt, relevant).items()})
+    if img_tok is not None:
+        s_image, s_text = li.pair_scores(img_tok, *li.text_tokens(model, tokenizer, texts, cfg.batch_size))
+        sims, image_to_text = s_text.t(), s_image  # (T, N) and (N, T)
+    else:
+        sims = embed_texts(model, tokenizer, texts, cfg.batch_size) @ img.t()
+        image_to_text = sims.t()
+    metrics.update(
+        {f"retrieval/{k}": v for k, v in retrieval_scores_metrics(sims, image_to_text, relevant).items()}
+    )
     chance.update({f"retrieval/{k}": v for k, v in retrieval_chance(relevant).items()})
     result: dict[str, Any] = {
+        "similarity": similarity,
         "n_images": len(records),
         "n_texts": len(texts),
         "metrics": metrics,
         "chance": chance,
     }
     if details:
-        sims = txt @ img.t()
         examples = []
         for t in _spread(len(texts), 8):
             top = sims[t].topk(min(5, len(records)))

@@ -24,8 +24,16 @@ def retrieval_metrics(
     image_features: torch.Tensor, text_features: torch.Tensor, relevant: torch.Tensor
 ) -> dict[str, float]:
     sims = text_features @ image_features.t()  # (T, N)
-    out = {f"text_to_image/{k}": v for k, v in recall_at_k(sims, relevant).items()}
-    out.update({f"image_to_text/{k}": v for k, v in recall_at_k(sims.t(), relevant.t()).items()})
+    return retrieval_scores_metrics(sims, sims.t(), relevant)
+
+
+def retrieval_scores_metrics(
+    text_to_image: torch.Tensor, image_to_text: torch.Tensor, relevant: torch.Tensor
+) -> dict[str, float]:
+    """Recall@K from ready score matrices, (T, N) for text queries and (N, T) for image queries (they
+    differ for an asymmetric similarity such as FILIP's)."""
+    out = {f"text_to_image/{k}": v for k, v in recall_at_k(text_to_image, relevant).items()}
+    out.update({f"image_to_text/{k}": v for k, v in recall_at_k(image_to_text, relevant.t()).items()})
     return out
 
 

@@ -11,7 +11,7 @@ import torch
 
 from lipkit.config import Config
 from lipkit.data.sources import read_table
-from lipkit.eval.evaluate import evaluate_records
+from lipkit.eval.evaluate import evaluate_records, resolve_similarity
 from lipkit.train.checkpoint import load_checkpoint
 
 
@@ -20,6 +20,7 @@ def run_eval(checkpoint: str | Path, splits: dict[str, str], cfg: Config, out: P
     if torch.cuda.is_available():
         model = model.cuda()
     d = cfg.data
+    similarity = resolve_similarity(cfg.eval.similarity, info.get("train", {}).get("objective"))
     results: dict[str, Any] = {
         "checkpoint": str(Path(checkpoint).resolve()),
         "model": {"preset": info.get("preset", "custom"), "params": model.num_params()},
@@ -29,7 +30,9 @@ def run_eval(checkpoint: str | Path, splits: dict[str, str], cfg: Config, out: P
         records = read_table(path, d.image_column, d.caption_column, d.image_root)
         if cfg.eval.max_images:
             records = records[: cfg.eval.max_images]
-        results["splits"][name] = evaluate_records(model, tokenizer, records, cfg.eval)
+        results["splits"][name] = evaluate_records(
+            model, tokenizer, records, cfg.eval, similarity=similarity
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")

@@ -16,7 +16,11 @@ def zeroshot_metrics(
     image_features: torch.Tensor, class_features: torch.Tensor, labels: torch.Tensor
 ) -> dict[str, float]:
     """top-1, top-5 accuracy and mean per-class recall (over the classes present in `labels`)."""
-    scores = image_features @ class_features.t()
+    return zeroshot_scores_metrics(image_features @ class_features.t(), labels)
+
+
+def zeroshot_scores_metrics(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """`zeroshot_metrics` from a ready (N_images, C) score matrix (any similarity, e.g. FILIP's)."""
     k = min(5, scores.shape[1])
     topk = scores.topk(k, dim=1).indices
     hit1 = topk[:, 0] == labels

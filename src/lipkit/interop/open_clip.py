@@ -246,6 +246,16 @@ def check_exportable(spec: ModelSpec, target: str) -> None:
             f"This checkpoint's text tower is a Hugging Face encoder (text_tower='{spec.text_tower}'), which "
             f"{target} cannot hold; export it with `lipkit export onnx` instead."
         )
+    if spec.vision_stem != "patch":
+        raise UserError(
+            f"This checkpoint's image tower has a convolutional stem (vision_stem='{spec.vision_stem}'), which "
+            f"{target} cannot hold; export it with `lipkit export onnx` instead."
+        )
+    if spec.lexicon_vocab:
+        raise UserError(
+            f"This checkpoint has LexLIP lexicon heads, which {target} cannot hold and a conversion would "
+            "drop; keep the lipkit checkpoint for sparse search, or export the towers with `lipkit export onnx`."
+        )
 
 
 def open_clip_model_config(spec: ModelSpec, logit_bias: float | None = None) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from lipkit.config import Config
 from lipkit.data.loader import ImageStore, jsonl_log, open_train_data, skip_summary
 from lipkit.data.sources import read_table
 from lipkit.errors import UserError
-from lipkit.eval.evaluate import evaluate_records
+from lipkit.eval.evaluate import evaluate_records, resolve_similarity
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.models.hf_text import resolve_pretrained
 from lipkit.models.presets import get_spec
@@ -178,11 +178,13 @@ def run_training(cfg: Config) -> tuple[Path, TrainResult]:
     best: dict[str, Any] = {"value": None, "path": None}
     last_metrics: dict[str, float] = {}
 
+    similarity = resolve_similarity(cfg.eval.similarity, t.objective)
+
     def evaluate(m: DualEncoder, step: int) -> dict[str, dict[str, float]]:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16"):
             out = {
                 name: evaluate_records(
-                    m, tokenizer, eval_tables[name], cfg.eval, stores[name], details=False
+                    m, tokenizer, eval_tables[name], cfg.eval, stores[name], details=False, similarity=similarity
                 )["metrics"]
                 for name in eval_tables
             }
@@ -194,7 +196,7 @@ def run_training(cfg: Config) -> tuple[Path, TrainResult]:
 
     def checkpoint(tr: Trainer, final: bool) -> Path:
         info = {
-            "train": {"step": tr.step_count, "train_seconds": tr.train_seconds},
+            "train": {"step": tr.step_count, "train_seconds": tr.train_seconds, "objective": t.objective},
             "preset": cfg.model.preset,
         }
         tensors, meta = tr.training_state()
