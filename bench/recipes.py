@@ -15,6 +15,9 @@ import argparse
 import json
 import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -52,10 +55,36 @@ ROWS: dict[str, tuple[str, list[str]]] = {
         [*MINILM, "train.lock_text=backbone", "data.caption_langs=[en]", "augment.hflip=true"],
     ),
 }
+ROWS["minilm-mp3"] = (
+    "MiniLM locked, English, all 3 English captions as positives (multi-positive)",
+    [*MINILM, "train.lock_text=backbone", "data.caption_langs=[en]", "data.captions_per_image=3",
+     "train.objective=multi_positive"],
+)
+MP3 = ROWS["minilm-mp3"][1]
+ROWS["mp3-convstem"] = ("+ convolutional stem (Xiao et al. 2021)", [*MP3, "model.overrides={vision_stem: conv}"])
+ROWS["mp3-convstem-lr2"] = (
+    "+ conv stem, lr 2e-3",
+    [*MP3, "model.overrides={vision_stem: conv}", "train.lr=2e-3"],
+)
+CONV = ["model.overrides={vision_stem: conv}"]
+ROWS["mp3-conv-styleaug"] = ("+ conv stem, colour jitter 0.3, blur p 0.3", [*MP3, *CONV, "augment.colour=0.3", "augment.blur_p=0.3"])
+ROWS["conv-fullcap"] = (
+    "MiniLM locked, conv stem, only the 'label (subcategory, category)' caption",
+    [*MINILM, "train.lock_text=backbone", *CONV, "data.caption_policy=first", "data.caption_select=[2]"],
+)
+LR2 = [*MP3, *CONV, "train.lr=2e-3", "train.epochs=40"]  # epochs high: the 8-minute budget ends the run
+ROWS["recipe"] = ("MiniLM locked + 3 English captions as positives + conv stem + lr 2e-3, full budget", LR2)
+ROWS["recipe-fulllabel"] = (
+    "recipe, but the 2 positives are 'label (subcategory, category)' and the label (no keyword list)",
+    [*LR2, "data.captions_per_image=2", "data.caption_select=[2, 0]", "data.caption_policy=first"],
+)
+ROWS["recipe-b128"] = ("recipe with batch 128 (twice the steps)", [*LR2, "train.batch_size=128"])
+ROWS["recipe-48px"] = ("recipe at 48 px (36 tokens, ~1.8× the samples/s)", [*LR2, "model.overrides={vision_stem: conv, image_size: 48}"])
 # The methods of docs/methods.md, each its preset in configs/methods (refine needs a checkpoint to start).
 for _preset in sorted((demo_config_path().parent / "methods").glob("*.yaml")):
-    if _preset.stem not in ("clip_refine", "lit_minilm"):
+    if _preset.stem != "lit_minilm":  # LiT is the minilm-locked row
         ROWS[f"method-{_preset.stem}"] = (f"objective preset {_preset.name}", [])
+ROWS["method-clip_refine"] = ("one epoch of CLIP-Refine from the `base` row's checkpoint (same seed)", [])
 SHOWN = [
     ("test-style", "zeroshot/subcategory/top1"),
     ("test-style", "zeroshot/category/top1"),
@@ -81,6 +110,11 @@ def run_row(name: str, overrides: list[str], seed: int, minutes: float, epochs: 
     budget = [f"train.max_minutes={minutes}"] + (
         [f"train.epochs={epochs}", "train.max_minutes=0"] if epochs else []
     )
+    if name == "method-clip_refine":  # post-pre-training: one epoch from the base row, run it first
+        start = out / f"base-s{seed}" / "checkpoint"
+        if not start.is_dir():
+            raise SystemExit(f"method-clip_refine starts from {start}; run the `base` row with this seed first.")
+        budget = ["train.epochs=1", "train.max_minutes=0", f"model.init_from={start}"]
     layers = [demo_config_path()]
     if name.startswith("method-"):  # a method preset of configs/methods layered on the demo
         layers.append(demo_config_path().parent / "methods" / f"{name.removeprefix('method-')}.yaml")
@@ -101,6 +135,8 @@ def run_row(name: str, overrides: list[str], seed: int, minutes: float, epochs: 
         "samples_per_s": result.samples / max(result.seconds, 1e-9),
         "cpu_minutes": cpu / 60,
         "wall_minutes": (time.perf_counter() - t0) / 60,
+        # each row runs in its own process (see main), so this is the row's own peak (Linux: KiB)
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
 
@@ -109,7 +145,10 @@ def table(runs: list[dict]) -> str:
         f"{s.replace('test-', '')} {m.split('/')[-2].replace('_to_', '→')} {m.split('/')[-1]}"
         for s, m in SHOWN
     ]
-    lines = ["| row | " + " | ".join(heads) + " | samples/s | CPU-min |", "|---" * (len(heads) + 3) + "|"]
+    lines = [
+        "| row | " + " | ".join(heads) + " | samples/s | CPU-min | peak RSS MB |",
+        "|---" * (len(heads) + 4) + "|",
+    ]
     for name in dict.fromkeys(r["row"] for r in runs):
         rs = [r for r in runs if r["row"] == name]
         cells = []
@@ -119,14 +158,26 @@ def table(runs: list[dict]) -> str:
             cells.append(f"{statistics.mean(vals):.1f}{spread}")
         sps = statistics.mean(r["samples_per_s"] for r in rs)
         cpu = statistics.mean(r["cpu_minutes"] for r in rs)
+        rss = [r["peak_rss_mb"] for r in rs if "peak_rss_mb" in r]
+        mem = f"{max(rss):.0f}" if rss else "–"
         lines.append(
             f"| {name} ({len(rs)} seed{'s' if len(rs) > 1 else ''}) | "
             + " | ".join(cells)
-            + f" | {sps:.0f} | {cpu:.1f} |"
+            + f" | {sps:.0f} | {cpu:.1f} | {mem} |"
         )
     chance = runs[0]["chance"]
-    lines.append("| chance | " + " | ".join(f"{100 * chance[f'{s}/{m}']:.1f}" for s, m in SHOWN) + " | | |")
+    lines.append("| chance | " + " | ".join(f"{100 * chance[f'{s}/{m}']:.1f}" for s, m in SHOWN) + " | | | |")
     return "\n".join(lines)
+
+
+def run_isolated(name: str, seed: int, args: argparse.Namespace) -> dict:
+    """One row in a fresh process, so its peak memory is its own and nothing leaks between rows."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "row.json"
+        cmd = [sys.executable, __file__, "--rows", name, "--seeds", str(seed), "--minutes", str(args.minutes)]
+        cmd += ["--epochs", str(args.epochs), "--runs", str(args.runs), "--child", str(out)]
+        subprocess.run(cmd, check=True)
+        return json.loads(out.read_text())
 
 
 def main() -> None:
@@ -142,14 +193,19 @@ def main() -> None:
     )
     ap.add_argument("--runs", type=Path, default=Path("runs/recipes"))
     ap.add_argument("--out", type=Path, default=Path("docs/recipes-table.md"))
+    ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)  # run one row here, write its JSON there
     args = ap.parse_args()
     build_emoji(default_root())
+    if args.child:
+        row = run_row(args.rows, ROWS[args.rows][1], int(args.seeds), args.minutes, args.epochs, args.runs)
+        args.child.write_text(json.dumps(row))
+        return
     raw = args.out.with_suffix(".json")
     runs = json.loads(raw.read_text()) if raw.is_file() else []
     for name in args.rows.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
             runs = [r for r in runs if (r["row"], r["seed"]) != (name, seed)]
-            runs.append(run_row(name, ROWS[name][1], seed, args.minutes, args.epochs, args.runs))
+            runs.append(run_isolated(name, seed, args))
             args.out.parent.mkdir(parents=True, exist_ok=True)
             raw.write_text(json.dumps(runs, indent=2))
             args.out.write_text(table(runs) + "\n")

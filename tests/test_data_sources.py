@@ -260,3 +260,16 @@ def test_streaming_map_loader_keeps_batches_full_and_resumes_exactly(tmp_path, r
         assert [k for _, _, k in fresh.epoch(1, start)] == run[3 + start :]
         replay = TrainBatches(records, 8, 4, seed=1, cache=False, max_skip_fraction=0.3)
         assert [k for _, _, k in replay.epoch(1, start)] == run[3 + start :]
+
+
+def test_caption_select_then_languages():
+    from lipkit.data.captions import filter_captions
+    from lipkit.data.sources import Record
+
+    r = Record(Path("a.png"), ["label", "tags", "label (group)", "Etikett"], {"langs": ["en", "en", "en", "de"]})
+    (out,) = filter_captions([r], [2, 0, 3, 9], ["en"])
+    assert out.captions == ["label (group)", "label"] and out.meta["langs"] == ["en", "en"]
+    (out,) = filter_captions([r], [3], [])
+    assert out.captions == ["Etikett"] and out.meta["langs"] == ["de"]
+    assert filter_captions([r], [3], ["en"]) == []  # nothing left: the row is dropped
+    assert filter_captions([r], [], []) == [r]

@@ -30,3 +30,29 @@ def keep_languages(
                 replace(r, captions=caps, meta={**r.meta, column: [lang for lang in langs if lang in wanted]})
             )
     return out
+
+
+def select_captions(records: Sequence[Record], positions: Sequence[int], column: str = "langs") -> list[Record]:
+    """Keep the captions at these positions of each row, in this order (e.g. [2, 0]: the third caption,
+    then the first); positions a row does not have are skipped, rows left with none are dropped. A
+    parallel `column` list (languages) is reordered alike. An empty `positions` keeps everything."""
+    if not positions:
+        return list(records)
+    out = []
+    for r in records:
+        keep = [i for i in positions if -len(r.captions) <= i < len(r.captions)]
+        if not keep:
+            continue
+        meta = dict(r.meta)
+        langs = r.meta.get(column)
+        if isinstance(langs, list) and len(langs) == len(r.captions):
+            meta[column] = [langs[i] for i in keep]
+        out.append(replace(r, captions=[r.captions[i] for i in keep], meta=meta))
+    return out
+
+
+def filter_captions(
+    records: Sequence[Record], positions: Sequence[int], languages: Sequence[str]
+) -> list[Record]:
+    """`select_captions` by position, then `keep_languages` (data.caption_select, data.caption_langs)."""
+    return keep_languages(select_captions(records, positions), languages)

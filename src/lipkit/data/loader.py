@@ -409,6 +409,7 @@ class _StreamSpec:
     buffer: int
     caption_column: str
     langs: list[str]
+    select: list[int]
     counts: dict[str, int]
     start: dict[int, tuple[int, int]] = field(default_factory=dict)  # stream -> (shard, samples done)
     ended: set[int] = field(default_factory=set)
@@ -476,10 +477,10 @@ class _ShardStream(IterableDataset):
         parsed = parse_sample(sample, spec.caption_column)
         if isinstance(parsed, Skip):
             return ("skip", k, m, parsed.reason, parsed.key, parsed.detail, 1), None
-        if spec.langs:
-            from lipkit.data.captions import keep_languages
+        if spec.langs or spec.select:
+            from lipkit.data.captions import filter_captions
 
-            kept = keep_languages([parsed], spec.langs)
+            kept = filter_captions([parsed], spec.select, spec.langs)
             if not kept:
                 return ("filtered", k, m), None
             parsed = kept[0]
@@ -518,9 +519,11 @@ class ShardBatches:
         max_skip_fraction: float = 0.01,
         caption_column: str = "captions",
         langs: Sequence[str] = (),
+        select: Sequence[int] = (),
         log: Log | None = None,
     ) -> None:
         self.urls = list(urls)
+        self.select = list(select)
         self.size, self.batch_size, self.seed, self.policy = size, batch_size, seed, caption_policy
         self.per_image, self.log, self.buffer = captions_per_image, log, max(1, shuffle_buffer)
         self.caption_column, self.langs = caption_column, list(langs)
@@ -628,6 +631,7 @@ class ShardBatches:
             self.buffer,
             self.caption_column,
             self.langs,
+            self.select,
             self.counts,
             dict(pos.start),
             set(pos.ended),
@@ -761,6 +765,7 @@ class TrainData:
                 max_skip_fraction=d.max_skip_fraction,
                 caption_column=d.caption_column,
                 langs=getattr(d, "caption_langs", []),
+                select=getattr(d, "caption_select", []),
                 log=log,
             )
         return TrainBatches(
@@ -784,10 +789,10 @@ def open_train_data(d: Any) -> TrainData:
     if kind == "shards":
         return TrainData(kind, urls=expand_shards(d.train), cfg=d)
     records, skipped = read_records(d.train, d.image_column, d.caption_column, d.image_root)
-    if getattr(d, "caption_langs", None):
-        from lipkit.data.captions import keep_languages
+    if getattr(d, "caption_langs", None) or getattr(d, "caption_select", None):
+        from lipkit.data.captions import filter_captions
 
-        records = keep_languages(records, d.caption_langs)
+        records = filter_captions(records, getattr(d, "caption_select", []), getattr(d, "caption_langs", []))
     return TrainData(kind, records=records, read_skipped=skipped, cfg=d)
 
 

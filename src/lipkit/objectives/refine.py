@@ -15,6 +15,13 @@ frozen starting model's (the teacher's) own similarity distribution, so knowledg
     L_HyCD  = ½ [ CE(Q^{i→t}, softmax(s · X Yᵀ)) + CE(Q^{t→i}, softmax(s · Y Xᵀ)) ]
 
     L = L_HyCD + λ · L_RaFA        (α = 0.5, λ = 1 by default; s_T is the teacher's logit scale)
+
+What RaFA does, checked: for L2-normalised x, ‖x − z‖² = 1 − 2⟨x, z⟩ + ‖z‖², so ∂L/∂x = −z, whose
+expectation over a zero-mean prior is 0 — RaFA adds noise that is shared by the two features of a pair
+(the same z kicks both), not a systematic pull. The authors' code (yshinya6/clip-refine,
+updater/contrastive.py, RandRegUpdater with strategy std_sample) does the same with z ~ N(0, I) and an
+MSE; their distillation there also compares unscaled cosine logits at temperature 1, where lipkit uses
+the models' own logit scales.
 """
 
 from __future__ import annotations
