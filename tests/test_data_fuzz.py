@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 from PIL import Image
 
-from lipkit.data.loader import _ShardStream, _StreamSpec
+from lipkit.data.shard_batches import _ShardStream, _StreamSpec
 from lipkit.data.shards import scan_shards
 from lipkit.data.sources import REASONS, Record, Skip, read_records
 from lipkit.data.tools import image_bytes

@@ -60,7 +60,6 @@ def test_filip_evaluation_scores_pairs_token_wise(table):
     """eval.similarity=filip: recall and zero-shot come from the token-wise scores of every pair,
     computed here by a naive per-pair loop over the model's own normalised tokens."""
     from conftest import TINY_MODEL
-
     from lipkit.config import EvalConfig
     from lipkit.data.sources import read_table
     from lipkit.eval.evaluate import evaluate_records, resolve_similarity

@@ -405,7 +405,7 @@ def test_cli_embed_index_search(collection, tmp_path):
 def test_lexicon_heads_embed_index_and_search(collection, tmp_path):
     """A model with LexLIP heads: `embed` writes lex.npz (the image head's weights), the sparse index
     over it scores text and image queries by the exact sparse dot product."""
-    from lipkit.search.embed import Searcher
+    from lipkit.search.query import Searcher
     from lipkit.train.checkpoint import load_checkpoint
 
     _, table = collection

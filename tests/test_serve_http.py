@@ -344,7 +344,7 @@ def test_images_from_shards_are_served_from_the_embeddings_folder(tmp_path):
     from fastapi.testclient import TestClient
 
     from lipkit.data.tools import convert
-    from lipkit.search.embed import Searcher
+    from lipkit.search.query import Searcher
     from lipkit.search.server import create_app
 
     ckpt = tiny_checkpoint(tmp_path / "ckpt")

@@ -229,7 +229,7 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("cpu", help="cpu, cuda or auto."),
     ) -> None:
         """Top-k items for a text query or an image (--image)."""
-        from lipkit.search.embed import Searcher
+        from lipkit.search.query import Searcher
 
         if (query is None) == (image is None):
             raise UserError(

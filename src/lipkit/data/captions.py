@@ -32,7 +32,9 @@ def keep_languages(
     return out
 
 
-def select_captions(records: Sequence[Record], positions: Sequence[int], column: str = "langs") -> list[Record]:
+def select_captions(
+    records: Sequence[Record], positions: Sequence[int], column: str = "langs"
+) -> list[Record]:
     """Keep the captions at these positions of each row, in this order (e.g. [2, 0]: the third caption,
     then the first); positions a row does not have are skipped, rows left with none are dropped. A
     parallel `column` list (languages) is reordered alike. An empty `positions` keeps everything."""

@@ -1,2 +1,3 @@
-"""Search an embedded collection: `embed` (collections and queries → vectors), `index` (dense FAISS
-and sparse inverted indexes), `server` (FastAPI app and the search page)."""
+"""Search an embedded collection: `embed` (a collection → vectors, lexical weights and image bytes on
+disk), `index` (dense FAISS and sparse inverted indexes), `query` (texts and images → the top-k items of
+an index), `server` (FastAPI app and the search page)."""

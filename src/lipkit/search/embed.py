@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lipkit.data.sources import Record, read_table, source_kind
 from lipkit.data.transforms import load_image, normalize
+from lipkit.device import pick_device
 from lipkit.errors import UserError
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.text.tokenizer import TextTokenizer
@@ -465,18 +466,6 @@ def run_embed(
     )
 
 
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise UserError(f"Unknown device '{device}'; use auto, cpu, cuda or cuda:N.") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"Device '{device}' was asked for but no CUDA GPU is available; use --device cpu.")
-    return dev
-
-
 # ----------------------------------------------------------------------------------------------
 # reading an embeddings folder
 
@@ -517,148 +506,3 @@ def load_embeddings(path: str | Path, need_dense: bool = True) -> Embeddings:
     if (p / "ids.json").is_file():
         items = json.loads((p / "ids.json").read_text(encoding="utf-8"))
     return Embeddings(p, items, manifest)
-
-
-# ----------------------------------------------------------------------------------------------
-# queries
-
-
-class ImageRejected(UserError):
-    """An uploaded image the server refuses; `status` is the HTTP status to answer with."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def decode_image_bytes(data: bytes, size: int, max_pixels: int) -> torch.Tensor:
-    """Bytes of an image file → uint8 (3,size,size); refuses non-images and too many pixels before
-    decoding the pixel data (the header alone gives the size)."""
-    if not data:
-        raise ImageRejected("The uploaded file is empty; send an image file (PNG, JPEG, WebP, GIF, BMP).")
-    fmt = "image"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                w, h = im.size
-                fmt = f"{im.format} image" if im.format else "image"
-            if w * h > max_pixels:
-                raise ImageRejected(
-                    f"The image is {w}×{h} = {w * h / 1e6:.1f} megapixels, over the limit of "
-                    f"{max_pixels / 1e6:.1f}; send a smaller image.",
-                    413,
-                )
-            return load_image(io.BytesIO(data), size)  # type: ignore[arg-type]  # PIL reads file objects
-    except ImageRejected:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageRejected(f"The image has too many pixels ({e}); send a smaller image.", 413) from e
-    except UnidentifiedImageError as e:
-        raise ImageRejected(
-            "The uploaded file is not an image this server can read; send a PNG, JPEG, WebP, GIF or BMP file."
-        ) from e
-    except (OSError, ValueError, SyntaxError) as e:
-        raise ImageRejected(
-            f"The uploaded {fmt} is damaged or truncated ({e}); send a complete image file."
-        ) from e
-
-
-def lexical_queries(
-    model: DualEncoder, tokenizer: TextTokenizer, texts: Sequence[str], vocab: int
-) -> np.ndarray:
-    """Texts → non-negative V-vectors for a sparse index. A model with a lexicon head exposes
-    `encode_text_lexical(ids) -> (B, V)`; without one, a query is its bag of tokenizer ids (the
-    document side must then be over the same tokenizer vocabulary)."""
-    ids = tokenizer(list(texts))
-    if model.has_lexicon:
-        head = model.encode_text_lexical
-        with torch.inference_mode():
-            out = head(ids.to(model.device)).float().cpu().numpy()
-        if out.shape[1] != vocab:
-            raise UserError(
-                f"The checkpoint's lexicon head has {out.shape[1]} terms but the sparse index has {vocab}; "
-                "search with the checkpoint that built it."
-            )
-        return np.maximum(out, 0)
-    if tokenizer.vocab_size > vocab:
-        raise UserError(
-            f"The sparse index is over {vocab} terms but the tokenizer has {tokenizer.vocab_size}; search "
-            "with the checkpoint whose vocabulary built the index."
-        )
-    q = np.zeros((len(texts), vocab), dtype=np.float32)
-    specials = {tokenizer.pad_id, tokenizer.sot_id, tokenizer.eot_id}
-    for r, row in enumerate(ids.tolist()):
-        for t in row:
-            if t not in specials:
-                q[r, t] += 1.0
-    return q
-
-
-class Searcher:
-    """A model and an index together: embed a text or an image and return the top-k items."""
-
-    def __init__(self, checkpoint: str | Path, index_path: str | Path, device: str = "cpu") -> None:
-        from lipkit.search.index import load_index
-        from lipkit.train.checkpoint import load_checkpoint
-
-        self.model, self.tokenizer, self.config = load_checkpoint(checkpoint)
-        self.model.to(pick_device(device))
-        self.index = load_index(index_path)
-        self.size = int(self.model.spec.image_size)
-        self.dim = int(self.model.spec.embed_dim)
-        if self.index.kind != "sparse" and self.index.dim != self.dim:
-            raise UserError(
-                f"Index '{index_path}' holds {self.index.dim}-d vectors but checkpoint '{checkpoint}' makes "
-                f"{self.dim}-d embeddings; search with the checkpoint that embedded the collection."
-            )
-
-    @property
-    def sparse(self) -> bool:
-        return self.index.kind == "sparse"
-
-    def text_query(self, text: str) -> np.ndarray:
-        if self.sparse:
-            return lexical_queries(self.model, self.tokenizer, [text], self.index.dim)
-        return encode_texts(self.model, self.tokenizer, [text])
-
-    def image_query(self, image_u8: torch.Tensor) -> np.ndarray:
-        if self.sparse:
-            if not self.model.has_lexicon:
-                raise ImageRejected(
-                    "This index is sparse (lexical) and the checkpoint has no image lexicon head, so it "
-                    "answers text queries only; search a dense index for images.",
-                    400,
-                )
-            return encode_images_lexical(self.model, image_u8[None])
-        return encode_images(self.model, image_u8[None])
-
-    def image_file(self, path: str | Path) -> torch.Tensor:
-        p = Path(path)
-        try:
-            return load_image(p, self.size)
-        except FileNotFoundError as e:
-            raise UserError(f"Image '{p}' does not exist; pass the path of an image file.") from e
-        except (OSError, ValueError) as e:
-            raise UserError(
-                f"Image '{p}' cannot be decoded ({e}); pass a PNG, JPEG, WebP, GIF or BMP file."
-            ) from e
-
-    def search(self, query: np.ndarray, k: int, **params: Any) -> list[dict[str, Any]]:
-        scores, ids = self.index.search(query, k, **params)
-        hits = []
-        for s, i in zip(scores[0].tolist(), ids[0].tolist(), strict=True):
-            if i < 0:
-                continue
-            item = self.index.items[i]
-            hits.append(
-                {
-                    "id": int(i),
-                    "score": round(float(s), 6),
-                    "caption": item.get("caption"),
-                    "path": item.get("path"),
-                    "has_image": bool(item.get("path") or item.get("blob")),
-                    "meta": item.get("meta") or {},
-                }
-            )
-        return hits

@@ -36,7 +36,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lipkit import __version__
 from lipkit.errors import UserError
-from lipkit.search.embed import ImageRejected, Searcher, decode_image_bytes
+from lipkit.search.query import ImageRejected, Searcher, decode_image_bytes
 
 
 @dataclass(frozen=True)

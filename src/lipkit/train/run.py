@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from lipkit.config import Config
 from lipkit.data.loader import ImageStore, jsonl_log, open_train_data, skip_summary
 from lipkit.data.sources import read_table
+from lipkit.device import pick_device
 from lipkit.errors import UserError
 from lipkit.eval.evaluate import evaluate_records, resolve_similarity
 from lipkit.models.dual_encoder import DualEncoder
@@ -34,10 +35,6 @@ from lipkit.train.distributed import init as init_distributed
 from lipkit.train.trainer import Trainer, TrainResult
 
 console = Console(stderr=True, quiet=os.environ.get("RANK", "0") != "0")
-
-
-def pick_device(local_rank: int = 0) -> torch.device:
-    return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _prepare_run_dir(run_dir: Path) -> None:
@@ -150,7 +147,7 @@ def run_training(cfg: Config) -> tuple[Path, TrainResult]:
         model = _new_model(cfg, tokenizer, objective, pretrained, fresh=resume is None)
     model.lock("text", t.lock_text)
     model.lock("image", t.lock_image)
-    device = pick_device(dist.local_rank)
+    device = pick_device("auto", dist.local_rank)
     log = jsonl_log(run_dir / "metrics.jsonl") if dist.main else None
     batches = data.batches(
         model.spec.image_size, t.batch_size, t.seed, log=log
@@ -184,7 +181,13 @@ def run_training(cfg: Config) -> tuple[Path, TrainResult]:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16"):
             out = {
                 name: evaluate_records(
-                    m, tokenizer, eval_tables[name], cfg.eval, stores[name], details=False, similarity=similarity
+                    m,
+                    tokenizer,
+                    eval_tables[name],
+                    cfg.eval,
+                    stores[name],
+                    details=False,
+                    similarity=similarity,
                 )["metrics"]
                 for name in eval_tables
             }

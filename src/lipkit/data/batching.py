@@ -1,0 +1,97 @@
+"""What every training batch source shares: the batch type, decoding a record, choosing a sample's
+captions deterministically, counting skipped samples, and the data lines of metrics.jsonl.
+
+Unusable samples are skipped and counted by reason (`lipkit.data.sources.REASONS`); the first of each
+reason is printed, every change is logged as a `{"kind": "data", ...}` line, and an epoch that skips
+more than `max_skip_fraction` of its samples stops with a `UserError`.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import rich
+import torch
+
+from lipkit.data.sources import REASONS, Record, describe
+from lipkit.data.transforms import try_load_image
+from lipkit.errors import UserError
+
+Batch = tuple[torch.Tensor, list[str], list[str]]  # uint8 images (B, 3, H, W), captions (B·k), keys (B)
+Log = Callable[[dict[str, Any]], None]
+
+
+def decode_record(record: Record, size: int) -> tuple[torch.Tensor | None, str, str]:
+    return try_load_image(record.data if record.data is not None else record.image, size)
+
+
+def choose_captions(
+    captions: Sequence[str], key: str, seed: int, epoch: int, policy: str, k: int
+) -> list[str]:
+    """`k` captions of a sample: the first ones, or a choice without replacement seeded by (seed, epoch,
+    key) (cycling when the sample has fewer than k)."""
+    if policy == "first" or len(captions) == 1:
+        return [captions[i % len(captions)] for i in range(k)]
+    row = zlib.crc32(key.encode("utf-8", "surrogatepass"))
+    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 10_000_019 + row)
+    order = torch.randperm(len(captions), generator=g).tolist()
+    return [captions[order[i % len(captions)]] for i in range(k)]
+
+
+# -- counting what is skipped --------------------------------------------------------------------
+
+
+class SkipCounter:
+    """Skipped samples by reason, this epoch and in total; stops the run past `fraction` of an epoch."""
+
+    def __init__(self, fraction: float, epoch_size: int, what: str) -> None:
+        self.fraction, self.epoch_size, self.what = fraction, epoch_size, what
+        self.current = 0
+        self.epoch: Counter[str] = Counter()
+        self.total: Counter[str] = Counter()
+        self.seen = 0  # samples looked at this epoch (used + skipped)
+        self.warned: set[str] = set()
+        self.examples: dict[str, list[str]] = {}
+
+    def start_epoch(self, epoch: int, counts: dict[str, int] | None = None, seen: int = 0) -> None:
+        self.current, self.epoch, self.seen = epoch, Counter(counts or {}), seen
+
+    def add(self, reason: str, key: str, detail: str = "", n: int = 1, quiet: bool = False) -> None:
+        self.epoch[reason] += n
+        self.total[reason] += n
+        self.seen += n
+        examples = self.examples.setdefault(reason, [])
+        if len(examples) < 5:
+            examples.append(key)
+        if reason not in self.warned and not quiet:
+            self.warned.add(reason)
+            rich.get_console().print(
+                f"[yellow]data:[/] skipping {key!r}: {REASONS.get(reason, reason)}"
+                f"{f' ({detail})' if detail else ''}; further {reason} samples are counted in metrics.jsonl",
+                highlight=False,
+                markup=True,
+            )
+        self.check()
+
+    def check(self) -> None:
+        bad = sum(self.epoch.values())
+        if bad > self.fraction * self.epoch_size:
+            raise UserError(
+                f"Skipped {bad} of {self.epoch_size} samples of {self.what} in epoch {self.current} "
+                f"({describe(self.epoch)}), more than data.max_skip_fraction={self.fraction}; list them with "
+                "`lipkit data validate`, then fix or remove them, or raise data.max_skip_fraction."
+            )
+
+
+def data_line(state: dict[str, Any], step: int) -> dict[str, Any]:
+    return {
+        "kind": "data",
+        "step": step,
+        "epoch": state["epoch"],
+        "seen": state["seen"],
+        "skipped": state["skipped"],
+        "skipped_total": state["skipped_total"],
+    }
