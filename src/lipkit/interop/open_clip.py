@@ -35,17 +35,9 @@ from lipkit.text.tokenizer import TextTokenizer
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
 _ANY = object()  # a setting that does not change inference
-# OpenCLIP settings lipkit's towers reproduce only at these values (OpenCLIP's defaults).
-_VISION_INERT: dict[str, Any] = {
-    "ls_init_value": None,
-    "patch_dropout": _ANY,
-    "attentional_pool": False,
-    "attn_pooler_queries": _ANY,
-    "attn_pooler_heads": _ANY,
-    "no_ln_pre": False,
-    "pos_embed_type": "learnable",
-    "final_ln_after_pool": False,
-    "pool_type": "tok",
+# OpenCLIP settings lipkit's towers reproduce only at these values (OpenCLIP's defaults); first the
+# transformer-block options both towers share.
+_BLOCK_INERT: dict[str, Any] = {
     "output_tokens": _ANY,
     "act_kwargs": None,
     "norm_kwargs": None,
@@ -56,6 +48,18 @@ _VISION_INERT: dict[str, Any] = {
     "scale_attn_inner": False,
     "scale_attn": False,
     "scale_fc": False,
+}
+_VISION_INERT: dict[str, Any] = {
+    "ls_init_value": None,
+    "patch_dropout": _ANY,
+    "attentional_pool": False,
+    "attn_pooler_queries": _ANY,
+    "attn_pooler_heads": _ANY,
+    "no_ln_pre": False,
+    "pos_embed_type": "learnable",
+    "final_ln_after_pool": False,
+    "pool_type": "tok",
+    **_BLOCK_INERT,
     "timm_model_name": None,
     "timm_model_pretrained": _ANY,
     "timm_pool": _ANY,
@@ -79,16 +83,7 @@ _TEXT_INERT: dict[str, Any] = {
     "pool_type": ("argmax", "eos"),
     "proj_bias": False,
     "proj_type": "linear",
-    "output_tokens": _ANY,
-    "act_kwargs": None,
-    "norm_kwargs": None,
-    "block_type": (None, "default"),
-    "qk_norm": False,
-    "scaled_cosine_attn": False,
-    "scale_heads": False,
-    "scale_attn_inner": False,
-    "scale_attn": False,
-    "scale_fc": False,
+    **_BLOCK_INERT,
     "hf_model_name": None,
     "hf_model_pretrained": _ANY,
     "hf_proj_type": _ANY,
