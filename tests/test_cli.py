@@ -12,7 +12,7 @@ from lipkit.data.emoji_fixture import make_fixture_packages
 
 TINY = [
     "model.overrides={vision_width: 32, vision_layers: 1, vision_heads: 2, text_width: 32, text_layers: 1,"
-    " text_heads: 2, embed_dim: 32, image_size: 32}",
+    " text_heads: 2, embed_dim: 32, image_size: 32, vision_stem: conv}",
     "tokenizer.vocab_size=400",
     "train.batch_size=32",
     "train.epochs=3",

@@ -199,7 +199,7 @@ def test_fuzz_tar_shards(tmp_path, data):
     url = str(tmp_path / "00000.tar")
     Path(url).write_bytes(data)
     n = len(SAMPLES)
-    spec = _StreamSpec([url], 1, 8, 0, 0, 0, 4, "captions", [], {url: n})
+    spec = _StreamSpec([url], 1, 8, 0, 0, 0, 4, "captions", [], [], {url: n})
     ok, skipped = [], 0
     for _, items, images in _ShardStream(spec):
         assert images.shape[1:] == (3, 8, 8) and images.dtype == torch.uint8

@@ -59,7 +59,7 @@ def train(
         "--config",
         "-c",
         help="YAML config (see configs/demo.yaml); repeat to layer one on another, e.g. "
-        "-c configs/demo.yaml -c configs/methods/siglip.yaml.",
+        "-c configs/scratch.yaml -c configs/methods/siglip.yaml.",
     ),
     set_: list[str] = typer.Option(
         [],
