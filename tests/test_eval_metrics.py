@@ -104,3 +104,42 @@ def test_filip_evaluation_scores_pairs_token_wise(table):
         labels = torch.tensor([classes.index(r.meta["category"]) for r in records])
         assert math.isclose(got["zeroshot/category/top1"], (scores.argmax(1) == labels).double().mean().item())
     assert resolve_similarity("auto", "filip") == "filip" and resolve_similarity("auto", "infonce") == "dense"
+
+
+def test_lexical_evaluation_uses_the_lexicon_heads(table):
+    """eval.similarity=lexical (LexLIP models): scores are sparse dot products of the heads' term
+    weights; the mean number of non-zero terms is reported; a model without heads is refused."""
+    import pytest
+
+    from conftest import TINY_MODEL
+    from lipkit.config import EvalConfig
+    from lipkit.data.sources import read_table
+    from lipkit.data.transforms import load_image, normalize
+    from lipkit.errors import UserError
+    from lipkit.eval.evaluate import evaluate_records, resolve_similarity
+    from lipkit.models.dual_encoder import DualEncoder
+    from lipkit.models.presets import get_spec
+    from lipkit.text.tokenizer import TextTokenizer
+
+    records = read_table(table)[:12]
+    tok = TextTokenizer.train([c for r in records for c in r.captions], vocab_size=300, context_length=16)
+    torch.manual_seed(0)
+    spec = get_spec(
+        "tiny", **TINY_MODEL, vocab_size=tok.vocab_size, eot_id=tok.eot_id, context_length=16,
+        lexicon_vocab=tok.vocab_size,
+    )
+    model = DualEncoder(spec).eval()
+    cfg = EvalConfig(class_columns=["category"], templates=["{}", "an emoji of {}."])
+    got = evaluate_records(model, tok, records, cfg, details=False, similarity="lexical")["metrics"]
+    with torch.no_grad():
+        x = normalize(torch.stack([load_image(r.image, 32) for r in records]), spec.image_mean, spec.image_std)
+        img = model.encode_image_lexical(x)
+        texts = sorted({r.captions[0] for r in records})
+        txt = model.encode_text_lexical(tok(texts))
+    rel = torch.tensor([[r.captions[0] == t for r in records] for t in texts])
+    assert math.isclose(got["retrieval/text_to_image/R@1"], recall_at_k(txt @ img.t(), rel, ks=(1,))["R@1"])
+    assert math.isclose(got["lexicon/image_nonzero_terms"], (img > 0).sum(1).double().mean().item())
+    assert resolve_similarity("auto", "lexlip") == "lexical"
+    plain = DualEncoder(get_spec("tiny", **TINY_MODEL, vocab_size=tok.vocab_size, eot_id=tok.eot_id)).eval()
+    with pytest.raises(UserError, match="LexLIP heads"):
+        evaluate_records(plain, tok, records, cfg, details=False, similarity="lexical")

@@ -92,7 +92,12 @@ def _print_results(results: dict) -> None:
         for s in splits:
             r = results["splits"][s]
             v, c = r["metrics"].get(name), r["chance"].get(name)
-            cells.append("" if v is None else f"{100 * v:.1f}%  [dim](chance {100 * c:.1f}%)[/]")
+            if v is None:
+                cells.append("")
+            elif c is None:  # a count, not a rate (e.g. the lexicon's non-zero terms)
+                cells.append(f"{v:.1f}")
+            else:
+                cells.append(f"{100 * v:.1f}%  [dim](chance {100 * c:.1f}%)[/]")
         table.add_row(name, *cells)
     Console().print(table)
 

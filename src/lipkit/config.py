@@ -114,7 +114,8 @@ class EvalConfig:
     )
     retrieval_caption: int = 0  # which caption of each row is the text→image query
     # how a pair is scored: "dense" (cosine of the pooled embeddings), "filip" (token-wise late
-    # interaction), or "auto": filip for checkpoints trained with the filip objective, dense otherwise
+    # interaction), "lexical" (sparse dot product of LexLIP term weights), or "auto": filip / lexical for
+    # checkpoints trained with the filip / lexlip objective, dense otherwise
     similarity: str = "auto"
     batch_size: int = 256
     max_images: int = 0  # 0: all

@@ -45,12 +45,41 @@ def embed_texts(
     )
 
 
+SIMILARITIES = ("dense", "filip", "lexical")
+
+
+@torch.no_grad()
+def lexical_images(model: DualEncoder, store: ImageStore, batch_size: int) -> torch.Tensor:
+    """(N, V) LexLIP term weights of every image (the model's image lexicon head)."""
+    from lipkit.data.transforms import normalize
+
+    spec, n, out = model.spec, len(store.records), []
+    for s in range(0, n, batch_size):
+        x = normalize(store.get(range(s, min(n, s + batch_size))), spec.image_mean, spec.image_std)
+        out.append(model.encode_image_lexical(x.to(model.device)).float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def lexical_texts(
+    model: DualEncoder, tokenizer: TextTokenizer, texts: Sequence[str], batch_size: int
+) -> torch.Tensor:
+    dev = model.device
+    return torch.cat(
+        [
+            model.encode_text_lexical(tokenizer(texts[s : s + batch_size]).to(dev)).float().cpu()
+            for s in range(0, len(texts), batch_size)
+        ]
+    )
+
+
 def resolve_similarity(setting: str, objective: str | None) -> str:
-    """eval.similarity → "dense" or "filip" ("auto": filip for a model trained with the filip objective)."""
+    """eval.similarity → "dense", "filip" or "lexical" ("auto": filip for a model trained with the filip
+    objective, lexical — sparse dot products of the LexLIP heads — for lexlip, dense otherwise)."""
     if setting == "auto":
-        return "filip" if objective == "filip" else "dense"
-    if setting not in ("dense", "filip"):
-        raise UserError(f"eval.similarity is '{setting}'; use auto, dense or filip.")
+        return {"filip": "filip", "lexlip": "lexical"}.get(objective or "", "dense")
+    if setting not in SIMILARITIES:
+        raise UserError(f"eval.similarity is '{setting}'; use auto, {', '.join(SIMILARITIES)}.")
     return setting
 
 
@@ -69,14 +98,17 @@ def evaluate_records(
 ) -> dict[str, Any]:
     """Metrics (and chance levels) for one split; with `details`, also retrieval examples and a heat map.
     `similarity`: "dense" (cosine of pooled embeddings) or "filip" (token-wise, see eval.late_interaction)."""
-    if similarity not in ("dense", "filip"):
-        raise ValueError(f"similarity must be 'dense' or 'filip', not {similarity!r}")
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {SIMILARITIES}, not {similarity!r}")
+    if similarity == "lexical" and not model.has_lexicon:
+        raise UserError("eval.similarity=lexical needs a model with LexLIP heads (trained with lexlip).")
     was_training = model.training
     model.eval()
     store = store or ImageStore(records, model.spec.image_size, cache=True, desc="evaluation")
     filip = similarity == "filip"
     img = embed_images(model, store, cfg.batch_size)
     img_tok = li.image_tokens(model, store, cfg.batch_size) if filip else None
+    img_lex = lexical_images(model, store, cfg.batch_size) if similarity == "lexical" else None
     metrics: dict[str, float] = {}
     chance: dict[str, float] = {}
     for column in cfg.class_columns:
@@ -89,6 +121,9 @@ def evaluate_records(
         if img_tok is not None:
             tok, mask = li.text_tokens(model, tokenizer, prompts, cfg.batch_size)
             scores = li.class_scores(img_tok, tok, mask, len(cfg.templates))
+        elif img_lex is not None:  # a class is the mean of its prompts' term weights
+            lex = lexical_texts(model, tokenizer, prompts, cfg.batch_size)
+            scores = img_lex @ lex.view(len(classes), len(cfg.templates), -1).mean(1).t()
         else:
             cls = class_embeddings(
                 embed_texts(model, tokenizer, prompts, cfg.batch_size), len(classes), len(cfg.templates)
@@ -106,6 +141,12 @@ def evaluate_records(
     if img_tok is not None:
         s_image, s_text = li.pair_scores(img_tok, *li.text_tokens(model, tokenizer, texts, cfg.batch_size))
         sims, image_to_text = s_text.t(), s_image  # (T, N) and (N, T)
+    elif img_lex is not None:
+        txt_lex = lexical_texts(model, tokenizer, texts, cfg.batch_size)
+        sims = txt_lex @ img_lex.t()
+        image_to_text = sims.t()
+        metrics["lexicon/image_nonzero_terms"] = (img_lex > 0).sum(1).double().mean().item()
+        metrics["lexicon/text_nonzero_terms"] = (txt_lex > 0).sum(1).double().mean().item()
     else:
         sims = embed_texts(model, tokenizer, texts, cfg.batch_size) @ img.t()
         image_to_text = sims.t()

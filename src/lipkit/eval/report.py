@@ -193,7 +193,8 @@ def _metrics_table(splits: dict[str, dict[str, Any]]) -> str:
         for s in splits.values():
             val, chance = s.get("metrics", {}).get(key), s.get("chance", {}).get(key)
             extra = f' <span class="chance">(chance {_pct(chance)})</span>' if chance is not None else ""
-            cells.append(f"<td>{_pct(val)}{extra}</td>")
+            shown = _pct(val) if chance is not None or val is None else f"{val:.1f}"  # counts stay counts
+            cells.append(f"<td>{shown}{extra}</td>")
         rows.append(f"<tr><td>{_esc(key)}</td>{''.join(cells)}</tr>")
     return f"<table><thead><tr><th>metric</th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
