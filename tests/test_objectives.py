@@ -387,15 +387,23 @@ def test_lexicon_contrast_matches_naive_loop():
     img = torch.relu(torch.randn(5, 9, generator=g, dtype=F64)).requires_grad_()
     txt = torch.relu(torch.randn(5, 9, generator=g, dtype=F64)).requires_grad_()
     t = log_scale(0.5)
-    fast = LexiconContrast(flops_weight=0.05)(image_lexicon=img, text_lexicon=txt, logit_scale=t.exp())
+    fast = LexiconContrast(flops_weight=0.05, temperature=None)(
+        image_lexicon=img, text_lexicon=txt, logit_scale=t.exp()
+    )
 
     def flops(w):
         return sum((sum(w[b, v] for b in range(w.shape[0])) / w.shape[0]) ** 2 for v in range(w.shape[1]))
 
     slow = naive_infonce(img, txt, t.exp()) + 0.05 * (flops(img) + flops(txt))
     assert_same_value_and_grads(fast, slow, (img, txt, t))
-    loss = LexiconContrast(flops_weight=0.05)
+    loss = LexiconContrast(flops_weight=0.05, temperature=None)
     assert torch.autograd.gradcheck(lambda a, b, s: loss(s.exp(), a, b), (img, txt, t))
+    # a fixed temperature τ scores <w_i, w_j> / τ whatever the model's scale
+    fixed = LexiconContrast(flops_weight=0.05, temperature=0.5)(
+        image_lexicon=img, text_lexicon=txt, logit_scale=t.exp()
+    )
+    slow = naive_infonce(img, txt, torch.tensor(2.0, dtype=F64)) + 0.05 * (flops(img) + flops(txt))
+    assert torch.allclose(fixed, slow, atol=1e-10)
 
 
 # --- registry ---------------------------------------------------------------------------------------

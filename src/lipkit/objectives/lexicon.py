@@ -13,8 +13,11 @@ contrasts the lexicon vectors directly and keeps them sparse with the FLOPS regu
     FLOPS(w) = Σ_v (1/B Σ_b w_bv)²
     L = InfoNCE(w_img, w_txt) + λ · [FLOPS(w_img) + FLOPS(w_txt)]
 
-where InfoNCE is CLIP's symmetric loss on the scaled dot products t · <w_img_i, w_txt_j> (lexicon
-vectors are not normalised: their magnitude is what the index scores). λ = `flops_weight`.
+where InfoNCE is CLIP's symmetric loss on the dot products <w_img_i, w_txt_j> / τ (lexicon vectors are
+not normalised: their magnitude is what the index scores). λ = `flops_weight`; τ = `temperature` is fixed
+(1 by default, raw dot products as in sparse retrievers), or None to use the model's learnable CLIP
+scale t — which, measured on the emoji data, starts with logits in the hundreds (thousands of small
+non-zero terms) and collapses to uniform scores (loss ln B) within 20 steps.
 """
 
 from __future__ import annotations
@@ -43,13 +46,17 @@ class LexiconContrast(nn.Module):
 
     inputs: ClassVar[tuple[str, ...]] = ("image_lexicon", "text_lexicon", "logit_scale")
 
-    def __init__(self, flops_weight: float = 1e-3) -> None:
+    def __init__(self, flops_weight: float = 1e-3, temperature: float | None = 1.0) -> None:
         super().__init__()
-        self.flops_weight = flops_weight
+        self.flops_weight, self.temperature = flops_weight, temperature
         self.infonce = InfoNCE()
 
     def forward(
         self, logit_scale: torch.Tensor, image_lexicon: torch.Tensor, text_lexicon: torch.Tensor, **_: object
     ) -> torch.Tensor:
+        if self.temperature is not None:
+            logit_scale = torch.tensor(
+                1.0 / self.temperature, dtype=image_lexicon.dtype, device=image_lexicon.device
+            )
         contrast = self.infonce(image_lexicon, text_lexicon, logit_scale)
         return contrast + self.flops_weight * (flops_loss(image_lexicon) + flops_loss(text_lexicon))

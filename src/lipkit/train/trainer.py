@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from lipkit.config import AugmentConfig, TrainConfig
@@ -310,15 +310,23 @@ class Trainer:
         columns = [
             TextColumn("[bold]train"),
             BarColumn(),
-            TextColumn("step {task.completed}/{task.total}"),
+            TextColumn("step {task.fields[step]}"),
             TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
+            TextColumn("ETA {task.fields[eta]}"),
         ]
+
+        def shown(step: int) -> dict[str, Any]:
+            """The bar follows `progress` (steps, or the time budget when it ends first) in permille; the
+            ETA extrapolates the training time spent so far over what is left."""
+            p, e = progress(step), elapsed()
+            left = e * (1 - p) / p if p > 0 else None
+            eta = "–" if left is None else time.strftime("%H:%M:%S", time.gmtime(max(0.0, left)))
+            return {"completed": min(1000, int(1000 * p)), "step": f"{step}/{total}", "eta": eta}
+
         self.model.train()
         with self._signals(), Progress(*columns, disable=not self.dist.main) as bar:
-            task = bar.add_task("train", total=total, completed=step, info="")
+            task = bar.add_task("train", total=1000, info="", **shown(step))
             epoch, first = divmod(step, steps_per_epoch)
             while step < total and not stopped and self.signal is None:
                 for images, captions, keys in batches(epoch, first):
@@ -328,7 +336,7 @@ class Trainer:
                     step = self.step_count = step + 1
                     if self.dist.enabled:  # every rank stops at the same step
                         self.signal = sync_signal(self.signal)
-                    bar.advance(task)
+                    bar.update(task, **shown(step))
                     if not finite:
                         self.faults, in_a_row = self.faults + 1, in_a_row + 1
                         self._log({"kind": "fault", "step": step, "loss": float(loss), "keys": keys[:8]})
