@@ -16,8 +16,9 @@ contrasts the lexicon vectors directly and keeps them sparse with the FLOPS regu
 where InfoNCE is CLIP's symmetric loss on the dot products <w_img_i, w_txt_j> / τ (lexicon vectors are
 not normalised: their magnitude is what the index scores). λ = `flops_weight`; τ = `temperature` is fixed
 (1 by default, raw dot products as in sparse retrievers), or None to use the model's learnable CLIP
-scale t — which, measured on the emoji data, starts with logits in the hundreds (thousands of small
-non-zero terms) and collapses to uniform scores (loss ln B) within 20 steps.
+scale t. Known problem, measured on the emoji data from scratch: with either, training collapses to
+uniform scores (loss ln B) within ~20 steps — most likely the FLOPS term silencing the ReLUs before the
+contrast can use them; SPLADE ramps λ up quadratically over the first steps, which is the next thing to try.
 """
 
 from __future__ import annotations
