@@ -3,7 +3,7 @@ image↔text retrieval, plus the examples and similarity heat map the report sho
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -34,12 +34,18 @@ def embed_images(model: DualEncoder, store: ImageStore, batch_size: int) -> torc
 
 @torch.no_grad()
 def embed_texts(
-    model: DualEncoder, tokenizer: TextTokenizer, texts: Sequence[str], batch_size: int
+    model: DualEncoder,
+    tokenizer: TextTokenizer,
+    texts: Sequence[str],
+    batch_size: int,
+    encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
+    """Texts in batches through `encode` (default: the model's normalised text embedding) → float32 CPU."""
+    encode = encode or model.encode_text
     dev = model.device
     return torch.cat(
         [
-            model.encode_text(tokenizer(texts[s : s + batch_size]).to(dev)).float().cpu()
+            encode(tokenizer(texts[s : s + batch_size]).to(dev)).float().cpu()
             for s in range(0, len(texts), batch_size)
         ]
     )
@@ -60,17 +66,11 @@ def lexical_images(model: DualEncoder, store: ImageStore, batch_size: int) -> to
     return torch.cat(out)
 
 
-@torch.no_grad()
 def lexical_texts(
     model: DualEncoder, tokenizer: TextTokenizer, texts: Sequence[str], batch_size: int
 ) -> torch.Tensor:
-    dev = model.device
-    return torch.cat(
-        [
-            model.encode_text_lexical(tokenizer(texts[s : s + batch_size]).to(dev)).float().cpu()
-            for s in range(0, len(texts), batch_size)
-        ]
-    )
+    """(T, V) LexLIP term weights of texts (the model's text lexicon head)."""
+    return embed_texts(model, tokenizer, texts, batch_size, encode=model.encode_text_lexical)
 
 
 def resolve_similarity(setting: str, objective: str | None) -> str:
