@@ -57,13 +57,10 @@ SIMILARITIES = ("dense", "filip", "lexical")
 @torch.no_grad()
 def lexical_images(model: DualEncoder, store: ImageStore, batch_size: int) -> torch.Tensor:
     """(N, V) LexLIP term weights of every image (the model's image lexicon head)."""
-    from lipkit.data.transforms import normalize
-
-    spec, n, out = model.spec, len(store.records), []
-    for s in range(0, n, batch_size):
-        x = normalize(store.get(range(s, min(n, s + batch_size))), spec.image_mean, spec.image_std)
-        out.append(model.encode_image_lexical(x.to(model.device)).float().cpu())
-    return torch.cat(out)
+    n = len(store.records)
+    return torch.cat(
+        [model.lexical_images_u8(store.get(range(s, min(n, s + batch_size)))) for s in range(0, n, batch_size)]
+    )
 
 
 def lexical_texts(
@@ -106,7 +103,7 @@ def evaluate_records(
     model.eval()
     store = store or ImageStore(records, model.spec.image_size, cache=True, desc="evaluation")
     filip = similarity == "filip"
-    img = embed_images(model, store, cfg.batch_size)
+    img = embed_images(model, store, cfg.batch_size) if similarity == "dense" else None
     img_tok = li.image_tokens(model, store, cfg.batch_size) if filip else None
     img_lex = lexical_images(model, store, cfg.batch_size) if similarity == "lexical" else None
     metrics: dict[str, float] = {}

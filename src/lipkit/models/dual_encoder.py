@@ -46,6 +46,12 @@ class DualEncoder(nn.Module):
         x = normalize_pixels(images_u8, self.spec.image_mean, self.spec.image_std).to(self.device)
         return self.encode_image(x).float().cpu()
 
+    @torch.no_grad()
+    def lexical_images_u8(self, images_u8: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, S, S) → float32 (B, lexicon_vocab) LexLIP term weights on the CPU (eval and embed)."""
+        x = normalize_pixels(images_u8, self.spec.image_mean, self.spec.image_std).to(self.device)
+        return self.encode_image_lexical(x).float().cpu()
+
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         feats = self.visual(images)
         return F.normalize(feats, dim=-1) if normalize else feats

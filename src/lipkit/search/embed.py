@@ -43,7 +43,7 @@ from rich.progress import (
 from torch.utils.data import DataLoader, Dataset
 
 from lipkit.data.sources import Record, read_table, source_kind
-from lipkit.data.transforms import load_image, normalize
+from lipkit.data.transforms import load_image
 from lipkit.device import pick_device
 from lipkit.errors import UserError
 from lipkit.models.dual_encoder import DualEncoder
@@ -194,9 +194,7 @@ def encode_images(model: DualEncoder, images_u8: torch.Tensor) -> np.ndarray:
 @torch.inference_mode()
 def encode_images_lexical(model: DualEncoder, images_u8: torch.Tensor) -> np.ndarray:
     """uint8 (B,3,S,S) → float32 (B,V) non-negative term weights from the model's LexLIP image head."""
-    spec = model.spec
-    x = normalize(images_u8, spec.image_mean, spec.image_std).to(model.device)
-    return model.encode_image_lexical(x).float().clamp_min(0).cpu().numpy()
+    return model.lexical_images_u8(images_u8).clamp_min(0).numpy()
 
 
 @torch.inference_mode()
