@@ -75,3 +75,33 @@ def test_base32_has_clip_b32_shape():
     n = sum(p.numel() for p in model.visual.parameters())
     assert 87e6 < n < 89e6  # OpenAI ViT-B/32 image tower: 87.8M parameters
     assert model.visual.positional_embedding.shape == (50, 768)
+
+
+def _grads(model, images, ids):
+    model.zero_grad(set_to_none=True)
+    img, txt = model.encode_image(images), model.encode_text(ids)
+    (img @ txt.t()).logsumexp(dim=1).sum().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("towers", [(True, False), (False, True), (True, True)])
+def test_activation_checkpointing_gives_the_same_gradients(tok, towers):
+    torch.manual_seed(0)
+    model = DualEncoder(get_spec("tiny", vocab_size=tok.vocab_size, eot_id=tok.eot_id, pad_id=tok.pad_id, **SMALL))
+    images = torch.randn(4, 3, 32, 32)
+    ids = tok(["a red heart", "nerd", "egypt flag", "a heart"])
+    calls = {"image": 0, "text": 0}
+    for tower, name in ((model.visual, "image"), (model.text, "text")):
+        mlp = tower.transformer.resblocks[0].mlp  # count real calls (hooks do not see the recomputation)
+        mlp.forward = lambda x, n=name, f=mlp.forward: (calls.__setitem__(n, calls[n] + 1), f(x))[1]
+    plain = _grads(model, images, ids)
+    assert calls == {"image": 1, "text": 1}
+    model.set_checkpointing(*towers)
+    checked = _grads(model, images, ids)
+    # a checkpointed tower runs its blocks again in the backward
+    assert calls == {"image": 2 + towers[0], "text": 2 + towers[1]}
+    assert plain.keys() == checked.keys()
+    for name, g in plain.items():
+        torch.testing.assert_close(checked[name], g, rtol=1e-5, atol=1e-6, msg=name)
+    with torch.no_grad():  # inference never recomputes anything
+        torch.testing.assert_close(model.encode_image(images), model.encode_image(images))

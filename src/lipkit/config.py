@@ -88,6 +88,8 @@ class TrainConfig:
     init_logit_bias: float = -10.0  # objectives with a learnable bias (siglip)
     local_loss: bool = False  # distributed: each rank computes only its own rows of the logits
     grad_cache_chunk: int = 0  # >0: gradient caching, re-embedding this many images at a time
+    # activation checkpointing: none | image | text | both — recompute that tower's blocks in the backward
+    grad_checkpointing: str = "none"
     lock_text: str = "none"  # LiT: none | all | backbone (everything but the projection)
     lock_image: str = "none"
     text_backbone_lr_scale: float = 1.0  # lr multiplier of an unlocked pretrained text encoder
@@ -274,6 +276,10 @@ def validate(cfg: Config) -> None:
             "train.lock_text/lock_image must be none, all or backbone.",
         ),
         (cfg.model.text_pool in ("mean", "cls"), "model.text_pool must be 'mean' or 'cls'."),
+        (
+            t.grad_checkpointing in ("none", "image", "text", "both"),
+            "train.grad_checkpointing must be none, image, text or both.",
+        ),
         (t.keep_last >= 1, "train.keep_last must be at least 1."),
         (t.max_faults >= 1, "train.max_faults must be at least 1."),
         (

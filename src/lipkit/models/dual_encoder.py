@@ -60,6 +60,18 @@ class DualEncoder(nn.Module):
         feats = self.text(ids)
         return F.normalize(feats, dim=-1) if normalize else feats
 
+    def set_checkpointing(self, image: bool, text: bool) -> None:
+        """Activation checkpointing per tower: the tower's blocks are recomputed in the backward instead of
+        keeping their activations (less memory, one more forward of that tower per step)."""
+        self.visual.transformer.checkpointing = image
+        if isinstance(self.text, HFTextTower):
+            if text:
+                self.text.encoder.gradient_checkpointing_enable({"use_reentrant": False})
+            else:
+                self.text.encoder.gradient_checkpointing_disable()
+        else:
+            self.text.transformer.checkpointing = text
+
     @property
     def has_lexicon(self) -> bool:
         return self.spec.lexicon_vocab > 0

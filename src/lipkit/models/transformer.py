@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
 
 
 class QuickGELU(nn.Module):
@@ -81,8 +82,14 @@ class Transformer(nn.Module):
             nn.init.normal_(block.attn.out_proj.weight, std=std)
             nn.init.normal_(block.mlp.c_proj.weight, std=std)
             nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
+        # activation (gradient) checkpointing: keep only each block's input during the forward and
+        # recompute the block in the backward — activation memory of one block instead of all of them
+        self.checkpointing = False
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         for block in self.resblocks:
-            x = block(x, causal=causal)
+            if self.checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, causal, use_reentrant=False)
+            else:
+                x = block(x, causal=causal)
         return x
