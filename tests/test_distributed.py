@@ -34,14 +34,14 @@ SPEC = {
 BATCH = 8
 
 
-def batch():
+def batch(per_image: int = 1):
     g = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (BATCH, 3, 32, 32), dtype=torch.uint8, generator=g)
-    captions = [f"{WORDS[i]} {WORDS[(i * 5 + 3) % 12]}" for i in range(BATCH)]
+    captions = [f"{WORDS[(i + c) % 12]} {WORDS[(i * 5 + 3) % 12]}" for i in range(BATCH) for c in range(per_image)]
     return images, captions
 
 
-def one_step(tmp: Path, rank: int, world: int, **train) -> dict[str, torch.Tensor]:
+def one_step(tmp: Path, rank: int, world: int, per_image: int = 1, **train) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     tok = TextTokenizer.train(WORDS * 3, vocab_size=300, context_length=12)
     model = DualEncoder(get_spec("tiny", **SPEC, vocab_size=tok.vocab_size, eot_id=tok.eot_id))
@@ -54,20 +54,21 @@ def one_step(tmp: Path, rank: int, world: int, **train) -> dict[str, torch.Tenso
         AugmentConfig(),
         tmp,
         torch.device("cpu"),
+        captions_per_image=per_image,
         dist=Dist(rank, world),
     )
-    images, captions = batch()
+    images, captions = batch(per_image)
     loss, finite = trainer.step(images, captions, lr=1e-3)
     assert finite
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
     return {"loss": loss.reshape(1), **{f"grad.{n}": g for n, g in grads.items()}}
 
 
-def _worker(rank: int, world: int, port: int, tmp: str, train: dict) -> None:
+def _worker(rank: int, world: int, port: int, tmp: str, train: dict, per_image: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        out = one_step(Path(tmp), rank, world, **train)
+        out = one_step(Path(tmp), rank, world, per_image, **train)
         save_file(out, os.path.join(tmp, f"rank{rank}.safetensors"))
     finally:
         torch.distributed.destroy_process_group()
@@ -79,8 +80,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two(tmp: Path, **train) -> list[dict[str, torch.Tensor]]:
-    mp.spawn(_worker, args=(2, free_port(), str(tmp), train), nprocs=2, join=True)
+def run_two(tmp: Path, per_image: int = 1, **train) -> list[dict[str, torch.Tensor]]:
+    mp.spawn(_worker, args=(2, free_port(), str(tmp), train, per_image), nprocs=2, join=True)
     return [load_file(str(tmp / f"rank{r}.safetensors")) for r in range(2)]
 
 
@@ -103,9 +104,17 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, local_loss):
         assert torch.allclose(losses, single["loss"].expand(2), atol=1e-5)
 
 
-def test_gradient_caching_equals_the_plain_step(tmp_path):
-    plain = one_step(tmp_path, 0, 1)
-    cached = one_step(tmp_path, 0, 1, grad_cache_chunk=3)  # chunks of 3, 3, 2
+def test_two_gloo_ranks_equal_one_process_multi_positive(tmp_path):
+    """The demo's objective: two captions per image, owners offset by rank when gathered."""
+    single = one_step(tmp_path, 0, 1, per_image=2, objective="multi_positive")
+    for r in run_two(tmp_path, per_image=2, objective="multi_positive"):
+        assert_close(r, single)
+
+
+@pytest.mark.parametrize("objective,per_image", [("infonce", 1), ("multi_positive", 2)])
+def test_gradient_caching_equals_the_plain_step(tmp_path, objective, per_image):
+    plain = one_step(tmp_path, 0, 1, per_image, objective=objective)
+    cached = one_step(tmp_path, 0, 1, per_image, objective=objective, grad_cache_chunk=3)  # chunks 3, 3, 2
     assert_close(cached, plain)
 
 

@@ -151,7 +151,8 @@ def check_scaling(cfg: Any, needs: set[str], d: Dist) -> None:
         )
     if cfg.local_loss and cfg.objective != "infonce":
         raise UserError("train.local_loss is implemented for the infonce objective only; unset it.")
-    if cfg.grad_cache_chunk and not needs <= {"image_features", "text_features", "logit_scale", "logit_bias"}:
+    pooled = {"image_features", "text_features", "logit_scale", "logit_bias", "caption_owner"}
+    if cfg.grad_cache_chunk and not needs <= pooled:
         raise UserError(
             f"train.grad_cache_chunk works with objectives on pooled features only, not "
             f"'{cfg.objective}'; unset it."

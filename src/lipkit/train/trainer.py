@@ -203,13 +203,18 @@ class Trainer:
             for name in ("image_features", "text_features")
         }
         out: dict[str, torch.Tensor] = {**cached, "logit_scale": self.model.scale()}
+        if "caption_owner" in self.needs:  # multi-positive: the k captions of each image, image-major
+            out["caption_owner"] = torch.arange(images.shape[0], device=images.device).repeat_interleave(k)
         if "logit_bias" in self.needs:
             out["logit_bias"] = self.model.logit_bias
         loss = self._loss(out)
         loss.backward()  # gradients reach the logit scale/bias directly and the cached embeddings
         for ch in chunks:
             part = self._inputs(images[ch], ids[ch.start * k : ch.stop * k], None)
-            surrogate = sum((part[n].float() * cached[n].grad[ch]).sum() for n in cached)
+            n = part["image_features"].shape[0]
+            per = part["text_features"].shape[0] // n  # k captions per image (multi-positive) or 1
+            rows = {"image_features": ch, "text_features": slice(ch.start * per, (ch.start + n) * per)}
+            surrogate = sum((part[f].float() * cached[f].grad[rows[f]]).sum() for f in cached)
             surrogate.backward()
         return loss
 
@@ -355,8 +360,11 @@ class Trainer:
                         sps = (step - last_log_step) * cfg.batch_size / max(1e-9, now - last_log_t)
                         last_log_t, last_log_step = now, step
                         scale = float(self.model.scale().detach())
+                        # objectives may report a few numbers of their last step (e.g. LexLIP's non-zero terms)
+                        extra = {k: float(v) for k, v in getattr(self.objective, "last_stats", {}).items()}
                         self._log(
                             {
+                                **extra,
                                 "kind": "train",
                                 "step": step,
                                 "epoch": round(step / steps_per_epoch, 4),
