@@ -374,6 +374,20 @@ def test_lexicon_head_matches_loop_is_nonnegative_and_respects_mask():
     assert (head(tokens) >= out).all()  # without the mask every token competes
 
 
+def test_lexicon_head_starts_sparse_and_input_dependent():
+    """The init that keeps LexLIP alive: a few percent of terms fire, and which ones depends on the input
+    (PyTorch's default init gave every image the same bias-driven terms, and training collapsed)."""
+    torch.manual_seed(0)
+    head = LexiconHead(width=192, vocab_size=8192)
+    tokens = F.normalize(torch.randn(8, 65, 192), dim=-1)  # like the tiny ViT's 64 patches + class token
+    with torch.no_grad():
+        w = head(tokens)
+    active = (w > 0).float()
+    assert 0.02 < active.mean() < 0.5
+    overlap = (active[0] * active[1]).sum() / active[0].sum()
+    assert overlap < 0.6  # two images share only part of their terms
+
+
 def test_flops_and_nonzero_terms():
     w = torch.tensor([[0.0, 1.0, 2.0, 0.0], [0.0, 0.0, 0.0, 3.0]], dtype=F64)
     assert nonzero_terms(w).item() == 1.5
@@ -387,7 +401,7 @@ def test_lexicon_contrast_matches_naive_loop():
     img = torch.relu(torch.randn(5, 9, generator=g, dtype=F64)).requires_grad_()
     txt = torch.relu(torch.randn(5, 9, generator=g, dtype=F64)).requires_grad_()
     t = log_scale(0.5)
-    fast = LexiconContrast(flops_weight=0.05, temperature=None)(
+    fast = LexiconContrast(flops_weight=0.05, temperature=None, flops_warmup=0)(
         image_lexicon=img, text_lexicon=txt, logit_scale=t.exp()
     )
 
@@ -396,14 +410,37 @@ def test_lexicon_contrast_matches_naive_loop():
 
     slow = naive_infonce(img, txt, t.exp()) + 0.05 * (flops(img) + flops(txt))
     assert_same_value_and_grads(fast, slow, (img, txt, t))
-    loss = LexiconContrast(flops_weight=0.05, temperature=None)
+    loss = LexiconContrast(flops_weight=0.05, temperature=None, flops_warmup=0)
     assert torch.autograd.gradcheck(lambda a, b, s: loss(s.exp(), a, b), (img, txt, t))
     # a fixed temperature τ scores <w_i, w_j> / τ whatever the model's scale
-    fixed = LexiconContrast(flops_weight=0.05, temperature=0.5)(
+    fixed = LexiconContrast(flops_weight=0.05, temperature=0.5, flops_warmup=0)(
         image_lexicon=img, text_lexicon=txt, logit_scale=t.exp()
     )
     slow = naive_infonce(img, txt, torch.tensor(2.0, dtype=F64)) + 0.05 * (flops(img) + flops(txt))
     assert torch.allclose(fixed, slow, atol=1e-10)
+
+
+def test_lexicon_flops_warmup_and_dense_term():
+    g = torch.Generator().manual_seed(111)
+    img, txt = (torch.relu(torch.randn(5, 9, generator=g, dtype=F64)) for _ in range(2))
+    x, y = (F.normalize(torch.randn(5, 4, generator=g, dtype=F64), dim=-1) for _ in range(2))
+    s = torch.tensor(3.0, dtype=F64)
+
+    def flops(w):
+        return sum((sum(w[b, v] for b in range(w.shape[0])) / w.shape[0]) ** 2 for v in range(w.shape[1]))
+
+    loss = LexiconContrast(flops_weight=0.05, temperature=None, flops_warmup=4, dense_weight=0.5)
+    assert set(loss.inputs) >= {"image_features", "text_features", "image_lexicon", "text_lexicon"}
+    for t in range(6):  # λ_t = λ · min(1, (t / T)²), then μ · dense InfoNCE
+        expected = naive_infonce(img, txt, s) + 0.05 * min(1.0, (t / 4) ** 2) * (flops(img) + flops(txt))
+        expected = expected + 0.5 * naive_infonce(x, y, s)
+        got = loss(logit_scale=s, image_lexicon=img, text_lexicon=txt, image_features=x, text_features=y)
+        assert torch.allclose(got, expected, atol=1e-10), t
+    assert int(loss.state_dict()["steps_seen"]) == 6  # checkpointed with the run
+    with torch.no_grad():  # evaluation does not advance the warm-up
+        loss(logit_scale=s, image_lexicon=img, text_lexicon=txt, image_features=x, text_features=y)
+    assert int(loss.steps_seen) == 6
+    assert loss.last_stats["lexicon/image_nonzero_terms"].item() == float((img != 0).sum(1).double().mean())
 
 
 # --- registry ---------------------------------------------------------------------------------------
