@@ -87,6 +87,7 @@ class TrainConfig:
     objective_args: dict[str, Any] = field(default_factory=dict)  # constructor options of the objective
     init_logit_bias: float = -10.0  # objectives with a learnable bias (siglip)
     local_loss: bool = False  # distributed: each rank computes only its own rows of the logits
+    strategy: str = "ddp"  # distributed: ddp (replicated weights) | fsdp (weights, grads, moments sharded)
     grad_cache_chunk: int = 0  # >0: gradient caching, re-embedding this many images at a time
     # activation checkpointing: none | image | text | both — recompute that tower's blocks in the backward
     grad_checkpointing: str = "none"
@@ -276,6 +277,7 @@ def validate(cfg: Config) -> None:
             "train.lock_text/lock_image must be none, all or backbone.",
         ),
         (cfg.model.text_pool in ("mean", "cls"), "model.text_pool must be 'mean' or 'cls'."),
+        (t.strategy in ("ddp", "fsdp"), "train.strategy must be ddp or fsdp."),
         (
             t.grad_checkpointing in ("none", "image", "text", "both"),
             "train.grad_checkpointing must be none, image, text or both.",

@@ -157,11 +157,12 @@ def run_training(cfg: Config) -> tuple[Path, TrainResult]:
         name: ImageStore(recs, model.spec.image_size, cache=True, workers=d.workers, desc=name)
         for name, recs in eval_tables.items()
     }
+    if resume is not None:  # the weights go in before the trainer (FSDP) shards them
+        model.load_state_dict(load_file(str(resume / "model.safetensors")))
     trainer = Trainer(
         model, objective, tokenizer, t, cfg.augment, run_dir, device, d.captions_per_image, dist, teacher
     )
     if resume is not None:
-        model.load_state_dict(load_file(str(resume / "model.safetensors")))
         state = load_training_state(resume)
         trainer.load_training_state(state)
         batches.load_state(state[1].get("data"))  # the stream position (shards) and skip counts
@@ -203,10 +204,13 @@ def run_training(cfg: Config) -> tuple[Path, TrainResult]:
             "train": {"step": tr.step_count, "train_seconds": tr.train_seconds, "objective": t.objective},
             "preset": cfg.model.preset,
         }
-        tensors, meta = tr.training_state()
+        tensors, meta = tr.training_state()  # every rank comes here: under FSDP these two gather shards
+        full_model = tr.unsharded()
+        if not dist.main:  # only rank 0 writes
+            return run_dir / "checkpoints" / f"step-{tr.step_count:08d}"
         path = save_checkpoint(
             run_dir / "checkpoints" / f"step-{tr.step_count:08d}",
-            tr.model,
+            full_model,
             tokenizer,
             info,
             training=(tensors, {**meta, "data": batches.state()}),  # + the data position
@@ -219,13 +223,12 @@ def run_training(cfg: Config) -> tuple[Path, TrainResult]:
             )
         prune(run_dir / "checkpoints", t.keep_last, {best["path"]} if best["path"] else set())
         if final:
-            save_checkpoint(run_dir / "checkpoint", tr.model, tokenizer, info)
+            save_checkpoint(run_dir / "checkpoint", full_model, tokenizer, info)
         return path
 
-    main = dist.main  # only rank 0 evaluates, writes checkpoints and logs
-    result = trainer.fit(
-        batches.epoch, len(batches), evaluate if eval_tables and main else None, checkpoint if main else None
-    )
+    # every rank calls the hooks at the same steps (FSDP gathers weights there); only rank 0 evaluates,
+    # writes checkpoints and logs
+    result = trainer.fit(batches.epoch, len(batches), evaluate if eval_tables else None, checkpoint)
     if skip_summary(batches.skipped):
         console.print(f"[yellow]{skip_summary(batches.skipped)}[/]")
     if result.interrupted:
