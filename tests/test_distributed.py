@@ -17,7 +17,7 @@ from lipkit.models.presets import get_spec
 from lipkit.objectives import build_objective
 from lipkit.text.tokenizer import TextTokenizer
 from lipkit.train import fsdp
-from lipkit.train.distributed import Dist
+from lipkit.train.distributed import Dist, sync_step
 from lipkit.train.trainer import Trainer
 
 WORDS = ["red", "blue", "heart", "face", "flag", "hand", "star", "cat", "dog", "sun", "moon", "tree"]
@@ -80,6 +80,23 @@ def _worker(rank: int, world: int, port: int, tmp: str, train: dict, per_image: 
         save_file(out, os.path.join(tmp, f"rank{rank}.safetensors"))
     finally:
         torch.distributed.destroy_process_group()
+
+
+def _sync_worker(rank: int, world: int, port: int, tmp: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:  # rank 1 saw SIGTERM (15); rank 0 evaluated, so its training clock is behind
+        signum, seconds = sync_step(15 if rank == 1 else None, 100.0 + 30 * rank)
+        Path(tmp, f"sync{rank}.txt").write_text(f"{signum} {seconds}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ranks_agree_on_signal_and_clock(tmp_path):
+    """The time budget and the schedule follow one clock on every rank (else the ranks stop at different
+    steps and the job hangs in a collective)."""
+    mp.spawn(_sync_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert [(tmp_path / f"sync{r}.txt").read_text() for r in range(2)] == ["15 100.0"] * 2
 
 
 def free_port() -> int:

@@ -135,11 +135,15 @@ def all_true(flag: torch.Tensor) -> torch.Tensor:
     return t[0].bool()
 
 
-def sync_signal(signum: int | None) -> int | None:
-    """A signal seen by any rank stops all ranks after the same step."""
-    t = torch.tensor([signum or 0], dtype=torch.int32)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t[0]) or None
+def sync_step(signum: int | None, seconds: float) -> tuple[int | None, float]:
+    """After every step, one tiny all-reduce: a signal seen by any rank stops all ranks after the same
+    step, and every rank reads the same training clock, so the time budget ends the run at the same
+    step everywhere and the learning-rate schedule, which follows that clock, stays identical across
+    ranks. The clock is the smallest of the ranks' own: rank 0 leaves its evaluation time out, the
+    others count the time they spent waiting for it as training."""
+    t = torch.tensor([float(signum or 0), -seconds], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)  # max of −seconds = −(min of seconds)
+    return int(t[0]) or None, -float(t[1])
 
 
 def check_scaling(cfg: Any, needs: set[str], d: Dist) -> None:

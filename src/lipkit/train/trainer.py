@@ -39,7 +39,7 @@ from lipkit.train.distributed import (
     check_scaling,
     gather_inputs,
     local_infonce,
-    sync_signal,
+    sync_step,
 )
 from lipkit.train.inputs import check_inputs, objective_inputs
 from lipkit.train.state import load_optimizer_state, load_rng_state, optimizer_state, rng_state
@@ -312,9 +312,14 @@ class Trainer:
         def elapsed() -> float:
             return self.train_seconds + time.perf_counter() - start - eval_seconds
 
+        synced: list[float | None] = [None]  # distributed: the ranks' common clock after the last step
+
+        def clock() -> float:
+            return synced[0] if synced[0] is not None else elapsed()
+
         def progress(step: int) -> float:
             """Fraction of the run done: by steps, or by training wall time when that budget ends first."""
-            return max(step / total, elapsed() / budget) if budget else step / total
+            return max(step / total, clock() / budget) if budget else step / total
 
         def run_eval(step: int) -> None:
             """Every rank comes here (FSDP gathers the weights); rank 0 evaluates."""
@@ -364,8 +369,8 @@ class Trainer:
                     lr = cfg.lr * lr_factor(step, decay, cfg.warmup_steps, cfg.min_lr_ratio)
                     loss, finite = self.step(images, captions, lr)
                     step = self.step_count = step + 1
-                    if self.dist.enabled:  # every rank stops at the same step
-                        self.signal = sync_signal(self.signal)
+                    if self.dist.enabled:  # every rank stops at the same step, follows the same schedule
+                        self.signal, synced[0] = sync_step(self.signal, elapsed())
                     bar.update(task, **shown(step))
                     if not finite:
                         self.faults, in_a_row = self.faults + 1, in_a_row + 1
