@@ -37,9 +37,10 @@ class Attention(nn.Module):
         b, n, d = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         q, k, v = qkv.view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled():
             # PyTorch's CPU flash-attention backward is ~3× slower in bf16; the math kernel measured
-            # 19–21 % less step time for the tiny model (docs/benchmarks.md).
+            # 19–21 % less step time for the tiny model (docs/benchmarks.md). Inference (no backward)
+            # keeps the flash kernel.
             with sdpa_kernel(SDPBackend.MATH):
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         else:

@@ -20,7 +20,8 @@ vectors are not normalised: their magnitude is what the index scores). λ = `flo
 T = `flops_warmup` (steps; 0 = λ from the start), τ = `temperature` (None: the model's learnable CLIP
 scale). The last term, μ = `dense_weight`, is the ordinary CLIP loss on the dense embeddings beside the
 lexical one (LexLIP keeps a dense path too; off when μ = 0), which gives the towers a signal while the
-sparse heads are still finding their terms.
+sparse heads are still finding their terms. (The paper also pre-trains the heads with a
+lexicon-bottlenecked masked-language-model stage; this objective is the contrastive stage only.)
 """
 
 from __future__ import annotations
