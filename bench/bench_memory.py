@@ -28,7 +28,24 @@ ROWS = {
     "cache64": {"grad_cache_chunk": 64},
     "both+cache64": {"grad_checkpointing": "both", "grad_cache_chunk": 64},
 }
-WORDS = "red blue green heart face flag hand star cat dog sun moon tree smiling crying party".split()
+WORDS = [
+    "red",
+    "blue",
+    "green",
+    "heart",
+    "face",
+    "flag",
+    "hand",
+    "star",
+    "cat",
+    "dog",
+    "sun",
+    "moon",
+    "tree",
+    "smiling",
+    "crying",
+    "party",
+]
 
 
 def rss_mb() -> float:
@@ -49,16 +66,28 @@ def child(row: str, args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
-    captions = [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (6,), generator=g)) for _ in range(args.batch)]
+    captions = [
+        " ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (6,), generator=g))
+        for _ in range(args.batch)
+    ]
     tok = TextTokenizer.train(captions, vocab_size=args.vocab, context_length=32)
     spec = get_spec(args.preset, vocab_size=tok.vocab_size, eot_id=tok.eot_id, pad_id=tok.pad_id)
     model = DualEncoder(spec)
     options = ROWS[row]
-    cfg = TrainConfig(batch_size=args.batch, precision=args.precision, grad_cache_chunk=options.get("grad_cache_chunk", 0))
-    model.set_checkpointing(options.get("grad_checkpointing") in ("image", "both"), options.get("grad_checkpointing") in ("text", "both"))
+    cfg = TrainConfig(
+        batch_size=args.batch, precision=args.precision, grad_cache_chunk=options.get("grad_cache_chunk", 0)
+    )
+    model.set_checkpointing(
+        options.get("grad_checkpointing") in ("image", "both"),
+        options.get("grad_checkpointing") in ("text", "both"),
+    )
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(model, build_objective("infonce"), tok, cfg, AugmentConfig(), Path(tmp), torch.device("cpu"))
-        images = torch.randint(0, 256, (args.batch, 3, spec.image_size, spec.image_size), dtype=torch.uint8, generator=g)
+        trainer = Trainer(
+            model, build_objective("infonce"), tok, cfg, AugmentConfig(), Path(tmp), torch.device("cpu")
+        )
+        images = torch.randint(
+            0, 256, (args.batch, 3, spec.image_size, spec.image_size), dtype=torch.uint8, generator=g
+        )
         before = rss_mb()
         trainer.step(images, captions, 1e-4)  # warm-up (allocates optimizer state)
         times = []
@@ -68,7 +97,12 @@ def child(row: str, args: argparse.Namespace) -> dict:
             times.append(time.perf_counter() - t)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     times.sort()
-    return {"row": row, "peak_rss_mb": peak, "growth_mb": peak - before, "samples_per_s": args.batch / times[len(times) // 2]}
+    return {
+        "row": row,
+        "peak_rss_mb": peak,
+        "growth_mb": peak - before,
+        "samples_per_s": args.batch / times[len(times) // 2],
+    }
 
 
 def main() -> None:

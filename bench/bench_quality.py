@@ -61,7 +61,9 @@ def lipkit_config(args: argparse.Namespace, out: Path):
         [SCRATCH],
         [
             f"data.train={root / 'train.jsonl'}",
-            "data.eval={" + ", ".join(f"'{s}': '{root / s}.jsonl'" for s in ("test-style", "test-novel")) + "}",
+            "data.eval={"
+            + ", ".join(f"'{s}': '{root / s}.jsonl'" for s in ("test-style", "test-novel"))
+            + "}",
             f"data.caption_select=[{CAPTION}]",
             "data.caption_policy=first",
             f"train.output={out}",
@@ -79,13 +81,20 @@ def child_lipkit(args: argparse.Namespace) -> dict:
 
     t0 = time.perf_counter()
     run_dir, result = run_training(lipkit_config(args, args.work / "lipkit"))
-    return {"checkpoint": str(run_dir / "checkpoint"), "samples": result.samples, "wall_s": time.perf_counter() - t0, **usage()}
+    return {
+        "checkpoint": str(run_dir / "checkpoint"),
+        "samples": result.samples,
+        "wall_s": time.perf_counter() - t0,
+        **usage(),
+    }
 
 
 def export_csv(dest: Path) -> int:
     """The train split as OpenCLIP's CSV: absolute image path, one caption."""
     root = default_root()
-    rows = [json.loads(line) for line in (root / "train.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    rows = [
+        json.loads(line) for line in (root / "train.jsonl").read_text(encoding="utf-8").splitlines() if line
+    ]
     with dest.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["filepath", "title"])
@@ -155,7 +164,9 @@ def evaluate(args: argparse.Namespace, name: str, info: dict) -> dict:
         from lipkit.interop.open_clip import from_open_clip
 
         model, tok = from_open_clip(info["config"], checkpoint)
-        checkpoint = save_checkpoint(args.work / "open_clip" / "converted", model, tok, {"source": "open_clip"})
+        checkpoint = save_checkpoint(
+            args.work / "open_clip" / "converted", model, tok, {"source": "open_clip"}
+        )
     results = run_eval(checkpoint, cfg.data.eval, cfg, args.work / name / "eval.json")
     return {
         "metrics": {f"{s}/{m}": results["splits"][s]["metrics"][m] for s, m in SHOWN},
@@ -164,9 +175,18 @@ def evaluate(args: argparse.Namespace, name: str, info: dict) -> dict:
 
 
 def table(rows: dict, epochs: float) -> str:
-    heads = ["style subcat top1", "style category top1", "style t→i R@1", "novel subcat top1", "novel t→i R@1", "novel i→t R@1"]
+    heads = [
+        "style subcat top1",
+        "style category top1",
+        "style t→i R@1",
+        "novel subcat top1",
+        "novel t→i R@1",
+        "novel i→t R@1",
+    ]
     lines = [
-        f"| trainer ({epochs:g} epochs) | " + " | ".join(heads) + " | samples | samples/s | wall min | CPU-min | peak RSS MB |",
+        f"| trainer ({epochs:g} epochs) | "
+        + " | ".join(heads)
+        + " | samples | samples/s | wall min | CPU-min | peak RSS MB |",
         "|---|" + "---|" * (len(heads) + 5),
     ]
     for name, r in rows.items():
@@ -176,7 +196,11 @@ def table(rows: dict, epochs: float) -> str:
             f"{r['cpu_s'] / 60:.1f} | {r['peak_rss_mb']:.0f} |"
         )
     any_row = next(iter(rows.values()))
-    lines.append("| chance | " + " | ".join(f"{100 * any_row['chance'][f'{s}/{m}']:.1f}" for s, m in SHOWN) + " | | | | | |")
+    lines.append(
+        "| chance | "
+        + " | ".join(f"{100 * any_row['chance'][f'{s}/{m}']:.1f}" for s, m in SHOWN)
+        + " | | | | | |"
+    )
     return "\n".join(lines)
 
 
@@ -196,7 +220,9 @@ def main() -> None:
     try:
         import open_clip_train.main  # noqa: F401
     except ImportError as e:
-        raise SystemExit(f"bench_quality runs OpenCLIP's own trainer: pip install -e '.[bench]' ({e}).") from e
+        raise SystemExit(
+            f"bench_quality runs OpenCLIP's own trainer: pip install -e '.[bench]' ({e})."
+        ) from e
     build_emoji(default_root())
     with tempfile.TemporaryDirectory(prefix="lipkit-quality-") as tmp:
         args.work = args.work or Path(tmp)

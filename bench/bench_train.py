@@ -154,7 +154,9 @@ class LipkitRunner:
         self.objective = InfoNCE()
         self.needs = set(InfoNCE.inputs)
         groups = param_groups(self.model, args.weight_decay)
-        self.opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6, fused=True)  # as the Trainer
+        self.opt = torch.optim.AdamW(
+            groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6, fused=True
+        )  # as the Trainer
         self.params = [p for g in groups for p in g["params"]]
         self.max_log_scale = math.log(100.0)
 

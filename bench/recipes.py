@@ -59,17 +59,28 @@ ROWS: dict[str, tuple[str, list[str]]] = {
 }
 ROWS["minilm-mp3"] = (
     "MiniLM locked, English, all 3 English captions as positives (multi-positive)",
-    [*MINILM, "train.lock_text=backbone", "data.caption_langs=[en]", "data.captions_per_image=3",
-     "train.objective=multi_positive"],
+    [
+        *MINILM,
+        "train.lock_text=backbone",
+        "data.caption_langs=[en]",
+        "data.captions_per_image=3",
+        "train.objective=multi_positive",
+    ],
 )
 MP3 = ROWS["minilm-mp3"][1]
-ROWS["mp3-convstem"] = ("+ convolutional stem (Xiao et al. 2021)", [*MP3, "model.overrides={vision_stem: conv}"])
+ROWS["mp3-convstem"] = (
+    "+ convolutional stem (Xiao et al. 2021)",
+    [*MP3, "model.overrides={vision_stem: conv}"],
+)
 ROWS["mp3-convstem-lr2"] = (
     "+ conv stem, lr 2e-3",
     [*MP3, "model.overrides={vision_stem: conv}", "train.lr=2e-3"],
 )
 CONV = ["model.overrides={vision_stem: conv}"]
-ROWS["mp3-conv-styleaug"] = ("+ conv stem, colour jitter 0.3, blur p 0.3", [*MP3, *CONV, "augment.colour=0.3", "augment.blur_p=0.3"])
+ROWS["mp3-conv-styleaug"] = (
+    "+ conv stem, colour jitter 0.3, blur p 0.3",
+    [*MP3, *CONV, "augment.colour=0.3", "augment.blur_p=0.3"],
+)
 ROWS["conv-fullcap"] = (
     "MiniLM locked, conv stem, only the 'label (subcategory, category)' caption",
     [*MINILM, "train.lock_text=backbone", *CONV, "data.caption_policy=first", "data.caption_select=[2]"],
@@ -91,7 +102,10 @@ ROWS["recipe-fulllabel-48px"] = (
 )
 ROWS["demo"] = ("the demo as shipped (configs/demo.yaml)", [])  # its own config, see run_row
 ROWS["recipe-b128"] = ("recipe with batch 128 (twice the steps)", [*LR2, "train.batch_size=128"])
-ROWS["recipe-48px"] = ("recipe at 48 px (36 tokens, ~1.8× the samples/s)", [*LR2, "model.overrides={vision_stem: conv, image_size: 48}"])
+ROWS["recipe-48px"] = (
+    "recipe at 48 px (36 tokens, ~1.8× the samples/s)",
+    [*LR2, "model.overrides={vision_stem: conv, image_size: 48}"],
+)
 # The methods of docs/methods.md, each its preset in configs/methods (refine needs a checkpoint to start).
 for _preset in sorted((BASELINE.parent / "methods").glob("*.yaml")):
     if _preset.stem != "lit_minilm":  # LiT is the minilm-locked row
@@ -125,7 +139,9 @@ def run_row(name: str, overrides: list[str], seed: int, minutes: float, epochs: 
     if name == "method-clip_refine":  # post-pre-training: one epoch from the base row, run it first
         start = out / f"base-s{seed}" / "checkpoint"
         if not start.is_dir():
-            raise SystemExit(f"method-clip_refine starts from {start}; run the `base` row with this seed first.")
+            raise SystemExit(
+                f"method-clip_refine starts from {start}; run the `base` row with this seed first."
+            )
         budget = ["train.epochs=1", "train.max_minutes=0", f"model.init_from={start}"]
     layers = [demo_config_path() if name == "demo" else BASELINE]
     if name.startswith("method-"):  # a method preset of configs/methods layered on the demo

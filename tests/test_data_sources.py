@@ -266,7 +266,9 @@ def test_caption_select_then_languages():
     from lipkit.data.captions import filter_captions
     from lipkit.data.sources import Record
 
-    r = Record(Path("a.png"), ["label", "tags", "label (group)", "Etikett"], {"langs": ["en", "en", "en", "de"]})
+    r = Record(
+        Path("a.png"), ["label", "tags", "label (group)", "Etikett"], {"langs": ["en", "en", "en", "de"]}
+    )
     (out,) = filter_captions([r], [2, 0, 3, 9], ["en"])
     assert out.captions == ["label (group)", "label"] and out.meta["langs"] == ["en", "en"]
     (out,) = filter_captions([r], [3], [])

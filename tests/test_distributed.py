@@ -38,7 +38,9 @@ BATCH = 8
 def batch(per_image: int = 1):
     g = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (BATCH, 3, 32, 32), dtype=torch.uint8, generator=g)
-    captions = [f"{WORDS[(i + c) % 12]} {WORDS[(i * 5 + 3) % 12]}" for i in range(BATCH) for c in range(per_image)]
+    captions = [
+        f"{WORDS[(i + c) % 12]} {WORDS[(i * 5 + 3) % 12]}" for i in range(BATCH) for c in range(per_image)
+    ]
     return images, captions
 
 
@@ -119,7 +121,9 @@ def assert_close(a: dict, b: dict, atol: float = 1e-5) -> None:
         assert torch.allclose(a[k], b[k], atol=tol), (k, (a[k] - b[k]).abs().max().item())
 
 
-@pytest.mark.parametrize("local_loss,strategy", [(False, "ddp"), (True, "ddp"), (False, "fsdp"), (True, "fsdp")])
+@pytest.mark.parametrize(
+    "local_loss,strategy", [(False, "ddp"), (True, "ddp"), (False, "fsdp"), (True, "fsdp")]
+)
 def test_two_gloo_ranks_equal_one_process(tmp_path, local_loss, strategy):
     single = one_step(tmp_path, 0, 1)
     ranks = run_two(tmp_path, local_loss=local_loss, strategy=strategy)
@@ -138,7 +142,9 @@ def test_two_gloo_ranks_equal_one_process_multi_positive(tmp_path, strategy, chu
     """The demo's objective: two captions per image, owners offset by rank when gathered (and with
     gradient caching inside each rank: chunks of 3 and 1 of its 4 images)."""
     single = one_step(tmp_path, 0, 1, per_image=2, objective="multi_positive")
-    for r in run_two(tmp_path, per_image=2, objective="multi_positive", strategy=strategy, grad_cache_chunk=chunk):
+    for r in run_two(
+        tmp_path, per_image=2, objective="multi_positive", strategy=strategy, grad_cache_chunk=chunk
+    ):
         assert_close(r, single)
 
 

@@ -77,7 +77,9 @@ def test_filip_evaluation_scores_pairs_token_wise(table):
     from lipkit.data.transforms import load_image, normalize
 
     with torch.no_grad():
-        x = normalize(torch.stack([load_image(r.image, 32) for r in records]), spec.image_mean, spec.image_std)
+        x = normalize(
+            torch.stack([load_image(r.image, 32) for r in records]), spec.image_mean, spec.image_std
+        )
         img_tok = F.normalize(model.visual(x, return_tokens=True)[1], dim=-1)
 
         def words(text):
@@ -100,9 +102,13 @@ def test_filip_evaluation_scores_pairs_token_wise(table):
         assert math.isclose(got["retrieval/image_to_text/R@1"], recall_at_k(i2t, rel.t(), ks=(1,))["R@1"])
         classes = sorted({r.meta["category"] for r in records})
         cls_w = [[words(t.format(c)) for t in cfg.templates] for c in classes]
-        scores = torch.tensor([[sum(s_image(i, w) for w in cw) / 2 for cw in cls_w] for i in range(len(records))])
+        scores = torch.tensor(
+            [[sum(s_image(i, w) for w in cw) / 2 for cw in cls_w] for i in range(len(records))]
+        )
         labels = torch.tensor([classes.index(r.meta["category"]) for r in records])
-        assert math.isclose(got["zeroshot/category/top1"], (scores.argmax(1) == labels).double().mean().item())
+        assert math.isclose(
+            got["zeroshot/category/top1"], (scores.argmax(1) == labels).double().mean().item()
+        )
     assert resolve_similarity("auto", "filip") == "filip" and resolve_similarity("auto", "infonce") == "dense"
 
 
@@ -125,14 +131,20 @@ def test_lexical_evaluation_uses_the_lexicon_heads(table):
     tok = TextTokenizer.train([c for r in records for c in r.captions], vocab_size=300, context_length=16)
     torch.manual_seed(0)
     spec = get_spec(
-        "tiny", **TINY_MODEL, vocab_size=tok.vocab_size, eot_id=tok.eot_id, context_length=16,
+        "tiny",
+        **TINY_MODEL,
+        vocab_size=tok.vocab_size,
+        eot_id=tok.eot_id,
+        context_length=16,
         lexicon_vocab=tok.vocab_size,
     )
     model = DualEncoder(spec).eval()
     cfg = EvalConfig(class_columns=["category"], templates=["{}", "an emoji of {}."])
     got = evaluate_records(model, tok, records, cfg, details=False, similarity="lexical")["metrics"]
     with torch.no_grad():
-        x = normalize(torch.stack([load_image(r.image, 32) for r in records]), spec.image_mean, spec.image_std)
+        x = normalize(
+            torch.stack([load_image(r.image, 32) for r in records]), spec.image_mean, spec.image_std
+        )
         img = model.encode_image_lexical(x)
         texts = sorted({r.captions[0] for r in records})
         txt = model.encode_text_lexical(tok(texts))

@@ -61,7 +61,9 @@ def test_conv_stem_keeps_the_token_grid_and_rejects_odd_patches():
     pooled, tokens = vit(torch.randn(2, 3, 32, 32), return_tokens=True)
     assert pooled.shape == (2, 16) and tokens.shape == (2, 16, 16)  # (32/8)² tokens
     with pytest.raises(ValueError, match="power-of-two"):
-        VisionTransformer(get_spec("tiny", **{**SMALL, "patch_size": 6, "image_size": 36}, vision_stem="conv"))
+        VisionTransformer(
+            get_spec("tiny", **{**SMALL, "patch_size": 6, "image_size": 36}, vision_stem="conv")
+        )
 
 
 def test_not_a_checkpoint(tmp_path):
@@ -87,7 +89,9 @@ def _grads(model, images, ids):
 @pytest.mark.parametrize("towers", [(True, False), (False, True), (True, True)])
 def test_activation_checkpointing_gives_the_same_gradients(tok, towers):
     torch.manual_seed(0)
-    model = DualEncoder(get_spec("tiny", vocab_size=tok.vocab_size, eot_id=tok.eot_id, pad_id=tok.pad_id, **SMALL))
+    model = DualEncoder(
+        get_spec("tiny", vocab_size=tok.vocab_size, eot_id=tok.eot_id, pad_id=tok.pad_id, **SMALL)
+    )
     images = torch.randn(4, 3, 32, 32)
     ids = tok(["a red heart", "nerd", "egypt flag", "a heart"])
     calls = {"image": 0, "text": 0}

@@ -430,7 +430,9 @@ def test_lexicon_heads_embed_index_and_search(collection, tmp_path):
     for query in (searcher.text_query("a red star"), searcher.image_query(images[7])):
         hits = searcher.search(query, 5)
         scores = dense @ query[0]
-        assert [h["score"] for h in hits] == pytest.approx(sorted(scores, reverse=True)[: len(hits)], rel=1e-4)
+        assert [h["score"] for h in hits] == pytest.approx(
+            sorted(scores, reverse=True)[: len(hits)], rel=1e-4
+        )
 
 
 @pytest.mark.parametrize(

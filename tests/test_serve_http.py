@@ -360,8 +360,6 @@ def test_images_from_shards_are_served_from_the_embeddings_folder(tmp_path):
         assert len(hits) == 3 and all(h["image"] == f"/image/{h['id']}" for h in hits)
         for it in items[:4]:
             r = c.get(f"/image/{it['id']}")
-            original = next(
-                (tmp_path / k).read_bytes() for k in by_key if Path(k).stem in it["key"]
-            )
+            original = next((tmp_path / k).read_bytes() for k in by_key if Path(k).stem in it["key"])
             assert r.status_code == 200 and r.headers["content-type"] == "image/png"
             assert r.content == original

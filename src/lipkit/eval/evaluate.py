@@ -59,7 +59,10 @@ def lexical_images(model: DualEncoder, store: ImageStore, batch_size: int) -> to
     """(N, V) LexLIP term weights of every image (the model's image lexicon head)."""
     n = len(store.records)
     return torch.cat(
-        [model.lexical_images_u8(store.get(range(s, min(n, s + batch_size)))) for s in range(0, n, batch_size)]
+        [
+            model.lexical_images_u8(store.get(range(s, min(n, s + batch_size))))
+            for s in range(0, n, batch_size)
+        ]
     )
 
 

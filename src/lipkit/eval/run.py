@@ -30,9 +30,7 @@ def run_eval(checkpoint: str | Path, splits: dict[str, str], cfg: Config, out: P
         records = read_table(path, d.image_column, d.caption_column, d.image_root)
         if cfg.eval.max_images:
             records = records[: cfg.eval.max_images]
-        results["splits"][name] = evaluate_records(
-            model, tokenizer, records, cfg.eval, similarity=similarity
-        )
+        results["splits"][name] = evaluate_records(model, tokenizer, records, cfg.eval, similarity=similarity)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")

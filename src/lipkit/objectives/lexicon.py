@@ -82,7 +82,9 @@ class LexiconContrast(nn.Module):
     ) -> torch.Tensor:
         scale = logit_scale
         if self.temperature is not None:
-            scale = torch.tensor(1.0 / self.temperature, dtype=image_lexicon.dtype, device=image_lexicon.device)
+            scale = torch.tensor(
+                1.0 / self.temperature, dtype=image_lexicon.dtype, device=image_lexicon.device
+            )
         loss = self.infonce(image_lexicon, text_lexicon, scale)
         weight = self.flops_weight * self.flops_factor()
         if weight:

@@ -147,7 +147,9 @@ def run_training(cfg: Config) -> tuple[Path, TrainResult]:
         model = _new_model(cfg, tokenizer, objective, pretrained, fresh=resume is None)
     model.lock("text", t.lock_text)
     model.lock("image", t.lock_image)
-    model.set_checkpointing(t.grad_checkpointing in ("image", "both"), t.grad_checkpointing in ("text", "both"))
+    model.set_checkpointing(
+        t.grad_checkpointing in ("image", "both"), t.grad_checkpointing in ("text", "both")
+    )
     device = pick_device("auto", dist.local_rank)
     log = jsonl_log(run_dir / "metrics.jsonl") if dist.main else None
     batches = data.batches(
