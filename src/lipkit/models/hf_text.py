@@ -74,6 +74,29 @@ class HFTextTower(nn.Module):
                 f"Pretrained text tower in '{folder}' does not fit its own config ({missing[:3]})."
             )
 
+    # transformers ≥ 5 renamed gradient_checkpointing_* to activation_checkpointing_* (old names warn)
+    def _new_checkpointing_api(self) -> bool:
+        return hasattr(type(self.encoder), "is_activation_checkpointing")
+
+    @property
+    def checkpointing(self) -> bool:
+        enc = self.encoder
+        return (
+            enc.is_activation_checkpointing
+            if self._new_checkpointing_api()
+            else enc.is_gradient_checkpointing
+        )
+
+    def set_checkpointing(self, on: bool) -> None:
+        """Activation checkpointing of the encoder's layers (transformers' own, non-reentrant)."""
+        enc, new = self.encoder, self._new_checkpointing_api()
+        if on:
+            (enc.activation_checkpointing_enable if new else enc.gradient_checkpointing_enable)(
+                {"use_reentrant": False}
+            )
+        elif self.checkpointing:
+            (enc.activation_checkpointing_disable if new else enc.gradient_checkpointing_disable)()
+
     @property
     def locked(self) -> bool:
         return not any(p.requires_grad for p in self.encoder.parameters())

@@ -42,6 +42,7 @@ from lipkit.train.distributed import (
     sync_step,
 )
 from lipkit.train.inputs import check_inputs, objective_inputs
+from lipkit.train.optim import lr_factor, param_groups  # noqa: F401 - param_groups re-exported
 from lipkit.train.state import load_optimizer_state, load_rng_state, optimizer_state, rng_state
 
 Batch = tuple[torch.Tensor, list[str], list[str]]  # uint8 images, captions, keys
@@ -52,30 +53,6 @@ CheckpointHook = Callable[["Trainer", bool], Path]  # (trainer, final) -> checkp
 
 class TrainingFault(UserError):
     """Too many non-finite steps in a row."""
-
-
-def param_groups(
-    model: nn.Module, weight_decay: float, lr_scales: dict[str, float] | None = None
-) -> list[dict[str, Any]]:
-    """Weight decay on matrices only (no decay on biases, norms, embeddings or the logit scale); frozen
-    parameters left out; parameters under a prefix in `lr_scales` get that multiple of the learning rate."""
-    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        scale = next((s for prefix, s in (lr_scales or {}).items() if name.startswith(prefix)), 1.0)
-        groups.setdefault((p.ndim >= 2 and "embedding" not in name, scale), []).append(p)
-    return [
-        {"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
-        for (decay, scale), ps in sorted(groups.items())
-    ]
-
-
-def lr_factor(step: int, progress: float, warmup: int, min_ratio: float) -> float:
-    """Linear warmup to 1 over `warmup` steps, then cosine decay to `min_ratio` as `progress` goes 0 → 1."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 @dataclass
