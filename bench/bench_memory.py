@@ -1,4 +1,5 @@
-"""Memory against speed for the big-batch options: activation checkpointing per tower and gradient caching.
+"""Memory against speed for the big-batch options (activation checkpointing per tower, gradient caching)
+and for torch.compile.
 
     python bench/bench_memory.py                                  # tiny preset, batch 256, bf16
     python bench/bench_memory.py --batch 512 --steps 4 --rows none,both,cache64
@@ -27,6 +28,7 @@ ROWS = {
     "both": {"grad_checkpointing": "both"},
     "cache64": {"grad_cache_chunk": 64},
     "both+cache64": {"grad_checkpointing": "both", "grad_cache_chunk": 64},
+    "compile": {"compile": True},  # train.compile: torch.compile of both towers (warm-up step compiles)
 }
 WORDS = [
     "red",
@@ -81,6 +83,8 @@ def child(row: str, args: argparse.Namespace) -> dict:
         options.get("grad_checkpointing") in ("image", "both"),
         options.get("grad_checkpointing") in ("text", "both"),
     )
+    if options.get("compile"):
+        model.compile_towers()
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(
             model, build_objective("infonce"), tok, cfg, AugmentConfig(), Path(tmp), torch.device("cpu")

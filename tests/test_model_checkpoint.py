@@ -109,3 +109,19 @@ def test_activation_checkpointing_gives_the_same_gradients(tok, towers):
         torch.testing.assert_close(checked[name], g, rtol=1e-5, atol=1e-6, msg=name)
     with torch.no_grad():  # inference never recomputes anything
         torch.testing.assert_close(model.encode_image(images), model.encode_image(images))
+
+
+def test_compiled_towers_match_eager_and_keep_parameter_names(tok):
+    torch.manual_seed(0)
+    model = DualEncoder(get_spec("tiny", vocab_size=tok.vocab_size, eot_id=tok.eot_id, pad_id=tok.pad_id, **SMALL))
+    images, ids = torch.randn(2, 3, 32, 32), tok(["a red heart", "egypt flag"])
+    names = list(model.state_dict())
+    with torch.no_grad():
+        eager = model.encode_image(images), model.encode_text(ids)
+    model.compile_towers()
+    assert model.visual._compiled_call_impl is not None and model.text._compiled_call_impl is not None
+    assert list(model.state_dict()) == names  # checkpoints written from a compiled model load anywhere
+    with torch.no_grad():
+        compiled = model.encode_image(images), model.encode_text(ids)
+    for a, b in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)

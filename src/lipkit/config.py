@@ -91,6 +91,9 @@ class TrainConfig:
     grad_cache_chunk: int = 0  # >0: gradient caching, re-embedding this many images at a time
     # activation checkpointing: none | image | text | both — recompute that tower's blocks in the backward
     grad_checkpointing: str = "none"
+    # torch.compile both towers (in place; checkpoints unchanged). Measured on 2 CPU cores, tiny model:
+    # bf16 +5–14 % samples/s after a ~60 s first step, fp32 no gain — for long runs and GPUs
+    compile: bool = False
     lock_text: str = "none"  # LiT: none | all | backbone (everything but the projection)
     lock_image: str = "none"
     text_backbone_lr_scale: float = 1.0  # lr multiplier of an unlocked pretrained text encoder

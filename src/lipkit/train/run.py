@@ -150,6 +150,8 @@ def run_training(cfg: Config) -> tuple[Path, TrainResult]:
     model.set_checkpointing(
         t.grad_checkpointing in ("image", "both"), t.grad_checkpointing in ("text", "both")
     )
+    if t.compile:
+        model.compile_towers()
     device = pick_device("auto", dist.local_rank)
     log = jsonl_log(run_dir / "metrics.jsonl") if dist.main else None
     batches = data.batches(
