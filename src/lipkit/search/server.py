@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import mimetypes
 import time
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -32,94 +31,19 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lipkit import __version__
 from lipkit.errors import UserError
+from lipkit.search.http_limits import (  # noqa: F401 - Limits, ApiError, sniff_image_type re-exported
+    ApiError,
+    BodyLimit,
+    BodyTooLarge,
+    Limits,
+    _error,
+    _int,
+    sniff_image_type,
+)
 from lipkit.search.query import ImageRejected, Searcher, decode_image_bytes
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_upload_bytes: int = 5 * 1024 * 1024
-    max_pixels: int = 40_000_000
-    max_query_chars: int = 1000
-    max_k: int = 100
-    default_k: int = 20
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status, self.message = status, message
-
-
-class BodyTooLarge(Exception):
-    pass
-
-
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message, "status": status}, status_code=status)
-
-
-class BodyLimit:
-    """ASGI middleware: refuse request bodies over `limit` bytes, by Content-Length up front and by
-    counting while the body streams in (chunked uploads carry no length)."""
-
-    def __init__(self, app: ASGIApp, limit: int, upload_limit: int) -> None:
-        self.app, self.limit, self.upload_limit = app, limit, upload_limit
-
-    def _message(self) -> str:
-        return (
-            f"The request body is over the upload limit of {self.upload_limit / 2**20:.1f} MB; "
-            "send a smaller image (or start the server with a larger --max-upload-mb)."
-        )
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length")
-        if length is not None:
-            try:
-                too_big = int(length) > self.limit
-            except ValueError:
-                await _error(400, "The Content-Length header is not a number; send a valid request.")(
-                    scope, receive, send
-                )
-                return
-            if too_big:
-                # read (and drop) a moderately large body so the client sees the answer, not a reset
-                if int(length) <= 8 * self.limit:
-                    more = True
-                    while more:
-                        msg = await receive()
-                        more = msg.get("more_body", False) and msg["type"] == "http.request"
-                await _error(413, self._message())(scope, receive, send)
-                return
-        seen = 0
-
-        async def counted() -> Message:
-            nonlocal seen
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.limit:
-                    raise BodyTooLarge()
-            return msg
-
-        await self.app(scope, counted, send)
-
-
-def _int(value: Any, name: str, lo: int, hi: int) -> int:
-    try:
-        v = int(str(value).strip())
-    except ValueError:
-        raise ApiError(400, f"{name} must be a whole number from {lo} to {hi}, got '{value}'.") from None
-    if not lo <= v <= hi:
-        raise ApiError(400, f"{name} must be from {lo} to {hi}, got {v}; pick a number in that range.")
-    return v
 
 
 def _swagger_assets() -> Path | None:
@@ -457,21 +381,6 @@ def create_app(searcher: Searcher, limits: Limits | None = None) -> FastAPI:
         raise ApiError(404, f"Item {i} has no image file on this server (it was moved or never had one).")
 
     return app
-
-
-def sniff_image_type(data: bytes) -> str:
-    """The media type of encoded image bytes from their magic number."""
-    for magic, media in (
-        (b"\x89PNG", "image/png"),
-        (b"\xff\xd8\xff", "image/jpeg"),
-        (b"GIF8", "image/gif"),
-        (b"BM", "image/bmp"),
-    ):
-        if data.startswith(magic):
-            return media
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    return "application/octet-stream"
 
 
 def serve(
