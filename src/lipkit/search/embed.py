@@ -17,7 +17,6 @@ source and checkpoint skips them, so an interrupted job continues after its last
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -42,14 +41,22 @@ from rich.progress import (
 )
 from torch.utils.data import DataLoader, Dataset
 
-from lipkit.data.sources import Record, read_table, source_kind
+from lipkit.data.sources import Record
 from lipkit.data.transforms import load_image
 from lipkit.device import pick_device
 from lipkit.errors import UserError
 from lipkit.models.dual_encoder import DualEncoder
+from lipkit.search.collection import (  # noqa: F401 - collect and IMAGE_EXTS re-exported
+    IMAGE_EXTS,
+    _inline,
+    _key,
+    checkpoint_fingerprint,
+    collect,
+    records_fingerprint,
+)
+from lipkit.search.embeddings_dir import Embeddings, load_embeddings  # noqa: F401 - re-exported
 from lipkit.text.tokenizer import TextTokenizer
 
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 FORMAT = "lipkit-embeddings"
 OUR_FILES = (
     "manifest.json",
@@ -61,65 +68,6 @@ OUR_FILES = (
     "skipped.json",
     "chunks",
 )
-
-
-# ----------------------------------------------------------------------------------------------
-# sources
-
-
-def collect(
-    source: str | Path, image_column: str = "image", caption_column: str = "captions"
-) -> list[Record]:
-    """Records of a folder of images (recursive, sorted, no captions), or of anything `read_table`
-    reads (CSV/TSV/JSONL captions tables and the other source kinds it knows)."""
-    p = Path(source).expanduser()
-    if source_kind(source) == "folder":
-        files = sorted(
-            f
-            for f in p.rglob("*")
-            if f.suffix.lower() in IMAGE_EXTS
-            and f.is_file()
-            and not any(s.startswith(".") for s in f.relative_to(p).parts)
-        )
-        if not files:
-            raise UserError(
-                f"Folder '{p}' holds no images ({', '.join(sorted(IMAGE_EXTS))}); point SOURCE at a folder "
-                "of images or at a CSV/TSV/JSONL table."
-            )
-        return [Record(f.resolve(), [], {"relpath": str(f.relative_to(p))}) for f in files]
-    return read_table(source, image_column=image_column, caption_column=caption_column)
-
-
-def _inline(record: Record) -> bytes | None:
-    """Encoded image bytes of a record whose source stores them inline (shards, parquet), else None."""
-    return getattr(record, "data", None)
-
-
-def _key(record: Record) -> str:
-    return str(getattr(record, "key", "") or record.image)
-
-
-def _digest(parts: Sequence[str]) -> str:
-    h = hashlib.sha256()
-    for s in parts:
-        h.update(s.encode("utf-8", "surrogatepass"))
-        h.update(b"\0")
-    return h.hexdigest()[:32]
-
-
-def records_fingerprint(records: Sequence[Record]) -> str:
-    return _digest([f"{_key(r)}\t{r.captions[0] if r.captions else ''}" for r in records])
-
-
-def checkpoint_fingerprint(checkpoint: str | Path) -> str:
-    """Hash of config.json and model.safetensors: a different checkpoint gives different vectors."""
-    p = Path(checkpoint).expanduser()
-    h = hashlib.sha256()
-    for name in ("config.json", "model.safetensors"):
-        with (p / name).open("rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
-    return h.hexdigest()[:32]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -462,45 +410,3 @@ def run_embed(
         extra_manifest={"source": str(Path(source).expanduser().resolve()), "checkpoint": str(checkpoint)},
         **kwargs,
     )
-
-
-# ----------------------------------------------------------------------------------------------
-# reading an embeddings folder
-
-
-@dataclass
-class Embeddings:
-    path: Path
-    items: list[dict[str, Any]]
-    manifest: dict[str, Any]
-
-    def image(self) -> np.ndarray:
-        return np.load(self.path / "image_emb.npy", mmap_mode="r", allow_pickle=False)
-
-    def lexical_file(self) -> Path | None:
-        for name in ("lex.npy", "lex.npz"):
-            if (self.path / name).is_file():
-                return self.path / name
-        return None
-
-
-def load_embeddings(path: str | Path, need_dense: bool = True) -> Embeddings:
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        raise UserError(
-            f"Embeddings folder '{p}' does not exist; make it with `lipkit embed CHECKPOINT SOURCE {p}`."
-        )
-    manifest: dict[str, Any] = {}
-    if (p / "manifest.json").is_file():
-        manifest = json.loads((p / "manifest.json").read_text(encoding="utf-8"))
-        if not manifest.get("complete", False):
-            raise UserError(
-                f"Embeddings in '{p}' are incomplete (the embed job stopped); rerun the same `lipkit embed` "
-                "command to finish them."
-            )
-    if need_dense and not (p / "image_emb.npy").is_file():
-        raise UserError(f"'{p}' has no image_emb.npy; make it with `lipkit embed CHECKPOINT SOURCE {p}`.")
-    items: list[dict[str, Any]] = []
-    if (p / "ids.json").is_file():
-        items = json.loads((p / "ids.json").read_text(encoding="utf-8"))
-    return Embeddings(p, items, manifest)

@@ -1,0 +1,69 @@
+"""What `lipkit embed` reads: the records of a folder of images or of any table/source `read_table`
+knows, and fingerprints of a collection and of a checkpoint (an interrupted embed job resumes only when
+both are unchanged)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+from lipkit.data.sources import Record, read_table, source_kind
+from lipkit.errors import UserError
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def collect(
+    source: str | Path, image_column: str = "image", caption_column: str = "captions"
+) -> list[Record]:
+    """Records of a folder of images (recursive, sorted, no captions), or of anything `read_table`
+    reads (CSV/TSV/JSONL captions tables and the other source kinds it knows)."""
+    p = Path(source).expanduser()
+    if source_kind(source) == "folder":
+        files = sorted(
+            f
+            for f in p.rglob("*")
+            if f.suffix.lower() in IMAGE_EXTS
+            and f.is_file()
+            and not any(s.startswith(".") for s in f.relative_to(p).parts)
+        )
+        if not files:
+            raise UserError(
+                f"Folder '{p}' holds no images ({', '.join(sorted(IMAGE_EXTS))}); point SOURCE at a folder "
+                "of images or at a CSV/TSV/JSONL table."
+            )
+        return [Record(f.resolve(), [], {"relpath": str(f.relative_to(p))}) for f in files]
+    return read_table(source, image_column=image_column, caption_column=caption_column)
+
+
+def _inline(record: Record) -> bytes | None:
+    """Encoded image bytes of a record whose source stores them inline (shards, parquet), else None."""
+    return getattr(record, "data", None)
+
+
+def _key(record: Record) -> str:
+    return str(getattr(record, "key", "") or record.image)
+
+
+def _digest(parts: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for s in parts:
+        h.update(s.encode("utf-8", "surrogatepass"))
+        h.update(b"\0")
+    return h.hexdigest()[:32]
+
+
+def records_fingerprint(records: Sequence[Record]) -> str:
+    return _digest([f"{_key(r)}\t{r.captions[0] if r.captions else ''}" for r in records])
+
+
+def checkpoint_fingerprint(checkpoint: str | Path) -> str:
+    """Hash of config.json and model.safetensors: a different checkpoint gives different vectors."""
+    p = Path(checkpoint).expanduser()
+    h = hashlib.sha256()
+    for name in ("config.json", "model.safetensors"):
+        with (p / name).open("rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+    return h.hexdigest()[:32]
