@@ -67,7 +67,17 @@ class HFTextTower(nn.Module):
 
     def load_pretrained(self, folder: Path) -> None:
         tf = _transformers()
-        pretrained = tf.AutoModel.from_pretrained(str(folder), add_pooling_layer=False)
+        # quiet: the checkpoint's unused pooler weights would print a "LOAD REPORT" table and a bar;
+        # real mismatches are checked below and raised as one sentence
+        verbosity, bars = tf.logging.get_verbosity(), tf.utils.logging.is_progress_bar_enabled()
+        tf.logging.set_verbosity_error()
+        tf.utils.logging.disable_progress_bar()
+        try:
+            pretrained = tf.AutoModel.from_pretrained(str(folder), add_pooling_layer=False)
+        finally:
+            tf.logging.set_verbosity(verbosity)
+            if bars:
+                tf.utils.logging.enable_progress_bar()
         missing, unexpected = self.encoder.load_state_dict(pretrained.state_dict(), strict=False)
         if [m for m in missing if "position_ids" not in m]:
             raise UserError(
