@@ -44,13 +44,14 @@ def batch(per_image: int = 1):
     return images, captions
 
 
-def one_step(tmp: Path, rank: int, world: int, per_image: int = 1, **train) -> dict[str, torch.Tensor]:
+def make_trainer(tmp: Path, rank: int, world: int, per_image: int = 1, **train) -> Trainer:
     torch.manual_seed(0)
     tok = TextTokenizer.train(WORDS * 3, vocab_size=300, context_length=12)
-    model = DualEncoder(get_spec("tiny", **SPEC, vocab_size=tok.vocab_size, eot_id=tok.eot_id))
-    cfg = TrainConfig(batch_size=BATCH, grad_clip=0.0, **train)
-    trainer = Trainer(
-        model,
+    lexicon = tok.vocab_size if train.get("objective") == "lexlip" else 0
+    spec = get_spec("tiny", **SPEC, vocab_size=tok.vocab_size, eot_id=tok.eot_id, lexicon_vocab=lexicon)
+    cfg = TrainConfig(batch_size=BATCH, **{"grad_clip": 0.0, **train})
+    return Trainer(
+        DualEncoder(spec),
         build_objective(cfg.objective),
         tok,
         cfg,
@@ -60,6 +61,11 @@ def one_step(tmp: Path, rank: int, world: int, per_image: int = 1, **train) -> d
         captions_per_image=per_image,
         dist=Dist(rank, world),
     )
+
+
+def one_step(tmp: Path, rank: int, world: int, per_image: int = 1, **train) -> dict[str, torch.Tensor]:
+    trainer = make_trainer(tmp, rank, world, per_image, **train)
+    model, cfg = trainer.model, trainer.cfg
     images, captions = batch(per_image)
     loss, finite = trainer.step(images, captions, lr=1e-3)
     assert finite
@@ -67,11 +73,25 @@ def one_step(tmp: Path, rank: int, world: int, per_image: int = 1, **train) -> d
         local = sum(p.to_local().numel() if fsdp.is_sharded(p) else p.numel() for p in model.parameters())
         assert local < 0.55 * model.num_params()
     # full tensors (under FSDP each rank holds shards: gathering them is a collective, same order on all)
-    grads = {f"grad.{n}": fsdp.full(p.grad).detach().clone() for n, p in model.named_parameters()}
+    grads = {
+        f"grad.{n}": fsdp.full(p.grad).detach().clone()
+        for n, p in model.named_parameters()
+        if p.grad is not None
+    }
+    assert len(grads) > 20
     weights = {f"param.{n}": fsdp.full(p).detach().clone() for n, p in model.named_parameters()}
-    moments = trainer.training_state()[0]  # AdamW moments after the step, as a checkpoint stores them
-    optim = {k: v.clone() for k, v in moments.items() if k.startswith("optim.") and v.ndim}
-    return {"loss": loss.reshape(1), **grads, **weights, **optim}
+    state = trainer.training_state()  # AdamW moments after the step, as a checkpoint stores them
+    optim = {k: v.clone() for k, v in state[0].items() if k.startswith("optim.") and v.ndim}
+    out = {"loss": loss.reshape(1), **grads, **weights, **optim}
+    plain = trainer.unsharded()  # what eval and checkpoints read: every weight, in place (rank 0)
+    if rank == 0:
+        out.update({f"unsharded.{k}": v.detach().clone() for k, v in plain.state_dict().items()})
+    # resume: a fresh trainer loads the saved state (FSDP: full moments re-sharded) and gives it back
+    again = make_trainer(tmp, rank, world, per_image, **train)
+    again.load_training_state(state)
+    back = again.training_state()[0]
+    out.update({f"resumed.{k}": back[k].clone() for k in optim})
+    return out
 
 
 def _worker(rank: int, world: int, port: int, tmp: str, train: dict, per_image: int) -> None:
@@ -117,7 +137,7 @@ def assert_close(a: dict, b: dict, atol: float = 1e-5) -> None:
         # AdamW's first step moves a weight by lr·g/(|g| + ε): ~lr wherever |g| ≫ ε, so a gradient of
         # 1e-8 that differs in its last bits moves it a few 1e-5. Weights after the step are compared to a
         # tenth of one step (lr 1e-3); a misplaced or missing update would be off by ~lr.
-        tol = 1e-4 if k.startswith("param.") else atol
+        tol = 1e-4 if k.startswith(("param.", "unsharded.")) else atol
         assert torch.allclose(a[k], b[k], atol=tol), (k, (a[k] - b[k]).abs().max().item())
 
 
@@ -128,13 +148,23 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, local_loss, strategy):
     single = one_step(tmp_path, 0, 1)
     ranks = run_two(tmp_path, local_loss=local_loss, strategy=strategy)
     same = {k: v for k, v in single.items() if k != "loss"}
-    for r in ranks:  # every rank holds the averaged gradient of the global loss, the same weights after
-        assert_close({k: r[k] for k in same}, same)  # the step and (gathered) the same AdamW moments
+    for rank, r in enumerate(ranks):  # every rank holds the averaged gradient of the global loss, the same
+        # weights after the step and (gathered) the same AdamW moments, before and after a resume
+        assert_close({k: r[k] for k in same if rank == 0 or not k.startswith("unsharded.")}, same)
     losses = torch.stack([r["loss"] for r in ranks])
     if local_loss:  # each rank owns half the rows: their mean is the global loss
         assert torch.allclose(losses.mean(), single["loss"], atol=1e-5)
     else:
         assert torch.allclose(losses, single["loss"].expand(2), atol=1e-5)
+
+
+@pytest.mark.parametrize("objective", ["lexlip", "infonce"])
+def test_fsdp_with_lexicon_heads_and_gradient_clipping(tmp_path, objective):
+    """FSDP shards the LexLIP heads too; the global gradient norm over shards clips like one process
+    (the unclipped norm here is ~80, so clipping to 1 changes every gradient)."""
+    single = one_step(tmp_path, 0, 1, objective=objective, grad_clip=1.0)
+    for r in run_two(tmp_path, objective=objective, grad_clip=1.0, strategy="fsdp"):
+        assert_close(r, single)
 
 
 @pytest.mark.parametrize("strategy,chunk", [("ddp", 0), ("fsdp", 0), ("fsdp", 3)])

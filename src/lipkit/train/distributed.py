@@ -37,6 +37,8 @@ PER_SAMPLE = (
     "image_tokens",
     "text_tokens",
     "text_mask",
+    "image_lexicon",
+    "text_lexicon",
 )
 
 
@@ -121,7 +123,12 @@ def local_infonce(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, 
 def average_gradients(params: list[torch.Tensor]) -> None:
     """Average gradients over ranks with one flattened all-reduce (DDP's arithmetic, without its
     bucketing/overlap; plain enough to compose with gradient caching and local losses)."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    # parameters the loss did not reach have no gradient on any rank (every rank runs the same graph):
+    # leave them without one, as a single process would (a zero would still get AdamW's weight decay)
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return
+    grads = [p.grad for p in params]
     flat = _flatten_dense_tensors(grads)
     dist.all_reduce(flat)
     flat /= dist.get_world_size()

@@ -35,11 +35,12 @@ def _shard(module: nn.Module) -> None:
     fully_shard(module, ignored_params=frozen or None)
 
 
-def _blocks(tower: nn.Module) -> list[nn.Module]:
-    if isinstance(tower, HFTextTower):
-        layers = getattr(getattr(tower.encoder, "encoder", None), "layer", None)
+def _blocks(unit: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a tower (none for a lexicon head)."""
+    if isinstance(unit, HFTextTower):
+        layers = getattr(getattr(unit.encoder, "encoder", None), "layer", None)
         return list(layers) if layers is not None else []
-    return list(tower.transformer.resblocks)
+    return list(getattr(getattr(unit, "transformer", None), "resblocks", []))
 
 
 def shard_model(model: DualEncoder) -> None:
@@ -74,10 +75,10 @@ def like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
 def average_replicated(params: list[torch.Tensor]) -> None:
     """All-reduce-average the gradients of the parameters FSDP does not own (root and objective ones)."""
-    plain = [p for p in params if not isinstance(p, DTensor)]
+    plain = [p for p in params if not isinstance(p, DTensor) and p.grad is not None]  # see average_gradients
     if not plain:
         return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in plain]
+    grads = [p.grad for p in plain]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
     flat /= dist.get_world_size()
@@ -109,11 +110,16 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     return norm
 
 
-def unsharded_copy(model: DualEncoder) -> DualEncoder:
-    """A plain (unsharded) copy of the model with every weight, built on every rank (a collective):
-    what evaluation and checkpoint writing read."""
-    state = {k: full(v).detach().cpu() for k, v in model.state_dict().items()}
-    plain = DualEncoder(model.spec, max_logit_scale=model.max_logit_scale)
+def unsharded_copy(model: DualEncoder, keep: bool) -> DualEncoder | None:
+    """A plain (unsharded) copy of the model with every weight, on the model's device: what evaluation
+    and checkpoint writing read. Every rank must call it (the gathering is a collective); only where
+    `keep` is true (rank 0) is the copy built — elsewhere None."""
+    state = {k: full(v).detach() for k, v in model.state_dict().items()}
+    if not keep:
+        return None
+    device = model.logit_scale.device
+    with torch.random.fork_rng(devices=[]):  # building draws an init; the run's RNG must not move
+        plain = DualEncoder(model.spec, max_logit_scale=model.max_logit_scale).to(device)
     for name, p in plain.named_parameters():  # keep the locks (LiT) of the trained model
         p.requires_grad_(dict(model.named_parameters())[name].requires_grad)
     plain.load_state_dict(state)

@@ -113,13 +113,17 @@ class Trainer:
         self.train_seconds = 0.0  # training wall time of earlier processes of this run (resume)
         self.faults = 0
         self.last_checkpoint: Path | None = None
-        self.signal: int | None = None
+        self.signal: int | None = None  # the stop every rank agreed on (after the same step)
+        self._pending: int | None = None  # a signal this process received, not yet agreed on
 
     # -- state -------------------------------------------------------------------------------------
     def unsharded(self) -> DualEncoder:
         """The model with every weight in place: itself, or under FSDP a gathered copy (a collective:
         every rank calls it)."""
-        return fsdp.unsharded_copy(self.model) if self.sharded else self.model
+        if not self.sharded:
+            return self.model
+        plain = fsdp.unsharded_copy(self.model, keep=self.dist.main)
+        return plain if plain is not None else self.model  # other ranks: they only took part
 
     def training_state(self) -> TrainingState:
         """Everything a resume needs; under FSDP the optimizer moments are gathered (a collective)."""
@@ -261,9 +265,11 @@ class Trainer:
             return
 
         def handler(signum: int, _frame: Any) -> None:
-            if self.signal is not None:
+            if self._pending is not None:
                 os._exit(128 + signum)
-            self.signal = signum
+            self._pending = signum
+            if not self.dist.enabled:  # alone: stop after this step; distributed: after the next sync
+                self.signal = signum
             print(
                 f"\nlipkit: got signal {signum}; finishing this step and writing a checkpoint "
                 "(send it again to exit at once)",
@@ -345,6 +351,8 @@ class Trainer:
         with self._signals(), Progress(*columns, disable=not self.dist.main) as bar:
             task = bar.add_task("train", total=1000, info="", **shown(step))
             epoch, first = divmod(step, steps_per_epoch)
+            if self.dist.enabled:  # the first step's lr already follows the common clock
+                _, synced[0] = sync_step(None, elapsed())
             while step < total and not stopped and self.signal is None:
                 for images, captions, keys in batches(epoch, first):
                     decay = max(0.0, progress(step) - warm) / (1 - warm)
@@ -352,7 +360,7 @@ class Trainer:
                     loss, finite = self.step(images, captions, lr)
                     step = self.step_count = step + 1
                     if self.dist.enabled:  # every rank stops at the same step, follows the same schedule
-                        self.signal, synced[0] = sync_step(self.signal, elapsed())
+                        self.signal, synced[0] = sync_step(self._pending, elapsed())
                     bar.update(task, **shown(step))
                     if not finite:
                         self.faults, in_a_row = self.faults + 1, in_a_row + 1
