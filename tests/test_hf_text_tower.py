@@ -99,6 +99,7 @@ def test_activation_checkpointing_of_an_unlocked_hf_tower_keeps_gradients(parts)
     model = copy.deepcopy(model).train()
     model.text.requires_grad_(True)  # unlocked (another test locks the shared model)
     model.text._cache.clear()
+    model.train()  # a locked encoder stayed in eval mode; unlocked it trains (checkpointing needs training)
     for m in model.modules():  # dropout off: both passes must see the same network
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
@@ -109,10 +110,16 @@ def test_activation_checkpointing_of_an_unlocked_hf_tower_keeps_gradients(parts)
         model.encode_text(ids).sum().backward()
         return {n: p.grad.clone() for n, p in model.text.named_parameters() if p.grad is not None}
 
+    calls = [0]
+    # count a sub-module of the first layer (transformers wraps the layer's own class-level forward)
+    inner = model.text.encoder.encoder.layer[0].intermediate
+    inner.forward = lambda *a, f=inner.forward, **k: (calls.__setitem__(0, calls[0] + 1), f(*a, **k))[1]
     plain = grads()
+    assert calls == [1]
     model.set_checkpointing(False, True)
     assert model.text.checkpointing
     checked = grads()
+    assert calls == [3]  # recomputed in the backward
     model.set_checkpointing(False, False)
     assert not model.text.checkpointing
     assert plain.keys() == checked.keys() and len(plain) > 10
