@@ -24,6 +24,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.models.hf_text import HFTextTower
+from lipkit.train.distributed import average_gradients
 
 
 def _trainable(module: nn.Module) -> bool:
@@ -75,17 +76,7 @@ def like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
 def average_replicated(params: list[torch.Tensor]) -> None:
     """All-reduce-average the gradients of the parameters FSDP does not own (root and objective ones)."""
-    plain = [p for p in params if not isinstance(p, DTensor) and p.grad is not None]  # see average_gradients
-    if not plain:
-        return
-    grads = [p.grad for p in plain]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for p, g in zip(plain, grads, strict=True):
-        p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
-        offset += g.numel()
+    average_gradients([p for p in params if not isinstance(p, DTensor)])
 
 
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
