@@ -98,10 +98,8 @@ class Trainer:
         self.sharded = self.dist.enabled and cfg.strategy == "fsdp"
         if self.sharded:  # FSDP units replace the towers' parameters with shards (before the optimizer)
             fsdp.shard_model(model)
-        fused = device.type in (
-            "cuda",
-            "cpu",
-        )  # one kernel per step: 21 → 6 ms on the tiny model on 2 CPU cores
+        # fused AdamW: one kernel per step (21 → 6 ms on the tiny model on 2 CPU cores)
+        fused = device.type in ("cuda", "cpu")
         # objectives may own parameters too (optimised and kept in the trainer state)
         scales = {"text.encoder.": cfg.text_backbone_lr_scale}
         groups = [g for m in (model, objective) for g in param_groups(m, cfg.weight_decay, scales)]
