@@ -3,6 +3,8 @@ caching gives the gradients of the plain step."""
 
 import os
 import socket
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -119,6 +121,36 @@ def test_ranks_agree_on_signal_and_clock(tmp_path):
     steps and the job hangs in a collective)."""
     mp.spawn(_sync_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     assert [(tmp_path / f"sync{r}.txt").read_text() for r in range(2)] == ["15 100.0"] * 2
+
+
+def _fit_worker(rank: int, world: int, port: int, tmp: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # a short timeout: ranks that stop at different steps fail here instead of hanging the suite
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=30))
+    try:
+        trainer = make_trainer(Path(tmp), rank, world, epochs=1000, max_minutes=0.05, eval_every=2)
+        images, captions = batch()
+
+        def batches(epoch: int, first: int):
+            for _ in range(first, 1000):
+                yield images, captions, [f"k{i}" for i in range(BATCH)]
+
+        def evaluate(model, step: int) -> dict:
+            time.sleep(0.3)  # only rank 0 evaluates: the others wait, and their own clocks run on
+            return {}
+
+        result = trainer.fit(batches, 1000, evaluate, None)
+        Path(tmp, f"fit{rank}.txt").write_text(str(result.steps))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_time_budget_stops_every_rank_at_the_same_step(tmp_path):
+    """Trainer.fit with a 3-second budget while rank 0 spends time evaluating: every rank reads the common
+    clock, so all stop after the same step (with their own clocks rank 1 stopped first and rank 0 hung)."""
+    mp.spawn(_fit_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    steps = [int((tmp_path / f"fit{r}.txt").read_text()) for r in range(2)]
+    assert steps[0] == steps[1] and 2 < steps[0] < 1000
 
 
 def free_port() -> int:
