@@ -103,13 +103,12 @@ def export_csv(dest: Path) -> int:
     return len(rows)
 
 
-def open_clip_shape() -> dict:
-    """lipkit's tiny preset as an OpenCLIP model config, with CLIP's BPE vocabulary."""
+def open_clip_shape(cfg) -> dict:
+    """The lipkit run's model preset as an OpenCLIP model config, with CLIP's BPE vocabulary."""
     from lipkit.interop.clip_bpe import CLIP_VOCAB_SIZE
     from lipkit.interop.open_clip import open_clip_model_config
     from lipkit.models.presets import get_spec
 
-    cfg = lipkit_config(argparse.Namespace(epochs=1, seed=0, batch=256), Path("unused"))
     spec = get_spec(
         cfg.model.preset,
         vocab_size=CLIP_VOCAB_SIZE,
@@ -124,13 +123,13 @@ def child_open_clip(args: argparse.Namespace) -> dict:
     from open_clip_train.main import main as open_clip_main
 
     work = args.work / "open_clip"
-    configs = work / "model_configs"
-    configs.mkdir(parents=True, exist_ok=True)
-    (configs / "lipkit-tiny.json").write_text(json.dumps(open_clip_shape()), encoding="utf-8")
-    open_clip.add_model_config(configs)
-    n = export_csv(work / "train.csv")
     cfg = lipkit_config(args, work)
     t = cfg.train
+    configs = work / "model_configs"
+    configs.mkdir(parents=True, exist_ok=True)
+    (configs / "lipkit-tiny.json").write_text(json.dumps(open_clip_shape(cfg)), encoding="utf-8")
+    open_clip.add_model_config(configs)
+    n = export_csv(work / "train.csv")
     argv = [
         "--train-data", str(work / "train.csv"), "--dataset-type", "csv", "--csv-separator", ",",
         "--csv-img-key", "filepath", "--csv-caption-key", "title", "--train-num-samples", str(n),

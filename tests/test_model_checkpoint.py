@@ -79,6 +79,13 @@ def test_base32_has_clip_b32_shape():
     assert model.visual.positional_embedding.shape == (50, 768)
 
 
+def _small_model(tok):
+    torch.manual_seed(0)
+    return DualEncoder(
+        get_spec("tiny", vocab_size=tok.vocab_size, eot_id=tok.eot_id, pad_id=tok.pad_id, **SMALL)
+    )
+
+
 def _grads(model, images, ids):
     model.zero_grad(set_to_none=True)
     img, txt = model.encode_image(images), model.encode_text(ids)
@@ -88,10 +95,7 @@ def _grads(model, images, ids):
 
 @pytest.mark.parametrize("towers", [(True, False), (False, True), (True, True)])
 def test_activation_checkpointing_gives_the_same_gradients(tok, towers):
-    torch.manual_seed(0)
-    model = DualEncoder(
-        get_spec("tiny", vocab_size=tok.vocab_size, eot_id=tok.eot_id, pad_id=tok.pad_id, **SMALL)
-    )
+    model = _small_model(tok)
     images = torch.randn(4, 3, 32, 32)
     ids = tok(["a red heart", "nerd", "egypt flag", "a heart"])
     calls = {"image": 0, "text": 0}
@@ -112,8 +116,7 @@ def test_activation_checkpointing_gives_the_same_gradients(tok, towers):
 
 
 def test_compiled_towers_match_eager_and_keep_parameter_names(tok):
-    torch.manual_seed(0)
-    model = DualEncoder(get_spec("tiny", vocab_size=tok.vocab_size, eot_id=tok.eot_id, pad_id=tok.pad_id, **SMALL))
+    model = _small_model(tok)
     images, ids = torch.randn(2, 3, 32, 32), tok(["a red heart", "egypt flag"])
     names = list(model.state_dict())
     with torch.no_grad():

@@ -111,8 +111,9 @@ def unsharded_copy(model: DualEncoder, keep: bool) -> DualEncoder | None:
     device = model.logit_scale.device
     with torch.random.fork_rng(devices=[]):  # building draws an init; the run's RNG must not move
         plain = DualEncoder(model.spec, max_logit_scale=model.max_logit_scale).to(device)
+    trained = dict(model.named_parameters())
     for name, p in plain.named_parameters():  # keep the locks (LiT) of the trained model
-        p.requires_grad_(dict(model.named_parameters())[name].requires_grad)
+        p.requires_grad_(trained[name].requires_grad)
     plain.load_state_dict(state)
     if isinstance(model.text, HFTextTower):
         plain.text._cache = copy.copy(model.text._cache)  # the locked tower's cached captions
