@@ -27,3 +27,30 @@ def table(tmp_path_factory) -> Path:
     make_fixture_packages(root / "packages", n_concepts=40)
     build_emoji(root / "emoji", cache_dir=root, progress=False)
     return root / "emoji" / "train.jsonl"
+
+
+def tiny_eval_setup(table: Path, n: int = 12, **spec_overrides):
+    """(records, tokenizer, model in eval mode): the first `n` rows of the fixture table, a BPE tokenizer
+    trained on their captions and a seeded TINY_MODEL dual encoder (extra spec keys in `spec_overrides`;
+    `lexicon_vocab=True` sizes LexLIP heads to the vocabulary)."""
+    import torch
+
+    from lipkit.data.sources import read_table
+    from lipkit.models.dual_encoder import DualEncoder
+    from lipkit.models.presets import get_spec
+    from lipkit.text.tokenizer import TextTokenizer
+
+    records = read_table(table)[:n]
+    tok = TextTokenizer.train([c for r in records for c in r.captions], vocab_size=300, context_length=16)
+    if spec_overrides.get("lexicon_vocab") is True:
+        spec_overrides["lexicon_vocab"] = tok.vocab_size
+    torch.manual_seed(0)
+    spec = get_spec(
+        "tiny",
+        **TINY_MODEL,
+        vocab_size=tok.vocab_size,
+        eot_id=tok.eot_id,
+        context_length=16,
+        **spec_overrides,
+    )
+    return records, tok, DualEncoder(spec).eval()

@@ -59,19 +59,12 @@ def test_zeroshot_naive():
 def test_filip_evaluation_scores_pairs_token_wise(table):
     """eval.similarity=filip: recall and zero-shot come from the token-wise scores of every pair,
     computed here by a naive per-pair loop over the model's own normalised tokens."""
-    from conftest import TINY_MODEL
+    from conftest import tiny_eval_setup
     from lipkit.config import EvalConfig
-    from lipkit.data.sources import read_table
     from lipkit.eval.evaluate import evaluate_records, resolve_similarity
-    from lipkit.models.dual_encoder import DualEncoder
-    from lipkit.models.presets import get_spec
-    from lipkit.text.tokenizer import TextTokenizer
 
-    records = read_table(table)[:12]
-    tok = TextTokenizer.train([c for r in records for c in r.captions], vocab_size=300, context_length=16)
-    torch.manual_seed(0)
-    spec = get_spec("tiny", **TINY_MODEL, vocab_size=tok.vocab_size, eot_id=tok.eot_id, context_length=16)
-    model = DualEncoder(spec).eval()
+    records, tok, model = tiny_eval_setup(table)
+    spec = model.spec
     cfg = EvalConfig(class_columns=["category"], templates=["{}", "an emoji of {}."])
     got = evaluate_records(model, tok, records, cfg, details=False, similarity="filip")["metrics"]
     from lipkit.data.transforms import load_image, normalize
@@ -117,28 +110,16 @@ def test_lexical_evaluation_uses_the_lexicon_heads(table):
     weights; the mean number of non-zero terms is reported; a model without heads is refused."""
     import pytest
 
-    from conftest import TINY_MODEL
+    from conftest import TINY_MODEL, tiny_eval_setup
     from lipkit.config import EvalConfig
-    from lipkit.data.sources import read_table
     from lipkit.data.transforms import load_image, normalize
     from lipkit.errors import UserError
     from lipkit.eval.evaluate import evaluate_records, resolve_similarity
     from lipkit.models.dual_encoder import DualEncoder
     from lipkit.models.presets import get_spec
-    from lipkit.text.tokenizer import TextTokenizer
 
-    records = read_table(table)[:12]
-    tok = TextTokenizer.train([c for r in records for c in r.captions], vocab_size=300, context_length=16)
-    torch.manual_seed(0)
-    spec = get_spec(
-        "tiny",
-        **TINY_MODEL,
-        vocab_size=tok.vocab_size,
-        eot_id=tok.eot_id,
-        context_length=16,
-        lexicon_vocab=tok.vocab_size,
-    )
-    model = DualEncoder(spec).eval()
+    records, tok, model = tiny_eval_setup(table, lexicon_vocab=True)
+    spec = model.spec
     cfg = EvalConfig(class_columns=["category"], templates=["{}", "an emoji of {}."])
     got = evaluate_records(model, tok, records, cfg, details=False, similarity="lexical")["metrics"]
     with torch.no_grad():

@@ -125,6 +125,10 @@ class EvalConfig:
     similarity: str = "auto"
     batch_size: int = 256
     max_images: int = 0  # 0: all
+    # linear probe (logistic regression on frozen image embeddings, λ picked on a held-out part) fit on
+    # this table's class columns and scored on every evaluation split: "" = off, "train" = data.train,
+    # or a table path. `lipkit eval` and the end of `lipkit demo` run it; evaluation during training not.
+    linear_probe: str = ""
 
 
 @dataclass

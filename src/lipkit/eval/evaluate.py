@@ -1,5 +1,6 @@
 """Evaluate a dual encoder on captioned image tables: zero-shot classification over metadata columns,
-image↔text retrieval, plus the examples and similarity heat map the report shows."""
+image↔text retrieval, optionally a linear probe per column, plus the examples and similarity heat map
+the report shows."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from lipkit.data.loader import ImageStore
 from lipkit.data.sources import Record
 from lipkit.errors import UserError
 from lipkit.eval import late_interaction as li
+from lipkit.eval.linear_probe import LinearProbe, fit_linear_probe
 from lipkit.eval.retrieval import retrieval_chance, retrieval_scores_metrics
 from lipkit.eval.zeroshot import class_embeddings, zeroshot_chance, zeroshot_scores_metrics
 from lipkit.models.dual_encoder import DualEncoder
@@ -83,6 +85,27 @@ def resolve_similarity(setting: str, objective: str | None) -> str:
     return setting
 
 
+def fit_probes(
+    model: DualEncoder, records: Sequence[Record], columns: Sequence[str], batch_size: int
+) -> dict[str, LinearProbe]:
+    """One linear probe per class column, fit on the image embeddings of `records` (see
+    eval.linear_probe); columns the table lacks labels for are left out."""
+    feats = None
+    probes: dict[str, LinearProbe] = {}
+    for column in columns:
+        values = [r.meta.get(column) for r in records]
+        if any(v in (None, "") for v in values) or len(set(values)) < 2:
+            continue
+        if feats is None:
+            store = ImageStore(records, model.spec.image_size, cache=False, desc="probe table")
+            was_training = model.training
+            model.eval()
+            feats = embed_images(model, store, batch_size)
+            model.train(was_training)
+        probes[column] = fit_linear_probe(feats, [str(v) for v in values])
+    return probes
+
+
 def _spread(n: int, k: int) -> list[int]:
     return sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(min(n, k))})
 
@@ -95,9 +118,11 @@ def evaluate_records(
     store: ImageStore | None = None,
     details: bool = True,
     similarity: str = "dense",
+    probes: dict[str, LinearProbe] | None = None,
 ) -> dict[str, Any]:
     """Metrics (and chance levels) for one split; with `details`, also retrieval examples and a heat map.
-    `similarity`: "dense" (cosine of pooled embeddings) or "filip" (token-wise, see eval.late_interaction)."""
+    `similarity`: "dense" (cosine of pooled embeddings) or "filip" (token-wise, see eval.late_interaction).
+    `probes`: linear probes per class column (`fit_probes`) scored as `probe/<column>/...`."""
     if similarity not in SIMILARITIES:
         raise ValueError(f"similarity must be one of {SIMILARITIES}, not {similarity!r}")
     if similarity == "lexical" and not model.has_lexicon:
@@ -106,7 +131,7 @@ def evaluate_records(
     model.eval()
     store = store or ImageStore(records, model.spec.image_size, cache=True, desc="evaluation")
     filip = similarity == "filip"
-    img = embed_images(model, store, cfg.batch_size) if similarity == "dense" else None
+    img = embed_images(model, store, cfg.batch_size) if similarity == "dense" or probes else None
     img_tok = li.image_tokens(model, store, cfg.batch_size) if filip else None
     img_lex = lexical_images(model, store, cfg.batch_size) if similarity == "lexical" else None
     metrics: dict[str, float] = {}
@@ -133,6 +158,12 @@ def evaluate_records(
             metrics[f"zeroshot/{column}/{name}"] = v
         for name, v in zeroshot_chance(labels, len(classes)).items():
             chance[f"zeroshot/{column}/{name}"] = v
+        if probes and column in probes:
+            p_scores, p_labels, _ = probes[column].classify(img, [str(v) for v in values])
+            for name, v in zeroshot_scores_metrics(p_scores, p_labels).items():
+                metrics[f"probe/{column}/{name}"] = v
+            for name, v in zeroshot_chance(labels, len(classes)).items():
+                chance[f"probe/{column}/{name}"] = v
     captions = [r.captions[min(cfg.retrieval_caption, len(r.captions) - 1)] for r in records]
     texts = sorted(set(captions))
     index = {t: i for i, t in enumerate(texts)}

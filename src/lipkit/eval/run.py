@@ -11,7 +11,8 @@ import torch
 
 from lipkit.config import Config
 from lipkit.data.sources import read_table
-from lipkit.eval.evaluate import evaluate_records, resolve_similarity
+from lipkit.errors import UserError
+from lipkit.eval.evaluate import evaluate_records, fit_probes, resolve_similarity
 from lipkit.train.checkpoint import load_checkpoint
 
 
@@ -26,11 +27,31 @@ def run_eval(checkpoint: str | Path, splits: dict[str, str], cfg: Config, out: P
         "model": {"preset": info.get("preset", "custom"), "params": model.num_params()},
         "splits": {},
     }
+    probes = None
+    if cfg.eval.linear_probe:
+        table = d.train if cfg.eval.linear_probe == "train" else cfg.eval.linear_probe
+        if not table:
+            raise UserError(
+                "eval.linear_probe=train needs the training table: add --set data.train=PATH "
+                "(or --set eval.linear_probe=PATH)."
+            )
+        probe_records = read_table(table, d.image_column, d.caption_column, d.image_root)
+        probes = fit_probes(model, probe_records, cfg.eval.class_columns, cfg.eval.batch_size)
+        results["linear_probe"] = {
+            "table": str(table),
+            "images": len(probe_records),
+            "columns": {
+                c: {"classes": len(p.classes), "lambda": p.lam, "val_top1": p.val_top1}
+                for c, p in probes.items()
+            },
+        }
     for name, path in splits.items():
         records = read_table(path, d.image_column, d.caption_column, d.image_root)
         if cfg.eval.max_images:
             records = records[: cfg.eval.max_images]
-        results["splits"][name] = evaluate_records(model, tokenizer, records, cfg.eval, similarity=similarity)
+        results["splits"][name] = evaluate_records(
+            model, tokenizer, records, cfg.eval, similarity=similarity, probes=probes
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
