@@ -61,6 +61,8 @@ def test_demo_end_to_end(cache, tmp_path):
     results = json.loads((out / "eval" / "results.json").read_text())
     m = results["splits"]["test-style"]["metrics"]
     assert {"zeroshot/subcategory/top1", "zeroshot/category/top5", "retrieval/text_to_image/R@10"} <= set(m)
+    assert {"probe/subcategory/top1", "probe/category/top1"} <= set(m)  # the demo config's linear probe
+    assert results["linear_probe"]["columns"]["category"]["classes"] >= 2
     html = (out / "report" / "index.html").read_text()
     assert "zeroshot/subcategory/top1" in html and "data:image/png;base64" in html
     assert "report:" in r.stderr
@@ -77,7 +79,8 @@ def test_demo_end_to_end(cache, tmp_path):
     )
     assert r2.returncode == 0, r2.stderr[-3000:]
     again = json.loads((tmp_path / "again.json").read_text())["splits"]["test-style"]["metrics"]
-    assert again == pytest.approx(m, abs=1e-6)
+    assert not any(k.startswith("probe/") for k in again)  # no probe unless asked
+    assert again == pytest.approx({k: v for k, v in m.items() if not k.startswith("probe/")}, abs=1e-6)
     assert "zeroshot/subcategory/top1" in r2.stdout
 
 
