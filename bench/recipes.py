@@ -101,6 +101,14 @@ ROWS["recipe-fulllabel-48px"] = (
     [*FULLLABEL, "model.overrides={vision_stem: conv, image_size: 48}"],
 )
 ROWS["demo"] = ("the demo as shipped (configs/demo.yaml)", [])  # its own config, see run_row
+ROWS["demo-no-label-caption"] = (
+    "the demo before its label caption: 'label (subcategory, category)' and the label only",
+    ["data.meta_captions=[]", "data.captions_per_image=2"],
+)
+ROWS["demo-same-text"] = (
+    "the demo with repeated texts as positives (UniCL: multi_positive same_text_positive=true)",
+    ["train.objective_args={same_text_positive: true}"],
+)
 ROWS["recipe-b128"] = ("recipe with batch 128 (twice the steps)", [*LR2, "train.batch_size=128"])
 ROWS["recipe-48px"] = (
     "recipe at 48 px (36 tokens, ~1.8× the samples/s)",
@@ -143,7 +151,7 @@ def run_row(name: str, overrides: list[str], seed: int, minutes: float, epochs: 
                 f"method-clip_refine starts from {start}; run the `base` row with this seed first."
             )
         budget = ["train.epochs=1", "train.max_minutes=0", f"model.init_from={start}"]
-    layers = [demo_config_path() if name == "demo" else BASELINE]
+    layers = [demo_config_path() if name.startswith("demo") else BASELINE]
     if name.startswith("method-"):  # a method preset of configs/methods layered on the demo
         layers.append(BASELINE.parent / "methods" / f"{name.removeprefix('method-')}.yaml")
     cfg = load_config(layers, [*data, f"train.seed={seed}", *budget, "train.eval_every=0", *overrides])

@@ -129,6 +129,25 @@ def test_same_samples_per_epoch_from_every_format(formats, keylog, tmp_path):
         assert epochs == reference, name  # same (key, caption) multiset in every epoch
 
 
+def test_meta_captions_reach_training_from_tables_and_shards(formats, keylog, tmp_path):
+    """data.meta_captions: the caption made from the row's category is trained on, from a table and from
+    shards alike (shards keep the row's columns in their .json)."""
+    data = {"meta_captions": ["a {category} emoji"], "caption_select": [0], "caption_policy": "first"}
+    seen = {}
+    for name in ("jsonl", "shards"):
+        keylog.clear()
+        cfg = config(formats[name], tmp_path / name, {**data, "captions_per_image": 2}, epochs=1)
+        run_training(config_from_dict({**cfg, "train": {**cfg["train"], "objective": "multi_positive"}}))
+        pairs = Counter()
+        for _, _, keys, captions in keylog:
+            assert len(captions) == 2 * len(keys)  # image-major: label, then the meta caption
+            pairs.update(zip(keys, captions[1::2], strict=True))
+        assert all(c.startswith("a ") and c.endswith(" emoji") for _, c in pairs), name
+        assert sum(pairs.values()) == 130, name
+        seen[name] = pairs
+    assert seen["jsonl"] == seen["shards"]
+
+
 def _broken_shards(table: Path, root: Path) -> str:
     """Shards of the fixture with two truncated PNGs inside and the last shard cut short."""
     rows = [json.loads(x) for x in table.read_text().splitlines()]

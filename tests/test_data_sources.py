@@ -275,3 +275,29 @@ def test_caption_select_then_languages():
     assert out.captions == ["Etikett"] and out.meta["langs"] == ["de"]
     assert filter_captions([r], [3], ["en"]) == []  # nothing left: the row is dropped
     assert filter_captions([r], [], []) == [r]
+
+
+def test_meta_captions_are_appended_from_the_rows_columns(tmp_path):
+    import pytest
+
+    from lipkit.config import DataConfig
+    from lipkit.data.captions import check_meta_templates, filter_captions
+    from lipkit.data.loader import open_train_data
+    from lipkit.data.sources import Record
+    from lipkit.errors import UserError
+
+    r = Record(Path("a.png"), ["label", "Etikett"], {"langs": ["en", "de"], "group": "faces", "kind": ""})
+    (out,) = filter_captions([r], [], ["en"], ["a {group} emoji", "{kind} thing", "{missing}"])
+    assert out.captions == ["label", "a faces emoji"] and out.meta["langs"] == ["en", "meta"]
+    with pytest.raises(UserError, match="name the row's columns"):
+        check_meta_templates(["no columns here"])
+    with pytest.raises(UserError, match="not a format string"):
+        check_meta_templates(["a {group emoji"])
+    # from a table: a template that fills nothing anywhere is a clear error naming the columns there are
+    (tmp_path / "a.png").write_bytes(b"")
+    table = tmp_path / "t.jsonl"
+    table.write_text('{"image": "a.png", "captions": ["x"], "group": "faces"}\n', encoding="utf-8")
+    d = DataConfig(train=str(table), meta_captions=["an emoji of {group}"])
+    assert open_train_data(d).records[0].captions == ["x", "an emoji of faces"]
+    with pytest.raises(UserError, match="group"):
+        open_train_data(DataConfig(train=str(table), meta_captions=["an emoji of {grop}"]))

@@ -254,6 +254,49 @@ def test_multi_positive_is_infonce_with_one_caption_each():
     assert torch.allclose(MultiPositiveInfoNCE()(img, txt, torch.arange(6.0), t.exp()), fast, atol=TOL)
 
 
+def naive_same_text_positive(img, txt, owner, key, scale):
+    """UniCL's positives: image i and caption j pair up when one of i's own captions has j's key."""
+    n, t = img.shape[0], txt.shape[0]
+    logits = [[scale * torch.dot(img[i], txt[j]) for j in range(t)] for i in range(n)]
+    pos = [
+        {j for j in range(t) if any(owner[m] == i and key[m] == key[j] for m in range(t))} for i in range(n)
+    ]
+    i2t, rows = 0.0, 0
+    for i in range(n):
+        if not pos[i]:
+            continue
+        rows += 1
+        row = torch.stack(logits[i])
+        i2t = i2t - sum(row[j] - torch.logsumexp(row, 0) for j in pos[i]) / len(pos[i])
+    t2i = 0.0
+    for j in range(t):
+        col = torch.stack([logits[i][j] for i in range(n)])
+        q = [i for i in range(n) if j in pos[i]]
+        t2i = t2i - sum(col[i] - torch.logsumexp(col, 0) for i in q) / len(q)
+    return 0.5 * (i2t / rows + t2i / t)
+
+
+def test_multi_positive_same_text_is_unicl_and_plain_without_repeats():
+    owner = torch.tensor([0, 0, 1, 1, 2, 2, 3])
+    key = torch.tensor([10, 11, 12, 11, 13, 10, 14])  # images 0, 1 and 2 share texts
+    img, txt, t = unit(4, 5, seed=52), unit(7, 5, seed=53), log_scale()
+    loss = MultiPositiveInfoNCE(same_text_positive=True)
+    fast = loss(img, txt, owner, t.exp(), caption_key=key)
+    assert_same_value_and_grads(fast, naive_same_text_positive(img, txt, owner, key, t.exp()), (img, txt, t))
+    plain = MultiPositiveInfoNCE(same_text_positive=False)(img, txt, owner, t.exp(), caption_key=key)
+    assert not torch.allclose(fast, plain)  # repeated texts change the loss ...
+    distinct = torch.arange(7)  # ... and distinct texts give the plain multi-positive loss
+    assert torch.allclose(loss(img, txt, owner, t.exp(), caption_key=distinct), plain, atol=TOL)
+
+
+def test_caption_keys_equal_exactly_for_equal_token_ids():
+    from lipkit.train.inputs import caption_keys
+
+    ids = torch.tensor([[1, 5, 9, 0], [1, 5, 9, 0], [1, 9, 5, 0], [1, 5, 9, 2]])
+    k = caption_keys(ids).tolist()
+    assert k[0] == k[1] and len({k[0], k[2], k[3]}) == 3
+
+
 def test_multi_positive_gradcheck():
     owner = torch.tensor([0, 1, 1, 2, 0])
     img, txt = unit(3, 3, seed=70), unit(5, 3, seed=71)
@@ -484,6 +527,7 @@ def test_every_objective_takes_a_superset_of_inputs_and_ignores_the_rest():
         "text_tokens": unit(b, 5, d, seed=133),
         "text_mask": torch.ones(b, 5),
         "caption_owner": torch.arange(b).double(),
+        "caption_key": torch.arange(b),
         "image_lexicon": torch.rand(b, 10, dtype=F64, requires_grad=True),
         "text_lexicon": torch.rand(b, 10, dtype=F64, requires_grad=True),
         "logit_scale": torch.tensor(10.0, dtype=F64),

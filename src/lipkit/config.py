@@ -36,6 +36,9 @@ class DataConfig:
     )  # keep only these languages (needs a `langs` column)
     # keep only the captions at these positions of each row, in this order, e.g. [2, 0] (before caption_langs)
     caption_select: list[int] = field(default_factory=list)
+    # captions made from each row's columns, appended after the selection above, e.g. ["a {category}
+    # emoji: {subcategory}"] (UniCL-style label captions; raise captions_per_image to train on them)
+    meta_captions: list[str] = field(default_factory=list)
     captions_per_image: int = 1  # >1 for the multi_positive, alip and tcl objectives
     cache_images: bool = True  # decode every image once into memory (small datasets; not for shards)
     workers: int = 0  # DataLoader worker processes decoding images (shards: one stream each)

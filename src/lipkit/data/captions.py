@@ -1,4 +1,4 @@
-"""Caption selection that depends only on a record's own columns."""
+"""Caption selection (and captions made from metadata) that depends only on a record's own columns."""
 
 from __future__ import annotations
 
@@ -53,8 +53,63 @@ def select_captions(
     return out
 
 
-def filter_captions(
-    records: Sequence[Record], positions: Sequence[int], languages: Sequence[str]
+def add_meta_captions(
+    records: Sequence[Record], templates: Sequence[str], column: str = "langs"
 ) -> list[Record]:
-    """`select_captions` by position, then `keep_languages` (data.caption_select, data.caption_langs)."""
-    return keep_languages(select_captions(records, positions), languages)
+    """Append one caption per template filled from the row's own columns, e.g. "a {category} emoji:
+    {subcategory}" (data.meta_captions; class names as captions, as in UniCL, Yang et al., 2022). A
+    template naming a column the row lacks (or leaves empty) adds nothing to that row. A parallel
+    `column` list (languages) gets "meta" for each added caption."""
+    if not templates:
+        return list(records)
+    out = []
+    for r in records:
+        added = []
+        for t in templates:
+            try:
+                text = t.format(**r.meta)
+            except (KeyError, IndexError, ValueError):
+                continue
+            if text.strip() and all(str(r.meta.get(name) or "").strip() for name in _fields(t)):
+                added.append(text)
+        if not added:
+            out.append(r)
+            continue
+        meta = dict(r.meta)
+        langs = r.meta.get(column)
+        if isinstance(langs, list) and len(langs) == len(r.captions):
+            meta[column] = langs + ["meta"] * len(added)
+        out.append(replace(r, captions=r.captions + added, meta=meta))
+    return out
+
+
+def _fields(template: str) -> list[str]:
+    import string
+
+    return [f for _, f, _, _ in string.Formatter().parse(template) if f]
+
+
+def check_meta_templates(templates: Sequence[str]) -> None:
+    """A data.meta_captions entry must be a format string with at least one named column."""
+    for t in templates:
+        try:
+            names = _fields(t)
+        except ValueError as e:
+            raise UserError(
+                f"data.meta_captions entry {t!r} is not a format string ({e}); fix its braces."
+            ) from e
+        if not names or any(not n.isidentifier() for n in names):
+            raise UserError(
+                f"data.meta_captions entry {t!r} must name the row's columns in braces, e.g. 'an emoji of {{subcategory}}'."
+            )
+
+
+def filter_captions(
+    records: Sequence[Record],
+    positions: Sequence[int],
+    languages: Sequence[str],
+    meta_templates: Sequence[str] = (),
+) -> list[Record]:
+    """`select_captions` by position, then `keep_languages`, then `add_meta_captions` (data.caption_select,
+    data.caption_langs, data.meta_captions)."""
+    return add_meta_captions(keep_languages(select_captions(records, positions), languages), meta_templates)

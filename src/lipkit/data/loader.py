@@ -20,6 +20,7 @@ from lipkit.data.shard_batches import ShardBatches
 from lipkit.data.shards import expand_shards, shard_captions
 from lipkit.data.sources import Record, describe, read_records, source_kind
 from lipkit.data.table_batches import ImageStore, TrainBatches
+from lipkit.errors import UserError
 
 __all__ = [
     "Batch",
@@ -71,6 +72,7 @@ class TrainData:
                 caption_column=d.caption_column,
                 langs=getattr(d, "caption_langs", []),
                 select=getattr(d, "caption_select", []),
+                meta_captions=getattr(d, "meta_captions", []),
                 log=log,
             )
         return TrainBatches(
@@ -94,10 +96,21 @@ def open_train_data(d: Any) -> TrainData:
     if kind == "shards":
         return TrainData(kind, urls=expand_shards(d.train), cfg=d)
     records, skipped = read_records(d.train, d.image_column, d.caption_column, d.image_root)
-    if getattr(d, "caption_langs", None) or getattr(d, "caption_select", None):
-        from lipkit.data.captions import filter_captions
+    meta = getattr(d, "meta_captions", [])
+    if getattr(d, "caption_langs", None) or getattr(d, "caption_select", None) or meta:
+        from lipkit.data.captions import check_meta_templates, filter_captions
 
-        records = filter_captions(records, getattr(d, "caption_select", []), getattr(d, "caption_langs", []))
+        check_meta_templates(meta)
+        n_before = sum(len(r.captions) for r in records)
+        records = filter_captions(
+            records, getattr(d, "caption_select", []), getattr(d, "caption_langs", []), meta
+        )
+        if meta and sum(len(r.captions) for r in records) == n_before and records:
+            columns = sorted({k for r in records[:100] for k in r.meta})
+            raise UserError(
+                f"data.meta_captions {meta} filled no caption in {d.train}: its rows have the columns "
+                f"{', '.join(columns) or '(none)'}; name one of those in braces."
+            )
     return TrainData(kind, records=records, read_skipped=skipped, cfg=d)
 
 

@@ -72,6 +72,7 @@ class _StreamSpec:
     counts: dict[str, int]
     start: dict[int, tuple[int, int]] = field(default_factory=dict)  # stream -> (shard, samples done)
     ended: set[int] = field(default_factory=set)
+    meta: list[str] = field(default_factory=list)  # data.meta_captions templates
 
 
 class _ShardStream(IterableDataset):
@@ -136,10 +137,10 @@ class _ShardStream(IterableDataset):
         parsed = parse_sample(sample, spec.caption_column)
         if isinstance(parsed, Skip):
             return ("skip", k, m, parsed.reason, parsed.key, parsed.detail, 1), None
-        if spec.langs or spec.select:
+        if spec.langs or spec.select or spec.meta:
             from lipkit.data.captions import filter_captions
 
-            kept = filter_captions([parsed], spec.select, spec.langs)
+            kept = filter_captions([parsed], spec.select, spec.langs, spec.meta)
             if not kept:
                 return ("filtered", k, m), None
             parsed = kept[0]
@@ -179,10 +180,14 @@ class ShardBatches:
         caption_column: str = "captions",
         langs: Sequence[str] = (),
         select: Sequence[int] = (),
+        meta_captions: Sequence[str] = (),
         log: Log | None = None,
     ) -> None:
+        from lipkit.data.captions import check_meta_templates
+
+        check_meta_templates(meta_captions)
         self.urls = list(urls)
-        self.select = list(select)
+        self.select, self.meta = list(select), list(meta_captions)
         self.size, self.batch_size, self.seed, self.policy = size, batch_size, seed, caption_policy
         self.per_image, self.log, self.buffer = captions_per_image, log, max(1, shuffle_buffer)
         self.caption_column, self.langs = caption_column, list(langs)
@@ -294,6 +299,7 @@ class ShardBatches:
             self.counts,
             dict(pos.start),
             set(pos.ended),
+            meta=self.meta,
         )
         stream = _ShardStream(spec)
         seed = (self.seed * 100_003 + pos.epoch) * 1_009 + pos.pass_

@@ -29,6 +29,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from lipkit.errors import UserError
 
 PER_SAMPLE = (
+    "caption_key",
     "image_features",
     "text_features",
     "image_features_2",
@@ -162,7 +163,7 @@ def check_scaling(cfg: Any, needs: set[str], d: Dist) -> None:
         )
     if cfg.local_loss and cfg.objective != "infonce":
         raise UserError("train.local_loss is implemented for the infonce objective only; unset it.")
-    pooled = {"image_features", "text_features", "logit_scale", "logit_bias", "caption_owner"}
+    pooled = {"image_features", "text_features", "logit_scale", "logit_bias", "caption_owner", "caption_key"}
     if cfg.grad_cache_chunk and not needs <= pooled:
         raise UserError(
             f"train.grad_cache_chunk works with objectives on pooled features only, not "

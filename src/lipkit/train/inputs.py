@@ -16,6 +16,15 @@ TOKENS = {"image_tokens", "text_tokens", "text_mask", "image_lexicon", "text_lex
 NEEDS_SECOND_CAPTION = {"synth_features", "text_features_2"}
 
 
+def caption_keys(ids: torch.Tensor) -> torch.Tensor:
+    """(T, L) token ids → (T,) int64 keys, equal for identical token sequences (a fixed random linear
+    hash, wrapping in int64; the same on every rank, so keys gathered across ranks compare)."""
+    coef = torch.randint(
+        -(2**62), 2**62, (ids.shape[1],), generator=torch.Generator().manual_seed(0x11F), dtype=torch.int64
+    )
+    return (ids.long() * coef.to(ids.device)).sum(1)
+
+
 def check_inputs(
     needs: set[str],
     captions_per_image: int,
@@ -79,6 +88,8 @@ def objective_inputs(
     if "caption_owner" in needs:
         out["text_features"] = txt
         out["caption_owner"] = torch.arange(images.shape[0], device=ids.device).repeat_interleave(k)
+        if "caption_key" in needs:
+            out["caption_key"] = caption_keys(ids)
     else:
         out["text_features"] = txt[first]
     if needs & NEEDS_SECOND_CAPTION:

@@ -41,7 +41,7 @@ from lipkit.train.distributed import (
     local_infonce,
     sync_step,
 )
-from lipkit.train.inputs import check_inputs, objective_inputs
+from lipkit.train.inputs import caption_keys, check_inputs, objective_inputs
 from lipkit.train.optim import lr_factor, param_groups  # noqa: F401 - param_groups re-exported
 from lipkit.train.state import load_optimizer_state, load_rng_state, optimizer_state, rng_state
 
@@ -207,6 +207,8 @@ class Trainer:
         out: dict[str, torch.Tensor] = {**cached, "logit_scale": self.model.scale()}
         if "caption_owner" in self.needs:  # multi-positive: the k captions of each image, image-major
             out["caption_owner"] = torch.arange(images.shape[0], device=images.device).repeat_interleave(k)
+            if "caption_key" in self.needs:
+                out["caption_key"] = caption_keys(ids)
         if "logit_bias" in self.needs:
             out["logit_bias"] = self.model.logit_bias
         loss = self._loss(out)
