@@ -99,6 +99,38 @@ def test_train_learns_on_fixture(tmp_path):
     assert losses[-1] < 0.8 * losses[0]
 
 
+def test_readme_pairs_csv_with_the_pairs_config(table, tmp_path):
+    """The README's own-pairs example: a CSV of image, caption, label with configs/pairs.yaml (locked
+    MiniLM) trains, then again with a label caption from the `label` column (multi-positive)."""
+    import csv
+
+    root = table.parent
+    rows = [json.loads(x) for x in table.read_text().splitlines()][:48]
+    pairs = tmp_path / "pairs.csv"
+    with pairs.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "captions", "label"])
+        for r in rows:
+            w.writerow([str(root / r["image"]), r["captions"][0], r["category"]])
+    small = [TINY[0].replace(", text_width: 32, text_layers: 1, text_heads: 2", ""), *TINY[2:]]
+    pairs_yaml = str(Path(__file__).resolve().parents[1] / "configs" / "pairs.yaml")
+    base = ["--config", pairs_yaml, *sets(f"data.train={pairs}", *small, "train.batch_size=16")]
+    r = lipkit("train", *base, *sets(f"train.output={tmp_path / 'a'}"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = lipkit(
+        "train",
+        *base,
+        *sets(
+            f"train.output={tmp_path / 'b'}",
+            'data.meta_captions=["an emoji of {label}"]',
+            "data.captions_per_image=2",
+            "train.objective=multi_positive",
+        ),
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "b" / "checkpoint" / "model.safetensors").is_file()
+
+
 @pytest.mark.parametrize(
     "args, needle",
     [
