@@ -40,8 +40,10 @@ BATCH = 8
 def batch(per_image: int = 1):
     g = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (BATCH, 3, 32, 32), dtype=torch.uint8, generator=g)
-    captions = [
-        f"{WORDS[(i + c) % 12]} {WORDS[(i * 5 + 3) % 12]}" for i in range(BATCH) for c in range(per_image)
+    captions = [  # distinct texts; a third caption is a label shared by images 0, 3, 6 (across ranks) etc.
+        f"{WORDS[(i + c) % 12]} {WORDS[(i * 5 + 3) % 12]}" if c < 2 else f"a {WORDS[i % 3]}"
+        for i in range(BATCH)
+        for c in range(per_image)
     ]
     return images, captions
 
@@ -54,7 +56,7 @@ def make_trainer(tmp: Path, rank: int, world: int, per_image: int = 1, **train) 
     cfg = TrainConfig(batch_size=BATCH, **{"grad_clip": 0.0, **train})
     return Trainer(
         DualEncoder(spec),
-        build_objective(cfg.objective),
+        build_objective(cfg.objective, **cfg.objective_args),
         tok,
         cfg,
         AugmentConfig(),
@@ -207,6 +209,18 @@ def test_two_gloo_ranks_equal_one_process_multi_positive(tmp_path, strategy, chu
     for r in run_two(
         tmp_path, per_image=2, objective="multi_positive", strategy=strategy, grad_cache_chunk=chunk
     ):
+        assert_close(r, single)
+
+
+@pytest.mark.parametrize("strategy,chunk", [("ddp", 0), ("ddp", 3)])
+def test_two_ranks_same_text_positives_match_across_ranks(tmp_path, strategy, chunk):
+    """UniCL positives: a label caption shared by images on both ranks pairs them up in the global
+    batch exactly as in one process (the caption keys are gathered with the features)."""
+    args = {"objective": "multi_positive", "objective_args": {"same_text_positive": True}}
+    single = one_step(tmp_path, 0, 1, per_image=3, **args)
+    plain = one_step(tmp_path, 0, 1, per_image=3, objective="multi_positive")
+    assert not torch.allclose(single["loss"], plain["loss"])  # the shared labels do change the loss
+    for r in run_two(tmp_path, per_image=3, strategy=strategy, grad_cache_chunk=chunk, **args):
         assert_close(r, single)
 
 

@@ -8,10 +8,11 @@ import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
+from lipkit.data.sources import IMAGE_EXTS as _EXTS
 from lipkit.data.sources import Record, read_table, source_kind
 from lipkit.errors import UserError
 
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+IMAGE_EXTS = {f".{e}" for e in _EXTS}  # the suffixes data.sources reads, with their dot
 
 
 def collect(
