@@ -231,6 +231,29 @@ def test_gradient_caching_equals_the_plain_step(tmp_path, objective, per_image):
     assert_close(cached, plain)
 
 
+def test_gradient_caching_replays_dropout(tmp_path):
+    """A tower with dropout (an unlocked Hugging Face encoder has some): each chunk's re-embedding draws
+    the same masks as its cached no-grad pass, so the features whose gradients were cached are the ones
+    back-propagated (without the replay they differ in every chunk)."""
+    trainer = make_trainer(tmp_path, 0, 1, 1, objective="infonce", grad_cache_chunk=3)
+    visual = trainer.model.visual
+    visual.ln_post = torch.nn.Sequential(visual.ln_post, torch.nn.Dropout(0.5))
+    seen = []
+    real = trainer._inputs
+
+    def spy(images, ids, second):
+        out = real(images, ids, second)
+        seen.append(out["image_features"].detach().clone())
+        return out
+
+    trainer._inputs = spy
+    images, captions = batch(1)
+    _, finite = trainer.step(images, captions, lr=1e-3)
+    assert finite and len(seen) == 6  # 3 chunks (3, 3, 2 images), twice
+    for cached, again in zip(seen[:3], seen[3:], strict=True):
+        assert torch.allclose(cached, again, atol=1e-6)
+
+
 def test_batch_not_divisible_by_ranks_is_refused(tmp_path):
     with pytest.raises(UserError, match="not divisible by the 3 ranks"):
         tok = TextTokenizer.train(WORDS, vocab_size=300, context_length=12)

@@ -41,6 +41,7 @@ from lipkit.train.distributed import (
     local_infonce,
     sync_step,
 )
+from lipkit.train.grad_cache import grad_cache_backward
 from lipkit.train.inputs import caption_keys, check_inputs, objective_inputs
 from lipkit.train.optim import lr_factor, param_groups  # noqa: F401 - param_groups re-exported
 from lipkit.train.state import load_optimizer_state, load_rng_state, optimizer_state, rng_state
@@ -193,34 +194,24 @@ class Trainer:
         return self.objective(**out)
 
     def _grad_cache_backward(self, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """GradCache: embed the whole batch without a graph, take the loss's gradient w.r.t. the
-        embeddings, then re-embed chunk by chunk with a graph and back-propagate those gradients.
-        Same gradients as one big backward, with the activation memory of one chunk."""
-        c, k = self.cfg.grad_cache_chunk, self.per_image
-        chunks = [slice(s, s + c) for s in range(0, images.shape[0], c)]
-        with torch.no_grad():
-            parts = [self._inputs(images[ch], ids[ch.start * k : ch.stop * k], None) for ch in chunks]
-        cached = {
-            name: torch.cat([p[name] for p in parts]).float().requires_grad_()
-            for name in ("image_features", "text_features")
-        }
-        out: dict[str, torch.Tensor] = {**cached, "logit_scale": self.model.scale()}
+        """The step's backward by gradient caching (train.grad_cache), see train.grad_cache."""
+        k = self.per_image
+        extras: dict[str, torch.Tensor] = {"logit_scale": self.model.scale()}
         if "caption_owner" in self.needs:  # multi-positive: the k captions of each image, image-major
-            out["caption_owner"] = torch.arange(images.shape[0], device=images.device).repeat_interleave(k)
+            extras["caption_owner"] = torch.arange(images.shape[0], device=images.device).repeat_interleave(k)
             if "caption_key" in self.needs:
-                out["caption_key"] = caption_keys(ids)
+                extras["caption_key"] = caption_keys(ids)
         if "logit_bias" in self.needs:
-            out["logit_bias"] = self.model.logit_bias
-        loss = self._loss(out)
-        loss.backward()  # gradients reach the logit scale/bias directly and the cached embeddings
-        for ch in chunks:
-            part = self._inputs(images[ch], ids[ch.start * k : ch.stop * k], None)
-            n = part["image_features"].shape[0]
-            per = part["text_features"].shape[0] // n  # k captions per image (multi-positive) or 1
-            rows = {"image_features": ch, "text_features": slice(ch.start * per, (ch.start + n) * per)}
-            surrogate = sum((part[f].float() * cached[f].grad[rows[f]]).sum() for f in cached)
-            surrogate.backward()
-        return loss
+            extras["logit_bias"] = self.model.logit_bias
+        return grad_cache_backward(
+            lambda im, i: self._inputs(im, i, None),
+            images,
+            ids,
+            self.cfg.grad_cache_chunk,
+            k,
+            extras,
+            self._loss,
+        )
 
     def step(self, images_u8: torch.Tensor, captions: list[str], lr: float) -> tuple[torch.Tensor, bool]:
         """One optimiser step on a global batch (this rank trains on its slice); returns (loss, finite).
