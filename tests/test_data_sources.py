@@ -296,8 +296,10 @@ def test_meta_captions_are_appended_from_the_rows_columns(tmp_path):
     # from a table: a template that fills nothing anywhere is a clear error naming the columns there are
     (tmp_path / "a.png").write_bytes(b"")
     table = tmp_path / "t.jsonl"
-    table.write_text('{"image": "a.png", "captions": ["x"], "group": "faces"}\n', encoding="utf-8")
-    d = DataConfig(train=str(table), meta_captions=["an emoji of {group}"])
-    assert open_train_data(d).records[0].captions == ["x", "an emoji of faces"]
-    with pytest.raises(UserError, match="group"):
-        open_train_data(DataConfig(train=str(table), meta_captions=["an emoji of {grop}"]))
+    table.write_text('{"image": "a.png", "captions": ["x", "y"], "group": "faces"}\n', encoding="utf-8")
+    d = DataConfig(train=str(table), meta_captions=["an emoji of {group}"], caption_select=[1])
+    assert open_train_data(d).records[0].captions == ["y", "an emoji of faces"]
+    with pytest.raises(UserError, match="group"):  # also when the selection drops captions
+        open_train_data(
+            DataConfig(train=str(table), meta_captions=["an emoji of {grop}"], caption_select=[1])
+        )

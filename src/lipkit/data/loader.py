@@ -98,13 +98,12 @@ def open_train_data(d: Any) -> TrainData:
     records, skipped = read_records(d.train, d.image_column, d.caption_column, d.image_root)
     meta = getattr(d, "meta_captions", [])
     if getattr(d, "caption_langs", None) or getattr(d, "caption_select", None) or meta:
-        from lipkit.data.captions import check_meta_templates, filter_captions
+        from lipkit.data.captions import add_meta_captions, check_meta_templates, filter_captions
 
         check_meta_templates(meta)
+        records = filter_captions(records, getattr(d, "caption_select", []), getattr(d, "caption_langs", []))
         n_before = sum(len(r.captions) for r in records)
-        records = filter_captions(
-            records, getattr(d, "caption_select", []), getattr(d, "caption_langs", []), meta
-        )
+        records = add_meta_captions(records, meta)
         if meta and sum(len(r.captions) for r in records) == n_before and records:
             columns = sorted({k for r in records[:100] for k in r.meta})
             raise UserError(

@@ -31,7 +31,8 @@ from lipkit.errors import UserError
 from lipkit.interop import build_model, read_state_dict, tokenizer_from_dir
 from lipkit.interop.clip_bpe import CLIP_VOCAB_SIZE, EOT, SOT, clip_tokenizer, is_clip_vocab
 from lipkit.interop.hf_state import state_from_hf, state_to_hf  # noqa: F401 - re-exported
-from lipkit.interop.open_clip import _fresh_dir, _publish, check_exportable
+from lipkit.interop.open_clip import check_exportable
+from lipkit.interop.output_dir import fresh_dir, publish
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.models.presets import OPENAI_MEAN, OPENAI_STD, ModelSpec
 from lipkit.text.tokenizer import PAD, TextTokenizer
@@ -329,7 +330,7 @@ def write_hf(model: DualEncoder, tokenizer: TextTokenizer, out: str | Path, over
     out = Path(out).expanduser()
     config, state, raw = to_hf(model, tokenizer)
     spec = model.spec
-    tmp = _fresh_dir(out, overwrite)
+    tmp = fresh_dir(out, overwrite)
     try:
         (tmp / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -350,7 +351,7 @@ def write_hf(model: DualEncoder, tokenizer: TextTokenizer, out: str | Path, over
         }
         (tmp / "preprocessor_config.json").write_text(json.dumps(pre, indent=2), encoding="utf-8")
         _tokenizer_files(TextTokenizer(raw, tokenizer.context_length), raw, spec, tmp)
-        return _publish(tmp, out)
+        return publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -26,7 +26,7 @@ from torch import nn
 
 from lipkit.errors import UserError
 from lipkit.interop import require
-from lipkit.interop.open_clip import _fresh_dir, _publish
+from lipkit.interop.output_dir import fresh_dir, publish
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.text.tokenizer import TextTokenizer
 
@@ -131,7 +131,7 @@ def write_onnx(
     model: DualEncoder, tokenizer: TextTokenizer, out: str | Path, overwrite: bool = False, check: bool = True
 ) -> tuple[Path, dict[str, float] | None]:
     out = Path(out).expanduser()
-    tmp = _fresh_dir(out, overwrite)
+    tmp = fresh_dir(out, overwrite)
     try:
         export_towers(model, tmp)
         spec = model.spec
@@ -156,7 +156,7 @@ def write_onnx(
                 diffs = verify(model, tmp)
             except UserError:
                 diffs = None  # onnxruntime is optional
-        return _publish(tmp, out), diffs
+        return publish(tmp, out), diffs
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from tokenizers import Tokenizer
 from lipkit.errors import UserError
 from lipkit.interop import build_model, read_state_dict, require, tokenizer_from_dir
 from lipkit.interop.clip_bpe import CLIP_VOCAB_SIZE, clip_tokenizer
+from lipkit.interop.output_dir import fresh_dir, publish
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.models.presets import OPENAI_MEAN, OPENAI_STD, ModelSpec
 from lipkit.text.tokenizer import TextTokenizer
@@ -366,28 +366,6 @@ def to_open_clip(model: DualEncoder) -> tuple[dict[str, Any], dict[str, Any], di
     return open_clip_model_config(spec, bias), preprocess, state_to_open_clip(state)
 
 
-def _fresh_dir(out: Path, overwrite: bool) -> Path:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise UserError(f"Output '{out}' already exists; choose a new path or pass --overwrite.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-
-
-def _publish(tmp: Path, out: Path) -> Path:
-    """Move a finished temporary directory into place (replacing `out` only now that all is written)."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return out
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    os.replace(out, old)
-    os.replace(tmp, out)
-    if old.is_dir():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink()
-    return out
-
-
 def write_open_clip(
     model: DualEncoder, tokenizer: TextTokenizer, out: str | Path, overwrite: bool = False
 ) -> Path:
@@ -395,7 +373,7 @@ def write_open_clip(
     `open_clip.create_model('local-dir:OUT')`), the bare model config `<OUT name>.json` (for
     `open_clip.add_model_config`), and `tokenizer.json` for the return trip."""
     out = Path(out).expanduser()
-    tmp = _fresh_dir(out, overwrite)
+    tmp = fresh_dir(out, overwrite)
     try:
         cfg, preprocess, state = to_open_clip(model)
         (tmp / CONFIG_NAME).write_text(
@@ -404,7 +382,7 @@ def write_open_clip(
         (tmp / f"{out.name}.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         tokenizer.save(tmp / "tokenizer.json")
-        return _publish(tmp, out)
+        return publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

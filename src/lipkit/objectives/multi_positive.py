@@ -25,6 +25,9 @@ Q_j = {i : j ∈ P_i}; then
     L_t2i = −1/T Σ_j Σ_{i ∈ Q_j} (1/|Q_j|) log softmax_i(logits_·j)
 
 (uniform target over Q_j; Q_j = {o_j} without repeated texts, so the formula above is unchanged then).
+`per_text_target` makes L_i2t's target uniform over the *distinct texts* of P_i (the copies of one text
+share its weight) instead of over its columns, so a label caption repeated by m images of the batch
+weighs as one caption, not m.
 Two images that share a caption — two drawings of one concept, or every image of a class with a label
 caption — are then never pushed apart through that caption. Measured on the emoji demo with a label
 caption (docs/recipes.md): zero-shot accuracy up, retrieval by label down (images of a class draw
@@ -49,9 +52,10 @@ class MultiPositiveInfoNCE(nn.Module):
         "logit_scale",
     )
 
-    def __init__(self, same_text_positive: bool = False) -> None:
+    def __init__(self, same_text_positive: bool = False, per_text_target: bool = False) -> None:
         super().__init__()
         self.same_text_positive = bool(same_text_positive)
+        self.per_text_target = bool(per_text_target)
 
     def forward(
         self,
@@ -70,9 +74,12 @@ class MultiPositiveInfoNCE(nn.Module):
         if shared:  # image i ↔ caption j when one of i's captions has j's text
             same = caption_key[:, None] == caption_key[None, :]  # (T, T)
             positives = (positives.float() @ same.float()) > 0
-        counts = positives.sum(dim=1)
+        weight = positives.to(logits.dtype)
+        if shared and self.per_text_target:  # each distinct text once: copies share its weight
+            weight = weight / (weight @ same.to(logits.dtype)).clamp(min=1)
+        counts = weight.sum(dim=1)
         has_caption = counts > 0
-        target = positives.to(logits.dtype) / counts.clamp(min=1)[:, None].to(logits.dtype)
+        target = weight / counts.clamp(min=1e-12)[:, None]
         i2t = -(target * F.log_softmax(logits, dim=1)).sum()  # rows without captions contribute 0
         i2t = i2t / has_caption.sum().clamp(min=1)
         if shared:

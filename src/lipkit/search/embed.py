@@ -23,7 +23,7 @@ import os
 import shutil
 import uuid
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ from lipkit.data.transforms import load_image
 from lipkit.device import pick_device
 from lipkit.errors import UserError
 from lipkit.models.dual_encoder import DualEncoder
+from lipkit.search.atomic_files import save_npy_atomic, save_npz_atomic, write_json_atomic
 from lipkit.search.collection import (  # noqa: F401 - collect and IMAGE_EXTS re-exported
     IMAGE_EXTS,
     _inline,
@@ -104,33 +105,6 @@ class _Decode(Dataset):
 
 def _keep_list(batch: list) -> list:
     return batch
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None], text: bool = False) -> None:
-    """write(file) into a temporary sibling, fsync, rename over `path`: readers see old or new, whole."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") if text else open(tmp, "xb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
-    _atomic_write(path, lambda f: np.savez(f, **arrays))
-
-
-def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    _atomic_write(path, lambda f: np.save(f, array))
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    indent = None if isinstance(obj, list) else 2
-    _atomic_write(path, lambda f: json.dump(obj, f, ensure_ascii=False, indent=indent), text=True)
 
 
 @torch.inference_mode()
@@ -243,7 +217,7 @@ def embed_collection(
         "has_text": has_text,
         "complete": False,
     }
-    _write_json_atomic(manifest_path, manifest)
+    write_json_atomic(manifest_path, manifest)
 
     def chunk_file(c: int) -> Path:
         return chunks / f"{c:05d}.npz"
@@ -321,7 +295,7 @@ def embed_collection(
                 arrays["lex_row"] = np.concatenate([np.zeros(0, np.int64), *lex_rows]).astype(np.int64)
                 arrays["lex_col"] = np.concatenate([np.zeros(0, np.int64), *lex_cols]).astype(np.int64)
                 arrays["lex_val"] = np.concatenate([np.zeros(0, np.float32), *lex_vals]).astype(np.float32)
-            _save_npz_atomic(chunk_file(c), **arrays)
+            save_npz_atomic(chunk_file(c), **arrays)
             computed += 1
 
     # finalise: one matrix per modality, the items list, the skipped list
@@ -366,11 +340,11 @@ def embed_collection(
         os.replace(blob_tmp, blobs)
     else:
         blob_tmp.unlink()
-    _save_npy_atomic(out / "image_emb.npy", image_emb)
+    save_npy_atomic(out / "image_emb.npy", image_emb)
     if has_text:
-        _save_npy_atomic(out / "text_emb.npy", np.concatenate(txts).astype(np.float32))
+        save_npy_atomic(out / "text_emb.npy", np.concatenate(txts).astype(np.float32))
     if model.has_lexicon:  # SciPy's save_npz "coo" layout (read without SciPy by search.index.read_lexical)
-        _save_npz_atomic(
+        save_npz_atomic(
             out / "lex.npz",
             format=np.asarray("coo"),
             shape=np.asarray([len(items), model.spec.lexicon_vocab], dtype=np.int64),
@@ -378,10 +352,10 @@ def embed_collection(
             col=np.concatenate([p[1] for p in lex_parts]),
             data=np.concatenate([p[2] for p in lex_parts]),
         )
-    _write_json_atomic(out / "ids.json", items)
-    _write_json_atomic(out / "skipped.json", skipped)
+    write_json_atomic(out / "ids.json", items)
+    write_json_atomic(out / "skipped.json", skipped)
     manifest.update(complete=True, n_embedded=len(items), n_skipped=len(skipped))
-    _write_json_atomic(manifest_path, manifest)
+    write_json_atomic(manifest_path, manifest)
     shutil.rmtree(chunks, ignore_errors=True)
     return EmbedResult(out, n, len(items), len(skipped), dim, has_text, len(done), computed)
 

@@ -1,0 +1,68 @@
+"""Parquet sources: a `.parquet` file or a folder of them, read one row group at a time; the image column
+holds encoded bytes, a path (relative to the image root, by default the file's folder) or a Hugging
+Face style struct `{bytes, path}` (see data.sources for the record model)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from lipkit.data.sources import Record, Skip, caption_record
+from lipkit.errors import UserError
+
+
+def _parquet_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(path.rglob("*.parquet"))
+        if not files:
+            raise UserError(f"Folder '{path}' holds no .parquet files; point data.train at a parquet file.")
+        return files
+    if not path.is_file():
+        raise UserError(f"Parquet file '{path}' does not exist; check data.train.")
+    return [path]
+
+
+def scan_parquet(
+    path: str | Path,
+    image_column: str = "image",
+    caption_column: str = "captions",
+    image_root: str | Path = "",
+) -> Iterator[Record | Skip]:
+    """Rows of a parquet file (or a folder of them), read one row group at a time."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise UserError(
+            "Reading parquet needs pyarrow; install it with `pip install 'lipkit[parquet]'`."
+        ) from e
+    p = Path(path).expanduser()
+    for f in _parquet_files(p):
+        try:
+            pf = pq.ParquetFile(f)
+        except Exception as e:  # noqa: BLE001 - pyarrow raises its own error types
+            raise UserError(f"Parquet file '{f}' cannot be read ({e}); replace it or leave it out.") from e
+        names = pf.schema_arrow.names
+        for col in (image_column, caption_column):
+            if col not in names:
+                raise UserError(
+                    f"Parquet file '{f}' has no column '{col}' (it has {sorted(names)}); "
+                    "set data.image_column / data.caption_column to the right names."
+                )
+        root = Path(image_root).expanduser() if image_root else f.parent
+        row = 0
+        for batch in pf.iter_batches(batch_size=512):
+            for values in batch.to_pylist():
+                where = f"{f.name}:{row}"
+                row += 1
+                image = values.pop(image_column, None)
+                captions = values.pop(caption_column, None)
+                meta = {k: v for k, v in values.items() if not isinstance(v, bytes)}
+                if isinstance(image, dict):  # Hugging Face datasets' Image feature
+                    image = image.get("bytes") or image.get("path")
+                if isinstance(image, bytes | bytearray):
+                    key = str(values.get("key") or where)
+                    yield caption_record(f, captions, meta, key, data=bytes(image))
+                elif isinstance(image, str) and image.strip():
+                    yield caption_record(root / image.strip(), captions, meta, str(values.get("key") or ""))
+                else:
+                    yield Skip("no_image", str(values.get("key") or where), "empty image cell")
