@@ -102,16 +102,13 @@ ROWS["recipe-fulllabel-48px"] = (
 )
 ROWS["demo"] = ("the demo as shipped (configs/demo.yaml)", [])  # its own config, see run_row
 ROWS["demo-no-label-caption"] = (
-    "the demo before its label caption: 'label (subcategory, category)' and the label, plain multi-positive",
-    ["data.meta_captions=[]", "data.captions_per_image=2", "train.objective_args={}"],
+    "the demo before its label caption: 'label (subcategory, category)' and the label",
+    ["data.meta_captions=[]", "data.captions_per_image=2"],
 )
-ROWS["demo-label-caption-only"] = (
-    "the demo's three captions with repeated texts as negatives (plain multi-positive)",
-    ["train.objective_args={}"],
-)
-ROWS["demo-same-text-columns"] = (
-    "the demo with UniCL's image→text target uniform over positive columns (a repeated label counts m times)",
-    ["train.objective_args={same_text_positive: true, per_text_target: false}"],
+ROWS["demo-same-text"] = (
+    "the demo with UniCL's loss: an image's target over every caption with one of its texts (a label "
+    "repeated by m images counts m times)",
+    ["train.objective_args={same_text_positive: true}"],
 )
 ROWS["recipe-b128"] = ("recipe with batch 128 (twice the steps)", [*LR2, "train.batch_size=128"])
 ROWS["recipe-48px"] = (

@@ -289,7 +289,7 @@ def test_meta_captions_are_appended_from_the_rows_columns(tmp_path):
     r = Record(Path("a.png"), ["label", "Etikett"], {"langs": ["en", "de"], "group": "faces", "kind": ""})
     (out,) = filter_captions([r], [], ["en"], ["a {group} emoji", "{kind} thing", "{missing}"])
     assert out.captions == ["label", "a faces emoji"] and out.meta["langs"] == ["en", "meta"]
-    with pytest.raises(UserError, match="name the row's columns"):
+    with pytest.raises(UserError, match="names no column"):
         check_meta_templates(["no columns here"])
     with pytest.raises(UserError, match="not a format string"):
         check_meta_templates(["a {group emoji"])

@@ -212,7 +212,7 @@ def test_two_gloo_ranks_equal_one_process_multi_positive(tmp_path, strategy, chu
         assert_close(r, single)
 
 
-@pytest.mark.parametrize("strategy,chunk", [("ddp", 0), ("ddp", 3)])
+@pytest.mark.parametrize("strategy,chunk", [("ddp", 0), ("ddp", 3), ("fsdp", 0)])
 def test_two_ranks_same_text_positives_match_across_ranks(tmp_path, strategy, chunk):
     """UniCL positives: a label caption shared by images on both ranks pairs them up in the global
     batch exactly as in one process (the caption keys are gathered with the features)."""

@@ -289,33 +289,11 @@ def test_multi_positive_same_text_is_unicl_and_plain_without_repeats():
     assert torch.allclose(loss(img, txt, owner, t.exp(), caption_key=distinct), plain, atol=TOL)
 
 
-def test_per_text_target_weighs_each_distinct_text_once():
-    """per_text_target: image i's target is uniform over the distinct texts among its positives, the
-    copies of one text sharing its weight (naive loop over texts, then over their copies)."""
-    owner = torch.tensor([0, 0, 1, 1, 2, 2, 3])
-    key = torch.tensor([10, 11, 12, 11, 13, 11, 14])  # text 11 is a caption of images 0, 1 and 2
-    img, txt, t = unit(4, 5, seed=54), unit(7, 5, seed=55), log_scale()
-    fast = MultiPositiveInfoNCE(same_text_positive=True, per_text_target=True)(
-        img, txt, owner, t.exp(), caption_key=key
-    )
-    scale = t.exp()
-    logits = [[scale * torch.dot(img[i], txt[j]) for j in range(7)] for i in range(4)]
-    pos = [
-        {j for j in range(7) if any(owner[m] == i and key[m] == key[j] for m in range(7))} for i in range(4)
-    ]
-    i2t = 0.0
-    for i in range(4):
-        row = torch.stack(logits[i])
-        texts = {int(key[j]) for j in pos[i]}
-        for k in texts:
-            copies = [j for j in pos[i] if int(key[j]) == k]
-            i2t = i2t - sum(row[j] - torch.logsumexp(row, 0) for j in copies) / len(copies) / len(texts)
-    t2i = 0.0
-    for j in range(7):
-        col = torch.stack([logits[i][j] for i in range(4)])
-        q = [i for i in range(4) if j in pos[i]]
-        t2i = t2i - sum(col[i] - torch.logsumexp(col, 0) for i in q) / len(q)
-    assert_same_value_and_grads(fast, 0.5 * (i2t / 4 + t2i / 7), (img, txt, t))
+def test_multi_positive_same_text_option():
+    with pytest.raises(ValueError, match="true or false"):
+        MultiPositiveInfoNCE(same_text_positive="no")
+    assert "caption_key" not in MultiPositiveInfoNCE().inputs  # not computed or gathered when off
+    assert "caption_key" in MultiPositiveInfoNCE(same_text_positive=True).inputs
 
 
 def test_caption_keys_equal_exactly_for_equal_token_ids():

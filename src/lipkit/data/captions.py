@@ -66,11 +66,14 @@ def add_meta_captions(
     for r in records:
         added = []
         for t in templates:
+            values = [r.meta.get(name) for name in _fields(t)]
+            if any(v is None or isinstance(v, list | dict) or not str(v).strip() for v in values):
+                continue  # the row lacks (or leaves empty) a column the template names
             try:
                 text = t.format(**r.meta)
-            except (KeyError, IndexError, ValueError):
+            except (KeyError, IndexError, ValueError, TypeError):
                 continue
-            if text.strip() and all(str(r.meta.get(name) or "").strip() for name in _fields(t)):
+            if text.strip():
                 added.append(text)
         if not added:
             out.append(r)
@@ -86,22 +89,32 @@ def add_meta_captions(
 def _fields(template: str) -> list[str]:
     import string
 
-    return [f for _, f, _, _ in string.Formatter().parse(template) if f]
+    return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
 
 
 def check_meta_templates(templates: Sequence[str]) -> None:
-    """A data.meta_captions entry must be a format string with at least one named column."""
+    """A data.meta_captions entry must be a format string whose fields are column names."""
+    import string
+
     for t in templates:
         try:
-            names = _fields(t)
+            parsed = list(string.Formatter().parse(t))
         except ValueError as e:
             raise UserError(
                 f"data.meta_captions entry {t!r} is not a format string ({e}); fix its braces."
             ) from e
-        if not names or any(not n.isidentifier() for n in names):
+        fields = [(f, spec) for _, f, spec, _ in parsed if f is not None]
+        if not fields:
             raise UserError(
-                f"data.meta_captions entry {t!r} must name the row's columns in braces, e.g. 'an emoji of {{subcategory}}'."
+                f"data.meta_captions entry {t!r} names no column; put column names in braces, "
+                "e.g. 'an emoji of {subcategory}'."
             )
+        for f, spec in fields:
+            if not f or f.isdigit() or any(c in f for c in ".[") or "{" in (spec or ""):
+                raise UserError(
+                    f"data.meta_captions entry {t!r} has the field {{{f}{':' + spec if spec else ''}}}; "
+                    "fields must be plain column names (no positional {}, attribute, index or nested fields)."
+                )
 
 
 def filter_captions(

@@ -88,13 +88,14 @@ def resolve_similarity(setting: str, objective: str | None) -> str:
 def fit_probes(
     model: DualEncoder, records: Sequence[Record], columns: Sequence[str], batch_size: int
 ) -> dict[str, LinearProbe]:
-    """One linear probe per class column, fit on the image embeddings of `records` (see
-    eval.linear_probe); columns the table lacks labels for are left out."""
+    """One linear probe per class column, fit on the image embeddings of the `records` labelled in that
+    column (see eval.linear_probe); a column with fewer than 2 classes there is left out."""
     feats = None
     probes: dict[str, LinearProbe] = {}
     for column in columns:
-        values = [r.meta.get(column) for r in records]
-        if any(v in (None, "") for v in values) or len(set(values)) < 2:
+        rows = [i for i, r in enumerate(records) if r.meta.get(column) not in (None, "")]
+        values = [str(records[i].meta[column]) for i in rows]
+        if len(set(values)) < 2:
             continue
         if feats is None:
             store = ImageStore(records, model.spec.image_size, cache=False, desc="probe table")
@@ -102,7 +103,7 @@ def fit_probes(
             model.eval()
             feats = embed_images(model, store, batch_size)
             model.train(was_training)
-        probes[column] = fit_linear_probe(feats, [str(v) for v in values])
+        probes[column] = fit_linear_probe(feats[rows], values)
     return probes
 
 

@@ -103,7 +103,8 @@ def fit_linear_probe(
     x = features.double()
     mean, std = x.mean(0), x.std(0).clamp_min(1e-8)
     x = (x - mean) / std
-    y = torch.tensor([classes.index(v) for v in labels])
+    index = {c: i for i, c in enumerate(classes)}
+    y = torch.tensor([index[v] for v in labels])
     n_val = int(len(y) * val_fraction)
     val_top1 = float("nan")
     lam = lambdas[len(lambdas) // 2]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -37,11 +38,20 @@ def run_eval(checkpoint: str | Path, splits: dict[str, str], cfg: Config, out: P
             )
         probe_records = read_table(table, d.image_column, d.caption_column, d.image_root)
         probes = fit_probes(model, probe_records, cfg.eval.class_columns, cfg.eval.batch_size)
+        if not probes:
+            raise UserError(
+                f"eval.linear_probe: the table {table} has no column of eval.class_columns "
+                f"{cfg.eval.class_columns} with 2 or more classes; set eval.class_columns or unset eval.linear_probe."
+            )
         results["linear_probe"] = {
             "table": str(table),
             "images": len(probe_records),
             "columns": {
-                c: {"classes": len(p.classes), "lambda": p.lam, "val_top1": p.val_top1}
+                c: {
+                    "classes": len(p.classes),
+                    "lambda": p.lam,
+                    "val_top1": None if math.isnan(p.val_top1) else p.val_top1,
+                }
                 for c, p in probes.items()
             },
         }

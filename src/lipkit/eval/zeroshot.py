@@ -22,9 +22,10 @@ def zeroshot_metrics(
 def zeroshot_scores_metrics(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """`zeroshot_metrics` from a ready (N_images, C) score matrix (any similarity, e.g. FILIP's)."""
     k = min(5, scores.shape[1])
-    topk = scores.topk(k, dim=1).indices
-    hit1 = topk[:, 0] == labels
-    hit5 = (topk == labels[:, None]).any(1)
+    top = scores.topk(k, dim=1)
+    found = (top.indices == labels[:, None]) & top.values.isfinite()  # a −inf score never counts (probes)
+    hit1 = found[:, 0]
+    hit5 = found.any(1)
     present = labels.unique()
     recalls = torch.stack([hit1[labels == c].double().mean() for c in present])
     return {

@@ -25,18 +25,16 @@ Q_j = {i : j ∈ P_i}; then
     L_t2i = −1/T Σ_j Σ_{i ∈ Q_j} (1/|Q_j|) log softmax_i(logits_·j)
 
 (uniform target over Q_j; Q_j = {o_j} without repeated texts, so the formula above is unchanged then).
-`per_text_target` makes L_i2t's target uniform over the *distinct texts* of P_i (the copies of one text
-share its weight) instead of over its columns, so a label caption repeated by m images of the batch
-weighs as one caption, not m.
-Two images that share a caption — two drawings of one concept, or every image of a class with a label
-caption — are then never pushed apart through that caption. Measured on the emoji demo with a label
-caption (docs/recipes.md): zero-shot accuracy up, retrieval by label down (images of a class draw
+Identical texts have identical features when the text tower is deterministic, and then the t2i term
+equals plain cross entropy over the copies (each copy column is the same softmax), so the change is in
+L_i2t: a text repeated by m images of the batch takes m of the image's |P_i| target shares instead of
+one — the label caption of a class with many images in the batch weighs more. (Spreading a text's
+weight over its copies instead gives back the plain loss exactly.) Measured on the emoji demo with a
+label caption (docs/recipes.md): zero-shot accuracy up, retrieval by label down (images of a class draw
 together), hence off by default.
 """
 
 from __future__ import annotations
-
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -44,18 +42,14 @@ from torch import nn
 
 
 class MultiPositiveInfoNCE(nn.Module):
-    inputs: ClassVar[tuple[str, ...]] = (
-        "image_features",
-        "text_features",
-        "caption_owner",
-        "caption_key",
-        "logit_scale",
-    )
-
-    def __init__(self, same_text_positive: bool = False, per_text_target: bool = False) -> None:
+    def __init__(self, same_text_positive: bool = False) -> None:
         super().__init__()
-        self.same_text_positive = bool(same_text_positive)
-        self.per_text_target = bool(per_text_target)
+        if not isinstance(same_text_positive, bool):
+            raise ValueError(f"same_text_positive must be true or false, not {same_text_positive!r}")
+        self.same_text_positive = same_text_positive
+        self.inputs = ("image_features", "text_features", "caption_owner", "logit_scale") + (
+            ("caption_key",) if same_text_positive else ()
+        )
 
     def forward(
         self,
@@ -68,23 +62,28 @@ class MultiPositiveInfoNCE(nn.Module):
     ) -> torch.Tensor:
         owner = caption_owner.long()
         logits = logit_scale * image_features @ text_features.t()  # (B, T)
-        n_images = logits.shape[0]
-        positives = owner[None, :] == torch.arange(n_images, device=logits.device)[:, None]  # (B, T)
-        shared = self.same_text_positive and caption_key is not None
-        if shared:  # image i ↔ caption j when one of i's captions has j's text
-            same = caption_key[:, None] == caption_key[None, :]  # (T, T)
-            positives = (positives.float() @ same.float()) > 0
-        weight = positives.to(logits.dtype)
-        if shared and self.per_text_target:  # each distinct text once: copies share its weight
-            weight = weight / (weight @ same.to(logits.dtype)).clamp(min=1)
+        n_images, n_texts = logits.shape
+        rows = torch.arange(n_images, device=logits.device)
+        if not self.same_text_positive:
+            positives = owner[None, :] == rows[:, None]  # (B, T)
+            weight = positives.to(logits.dtype)
+        else:
+            if caption_key is None:
+                raise ValueError("same_text_positive needs the caption keys (the trainer passes caption_key)")
+            # texts as ids 0..U-1; own[i, u] = 1 when image i owns a caption with text u: O(B·T), no T×T
+            uniq, text = caption_key.unique(return_inverse=True)
+            own = torch.zeros(n_images, uniq.numel(), device=logits.device, dtype=logits.dtype)
+            own.index_put_((owner, text), torch.ones_like(text, dtype=logits.dtype))
+            weight = own[:, text]  # (B, T): image i ↔ caption j when i owns j's text
+            positives = weight > 0
         counts = weight.sum(dim=1)
         has_caption = counts > 0
         target = weight / counts.clamp(min=1e-12)[:, None]
         i2t = -(target * F.log_softmax(logits, dim=1)).sum()  # rows without captions contribute 0
         i2t = i2t / has_caption.sum().clamp(min=1)
-        if shared:
+        if self.same_text_positive:
             cols = positives.to(logits.dtype) / positives.sum(0, keepdim=True).to(logits.dtype)
-            t2i = -(cols * F.log_softmax(logits, dim=0)).sum() / logits.shape[1]
+            t2i = -(cols * F.log_softmax(logits, dim=0)).sum() / n_texts
         else:
             t2i = F.cross_entropy(logits.t(), owner)
         return 0.5 * (i2t + t2i)
