@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import string
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -87,15 +88,11 @@ def add_meta_captions(
 
 
 def _fields(template: str) -> list[str]:
-    import string
-
     return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
 
 
 def check_meta_templates(templates: Sequence[str]) -> None:
     """A data.meta_captions entry must be a format string whose fields are column names."""
-    import string
-
     for t in templates:
         try:
             parsed = list(string.Formatter().parse(t))

@@ -163,8 +163,8 @@ def evaluate_records(
             p_scores, p_labels, _ = probes[column].classify(img, [str(v) for v in values])
             for name, v in zeroshot_scores_metrics(p_scores, p_labels).items():
                 metrics[f"probe/{column}/{name}"] = v
-            for name, v in zeroshot_chance(labels, len(classes)).items():
-                chance[f"probe/{column}/{name}"] = v
+            for name in ("top1", "top5", "mean_recall"):  # the same classes: the same chance
+                chance[f"probe/{column}/{name}"] = chance[f"zeroshot/{column}/{name}"]
     captions = [r.captions[min(cfg.retrieval_caption, len(r.captions) - 1)] for r in records]
     texts = sorted(set(captions))
     index = {t: i for i, t in enumerate(texts)}

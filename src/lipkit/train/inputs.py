@@ -4,6 +4,7 @@ TCL, every caption for multi-positive, the second caption for ALIP, the bias for
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -16,13 +17,27 @@ TOKENS = {"image_tokens", "text_tokens", "text_mask", "image_lexicon", "text_lex
 NEEDS_SECOND_CAPTION = {"synth_features", "text_features_2"}
 
 
+@functools.cache
+def _hash_coefficients(length: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0x11F)
+    return torch.randint(-(2**62), 2**62, (length,), generator=gen, dtype=torch.int64)
+
+
 def caption_keys(ids: torch.Tensor) -> torch.Tensor:
     """(T, L) token ids → (T,) int64 keys, equal for identical token sequences (a fixed random linear
     hash, wrapping in int64; the same on every rank, so keys gathered across ranks compare)."""
-    coef = torch.randint(
-        -(2**62), 2**62, (ids.shape[1],), generator=torch.Generator().manual_seed(0x11F), dtype=torch.int64
-    )
-    return (ids.long() * coef.to(ids.device)).sum(1)
+    return (ids.long() * _hash_coefficients(ids.shape[1]).to(ids.device)).sum(1)
+
+
+def caption_inputs(needs: set[str], n_images: int, ids: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+    """What a multi-caption objective reads besides features: `caption_owner` (the k captions of each
+    image, image-major) and, when asked for, `caption_key` of every caption's token ids."""
+    out: dict[str, torch.Tensor] = {}
+    if "caption_owner" in needs:
+        out["caption_owner"] = torch.arange(n_images, device=ids.device).repeat_interleave(k)
+        if "caption_key" in needs:
+            out["caption_key"] = caption_keys(ids)
+    return out
 
 
 def check_inputs(
@@ -87,9 +102,7 @@ def objective_inputs(
     txt = F.normalize(txt, dim=-1)
     if "caption_owner" in needs:
         out["text_features"] = txt
-        out["caption_owner"] = torch.arange(images.shape[0], device=ids.device).repeat_interleave(k)
-        if "caption_key" in needs:
-            out["caption_key"] = caption_keys(ids)
+        out.update(caption_inputs(needs, images.shape[0], ids, k))
     else:
         out["text_features"] = txt[first]
     if needs & NEEDS_SECOND_CAPTION:

@@ -42,7 +42,7 @@ from lipkit.train.distributed import (
     sync_step,
 )
 from lipkit.train.grad_cache import grad_cache_backward
-from lipkit.train.inputs import caption_keys, check_inputs, objective_inputs
+from lipkit.train.inputs import caption_inputs, check_inputs, objective_inputs
 from lipkit.train.optim import lr_factor, param_groups  # noqa: F401 - param_groups re-exported
 from lipkit.train.state import load_optimizer_state, load_rng_state, optimizer_state, rng_state
 
@@ -197,10 +197,7 @@ class Trainer:
         """The step's backward by gradient caching (train.grad_cache), see train.grad_cache."""
         k = self.per_image
         extras: dict[str, torch.Tensor] = {"logit_scale": self.model.scale()}
-        if "caption_owner" in self.needs:  # multi-positive: the k captions of each image, image-major
-            extras["caption_owner"] = torch.arange(images.shape[0], device=images.device).repeat_interleave(k)
-            if "caption_key" in self.needs:
-                extras["caption_key"] = caption_keys(ids)
+        extras.update(caption_inputs(self.needs, images.shape[0], ids, k))
         if "logit_bias" in self.needs:
             extras["logit_bias"] = self.model.logit_bias
         return grad_cache_backward(
