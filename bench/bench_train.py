@@ -142,6 +142,7 @@ class LipkitRunner:
     def __init__(self, spec_dict: dict[str, Any], args: argparse.Namespace) -> None:
         import torch
 
+        from lipkit.malloc import keep_freed_memory
         from lipkit.models.dual_encoder import DualEncoder
         from lipkit.models.presets import ModelSpec
         from lipkit.objectives.infonce import InfoNCE
@@ -149,6 +150,7 @@ class LipkitRunner:
         from lipkit.train.trainer import param_groups
 
         self.torch, self.objective_inputs = torch, objective_inputs
+        self.malloc_tuned = keep_freed_memory()  # as the Trainer does on a CPU (lipkit/malloc.py)
         self.precision, self.lr, self.clip = args.precision, args.lr, 1.0
         self.model = DualEncoder(ModelSpec.from_dict(spec_dict)).train()
         self.objective = InfoNCE()
@@ -342,6 +344,8 @@ def worker(args: argparse.Namespace) -> None:
                 "rss_ready_mb": rss_import,
                 "threads": torch.get_num_threads(),
                 "torch": torch.__version__,
+                "malloc_tuned": getattr(runner, "malloc_tuned", False)
+                or "MALLOC_MMAP_THRESHOLD_" in os.environ,
             }
         )
         + "\n"
@@ -350,10 +354,12 @@ def worker(args: argparse.Namespace) -> None:
         req = json.loads(line)
         cmd, n = req["cmd"], req.get("n", 1)
         if cmd == "train":
-            t = time.perf_counter()
+            faults, t = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
             losses = [runner.step(images, ids) for _ in range(n)]
             dt = time.perf_counter() - t
+            faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / n
             ans: dict[str, Any] = {"seconds": dt, "rate": n * args.batch / dt, "loss": losses[-1]}
+            ans["page_faults_per_step"] = faults
         elif cmd == "infer":
             runner.model.eval()
             with torch.no_grad():
@@ -564,6 +570,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default="inherit",
         help="OMP_WAIT_POLICY for every worker (inherit: this shell's, usually unset = spin)",
     )
+    ap.add_argument(
+        "--peer-malloc",
+        action="store_true",
+        help="give OpenCLIP's workers the glibc malloc settings lipkit's Trainer applies to itself "
+        "(lipkit/malloc.py), as MALLOC_*_ environment variables",
+    )
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
@@ -597,11 +609,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.omp_wait_policy != "inherit":
         env["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()
+    peer_env = dict(env)
+    if args.peer_malloc:
+        sys.path.insert(0, str(ROOT / "src"))
+        from lipkit.malloc import as_environment
+
+        peer_env.update(as_environment())
     common = ["--preset", args.preset, "--threads", str(args.threads), "--seed", str(args.seed)]
     info: dict[str, Any] = {"machine_before": machine(), "args": {k: str(v) for k, v in vars(args).items()}}
     print(f"machine: {info['machine_before']['cpu']}, {info['machine_before']['cores']} cores")
     print(f"load before: {info['machine_before']['uptime']}")
     info["omp_wait_policy"] = env.get("OMP_WAIT_POLICY", "unset")
+    info["peer_malloc"] = args.peer_malloc
     print(f"threads {args.threads}, OMP_WAIT_POLICY={info['omp_wait_policy']}")
 
     check = Worker(["--worker", "check", *common], env).first
@@ -633,7 +652,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "--batch", str(args.batch), "--warmup", str(args.warmup),
                         "--lr", str(args.lr), "--weight-decay", str(args.weight_decay), *common,
                     ],
-                    env,
+                    peer_env if lib == "open_clip" else env,
                 )  # fmt: skip
                 workers[lib, prec] = w
                 f = w.first
@@ -648,6 +667,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         train: dict[tuple[str, str], list[float]] = {k: [] for k in workers}
         infer: dict[tuple[str, str], list[float]] = {k: [] for k in workers}
+        faults: dict[tuple[str, str], list[float]] = {k: [] for k in workers}
         peaks: dict[str, list[float]] = {"fp32": [], "bf16": [], "fp32_median": [], "bf16_median": []}
         print(
             f"{reps} interleaved rounds × ({train_n} train steps + {infer_n} inference batches) "
@@ -657,7 +677,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             order = LIBS if r % 2 == 0 else LIBS[::-1]
             for prec in precisions:
                 for lib in order:
-                    train[lib, prec].append(workers[lib, prec].ask("train", train_n)["rate"])
+                    ans = workers[lib, prec].ask("train", train_n)
+                    train[lib, prec].append(ans["rate"])
+                    faults[lib, prec].append(ans["page_faults_per_step"])
             for prec in precisions:
                 for lib in order:
                     infer[lib, prec].append(workers[lib, prec].ask("infer", infer_n)["rate"])
@@ -706,6 +728,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "train_pct_of_peak": 100 * tr * first["train_flops_per_sample"] / peak_flops[prec],
                 "infer_pct_of_peak": 100 * inf * first["infer_flops_per_image"] / peak_flops[prec],
                 "params": first["params"],
+                "page_faults_per_step": statistics.median(faults[k]),
+                "malloc_tuned": first["malloc_tuned"],
             }
             results[f"{lib}/{prec}"] = res
             name = "lipkit" if lib == "lipkit" else "OpenCLIP"
@@ -745,6 +769,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     print("ratio = lipkit / OpenCLIP (median of per-round ratios; > 1 means lipkit is faster or bigger)")
+    print(
+        "page faults per training step (median): "
+        + ", ".join(
+            f"{'lipkit' if lib == 'lipkit' else 'OpenCLIP'} {prec} {results[f'{lib}/{prec}']['page_faults_per_step']:,.0f}"
+            f"{' (malloc tuned)' if results[f'{lib}/{prec}']['malloc_tuned'] else ''}"
+            for prec in precisions
+            for lib in LIBS
+        )
+    )
     for key, prof in profiles.items():
         if key.startswith("lipkit") or args.profile_peer:
             print(f"\nprofile {key}: {prof['wall_ms_per_step']:.0f} ms/step under the profiler; phases (ms):")

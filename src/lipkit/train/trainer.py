@@ -28,6 +28,7 @@ from torch import nn
 from lipkit.config import AugmentConfig, TrainConfig
 from lipkit.data.transforms import augment, normalize
 from lipkit.errors import EXIT_PREEMPTED, UserError  # noqa: F401  (re-exported)
+from lipkit.malloc import keep_freed_memory
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.text.tokenizer import TextTokenizer
 from lipkit.train import fsdp
@@ -83,6 +84,8 @@ class Trainer:
     ) -> None:
         self.model, self.objective, self.tokenizer = model.to(device), objective.to(device), tokenizer
         self.cfg, self.aug, self.run_dir, self.device = cfg, augment_cfg, run_dir, device
+        if device.type == "cpu":
+            keep_freed_memory()  # no page faults on every step's activations (lipkit/malloc.py)
         self.needs = set(getattr(objective, "inputs", ("image_features", "text_features", "logit_scale")))
         self.per_image, self.dist = captions_per_image, dist or Dist()
         self.local_batch = cfg.batch_size // self.dist.world
