@@ -158,3 +158,39 @@ def test_help_teaches():
         assert cmd in r.stdout
     assert "--set" in lipkit("train", "--help").stdout
     assert lipkit("--version").stdout.startswith("lipkit ")
+
+
+def test_torchrun_two_nodes_meet_through_the_c10d_rendezvous(tmp_path):
+    """The SLURM recipe's launch (docs/scaling.md): one torchrun agent per node, here two on this
+    machine, meet through `--rdzv-backend c10d` and train as one world of 2 gloo ranks."""
+    import socket
+
+    from lipkit.data.emoji import build_emoji
+
+    make_fixture_packages(tmp_path / "packages", n_concepts=40)
+    data = tmp_path / "emoji"
+    build_emoji(data, cache_dir=tmp_path, progress=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "lipkit-test",
+        "-m", "lipkit", "train",
+        *sets(*TINY, f"data.train={data / 'train.jsonl'}", f"train.output={run}", "train.epochs=1",
+              "train.threads=1"),
+    ]  # fmt: skip
+    env = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
+    nodes = [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outs = [node.communicate(timeout=300) for node in nodes]
+    for node, (_, err) in zip(nodes, outs, strict=True):
+        assert node.returncode == 0, err[-3000:]
+    banner = "".join(err for _, err in outs)
+    assert "× 2 ranks (gloo, ddp)" in banner, banner[-3000:]
+    train = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x for x in train if x["kind"] == "train"], "no training step was logged"
+    assert (run / "checkpoint").exists()

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lipkit.models.transformer import Attention, explicit_attention
+from lipkit.models.transformer import Attention, Mlp, explicit_attention
 
 
 def reference(qkv: torch.Tensor, heads: int, causal: bool) -> torch.Tensor:
@@ -112,3 +112,46 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
         )
         faults[mode] = float(out.stdout.strip())
     assert faults["tuned"] < 1000 < 10_000 < faults["default"], faults
+
+
+@pytest.mark.parametrize("quick_gelu", [False, True])
+def test_mlp_recomputing_its_activation_gives_autograds_gradients(quick_gelu):
+    """ActivationProjection keeps h instead of act(h); loss and every gradient equal plain autograd's."""
+    torch.manual_seed(2)
+    mlp = Mlp(16, 64, quick_gelu).double()
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 5, 16, dtype=torch.float64)
+    params = [x, *mlp.parameters()]
+    saved: list[int] = []
+
+    def count(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+        ours = (mlp(x) * weight).sum()  # x requires grad: the recomputing path
+    grads = torch.autograd.grad(ours, params)
+    plain = (mlp.c_proj(mlp.gelu(mlp.c_fc(x))) * weight).sum()
+    ref = torch.autograd.grad(plain, params)
+    torch.testing.assert_close(ours, plain, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert 3 * 5 * 64 in saved and saved.count(3 * 5 * 64) == 1, saved  # h kept once, act(h) not at all
+
+
+def test_mlp_recompute_under_bf16_autocast_and_a_frozen_projection():
+    torch.manual_seed(3)
+    mlp = Mlp(32, 128, False)
+    mlp.c_proj.requires_grad_(False)  # a locked layer: no weight gradient asked for
+    x = torch.randn(4, 7, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = mlp(x)
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    ref_x = x.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = mlp.c_proj(mlp.gelu(mlp.c_fc(ref_x)))
+    ref.float().square().sum().backward()
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(x.grad, ref_x.grad, rtol=2e-2, atol=2e-2)
+    assert mlp.c_proj.weight.grad is None and mlp.c_fc.weight.grad is not None

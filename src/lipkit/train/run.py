@@ -175,7 +175,8 @@ def run_training(cfg: Config) -> tuple[Path, TrainResult]:
         console.print(f"resuming from {resume} (step {trainer.step_count})")
     console.print(
         f"[bold]lipkit train[/]: {batches.num_samples} pairs, {len(batches)} steps/epoch, model {cfg.model.preset} "
-        f"({model.num_params() / 1e6:.1f}M params), vocab {tokenizer.vocab_size}, device {device}, "
+        f"({model.num_params() / 1e6:.1f}M params), vocab {tokenizer.vocab_size}, device {device}"
+        f"{f' × {dist.world} ranks ({torch.distributed.get_backend()}, {t.strategy})' if dist.enabled else ''}, "
         f"run dir {run_dir}"
     )
     best: dict[str, Any] = {"value": None, "path": None}
