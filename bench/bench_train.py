@@ -770,7 +770,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("\n".join(rows))
     print("ratio = lipkit / OpenCLIP (median of per-round ratios; > 1 means lipkit is faster or bigger)")
     print(
-        "RSS ready (imports, model, optimizer) → peak, MiB: "
+        "RSS before the first step (imports, model, optimizer without its moments) → peak, MiB: "
         + ", ".join(
             f"{'lipkit' if lib == 'lipkit' else 'OpenCLIP'} {prec} {results[f'{lib}/{prec}']['rss_ready_mb']:.0f} → "
             f"{results[f'{lib}/{prec}']['peak_rss_mb']:.0f} (+{results[f'{lib}/{prec}']['peak_rss_mb'] - results[f'{lib}/{prec}']['rss_ready_mb']:.0f})"

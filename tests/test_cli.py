@@ -177,6 +177,7 @@ def test_torchrun_two_nodes_meet_through_the_c10d_rendezvous(tmp_path):
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
         "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "lipkit-test",
+        "--local-addr", "127.0.0.1",
         "-m", "lipkit", "train",
         *sets(*TINY, f"data.train={data / 'train.jsonl'}", f"train.output={run}", "train.epochs=1",
               "train.threads=1"),

@@ -19,10 +19,6 @@ from rich.table import Table  # noqa: E402
 
 from lipkit import __version__  # noqa: E402
 from lipkit.errors import EXIT_PREEMPTED, UserError  # noqa: E402
-from lipkit.malloc import keep_freed_memory  # noqa: E402
-
-# Every command's CPU tensors reuse freed memory instead of page-faulting it back in (lipkit/malloc.py).
-keep_freed_memory()
 
 app = typer.Typer(
     help="lipkit: train, evaluate and serve CLIP-family image–text models.\n\n"

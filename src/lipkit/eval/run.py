@@ -14,6 +14,7 @@ from lipkit.config import Config
 from lipkit.data.sources import read_table
 from lipkit.errors import UserError
 from lipkit.eval.evaluate import evaluate_records, fit_probes, resolve_similarity
+from lipkit.malloc import keep_freed_memory
 from lipkit.train.checkpoint import load_checkpoint
 
 
@@ -21,6 +22,8 @@ def run_eval(checkpoint: str | Path, splits: dict[str, str], cfg: Config, out: P
     model, tokenizer, info = load_checkpoint(checkpoint)
     if torch.cuda.is_available():
         model = model.cuda()
+    else:
+        keep_freed_memory()  # CPU embedding without a page fault per batch (lipkit/malloc.py)
     d = cfg.data
     similarity = resolve_similarity(cfg.eval.similarity, info.get("train", {}).get("objective"))
     results: dict[str, Any] = {

@@ -45,6 +45,7 @@ from lipkit.data.sources import Record
 from lipkit.data.transforms import load_image
 from lipkit.device import pick_device
 from lipkit.errors import UserError
+from lipkit.malloc import keep_freed_memory
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.search.atomic_files import save_npy_atomic, save_npz_atomic, write_json_atomic
 from lipkit.search.collection import (  # noqa: F401 - collect and IMAGE_EXTS re-exported
@@ -375,6 +376,8 @@ def run_embed(
     records = collect(source, image_column, caption_column)  # a bad source fails before the model loads
     model, tokenizer, _ = load_checkpoint(checkpoint)
     model.to(pick_device(device))
+    if next(model.parameters()).device.type == "cpu":
+        keep_freed_memory()  # CPU embedding without a page fault per batch (lipkit/malloc.py)
     return embed_collection(
         model,
         tokenizer,
