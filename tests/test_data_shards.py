@@ -148,6 +148,15 @@ def test_meta_captions_reach_training_from_tables_and_shards(formats, keylog, tm
     assert seen["jsonl"] == seen["shards"]
 
 
+def test_meta_captions_that_fill_nothing_are_refused_for_tables_and_shards(formats, tmp_path):
+    """A template naming a column the rows lack is one clear error before training, from shards too."""
+    data = {"meta_captions": ["a {categroy} emoji"], "caption_select": [0]}
+    for name in ("jsonl", "shards"):
+        cfg = config_from_dict(config(formats[name], tmp_path / name, data, epochs=1))
+        with pytest.raises(UserError, match=r"filled no caption in .*category"):
+            run_training(cfg)
+
+
 def _broken_shards(table: Path, root: Path) -> str:
     """Shards of the fixture with two truncated PNGs inside and the last shard cut short."""
     rows = [json.loads(x) for x in table.read_text().splitlines()]

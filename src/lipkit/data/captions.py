@@ -114,6 +114,20 @@ def check_meta_templates(templates: Sequence[str]) -> None:
                 )
 
 
+def check_meta_fills(records: Sequence[Record], templates: Sequence[str], source: str) -> None:
+    """A clear error when data.meta_captions would fill no caption for any of `records` (after the
+    caption selection): the templates name columns these rows do not have."""
+    if not templates or not records:
+        return
+    n_before = sum(len(r.captions) for r in records)
+    if sum(len(r.captions) for r in add_meta_captions(records, templates)) == n_before:
+        columns = sorted({k for r in records[:100] for k in r.meta})
+        raise UserError(
+            f"data.meta_captions {list(templates)} filled no caption in {source}: its rows have the columns "
+            f"{', '.join(columns) or '(none)'}; name one of those in braces."
+        )
+
+
 def filter_captions(
     records: Sequence[Record],
     positions: Sequence[int],

@@ -20,7 +20,6 @@ from lipkit.data.shard_batches import ShardBatches
 from lipkit.data.shards import expand_shards, shard_captions
 from lipkit.data.sources import Record, describe, read_records, source_kind
 from lipkit.data.table_batches import ImageStore, TrainBatches
-from lipkit.errors import UserError
 
 __all__ = [
     "Batch",
@@ -98,18 +97,17 @@ def open_train_data(d: Any) -> TrainData:
     records, skipped = read_records(d.train, d.image_column, d.caption_column, d.image_root)
     meta = getattr(d, "meta_captions", [])
     if getattr(d, "caption_langs", None) or getattr(d, "caption_select", None) or meta:
-        from lipkit.data.captions import add_meta_captions, check_meta_templates, filter_captions
+        from lipkit.data.captions import (
+            add_meta_captions,
+            check_meta_fills,
+            check_meta_templates,
+            filter_captions,
+        )
 
         check_meta_templates(meta)
         records = filter_captions(records, getattr(d, "caption_select", []), getattr(d, "caption_langs", []))
-        n_before = sum(len(r.captions) for r in records)
+        check_meta_fills(records, meta, d.train)
         records = add_meta_captions(records, meta)
-        if meta and sum(len(r.captions) for r in records) == n_before and records:
-            columns = sorted({k for r in records[:100] for k in r.meta})
-            raise UserError(
-                f"data.meta_captions {meta} filled no caption in {d.train}: its rows have the columns "
-                f"{', '.join(columns) or '(none)'}; name one of those in braces."
-            )
     return TrainData(kind, records=records, read_skipped=skipped, cfg=d)
 
 

@@ -198,6 +198,8 @@ class ShardBatches:
                 f"The training shards hold {self.num_samples} samples, fewer than train.batch_size="
                 f"{batch_size}; lower the batch size, add data or set data.samples_per_epoch."
             )
+        if self.meta:
+            self._check_meta_fills()
         self.workers = min(max(0, workers), len(self.urls))
         self.streams = max(1, self.workers)
         self.skips = SkipCounter(max_skip_fraction, self.num_samples, "the training shards")
@@ -207,6 +209,20 @@ class ShardBatches:
 
     def __len__(self) -> int:
         return self.num_samples // self.batch_size
+
+    def _check_meta_fills(self, peek: int = 100) -> None:
+        """data.meta_captions that fill nothing in the first shard's first samples are a clear error now,
+        not a silent run without the captions they were meant to add."""
+        from lipkit.data.captions import check_meta_fills, filter_captions
+
+        records: list = []
+        for sample in read_shard(self.urls[0], ShardStatus(self.urls[0])):
+            parsed = parse_sample(sample, self.caption_column)
+            if not isinstance(parsed, Skip):
+                records.extend(filter_captions([parsed], self.select, self.langs))
+            if len(records) >= peek:
+                break
+        check_meta_fills(records, self.meta, f"the first samples of {self.urls[0]}")
 
     @property
     def skipped(self) -> Counter[str]:
