@@ -19,14 +19,14 @@ class QuickGELU(nn.Module):
     """x * sigmoid(1.702 x): the activation of the original OpenAI CLIP weights."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
+        return activation("quick_gelu", x)
 
 
 def activation(kind: str, x: torch.Tensor) -> torch.Tensor:
-    """act(x) for kind "gelu" (exact, erf), "gelu_tanh" or "quick_gelu", functional (no module hooks)."""
+    """act(x) for kind "gelu" (exact, erf) or "quick_gelu", functional (no module hooks)."""
     if kind == "quick_gelu":
         return x * torch.sigmoid(1.702 * x)
-    return F.gelu(x, approximate="tanh" if kind == "gelu_tanh" else "none")
+    return F.gelu(x)
 
 
 def activation_backward(kind: str, grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -34,7 +34,7 @@ def activation_backward(kind: str, grad: torch.Tensor, x: torch.Tensor) -> torch
     if kind == "quick_gelu":  # d/dx [x σ(1.702 x)] = σ (1 + 1.702 x (1 − σ))
         s = torch.sigmoid(1.702 * x)
         return grad * s * (1 + 1.702 * x * (1 - s))
-    return torch.ops.aten.gelu_backward(grad, x, approximate="tanh" if kind == "gelu_tanh" else "none")
+    return torch.ops.aten.gelu_backward(grad, x)
 
 
 def explicit_attention(qkv: torch.Tensor, heads: int, causal: bool) -> torch.Tensor:
