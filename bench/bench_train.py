@@ -769,24 +769,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     print("ratio = lipkit / OpenCLIP (median of per-round ratios; > 1 means lipkit is faster or bigger)")
+    memory, faults_line = [], []
+    for prec in precisions:
+        for lib in LIBS:
+            res, name = results[f"{lib}/{prec}"], "lipkit" if lib == "lipkit" else "OpenCLIP"
+            ready, peak_mb = res["rss_ready_mb"], res["peak_rss_mb"]
+            memory.append(f"{name} {prec} {ready:.0f} → {peak_mb:.0f} (+{peak_mb - ready:.0f})")
+            tuned = " (malloc tuned)" if res["malloc_tuned"] else ""
+            faults_line.append(f"{name} {prec} {res['page_faults_per_step']:,.0f}{tuned}")
     print(
         "RSS before the first step (imports, model, optimizer without its moments) → peak, MiB: "
-        + ", ".join(
-            f"{'lipkit' if lib == 'lipkit' else 'OpenCLIP'} {prec} {results[f'{lib}/{prec}']['rss_ready_mb']:.0f} → "
-            f"{results[f'{lib}/{prec}']['peak_rss_mb']:.0f} (+{results[f'{lib}/{prec}']['peak_rss_mb'] - results[f'{lib}/{prec}']['rss_ready_mb']:.0f})"
-            for prec in precisions
-            for lib in LIBS
-        )
+        + ", ".join(memory)
     )
-    print(
-        "page faults per training step (median): "
-        + ", ".join(
-            f"{'lipkit' if lib == 'lipkit' else 'OpenCLIP'} {prec} {results[f'{lib}/{prec}']['page_faults_per_step']:,.0f}"
-            f"{' (malloc tuned)' if results[f'{lib}/{prec}']['malloc_tuned'] else ''}"
-            for prec in precisions
-            for lib in LIBS
-        )
-    )
+    print("page faults per training step (median): " + ", ".join(faults_line))
     for key, prof in profiles.items():
         if key.startswith("lipkit") or args.profile_peer:
             print(f"\nprofile {key}: {prof['wall_ms_per_step']:.0f} ms/step under the profiler; phases (ms):")

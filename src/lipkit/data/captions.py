@@ -114,18 +114,23 @@ def check_meta_templates(templates: Sequence[str]) -> None:
                 )
 
 
-def check_meta_fills(records: Sequence[Record], templates: Sequence[str], source: str) -> None:
-    """A clear error when data.meta_captions would fill no caption for any of `records` (after the
-    caption selection): the templates name columns these rows do not have."""
-    if not templates or not records:
-        return
-    n_before = sum(len(r.captions) for r in records)
-    if sum(len(r.captions) for r in add_meta_captions(records, templates)) == n_before:
+def add_meta_captions_checked(
+    records: Sequence[Record], templates: Sequence[str], source: str
+) -> list[Record]:
+    """`add_meta_captions`, with a clear error when the templates fill no caption for any of `records`
+    (after the caption selection): they name columns these rows do not have."""
+    out = add_meta_captions(records, templates)
+    if (
+        templates
+        and records
+        and sum(map(len, (r.captions for r in out))) == sum(map(len, (r.captions for r in records)))
+    ):
         columns = sorted({k for r in records[:100] for k in r.meta})
         raise UserError(
             f"data.meta_captions {list(templates)} filled no caption in {source}: its rows have the columns "
             f"{', '.join(columns) or '(none)'}; name one of those in braces."
         )
+    return out
 
 
 def filter_captions(

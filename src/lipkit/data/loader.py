@@ -97,17 +97,11 @@ def open_train_data(d: Any) -> TrainData:
     records, skipped = read_records(d.train, d.image_column, d.caption_column, d.image_root)
     meta = getattr(d, "meta_captions", [])
     if getattr(d, "caption_langs", None) or getattr(d, "caption_select", None) or meta:
-        from lipkit.data.captions import (
-            add_meta_captions,
-            check_meta_fills,
-            check_meta_templates,
-            filter_captions,
-        )
+        from lipkit.data.captions import add_meta_captions_checked, check_meta_templates, filter_captions
 
         check_meta_templates(meta)
         records = filter_captions(records, getattr(d, "caption_select", []), getattr(d, "caption_langs", []))
-        check_meta_fills(records, meta, d.train)
-        records = add_meta_captions(records, meta)
+        records = add_meta_captions_checked(records, meta, d.train)
     return TrainData(kind, records=records, read_skipped=skipped, cfg=d)
 
 

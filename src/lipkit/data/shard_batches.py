@@ -213,7 +213,7 @@ class ShardBatches:
     def _check_meta_fills(self, peek: int = 100) -> None:
         """data.meta_captions that fill nothing in the first shard's first samples are a clear error now,
         not a silent run without the captions they were meant to add."""
-        from lipkit.data.captions import check_meta_fills, filter_captions
+        from lipkit.data.captions import add_meta_captions_checked, filter_captions
 
         records: list = []
         for sample in read_shard(self.urls[0], ShardStatus(self.urls[0])):
@@ -222,7 +222,7 @@ class ShardBatches:
                 records.extend(filter_captions([parsed], self.select, self.langs))
             if len(records) >= peek:
                 break
-        check_meta_fills(records, self.meta, f"the first samples of {self.urls[0]}")
+        add_meta_captions_checked(records, self.meta, f"the first samples of {self.urls[0]}")
 
     @property
     def skipped(self) -> Counter[str]:
