@@ -179,8 +179,8 @@ def sparse_suite(
 
 
 def emoji(args, out) -> None:
+    from lipkit.checkpoint import load_checkpoint
     from lipkit.search.embed import collect, embed_collection, load_embeddings
-    from lipkit.train.checkpoint import load_checkpoint
 
     root = Path(args.emoji).expanduser()
     work = Path(args.work).expanduser()

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lipkit.interop import require
 from lipkit.interop.onnx import export_towers
+from lipkit.interop.peer_weights import require
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.models.presets import get_spec
 
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     if args.checkpoint:
-        from lipkit.train.checkpoint import load_checkpoint
+        from lipkit.checkpoint import load_checkpoint
 
         model = load_checkpoint(args.checkpoint)[0]
         name = str(args.checkpoint)

@@ -31,11 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from lipkit.cli import demo_config_path
-from lipkit.config import load_config
+from lipkit.config import load_config, packaged_config
 from lipkit.data.emoji import build_emoji, default_root
 
-SCRATCH = demo_config_path().parent / "scratch.yaml"
+SCRATCH = packaged_config().parent / "scratch.yaml"
 CAPTION = 2  # "label (subcategory, category)" in the emoji rows
 SHOWN = [
     ("test-style", "zeroshot/subcategory/top1"),
@@ -77,7 +76,7 @@ def lipkit_config(args: argparse.Namespace, out: Path):
 
 
 def child_lipkit(args: argparse.Namespace) -> dict:
-    from lipkit.train.run import run_training
+    from lipkit.train.launch import run_training
 
     t0 = time.perf_counter()
     run_dir, result = run_training(lipkit_config(args, args.work / "lipkit"))
@@ -154,8 +153,8 @@ def child_open_clip(args: argparse.Namespace) -> dict:
 
 
 def evaluate(args: argparse.Namespace, name: str, info: dict) -> dict:
-    from lipkit.eval.run import run_eval
-    from lipkit.train.checkpoint import save_checkpoint
+    from lipkit.checkpoint import save_checkpoint
+    from lipkit.eval.suite import run_eval
 
     cfg = lipkit_config(args, args.work / name)
     checkpoint = Path(info["checkpoint"])

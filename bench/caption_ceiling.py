@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from lipkit.checkpoint import load_checkpoint
 from lipkit.config import EvalConfig
 from lipkit.data.emoji import default_root
-from lipkit.data.sources import read_table
+from lipkit.data.sources.registry import read_table
 from lipkit.eval.evaluate import embed_texts
 from lipkit.eval.zeroshot import class_embeddings
-from lipkit.train.checkpoint import load_checkpoint
 
 
 def main() -> None:

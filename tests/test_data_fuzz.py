@@ -19,11 +19,12 @@ from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 from PIL import Image
 
-from lipkit.data.shard_batches import _ShardStream, _StreamSpec
-from lipkit.data.shards import scan_shards
-from lipkit.data.sources import REASONS, Record, Skip, read_records
+from lipkit.data.images import IMAGE_REASONS, try_load_image
+from lipkit.data.records import REASONS, Record, Skip
+from lipkit.data.shard_streams import ShardStream, StreamSpec
+from lipkit.data.sources.registry import read_records
+from lipkit.data.sources.shards import scan_shards
 from lipkit.data.tools import image_bytes
-from lipkit.data.transforms import IMAGE_REASONS, try_load_image
 
 set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "lipkit-hypothesis")  # not .hypothesis/ in the repo
 FAST = settings(
@@ -199,9 +200,9 @@ def test_fuzz_tar_shards(tmp_path, data):
     url = str(tmp_path / "00000.tar")
     Path(url).write_bytes(data)
     n = len(SAMPLES)
-    spec = _StreamSpec([url], 1, 8, 0, 0, 0, 4, "captions", [], [], {url: n})
+    spec = StreamSpec([url], 1, 8, 0, 0, 0, 4, "captions", [], [], {url: n})
     ok, skipped = [], 0
-    for _, items, images in _ShardStream(spec):
+    for _, items, images in ShardStream(spec):
         assert images.shape[1:] == (3, 8, 8) and images.dtype == torch.uint8
         assert images.shape[0] == sum(1 for x in items if x[0] == "ok")
         for item in items:

@@ -24,12 +24,12 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from lipkit.checkpoint import find_resume
 from lipkit.cli import app
 from lipkit.config import config_from_dict
 from lipkit.data.tools import convert
 from lipkit.errors import UserError
-from lipkit.train.checkpoint import find_resume
-from lipkit.train.run import run_training
+from lipkit.train.launch import run_training
 from lipkit.train.trainer import Trainer
 
 MODEL = {
@@ -187,7 +187,7 @@ def test_sigkill_then_resume_continues_with_exactly_the_next_batch(table, keylog
         path = tmp_path / "cfg.json"
         path.write_text(json.dumps(cfg))
         code = (
-            "import json\nfrom lipkit.config import config_from_dict\nfrom lipkit.train.run import run_training\n"
+            "import json\nfrom lipkit.config import config_from_dict\nfrom lipkit.train.launch import run_training\n"
             f"run_training(config_from_dict(json.load(open({str(path)!r}))))\n"
         )
         return subprocess.Popen(

@@ -18,10 +18,10 @@ import pytest
 import torch
 from PIL import Image
 
-from lipkit.data.loader import ImageStore, TrainBatches
-from lipkit.data.sources import read_records, read_table, source_kind
+from lipkit.data.images import load_image, try_load_image
+from lipkit.data.sources.registry import read_records, read_table, source_kind
+from lipkit.data.table_batches import ImageStore, TrainBatches
 from lipkit.data.tools import convert
-from lipkit.data.transforms import load_image, try_load_image
 from lipkit.errors import UserError
 
 
@@ -69,7 +69,7 @@ def rows(tmp_path) -> list[dict]:
 def test_every_format_reads_the_same_records(tmp_path, rows):
     jsonl = write_jsonl(tmp_path / "t.jsonl", rows)
     want = as_set(read_table(jsonl))
-    assert len(want) == 12 and source_kind(jsonl) == "table"
+    assert len(want) == 12 and source_kind(jsonl).name == "table"
     assert as_set(read_table(write_csv(tmp_path / "t.csv", rows))) == want
     assert as_set(read_table(write_csv(tmp_path / "t.tsv", rows, "\t"))) == want
     # parquet with the image bytes inline (key column = the path) and with a path column
@@ -87,7 +87,7 @@ def test_every_format_reads_the_same_records(tmp_path, rows):
         pa.table({"image": [r["image"] for r in rows], "captions": [r["captions"] for r in rows]}),
         tmp_path / "p.parquet",
     )
-    assert source_kind(tmp_path / "p.parquet") == "parquet"
+    assert source_kind(tmp_path / "p.parquet").name == "parquet"
     assert as_set(read_records(tmp_path / "p.parquet")[0]) == want
     # a folder with sidecar captions
     folder = tmp_path / "folder"
@@ -96,13 +96,13 @@ def test_every_format_reads_the_same_records(tmp_path, rows):
         name = Path(r["image"]).stem
         (folder / f"{name}.png").write_bytes((tmp_path / r["image"]).read_bytes())
         (folder / f"{name}.json").write_text(json.dumps({"captions": r["captions"]}))
-    assert source_kind(folder) == "folder"
+    assert source_kind(folder).name == "folder"
     assert sorted(tuple(r.captions) for r in read_records(folder)[0]) == sorted(c for _, c in want)
     # shards written by convert keep the source's keys
     report = convert(jsonl, tmp_path / "shards", shard_size=5, progress=False)
     assert report.samples == 12 and report.extra["shards"] == 3
     pattern = report.extra["pattern"]
-    assert source_kind(pattern) == "shards" and pattern.endswith("{00000..00002}.tar")
+    assert source_kind(pattern).name == "shards" and pattern.endswith("{00000..00002}.tar")
     assert as_set(read_records(pattern)[0]) == want
     assert as_set(read_records(tmp_path / "shards")[0]) == want  # a folder of shards
     # the decoded images agree across formats
@@ -264,7 +264,7 @@ def test_streaming_map_loader_keeps_batches_full_and_resumes_exactly(tmp_path, r
 
 def test_caption_select_then_languages():
     from lipkit.data.captions import filter_captions
-    from lipkit.data.sources import Record
+    from lipkit.data.records import Record
 
     r = Record(
         Path("a.png"), ["label", "tags", "label (group)", "Etikett"], {"langs": ["en", "en", "en", "de"]}
@@ -282,8 +282,8 @@ def test_meta_captions_are_appended_from_the_rows_columns(tmp_path):
 
     from lipkit.config import DataConfig
     from lipkit.data.captions import check_meta_templates, filter_captions
-    from lipkit.data.loader import open_train_data
-    from lipkit.data.sources import Record
+    from lipkit.data.records import Record
+    from lipkit.data.sources.registry import open_train_data
     from lipkit.errors import UserError
 
     r = Record(Path("a.png"), ["label", "Etikett"], {"langs": ["en", "de"], "group": "faces", "kind": ""})

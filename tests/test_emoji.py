@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from emoji_fixture import make_fixture_packages
 from lipkit.data import emoji
 from lipkit.data.emoji import SPLITS, build_emoji
-from lipkit.data.emoji_fixture import make_fixture_packages
 from lipkit.errors import UserError
 
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="fake npm is a shell script")

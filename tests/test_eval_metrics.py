@@ -67,7 +67,8 @@ def test_filip_evaluation_scores_pairs_token_wise(table):
     spec = model.spec
     cfg = EvalConfig(class_columns=["category"], templates=["{}", "an emoji of {}."])
     got = evaluate_records(model, tok, records, cfg, details=False, similarity="filip")["metrics"]
-    from lipkit.data.transforms import load_image, normalize
+    from lipkit.data.images import load_image
+    from lipkit.data.transforms import normalize
 
     with torch.no_grad():
         x = normalize(
@@ -112,7 +113,8 @@ def test_lexical_evaluation_uses_the_lexicon_heads(table):
 
     from conftest import TINY_MODEL, tiny_eval_setup
     from lipkit.config import EvalConfig
-    from lipkit.data.transforms import load_image, normalize
+    from lipkit.data.images import load_image
+    from lipkit.data.transforms import normalize
     from lipkit.errors import UserError
     from lipkit.eval.evaluate import evaluate_records, resolve_similarity
     from lipkit.models.dual_encoder import DualEncoder

@@ -6,12 +6,12 @@ import json
 import pytest
 import torch
 
+from lipkit.checkpoint import load_checkpoint, save_checkpoint
 from lipkit.errors import UserError
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.models.hf_text import resolve_pretrained
 from lipkit.models.presets import get_spec
 from lipkit.text.tokenizer import TextTokenizer
-from lipkit.train.checkpoint import load_checkpoint, save_checkpoint
 from lipkit.train.trainer import param_groups
 
 transformers = pytest.importorskip("transformers", reason="needs transformers (pip install 'lipkit[hf]')")

@@ -13,13 +13,13 @@ transformers = pytest.importorskip(
 )
 from transformers import AutoTokenizer, CLIPConfig, CLIPModel  # noqa: E402
 
-from lipkit.cli_interop import register  # noqa: E402
+from lipkit.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from lipkit.cli.interop import register  # noqa: E402
 from lipkit.errors import UserError  # noqa: E402
 from lipkit.interop.hf import from_hf, from_hf_state, to_hf, write_hf  # noqa: E402
 from lipkit.models.dual_encoder import DualEncoder  # noqa: E402
 from lipkit.models.presets import get_spec  # noqa: E402
 from lipkit.text.tokenizer import TextTokenizer  # noqa: E402
-from lipkit.train.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 
 TOL = 1e-4
 TEXTS = ["a photo of a cat", "two dogs playing in the snow, 東京 😀"]
@@ -102,7 +102,9 @@ def test_hf_directory_to_lipkit_and_back(tmp_path, act):
     peer.save_pretrained(tmp_path / "hf")
     write_vocab_files(vocab, merges, tmp_path / "hf")  # what CLIPTokenizer.save_pretrained writes
     app, runner = cli()
-    r = runner.invoke(app, ["convert", "--from", "hf", str(tmp_path / "hf"), str(tmp_path / "ck")])
+    r = runner.invoke(
+        app, ["checkpoint", "convert", "--from", "hf", str(tmp_path / "hf"), str(tmp_path / "ck")]
+    )
     assert r.exit_code == 0, r.output
     model, tok, _ = load_checkpoint(tmp_path / "ck")
     assert model.spec.quick_gelu == (act == "quick_gelu")
@@ -111,7 +113,9 @@ def test_hf_directory_to_lipkit_and_back(tmp_path, act):
 
     perturbed(model, seed=2)
     save_checkpoint(tmp_path / "ck", model, tok)
-    r = runner.invoke(app, ["convert", "--to", "hf", str(tmp_path / "ck"), str(tmp_path / "hf2")])
+    r = runner.invoke(
+        app, ["checkpoint", "convert", "--to", "hf", str(tmp_path / "ck"), str(tmp_path / "hf2")]
+    )
     assert r.exit_code == 0, r.output
     back = CLIPModel.from_pretrained(tmp_path / "hf2").eval()
     assert_close(diffs(model, back, images, ids), f"lipkit->hf tiny {act}")

@@ -16,13 +16,13 @@ pytest.importorskip(
     "onnxscript", reason="torch's ONNX exporter needs onnxscript (pip install 'lipkit[interop]')"
 )
 
-from lipkit.cli_interop import register  # noqa: E402
+from lipkit.checkpoint import save_checkpoint  # noqa: E402
+from lipkit.cli.interop import register  # noqa: E402
 from lipkit.errors import UserError  # noqa: E402
 from lipkit.interop.onnx import export_onnx  # noqa: E402
 from lipkit.models.dual_encoder import DualEncoder  # noqa: E402
 from lipkit.models.presets import get_spec  # noqa: E402
 from lipkit.text.tokenizer import TextTokenizer  # noqa: E402
-from lipkit.train.checkpoint import save_checkpoint  # noqa: E402
 
 TOL = 1e-4
 SMALL = dict(vision_width=48, vision_layers=2, vision_heads=3, text_width=48, text_layers=2, text_heads=3)

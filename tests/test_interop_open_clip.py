@@ -15,9 +15,9 @@ open_clip = pytest.importorskip(
     "open_clip", reason="OpenCLIP parity tests need open_clip_torch (pip install 'lipkit[interop]')"
 )
 
-from lipkit.cli_interop import register  # noqa: E402
+from lipkit.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from lipkit.cli.interop import register  # noqa: E402
 from lipkit.errors import UserError  # noqa: E402
-from lipkit.interop import read_state_dict  # noqa: E402
 from lipkit.interop.clip_bpe import clip_tokenizer, clip_vocab_and_merges  # noqa: E402
 from lipkit.interop.open_clip import (  # noqa: E402
     from_open_clip,
@@ -25,8 +25,8 @@ from lipkit.interop.open_clip import (  # noqa: E402
     spec_from_open_clip,
     to_open_clip,
 )
+from lipkit.interop.peer_weights import read_state_dict  # noqa: E402
 from lipkit.text.tokenizer import TextTokenizer  # noqa: E402
-from lipkit.train.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 
 TOL = 1e-4
 TINY_NAME = "lipkit-test-tiny"
@@ -171,7 +171,15 @@ def test_cli_round_trip_through_files(tmp_path, tiny_arch):
     torch.save(peer.state_dict(), tmp_path / "peer.pt")
     r = runner.invoke(
         app,
-        ["convert", "--from", "open_clip", str(tiny_arch), str(tmp_path / "peer.pt"), str(tmp_path / "ck")],
+        [
+            "checkpoint",
+            "convert",
+            "--from",
+            "open_clip",
+            str(tiny_arch),
+            str(tmp_path / "peer.pt"),
+            str(tmp_path / "ck"),
+        ],
     )
     assert r.exit_code == 0, r.output
     model, tok, info = load_checkpoint(tmp_path / "ck")
@@ -179,7 +187,9 @@ def test_cli_round_trip_through_files(tmp_path, tiny_arch):
     images, ids = images_for(model.spec), tok(TEXTS)
     assert_close(diffs(model, peer, images, ids), "open_clip .pt -> lipkit checkpoint (CLI)")
 
-    r = runner.invoke(app, ["convert", "--to", "open_clip", str(tmp_path / "ck"), str(tmp_path / "oc")])
+    r = runner.invoke(
+        app, ["checkpoint", "convert", "--to", "open_clip", str(tmp_path / "ck"), str(tmp_path / "oc")]
+    )
     assert r.exit_code == 0, r.output
     assert {"open_clip_config.json", "open_clip_model.safetensors", "oc.json"} <= {
         p.name for p in (tmp_path / "oc").iterdir()
@@ -190,7 +200,9 @@ def test_cli_round_trip_through_files(tmp_path, tiny_arch):
     named = open_clip.create_model("oc", pretrained=str(tmp_path / "oc" / "open_clip_model.safetensors"))
     assert_close(diffs(model, named.eval(), images, ids), "lipkit -> open_clip named config")
 
-    r = runner.invoke(app, ["convert", "--to", "open_clip", str(tmp_path / "ck"), str(tmp_path / "oc")])
+    r = runner.invoke(
+        app, ["checkpoint", "convert", "--to", "open_clip", str(tmp_path / "ck"), str(tmp_path / "oc")]
+    )
     assert isinstance(r.exception, UserError) and "--overwrite" in str(r.exception)  # never clobbers
 
 
@@ -212,7 +224,9 @@ def test_lipkit_tokenizer_model_round_trip(tmp_path):
     save_checkpoint(tmp_path / "ck", model, tok)
     app = typer.Typer()
     register(app)
-    r = CliRunner().invoke(app, ["convert", "--to", "open_clip", str(tmp_path / "ck"), str(tmp_path / "oc")])
+    r = CliRunner().invoke(
+        app, ["checkpoint", "convert", "--to", "open_clip", str(tmp_path / "ck"), str(tmp_path / "oc")]
+    )
     assert r.exit_code == 0, r.output
     peer = open_clip.create_model(f"local-dir:{tmp_path / 'oc'}").eval()
     ids, images = tok(["a nerd face", "flag"]), images_for(spec)
@@ -258,9 +272,9 @@ def test_cli_usage_errors(tmp_path):
     app = typer.Typer()
     register(app)
     runner = CliRunner()
-    r = runner.invoke(app, ["convert", "--from", "hf", "--to", "open_clip", "a", "b"])
+    r = runner.invoke(app, ["checkpoint", "convert", "--from", "hf", "--to", "open_clip", "a", "b"])
     assert isinstance(r.exception, UserError) and "exactly one" in str(r.exception)
-    r = runner.invoke(app, ["convert", "--from", "open_clip", "ViT-B-32", "out"])
+    r = runner.invoke(app, ["checkpoint", "convert", "--from", "open_clip", "ViT-B-32", "out"])
     assert isinstance(r.exception, UserError) and "takes 3 arguments" in str(r.exception)
-    r = runner.invoke(app, ["convert", "--from", "timm", "a", "b"])
+    r = runner.invoke(app, ["checkpoint", "convert", "--from", "timm", "a", "b"])
     assert isinstance(r.exception, UserError) and "Unknown format 'timm'" in str(r.exception)

@@ -75,7 +75,7 @@ def test_unseen_classes_count_as_errors():
 def test_evaluate_records_reports_probe_metrics(table):
     from conftest import tiny_eval_setup
     from lipkit.config import EvalConfig
-    from lipkit.data.loader import ImageStore
+    from lipkit.data.table_batches import ImageStore
     from lipkit.eval.evaluate import embed_images, evaluate_records, fit_probes
 
     records, tok, model = tiny_eval_setup(table, n=24)

@@ -1,11 +1,11 @@
 import pytest
 import torch
 
+from lipkit.checkpoint import load_checkpoint, save_checkpoint
 from lipkit.errors import UserError
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.models.presets import get_spec
 from lipkit.text.tokenizer import TextTokenizer
-from lipkit.train.checkpoint import load_checkpoint, save_checkpoint
 
 SMALL = dict(
     vision_width=32,

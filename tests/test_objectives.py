@@ -7,12 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from lipkit.errors import UserError
+from lipkit.models.lexicon_head import LexiconHead, nonzero_terms
 from lipkit.objectives import OBJECTIVES, build_objective
 from lipkit.objectives.alip import ALIPLoss, alip_weights, weighted_clip_loss
+from lipkit.objectives.filip import FILIPLoss, filip_similarity
 from lipkit.objectives.infonce import InfoNCE
 from lipkit.objectives.intra_modal import TripleContrast
-from lipkit.objectives.late_interaction import FILIPLoss, filip_similarity
-from lipkit.objectives.lexicon import LexiconContrast, LexiconHead, flops_loss, nonzero_terms
+from lipkit.objectives.lexlip import LexiconContrast, flops_loss
 from lipkit.objectives.multi_positive import MultiPositiveInfoNCE
 from lipkit.objectives.sigmoid import INIT_LOG_LOGIT_SCALE, INIT_LOGIT_BIAS, INIT_LOGIT_SCALE, SigmoidLoss
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from conftest import TINY_MODEL
 from lipkit.config import config_from_dict
 from lipkit.errors import UserError
-from lipkit.train.run import run_training
+from lipkit.train.launch import run_training
 
 
 def cfg(table, out, objective, per_image=1, **extra):
@@ -53,7 +53,7 @@ def test_each_objective_trains(table, tmp_path, objective, per_image, extra):
     # LexLIP's heads are part of the model (one per tower, over the tokenizer's vocabulary)
     assert ("image_lexicon.proj.weight" in state) == (objective == "lexlip")
     if objective == "lexlip":
-        from lipkit.train.checkpoint import load_checkpoint
+        from lipkit.checkpoint import load_checkpoint
 
         model, tokenizer, _ = load_checkpoint(tmp_path / "run" / "checkpoint")
         assert model.spec.lexicon_vocab == tokenizer.vocab_size
@@ -68,8 +68,8 @@ def test_missing_second_caption_is_a_clear_error(table, tmp_path):
 
 
 def test_caption_owner_groups_captions_of_one_image(table):
-    from lipkit.data.loader import TrainBatches
-    from lipkit.data.sources import read_table
+    from lipkit.data.sources.registry import read_table
+    from lipkit.data.table_batches import TrainBatches
 
     records = read_table(table)
     batches = TrainBatches(records, 32, 8, seed=0, captions_per_image=3)

@@ -8,18 +8,17 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TINY_MODEL
-from lipkit.cli import demo_config_path
-from lipkit.config import config_from_dict, load_config
-from lipkit.data.loader import ImageStore
-from lipkit.data.sources import read_table
+from lipkit.checkpoint import load_checkpoint
+from lipkit.config import config_from_dict, load_config, packaged_config
+from lipkit.data.sources.registry import read_table
+from lipkit.data.table_batches import ImageStore
 from lipkit.errors import UserError
 from lipkit.eval.evaluate import embed_images, embed_texts
 from lipkit.objectives import OBJECTIVES
 from lipkit.objectives.refine import CLIPRefine
-from lipkit.train.checkpoint import load_checkpoint
-from lipkit.train.run import run_training
+from lipkit.train.launch import run_training
 
-METHODS = sorted((demo_config_path().parent / "methods").glob("*.yaml"))
+METHODS = sorted((packaged_config().parent / "methods").glob("*.yaml"))
 
 
 def naive_refine(x, y, s, tx, ty, ts, z, alpha, lam):
@@ -56,7 +55,7 @@ def test_clip_refine_matches_naive_loop_with_gradients():
 
 @pytest.mark.parametrize("path", METHODS, ids=[p.stem for p in METHODS])
 def test_method_presets_layer_on_the_demo(path):
-    cfg = load_config([demo_config_path(), path])
+    cfg = load_config([packaged_config(), path])
     assert cfg.train.objective in OBJECTIVES
     assert cfg.model.preset == "tiny"  # the demo's settings survive where the preset is silent
 
@@ -79,7 +78,7 @@ def test_refine_narrows_the_modality_gap(table, tmp_path):
     run_training(config_from_dict(base))
     with pytest.raises(UserError, match="model.init_from"):
         run_training(config_from_dict({**base, "train": {**base["train"], "objective": "clip_refine"}}))
-    preset = demo_config_path().parent / "methods" / "clip_refine.yaml"
+    preset = packaged_config().parent / "methods" / "clip_refine.yaml"
     cfg = load_config(
         preset,
         [

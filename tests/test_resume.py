@@ -17,10 +17,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import TINY_MODEL
+from lipkit import checkpoint as ckpt
 from lipkit.config import config_from_dict
 from lipkit.errors import UserError
-from lipkit.train import checkpoint as ckpt
-from lipkit.train.run import run_training
+from lipkit.train.launch import run_training
 from lipkit.train.trainer import EXIT_PREEMPTED, TrainingFault
 
 
@@ -49,7 +49,7 @@ def start(cfg: dict, tmp: Path, prelude: str = "") -> subprocess.Popen:
     path.write_text(json.dumps(cfg))
     code = (
         f"{prelude}\nimport json, sys\nfrom lipkit.config import config_from_dict\n"
-        f"from lipkit.train.run import run_training\n"
+        f"from lipkit.train.launch import run_training\n"
         f"_, r = run_training(config_from_dict(json.load(open({str(path)!r}))))\n"
         f"sys.exit({EXIT_PREEMPTED} if r.interrupted else 0)\n"
     )
@@ -97,7 +97,7 @@ def test_sigkill_at_random_points_then_resume_is_bitwise_identical(table, refere
         proc.wait()
     # Once more, killed in the middle of writing a checkpoint (half a safetensors file on disk).
     prelude = (
-        "import os, signal, lipkit.train.checkpoint as c\n"
+        "import os, signal, lipkit.checkpoint as c\n"
         "def half(tensors, path, metadata=None):\n"
         "    open(path, 'wb').write(b'partial' * 100)\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"

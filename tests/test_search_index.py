@@ -17,11 +17,11 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
+from lipkit.checkpoint import save_checkpoint
 from lipkit.errors import UserError
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.models.presets import get_spec
 from lipkit.text.tokenizer import TextTokenizer
-from lipkit.train.checkpoint import save_checkpoint
 
 faiss = pytest.importorskip("faiss", reason="faiss-cpu is not installed (pip install 'lipkit[search]')")
 
@@ -111,7 +111,7 @@ def image_collection(root: Path, n: int = 40, seed: int = 0) -> Path:
 
 
 def search_cli() -> typer.Typer:
-    from lipkit.cli_search import register
+    from lipkit.cli.search import register
 
     app = typer.Typer()
     register(app)
@@ -325,7 +325,7 @@ def test_embed_folder_and_table(collection, tmp_path):
 
 
 def test_embed_resumes_after_interruption_and_skips_bad_images(collection, tmp_path):
-    from lipkit.train.checkpoint import load_checkpoint
+    from lipkit.checkpoint import load_checkpoint
 
     ckpt, table = collection
     bad = tmp_path / "imgs"
@@ -405,8 +405,8 @@ def test_cli_embed_index_search(collection, tmp_path):
 def test_lexicon_heads_embed_index_and_search(collection, tmp_path):
     """A model with LexLIP heads: `embed` writes lex.npz (the image head's weights), the sparse index
     over it scores text and image queries by the exact sparse dot product."""
+    from lipkit.checkpoint import load_checkpoint
     from lipkit.search.query import Searcher
-    from lipkit.train.checkpoint import load_checkpoint
 
     _, table = collection
     ckpt = tiny_checkpoint(tmp_path / "lexckpt", seed=3, lexicon=True)
@@ -416,7 +416,8 @@ def test_lexicon_heads_embed_index_and_search(collection, tmp_path):
     lex = read_lexical(tmp_path / "emb" / "lex.npz")
     model, tok, _ = load_checkpoint(ckpt)
     items = load_embeddings(tmp_path / "emb").items
-    from lipkit.data.transforms import load_image, normalize
+    from lipkit.data.images import load_image
+    from lipkit.data.transforms import normalize
 
     images = torch.stack([load_image(it["path"], 32) for it in items])
     with torch.no_grad():

@@ -29,7 +29,7 @@ from lipkit.search.embed import run_embed  # noqa: E402
 from lipkit.search.index import build_index, load_index  # noqa: E402
 from test_search_index import image_collection, tiny_checkpoint  # noqa: E402
 
-SERVE = "import typer; from lipkit.cli_search import register; app = typer.Typer(); register(app); app()"
+SERVE = "import typer; from lipkit.cli.search import register; app = typer.Typer(); register(app); app()"
 
 
 def free_port() -> int:

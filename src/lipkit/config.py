@@ -13,12 +13,18 @@ import difflib
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from lipkit.errors import UserError
+
+
+def packaged_config(name: str = "demo") -> Path:
+    """A config that ships inside the package: `demo`, `pairs`, `scratch` or `methods/<method>`."""
+    return Path(str(resources.files("lipkit") / "configs" / f"{name}.yaml"))
 
 
 @dataclass

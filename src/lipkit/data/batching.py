@@ -1,23 +1,25 @@
 """What every training batch source shares: the batch type, decoding a record, choosing a sample's
 captions deterministically, counting skipped samples, and the data lines of metrics.jsonl.
 
-Unusable samples are skipped and counted by reason (`lipkit.data.sources.REASONS`); the first of each
+Unusable samples are skipped and counted by reason (`lipkit.data.records.REASONS`); the first of each
 reason is printed, every change is logged as a `{"kind": "data", ...}` line, and an epoch that skips
 more than `max_skip_fraction` of its samples stops with a `UserError`.
 """
 
 from __future__ import annotations
 
+import json
 import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import rich
 import torch
 
-from lipkit.data.sources import REASONS, Record, describe
-from lipkit.data.transforms import try_load_image
+from lipkit.data.images import try_load_image
+from lipkit.data.records import REASONS, Record, describe
 from lipkit.errors import UserError
 
 Batch = tuple[torch.Tensor, list[str], list[str]]  # uint8 images (B, 3, H, W), captions (B·k), keys (B)
@@ -95,3 +97,23 @@ def data_line(state: dict[str, Any], step: int) -> dict[str, Any]:
         "skipped": state["skipped"],
         "skipped_total": state["skipped_total"],
     }
+
+
+def jsonl_log(path: Any) -> Log:
+    """A `log` callback that appends one JSON line per record to `path` (e.g. a run's metrics.jsonl)."""
+
+    def log(record: dict[str, Any]) -> None:
+        with Path(path).open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    return log
+
+
+def skip_summary(skipped: Counter[str] | dict[str, int]) -> str:
+    """One line for the end of a run: what was skipped, by reason."""
+    total = sum(skipped.values())
+    return (
+        f"data: skipped {total} samples ({describe(skipped)}); `lipkit data validate` lists them"
+        if total
+        else ""
+    )

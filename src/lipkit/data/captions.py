@@ -6,7 +6,7 @@ import string
 from collections.abc import Sequence
 from dataclasses import replace
 
-from lipkit.data.sources import Record
+from lipkit.data.records import Record
 from lipkit.errors import UserError
 
 

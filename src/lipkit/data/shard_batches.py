@@ -8,13 +8,12 @@ order depends on the seed and W only, never on timing. The data position after a
 (shard, samples consumed in it); resuming skips whole shards unread and the consumed part of the
 current one undecoded, then continues with exactly the next batch. An epoch is
 `samples_per_epoch // batch_size` batches (counted once from the shards, see
-`lipkit.data.shards.shard_counts`, or `data.samples_per_epoch`); when skipped samples leave a pass
+`lipkit.data.sources.shards.shard_counts`, or `data.samples_per_epoch`); when skipped samples leave a pass
 short, the epoch goes on with a second pass over the shards (order seeded by the pass too).
 """
 
 from __future__ import annotations
 
-import random
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -22,132 +21,22 @@ from typing import Any
 
 import rich
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
 
-from lipkit.data.batching import Batch, Log, SkipCounter, choose_captions, data_line, decode_record
-from lipkit.data.shards import (
+from lipkit.data.batching import Batch, Log, SkipCounter, choose_captions, data_line
+from lipkit.data.captions import add_meta_captions_checked, check_meta_templates, filter_captions
+from lipkit.data.records import Skip, describe
+from lipkit.data.shard_streams import ShardStream, StreamSpec
+from lipkit.data.sources.shards import (
     ShardStatus,
     cached_counts,
+    expand_shards,
     parse_sample,
     read_shard,
+    shard_captions,
     shard_counts,
-    shard_name,
 )
-from lipkit.data.sources import Skip, describe
 from lipkit.data.table_batches import worker_loader
 from lipkit.errors import UserError
-
-CHUNK = 16  # samples per chunk a worker stream hands over (fixed boundaries: part of the order)
-
-
-# -- WebDataset shards ---------------------------------------------------------------------------
-
-
-def _shuffled(samples: Iterator[dict[str, Any]], rng: random.Random, size: int) -> Iterator[dict[str, Any]]:
-    """A seeded shuffle buffer of `size` samples (exact order for a given seed); flushed at the end."""
-    buf: list[dict[str, Any]] = []
-    for s in samples:
-        if len(buf) < size:
-            buf.append(s)
-            continue
-        j = rng.randrange(len(buf))
-        buf[j], s = s, buf[j]
-        yield s
-    rng.shuffle(buf)
-    yield from buf
-
-
-@dataclass
-class _StreamSpec:
-    urls: list[str]  # this pass's shard order; stream w reads urls[w::streams]
-    streams: int
-    size: int
-    seed: int
-    epoch: int
-    pass_: int
-    buffer: int
-    caption_column: str
-    langs: list[str]
-    select: list[int]
-    counts: dict[str, int]
-    start: dict[int, tuple[int, int]] = field(default_factory=dict)  # stream -> (shard, samples done)
-    ended: set[int] = field(default_factory=set)
-    meta: list[str] = field(default_factory=list)  # data.meta_captions templates
-
-
-class _ShardStream(IterableDataset):
-    """One worker's part of an epoch pass, as chunks (stream, items, images): an item is
-    ("ok", shard, m, key, captions) with its image in `images`, ("skip", shard, m, reason, key, detail,
-    lost), ("filtered", shard, m), ("fatal", message) or ("end",)."""
-
-    def __init__(self, spec: _StreamSpec) -> None:
-        self.spec = spec
-
-    def __iter__(self) -> Iterator[tuple[int, list[tuple], torch.Tensor]]:
-        info = get_worker_info()
-        w = info.id if info is not None else 0
-        spec = self.spec
-        if w not in spec.ended:
-            mine = spec.urls[w :: spec.streams]
-            k0, m0 = spec.start.get(w, (0, 0))
-            try:
-                for k in range(k0, len(mine)):
-                    yield from self._shard(w, k, mine[k], m0 if k == k0 else 0)
-            except UserError as e:
-                yield w, [("fatal", str(e))], self._empty()
-                return
-        yield w, [("end",)], self._empty()
-
-    def _empty(self) -> torch.Tensor:
-        return torch.empty(0, 3, self.spec.size, self.spec.size, dtype=torch.uint8)
-
-    def _shard(self, w: int, k: int, url: str, skip: int) -> Iterator[tuple[int, list[tuple], torch.Tensor]]:
-        spec = self.spec
-        rng = random.Random(f"{spec.seed}/{spec.epoch}/{spec.pass_}/{shard_name(url)}")
-        status = ShardStatus(url)
-        items: list[tuple] = []
-        images: list[torch.Tensor] = []
-        group = None
-
-        def add(
-            m: int, item: tuple, image: torch.Tensor | None
-        ) -> Iterator[tuple[int, list[tuple], torch.Tensor]]:
-            nonlocal group, items, images
-            if group is not None and m // CHUNK != group and items:
-                yield w, items, torch.stack(images) if images else self._empty()
-                items, images = [], []
-            group = m // CHUNK
-            items.append(item)
-            if image is not None:
-                images.append(image)
-
-        for m, sample in enumerate(_shuffled(read_shard(url, status), rng, spec.buffer)):
-            if m >= skip:
-                yield from add(m, *self._item(k, m, sample))
-        if status.reason and status.samples >= skip:
-            s = status.skip(spec.counts.get(url))
-            yield from add(
-                status.samples, ("skip", k, status.samples, s.reason, s.key, s.detail, s.count), None
-            )
-        if items:
-            yield w, items, torch.stack(images) if images else self._empty()
-
-    def _item(self, k: int, m: int, sample: dict[str, Any]) -> tuple[tuple, torch.Tensor | None]:
-        spec = self.spec
-        parsed = parse_sample(sample, spec.caption_column)
-        if isinstance(parsed, Skip):
-            return ("skip", k, m, parsed.reason, parsed.key, parsed.detail, 1), None
-        if spec.langs or spec.select or spec.meta:
-            from lipkit.data.captions import filter_captions
-
-            kept = filter_captions([parsed], spec.select, spec.langs, spec.meta)
-            if not kept:
-                return ("filtered", k, m), None
-            parsed = kept[0]
-        image, reason, detail = decode_record(parsed, spec.size)
-        if image is None:
-            return ("skip", k, m, reason, parsed.key, detail, 1), None
-        return ("ok", k, m, parsed.key, parsed.captions), image
 
 
 @dataclass
@@ -183,8 +72,6 @@ class ShardBatches:
         meta_captions: Sequence[str] = (),
         log: Log | None = None,
     ) -> None:
-        from lipkit.data.captions import check_meta_templates
-
         check_meta_templates(meta_captions)
         self.urls = list(urls)
         self.select, self.meta = list(select), list(meta_captions)
@@ -213,8 +100,6 @@ class ShardBatches:
     def _check_meta_fills(self, peek: int = 100) -> None:
         """data.meta_captions that fill nothing in the first shard's first samples are a clear error now,
         not a silent run without the captions they were meant to add."""
-        from lipkit.data.captions import add_meta_captions_checked, filter_captions
-
         records: list = []
         for sample in read_shard(self.urls[0], ShardStatus(self.urls[0])):
             parsed = parse_sample(sample, self.caption_column)
@@ -301,7 +186,7 @@ class ShardBatches:
 
     def _items(self, pos: _Position) -> Iterator[tuple[tuple, torch.Tensor | None]]:
         """The items of one pass in the canonical order, from `pos` on; `pos` follows what is consumed."""
-        spec = _StreamSpec(
+        spec = StreamSpec(
             self.shard_order(pos.epoch, pos.pass_),
             self.streams,
             self.size,
@@ -317,7 +202,7 @@ class ShardBatches:
             set(pos.ended),
             meta=self.meta,
         )
-        stream = _ShardStream(spec)
+        stream = ShardStream(spec)
         seed = (self.seed * 100_003 + pos.epoch) * 1_009 + pos.pass_
         chunks = iter(worker_loader(stream, self.workers, seed)) if self.workers else iter(stream)
         queues: dict[int, deque[deque[tuple[tuple, torch.Tensor | None]]]] = {
@@ -407,3 +292,40 @@ class ShardBatches:
                     "check them with `lipkit data validate`."
                 )
             pos.pass_, pos.start, pos.ended, pos.turn = pos.pass_ + 1, {}, set(), 0
+
+
+@dataclass
+class ShardSource:
+    """A streamed training source: WebDataset shards, listed but not read."""
+
+    urls: list[str]
+    cfg: Any = None
+
+    def captions(self) -> Iterator[str]:
+        """Every training caption (for a tokenizer)."""
+        return shard_captions(self.urls, self.cfg.caption_column)
+
+    def batches(self, size: int, batch_size: int, seed: int, log: Log | None = None) -> ShardBatches:
+        d = self.cfg
+        return ShardBatches(
+            self.urls,
+            size,
+            batch_size,
+            seed,
+            d.caption_policy,
+            d.captions_per_image,
+            d.workers,
+            samples_per_epoch=d.samples_per_epoch,
+            shuffle_buffer=d.shuffle_buffer,
+            max_skip_fraction=d.max_skip_fraction,
+            caption_column=d.caption_column,
+            langs=d.caption_langs,
+            select=d.caption_select,
+            meta_captions=d.meta_captions,
+            log=log,
+        )
+
+
+def open_shards(d: Any, scan: Any = None) -> ShardSource:
+    """The shards `d.train` (a DataConfig's source) names; the sample records are streamed per epoch."""
+    return ShardSource(expand_shards(d.train), d)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import random
 import signal
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,8 @@ from rich.progress import Progress
 from torch.utils.data import DataLoader, Dataset
 
 from lipkit.data.batching import Batch, Log, SkipCounter, choose_captions, data_line, decode_record
-from lipkit.data.sources import REASONS, Record, Skip, describe
+from lipkit.data.captions import add_meta_captions_checked, check_meta_templates, filter_captions
+from lipkit.data.records import REASONS, Record, Skip, collect, describe
 from lipkit.errors import UserError
 
 # -- map-style sources ---------------------------------------------------------------------------
@@ -274,3 +276,46 @@ class TrainBatches:
                 self.log(data_line(self._state, epoch * len(self) + b))
             keys = [self.records[i].key for i in idx]
             yield images, [c for i in idx for c in self.captions(i, epoch)], keys
+
+
+# -- opening a source of records for training ----------------------------------------------------
+
+
+@dataclass
+class RecordSource:
+    """A map-style training source, read into memory (images not decoded): tables, parquet, folders."""
+
+    records: list[Record]
+    read_skipped: Counter[str] = field(default_factory=Counter)
+    cfg: Any = None
+
+    def captions(self) -> Iterator[str]:
+        """Every training caption (for a tokenizer)."""
+        return (c for r in self.records for c in r.captions)
+
+    def batches(self, size: int, batch_size: int, seed: int, log: Log | None = None) -> TrainBatches:
+        d = self.cfg
+        return TrainBatches(
+            self.records,
+            size,
+            batch_size,
+            seed,
+            d.caption_policy,
+            d.captions_per_image,
+            d.cache_images,
+            d.workers,
+            max_skip_fraction=d.max_skip_fraction,
+            read_skipped=self.read_skipped,
+            log=log,
+        )
+
+
+def open_records(d: Any, scan: Callable[..., Iterator[Record | Skip]]) -> RecordSource:
+    """Read `d.train` (a DataConfig's source) with `scan`; caption languages, selection and meta captions
+    applied."""
+    records, skipped = collect(scan(d.train, d.image_column, d.caption_column, d.image_root))
+    if d.caption_langs or d.caption_select or d.meta_captions:
+        check_meta_templates(d.meta_captions)
+        records = filter_captions(records, d.caption_select, d.caption_langs)
+        records = add_meta_captions_checked(records, d.meta_captions, d.train)
+    return RecordSource(records, skipped, d)

@@ -22,35 +22,12 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from lipkit.data.shards import ShardOutput, cached_counts, expand_shards
-from lipkit.data.sources import Record, Skip, scan, source_kind
-from lipkit.data.transforms import try_load_image
+from lipkit.data.images import try_load_image
+from lipkit.data.records import Record, Skip
+from lipkit.data.shard_writer import ShardOutput
+from lipkit.data.sources.registry import estimate_total, scan, source_kind
 
 FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
-
-
-def estimate_total(src: str | Path) -> int | None:
-    """Samples in a source when that is cheap to know (lines of a table, parquet metadata, cached shard
-    counts), else None."""
-    try:
-        kind = source_kind(src)
-        if kind == "table":
-            with Path(src).expanduser().open("rb") as f:
-                n = sum(1 for line in f if line.strip())
-            return n - 1 if Path(src).suffix.lower() in (".csv", ".tsv") else n
-        if kind == "parquet":
-            import pyarrow.parquet as pq
-
-            p = Path(src).expanduser()
-            files = sorted(p.rglob("*.parquet")) if p.is_dir() else [p]
-            return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-        if kind == "shards":
-            urls = expand_shards(src)
-            counts = cached_counts(urls)
-            return sum(counts.values()) if len(counts) == len(urls) else None
-    except Exception:  # noqa: BLE001 - only an estimate for a progress bar
-        return None
-    return None
 
 
 def _progress() -> Progress:
@@ -272,7 +249,7 @@ def inspect(
         return {k: c[k] for k in names if c[k]}
 
     report.extra = {
-        "kind": source_kind(src),
+        "kind": source_kind(src).name,
         "captions": captions,
         "captions_per_sample": ordered(per_sample, CAPTIONS_PER_SAMPLE_BINS),
         "caption_words": ordered(words, CAPTION_WORD_BINS),

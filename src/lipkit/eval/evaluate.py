@@ -11,10 +11,10 @@ import torch
 from rich.progress import Progress
 
 from lipkit.config import EvalConfig
-from lipkit.data.loader import ImageStore
-from lipkit.data.sources import Record
+from lipkit.data.records import Record
+from lipkit.data.table_batches import ImageStore
 from lipkit.errors import UserError
-from lipkit.eval import late_interaction as li
+from lipkit.eval import token_similarity
 from lipkit.eval.linear_probe import LinearProbe, fit_linear_probe
 from lipkit.eval.retrieval import retrieval_chance, retrieval_scores_metrics
 from lipkit.eval.zeroshot import class_embeddings, zeroshot_chance, zeroshot_scores_metrics
@@ -122,7 +122,7 @@ def evaluate_records(
     probes: dict[str, LinearProbe] | None = None,
 ) -> dict[str, Any]:
     """Metrics (and chance levels) for one split; with `details`, also retrieval examples and a heat map.
-    `similarity`: "dense" (cosine of pooled embeddings) or "filip" (token-wise, see eval.late_interaction).
+    `similarity`: "dense" (cosine of pooled embeddings) or "filip" (token-wise, see eval.token_similarity).
     `probes`: linear probes per class column (`fit_probes`) scored as `probe/<column>/...`."""
     if similarity not in SIMILARITIES:
         raise ValueError(f"similarity must be one of {SIMILARITIES}, not {similarity!r}")
@@ -133,7 +133,7 @@ def evaluate_records(
     store = store or ImageStore(records, model.spec.image_size, cache=True, desc="evaluation")
     filip = similarity == "filip"
     img = embed_images(model, store, cfg.batch_size) if similarity == "dense" or probes else None
-    img_tok = li.image_tokens(model, store, cfg.batch_size) if filip else None
+    img_tok = token_similarity.image_tokens(model, store, cfg.batch_size) if filip else None
     img_lex = lexical_images(model, store, cfg.batch_size) if similarity == "lexical" else None
     metrics: dict[str, float] = {}
     chance: dict[str, float] = {}
@@ -145,8 +145,8 @@ def evaluate_records(
         labels = torch.tensor([classes.index(v) for v in values])
         prompts = [t.format(c) for c in classes for t in cfg.templates]
         if img_tok is not None:
-            tok, mask = li.text_tokens(model, tokenizer, prompts, cfg.batch_size)
-            scores = li.class_scores(img_tok, tok, mask, len(cfg.templates))
+            tok, mask = token_similarity.text_tokens(model, tokenizer, prompts, cfg.batch_size)
+            scores = token_similarity.class_scores(img_tok, tok, mask, len(cfg.templates))
         elif img_lex is not None:  # a class is the mean of its prompts' term weights
             lex = lexical_texts(model, tokenizer, prompts, cfg.batch_size)
             scores = img_lex @ lex.view(len(classes), len(cfg.templates), -1).mean(1).t()
@@ -171,7 +171,9 @@ def evaluate_records(
     relevant = torch.zeros(len(texts), len(records), dtype=torch.bool)
     relevant[torch.tensor([index[c] for c in captions]), torch.arange(len(records))] = True
     if img_tok is not None:
-        s_image, s_text = li.pair_scores(img_tok, *li.text_tokens(model, tokenizer, texts, cfg.batch_size))
+        s_image, s_text = token_similarity.pair_scores(
+            img_tok, *token_similarity.text_tokens(model, tokenizer, texts, cfg.batch_size)
+        )
         sims, image_to_text = s_text.t(), s_image  # (T, N) and (N, T)
     elif img_lex is not None:
         txt_lex = lexical_texts(model, tokenizer, texts, cfg.batch_size)

@@ -25,7 +25,8 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from lipkit.errors import UserError
-from lipkit.interop import INSTALL_HINT
+
+INSTALL_HINT = "pip install 'lipkit[interop]'"  # the peers (open_clip, transformers, onnx) live in this extra
 
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
 CLIP_VOCAB_SIZE = 49408

@@ -28,11 +28,11 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 from lipkit.errors import UserError
-from lipkit.interop import build_model, read_state_dict, tokenizer_from_dir
 from lipkit.interop.clip_bpe import CLIP_VOCAB_SIZE, EOT, SOT, clip_tokenizer, is_clip_vocab
 from lipkit.interop.hf_state import state_from_hf, state_to_hf  # noqa: F401 - re-exported
 from lipkit.interop.open_clip import check_exportable
 from lipkit.interop.output_dir import fresh_dir, publish
+from lipkit.interop.peer_weights import build_model, read_state_dict, tokenizer_from_dir
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.models.presets import OPENAI_MEAN, OPENAI_STD, ModelSpec
 from lipkit.text.tokenizer import PAD, TextTokenizer
@@ -358,8 +358,8 @@ def write_hf(model: DualEncoder, tokenizer: TextTokenizer, out: str | Path, over
 
 
 def import_hf(directory: str | Path, out: str | Path) -> Path:
-    """`lipkit convert --from hf DIR OUT`: write a lipkit checkpoint directory."""
-    from lipkit.train.checkpoint import save_checkpoint
+    """`lipkit checkpoint convert --from hf DIR OUT`: write a lipkit checkpoint directory."""
+    from lipkit.checkpoint import save_checkpoint
 
     model, tok = from_hf(directory)
     info = {"converted_from": {"format": "hf", "directory": str(directory)}}
@@ -367,8 +367,8 @@ def import_hf(directory: str | Path, out: str | Path) -> Path:
 
 
 def export_hf(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> Path:
-    """`lipkit convert --to hf CKPT OUT`: write a Hugging Face CLIPModel directory."""
-    from lipkit.train.checkpoint import load_checkpoint
+    """`lipkit checkpoint convert --to hf CKPT OUT`: write a Hugging Face CLIPModel directory."""
+    from lipkit.checkpoint import load_checkpoint
 
     model, tok, _ = load_checkpoint(checkpoint)
     return write_hf(model, tok, out, overwrite)

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lipkit.errors import UserError
-from lipkit.interop import require
 from lipkit.interop.output_dir import fresh_dir, publish
+from lipkit.interop.peer_weights import require
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.text.tokenizer import TextTokenizer
 
@@ -121,7 +121,7 @@ def export_onnx(
 
     Returns the directory and, when `check` and onnxruntime is installed, the max abs differences
     to PyTorch."""
-    from lipkit.train.checkpoint import load_checkpoint
+    from lipkit.checkpoint import load_checkpoint
 
     model, tok, _ = load_checkpoint(checkpoint)
     return write_onnx(model, tok, out, overwrite, check)

@@ -25,9 +25,9 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 from lipkit.errors import UserError
-from lipkit.interop import build_model, read_state_dict, require, tokenizer_from_dir
 from lipkit.interop.clip_bpe import CLIP_VOCAB_SIZE, clip_tokenizer
 from lipkit.interop.output_dir import fresh_dir, publish
+from lipkit.interop.peer_weights import build_model, read_state_dict, require, tokenizer_from_dir
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.models.presets import OPENAI_MEAN, OPENAI_STD, ModelSpec
 from lipkit.text.tokenizer import TextTokenizer
@@ -389,8 +389,8 @@ def write_open_clip(
 
 
 def import_open_clip(arch: str, checkpoint: str | Path, out: str | Path) -> Path:
-    """`lipkit convert --from open_clip ARCH CHECKPOINT OUT`: write a lipkit checkpoint directory."""
-    from lipkit.train.checkpoint import save_checkpoint
+    """`lipkit checkpoint convert --from open_clip ARCH CHECKPOINT OUT`: write a lipkit checkpoint directory."""
+    from lipkit.checkpoint import save_checkpoint
 
     model, tok = from_open_clip(arch, checkpoint)
     info = {"converted_from": {"format": "open_clip", "arch": arch, "checkpoint": str(checkpoint)}}
@@ -398,8 +398,8 @@ def import_open_clip(arch: str, checkpoint: str | Path, out: str | Path) -> Path
 
 
 def export_open_clip(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> Path:
-    """`lipkit convert --to open_clip CKPT OUT`: write an OpenCLIP directory from a lipkit checkpoint."""
-    from lipkit.train.checkpoint import load_checkpoint
+    """`lipkit checkpoint convert --to open_clip CKPT OUT`: write an OpenCLIP directory from a lipkit checkpoint."""
+    from lipkit.checkpoint import load_checkpoint
 
     model, tok, _ = load_checkpoint(checkpoint)
     return write_open_clip(model, tok, out, overwrite)

@@ -10,7 +10,7 @@ from torch import nn
 
 from lipkit.data.transforms import normalize as normalize_pixels
 from lipkit.models.hf_text import HFTextTower
-from lipkit.models.lexicon import LexiconHead
+from lipkit.models.lexicon_head import LexiconHead
 from lipkit.models.presets import ModelSpec
 from lipkit.models.text import TextTransformer
 from lipkit.models.vision import VisionTransformer

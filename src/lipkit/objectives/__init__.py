@@ -10,10 +10,10 @@ from torch import nn
 
 from lipkit.errors import UserError
 from lipkit.objectives.alip import ALIPLoss
+from lipkit.objectives.filip import FILIPLoss
 from lipkit.objectives.infonce import InfoNCE
 from lipkit.objectives.intra_modal import TripleContrast
-from lipkit.objectives.late_interaction import FILIPLoss
-from lipkit.objectives.lexicon import LexiconContrast
+from lipkit.objectives.lexlip import LexiconContrast
 from lipkit.objectives.multi_positive import MultiPositiveInfoNCE
 from lipkit.objectives.refine import CLIPRefine
 from lipkit.objectives.sigmoid import SigmoidLoss

@@ -8,11 +8,11 @@ import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
-from lipkit.data.sources import IMAGE_EXTS as _EXTS
-from lipkit.data.sources import Record, read_table, source_kind
-from lipkit.errors import UserError
+from lipkit.data.records import IMAGE_EXTS as _EXTS
+from lipkit.data.records import Record
+from lipkit.data.sources.registry import read_table, source_kind
 
-IMAGE_EXTS = {f".{e}" for e in _EXTS}  # the suffixes data.sources reads, with their dot
+IMAGE_EXTS = {f".{e}" for e in _EXTS}  # the suffixes the data sources read, with their dot
 
 
 def collect(
@@ -20,21 +20,9 @@ def collect(
 ) -> list[Record]:
     """Records of a folder of images (recursive, sorted, no captions), or of anything `read_table`
     reads (CSV/TSV/JSONL captions tables and the other source kinds it knows)."""
-    p = Path(source).expanduser()
-    if source_kind(source) == "folder":
-        files = sorted(
-            f
-            for f in p.rglob("*")
-            if f.suffix.lower() in IMAGE_EXTS
-            and f.is_file()
-            and not any(s.startswith(".") for s in f.relative_to(p).parts)
-        )
-        if not files:
-            raise UserError(
-                f"Folder '{p}' holds no images ({', '.join(sorted(IMAGE_EXTS))}); point SOURCE at a folder "
-                "of images or at a CSV/TSV/JSONL table."
-            )
-        return [Record(f.resolve(), [], {"relpath": str(f.relative_to(p))}) for f in files]
+    kind = source_kind(source)
+    if kind.images_only is not None:
+        return kind.images_only(source)
     return read_table(source, image_column=image_column, caption_column=caption_column)
 
 

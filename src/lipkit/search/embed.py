@@ -41,13 +41,13 @@ from rich.progress import (
 )
 from torch.utils.data import DataLoader, Dataset
 
-from lipkit.data.sources import Record
-from lipkit.data.transforms import load_image
+from lipkit.atomic import save_npy_atomic, save_npz_atomic, write_json_atomic
+from lipkit.data.images import load_image
+from lipkit.data.records import Record
 from lipkit.device import pick_device
 from lipkit.errors import UserError
 from lipkit.malloc import keep_freed_memory
 from lipkit.models.dual_encoder import DualEncoder
-from lipkit.search.atomic_files import save_npy_atomic, save_npz_atomic, write_json_atomic
 from lipkit.search.collection import (  # noqa: F401 - collect and IMAGE_EXTS re-exported
     IMAGE_EXTS,
     _inline,
@@ -371,7 +371,7 @@ def run_embed(
     device: str = "auto",
     **kwargs: Any,
 ) -> EmbedResult:
-    from lipkit.train.checkpoint import load_checkpoint
+    from lipkit.checkpoint import load_checkpoint
 
     records = collect(source, image_column, caption_column)  # a bad source fails before the model loads
     model, tokenizer, _ = load_checkpoint(checkpoint)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from lipkit.data.transforms import load_image
+from lipkit.data.images import load_image
 from lipkit.device import pick_device
 from lipkit.errors import UserError
 from lipkit.models.dual_encoder import DualEncoder
@@ -97,8 +97,8 @@ class Searcher:
     """A model and an index together: embed a text or an image and return the top-k items."""
 
     def __init__(self, checkpoint: str | Path, index_path: str | Path, device: str = "cpu") -> None:
+        from lipkit.checkpoint import load_checkpoint
         from lipkit.search.index import load_index
-        from lipkit.train.checkpoint import load_checkpoint
 
         self.model, self.tokenizer, self.config = load_checkpoint(checkpoint)
         self.model.to(pick_device(device))

@@ -25,6 +25,7 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
+from lipkit.checkpoint import TrainingState
 from lipkit.config import AugmentConfig, TrainConfig
 from lipkit.data.transforms import augment, normalize
 from lipkit.errors import EXIT_PREEMPTED, UserError  # noqa: F401  (re-exported)
@@ -32,7 +33,6 @@ from lipkit.malloc import keep_freed_memory
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.text.tokenizer import TextTokenizer
 from lipkit.train import fsdp
-from lipkit.train.checkpoint import TrainingState
 from lipkit.train.distributed import (
     Dist,
     all_true,

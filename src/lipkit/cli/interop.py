@@ -1,6 +1,6 @@
-"""`lipkit convert` and `lipkit export onnx`: checkpoints in and out of OpenCLIP, Hugging Face, ONNX.
+"""`lipkit checkpoint convert` and `lipkit export onnx`: checkpoints in and out of OpenCLIP, Hugging Face, ONNX.
 
-`cli.py` calls `register(app)`; each command parses its arguments and calls one function of
+`lipkit.cli` calls `register(app)`; each command parses its arguments and calls one function of
 `lipkit.interop`.
 """
 
@@ -22,7 +22,7 @@ FORMATS = {
     "huggingface": "hf",
 }
 USAGE = (
-    "lipkit convert --from open_clip ARCH CHECKPOINT OUT | --from hf DIR OUT | "
+    "lipkit checkpoint convert --from open_clip ARCH CHECKPOINT OUT | --from hf DIR OUT | "
     "--to open_clip CKPT OUT | --to hf CKPT OUT"
 )
 
@@ -99,8 +99,14 @@ def export_onnx(
 
 
 def register(app: typer.Typer) -> None:
-    """Add `convert` and the `export` group (`export onnx`) to the lipkit CLI."""
-    app.command("convert")(convert)
+    """`lipkit checkpoint convert` (`lipkit convert`, the old spelling, stays a hidden alias for one
+    release) and `lipkit export onnx` on the main app."""
+    checkpoint_app = typer.Typer(
+        help="Convert checkpoints to and from OpenCLIP and Hugging Face.", no_args_is_help=True
+    )
+    checkpoint_app.command("convert")(convert)
+    app.add_typer(checkpoint_app, name="checkpoint")
+    app.command("convert", hidden=True, help="Old spelling of `lipkit checkpoint convert`.")(convert)
     export_app = typer.Typer(help="Export a checkpoint for other runtimes.", no_args_is_help=True)
     export_app.command("onnx")(export_onnx)
     app.add_typer(export_app, name="export")

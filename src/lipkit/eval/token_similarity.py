@@ -18,9 +18,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from lipkit.data.loader import ImageStore
+from lipkit.data.table_batches import ImageStore
 from lipkit.models.dual_encoder import DualEncoder
-from lipkit.objectives.late_interaction import filip_similarity
+from lipkit.objectives.filip import filip_similarity
 from lipkit.text.tokenizer import TextTokenizer
 
 

@@ -1,14 +1,28 @@
 """Parquet sources: a `.parquet` file or a folder of them, read one row group at a time; the image column
 holds encoded bytes, a path (relative to the image root, by default the file's folder) or a Hugging
-Face style struct `{bytes, path}` (see data.sources for the record model)."""
+Face style struct `{bytes, path}` (see data/records.py for the record model)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
 
-from lipkit.data.sources import Record, Skip, caption_record
+from lipkit.data.records import Record, Skip, caption_record
 from lipkit.errors import UserError
+
+
+def is_parquet(src: str, path: Path) -> bool:
+    """A .parquet file, or a folder holding one."""
+    if src.lower().endswith(".parquet"):
+        return True
+    return path.is_dir() and next(path.glob("*.parquet"), None) is not None
+
+
+def count_rows(src: str | Path) -> int:
+    """Rows of every file, from the parquet metadata (no data is read)."""
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in _parquet_files(Path(src).expanduser()))
 
 
 def _parquet_files(path: Path) -> list[Path]:

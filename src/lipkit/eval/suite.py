@@ -10,12 +10,12 @@ from typing import Any
 
 import torch
 
+from lipkit.checkpoint import load_checkpoint
 from lipkit.config import Config
-from lipkit.data.sources import read_table
+from lipkit.data.sources.registry import read_table
 from lipkit.errors import UserError
 from lipkit.eval.evaluate import evaluate_records, fit_probes, resolve_similarity
 from lipkit.malloc import keep_freed_memory
-from lipkit.train.checkpoint import load_checkpoint
 
 
 def run_eval(checkpoint: str | Path, splits: dict[str, str], cfg: Config, out: Path) -> dict[str, Any]:

@@ -19,9 +19,11 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
+from lipkit.checkpoint import find_resume, load_checkpoint, load_training_state, prune, save_checkpoint
 from lipkit.config import Config
-from lipkit.data.loader import ImageStore, jsonl_log, open_train_data, skip_summary
-from lipkit.data.sources import read_table
+from lipkit.data.batching import jsonl_log, skip_summary
+from lipkit.data.sources.registry import open_train_data, read_table
+from lipkit.data.table_batches import ImageStore
 from lipkit.device import pick_device
 from lipkit.errors import UserError
 from lipkit.eval.evaluate import evaluate_records, resolve_similarity
@@ -30,7 +32,6 @@ from lipkit.models.hf_text import resolve_pretrained
 from lipkit.models.presets import get_spec
 from lipkit.objectives import build_objective
 from lipkit.text.tokenizer import TextTokenizer
-from lipkit.train.checkpoint import find_resume, load_checkpoint, load_training_state, prune, save_checkpoint
 from lipkit.train.distributed import init as init_distributed
 from lipkit.train.trainer import Trainer, TrainResult
 

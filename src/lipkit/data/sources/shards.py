@@ -23,28 +23,50 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import tarfile
-import time
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lipkit.data.sources import (
-    IMAGE_EXTS,
-    SHARD_SUFFIXES,
-    Record,
-    Skip,
-    caption_record,
-    parse_json_meta,
-)
+from lipkit.data.records import IMAGE_EXTS, Record, Skip, caption_record, parse_json_meta
 from lipkit.errors import UserError
 
 COUNTS_FILE = "lipkit-counts.json"
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
-def _wds() -> Any:
+def _is_pattern(src: str) -> bool:
+    return bool(re.search(r"\{[^{}]*(\.\.|,)[^{}]*\}", src))
+
+
+def names_shards(src: str) -> bool:
+    """A pipe: URL, a brace pattern or a .tar file, by its name alone (any URL scheme webdataset opens)."""
+    low = src.lower()
+    return low.startswith("pipe:") or _is_pattern(src) or low.endswith(SHARD_SUFFIXES)
+
+
+def is_shards(src: str, path: Path) -> bool:
+    """Named as shards, or a folder of .tar files (and no .parquet file: a mixed folder is parquet)."""
+    if names_shards(src):
+        return True
+    return (
+        path.is_dir()
+        and next(path.glob("*.parquet"), None) is None
+        and any(next(path.glob(f"*{suf}"), None) is not None for suf in SHARD_SUFFIXES)
+    )
+
+
+def known_count(src: str | Path) -> int | None:
+    """Samples in all shards when every shard's count is cached, else None (counting reads headers)."""
+    urls = expand_shards(src)
+    counts = cached_counts(urls)
+    return sum(counts.values()) if len(counts) == len(urls) else None
+
+
+def webdataset_module() -> Any:
     try:
         import webdataset
     except ImportError as e:
@@ -108,7 +130,7 @@ class ShardStatus:
 
 def _members(url: str, status: ShardStatus) -> Iterator[dict[str, Any]]:
     """Regular tar members as webdataset file samples {fname, data, __url__}."""
-    wds = _wds()
+    wds = webdataset_module()
     try:
         stream = wds.gopen(url, "rb")
     except Exception as e:  # noqa: BLE001 - gopen raises whatever the opener raises
@@ -148,7 +170,7 @@ def _members(url: str, status: ShardStatus) -> Iterator[dict[str, Any]]:
 def read_shard(url: str, status: ShardStatus) -> Iterator[dict[str, Any]]:
     """Raw samples of one shard: dicts {__key__, __url__, ext: bytes, ...} in tar order; damage is
     recorded in `status` (after the last sample)."""
-    wds = _wds()
+    wds = webdataset_module()
 
     def keep_going(exn: Exception) -> bool:  # a duplicate member: the first one wins
         return True
@@ -179,8 +201,14 @@ def parse_sample(sample: dict[str, Any], caption_column: str = "captions") -> Re
     return caption_record(Path(str(sample.get("__url__", ""))), captions, meta, key, data=sample[ext])
 
 
-def scan_shards(src: str | Path, caption_column: str = "captions") -> Iterator[Record | Skip]:
-    """Every sample of every shard in order, then a Skip for each damaged shard."""
+def scan_shards(
+    src: str | Path,
+    image_column: str = "image",
+    caption_column: str = "captions",
+    image_root: str | Path = "",
+) -> Iterator[Record | Skip]:
+    """Every sample of every shard in order, then a Skip for each damaged shard (the image is the
+    first member with an image extension: image_column and image_root do not apply)."""
     urls = expand_shards(src)
     known = cached_counts(urls)
     for url in urls:
@@ -257,7 +285,7 @@ def count_shard(url: str) -> int:
     return n
 
 
-def _stat(path: Path) -> dict[str, int]:
+def file_stat(path: Path) -> dict[str, int]:
     st = path.stat()
     return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 
@@ -307,7 +335,7 @@ def cached_counts(urls: list[str]) -> dict[str, int]:
         for url in group:
             path, entry = _local_path(url), cache.get(shard_name(url))
             try:
-                if entry and {k: entry.get(k) for k in ("bytes", "mtime_ns")} == _stat(path):
+                if entry and {k: entry.get(k) for k in ("bytes", "mtime_ns")} == file_stat(path):
                     out[url] = int(entry["samples"])
             except OSError:
                 continue
@@ -335,62 +363,6 @@ def shard_counts(urls: list[str]) -> dict[str, int]:
     for folder, group in by_folder.items():
         cache = _load_counts(folder)
         for url in group:
-            cache[shard_name(url)] = {"samples": out[url], **_stat(_local_path(url))}
+            cache[shard_name(url)] = {"samples": out[url], **file_stat(_local_path(url))}
         save_counts(folder, cache)
     return out
-
-
-# -- writing -------------------------------------------------------------------------------------
-
-
-class ShardOutput:
-    """Write samples into `out/00000.tar`, `00001.tar` ... (`shard_size` samples each) with
-    webdataset's ShardWriter, then `lipkit-counts.json`. Each sample: `NNNNNNNNN.<ext>` (the image
-    bytes as they were), `.txt` (the first caption, for img2dataset readers) and `.json` (all captions,
-    the source key and the metadata)."""
-
-    def __init__(self, out: Path, shard_size: int) -> None:
-        if shard_size < 1:
-            raise UserError("--shard-size must be at least 1.")
-        self.out, self.shard_size = Path(out).expanduser(), shard_size
-        self.out.mkdir(parents=True, exist_ok=True)
-        stale = [f.name for f in self.out.iterdir() if f.name.endswith(".tar")]
-        if stale:
-            raise UserError(
-                f"Output folder '{self.out}' already holds shards ({stale[0]} ...); choose an empty folder."
-            )
-        wds = _wds()
-        self.writer = wds.ShardWriter(  # a whole-second mtime keeps members in plain ustar headers
-            str(self.out / "%05d.tar"),
-            maxcount=shard_size,
-            maxsize=float("inf"),
-            verbose=0,
-            mtime=int(time.time()),
-        )
-        self.n = 0
-
-    def write(self, record: Record, image: bytes, ext: str) -> None:
-        body = {"key": record.key, "captions": record.captions, **record.meta}
-        self.writer.write(
-            {
-                "__key__": f"{self.n:09d}",
-                ext: image,
-                "txt": record.captions[0],
-                "json": json.dumps(body, ensure_ascii=False, default=str).encode("utf-8"),
-            }
-        )
-        self.n += 1
-
-    def close(self) -> list[Path]:
-        self.writer.close()
-        shards = sorted(self.out.glob("*.tar"))
-        counts: dict[str, dict[str, int]] = {}
-        for i, path in enumerate(shards):
-            n = min(self.shard_size, self.n - i * self.shard_size)
-            counts[path.name] = {"samples": n, **_stat(path)}
-        save_counts(self.out, counts)
-        return shards
-
-    def pattern(self) -> str:
-        n = max(1, -(-self.n // self.shard_size))
-        return str(self.out / (f"{{00000..{n - 1:05d}}}.tar" if n > 1 else "00000.tar"))

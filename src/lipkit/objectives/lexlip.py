@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lipkit.models.lexicon import LexiconHead, nonzero_terms  # noqa: F401 - re-exported
+from lipkit.models.lexicon_head import nonzero_terms
 from lipkit.objectives.infonce import InfoNCE
 
 

@@ -1,0 +1,62 @@
+"""`lipkit eval | report`: evaluate a checkpoint on named splits, write the HTML report of a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from lipkit.cli.common import console, print_results
+from lipkit.errors import UserError
+
+
+def eval_(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint directory written by `lipkit train`."),
+    data: list[str] = typer.Option(
+        [],
+        "--data",
+        "-d",
+        help="NAME=TABLE to evaluate on, e.g. "
+        "--data test-style=~/.cache/lipkit/datasets/emoji/test-style.jsonl. Repeatable.",
+    ),
+    config: Path = typer.Option(
+        None,
+        "--config",
+        "-c",
+        help="Config whose eval: section (and data.eval splits, when no --data is given) to use.",
+    ),
+    set_: list[str] = typer.Option(
+        [], "--set", "-s", help="Override a config key, e.g. --set eval.templates=['{}']."
+    ),
+    out: Path = typer.Option(
+        None,
+        "--out",
+        "-o",
+        help="Where to write results JSON (default: eval/results.json beside the checkpoint).",
+    ),
+) -> None:
+    """Zero-shot classification (top-1/top-5/mean recall) and image↔text retrieval (R@1/5/10)."""
+    from lipkit.config import load_config
+    from lipkit.eval.suite import run_eval
+
+    cfg = load_config(config, set_)
+    splits = dict(cfg.data.eval)
+    for item in data:
+        if "=" not in item:
+            raise UserError(f"--data '{item}' must look like NAME=TABLE, e.g. test-style=data/test.jsonl.")
+        name, path = item.split("=", 1)
+        splits[name] = path
+    if not splits:
+        raise UserError("Nothing to evaluate on; pass --data NAME=TABLE or a --config with data.eval splits.")
+    out = out or checkpoint.expanduser().parent / "eval" / "results.json"
+    print_results(run_eval(checkpoint, splits, cfg, out))
+    console.print(f"results: {out}")
+
+
+def report(
+    run_dir: Path = typer.Argument(..., help="Run directory (holding metrics.jsonl and eval/results.json)."),
+):
+    """Write an HTML report (curves, metrics vs chance, heat map, retrieval examples) for a run."""
+    from lipkit.eval.report import write_report
+
+    console.print(f"report: {write_report(run_dir)}")

@@ -1,0 +1,72 @@
+"""A folder of images with sidecar captions: `cat.jpg` + `cat.txt` (one caption) or `cat.json` (captions
+and metadata), searched recursively in sorted order; hidden files and folders are left out."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from lipkit.data.records import IMAGE_EXTS, Record, Skip, caption_record, parse_json_meta
+from lipkit.errors import UserError
+
+
+def is_folder(src: str, path: Path) -> bool:
+    return path.is_dir()
+
+
+def image_files(root: Path) -> list[Path]:
+    """Every image file under `root` (recursive, sorted, hidden paths left out)."""
+    return sorted(
+        f
+        for f in root.rglob("*")
+        if f.suffix.lower().lstrip(".") in IMAGE_EXTS
+        and f.is_file()
+        and not any(s.startswith(".") for s in f.relative_to(root).parts)
+    )
+
+
+def scan_folder(
+    path: str | Path,
+    image_column: str = "image",
+    caption_column: str = "captions",
+    image_root: str | Path = "",
+) -> Iterator[Record | Skip]:
+    """Every image under a folder with its sidecar `name.txt` or `name.json` (image_column and
+    image_root do not apply: the folder is the table)."""
+    root = Path(path).expanduser()
+    files = image_files(root)
+    if not files:
+        raise UserError(
+            f"Folder '{root}' holds no images ({', '.join(IMAGE_EXTS)}); point at a folder of images with "
+            "captions in name.txt / name.json beside them, or at a table."
+        )
+    for f in files:
+        key = f.relative_to(root).as_posix()
+        side_json, side_txt = f.with_suffix(".json"), f.with_suffix(".txt")
+        meta: dict[str, Any] = {}
+        captions: Any = None
+        if side_json.is_file():
+            parsed = parse_json_meta(side_json.read_bytes(), caption_column)
+            if isinstance(parsed, Skip):
+                yield Skip(parsed.reason, key, parsed.detail)
+                continue
+            captions, meta = parsed
+        if captions is None and side_txt.is_file():
+            captions = side_txt.read_bytes()
+        if captions is None:
+            yield Skip("no_caption", key, f"no {side_txt.name} or {side_json.name}")
+            continue
+        yield caption_record(f, captions, meta, key)
+
+
+def images_only(path: str | Path) -> list[Record]:
+    """Records of every image under a folder, without captions (what `lipkit embed` reads from a folder)."""
+    p = Path(path).expanduser()
+    files = image_files(p)
+    if not files:
+        raise UserError(
+            f"Folder '{p}' holds no images ({', '.join(IMAGE_EXTS)}); point SOURCE at a folder "
+            "of images or at a CSV/TSV/JSONL table."
+        )
+    return [Record(f.resolve(), [], {"relpath": str(f.relative_to(p))}) for f in files]
