@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import faiss  # noqa: E402
 
-from lipkit.search.index import SparseIndex, build_index, exact_topk, recall_at_k  # noqa: E402
+from lipkit.search.index import build_index, exact_topk, neighbour_overlap  # noqa: E402
+from lipkit.search.sparse_index import SparseIndex  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -112,7 +113,7 @@ def dense_suite(
                     "index": label,
                     "n": int(base.shape[0]),
                     "dim": int(base.shape[1]),
-                    "recall@10": recall_at_k(found, truth),
+                    "recall@10": neighbour_overlap(found, truth),
                     "p50_ms": p50,
                     "p99_ms": p99,
                     "build_s": build_s,
@@ -180,7 +181,9 @@ def sparse_suite(
 
 def emoji(args, out) -> None:
     from lipkit.checkpoint import load_checkpoint
-    from lipkit.search.embed import collect, embed_collection, load_embeddings
+    from lipkit.search.collection import collect
+    from lipkit.search.embed import embed_collection
+    from lipkit.search.embeddings_dir import load_embeddings
 
     root = Path(args.emoji).expanduser()
     work = Path(args.work).expanduser()

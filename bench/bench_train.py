@@ -147,7 +147,7 @@ class LipkitRunner:
         from lipkit.models.presets import ModelSpec
         from lipkit.objectives.infonce import InfoNCE
         from lipkit.train.inputs import objective_inputs
-        from lipkit.train.trainer import param_groups
+        from lipkit.train.optim import param_groups
 
         self.torch, self.objective_inputs = torch, objective_inputs
         self.malloc_tuned = keep_freed_memory()  # as the Trainer does on a CPU (lipkit/malloc.py)

@@ -19,12 +19,12 @@ from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 from PIL import Image
 
+from lipkit.data.convert import image_bytes
 from lipkit.data.images import IMAGE_REASONS, try_load_image
 from lipkit.data.records import REASONS, Record, Skip
 from lipkit.data.shard_streams import ShardStream, StreamSpec
 from lipkit.data.sources.registry import read_records
 from lipkit.data.sources.shards import scan_shards
-from lipkit.data.tools import image_bytes
 
 set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "lipkit-hypothesis")  # not .hypothesis/ in the repo
 FAST = settings(

@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 from lipkit.checkpoint import find_resume
 from lipkit.cli import app
 from lipkit.config import config_from_dict
-from lipkit.data.tools import convert
+from lipkit.data.convert import convert
 from lipkit.errors import UserError
 from lipkit.train.launch import run_training
 from lipkit.train.trainer import Trainer

@@ -18,10 +18,10 @@ import pytest
 import torch
 from PIL import Image
 
+from lipkit.data.convert import convert
 from lipkit.data.images import load_image, try_load_image
 from lipkit.data.sources.registry import read_records, read_table, source_kind
 from lipkit.data.table_batches import ImageStore, TrainBatches
-from lipkit.data.tools import convert
 from lipkit.errors import UserError
 
 

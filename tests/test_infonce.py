@@ -43,7 +43,7 @@ def test_infonce_is_low_for_aligned_pairs_and_registered():
 
 
 def test_schedule_warmup_then_cosine():
-    from lipkit.train.trainer import lr_factor
+    from lipkit.train.optim import lr_factor
 
     assert lr_factor(0, 0.0, 10, 0.1) == 0.1 and lr_factor(9, 0.0, 10, 0.1) == 1.0
     assert lr_factor(10, 0.0, 10, 0.1) == 1.0

@@ -19,12 +19,8 @@ from lipkit.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from lipkit.cli.interop import register  # noqa: E402
 from lipkit.errors import UserError  # noqa: E402
 from lipkit.interop.clip_bpe import clip_tokenizer, clip_vocab_and_merges  # noqa: E402
-from lipkit.interop.open_clip import (  # noqa: E402
-    from_open_clip,
-    read_arch,
-    spec_from_open_clip,
-    to_open_clip,
-)
+from lipkit.interop.open_clip import from_open_clip, read_arch, to_open_clip  # noqa: E402
+from lipkit.interop.open_clip_spec import spec_from_open_clip  # noqa: E402
 from lipkit.interop.peer_weights import read_state_dict  # noqa: E402
 from lipkit.text.tokenizer import TextTokenizer  # noqa: E402
 

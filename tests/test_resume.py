@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 from conftest import TINY_MODEL
 from lipkit import checkpoint as ckpt
 from lipkit.config import config_from_dict
-from lipkit.errors import UserError
+from lipkit.errors import EXIT_PREEMPTED, UserError
 from lipkit.train.launch import run_training
-from lipkit.train.trainer import EXIT_PREEMPTED, TrainingFault
+from lipkit.train.trainer import TrainingFault
 
 
 def config(table: Path, out: Path, **train) -> dict:

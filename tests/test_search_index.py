@@ -25,17 +25,11 @@ from lipkit.text.tokenizer import TextTokenizer
 
 faiss = pytest.importorskip("faiss", reason="faiss-cpu is not installed (pip install 'lipkit[search]')")
 
-from lipkit.search.embed import collect, embed_collection, load_embeddings, run_embed  # noqa: E402
-from lipkit.search.index import (  # noqa: E402
-    DenseIndex,
-    SparseIndex,
-    SparseMatrix,
-    build_index,
-    exact_topk,
-    load_index,
-    read_lexical,
-    recall_at_k,
-)
+from lipkit.search.collection import collect  # noqa: E402
+from lipkit.search.embed import embed_collection, run_embed  # noqa: E402
+from lipkit.search.embeddings_dir import load_embeddings  # noqa: E402
+from lipkit.search.index import DenseIndex, build_index, exact_topk, load_index, neighbour_overlap  # noqa: E402
+from lipkit.search.sparse_index import SparseIndex, SparseMatrix, read_lexical  # noqa: E402
 
 TINY = dict(
     vision_width=32,
@@ -151,7 +145,7 @@ def test_flat_is_exact(random_vectors, truth):
     base, queries = random_vectors
     ix = build_index(base, "flat")
     scores, ids = ix.search(queries, 10)
-    assert recall_at_k(ids, truth) == 1.0
+    assert neighbour_overlap(ids, truth) == 1.0
     np.testing.assert_allclose(scores, np.take_along_axis(queries @ base.T, ids, 1), rtol=1e-5, atol=1e-5)
     assert (np.diff(scores, axis=1) <= 1e-6).all()  # best first
 
@@ -169,7 +163,7 @@ def test_approximate_recall_and_save_load(random_vectors, truth, tmp_path, kind,
     base, queries = random_vectors
     ix = build_index(base, kind, **params)
     scores, ids = ix.search(queries, 10)
-    r = recall_at_k(ids, truth)
+    r = neighbour_overlap(ids, truth)
     assert r >= threshold, f"{kind} recall@10 {r:.3f} < {threshold}"
     ix.save(tmp_path / "ix")
     again = load_index(tmp_path / "ix")
@@ -180,7 +174,7 @@ def test_approximate_recall_and_save_load(random_vectors, truth, tmp_path, kind,
     np.testing.assert_allclose(scores, s2, rtol=1e-6)
     # a wider search is at least as good
     wide = {"hnsw": {"ef": 256}, "ivfpq": {"nprobe": 128}}[kind]
-    assert recall_at_k(again.search(queries, 10, **wide)[1], truth) >= r - 0.01
+    assert neighbour_overlap(again.search(queries, 10, **wide)[1], truth) >= r - 0.01
 
 
 def test_incremental_add_equals_one_build(random_vectors, tmp_path):
@@ -198,8 +192,8 @@ def test_incremental_add_equals_one_build(random_vectors, tmp_path):
     assert inc.ntotal == len(base) and [it["id"] for it in inc.items] == list(range(len(base)))
     assert inc.items[3500]["path"] == "p3500"
     truth = exact_topk(base, queries, 10)
-    assert recall_at_k(inc.search(queries, 10)[1], truth) >= 0.95
-    assert recall_at_k(one.search(queries, 10)[1], truth) >= 0.95
+    assert neighbour_overlap(inc.search(queries, 10)[1], truth) >= 0.95
+    assert neighbour_overlap(one.search(queries, 10)[1], truth) >= 0.95
     # exact index: adding is the same as building at once
     flat = build_index(base[:half], "flat")
     flat.add(base[half:])

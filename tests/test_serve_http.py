@@ -343,7 +343,7 @@ def test_images_from_shards_are_served_from_the_embeddings_folder(tmp_path):
     answers with exactly those bytes (in-process app; the routes are the same as under uvicorn)."""
     from fastapi.testclient import TestClient
 
-    from lipkit.data.tools import convert
+    from lipkit.data.convert import convert
     from lipkit.search.query import Searcher
     from lipkit.search.server import create_app
 

@@ -186,3 +186,24 @@ def test_the_checks_catch_what_they_are_for():
     mods = modules()
     found = imports("lipkit.cli.train", mods["lipkit.cli.train"], set(mods))
     assert "lipkit.train.launch" in found
+
+
+def test_importing_lipkit_sets_no_process_wide_state():
+    """Every module imported in a fresh process: the environment and PIL's global pixel limit are as
+    they were (the CLI sets what it needs when it runs, not when it is imported)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, pkgutil, importlib, PIL.Image as I\n"
+        "env, limit = dict(os.environ), I.MAX_IMAGE_PIXELS\n"
+        "import lipkit\n"
+        "for m in pkgutil.walk_packages(lipkit.__path__, 'lipkit.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "changed = sorted(k for k in set(env) | set(os.environ) if env.get(k) != os.environ.get(k))\n"
+        "assert not changed, changed\n"
+        "assert I.MAX_IMAGE_PIXELS == limit, I.MAX_IMAGE_PIXELS\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_WAIT_POLICY"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]

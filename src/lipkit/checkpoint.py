@@ -13,9 +13,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lipkit import __version__
+from lipkit.atomic import swap_dir, temp_dir_beside
 from lipkit.errors import UserError
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.models.presets import ModelSpec
@@ -39,14 +38,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_dir(
@@ -71,10 +62,7 @@ def _write_dir(
         (tmp / "trainer_state.json").write_text(json.dumps(meta), encoding="utf-8")
     files = sorted(p for p in tmp.iterdir() if p.is_file())
     manifest = {"lipkit_version": __version__, "files": {p.name: _sha256(p) for p in files}}
-    for p in files:
-        _fsync(p)
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-    _fsync(tmp / "manifest.json")
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")  # last
 
 
 def save_checkpoint(
@@ -87,8 +75,7 @@ def save_checkpoint(
     """Write a checkpoint atomically to `path` (replacing an older one there)."""
     dest = Path(path)
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+        tmp = temp_dir_beside(dest)
     except OSError as e:
         raise UserError(
             f"Cannot create checkpoint directory '{dest.parent}' ({e.strerror}); "
@@ -96,14 +83,7 @@ def save_checkpoint(
         ) from e
     try:
         _write_dir(tmp, model, tokenizer, info or {}, training)
-        old = None
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        _fsync(dest.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        swap_dir(tmp, dest)  # fsyncs every file (the manifest too) before the rename
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno in _DISK_ERRORS:

@@ -60,6 +60,22 @@ def _histogram(title: str, counts: dict[str, int]) -> Table:
     return table
 
 
+def _print_inspection(src: str, report: dict) -> None:
+    out = Console()
+    out.print(
+        f"[bold]{src}[/] ({report['kind']}): {report['samples']} samples, {report['captions']} captions, "
+        f"{sum(report['skipped'].values())} unusable"
+    )
+    out.print(_histogram("captions per sample", report["captions_per_sample"]))
+    out.print(_histogram("caption length (words)", report["caption_words"]))
+    out.print(_histogram("image shorter side (px)", report["image_shorter_side"]))
+    out.print(_histogram("image formats", report["image_formats"]))
+    if report["languages"]:
+        out.print(_histogram("caption languages", report["languages"]))
+    if report["skipped"]:
+        out.print(_skipped_table("unusable samples", report))
+
+
 @app.command("convert")
 def convert(
     src: str = typer.Argument(..., help=SRC_HELP),
@@ -74,7 +90,7 @@ def convert(
 ) -> None:
     """Write WebDataset shards (img2dataset layout: NNNNNNNNN.jpg|png|webp + .txt + .json) and
     lipkit-counts.json. Unusable samples are skipped and listed by reason."""
-    from lipkit.data.tools import convert as run
+    from lipkit.data.convert import convert as run
 
     report = run(src, out, shard_size, image_column, caption_column, image_root_, verify).to_dict()
     if report["skipped"]:
@@ -97,25 +113,13 @@ def inspect(
 ) -> None:
     """Counts, caption length and image size histograms, image formats, and caption languages (when a
     `langs` column exists). Reads image headers only."""
-    from lipkit.data.tools import inspect as run
+    from lipkit.data.inspect import inspect as run
 
     report = run(src, image_column, caption_column, image_root_, limit=limit, progress=not as_json).to_dict()
     if as_json:
         print(json.dumps(report, ensure_ascii=False, indent=2))
-        return
-    out = Console()
-    out.print(
-        f"[bold]{src}[/] ({report['kind']}): {report['samples']} samples, {report['captions']} captions, "
-        f"{sum(report['skipped'].values())} unusable"
-    )
-    out.print(_histogram("captions per sample", report["captions_per_sample"]))
-    out.print(_histogram("caption length (words)", report["caption_words"]))
-    out.print(_histogram("image shorter side (px)", report["image_shorter_side"]))
-    out.print(_histogram("image formats", report["image_formats"]))
-    if report["languages"]:
-        out.print(_histogram("caption languages", report["languages"]))
-    if report["skipped"]:
-        out.print(_skipped_table("unusable samples", report))
+    else:
+        _print_inspection(src, report)
 
 
 @app.command("validate")
@@ -130,7 +134,7 @@ def validate(
 ) -> None:
     """Read every sample and decode every image as training does; list what is broken by reason.
     Exit status 1 when anything is broken."""
-    from lipkit.data.tools import validate as run
+    from lipkit.data.inspect import validate as run
 
     report = run(
         src, image_column, caption_column, image_root_, size, workers, progress=not as_json

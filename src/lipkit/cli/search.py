@@ -1,4 +1,5 @@
-"""`lipkit embed | index build/add/info | search | serve`: registered on the main app by `register(app)`."""
+"""`lipkit embed | index build/add/info | search | serve`: registered on the main app by `register(app)`.
+Each command parses its options, calls the library (`lipkit.search`) and prints."""
 
 from __future__ import annotations
 
@@ -9,58 +10,112 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from lipkit.errors import UserError
+from lipkit.data.images import MAX_PIXELS
 
 console = Console(stderr=True)
+index_app = typer.Typer(help="Build, extend and inspect search indexes.", no_args_is_help=True)
 
 
-def _items_or_default(emb, n: int) -> list[dict] | None:
-    if emb.items and len(emb.items) != n:
-        raise UserError(
-            f"'{emb.path}' has {n} vectors but ids.json lists {len(emb.items)} items; re-run `lipkit embed`."
+def embed(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint directory written by `lipkit train`."),
+    source: Path = typer.Argument(
+        ..., help="A CSV/TSV/JSONL captions table, or a folder of images (recursive)."
+    ),
+    out: Path = typer.Argument(
+        ..., help="Output folder: image_emb.npy, text_emb.npy, ids.json, manifest.json."
+    ),
+    batch_size: int = typer.Option(256, "--batch-size", "-b", help="Images per forward pass."),
+    chunk_size: int = typer.Option(4096, "--chunk-size", help="Images per saved chunk (the unit of resume)."),
+    workers: int = typer.Option(0, "--workers", "-w", help="Image-decoding worker processes."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    image_column: str = typer.Option("image", help="Table column holding image paths."),
+    caption_column: str = typer.Option("captions", help="Table column holding captions."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace embeddings already in OUT."),
+) -> None:
+    """Embed a collection's images (and first captions) into OUT; rerun the same command to resume."""
+    from lipkit.search.embed import run_embed
+
+    r = run_embed(
+        checkpoint,
+        source,
+        out,
+        image_column=image_column,
+        caption_column=caption_column,
+        device=device,
+        batch_size=batch_size,
+        chunk_size=chunk_size,
+        workers=workers,
+        overwrite=overwrite,
+    )
+    if r.chunks_computed == 0 and r.chunks_done_before:
+        console.print(f"'{r.out}' is already complete ({r.n_embedded} items); nothing to do.")
+    elif r.chunks_done_before:
+        console.print(f"resumed: {r.chunks_done_before} chunk(s) were already done")
+    if r.n_skipped:
+        console.print(
+            f"[yellow]skipped {r.n_skipped} image(s) that could not be decoded; see {r.out / 'skipped.json'}[/]"
         )
-    return emb.items or None
+    console.print(
+        f"[bold green]embedded[/] {r.n_embedded} items ({r.dim}-d"
+        f"{', images + captions' if r.has_text else ', images'}) → {r.out}"
+    )
 
 
-def _vectors(emb_dir: Path, kind: str):
-    """(vectors or lexical matrix, items) of an embeddings folder for an index of `kind`."""
-    from lipkit.search.embed import load_embeddings
-    from lipkit.search.index import read_lexical
+def index_build(
+    emb_dir: Path = typer.Argument(
+        ..., help="Embeddings folder written by `lipkit embed` (lex.npy/npz for sparse)."
+    ),
+    out: Path = typer.Argument(..., help="Index folder to write."),
+    kind: str = typer.Option("flat", "--kind", "-k", help="flat (exact), hnsw, ivfpq, or sparse (lexical)."),
+    nlist: int = typer.Option(None, help="IVF-PQ: inverted lists (default ≈ √N)."),
+    m: int = typer.Option(
+        None,
+        "--m",
+        help="HNSW: links per node (default 32). IVF-PQ: sub-quantizers, dividing the dim (default dim/4).",
+    ),
+    nbits: int = typer.Option(None, help="IVF-PQ: bits per sub-quantizer code (default 8)."),
+    ef: int = typer.Option(None, help="HNSW: search breadth efSearch (default 128)."),
+    ef_construction: int = typer.Option(None, help="HNSW: build breadth (default 200)."),
+    nprobe: int = typer.Option(None, help="IVF-PQ: lists visited per query (default max(8, nlist/8))."),
+) -> None:
+    """Build a FAISS inner-product index (flat, hnsw, ivfpq) or a sparse inverted index (sparse)."""
+    from lipkit.search.index_build import build_from_embeddings, check_build_params, index_input
 
-    if kind == "sparse":
-        emb = load_embeddings(emb_dir, need_dense=False)
-        lex = emb.lexical_file()
-        if lex is None:
-            raise UserError(
-                f"'{emb_dir}' has no lex.npy or lex.npz; a sparse index needs N×V non-negative lexical "
-                "weights there (from a lexicon head), or build a dense --kind flat|hnsw|ivfpq index."
-            )
-        matrix = read_lexical(lex)
-        return matrix, _items_or_default(emb, matrix.shape[0])
-    emb = load_embeddings(emb_dir)
-    x = emb.image()
-    return x, _items_or_default(emb, x.shape[0])
-
-
-def _source_entry(emb_dir: Path) -> dict:
-    from lipkit.search.embed import load_embeddings
-
-    emb = load_embeddings(emb_dir, need_dense=False)
-    m = emb.manifest
-    return {
-        "path": str(emb_dir.expanduser().resolve()),
-        "fingerprint": m.get("fingerprint"),
-        "checkpoint": m.get("checkpoint"),
-        "source": m.get("source"),
-    }
+    given = dict(nlist=nlist, m=m, nbits=nbits, ef=ef, ef_construction=ef_construction, nprobe=nprobe)
+    params = check_build_params(kind, given)
+    x, items = index_input(emb_dir, kind)
+    with console.status(f"building {kind} index over {x.shape[0]:,} vectors…"):
+        ix = build_from_embeddings(emb_dir, out, kind, x, items, params)
+    console.print(f"[bold green]index[/] {kind}: {ix.ntotal:,} items → {out}")
 
 
-def _print_info(path: Path) -> None:
+def index_add(
+    index: Path = typer.Argument(..., help="Index folder to extend."),
+    emb_dir: Path = typer.Argument(..., help="Embeddings folder with the new items."),
+    allow_duplicates: bool = typer.Option(False, help="Add even if this embeddings folder was added before."),
+) -> None:
+    """Append the vectors of another embeddings folder (new ids continue after the last)."""
+    from lipkit.search.index import load_index
+    from lipkit.search.index_build import add_to_index, index_input, new_source
+
+    ix = load_index(index)
+    entry = new_source(ix, emb_dir, allow_duplicates)
+    x, items = index_input(emb_dir, ix.kind)
+    before = ix.ntotal
+    with console.status(f"adding {x.shape[0]:,} vectors…"):
+        add_to_index(ix, index, x, items, entry)
+    console.print(
+        f"[bold green]added[/] {ix.ntotal - before:,} items (ids {before}..{ix.ntotal - 1}) → {index}"
+    )
+
+
+def index_info(index: Path = typer.Argument(..., help="Index folder.")) -> None:
+    """Kind, size, parameters, memory and sources of an index."""
     from lipkit.search.index import load_index
 
-    ix = load_index(path)
-    size = sum(f.stat().st_size for f in Path(path).expanduser().iterdir() if f.is_file())
-    t = Table(title=f"index {path}", show_header=False)
+    ix = load_index(index)
+    size = sum(f.stat().st_size for f in Path(index).expanduser().iterdir() if f.is_file())
+    t = Table(title=f"index {index}", show_header=False)
     t.add_column("key", style="bold")
     t.add_column("value")
     t.add_row("kind", ix.kind)
@@ -77,227 +132,92 @@ def _print_info(path: Path) -> None:
     Console().print(t)
 
 
+def _print_hits(title: str, hits: list[dict]) -> None:
+    t = Table(title=title)
+    for col, just in (
+        ("#", "right"),
+        ("id", "right"),
+        ("score", "right"),
+        ("caption", "left"),
+        ("path", "left"),
+    ):
+        t.add_column(col, justify=just)  # type: ignore[arg-type]
+    for r, h in enumerate(hits, 1):
+        t.add_row(str(r), str(h["id"]), f"{h['score']:.4f}", h.get("caption") or "", h.get("path") or "")
+    Console().print(t)
+
+
+def search(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint that embedded the collection."),
+    index: Path = typer.Argument(..., help="Index folder written by `lipkit index build`."),
+    query: str = typer.Argument(None, help='Text query, e.g. "a red heart".'),
+    image: Path = typer.Option(None, "--image", "-i", help="Search with this image instead of text."),
+    k: int = typer.Option(10, "-k", "--k", help="Number of results (1..1000)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    ef: int = typer.Option(None, help="HNSW: override efSearch for this query."),
+    nprobe: int = typer.Option(None, help="IVF-PQ: override nprobe for this query."),
+    device: str = typer.Option("cpu", help="cpu, cuda or auto."),
+) -> None:
+    """Top-k items for a text query or an image (--image)."""
+    from lipkit.search.query import Searcher, check_query_args
+
+    check_query_args(query, image, k)
+    s = Searcher(checkpoint, index, device=device)
+    q = s.text_query(query.strip()) if query is not None else s.image_query(s.image_file(image))
+    params = {k_: v for k_, v in {"ef": ef, "nprobe": nprobe}.items() if v is not None}
+    hits = s.search(q, k, **params)
+    what = query if query is not None else str(image)
+    if as_json:
+        print(json.dumps({"query": what, "results": hits}, ensure_ascii=False))
+        return
+    _print_hits(f"top {k} for " + (f'"{query}"' if query is not None else str(image)), hits)
+
+
+def serve(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint that embedded the collection."),
+    index: Path = typer.Argument(..., help="Index folder written by `lipkit index build`."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 for all)."),
+    port: int = typer.Option(8000, help="TCP port."),
+    max_upload_mb: float = typer.Option(5.0, help="Largest accepted upload, in MB."),
+    max_pixels: int = typer.Option(
+        MAX_PIXELS, help="Largest accepted image, in pixels (decompression-bomb guard)."
+    ),
+    max_query_chars: int = typer.Option(1000, help="Longest accepted text query."),
+    device: str = typer.Option("cpu", help="cpu, cuda or auto."),
+    log_level: str = typer.Option("info", help="uvicorn log level: debug, info, warning, error."),
+    threads: int = typer.Option(
+        1,
+        help="CPU threads per request (torch, FAISS); 1 gives the best throughput under concurrent load.",
+    ),
+) -> None:
+    """Serve search over HTTP: the page at /, the API at /search, /embed, /health, docs at /docs."""
+    from lipkit.search.request_guards import Limits
+    from lipkit.search.server import serve as run_server
+
+    limits = Limits(
+        max_upload_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels, max_query_chars=max_query_chars
+    )
+    console.print(f"serving on http://{host}:{port}/  (API docs: http://{host}:{port}/docs)")
+    run_server(
+        checkpoint,
+        index,
+        host=host,
+        port=port,
+        limits=limits,
+        device=device,
+        log_level=log_level,
+        threads=threads,
+    )
+
+
+index_app.command("build")(index_build)
+index_app.command("add")(index_add)
+index_app.command("info")(index_info)
+
+
 def register(app: typer.Typer) -> None:
     """Add the search commands to the `lipkit` app."""
-    index_app = typer.Typer(help="Build, extend and inspect search indexes.", no_args_is_help=True)
     app.add_typer(index_app, name="index")
-
-    @app.command()
-    def embed(
-        checkpoint: Path = typer.Argument(..., help="Checkpoint directory written by `lipkit train`."),
-        source: Path = typer.Argument(
-            ..., help="A CSV/TSV/JSONL captions table, or a folder of images (recursive)."
-        ),
-        out: Path = typer.Argument(
-            ..., help="Output folder: image_emb.npy, text_emb.npy, ids.json, manifest.json."
-        ),
-        batch_size: int = typer.Option(256, "--batch-size", "-b", help="Images per forward pass."),
-        chunk_size: int = typer.Option(
-            4096, "--chunk-size", help="Images per saved chunk (the unit of resume)."
-        ),
-        workers: int = typer.Option(0, "--workers", "-w", help="Image-decoding worker processes."),
-        device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-        image_column: str = typer.Option("image", help="Table column holding image paths."),
-        caption_column: str = typer.Option("captions", help="Table column holding captions."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace embeddings already in OUT."),
-    ) -> None:
-        """Embed a collection's images (and first captions) into OUT; rerun the same command to resume."""
-        from lipkit.search.embed import run_embed
-
-        r = run_embed(
-            checkpoint,
-            source,
-            out,
-            image_column=image_column,
-            caption_column=caption_column,
-            device=device,
-            batch_size=batch_size,
-            chunk_size=chunk_size,
-            workers=workers,
-            overwrite=overwrite,
-        )
-        if r.chunks_computed == 0 and r.chunks_done_before:
-            console.print(f"'{r.out}' is already complete ({r.n_embedded} items); nothing to do.")
-        elif r.chunks_done_before:
-            console.print(f"resumed: {r.chunks_done_before} chunk(s) were already done")
-        if r.n_skipped:
-            console.print(
-                f"[yellow]skipped {r.n_skipped} image(s) that could not be decoded; see {r.out / 'skipped.json'}[/]"
-            )
-        console.print(
-            f"[bold green]embedded[/] {r.n_embedded} items ({r.dim}-d"
-            f"{', images + captions' if r.has_text else ', images'}) → {r.out}"
-        )
-
-    @index_app.command("build")
-    def index_build(
-        emb_dir: Path = typer.Argument(
-            ..., help="Embeddings folder written by `lipkit embed` (lex.npy/npz for sparse)."
-        ),
-        out: Path = typer.Argument(..., help="Index folder to write."),
-        kind: str = typer.Option(
-            "flat", "--kind", "-k", help="flat (exact), hnsw, ivfpq, or sparse (lexical)."
-        ),
-        nlist: int = typer.Option(None, help="IVF-PQ: inverted lists (default ≈ √N)."),
-        m: int = typer.Option(
-            None,
-            "--m",
-            help="HNSW: links per node (default 32). IVF-PQ: sub-quantizers, dividing the dim (default dim/4).",
-        ),
-        nbits: int = typer.Option(None, help="IVF-PQ: bits per sub-quantizer code (default 8)."),
-        ef: int = typer.Option(None, help="HNSW: search breadth efSearch (default 128)."),
-        ef_construction: int = typer.Option(None, help="HNSW: build breadth (default 200)."),
-        nprobe: int = typer.Option(None, help="IVF-PQ: lists visited per query (default max(8, nlist/8))."),
-    ) -> None:
-        """Build a FAISS inner-product index (flat, hnsw, ivfpq) or a sparse inverted index (sparse)."""
-        from lipkit.search.index import KINDS, build_index
-
-        if kind not in KINDS:
-            raise UserError(f"Unknown index kind '{kind}'; choose one of {', '.join(KINDS)}.")
-        x, items = _vectors(emb_dir, kind)
-        params = {
-            "nlist": nlist,
-            "m": m,
-            "nbits": nbits,
-            "ef": ef,
-            "ef_construction": ef_construction,
-            "nprobe": nprobe,
-        }
-        used = {k for k, v in params.items() if v is not None}
-        allowed = {"hnsw": {"m", "ef", "ef_construction"}, "ivfpq": {"nlist", "m", "nbits", "nprobe"}}.get(
-            kind, set()
-        )
-        if used - allowed:
-            raise UserError(
-                f"--{sorted(used - allowed)[0].replace('_', '-')} does not apply to a {kind} index; drop it "
-                f"(it applies to {'hnsw' if sorted(used - allowed)[0] in ('ef', 'ef_construction') else 'ivfpq'})."
-            )
-        with console.status(f"building {kind} index over {x.shape[0]:,} vectors…"):
-            ix = build_index(x, kind, items, **{k: v for k, v in params.items() if v is not None})
-            ix.info["sources"] = [_source_entry(emb_dir)]
-            ix.save(out)
-        console.print(f"[bold green]index[/] {kind}: {ix.ntotal:,} items → {out}")
-
-    @index_app.command("add")
-    def index_add(
-        index: Path = typer.Argument(..., help="Index folder to extend."),
-        emb_dir: Path = typer.Argument(..., help="Embeddings folder with the new items."),
-        allow_duplicates: bool = typer.Option(
-            False, help="Add even if this embeddings folder was added before."
-        ),
-    ) -> None:
-        """Append the vectors of another embeddings folder (new ids continue after the last)."""
-        from lipkit.search.index import load_index
-
-        ix = load_index(index)
-        entry = _source_entry(emb_dir)
-        seen = [
-            s
-            for s in ix.info.get("sources", [])
-            if s.get("fingerprint") and s.get("fingerprint") == entry["fingerprint"]
-        ]
-        if seen and not allow_duplicates:
-            raise UserError(
-                f"The embeddings in '{emb_dir}' are already in this index (added from {seen[0]['path']}); "
-                "pass --allow-duplicates to add them again."
-            )
-        x, items = _vectors(emb_dir, ix.kind)
-        before = ix.ntotal
-        with console.status(f"adding {x.shape[0]:,} vectors…"):
-            ix.add(x, items)
-            ix.info.setdefault("sources", []).append(entry)
-            ix.save(index)
-        console.print(
-            f"[bold green]added[/] {ix.ntotal - before:,} items (ids {before}..{ix.ntotal - 1}) → {index}"
-        )
-
-    @index_app.command("info")
-    def index_info(index: Path = typer.Argument(..., help="Index folder.")) -> None:
-        """Kind, size, parameters, memory and sources of an index."""
-        _print_info(index)
-
-    @app.command()
-    def search(
-        checkpoint: Path = typer.Argument(..., help="Checkpoint that embedded the collection."),
-        index: Path = typer.Argument(..., help="Index folder written by `lipkit index build`."),
-        query: str = typer.Argument(None, help='Text query, e.g. "a red heart".'),
-        image: Path = typer.Option(None, "--image", "-i", help="Search with this image instead of text."),
-        k: int = typer.Option(10, "-k", "--k", help="Number of results (1..1000)."),
-        as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-        ef: int = typer.Option(None, help="HNSW: override efSearch for this query."),
-        nprobe: int = typer.Option(None, help="IVF-PQ: override nprobe for this query."),
-        device: str = typer.Option("cpu", help="cpu, cuda or auto."),
-    ) -> None:
-        """Top-k items for a text query or an image (--image)."""
-        from lipkit.search.query import Searcher
-
-        if (query is None) == (image is None):
-            raise UserError(
-                'Give exactly one of a text QUERY or --image PATH, e.g. lipkit search CKPT INDEX "a red heart".'
-            )
-        if not 1 <= k <= 1000:
-            raise UserError(f"-k must be from 1 to 1000, got {k}.")
-        if query is not None and not query.strip():
-            raise UserError("The query is empty; type a few words to search for.")
-        s = Searcher(checkpoint, index, device=device)
-        q = s.text_query(query.strip()) if query is not None else s.image_query(s.image_file(image))
-        params = {k_: v for k_, v in {"ef": ef, "nprobe": nprobe}.items() if v is not None}
-        hits = s.search(q, k, **params)
-        if as_json:
-            print(
-                json.dumps(
-                    {"query": query if query is not None else str(image), "results": hits}, ensure_ascii=False
-                )
-            )
-            return
-        t = Table(title=f"top {k} for " + (f'"{query}"' if query is not None else str(image)))
-        for col, just in (
-            ("#", "right"),
-            ("id", "right"),
-            ("score", "right"),
-            ("caption", "left"),
-            ("path", "left"),
-        ):
-            t.add_column(col, justify=just)  # type: ignore[arg-type]
-        for r, h in enumerate(hits, 1):
-            t.add_row(str(r), str(h["id"]), f"{h['score']:.4f}", h.get("caption") or "", h.get("path") or "")
-        Console().print(t)
-
-    @app.command()
-    def serve(
-        checkpoint: Path = typer.Argument(..., help="Checkpoint that embedded the collection."),
-        index: Path = typer.Argument(..., help="Index folder written by `lipkit index build`."),
-        host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 for all)."),
-        port: int = typer.Option(8000, help="TCP port."),
-        max_upload_mb: float = typer.Option(5.0, help="Largest accepted upload, in MB."),
-        max_pixels: int = typer.Option(
-            40_000_000, help="Largest accepted image, in pixels (decompression-bomb guard)."
-        ),
-        max_query_chars: int = typer.Option(1000, help="Longest accepted text query."),
-        device: str = typer.Option("cpu", help="cpu, cuda or auto."),
-        log_level: str = typer.Option("info", help="uvicorn log level: debug, info, warning, error."),
-        threads: int = typer.Option(
-            1,
-            help="CPU threads per request (torch, FAISS); 1 gives the best throughput under concurrent load.",
-        ),
-    ) -> None:
-        """Serve search over HTTP: the page at /, the API at /search, /embed, /health, docs at /docs."""
-        from lipkit.search.server import Limits
-        from lipkit.search.server import serve as run_server
-
-        limits = Limits(
-            max_upload_bytes=int(max_upload_mb * 2**20),
-            max_pixels=max_pixels,
-            max_query_chars=max_query_chars,
-        )
-        console.print(f"serving on http://{host}:{port}/  (API docs: http://{host}:{port}/docs)")
-        run_server(
-            checkpoint,
-            index,
-            host=host,
-            port=port,
-            limits=limits,
-            device=device,
-            log_level=log_level,
-            threads=threads,
-        )
+    app.command()(embed)
+    app.command()(search)
+    app.command()(serve)

@@ -43,6 +43,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from lipkit.atomic import atomic_write, write_json_atomic
 from lipkit.errors import UserError
 
 STYLES = ("google", "twitter", "facebook")
@@ -180,10 +181,100 @@ def _record(
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    os.replace(tmp, path)
+    lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in rows]
+    atomic_write(path, lambda f: f.writelines(lines), text=True)
+
+
+def _reuse(summary_path: Path, options: dict[str, Any]) -> dict[str, Any] | None:
+    """The summary of a complete earlier build with the same options, or None."""
+    if summary_path.is_file():
+        with suppress(ValueError):  # an unreadable summary just means: build again
+            if (old := json.loads(summary_path.read_text(encoding="utf-8"))).get("options") == options:
+                return old
+    return None
+
+
+def _extract_images(tarballs: dict[str, Path], images: Path, progress: bool) -> tuple[set[str], list]:
+    """Copy every style's PNGs under ``images/<style>``; return the file names present in all three
+    styles and the emoji.json entries."""
+    available: dict[str, set[str]] = {}
+    entries: list | None = None
+    with Progress(disable=not progress) as bar:
+        for style in STYLES:
+            available[style], emoji_json = _extract_style(
+                tarballs[f"emoji-datasource-{style}"], style, images / style, bar
+            )
+            entries = entries or emoji_json
+    if not entries:
+        raise UserError(
+            f"{tarballs['emoji-datasource-google']} has no package/emoji.json; delete it to refetch."
+        )
+    return set.intersection(*available.values()), entries
+
+
+def _records(
+    entries: list,
+    in_all: set[str],
+    labels: dict[str, dict[str, str]],
+    tags: dict[str, list],
+    languages: list[str],
+    skin_tones: bool,
+) -> list[dict[str, Any]]:
+    """One row (without style) per emoji variant that has an image in all three styles, in sort order."""
+    records: list[dict[str, Any]] = []
+    for e in sorted(entries, key=lambda e: (e.get("sort_order", 0), e["unified"])):
+        variants = [e, *(e.get("skin_variations") or {}).values()] if skin_tones else [e]
+        records += [_record(e, v, labels, tags, languages) for v in variants if v["image"] in in_all]
+    return records
+
+
+def _drop_stray_images(images: Path, kept: set[str]) -> None:
+    """Delete images not in all three styles (and stale ones from earlier builds)."""
+    for style in STYLES:
+        for stray in {p.name for p in (images / style).iterdir()} - kept:
+            (images / style / stray).unlink()
+
+
+def _split_tables(records: list[dict[str, Any]], novel: set[str]) -> dict[str, list[dict[str, Any]]]:
+    """The rows of every split, one per record and style of that split."""
+    plan = {
+        "train": (False, TRAIN_STYLES),
+        "test-style": (False, (TEST_STYLE,)),
+        "test-novel": (True, STYLES),
+    }
+    return {
+        split: [
+            {**r, "image": f"images/{style}/{r['image']}", "style": style}
+            for r in records
+            if (r["concept"] in novel) == is_novel
+            for style in styles
+        ]
+        for split, (is_novel, styles) in plan.items()
+    }
+
+
+def _summary(
+    records: list[dict[str, Any]],
+    tables: dict[str, list[dict[str, Any]]],
+    concepts: int,
+    novel: int,
+    tarballs: dict[str, Path],
+    options: dict[str, Any],
+) -> dict[str, Any]:
+    rows = [r for t in tables.values() for r in t]
+    return {
+        "dataset": "emoji",
+        "splits": {s: f"{s}.jsonl" for s in SPLITS},
+        "images": {s: len(t) for s, t in tables.items()},
+        "captions": sum(len(r["captions"]) for r in rows),
+        "concepts": {"train": concepts - novel, "novel": novel},
+        "categories": sorted({r["category"] for r in records}),
+        "subcategories": sorted({r["subcategory"] for r in records}),
+        "languages": ["en", *options["languages"]],
+        "styles": {"train": list(TRAIN_STYLES), "test-style": [TEST_STYLE], "test-novel": list(STYLES)},
+        "packages": {n: p.name for n, p in tarballs.items()},
+        "options": options,
+    }
 
 
 def build_emoji(
@@ -212,73 +303,25 @@ def build_emoji(
         "seed": seed,
     }
     summary_path = out / "summary.json"
-    if summary_path.is_file() and not force:
-        with suppress(ValueError):  # an unreadable summary just means: build again
-            if (old := json.loads(summary_path.read_text(encoding="utf-8"))).get("options") == options:
-                return old
+    if not force and (old := _reuse(summary_path, options)) is not None:
+        return old
     tarballs = fetch_packages(packages_dir(cache_dir), progress)
     out.mkdir(parents=True, exist_ok=True)
     summary_path.unlink(missing_ok=True)  # the build is incomplete until the summary is back
 
     labels, tags = _read_labels(tarballs[LABEL_PACKAGE], languages)
-    available: dict[str, set[str]] = {}
-    entries: list | None = None
-    with Progress(disable=not progress) as bar:
-        for style in STYLES:
-            available[style], emoji_json = _extract_style(
-                tarballs[f"emoji-datasource-{style}"], style, out / "images" / style, bar
-            )
-            entries = entries or emoji_json
-    if not entries:
-        raise UserError(
-            f"{tarballs['emoji-datasource-google']} has no package/emoji.json; delete it to refetch."
-        )
-
-    in_all = set.intersection(*available.values())
-    records: list[dict[str, Any]] = []
-    for e in sorted(entries, key=lambda e: (e.get("sort_order", 0), e["unified"])):
-        variants = [e, *(e.get("skin_variations") or {}).values()] if skin_tones else [e]
-        records += [_record(e, v, labels, tags, languages) for v in variants if v["image"] in in_all]
-    kept = {r["image"] for r in records}
-    for style in STYLES:  # drop images not in all three styles (and stale ones from earlier builds)
-        for stray in {p.name for p in (out / "images" / style).iterdir()} - kept:
-            (out / "images" / style / stray).unlink()
+    in_all, entries = _extract_images(tarballs, out / "images", progress)
+    records = _records(entries, in_all, labels, tags, languages, skin_tones)
+    _drop_stray_images(out / "images", {r["image"] for r in records})
 
     concepts = sorted({r["concept"] for r in records})
     random.Random(seed).shuffle(concepts)
     novel = set(concepts[: round(novel_fraction * len(concepts))])
-    plan = {
-        "train": (False, TRAIN_STYLES),
-        "test-style": (False, (TEST_STYLE,)),
-        "test-novel": (True, STYLES),
-    }
-    tables: dict[str, list[dict[str, Any]]] = {}
-    for split, (is_novel, styles) in plan.items():
-        tables[split] = [
-            {**r, "image": f"images/{style}/{r['image']}", "style": style}
-            for r in records
-            if (r["concept"] in novel) == is_novel
-            for style in styles
-        ]
-        _write_jsonl(out / f"{split}.jsonl", tables[split])
-
-    rows = [r for t in tables.values() for r in t]
-    summary: dict[str, Any] = {
-        "dataset": "emoji",
-        "splits": {s: f"{s}.jsonl" for s in SPLITS},
-        "images": {s: len(t) for s, t in tables.items()},
-        "captions": sum(len(r["captions"]) for r in rows),
-        "concepts": {"train": len(concepts) - len(novel), "novel": len(novel)},
-        "categories": sorted({r["category"] for r in records}),
-        "subcategories": sorted({r["subcategory"] for r in records}),
-        "languages": ["en", *languages],
-        "styles": {"train": list(TRAIN_STYLES), "test-style": [TEST_STYLE], "test-novel": list(STYLES)},
-        "packages": {n: p.name for n, p in tarballs.items()},
-        "options": options,
-    }
-    tmp = summary_path.with_name("summary.json.tmp")
-    tmp.write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8")
-    os.replace(tmp, summary_path)
+    tables = _split_tables(records, novel)
+    for split, rows in tables.items():
+        _write_jsonl(out / f"{split}.jsonl", rows)
+    summary = _summary(records, tables, len(concepts), len(novel), tarballs, options)
+    write_json_atomic(summary_path, summary)  # last: its presence marks a complete build
     if progress:
         _print_summary(summary, out)
     return summary

@@ -5,6 +5,7 @@ the report shows."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -131,94 +132,171 @@ def evaluate_records(
     was_training = model.training
     model.eval()
     store = store or ImageStore(records, model.spec.image_size, cache=True, desc="evaluation")
-    filip = similarity == "filip"
-    img = embed_images(model, store, cfg.batch_size) if similarity == "dense" or probes else None
-    img_tok = token_similarity.image_tokens(model, store, cfg.batch_size) if filip else None
-    img_lex = lexical_images(model, store, cfg.batch_size) if similarity == "lexical" else None
+    images = _embed_split(model, store, cfg.batch_size, similarity, probes)
     metrics: dict[str, float] = {}
     chance: dict[str, float] = {}
     for column in cfg.class_columns:
-        values = [r.meta.get(column) for r in records]
-        if any(v in (None, "") for v in values):
-            continue  # this table has no such labels: nothing to classify
-        classes = sorted(set(values))
-        labels = torch.tensor([classes.index(v) for v in values])
-        prompts = [t.format(c) for c in classes for t in cfg.templates]
-        if img_tok is not None:
-            tok, mask = token_similarity.text_tokens(model, tokenizer, prompts, cfg.batch_size)
-            scores = token_similarity.class_scores(img_tok, tok, mask, len(cfg.templates))
-        elif img_lex is not None:  # a class is the mean of its prompts' term weights
-            lex = lexical_texts(model, tokenizer, prompts, cfg.batch_size)
-            scores = img_lex @ lex.view(len(classes), len(cfg.templates), -1).mean(1).t()
-        else:
-            cls = class_embeddings(
-                embed_texts(model, tokenizer, prompts, cfg.batch_size), len(classes), len(cfg.templates)
-            )
-            scores = img @ cls.t()
-        for name, v in zeroshot_scores_metrics(scores, labels).items():
-            metrics[f"zeroshot/{column}/{name}"] = v
-        for name, v in zeroshot_chance(labels, len(classes)).items():
-            chance[f"zeroshot/{column}/{name}"] = v
-        if probes and column in probes:
-            p_scores, p_labels, _ = probes[column].classify(img, [str(v) for v in values])
-            for name, v in zeroshot_scores_metrics(p_scores, p_labels).items():
-                metrics[f"probe/{column}/{name}"] = v
-            for name in ("top1", "top5", "mean_recall"):  # the same classes: the same chance
-                chance[f"probe/{column}/{name}"] = chance[f"zeroshot/{column}/{name}"]
-    captions = [r.captions[min(cfg.retrieval_caption, len(r.captions) - 1)] for r in records]
-    texts = sorted(set(captions))
-    index = {t: i for i, t in enumerate(texts)}
-    relevant = torch.zeros(len(texts), len(records), dtype=torch.bool)
-    relevant[torch.tensor([index[c] for c in captions]), torch.arange(len(records))] = True
-    if img_tok is not None:
-        s_image, s_text = token_similarity.pair_scores(
-            img_tok, *token_similarity.text_tokens(model, tokenizer, texts, cfg.batch_size)
-        )
-        sims, image_to_text = s_text.t(), s_image  # (T, N) and (N, T)
-    elif img_lex is not None:
-        txt_lex = lexical_texts(model, tokenizer, texts, cfg.batch_size)
-        sims = txt_lex @ img_lex.t()
-        image_to_text = sims.t()
-        metrics["lexicon/image_nonzero_terms"] = (img_lex > 0).sum(1).double().mean().item()
-        metrics["lexicon/text_nonzero_terms"] = (txt_lex > 0).sum(1).double().mean().item()
-    else:
-        sims = embed_texts(model, tokenizer, texts, cfg.batch_size) @ img.t()
-        image_to_text = sims.t()
-    metrics.update(
-        {f"retrieval/{k}": v for k, v in retrieval_scores_metrics(sims, image_to_text, relevant).items()}
-    )
-    chance.update({f"retrieval/{k}": v for k, v in retrieval_chance(relevant).items()})
+        _classify(model, tokenizer, records, cfg, images, column, probes, metrics, chance)
+    texts = _RetrievalTexts.of(records, cfg.retrieval_caption)
+    sims = _retrieve(model, tokenizer, cfg.batch_size, images, texts, metrics, chance)
     result: dict[str, Any] = {
         "similarity": similarity,
         "n_images": len(records),
-        "n_texts": len(texts),
+        "n_texts": len(texts.texts),
         "metrics": metrics,
         "chance": chance,
     }
     if details:
-        examples = []
-        for t in _spread(len(texts), 8):
-            top = sims[t].topk(min(5, len(records)))
-            examples.append(
-                {
-                    "query": texts[t],
-                    "results": [
-                        {
-                            "image": str(records[i].image),
-                            "score": round(s, 4),
-                            "correct": bool(relevant[t, i]),
-                        }
-                        for s, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
-                    ],
-                }
-            )
-        rows = _spread(len(records), 8)
-        cols = [index[captions[i]] for i in rows]
-        result["examples"] = examples
-        result["heatmap"] = {
-            "texts": [texts[c] for c in cols],
-            "images": [str(records[i].image) for i in rows],
-            "sim": sims[cols][:, rows].tolist(),
-        }
+        result.update(_details(records, texts, sims))
     model.train(was_training)
     return result
+
+
+@dataclass
+class _Images:
+    """A split's images under the similarity in use (and dense embeddings for linear probes)."""
+
+    dense: torch.Tensor | None  # (N, D) pooled embeddings
+    tokens: Any  # FILIP: token embeddings (eval.token_similarity.image_tokens)
+    lexical: torch.Tensor | None  # LexLIP: (N, V) term weights
+
+
+def _embed_split(
+    model: DualEncoder,
+    store: ImageStore,
+    batch_size: int,
+    similarity: str,
+    probes: dict[str, LinearProbe] | None,
+) -> _Images:
+    filip = similarity == "filip"
+    return _Images(
+        embed_images(model, store, batch_size) if similarity == "dense" or probes else None,
+        token_similarity.image_tokens(model, store, batch_size) if filip else None,
+        lexical_images(model, store, batch_size) if similarity == "lexical" else None,
+    )
+
+
+def _class_scores(
+    model: DualEncoder, tokenizer: TextTokenizer, cfg: EvalConfig, images: _Images, classes: list
+) -> torch.Tensor:
+    """(N, C) zero-shot scores of the images against each class's prompts (`cfg.templates`)."""
+    prompts = [t.format(c) for c in classes for t in cfg.templates]
+    if images.tokens is not None:
+        tok, mask = token_similarity.text_tokens(model, tokenizer, prompts, cfg.batch_size)
+        return token_similarity.class_scores(images.tokens, tok, mask, len(cfg.templates))
+    if images.lexical is not None:  # a class is the mean of its prompts' term weights
+        lex = lexical_texts(model, tokenizer, prompts, cfg.batch_size)
+        return images.lexical @ lex.view(len(classes), len(cfg.templates), -1).mean(1).t()
+    cls = class_embeddings(
+        embed_texts(model, tokenizer, prompts, cfg.batch_size), len(classes), len(cfg.templates)
+    )
+    return images.dense @ cls.t()
+
+
+def _classify(
+    model: DualEncoder,
+    tokenizer: TextTokenizer,
+    records: Sequence[Record],
+    cfg: EvalConfig,
+    images: _Images,
+    column: str,
+    probes: dict[str, LinearProbe] | None,
+    metrics: dict[str, float],
+    chance: dict[str, float],
+) -> None:
+    """Zero-shot classification over one metadata column (and its linear probe) into `metrics` and
+    `chance`; a table without labels in that column is left out."""
+    values = [r.meta.get(column) for r in records]
+    if any(v in (None, "") for v in values):
+        return  # this table has no such labels: nothing to classify
+    classes = sorted(set(values))
+    labels = torch.tensor([classes.index(v) for v in values])
+    scores = _class_scores(model, tokenizer, cfg, images, classes)
+    for name, v in zeroshot_scores_metrics(scores, labels).items():
+        metrics[f"zeroshot/{column}/{name}"] = v
+    for name, v in zeroshot_chance(labels, len(classes)).items():
+        chance[f"zeroshot/{column}/{name}"] = v
+    if probes and column in probes:
+        p_scores, p_labels, _ = probes[column].classify(images.dense, [str(v) for v in values])
+        for name, v in zeroshot_scores_metrics(p_scores, p_labels).items():
+            metrics[f"probe/{column}/{name}"] = v
+        for name in ("top1", "top5", "mean_recall"):  # the same classes: the same chance
+            chance[f"probe/{column}/{name}"] = chance[f"zeroshot/{column}/{name}"]
+
+
+@dataclass
+class _RetrievalTexts:
+    """The split's distinct retrieval captions and which images each describes."""
+
+    captions: list[str]  # per image, its `eval.retrieval_caption`
+    texts: list[str]  # distinct, sorted
+    index: dict[str, int]  # text → its row
+    relevant: torch.Tensor  # (T, N)
+
+    @classmethod
+    def of(cls, records: Sequence[Record], which: int) -> _RetrievalTexts:
+        captions = [r.captions[min(which, len(r.captions) - 1)] for r in records]
+        texts = sorted(set(captions))
+        index = {t: i for i, t in enumerate(texts)}
+        relevant = torch.zeros(len(texts), len(records), dtype=torch.bool)
+        relevant[torch.tensor([index[c] for c in captions]), torch.arange(len(records))] = True
+        return cls(captions, texts, index, relevant)
+
+
+def _retrieve(
+    model: DualEncoder,
+    tokenizer: TextTokenizer,
+    batch_size: int,
+    images: _Images,
+    texts: _RetrievalTexts,
+    metrics: dict[str, float],
+    chance: dict[str, float],
+) -> torch.Tensor:
+    """Image↔text retrieval recall into `metrics` and `chance`; returns the (T, N) text→image scores."""
+    if images.tokens is not None:
+        s_image, s_text = token_similarity.pair_scores(
+            images.tokens, *token_similarity.text_tokens(model, tokenizer, texts.texts, batch_size)
+        )
+        sims, image_to_text = s_text.t(), s_image  # (T, N) and (N, T)
+    elif images.lexical is not None:
+        txt_lex = lexical_texts(model, tokenizer, texts.texts, batch_size)
+        sims = txt_lex @ images.lexical.t()
+        image_to_text = sims.t()
+        metrics["lexicon/image_nonzero_terms"] = (images.lexical > 0).sum(1).double().mean().item()
+        metrics["lexicon/text_nonzero_terms"] = (txt_lex > 0).sum(1).double().mean().item()
+    else:
+        sims = embed_texts(model, tokenizer, texts.texts, batch_size) @ images.dense.t()
+        image_to_text = sims.t()
+    recall = retrieval_scores_metrics(sims, image_to_text, texts.relevant)
+    metrics.update({f"retrieval/{k}": v for k, v in recall.items()})
+    chance.update({f"retrieval/{k}": v for k, v in retrieval_chance(texts.relevant).items()})
+    return sims
+
+
+def _details(records: Sequence[Record], texts: _RetrievalTexts, sims: torch.Tensor) -> dict[str, Any]:
+    """What the report shows: the top 5 images of 8 text queries, and a heat map of 8 images × their
+    captions."""
+    examples = []
+    for t in _spread(len(texts.texts), 8):
+        top = sims[t].topk(min(5, len(records)))
+        examples.append(
+            {
+                "query": texts.texts[t],
+                "results": [
+                    {
+                        "image": str(records[i].image),
+                        "score": round(s, 4),
+                        "correct": bool(texts.relevant[t, i]),
+                    }
+                    for s, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+                ],
+            }
+        )
+    rows = _spread(len(records), 8)
+    cols = [texts.index[texts.captions[i]] for i in rows]
+    heatmap = {
+        "texts": [texts.texts[c] for c in cols],
+        "images": [str(records[i].image) for i in rows],
+        "sim": sims[cols][:, rows].tolist(),
+    }
+    return {"examples": examples, "heatmap": heatmap}

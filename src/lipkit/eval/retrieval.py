@@ -20,13 +20,6 @@ def recall_at_k(
     return {f"R@{k}": (first < k).double().mean().item() for k in ks}
 
 
-def retrieval_metrics(
-    image_features: torch.Tensor, text_features: torch.Tensor, relevant: torch.Tensor
-) -> dict[str, float]:
-    sims = text_features @ image_features.t()  # (T, N)
-    return retrieval_scores_metrics(sims, sims.t(), relevant)
-
-
 def retrieval_scores_metrics(
     text_to_image: torch.Tensor, image_to_text: torch.Tensor, relevant: torch.Tensor
 ) -> dict[str, float]:

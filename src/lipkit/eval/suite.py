@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lipkit.atomic import write_json_atomic
 from lipkit.checkpoint import load_checkpoint
 from lipkit.config import Config
 from lipkit.data.sources.registry import read_table
@@ -66,7 +65,5 @@ def run_eval(checkpoint: str | Path, splits: dict[str, str], cfg: Config, out: P
             model, tokenizer, records, cfg.eval, similarity=similarity, probes=probes
         )
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, out)
+    write_json_atomic(out, results, indent=2)
     return results

@@ -5,4 +5,19 @@
 CLIP's BPE tokenizer with `tokenizers`; `onnx.py` exports the two towers; `peer_weights.py` reads the
 peers' weight files. The peer libraries are optional (`pip install 'lipkit[interop]'`): reading and
 writing either format needs only safetensors.
+
+Every export is a directory written whole by `lipkit.atomic.write_dir`, after `refuse_existing`.
 """
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lipkit.errors import UserError
+
+
+def refuse_existing(out: Path, overwrite: bool) -> None:
+    """Refuse to export into a non-empty `out` (a file, or a directory with anything in it) unless
+    `overwrite`."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise UserError(f"Output '{out}' already exists; choose a new path or pass --overwrite.")

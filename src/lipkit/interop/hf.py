@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -27,11 +26,12 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
+from lipkit.atomic import write_dir
 from lipkit.errors import UserError
+from lipkit.interop import refuse_existing
 from lipkit.interop.clip_bpe import CLIP_VOCAB_SIZE, EOT, SOT, clip_tokenizer, is_clip_vocab
 from lipkit.interop.hf_state import state_from_hf, state_to_hf  # noqa: F401 - re-exported
 from lipkit.interop.open_clip import check_exportable
-from lipkit.interop.output_dir import fresh_dir, publish
 from lipkit.interop.peer_weights import build_model, read_state_dict, tokenizer_from_dir
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.models.presets import OPENAI_MEAN, OPENAI_STD, ModelSpec
@@ -330,8 +330,9 @@ def write_hf(model: DualEncoder, tokenizer: TextTokenizer, out: str | Path, over
     out = Path(out).expanduser()
     config, state, raw = to_hf(model, tokenizer)
     spec = model.spec
-    tmp = fresh_dir(out, overwrite)
-    try:
+    refuse_existing(out, overwrite)
+
+    def write(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         s = spec.image_size
@@ -351,10 +352,8 @@ def write_hf(model: DualEncoder, tokenizer: TextTokenizer, out: str | Path, over
         }
         (tmp / "preprocessor_config.json").write_text(json.dumps(pre, indent=2), encoding="utf-8")
         _tokenizer_files(TextTokenizer(raw, tokenizer.context_length), raw, spec, tmp)
-        return publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    return write_dir(out, write)
 
 
 def import_hf(directory: str | Path, out: str | Path) -> Path:

@@ -15,7 +15,6 @@ the graphs are run once against PyTorch and the largest difference is reported.
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lipkit.atomic import write_dir
 from lipkit.errors import UserError
-from lipkit.interop.output_dir import fresh_dir, publish
+from lipkit.interop import refuse_existing
 from lipkit.interop.peer_weights import require
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.text.tokenizer import TextTokenizer
@@ -131,8 +131,11 @@ def write_onnx(
     model: DualEncoder, tokenizer: TextTokenizer, out: str | Path, overwrite: bool = False, check: bool = True
 ) -> tuple[Path, dict[str, float] | None]:
     out = Path(out).expanduser()
-    tmp = fresh_dir(out, overwrite)
-    try:
+    refuse_existing(out, overwrite)
+    diffs: dict[str, float] | None = None
+
+    def write(tmp: Path) -> None:
+        nonlocal diffs
         export_towers(model, tmp)
         spec = model.spec
         cfg: dict[str, Any] = {
@@ -150,13 +153,10 @@ def write_onnx(
         }
         (tmp / "onnx_config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
         tokenizer.save(tmp / "tokenizer.json")
-        diffs = None
         if check:
             try:
                 diffs = verify(model, tmp)
             except UserError:
                 diffs = None  # onnxruntime is optional
-        return publish(tmp, out), diffs
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    return write_dir(out, write), diffs

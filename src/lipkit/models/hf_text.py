@@ -46,7 +46,10 @@ def _transformers():
     try:
         import transformers
     except ImportError as e:
-        raise UserError("A Hugging Face text tower needs transformers; `pip install 'lipkit[hf]'`.") from e
+        raise UserError(
+            "A Hugging Face text tower needs transformers, a lipkit dependency missing here; reinstall lipkit "
+            "or `pip install transformers`."
+        ) from e
     return transformers
 
 

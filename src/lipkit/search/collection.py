@@ -26,15 +26,6 @@ def collect(
     return read_table(source, image_column=image_column, caption_column=caption_column)
 
 
-def _inline(record: Record) -> bytes | None:
-    """Encoded image bytes of a record whose source stores them inline (shards, parquet), else None."""
-    return getattr(record, "data", None)
-
-
-def _key(record: Record) -> str:
-    return str(getattr(record, "key", "") or record.image)
-
-
 def _digest(parts: Sequence[str]) -> str:
     h = hashlib.sha256()
     for s in parts:
@@ -44,7 +35,7 @@ def _digest(parts: Sequence[str]) -> str:
 
 
 def records_fingerprint(records: Sequence[Record]) -> str:
-    return _digest([f"{_key(r)}\t{r.captions[0] if r.captions else ''}" for r in records])
+    return _digest([f"{r.key}\t{r.captions[0] if r.captions else ''}" for r in records])
 
 
 def checkpoint_fingerprint(checkpoint: str | Path) -> str:

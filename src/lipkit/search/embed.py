@@ -1,5 +1,5 @@
-"""Embed a collection (a captions table or a folder of images) into a folder of vectors, and embed
-queries (text, image files, uploaded bytes) with the same model.
+"""Embed a collection (a captions table or a folder of images) into a folder of vectors (the model
+calls are in `search.encode`, the chunk work in `search.embed_chunks`).
 
 An embeddings folder:
   manifest.json   source, checkpoint fingerprint, counts, chunk size, whether it is complete
@@ -17,20 +17,14 @@ source and checkpoint skips them, so an interrupted job continues after its last
 
 from __future__ import annotations
 
-import io
 import json
-import os
 import shutil
-import uuid
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from PIL import Image
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -39,24 +33,15 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from torch.utils.data import DataLoader, Dataset
 
-from lipkit.atomic import save_npy_atomic, save_npz_atomic, write_json_atomic
-from lipkit.data.images import load_image
+from lipkit.atomic import atomic_write, save_npy_atomic, save_npz_atomic, write_json_atomic
 from lipkit.data.records import Record
 from lipkit.device import pick_device
 from lipkit.errors import UserError
 from lipkit.malloc import keep_freed_memory
 from lipkit.models.dual_encoder import DualEncoder
-from lipkit.search.collection import (  # noqa: F401 - collect and IMAGE_EXTS re-exported
-    IMAGE_EXTS,
-    _inline,
-    _key,
-    checkpoint_fingerprint,
-    collect,
-    records_fingerprint,
-)
-from lipkit.search.embeddings_dir import Embeddings, load_embeddings  # noqa: F401 - re-exported
+from lipkit.search.collection import checkpoint_fingerprint, collect, records_fingerprint
+from lipkit.search.embed_chunks import Merged, chunk_ok, compute_chunk, merge_chunks
 from lipkit.text.tokenizer import TextTokenizer
 
 FORMAT = "lipkit-embeddings"
@@ -72,59 +57,6 @@ OUR_FILES = (
 )
 
 
-# ----------------------------------------------------------------------------------------------
-# embedding a collection
-
-
-class _Decode(Dataset):
-    def __init__(self, records: Sequence[Record], rows: Sequence[int], size: int) -> None:
-        self.records, self.rows, self.size = records, rows, size
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
-        row = self.rows[i]
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                rec = self.records[row]
-                data = _inline(rec)
-                src = io.BytesIO(data) if data is not None else rec.image
-                return row, load_image(src, self.size), ""  # type: ignore[arg-type]
-        except FileNotFoundError:
-            return row, None, "file not found"
-        except (
-            OSError,
-            ValueError,
-            SyntaxError,
-            Image.DecompressionBombError,
-            Image.DecompressionBombWarning,
-        ) as e:
-            return row, None, f"cannot decode: {e}"
-
-
-def _keep_list(batch: list) -> list:
-    return batch
-
-
-@torch.inference_mode()
-def encode_images(model: DualEncoder, images_u8: torch.Tensor) -> np.ndarray:
-    """uint8 (B,3,S,S) at the model's size → float32 (B,D) L2-normalised embeddings."""
-    return model.embed_images_u8(images_u8).numpy()
-
-
-@torch.inference_mode()
-def encode_images_lexical(model: DualEncoder, images_u8: torch.Tensor) -> np.ndarray:
-    """uint8 (B,3,S,S) → float32 (B,V) non-negative term weights from the model's LexLIP image head."""
-    return model.lexical_images_u8(images_u8).clamp_min(0).numpy()
-
-
-@torch.inference_mode()
-def encode_texts(model: DualEncoder, tokenizer: TextTokenizer, texts: Sequence[str]) -> np.ndarray:
-    return model.encode_text(tokenizer(list(texts)).to(model.device)).float().cpu().numpy()
-
-
 @dataclass
 class EmbedResult:
     out: Path
@@ -135,6 +67,114 @@ class EmbedResult:
     has_text: bool
     chunks_done_before: int  # chunks found complete when the run started (resumed work)
     chunks_computed: int
+
+
+def _result_of(out: Path, manifest: dict[str, Any]) -> EmbedResult:
+    m = manifest
+    return EmbedResult(
+        out, m["n_items"], m["n_embedded"], m["n_skipped"], m["dim"], m["has_text"], m["n_chunks"], 0
+    )
+
+
+def _remove_ours(out: Path) -> None:
+    for name in OUR_FILES:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
+
+
+def _check_out(out: Path, fp: dict[str, str], chunk_size: int, overwrite: bool) -> EmbedResult | None:
+    """Make `out` ready for this job: refuse a file, a foreign folder or other embeddings (unless
+    `overwrite`, which removes them); the result of the finished job when it is already complete."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise UserError(f"Output '{out}' is a file; pass a folder path for the embeddings.")
+    manifest_path = out / "manifest.json"
+    if not manifest_path.is_file():
+        if any(out.iterdir()):
+            raise UserError(
+                f"Output '{out}' exists and is not an embeddings folder; choose a new or empty OUT folder."
+            )
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        manifest = {}
+    if manifest.get("format") != FORMAT:
+        raise UserError(f"'{manifest_path}' is not a lipkit embeddings manifest; choose another OUT.")
+    if overwrite:
+        _remove_ours(out)
+        return None
+    if manifest.get("fingerprint") != fp or manifest.get("chunk_size") != chunk_size:
+        raise UserError(
+            f"'{out}' holds embeddings of another source, checkpoint or chunk size; pass --overwrite "
+            "to replace them or choose a new OUT."
+        )
+    return _result_of(out, manifest) if manifest.get("complete") else None
+
+
+def _progress_bar(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        transient=False,
+    )
+
+
+def _items(records: Sequence[Record], rows: np.ndarray, blobs: Path) -> list[dict[str, Any]]:
+    """ids.json: one entry per embedded row; images stored inline point into `blobs` (images.bin)."""
+    items, offset = [], 0
+    for i, r in enumerate(rows.tolist()):
+        rec = records[r]
+        item: dict[str, Any] = {
+            "id": i,
+            "path": None if rec.data is not None else str(Path(rec.image).resolve()),
+            "key": rec.key,
+            "caption": rec.captions[0] if rec.captions else None,
+            "meta": rec.meta,
+        }
+        if rec.data is not None:  # served from images.bin by `lipkit serve` (GET /image/{id})
+            item["blob"] = {"file": str(blobs.resolve()), "offset": offset, "size": len(rec.data)}
+            offset += len(rec.data)
+        items.append(item)
+    if offset:  # the encoded bytes of images that live inside shards/parquet (no file of their own)
+        inline = [records[r].data for r in rows.tolist() if records[r].data is not None]
+
+        def write(f: Any) -> None:
+            for data in inline:
+                f.write(data)
+
+        atomic_write(blobs, write)
+    return items
+
+
+def _write_outputs(out: Path, records: Sequence[Record], merged: Merged, vocab: int) -> list[dict[str, Any]]:
+    """image_emb.npy, text_emb.npy, lex.npz, images.bin, ids.json and skipped.json; the items."""
+    items = _items(records, merged.rows, out / "images.bin")
+    save_npy_atomic(out / "image_emb.npy", merged.image)
+    if merged.text is not None:
+        save_npy_atomic(out / "text_emb.npy", merged.text)
+    if merged.lex is not None:  # SciPy's save_npz "coo" layout (read without SciPy by read_lexical)
+        row, col, data = merged.lex
+        save_npz_atomic(
+            out / "lex.npz",
+            format=np.asarray("coo"),
+            shape=np.asarray([len(items), vocab], dtype=np.int64),
+            row=row,
+            col=col,
+            data=data,
+        )
+    write_json_atomic(out / "ids.json", items)
+    write_json_atomic(out / "skipped.json", merged.skipped)
+    return items
 
 
 def embed_collection(
@@ -159,53 +199,11 @@ def embed_collection(
         raise UserError("There is nothing to embed: the source has no rows.")
     has_text = all(r.captions for r in records)
     fp = {"items": records_fingerprint(records), **(fingerprint or {})}
-    manifest_path = out / "manifest.json"
-    manifest: dict[str, Any] | None = None
-    if out.exists():
-        if not out.is_dir():
-            raise UserError(f"Output '{out}' is a file; pass a folder path for the embeddings.")
-        if manifest_path.is_file():
-            try:
-                manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError:
-                manifest = {}
-            if manifest.get("format") != FORMAT:
-                raise UserError(f"'{manifest_path}' is not a lipkit embeddings manifest; choose another OUT.")
-            same = manifest.get("fingerprint") == fp and manifest.get("chunk_size") == chunk_size
-            if overwrite:
-                for name in OUR_FILES:
-                    target = out / name
-                    if target.is_dir():
-                        shutil.rmtree(target)
-                    else:
-                        target.unlink(missing_ok=True)
-                manifest = None
-            elif not same:
-                raise UserError(
-                    f"'{out}' holds embeddings of another source, checkpoint or chunk size; pass --overwrite "
-                    "to replace them or choose a new OUT."
-                )
-            elif manifest.get("complete"):
-                return EmbedResult(
-                    out,
-                    manifest["n_items"],
-                    manifest["n_embedded"],
-                    manifest["n_skipped"],
-                    manifest["dim"],
-                    manifest["has_text"],
-                    manifest["n_chunks"],
-                    0,
-                )
-        elif any(out.iterdir()):
-            raise UserError(
-                f"Output '{out}' exists and is not an embeddings folder; choose a new or empty OUT folder."
-            )
-    out.mkdir(parents=True, exist_ok=True)
-    chunks = out / "chunks"
-    chunks.mkdir(exist_ok=True)
-    n = len(records)
+    if (finished := _check_out(out, fp, chunk_size, overwrite)) is not None:
+        return finished
+    (out / "chunks").mkdir(parents=True, exist_ok=True)
+    n, dim = len(records), int(model.spec.embed_dim)
     n_chunks = (n + chunk_size - 1) // chunk_size
-    dim = int(model.spec.embed_dim)
     manifest = {
         "format": FORMAT,
         "version": 1,
@@ -218,147 +216,33 @@ def embed_collection(
         "has_text": has_text,
         "complete": False,
     }
-    write_json_atomic(manifest_path, manifest)
-
-    def chunk_file(c: int) -> Path:
-        return chunks / f"{c:05d}.npz"
-
-    def chunk_ok(c: int) -> bool:
-        try:
-            with np.load(chunk_file(c), allow_pickle=False) as z:
-                return {"rows", "image"} <= set(z.files)
-        except (OSError, ValueError):
-            return False
-
-    done = {c for c in range(n_chunks) if chunk_file(c).is_file() and chunk_ok(c)}
-    computed = 0
-    size = int(model.spec.image_size)
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        disable=not progress,
-        transient=False,
-    ) as bar:
+    write_json_atomic(out / "manifest.json", manifest)
+    files = [out / "chunks" / f"{c:05d}.npz" for c in range(n_chunks)]
+    done = {c for c in range(n_chunks) if files[c].is_file() and chunk_ok(files[c])}
+    with _progress_bar(progress) as bar:
         task = bar.add_task("embedding", total=n)
         bar.advance(task, sum(min(chunk_size, n - c * chunk_size) for c in done))
-        for c in range(n_chunks):
-            if c in done:
-                continue
-            rows = list(range(c * chunk_size, min(n, (c + 1) * chunk_size)))
-            loader = DataLoader(
-                _Decode(records, rows, size),
+        for c in sorted(set(range(n_chunks)) - done):
+            rows = range(c * chunk_size, min(n, (c + 1) * chunk_size))
+            arrays = compute_chunk(
+                model,
+                tokenizer,
+                records,
+                list(rows),
+                has_text=has_text,
                 batch_size=batch_size,
-                num_workers=workers,
-                collate_fn=_keep_list,
+                workers=workers,
+                advance=lambda k: bar.advance(task, k),
             )
-            kept: list[int] = []
-            img_parts: list[np.ndarray] = []
-            txt_parts: list[np.ndarray] = []
-            lex_rows: list[np.ndarray] = []  # non-zero (row, term, weight) of the LexLIP image head
-            lex_cols: list[np.ndarray] = []
-            lex_vals: list[np.ndarray] = []
-            bad_rows: list[int] = []
-            bad_why: list[str] = []
-            for batch in loader:
-                good = [(r, x) for r, x, _ in batch if x is not None]
-                for r, x, why in batch:
-                    if x is None:
-                        bad_rows.append(r)
-                        bad_why.append(why)
-                if good:
-                    first = len(kept)
-                    kept.extend(r for r, _ in good)
-                    batch_u8 = torch.stack([x for _, x in good])
-                    img_parts.append(encode_images(model, batch_u8))
-                    if model.has_lexicon:
-                        r_, c_ = np.nonzero(lex := encode_images_lexical(model, batch_u8))
-                        lex_rows.append(r_ + first)
-                        lex_cols.append(c_)
-                        lex_vals.append(lex[r_, c_])
-                    if has_text:
-                        txt_parts.append(
-                            encode_texts(model, tokenizer, [records[r].captions[0] for r, _ in good])
-                        )
-                bar.advance(task, len(batch))
-            arrays = {
-                "rows": np.asarray(kept, dtype=np.int64),
-                "image": np.concatenate(img_parts) if img_parts else np.zeros((0, dim), np.float32),
-                "bad_rows": np.asarray(bad_rows, dtype=np.int64),
-                "bad_why": np.asarray(bad_why, dtype=str) if bad_why else np.zeros(0, dtype="<U1"),
-            }
-            if has_text:
-                arrays["text"] = np.concatenate(txt_parts) if txt_parts else np.zeros((0, dim), np.float32)
-            if model.has_lexicon:
-                arrays["lex_row"] = np.concatenate([np.zeros(0, np.int64), *lex_rows]).astype(np.int64)
-                arrays["lex_col"] = np.concatenate([np.zeros(0, np.int64), *lex_cols]).astype(np.int64)
-                arrays["lex_val"] = np.concatenate([np.zeros(0, np.float32), *lex_vals]).astype(np.float32)
-            save_npz_atomic(chunk_file(c), **arrays)
-            computed += 1
-
-    # finalise: one matrix per modality, the items list, the skipped list
-    rows_all, imgs, txts, skipped = [], [], [], []
-    lex_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    for c in range(n_chunks):
-        with np.load(chunk_file(c), allow_pickle=False) as z:
-            if model.has_lexicon:  # chunk-local rows → rows of the whole collection
-                offset = sum(len(r) for r in rows_all)
-                lex_parts.append((z["lex_row"] + offset, z["lex_col"], z["lex_val"]))
-            rows_all.append(z["rows"])
-            imgs.append(z["image"])
-            if has_text:
-                txts.append(z["text"])
-            skipped.extend(
-                {"path": _key(records[int(r)]), "reason": str(w)}
-                for r, w in zip(z["bad_rows"], z["bad_why"], strict=True)
-            )
-    rows = np.concatenate(rows_all)
-    image_emb = np.concatenate(imgs).astype(np.float32)
-    items = []
-    blobs = out / "images.bin"  # the encoded bytes of images that live inside shards/parquet (no file)
-    blob_tmp = blobs.with_name(f".images.bin.{uuid.uuid4().hex}.tmp")
-    offset = 0
-    with open(blob_tmp, "wb") as blob_file:
-        for i, r in enumerate(rows.tolist()):
-            rec = records[r]
-            data = _inline(rec)
-            item: dict[str, Any] = {
-                "id": i,
-                "path": None if data is not None else str(Path(rec.image).resolve()),
-                "key": _key(rec),
-                "caption": rec.captions[0] if rec.captions else None,
-                "meta": rec.meta,
-            }
-            if data is not None:  # served from images.bin by `lipkit serve` (GET /image/{id})
-                blob_file.write(data)
-                item["blob"] = {"file": str(blobs.resolve()), "offset": offset, "size": len(data)}
-                offset += len(data)
-            items.append(item)
-    if offset:
-        os.replace(blob_tmp, blobs)
-    else:
-        blob_tmp.unlink()
-    save_npy_atomic(out / "image_emb.npy", image_emb)
-    if has_text:
-        save_npy_atomic(out / "text_emb.npy", np.concatenate(txts).astype(np.float32))
-    if model.has_lexicon:  # SciPy's save_npz "coo" layout (read without SciPy by search.index.read_lexical)
-        save_npz_atomic(
-            out / "lex.npz",
-            format=np.asarray("coo"),
-            shape=np.asarray([len(items), model.spec.lexicon_vocab], dtype=np.int64),
-            row=np.concatenate([p[0] for p in lex_parts]),
-            col=np.concatenate([p[1] for p in lex_parts]),
-            data=np.concatenate([p[2] for p in lex_parts]),
-        )
-    write_json_atomic(out / "ids.json", items)
-    write_json_atomic(out / "skipped.json", skipped)
-    manifest.update(complete=True, n_embedded=len(items), n_skipped=len(skipped))
-    write_json_atomic(manifest_path, manifest)
-    shutil.rmtree(chunks, ignore_errors=True)
-    return EmbedResult(out, n, len(items), len(skipped), dim, has_text, len(done), computed)
+            save_npz_atomic(files[c], **arrays)
+    merged = merge_chunks(files, records, has_text, model.has_lexicon)
+    items = _write_outputs(out, records, merged, int(model.spec.lexicon_vocab) if model.has_lexicon else 0)
+    manifest.update(complete=True, n_embedded=len(items), n_skipped=len(merged.skipped))
+    write_json_atomic(out / "manifest.json", manifest)
+    shutil.rmtree(out / "chunks", ignore_errors=True)
+    return EmbedResult(
+        out, n, len(items), len(merged.skipped), dim, has_text, len(done), n_chunks - len(done)
+    )
 
 
 def run_embed(

@@ -24,18 +24,10 @@ from typing import Any
 
 import numpy as np
 
+from lipkit.atomic import write_dir
 from lipkit.errors import UserError
-from lipkit.search.index_files import (  # noqa: F401 - re-exported
-    FORMAT,
-    Index,
-    _as_queries,
-    _base_info,
-    _renumber,
-    _write_dir_atomically,
-    _write_meta,
-    default_items,
-)
-from lipkit.search.sparse_index import SparseIndex, SparseMatrix, read_lexical  # noqa: F401 - re-exported
+from lipkit.search.index_format import FORMAT, as_queries, base_info, renumber, write_meta
+from lipkit.search.sparse_index import SparseIndex
 
 DENSE_KINDS = ("flat", "hnsw", "ivfpq")
 KINDS = (*DENSE_KINDS, "sparse")
@@ -129,7 +121,7 @@ class DenseIndex:
             index.cp.max_points_per_centroid = 128  # coarse k-means on a sample: enough, and bounded
             index.train(x)
         index.add(x)
-        out = cls(index, kind, _base_info(kind, d, p), _renumber(items, n, 0))
+        out = cls(index, kind, base_info(kind, d, p), renumber(items, n, 0))
         return out
 
     def _apply_defaults(self) -> None:
@@ -148,7 +140,7 @@ class DenseIndex:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, ids), each Q×k, best first; ids are -1 where fewer than k exist."""
         faiss = _faiss()
-        q = _as_queries(queries, self.dim, "The query")
+        q = as_queries(queries, self.dim, "The query")
         params = None
         if self.kind == "hnsw" and ef is not None:
             params = faiss.SearchParametersHNSW(efSearch=max(int(ef), k))
@@ -168,7 +160,7 @@ class DenseIndex:
             )
         if not np.isfinite(x).all():
             raise UserError("The vectors to add contain NaN or infinite values; re-embed them.")
-        new = _renumber(items, x.shape[0], self.ntotal)
+        new = renumber(items, x.shape[0], self.ntotal)
         self.index.add(x)
         self.items.extend(new)
 
@@ -182,9 +174,9 @@ class DenseIndex:
 
         def write(tmp: Path) -> None:
             faiss.write_index(self.index, str(tmp / "index.faiss"))
-            _write_meta(tmp, self.info, self.items)
+            write_meta(tmp, self.info, self.items)
 
-        return _write_dir_atomically(Path(path), write)
+        return write_dir(Path(path), write)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,7 +234,7 @@ def build_index(
 
 
 def exact_topk(base: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
-    """Reference top-k ids by brute-force inner product (NumPy), for recall measurements."""
+    """Reference top-k ids by brute-force inner product (NumPy), for `neighbour_overlap`."""
     ids = np.empty((len(queries), k), dtype=np.int64)
     for s in range(0, len(queries), 256):
         sims = queries[s : s + 256] @ base.T
@@ -252,8 +244,10 @@ def exact_topk(base: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     return ids
 
 
-def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
-    """Mean |found ∩ truth| / k over queries (both Q×k id arrays; -1 never matches)."""
+def neighbour_overlap(found: np.ndarray, truth: np.ndarray) -> float:
+    """How much an approximate index agrees with exact search: mean |found ∩ truth| / k over queries
+    (both Q×k id arrays, `truth` from `exact_topk`; -1 never matches). Not retrieval recall (that is
+    `lipkit.eval.retrieval.recall_at_k`, hits of the relevant item)."""
     k = truth.shape[1]
     hits = sum(len(set(f[f >= 0].tolist()) & set(t.tolist())) for f, t in zip(found, truth, strict=True))
     return hits / (k * len(truth))

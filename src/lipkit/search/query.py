@@ -3,8 +3,7 @@ built it (dense vectors, or lexical weights for a sparse index), and the top-k i
 
 from __future__ import annotations
 
-import io
-import warnings
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,11 +12,11 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from lipkit.data.images import load_image
+from lipkit.data.images import classify_failure, load_image, open_image
 from lipkit.device import pick_device
 from lipkit.errors import UserError
 from lipkit.models.dual_encoder import DualEncoder
-from lipkit.search.embed import encode_images, encode_images_lexical, encode_texts
+from lipkit.search.encode import encode_images, encode_images_lexical, encode_texts
 from lipkit.text.tokenizer import TextTokenizer
 
 
@@ -29,37 +28,57 @@ class ImageRejected(UserError):
         self.status = status
 
 
+def _too_many_pixels(data: bytes, max_pixels: int, e: BaseException) -> ImageRejected:
+    """The 413 for an image over the pixel limit, naming its size when the header gives it."""
+    try:
+        with open_image(data, sys.maxsize) as im:
+            w, h = im.size
+    except Exception:  # noqa: BLE001 - over PIL's own bomb limit too: no size to name
+        return ImageRejected(f"The image has too many pixels ({e}); send a smaller image.", 413)
+    return ImageRejected(
+        f"The image is {w}×{h} = {w * h / 1e6:.1f} megapixels, over the limit of "
+        f"{max_pixels / 1e6:.1f}; send a smaller image.",
+        413,
+    )
+
+
+def _rejection(e: BaseException, data: bytes, what: str) -> ImageRejected:
+    """The refusal of upload bytes that failed to open or decode (`what`: "PNG image", "image")."""
+    if isinstance(e, UnidentifiedImageError):
+        return ImageRejected(
+            "The uploaded file is not an image this server can read; send a PNG, JPEG, WebP, GIF or BMP file."
+        )
+    if classify_failure(e, data)[0] == "too_large":
+        return ImageRejected(f"The image has too many pixels ({e}); send a smaller image.", 413)
+    return ImageRejected(f"The uploaded {what} is damaged or truncated ({e}); send a complete image file.")
+
+
+_DECODE_ERRORS = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    Image.DecompressionBombError,
+    Image.DecompressionBombWarning,
+)
+
+
 def decode_image_bytes(data: bytes, size: int, max_pixels: int) -> torch.Tensor:
     """Bytes of an image file → uint8 (3,size,size); refuses non-images and too many pixels before
     decoding the pixel data (the header alone gives the size)."""
     if not data:
         raise ImageRejected("The uploaded file is empty; send an image file (PNG, JPEG, WebP, GIF, BMP).")
-    fmt = "image"
+    what = "image"
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                w, h = im.size
-                fmt = f"{im.format} image" if im.format else "image"
-            if w * h > max_pixels:
-                raise ImageRejected(
-                    f"The image is {w}×{h} = {w * h / 1e6:.1f} megapixels, over the limit of "
-                    f"{max_pixels / 1e6:.1f}; send a smaller image.",
-                    413,
-                )
-            return load_image(io.BytesIO(data), size)  # type: ignore[arg-type]  # PIL reads file objects
-    except ImageRejected:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageRejected(f"The image has too many pixels ({e}); send a smaller image.", 413) from e
-    except UnidentifiedImageError as e:
-        raise ImageRejected(
-            "The uploaded file is not an image this server can read; send a PNG, JPEG, WebP, GIF or BMP file."
-        ) from e
-    except (OSError, ValueError, SyntaxError) as e:
-        raise ImageRejected(
-            f"The uploaded {fmt} is damaged or truncated ({e}); send a complete image file."
-        ) from e
+        with open_image(data, max_pixels) as im:  # the header only
+            what = f"{im.format} image" if im.format else "image"
+    except Image.DecompressionBombError as e:
+        raise _too_many_pixels(data, max_pixels, e) from e
+    except _DECODE_ERRORS as e:
+        raise _rejection(e, data, what) from e
+    try:
+        return load_image(data, size, max_pixels)
+    except _DECODE_ERRORS as e:
+        raise _rejection(e, data, what) from e
 
 
 def lexical_queries(
@@ -91,6 +110,18 @@ def lexical_queries(
             if t not in specials:
                 q[r, t] += 1.0
     return q
+
+
+def check_query_args(query: str | None, image: Path | None, k: int) -> None:
+    """`lipkit search` takes exactly one of a non-empty text or an image, and 1..1000 results."""
+    if (query is None) == (image is None):
+        raise UserError(
+            'Give exactly one of a text QUERY or --image PATH, e.g. lipkit search CKPT INDEX "a red heart".'
+        )
+    if not 1 <= k <= 1000:
+        raise UserError(f"-k must be from 1 to 1000, got {k}.")
+    if query is not None and not query.strip():
+        raise UserError("The query is empty; type a few words to search for.")
 
 
 class Searcher:

@@ -13,14 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from lipkit.atomic import write_dir
 from lipkit.errors import UserError
-from lipkit.search.index_files import (
-    _base_info,
-    _renumber,
-    _write_dir_atomically,
-    _write_meta,
-    default_items,
-)
+from lipkit.search.index_format import base_info, default_items, renumber, write_meta
 
 
 class SparseIndex:
@@ -42,7 +37,7 @@ class SparseIndex:
         self.n_docs = int(n_docs)
         self.dim = len(self.indptr) - 1
         self.kind = "sparse"
-        self.info = info or _base_info("sparse", self.dim, {})
+        self.info = info or base_info("sparse", self.dim, {})
         self.items = items if items is not None else default_items(self.n_docs)
 
     # -- construction
@@ -74,7 +69,7 @@ class SparseIndex:
         if n == 0:
             raise UserError("Need at least one row of lexical weights to index.")
         indptr, indices, data = _csc(rows, cols, vals, v)
-        out = cls(indptr, indices, data, n, _base_info("sparse", v, {}), _renumber(items, n, 0))
+        out = cls(indptr, indices, data, n, base_info("sparse", v, {}), renumber(items, n, 0))
         return out
 
     @property
@@ -92,7 +87,7 @@ class SparseIndex:
                 f"Cannot add {v}-term lexical vectors to an index over {self.dim} terms; use the same vocabulary."
             )
         self._check(vals, "Lexical weights")
-        new = _renumber(items, n, self.n_docs)
+        new = renumber(items, n, self.n_docs)
         old_cols = np.repeat(np.arange(self.dim), np.diff(self.indptr))
         self.indptr, self.indices, self.data = _csc(
             np.concatenate([self.indices, rows + self.n_docs]),
@@ -154,9 +149,9 @@ class SparseIndex:
                 data=self.data,
                 shape=np.array([self.n_docs, self.dim], dtype=np.int64),
             )
-            _write_meta(tmp, self.info, self.items)
+            write_meta(tmp, self.info, self.items)
 
-        return _write_dir_atomically(Path(path), write)
+        return write_dir(Path(path), write)
 
 
 class SparseMatrix:

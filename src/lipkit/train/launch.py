@@ -19,20 +19,20 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-from lipkit.checkpoint import find_resume, load_checkpoint, load_training_state, prune, save_checkpoint
+from lipkit.checkpoint import find_resume, load_checkpoint, load_training_state
 from lipkit.config import Config
 from lipkit.data.batching import jsonl_log, skip_summary
 from lipkit.data.sources.registry import open_train_data, read_table
 from lipkit.data.table_batches import ImageStore
 from lipkit.device import pick_device
 from lipkit.errors import UserError
-from lipkit.eval.evaluate import evaluate_records, resolve_similarity
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.models.hf_text import resolve_pretrained
 from lipkit.models.presets import get_spec
 from lipkit.objectives import build_objective
 from lipkit.text.tokenizer import TextTokenizer
 from lipkit.train.distributed import init as init_distributed
+from lipkit.train.hooks import CheckpointWriter, Evaluator
 from lipkit.train.trainer import Trainer, TrainResult
 
 console = Console(stderr=True, quiet=os.environ.get("RANK", "0") != "0")
@@ -119,40 +119,8 @@ def run_training(cfg: Config) -> tuple[Path, TrainResult]:
         for name, path in d.eval.items()
     }
     run_dir = Path(t.output).expanduser()
-    _prepare_run_dir(run_dir)
-    resume = _resume_point(cfg, run_dir)
-    if resume is None:
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2), encoding="utf-8")
-
-    tk = cfg.tokenizer
-    pretrained = resolve_pretrained(cfg.model.text_pretrained) if cfg.model.text_pretrained else None
-    start = load_checkpoint(cfg.model.init_from) if cfg.model.init_from else None  # fine-tune / refine
-    objective = build_objective(t.objective, **t.objective_args)
-    if resume is not None:
-        tokenizer = TextTokenizer.load(resume, tk.context_length)
-    elif start is not None:
-        tokenizer = start[1]
-    elif pretrained is not None:
-        tokenizer = TextTokenizer.load(pretrained / "tokenizer.json", tk.context_length)
-    elif tk.path:
-        tokenizer = TextTokenizer.load(tk.path, tk.context_length)
-    else:
-        tokenizer = TextTokenizer.train(data.captions(), tk.vocab_size, tk.context_length)
-    teacher = None
-    if start is not None:
-        model = start[0].train()
-        if "teacher_image_features" in getattr(objective, "inputs", ()):
-            teacher = copy.deepcopy(model).eval().requires_grad_(False)  # the frozen starting model
-    else:
-        model = _new_model(cfg, tokenizer, objective, pretrained, fresh=resume is None)
-    model.lock("text", t.lock_text)
-    model.lock("image", t.lock_image)
-    model.set_checkpointing(
-        t.grad_checkpointing in ("image", "both"), t.grad_checkpointing in ("text", "both")
-    )
-    if t.compile:
-        model.compile_towers()
+    resume = _start_run_dir(cfg, run_dir)
+    tokenizer, model, objective, teacher = _build_model(cfg, data, resume)
     device = pick_device("auto", dist.local_rank)
     log = jsonl_log(run_dir / "metrics.jsonl") if dist.main else None
     batches = data.batches(
@@ -168,78 +136,93 @@ def run_training(cfg: Config) -> tuple[Path, TrainResult]:
         model, objective, tokenizer, t, cfg.augment, run_dir, device, d.captions_per_image, dist, teacher
     )
     if resume is not None:
-        state = load_training_state(resume)
-        trainer.load_training_state(state)
-        batches.load_state(state[1].get("data"))  # the stream position (shards) and skip counts
-        trainer.last_checkpoint = resume
-        _truncate_metrics(run_dir / "metrics.jsonl", trainer.step_count)
-        console.print(f"resuming from {resume} (step {trainer.step_count})")
+        _resume(trainer, batches, resume, run_dir)
     console.print(
         f"[bold]lipkit train[/]: {batches.num_samples} pairs, {len(batches)} steps/epoch, model {cfg.model.preset} "
         f"({model.num_params() / 1e6:.1f}M params), vocab {tokenizer.vocab_size}, device {device}"
         f"{f' × {dist.world} ranks ({torch.distributed.get_backend()}, {t.strategy})' if dist.enabled else ''}, "
         f"run dir {run_dir}"
     )
-    best: dict[str, Any] = {"value": None, "path": None}
-    last_metrics: dict[str, float] = {}
-
-    similarity = resolve_similarity(cfg.eval.similarity, t.objective)
-
-    def evaluate(m: DualEncoder, step: int) -> dict[str, dict[str, float]]:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16"):
-            out = {
-                name: evaluate_records(
-                    m,
-                    tokenizer,
-                    eval_tables[name],
-                    cfg.eval,
-                    stores[name],
-                    details=False,
-                    similarity=similarity,
-                )["metrics"]
-                for name in eval_tables
-            }
-        for name, metrics in out.items():
-            top = {k: round(v, 4) for k, v in metrics.items() if k.endswith(("top1", "R@1"))}
-            console.print(f"  eval step {step} {name}: {top}")
-            last_metrics.update({f"{name}/{k}": v for k, v in metrics.items()})
-        return out
-
-    def checkpoint(tr: Trainer, final: bool) -> Path:
-        info = {
-            "train": {"step": tr.step_count, "train_seconds": tr.train_seconds, "objective": t.objective},
-            "preset": cfg.model.preset,
-        }
-        tensors, meta = tr.training_state()  # every rank comes here: under FSDP these two gather shards
-        full_model = tr.unsharded()
-        if not dist.main:  # only rank 0 writes
-            return run_dir / "checkpoints" / f"step-{tr.step_count:08d}"
-        path = save_checkpoint(
-            run_dir / "checkpoints" / f"step-{tr.step_count:08d}",
-            full_model,
-            tokenizer,
-            info,
-            training=(tensors, {**meta, "data": batches.state()}),  # + the data position
-        )
-        value = last_metrics.get(t.best_metric)
-        if t.best_metric and value is not None and (best["value"] is None or value > best["value"]):
-            best.update(value=value, path=path)
-            (run_dir / "checkpoints" / "best.json").write_text(
-                json.dumps({"metric": t.best_metric, "value": value, "path": str(path)}), encoding="utf-8"
-            )
-        prune(run_dir / "checkpoints", t.keep_last, {best["path"]} if best["path"] else set())
-        if final:
-            save_checkpoint(run_dir / "checkpoint", full_model, tokenizer, info)
-        return path
-
+    evaluate = Evaluator(cfg, tokenizer, eval_tables, stores, device, console)
+    checkpoint = CheckpointWriter(cfg, run_dir, tokenizer, batches, evaluate.last)
     # every rank calls the hooks at the same steps (FSDP gathers weights there); only rank 0 evaluates,
     # writes checkpoints and logs
     result = trainer.fit(batches.epoch, len(batches), evaluate if eval_tables else None, checkpoint)
-    if skip_summary(batches.skipped):
-        console.print(f"[yellow]{skip_summary(batches.skipped)}[/]")
+    _print_summary(result, batches.skipped, trainer.last_checkpoint, run_dir)
+    return run_dir, result
+
+
+def _start_run_dir(cfg: Config, run_dir: Path) -> Path | None:
+    """A writable run directory with this config in it; returns the checkpoint to resume from, if any
+    (a fresh run starts a fresh metrics log)."""
+    _prepare_run_dir(run_dir)
+    resume = _resume_point(cfg, run_dir)
+    if resume is None:
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2), encoding="utf-8")
+    return resume
+
+
+def _tokenizer(
+    cfg: Config, data: Any, resume: Path | None, start: tuple | None, pretrained: Path | None
+) -> TextTokenizer:
+    """The resumed run's, the starting checkpoint's, the pretrained text tower's, a file's, or one
+    trained on the captions."""
+    tk = cfg.tokenizer
+    if resume is not None:
+        return TextTokenizer.load(resume, tk.context_length)
+    if start is not None:
+        return start[1]
+    if pretrained is not None:
+        return TextTokenizer.load(pretrained / "tokenizer.json", tk.context_length)
+    if tk.path:
+        return TextTokenizer.load(tk.path, tk.context_length)
+    return TextTokenizer.train(data.captions(), tk.vocab_size, tk.context_length)
+
+
+def _build_model(
+    cfg: Config, data: Any, resume: Path | None
+) -> tuple[TextTokenizer, DualEncoder, Any, DualEncoder | None]:
+    """Tokenizer, model (new, or `model.init_from` to fine-tune), objective and the frozen teacher of
+    objectives that distil from the starting model."""
+    t = cfg.train
+    pretrained = resolve_pretrained(cfg.model.text_pretrained) if cfg.model.text_pretrained else None
+    start = load_checkpoint(cfg.model.init_from) if cfg.model.init_from else None  # fine-tune / refine
+    objective = build_objective(t.objective, **t.objective_args)
+    tokenizer = _tokenizer(cfg, data, resume, start, pretrained)
+    teacher = None
+    if start is not None:
+        model = start[0].train()
+        if "teacher_image_features" in getattr(objective, "inputs", ()):
+            teacher = copy.deepcopy(model).eval().requires_grad_(False)  # the frozen starting model
+    else:
+        model = _new_model(cfg, tokenizer, objective, pretrained, fresh=resume is None)
+    model.lock("text", t.lock_text)
+    model.lock("image", t.lock_image)
+    model.set_checkpointing(
+        t.grad_checkpointing in ("image", "both"), t.grad_checkpointing in ("text", "both")
+    )
+    if t.compile:
+        model.compile_towers()
+    return tokenizer, model, objective, teacher
+
+
+def _resume(trainer: Trainer, batches: Any, resume: Path, run_dir: Path) -> None:
+    """The loop state, the data stream position and skip counts; the log cut back to the checkpoint."""
+    state = load_training_state(resume)
+    trainer.load_training_state(state)
+    batches.load_state(state[1].get("data"))  # the stream position (shards) and skip counts
+    trainer.last_checkpoint = resume
+    _truncate_metrics(run_dir / "metrics.jsonl", trainer.step_count)
+    console.print(f"resuming from {resume} (step {trainer.step_count})")
+
+
+def _print_summary(result: TrainResult, skipped: Any, last_checkpoint: Path | None, run_dir: Path) -> None:
+    if skip_summary(skipped):
+        console.print(f"[yellow]{skip_summary(skipped)}[/]")
     if result.interrupted:
         console.print(
-            f"[yellow]interrupted at step {result.steps}[/]; checkpoint {trainer.last_checkpoint}; "
+            f"[yellow]interrupted at step {result.steps}[/]; checkpoint {last_checkpoint}; "
             "resume with --set train.resume=auto"
         )
     else:
@@ -248,4 +231,3 @@ def run_training(cfg: Config) -> tuple[Path, TrainResult]:
             f"{f', {result.faults} faulty steps skipped' if result.faults else ''}; "
             f"checkpoint: {run_dir / 'checkpoint'}"
         )
-    return run_dir, result

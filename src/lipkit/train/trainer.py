@@ -4,35 +4,35 @@ fault skipping and graceful preemption.
 It owns nothing else: data arrives as batches per epoch, evaluation and checkpoint writing are
 callbacks. The whole loop state (`training_state`) is small enough to checkpoint every few steps,
 and resuming from it is bitwise exact on a CPU.
+
+Read top to bottom: the state (`training_state`), one optimiser step (`step`), then the loop (`fit`),
+which puts together the schedule (train.optim.Schedule), the clock (train.clock: training time, the
+ranks' shared clock, samples/s), the checkpoint policy (train.checkpoint_policy: cadence, preemption)
+and evaluation (`_evaluate`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import sys
-import threading
-import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from lipkit.checkpoint import TrainingState
 from lipkit.config import AugmentConfig, TrainConfig
 from lipkit.data.transforms import augment, normalize
-from lipkit.errors import EXIT_PREEMPTED, UserError  # noqa: F401  (re-exported)
+from lipkit.errors import UserError
 from lipkit.malloc import keep_freed_memory
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.text.tokenizer import TextTokenizer
 from lipkit.train import fsdp
+from lipkit.train.checkpoint_policy import Preemption, periodic_save_written, save_due
+from lipkit.train.clock import Clock, Throughput
 from lipkit.train.distributed import (
     Dist,
     all_true,
@@ -40,11 +40,11 @@ from lipkit.train.distributed import (
     check_scaling,
     gather_inputs,
     local_infonce,
-    sync_step,
 )
 from lipkit.train.grad_cache import grad_cache_backward
 from lipkit.train.inputs import caption_inputs, check_inputs, objective_inputs
-from lipkit.train.optim import lr_factor, param_groups  # noqa: F401 - param_groups re-exported
+from lipkit.train.optim import Schedule, param_groups
+from lipkit.train.progress import TrainBar, train_bar
 from lipkit.train.state import load_optimizer_state, load_rng_state, optimizer_state, rng_state
 
 Batch = tuple[torch.Tensor, list[str], list[str]]  # uint8 images, captions, keys
@@ -55,6 +55,19 @@ CheckpointHook = Callable[["Trainer", bool], Path]  # (trainer, final) -> checkp
 
 class TrainingFault(UserError):
     """Too many non-finite steps in a row."""
+
+
+@dataclass
+class _Run:
+    """What one `fit` keeps between steps."""
+
+    schedule: Schedule
+    clock: Clock
+    steps_per_epoch: int
+    throughput: Throughput  # samples/s between log lines
+    loss: float = float("nan")  # at the last log line
+    stopped: bool = False  # the time budget ended the run
+    in_a_row: int = 0  # non-finite steps
 
 
 @dataclass
@@ -115,8 +128,7 @@ class Trainer:
         self.train_seconds = 0.0  # training wall time of earlier processes of this run (resume)
         self.faults = 0
         self.last_checkpoint: Path | None = None
-        self.signal: int | None = None  # the stop every rank agreed on (after the same step)
-        self._pending: int | None = None  # a signal this process received, not yet agreed on
+        self.preemption = Preemption(self.dist.enabled)  # SIGTERM/SIGINT: checkpoint after the step
 
     # -- state -------------------------------------------------------------------------------------
     def unsharded(self) -> DualEncoder:
@@ -248,33 +260,6 @@ class Trainer:
         return loss.detach(), True
 
     # -- the loop ----------------------------------------------------------------------------------
-    @contextmanager
-    def _signals(self) -> Iterator[None]:
-        """SIGTERM/SIGINT: finish the step, checkpoint, exit EXIT_PREEMPTED; a second signal exits at once."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def handler(signum: int, _frame: Any) -> None:
-            if self._pending is not None:
-                os._exit(128 + signum)
-            self._pending = signum
-            if not self.dist.enabled:  # alone: stop after this step; distributed: after the next sync
-                self.signal = signum
-            print(
-                f"\nlipkit: got signal {signum}; finishing this step and writing a checkpoint "
-                "(send it again to exit at once)",
-                file=sys.stderr,
-                flush=True,
-            )
-
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
-
     def fit(
         self,
         batches: Batches,
@@ -282,127 +267,101 @@ class Trainer:
         evaluate: EvalHook | None = None,
         checkpoint: CheckpointHook | None = None,
     ) -> TrainResult:
-        cfg = self.cfg
-        total = max(1, int(cfg.epochs * steps_per_epoch))
-        warm = min(cfg.warmup_steps, total - 1) / total  # the part of the run spent warming up
-        budget = cfg.max_minutes * 60
-        start, eval_seconds = time.perf_counter(), 0.0
+        """Train to the end of the schedule, the time budget or a stop signal, evaluating and writing
+        checkpoints on their cadence and at the end. Every rank runs the same steps and calls the hooks
+        after the same steps (collectives inside); only rank 0 evaluates, logs and writes."""
+        cfg, step, stop = self.cfg, self.step_count, self.preemption
+        schedule, clock = Schedule.of(cfg, steps_per_epoch), Clock(self.train_seconds)
+        run = _Run(schedule, clock, steps_per_epoch, Throughput(step, cfg.batch_size))
+        total = schedule.total
+        self.model.train()
+        with stop.installed(), train_bar(schedule, clock, step, self.dist.main) as bar:
+            epoch, first = divmod(step, steps_per_epoch)
+            if self.dist.enabled:  # the first step's lr already follows the common clock
+                clock.sync(None)
+            while step < total and not run.stopped and stop.agreed is None:
+                for images, captions, keys in batches(epoch, first):
+                    lr = schedule.lr(step, schedule.progress(step, clock.now))
+                    loss, finite = self.step(images, captions, lr)
+                    step = self.step_count = step + 1
+                    if self.dist.enabled:  # every rank stops at the same step, follows the same schedule
+                        stop.agreed = clock.sync(stop.pending)
+                    bar.show(step)
+                    self._count_fault(run, step, loss, finite, keys)
+                    if step % cfg.log_every == 0 or step == total:
+                        self._log_train(run, step, loss, lr, bar)
+                    if evaluate and schedule.every(cfg.eval_every, step):
+                        self._evaluate(evaluate, step, clock)
+                    if save_due(cfg.save_every, step, total):
+                        self._save(checkpoint, clock, final=False)
+                    run.stopped = schedule.stops_early(step, clock.now)
+                    if step >= total or run.stopped or stop.agreed is not None:
+                        break
+                epoch, first = epoch + 1, 0
+        return self._finish(run, step, evaluate, checkpoint)
 
-        def elapsed() -> float:
-            return self.train_seconds + time.perf_counter() - start - eval_seconds
+    def _count_fault(self, run: _Run, step: int, loss: torch.Tensor, finite: bool, keys: list[str]) -> None:
+        """A non-finite step was skipped: count and log it; `train.max_faults` in a row end the run."""
+        if finite:
+            run.in_a_row = 0
+            return
+        self.faults, run.in_a_row = self.faults + 1, run.in_a_row + 1
+        self._log({"kind": "fault", "step": step, "loss": float(loss), "keys": keys[:8]})
+        if run.in_a_row >= self.cfg.max_faults:
+            where = self.last_checkpoint or "none yet"
+            raise TrainingFault(
+                f"Step {step}: {run.in_a_row} non-finite losses or gradients in a row (batch keys: "
+                f"{', '.join(keys[:3])} …); the last good checkpoint is {where} — lower "
+                "train.lr, enable train.grad_clip or remove the bad samples, then resume."
+            )
 
-        synced: list[float | None] = [None]  # distributed: the ranks' common clock after the last step
+    def _log_train(self, run: _Run, step: int, loss: torch.Tensor, lr: float, bar: TrainBar) -> None:
+        run.loss = float(loss)
+        sps = run.throughput.samples_per_s(step)
+        scale = float(self.model.scale().detach())
+        # objectives may report a few numbers of their last step (e.g. LexLIP's non-zero terms)
+        extra = {k: float(v) for k, v in getattr(self.objective, "last_stats", {}).items()}
+        self._log(
+            {
+                **extra,
+                "kind": "train",
+                "step": step,
+                "epoch": round(step / run.steps_per_epoch, 4),
+                "loss": run.loss,
+                "lr": lr,
+                "logit_scale": scale,
+                "samples_per_s": sps,
+                "time_s": run.clock.elapsed(),
+                "faults": self.faults,
+            }
+        )
+        bar.info(f"loss {run.loss:.3f}  {sps:.0f} samples/s  T={scale:.1f}")
 
-        def clock() -> float:
-            return synced[0] if synced[0] is not None else elapsed()
-
-        def progress(step: int) -> float:
-            """Fraction of the run done: by steps, or by training wall time when that budget ends first."""
-            return max(step / total, clock() / budget) if budget else step / total
-
-        def run_eval(step: int) -> None:
-            """Every rank comes here (FSDP gathers the weights); rank 0 evaluates."""
-            nonlocal eval_seconds
-            t = time.perf_counter()
+    def _evaluate(self, evaluate: EvalHook, step: int, clock: Clock) -> None:
+        """Every rank comes here (FSDP gathers the weights); rank 0 evaluates. Not training time."""
+        with clock.paused():
             model = self.unsharded()
             if self.dist.main:
                 for split, metrics in evaluate(model, step).items():
                     self._log({"kind": "eval", "step": step, "split": split, "metrics": metrics})
             self.model.train()
-            eval_seconds += time.perf_counter() - t
 
-        def save(final: bool) -> None:
-            self.train_seconds, t0 = elapsed(), time.perf_counter()
-            nonlocal start, eval_seconds
-            start, eval_seconds = t0, 0.0
-            if checkpoint:
-                self.last_checkpoint = checkpoint(self, final)
+    def _save(self, checkpoint: CheckpointHook | None, clock: Clock, final: bool) -> None:
+        self.train_seconds = clock.restart()
+        if checkpoint:
+            self.last_checkpoint = checkpoint(self, final)
 
-        step = self.step_count
-        loss_value, stopped, in_a_row = float("nan"), False, 0
-        last_log_t, last_log_step = time.perf_counter(), step
-        columns = [
-            TextColumn("[bold]train"),
-            BarColumn(),
-            TextColumn("step {task.fields[step]}"),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            TextColumn("ETA {task.fields[eta]}"),
-        ]
-
-        def shown(step: int) -> dict[str, Any]:
-            """The bar follows `progress` (steps, or the time budget when it ends first) in permille; the
-            ETA extrapolates the training time spent so far over what is left."""
-            p, e = progress(step), elapsed()
-            left = e * (1 - p) / p if p > 0 else None
-            eta = "–" if left is None else time.strftime("%H:%M:%S", time.gmtime(max(0.0, left)))
-            return {"completed": min(1000, int(1000 * p)), "step": f"{step}/{total}", "eta": eta}
-
-        self.model.train()
-        with self._signals(), Progress(*columns, disable=not self.dist.main) as bar:
-            task = bar.add_task("train", total=1000, info="", **shown(step))
-            epoch, first = divmod(step, steps_per_epoch)
-            if self.dist.enabled:  # the first step's lr already follows the common clock
-                _, synced[0] = sync_step(None, elapsed())
-            while step < total and not stopped and self.signal is None:
-                for images, captions, keys in batches(epoch, first):
-                    decay = max(0.0, progress(step) - warm) / (1 - warm)
-                    lr = cfg.lr * lr_factor(step, decay, cfg.warmup_steps, cfg.min_lr_ratio)
-                    loss, finite = self.step(images, captions, lr)
-                    step = self.step_count = step + 1
-                    if self.dist.enabled:  # every rank stops at the same step, follows the same schedule
-                        self.signal, synced[0] = sync_step(self._pending, elapsed())
-                    bar.update(task, **shown(step))
-                    if not finite:
-                        self.faults, in_a_row = self.faults + 1, in_a_row + 1
-                        self._log({"kind": "fault", "step": step, "loss": float(loss), "keys": keys[:8]})
-                        if in_a_row >= cfg.max_faults:
-                            where = self.last_checkpoint or "none yet"
-                            raise TrainingFault(
-                                f"Step {step}: {in_a_row} non-finite losses or gradients in a row (batch keys: "
-                                f"{', '.join(keys[:3])} …); the last good checkpoint is {where} — lower "
-                                "train.lr, enable train.grad_clip or remove the bad samples, then resume."
-                            )
-                    else:
-                        in_a_row = 0
-                    if step % cfg.log_every == 0 or step == total:
-                        loss_value = float(loss)
-                        now = time.perf_counter()
-                        sps = (step - last_log_step) * cfg.batch_size / max(1e-9, now - last_log_t)
-                        last_log_t, last_log_step = now, step
-                        scale = float(self.model.scale().detach())
-                        # objectives may report a few numbers of their last step (e.g. LexLIP's non-zero terms)
-                        extra = {k: float(v) for k, v in getattr(self.objective, "last_stats", {}).items()}
-                        self._log(
-                            {
-                                **extra,
-                                "kind": "train",
-                                "step": step,
-                                "epoch": round(step / steps_per_epoch, 4),
-                                "loss": loss_value,
-                                "lr": lr,
-                                "logit_scale": scale,
-                                "samples_per_s": sps,
-                                "time_s": elapsed(),
-                                "faults": self.faults,
-                            }
-                        )
-                        bar.update(task, info=f"loss {loss_value:.3f}  {sps:.0f} samples/s  T={scale:.1f}")
-                    if evaluate and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
-                        run_eval(step)
-                    if cfg.save_every and step % cfg.save_every == 0 and step < total:
-                        save(final=False)
-                    stopped = step < total and progress(step) >= 1.0
-                    if step >= total or stopped or self.signal is not None:
-                        break
-                epoch, first = epoch + 1, 0
-        if self.signal is not None:
-            if not (cfg.save_every and step % cfg.save_every == 0):
-                save(final=False)
-            return TrainResult(step, step * cfg.batch_size, elapsed(), loss_value, False, True, self.faults)
+    def _finish(
+        self, run: _Run, step: int, evaluate: EvalHook | None, checkpoint: CheckpointHook | None
+    ) -> TrainResult:
+        """After a stop signal: a checkpoint (unless this step's is written already); else the final
+        evaluation and checkpoint."""
+        samples = step * self.cfg.batch_size
+        if self.preemption.agreed is not None:
+            if not periodic_save_written(self.cfg.save_every, step):
+                self._save(checkpoint, run.clock, final=False)
+            return TrainResult(step, samples, run.clock.elapsed(), run.loss, False, True, self.faults)
         if evaluate:
-            run_eval(step)
-        save(final=True)
-        return TrainResult(
-            step, step * cfg.batch_size, self.train_seconds, loss_value, stopped, False, self.faults
-        )
+            self._evaluate(evaluate, step, run.clock)
+        self._save(checkpoint, run.clock, final=True)
+        return TrainResult(step, samples, self.train_seconds, run.loss, run.stopped, False, self.faults)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import re
 import tarfile
 import zlib
@@ -31,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lipkit.atomic import write_text_atomic
 from lipkit.data.records import IMAGE_EXTS, Record, Skip, caption_record, parse_json_meta
 from lipkit.errors import UserError
 
@@ -314,9 +314,7 @@ def save_counts(folder: Path, counts: dict[str, dict[str, int]]) -> Path | None:
     for f in _counts_files(folder):
         try:
             f.parent.mkdir(parents=True, exist_ok=True)
-            tmp = f.with_name(f"{f.name}.tmp-{os.getpid()}")
-            tmp.write_text(body, encoding="utf-8")
-            os.replace(tmp, f)
+            write_text_atomic(f, body)
             return f
         except OSError:
             continue

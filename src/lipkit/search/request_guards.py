@@ -1,5 +1,5 @@
 """What the search server refuses and how: request limits, the JSON error, a streaming body-size cap
-(ASGI middleware), number parsing with one-sentence errors, and the media type of served image bytes."""
+(ASGI middleware), and number parsing with one-sentence errors."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ from typing import Any
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from lipkit.data.images import MAX_PIXELS
+
 
 @dataclass(frozen=True)
 class Limits:
     max_upload_bytes: int = 5 * 1024 * 1024
-    max_pixels: int = 40_000_000
+    max_pixels: int = MAX_PIXELS
     max_query_chars: int = 1000
     max_k: int = 100
     default_k: int = 20
@@ -29,7 +31,7 @@ class BodyTooLarge(Exception):
     pass
 
 
-def _error(status: int, message: str) -> JSONResponse:
+def error_response(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message, "status": status}, status_code=status)
 
 
@@ -56,7 +58,7 @@ class BodyLimit:
             try:
                 too_big = int(length) > self.limit
             except ValueError:
-                await _error(400, "The Content-Length header is not a number; send a valid request.")(
+                await error_response(400, "The Content-Length header is not a number; send a valid request.")(
                     scope, receive, send
                 )
                 return
@@ -67,7 +69,7 @@ class BodyLimit:
                     while more:
                         msg = await receive()
                         more = msg.get("more_body", False) and msg["type"] == "http.request"
-                await _error(413, self._message())(scope, receive, send)
+                await error_response(413, self._message())(scope, receive, send)
                 return
         seen = 0
 
@@ -83,7 +85,7 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
-def _int(value: Any, name: str, lo: int, hi: int) -> int:
+def parse_int(value: Any, name: str, lo: int, hi: int) -> int:
     try:
         v = int(str(value).strip())
     except ValueError:
@@ -91,18 +93,3 @@ def _int(value: Any, name: str, lo: int, hi: int) -> int:
     if not lo <= v <= hi:
         raise ApiError(400, f"{name} must be from {lo} to {hi}, got {v}; pick a number in that range.")
     return v
-
-
-def sniff_image_type(data: bytes) -> str:
-    """The media type of encoded image bytes from their magic number."""
-    for magic, media in (
-        (b"\x89PNG", "image/png"),
-        (b"\xff\xd8\xff", "image/jpeg"),
-        (b"GIF8", "image/gif"),
-        (b"BM", "image/bmp"),
-    ):
-        if data.startswith(magic):
-            return media
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    return "application/octet-stream"

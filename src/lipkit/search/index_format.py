@@ -1,12 +1,10 @@
-"""What every lipkit index shares: the directory format (index.json + items.json), atomic saving, item
-lists and query checks. The dense kinds live in `search.index`, the sparse one in `search.sparse_index`."""
+"""What every lipkit index shares: the directory format (index.json + items.json), item lists and query
+checks. The dense kinds live in `search.index`, the sparse one in `search.sparse_index`; both save
+through `lipkit.atomic.write_dir` (a temporary sibling directory swapped into place)."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,36 +17,14 @@ from lipkit.errors import UserError
 FORMAT = "lipkit-index"
 
 
-def _as_queries(x: np.ndarray, dim: int, what: str) -> np.ndarray:
+def as_queries(x: np.ndarray, dim: int, what: str) -> np.ndarray:
+    """Queries as a contiguous float32 Q×dim matrix (one vector becomes 1×dim)."""
     q = np.asarray(x, dtype=np.float32)
     if q.ndim == 1:
         q = q[None]
     if q.ndim != 2 or q.shape[1] != dim:
         raise UserError(f"{what} has shape {tuple(np.shape(x))}, but this index holds {dim}-d vectors.")
     return np.ascontiguousarray(q)
-
-
-def _write_dir_atomically(dest: Path, write: Any) -> Path:
-    """Call write(tmp_dir), then swap tmp_dir into `dest` (replacing an older directory)."""
-    dest = Path(dest).expanduser()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        write(tmp)
-        for f in tmp.iterdir():
-            with f.open("rb") as fh:
-                os.fsync(fh.fileno())
-        old = None
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dest
 
 
 def default_items(n: int, start: int = 0) -> list[dict[str, Any]]:
@@ -73,7 +49,8 @@ class Index(Protocol):
     def memory_bytes(self) -> int: ...
 
 
-def _renumber(items: Sequence[dict[str, Any]] | None, n: int, start: int) -> list[dict[str, Any]]:
+def renumber(items: Sequence[dict[str, Any]] | None, n: int, start: int) -> list[dict[str, Any]]:
+    """The item entries of n new vectors with ids from `start` (default entries when none are given)."""
     if items is None:
         return default_items(n, start)
     if len(items) != n:
@@ -81,7 +58,8 @@ def _renumber(items: Sequence[dict[str, Any]] | None, n: int, start: int) -> lis
     return [{**it, "id": start + i} for i, it in enumerate(items)]
 
 
-def _base_info(kind: str, dim: int, params: dict[str, Any]) -> dict[str, Any]:
+def base_info(kind: str, dim: int, params: dict[str, Any]) -> dict[str, Any]:
+    """The index.json of a new index."""
     return {
         "format": FORMAT,
         "version": 1,
@@ -94,7 +72,8 @@ def _base_info(kind: str, dim: int, params: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _write_meta(tmp: Path, info: dict[str, Any], items: list[dict[str, Any]]) -> None:
+def write_meta(tmp: Path, info: dict[str, Any], items: list[dict[str, Any]]) -> None:
+    """index.json and items.json into the directory being written."""
     (tmp / "index.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
     with (tmp / "items.json").open("w", encoding="utf-8") as f:
         json.dump(items, f, ensure_ascii=False, separators=(",", ":"))

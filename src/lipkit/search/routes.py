@@ -1,0 +1,233 @@
+"""The routes of the search server, as module-level functions over one `SearchState` (the searcher,
+the limits, where the Swagger UI files are), kept on `app.state.search`."""
+
+from __future__ import annotations
+
+import mimetypes
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, Response
+
+from lipkit import __version__
+from lipkit.data.images import sniff_image_type
+from lipkit.search.query import Searcher, decode_image_bytes
+from lipkit.search.request_guards import ApiError, Limits, parse_int
+from lipkit.search.request_reading import check_text, read_input
+
+_BODY_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "file": {"type": "string", "format": "binary", "description": "An image file."},
+                        "q": {"type": "string", "description": "A text query (instead of a file)."},
+                        "k": {"type": "integer", "minimum": 1, "maximum": 100},
+                    },
+                }
+            },
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"q": {"type": "string"}, "k": {"type": "integer"}},
+                    "required": ["q"],
+                }
+            },
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+def page_html() -> str:
+    return (resources.files("lipkit.search") / "page.html").read_text(encoding="utf-8")
+
+
+@dataclass
+class SearchState:
+    """What the routes share: the model and index, the limits, the Swagger UI files (None: a CDN)."""
+
+    searcher: Searcher
+    limits: Limits
+    assets: Path | None = None
+
+    @property
+    def n_items(self) -> int:
+        return self.searcher.index.ntotal
+
+    def get_k(self, fields: dict[str, Any]) -> int:
+        return parse_int(fields.get("k", self.limits.default_k), "k", 1, self.limits.max_k)
+
+    def item_id(self, value: Any) -> int:
+        n = self.n_items
+        try:
+            i = int(str(value))
+        except ValueError:
+            raise ApiError(404, f"'{value}' is not an item id; ids are whole numbers 0..{n - 1}.") from None
+        if not 0 <= i < n:
+            raise ApiError(404, f"There is no item {i}; the index holds {n} items (ids 0..{n - 1}).")
+        return i
+
+    def search_text(self, text: str, k: int) -> list[dict[str, Any]]:
+        s = self.searcher
+        return s.search(s.text_query(text), k)
+
+    def search_image_bytes(self, data: bytes, k: int) -> list[dict[str, Any]]:
+        s = self.searcher
+        return s.search(s.image_query(decode_image_bytes(data, s.size, self.limits.max_pixels)), k)
+
+    def search_item(self, i: int, k: int) -> list[dict[str, Any]]:
+        s = self.searcher
+        path = s.index.items[i].get("path")
+        if not path or not Path(path).is_file():
+            raise ApiError(
+                404, f"Item {i} has no image file on this server; search by text or upload an image."
+            )
+        return s.search(s.image_query(s.image_file(path)), k)
+
+    def embed_image_bytes(self, data: bytes) -> np.ndarray:
+        s = self.searcher
+        return s.image_query(decode_image_bytes(data, s.size, self.limits.max_pixels))
+
+
+def _state(request: Request) -> SearchState:
+    return request.app.state.search
+
+
+def respond(kind: str, query: Any, hits: list[dict[str, Any]], t0: float) -> dict[str, Any]:
+    """The JSON of a search: hits with an image URL and file name instead of a server path."""
+    for h in hits:
+        path = h.pop("path", None)
+        h["name"] = Path(path).name if path else None
+        h["image"] = f"/image/{h['id']}" if h.pop("has_image", bool(path)) else None
+    return {
+        "query": {"type": kind, "value": query},
+        "k": len(hits),
+        "results": hits,
+        "took_ms": round(1000 * (time.perf_counter() - t0), 2),
+    }
+
+
+def docs(request: Request) -> HTMLResponse:
+    urls = {}
+    if _state(request).assets is not None:
+        urls = {
+            "swagger_js_url": "/docs-static/swagger-ui-bundle.js",
+            "swagger_css_url": "/docs-static/swagger-ui.css",
+            "swagger_favicon_url": "/docs-static/favicon.png",
+        }
+    return get_swagger_ui_html(openapi_url="/openapi.json", title="lipkit search — API", **urls)
+
+
+def index_page() -> HTMLResponse:
+    return HTMLResponse(page_html())
+
+
+def health(request: Request) -> dict[str, Any]:
+    """Liveness and what is loaded."""
+    st = _state(request)
+    s, lim = st.searcher, st.limits
+    return {
+        "status": "ok",
+        "version": __version__,
+        "index": {"kind": s.index.kind, "items": st.n_items, "dim": s.index.dim},
+        "model": {"embed_dim": s.dim, "image_size": s.size},
+        "limits": {
+            "max_upload_bytes": lim.max_upload_bytes,
+            "max_pixels": lim.max_pixels,
+            "max_query_chars": lim.max_query_chars,
+            "max_k": lim.max_k,
+        },
+    }
+
+
+async def search_get(
+    request: Request, q: str | None = None, k: str | None = None, image_id: str | None = None
+) -> dict[str, Any]:
+    """Search by text (`q`) or by the image of an indexed item (`image_id`)."""
+    t0 = time.perf_counter()
+    st = _state(request)
+    kk = st.get_k({"k": k} if k is not None else {})
+    if image_id is not None and q is not None:
+        raise ApiError(400, "Send either q or image_id, not both.")
+    if image_id is not None:
+        i = st.item_id(image_id)
+        return respond("image_id", i, await run_in_threadpool(st.search_item, i, kk), t0)
+    if q is None:
+        raise ApiError(400, "Nothing to search for; add ?q=some+words (or ?image_id=N, or POST an image).")
+    text = check_text(q, st.limits)
+    return respond("text", text, await run_in_threadpool(st.search_text, text, kk), t0)
+
+
+async def search_post(request: Request) -> dict[str, Any]:
+    """Search by an uploaded image (`file`) or a text query (`q`); `k` results (1..100)."""
+    t0 = time.perf_counter()
+    st = _state(request)
+    text, image, fields = await read_input(request, st.limits)
+    kk = st.get_k(fields)
+    if image is not None:
+        return respond("image", None, await run_in_threadpool(st.search_image_bytes, image, kk), t0)
+    assert text is not None
+    return respond("text", text, await run_in_threadpool(st.search_text, text, kk), t0)
+
+
+async def embed(request: Request) -> dict[str, Any]:
+    """The embedding of a text (`q`) or an uploaded image (`file`) — the vector the index compares."""
+    st = _state(request)
+    text, image, _ = await read_input(request, st.limits)
+    if image is not None:
+        vec, kind = await run_in_threadpool(st.embed_image_bytes, image), "image"
+    else:
+        vec, kind = await run_in_threadpool(st.searcher.text_query, text), "text"
+    v = np.asarray(vec)[0]
+    return {
+        "type": kind,
+        "dim": int(v.shape[0]),
+        "sparse": st.searcher.sparse,
+        "embedding": v.astype(float).tolist(),
+    }
+
+
+def image(request: Request, item: str) -> Response:
+    """The image of an indexed item: its file, or its bytes from a shard (kept in images.bin by embed)."""
+    st = _state(request)
+    i = st.item_id(item)
+    entry = st.searcher.index.items[i]
+    path, blob = entry.get("path"), entry.get("blob")
+    cache = {"Cache-Control": "public, max-age=3600"}
+    if path and Path(path).is_file():
+        media = mimetypes.guess_type(path)[0] or "application/octet-stream"
+        return FileResponse(path, media_type=media, headers=cache)
+    if blob and Path(blob["file"]).is_file():
+        with open(blob["file"], "rb") as f:
+            f.seek(int(blob["offset"]))
+            data = f.read(int(blob["size"]))
+        media = sniff_image_type(data) or "application/octet-stream"
+        return Response(data, media_type=media, headers=cache)
+    raise ApiError(404, f"Item {i} has no image file on this server (it was moved or never had one).")
+
+
+def add_routes(app: FastAPI) -> None:
+    """The pages and the API (see `search.server`), in the order the OpenAPI schema lists them."""
+    app.get("/docs", include_in_schema=False)(docs)
+    app.get("/", response_class=HTMLResponse, include_in_schema=False)(index_page)
+    app.get("/health")(health)
+    app.get("/search")(search_get)
+    app.post("/search", openapi_extra=_BODY_DOC)(search_post)
+    app.post("/embed", openapi_extra=_BODY_DOC)(embed)
+    app.get(
+        "/image/{item}",
+        response_class=Response,
+        responses={200: {"content": {"image/*": {}}}, 404: {"description": "No such item"}},
+    )(image)
