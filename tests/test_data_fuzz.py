@@ -20,7 +20,8 @@ from hypothesis.configuration import set_hypothesis_home_dir
 from PIL import Image
 
 from lipkit.data.convert import image_bytes
-from lipkit.data.images import IMAGE_REASONS, try_load_image
+from lipkit.data.image_policy import IMAGE_REASONS
+from lipkit.data.images import try_load_image
 from lipkit.data.records import REASONS, Record, Skip
 from lipkit.data.shard_streams import ShardStream, StreamSpec
 from lipkit.data.sources.registry import read_records

@@ -303,3 +303,24 @@ def test_meta_captions_are_appended_from_the_rows_columns(tmp_path):
         open_train_data(
             DataConfig(train=str(table), meta_captions=["an emoji of {grop}"], caption_select=[1])
         )
+
+
+def test_a_source_is_known_by_its_name_before_its_contents(tmp_path):
+    """The name decides first (a folder called x.parquet is parquet whatever it holds); a plain folder is
+    parquet when it holds parquet files (even beside .tar files), shards when it holds .tar files, and a
+    folder of images otherwise."""
+    named = tmp_path / "x.parquet"
+    named.mkdir()
+    (named / "a.tar").write_bytes(b"")
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "a.tar").write_bytes(b"")
+    (mixed / "b.parquet").write_bytes(b"")
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    (tars / "a.tar").write_bytes(b"")
+    kinds = {p.name: source_kind(p).name for p in (named, mixed, tars, tmp_path / "t.csv")}
+    assert kinds == {"x.parquet": "parquet", "mixed": "parquet", "tars": "shards", "t.csv": "table"}
+    assert source_kind("pipe:cat a.tar").name == "shards" and source_kind("s/{0..3}.tar").name == "shards"
+    with pytest.raises(UserError, match="pipe:"):
+        source_kind("https://example.com/pairs.csv")

@@ -207,3 +207,13 @@ def test_importing_lipkit_sets_no_process_wide_state():
     env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_WAIT_POLICY"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_the_command_line_starts_without_torch():
+    """`lipkit --help` answers fast, and `main()` can still set OpenMP's wait policy before torch loads."""
+    import subprocess
+    import sys
+
+    code = "import sys, lipkit.cli\nassert 'torch' not in sys.modules and 'PIL' not in sys.modules\n"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -1,6 +1,7 @@
 """Files and directories written atomically: a reader (or a resumed job) sees a file or a directory
 whole, old or new, never half-written. The one writer (`atomic_write`) and the one directory swap
-(`write_dir`) that checkpoints, indexes, exports, datasets, embeddings and results all use."""
+(`swap_dir`, or `write_dir` around it) that checkpoints, indexes, exports, datasets, embeddings and
+results all use."""
 
 from __future__ import annotations
 
@@ -45,7 +46,6 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def write_json_atomic(path: Path, obj: Any, indent: int | None = 2) -> None:
-    indent = None if isinstance(obj, list) else indent
     atomic_write(path, lambda f: json.dump(obj, f, ensure_ascii=False, indent=indent), text=True)
 
 

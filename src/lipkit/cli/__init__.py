@@ -42,10 +42,10 @@ def _root(
 
 app.command()(train_commands.train)
 app.command()(train_commands.refine)
-app.command()(train_commands.demo)
 app.command("eval")(eval_commands.eval_)
 app.command()(eval_commands.report)
 app.add_typer(data.app, name="data")
+app.command()(train_commands.demo)
 interop.register(app)  # checkpoint convert (and its old spelling `convert`), export onnx
 search.register(app)  # embed, index, search, serve
 

@@ -15,7 +15,7 @@ from rich.table import Table
 from lipkit.errors import UserError
 
 console = Console(stderr=True)
-app = typer.Typer(help="Build, convert, inspect and validate datasets.", no_args_is_help=True)
+app = typer.Typer(help="Build and inspect datasets.", no_args_is_help=True)
 
 SRC_HELP = (
     "A CSV/TSV/JSONL table, a .parquet file or folder, a folder of images with .txt/.json captions, or "
@@ -76,6 +76,24 @@ def _print_inspection(src: str, report: dict) -> None:
         out.print(_skipped_table("unusable samples", report))
 
 
+@app.command("build")
+def data_build(
+    name: str = typer.Argument(..., help="Dataset to build; built in: emoji."),
+    out: Path = typer.Option(None, "--out", "-o", help="Output folder (default: the user cache dir)."),
+    force: bool = typer.Option(False, "--force", help="Rebuild even when a complete build exists."),
+    seed: int = typer.Option(0, help="Seed of the novel-concept split."),
+) -> None:
+    """Build a dataset. `emoji`: three artists' emoji sets from npm with captions in 9 languages; splits
+    train / test-style (the third artist) / test-novel (unseen concepts)."""
+    from lipkit.data.emoji import build_emoji
+
+    if name != "emoji":
+        raise UserError(
+            f"Unknown dataset '{name}'; the built-in one is 'emoji' (your own data needs no build)."
+        )
+    build_emoji(out, force=force, seed=seed)
+
+
 @app.command("convert")
 def convert(
     src: str = typer.Argument(..., help=SRC_HELP),
@@ -113,7 +131,7 @@ def inspect(
 ) -> None:
     """Counts, caption length and image size histograms, image formats, and caption languages (when a
     `langs` column exists). Reads image headers only."""
-    from lipkit.data.inspect import inspect as run
+    from lipkit.data.inspection import inspect as run
 
     report = run(src, image_column, caption_column, image_root_, limit=limit, progress=not as_json).to_dict()
     if as_json:
@@ -134,7 +152,7 @@ def validate(
 ) -> None:
     """Read every sample and decode every image as training does; list what is broken by reason.
     Exit status 1 when anything is broken."""
-    from lipkit.data.inspect import validate as run
+    from lipkit.data.inspection import validate as run
 
     report = run(
         src, image_column, caption_column, image_root_, size, workers, progress=not as_json
@@ -150,21 +168,3 @@ def validate(
     )
     if broken:
         raise typer.Exit(1)
-
-
-@app.command("build")
-def data_build(
-    name: str = typer.Argument(..., help="Dataset to build; built in: emoji."),
-    out: Path = typer.Option(None, "--out", "-o", help="Output folder (default: the user cache dir)."),
-    force: bool = typer.Option(False, "--force", help="Rebuild even when a complete build exists."),
-    seed: int = typer.Option(0, help="Seed of the novel-concept split."),
-) -> None:
-    """Build a dataset. `emoji`: three artists' emoji sets from npm with captions in 9 languages; splits
-    train / test-style (the third artist) / test-novel (unseen concepts)."""
-    from lipkit.data.emoji import build_emoji
-
-    if name != "emoji":
-        raise UserError(
-            f"Unknown dataset '{name}'; the built-in one is 'emoji' (your own data needs no build)."
-        )
-    build_emoji(out, force=force, seed=seed)

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from lipkit.data.images import MAX_PIXELS
+from lipkit.data.image_policy import MAX_PIXELS
 
 console = Console(stderr=True)
 index_app = typer.Typer(help="Build, extend and inspect search indexes.", no_args_is_help=True)

@@ -1,6 +1,6 @@
 """The one image decode path: open (header only, with the one pixel limit), classify what went wrong,
-decode to uint8 RGB at a square size. Training, evaluation, embedding, search queries and the data tools
-all decode through here.
+decode to uint8 RGB at a square size. Training, evaluation, embedding, search queries, the data tools and
+the report's thumbnails all open images through here.
 
 Images are decoded to uint8 RGB (transparent pixels composited on white, EXIF orientation applied,
 16-bit and float modes rescaled), resized on the short side and centre-cropped.
@@ -19,23 +19,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-MAX_PIXELS = 64_000_000  # larger images are refused as decompression bombs, everywhere in lipkit
+from lipkit.data.image_policy import MAX_PIXELS
 
-
-# Why an image could not be used; `try_load_image` returns one of these names.
-IMAGE_REASONS = {
-    "missing_file": "the image file does not exist",
-    "unreadable_file": "the image file cannot be read (permissions)",
-    "empty_file": "the image file is empty (0 bytes)",
-    "not_an_image": "the file is not an image (unknown format)",
-    "corrupt_image": "the image is truncated or corrupt",
-    "too_large": f"the image has more than {MAX_PIXELS:,} pixels (decompression bomb limit)",
-}
 _ALPHA_MODES = ("RGBA", "LA", "La", "PA", "RGBa", "P")
 _INT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def to_rgb(im: Image.Image) -> Image.Image:
     """Any PIL mode to 8-bit RGB: transparency composited on white, 16/32-bit and float grey rescaled,
     CMYK/YCbCr/HSV/1-bit converted."""
     if im.mode in _INT_MODES or im.mode == "F":
@@ -71,13 +61,20 @@ def _orient(im: Image.Image) -> Image.Image:
 @contextmanager
 def open_image(src: str | Path | BinaryIO | bytes, max_pixels: int = MAX_PIXELS) -> Iterator[Image.Image]:
     """PIL's lazy open (the header only) of a path, a binary file object or encoded bytes, refusing more
-    than `max_pixels` pixels with `Image.DecompressionBombError` before anything is decoded. PIL's
-    process-wide limit is left as it is; this one is checked here."""
+    than `max_pixels` pixels with `Image.DecompressionBombError` before anything is decoded. lipkit's
+    limit decides, not PIL's process-wide one (left as it is): PIL's own warning is silenced here and its
+    hard error (at twice its limit) is reported with lipkit's limit."""
     fp = io.BytesIO(src) if isinstance(src, bytes | bytearray | memoryview) else src
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # PIL's notes on odd metadata: the pixels decide
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(fp) as im:
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # lipkit's limit is checked below
+        try:
+            opened = Image.open(fp)
+        except Image.DecompressionBombError as e:
+            raise Image.DecompressionBombError(
+                f"{str(e).split(' pixels')[0].removeprefix('Image size (')} pixels exceed the limit of {max_pixels}"
+            ) from e
+        with opened as im:
             if im.width * im.height > max_pixels:
                 raise Image.DecompressionBombError(
                     f"{im.width}x{im.height} pixels exceed the limit of {max_pixels}"
@@ -94,7 +91,7 @@ def load_image(src: str | Path | BinaryIO | bytes, size: int, max_pixels: int = 
     with open_image(src, max_pixels) as im, warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         im.load()
-        im = _to_rgb(_orient(im))
+        im = to_rgb(_orient(im))
     w, h = im.size
     s = size / min(w, h)
     if (w, h) != (size, size):

@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lipkit.data.images import IMAGE_REASONS
+from lipkit.data.image_policy import IMAGE_REASONS
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")  # preference order in a shard
 CAPTION_KEYS = ("captions", "caption", "text", "texts", "txt")  # looked up after data.caption_column
 
 REASONS = {

@@ -1,5 +1,5 @@
 """One pass over a data source with a progress bar, and the `Report` of what it found: the shared
-machinery of `lipkit data convert | inspect | validate` (data/convert.py, data/inspect.py)."""
+machinery of `lipkit data convert | inspect | validate` (data/convert.py, data/inspection.py)."""
 
 from __future__ import annotations
 

@@ -326,6 +326,6 @@ class ShardSource:
         )
 
 
-def open_shards(d: Any, scan: Any = None) -> ShardSource:
+def open_shards(d: Any) -> ShardSource:
     """The shards `d.train` (a DataConfig's source) names; the sample records are streamed per epoch."""
     return ShardSource(expand_shards(d.train), d)

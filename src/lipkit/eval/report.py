@@ -13,7 +13,6 @@ import html
 import io
 import json
 import re
-import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 from PIL import Image
+
+from lipkit.data.images import open_image, to_rgb
 
 __all__ = ["write_report"]
 
@@ -76,11 +77,9 @@ def _png_uri(data: bytes) -> str:
 
 def _load_image(path: str | Path, max_side: int) -> Image.Image | None:
     try:
-        with Image.open(path) as im, warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # palette + transparency: RGBA is what it asks for
-            rgba = im.convert("RGBA")
-            img = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
-    except (OSError, ValueError):
+        with open_image(path) as im:
+            img = to_rgb(im)  # alpha on white, any mode to 8-bit RGB
+    except Exception:  # noqa: BLE001 - a missing, broken or oversized image gets no thumbnail
         return None
     if max(img.size) > max_side:
         img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)

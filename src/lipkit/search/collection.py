@@ -8,11 +8,8 @@ import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
-from lipkit.data.records import IMAGE_EXTS as _EXTS
 from lipkit.data.records import Record
 from lipkit.data.sources.registry import read_table, source_kind
-
-IMAGE_EXTS = {f".{e}" for e in _EXTS}  # the suffixes the data sources read, with their dot
 
 
 def collect(

@@ -172,8 +172,8 @@ def _write_outputs(out: Path, records: Sequence[Record], merged: Merged, vocab: 
             col=col,
             data=data,
         )
-    write_json_atomic(out / "ids.json", items)
-    write_json_atomic(out / "skipped.json", merged.skipped)
+    write_json_atomic(out / "ids.json", items, indent=None)
+    write_json_atomic(out / "skipped.json", merged.skipped, indent=None)
     return items
 
 

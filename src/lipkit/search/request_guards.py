@@ -9,7 +9,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lipkit.data.images import MAX_PIXELS
+from lipkit.data.image_policy import MAX_PIXELS
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ async def _user_error(_: Request, e: UserError) -> JSONResponse:
 
 
 async def _too_large(request: Request, e: BodyTooLarge) -> JSONResponse:
-    limit = request.app.state.limits.max_upload_bytes
+    limit = request.app.state.search.limits.max_upload_bytes
     return error_response(
         413, f"The request body is over the upload limit of {limit / 2**20:.1f} MB; send a smaller image."
     )
@@ -104,8 +104,6 @@ def create_app(searcher: Searcher, limits: Limits | None = None) -> FastAPI:
         redoc_url=None,
     )
     assets = _swagger_assets()
-    app.state.searcher = searcher
-    app.state.limits = lim
     app.state.search = SearchState(searcher, lim, assets)
     # the whole body may carry the image plus multipart framing and small fields
     app.add_middleware(BodyLimit, limit=lim.max_upload_bytes + 64 * 1024, upload_limit=lim.max_upload_bytes)

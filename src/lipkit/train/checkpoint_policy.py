@@ -50,12 +50,7 @@ class Preemption:
                 signal.signal(s, h)
 
 
-def periodic_save_written(save_every: int, step: int) -> bool:
-    """The checkpoint of `step` was written on the `save_every` cadence already (no second one after a
-    stop signal)."""
+def on_save_cadence(save_every: int, step: int) -> bool:
+    """`step` is one of the `train.save_every` steps: its periodic checkpoint is written already, so a
+    stop signal after it needs no second one."""
     return bool(save_every) and step % save_every == 0
-
-
-def save_due(save_every: int, step: int, total: int) -> bool:
-    """A periodic checkpoint after `step` (the last step has its own, the final one)."""
-    return periodic_save_written(save_every, step) and step < total

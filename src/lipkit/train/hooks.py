@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from lipkit.atomic import write_text_atomic
 from lipkit.checkpoint import prune, save_checkpoint
 from lipkit.config import Config
 from lipkit.data.records import Record
@@ -70,10 +71,10 @@ class CheckpointWriter:
     final model in checkpoint/."""
 
     def __init__(
-        self, cfg: Config, run_dir: Path, tokenizer: TextTokenizer, batches: Any, metrics: dict[str, float]
+        self, cfg: Config, run_dir: Path, tokenizer: TextTokenizer, batches: Any, evaluator: Evaluator
     ) -> None:
         self.cfg, self.run_dir, self.tokenizer, self.batches = cfg, run_dir, tokenizer, batches
-        self.metrics = metrics  # the last evaluation's (Evaluator.last)
+        self.evaluator = evaluator  # its `last` metrics pick the best checkpoint
         self.best: dict[str, Any] = {"value": None, "path": None}
 
     def __call__(self, tr: Trainer, final: bool) -> Path:
@@ -101,9 +102,10 @@ class CheckpointWriter:
 
     def _keep_best(self, path: Path) -> None:
         metric = self.cfg.train.best_metric
-        value = self.metrics.get(metric)
+        value = self.evaluator.last.get(metric)
         if metric and value is not None and (self.best["value"] is None or value > self.best["value"]):
             self.best.update(value=value, path=path)
-            (self.run_dir / "checkpoints" / "best.json").write_text(
-                json.dumps({"metric": metric, "value": value, "path": str(path)}), encoding="utf-8"
+            write_text_atomic(
+                self.run_dir / "checkpoints" / "best.json",
+                json.dumps({"metric": metric, "value": value, "path": str(path)}),
             )

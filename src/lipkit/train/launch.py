@@ -19,6 +19,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
+from lipkit.atomic import write_text_atomic
 from lipkit.checkpoint import find_resume, load_checkpoint, load_training_state
 from lipkit.config import Config
 from lipkit.data.batching import jsonl_log, skip_summary
@@ -76,7 +77,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
                     kept.append(line)
             except json.JSONDecodeError:
                 pass  # a line cut short by a kill
-        path.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
+        write_text_atomic(path, "".join(x + "\n" for x in kept))  # a crash here must not lose the log
 
 
 def _new_model(cfg: Config, tokenizer: TextTokenizer, objective: Any, pretrained: Path | None, fresh: bool):
@@ -144,7 +145,7 @@ def run_training(cfg: Config) -> tuple[Path, TrainResult]:
         f"run dir {run_dir}"
     )
     evaluate = Evaluator(cfg, tokenizer, eval_tables, stores, device, console)
-    checkpoint = CheckpointWriter(cfg, run_dir, tokenizer, batches, evaluate.last)
+    checkpoint = CheckpointWriter(cfg, run_dir, tokenizer, batches, evaluate)
     # every rank calls the hooks at the same steps (FSDP gathers weights there); only rank 0 evaluates,
     # writes checkpoints and logs
     result = trainer.fit(batches.epoch, len(batches), evaluate if eval_tables else None, checkpoint)
@@ -159,7 +160,7 @@ def _start_run_dir(cfg: Config, run_dir: Path) -> Path | None:
     resume = _resume_point(cfg, run_dir)
     if resume is None:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2), encoding="utf-8")
+    write_text_atomic(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
     return resume
 
 

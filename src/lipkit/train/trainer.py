@@ -31,7 +31,7 @@ from lipkit.malloc import keep_freed_memory
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.text.tokenizer import TextTokenizer
 from lipkit.train import fsdp
-from lipkit.train.checkpoint_policy import Preemption, periodic_save_written, save_due
+from lipkit.train.checkpoint_policy import Preemption, on_save_cadence
 from lipkit.train.clock import Clock, Throughput
 from lipkit.train.distributed import (
     Dist,
@@ -292,7 +292,7 @@ class Trainer:
                         self._log_train(run, step, loss, lr, bar)
                     if evaluate and schedule.every(cfg.eval_every, step):
                         self._evaluate(evaluate, step, clock)
-                    if save_due(cfg.save_every, step, total):
+                    if schedule.every(cfg.save_every, step):
                         self._save(checkpoint, clock, final=False)
                     run.stopped = schedule.stops_early(step, clock.now)
                     if step >= total or run.stopped or stop.agreed is not None:
@@ -358,7 +358,7 @@ class Trainer:
         evaluation and checkpoint."""
         samples = step * self.cfg.batch_size
         if self.preemption.agreed is not None:
-            if not periodic_save_written(self.cfg.save_every, step):
+            if not on_save_cadence(self.cfg.save_every, step):
                 self._save(checkpoint, run.clock, final=False)
             return TrainResult(step, samples, run.clock.elapsed(), run.loss, False, True, self.faults)
         if evaluate:

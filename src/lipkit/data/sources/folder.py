@@ -7,12 +7,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lipkit.data.records import IMAGE_EXTS, Record, Skip, caption_record, parse_json_meta
+from lipkit.data.image_policy import IMAGE_EXTS
+from lipkit.data.records import Record, Skip, caption_record, parse_json_meta
 from lipkit.errors import UserError
 
 
-def is_folder(src: str, path: Path) -> bool:
-    return path.is_dir()
+def holds_images(folder: Path) -> bool:
+    """Any folder that no other kind claims is a folder of images (scan_folder names an empty one)."""
+    return True
 
 
 def image_files(root: Path) -> list[Path]:

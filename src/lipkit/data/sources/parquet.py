@@ -11,11 +11,12 @@ from lipkit.data.records import Record, Skip, caption_record
 from lipkit.errors import UserError
 
 
-def is_parquet(src: str, path: Path) -> bool:
-    """A .parquet file, or a folder holding one."""
-    if src.lower().endswith(".parquet"):
-        return True
-    return path.is_dir() and next(path.glob("*.parquet"), None) is not None
+def names_parquet(src: str) -> bool:
+    return src.lower().endswith(".parquet")
+
+
+def holds_parquet(folder: Path) -> bool:
+    return next(folder.glob("*.parquet"), None) is not None
 
 
 def count_rows(src: str | Path) -> int:

@@ -14,10 +14,11 @@ Every column other than image and captions is kept as metadata (class labels for
 column or field when there is one, else the image's path (a shard written by `lipkit data convert`
 keeps the key of the row it came from).
 
-Adding a kind: a module with `detect(src, path)`, `scan(src, image_column, caption_column, image_root)`
-and, when cheap, `count(src)`; then one `SourceKind` line in `KINDS` (before any kind it must win
-over). Its training batches come from `open_train`: `open_records` (read into memory, decoded by
-workers, data/table_batches.py) or `open_shards` (streamed, data/shard_batches.py).
+Adding a kind: a module with `scan(src, image_column, caption_column, image_root)`, a test of a name
+and/or of a folder's contents, and, when cheap, `count(src)`; then one `SourceKind` entry in `KINDS`
+(before any kind it must win over). Its training batches come from `open_train`: `open_records` with
+its scanner (read into memory, decoded by workers, data/table_batches.py) or `open_shards` (streamed,
+data/shard_batches.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,31 +43,68 @@ Scanner = Callable[[str | Path, str, str, str | Path], Iterator[Record | Skip]]
 @dataclass(frozen=True)
 class SourceKind:
     name: str
-    detect: Callable[[str, Path], bool]  # (the source as written, its expanded path) → is it this kind
+    named: Callable[[str], bool]  # is a source with this name (suffix, pattern, scheme) of this kind
+    holds: Callable[[Path], bool] | None  # is a folder with these contents of this kind
     scan: Scanner  # every sample as a Record (image not decoded) or a Skip
-    open_train: Callable[[Any, Scanner], Any]  # (DataConfig, scan) → training data with .batches()
+    open_train: Callable[[Any], Any]  # DataConfig → training data with .captions() and .batches()
     count: Callable[[str | Path], int | None] | None = None  # samples, when that is cheap to know
     images_only: Callable[[str | Path], list[Record]] | None = None  # records without captions (embed)
 
 
-# Detection order: the first kind whose detect() accepts the source wins.
+# A source is of the first kind that claims its name; a folder with no such name, of the first kind that
+# claims its contents (a folder holding both parquet and tar files is parquet); anything else is a table.
 KINDS: list[SourceKind] = [
-    SourceKind("shards", shards.is_shards, shards.scan_shards, open_shards, shards.known_count),
-    SourceKind("parquet", parquet.is_parquet, parquet.scan_parquet, open_records, parquet.count_rows),
-    SourceKind("table", table.is_table, table.scan_table, open_records, table.count_rows),
-    SourceKind("folder", folder.is_folder, folder.scan_folder, open_records, None, folder.images_only),
+    SourceKind(
+        "parquet",
+        parquet.names_parquet,
+        parquet.holds_parquet,
+        parquet.scan_parquet,
+        partial(open_records, scan=parquet.scan_parquet),
+        parquet.count_rows,
+    ),
+    SourceKind(
+        "shards",
+        shards.names_shards,
+        shards.holds_shards,
+        shards.scan_shards,
+        open_shards,
+        shards.known_count,
+    ),
+    SourceKind(
+        "table",
+        table.names_table,
+        None,
+        table.scan_table,
+        partial(open_records, scan=table.scan_table),
+        table.count_rows,
+    ),
+    SourceKind(
+        "folder",
+        lambda src: False,
+        folder.holds_images,
+        folder.scan_folder,
+        partial(open_records, scan=folder.scan_folder),
+        None,
+        folder.images_only,
+    ),
 ]
 
 
 def source_kind(src: str | Path) -> SourceKind:
-    """The kind of a source, from its name (and a folder's contents)."""
+    """The kind of a source, from its name, else (for a folder) from its contents."""
     s = str(src)
-    path = Path(s).expanduser()
-    if "://" in s and not shards.names_shards(s):
+    if shards.names_shards(s):  # checked first: a pattern or pipe: URL may end in anything
+        return next(k for k in KINDS if k.name == "shards")
+    if "://" in s:
         raise UserError(f"Data source '{s}' is a URL; stream it with a pipe: URL such as 'pipe:curl -s {s}'.")
     for kind in KINDS:
-        if kind.detect(s, path):
+        if kind.named(s):
             return kind
+    path = Path(s).expanduser()
+    if path.is_dir():
+        for kind in KINDS:
+            if kind.holds is not None and kind.holds(path):
+                return kind
     return next(k for k in KINDS if k.name == "table")  # scan_table names the missing file or the extension
 
 
@@ -115,5 +154,4 @@ def read_table(
 def open_train_data(d: Any) -> Any:
     """The training data named by `d.train` (a DataConfig), opened (records read, or shards listed) but
     not decoded: `.captions()` for a tokenizer, `.batches(size, batch_size, seed, log)` for training."""
-    kind = source_kind(d.train)
-    return kind.open_train(d, kind.scan)
+    return source_kind(d.train).open_train(d)

@@ -1,4 +1,4 @@
-"""WebDataset tar shards: reading (streamed, never unpacked), counting, writing.
+"""WebDataset tar shards: reading (streamed, never unpacked) and counting (writing: data/shard_writer.py).
 
 Layout (img2dataset's): consecutive tar members share a key, `key.jpg|png|webp|...` is the image,
 `key.txt` one caption and/or `key.json` an object with the captions (`captions`, `caption`, `text`
@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from lipkit.atomic import write_text_atomic
-from lipkit.data.records import IMAGE_EXTS, Record, Skip, caption_record, parse_json_meta
+from lipkit.data.image_policy import IMAGE_EXTS
+from lipkit.data.records import Record, Skip, caption_record, parse_json_meta
 from lipkit.errors import UserError
 
 COUNTS_FILE = "lipkit-counts.json"
@@ -48,15 +49,8 @@ def names_shards(src: str) -> bool:
     return low.startswith("pipe:") or _is_pattern(src) or low.endswith(SHARD_SUFFIXES)
 
 
-def is_shards(src: str, path: Path) -> bool:
-    """Named as shards, or a folder of .tar files (and no .parquet file: a mixed folder is parquet)."""
-    if names_shards(src):
-        return True
-    return (
-        path.is_dir()
-        and next(path.glob("*.parquet"), None) is None
-        and any(next(path.glob(f"*{suf}"), None) is not None for suf in SHARD_SUFFIXES)
-    )
+def holds_shards(folder: Path) -> bool:
+    return any(next(folder.glob(f"*{suf}"), None) is not None for suf in SHARD_SUFFIXES)
 
 
 def known_count(src: str | Path) -> int | None:

@@ -16,8 +16,8 @@ from lipkit.errors import UserError
 TABLE_EXTS = (".csv", ".tsv", ".jsonl", ".ndjson")
 
 
-def is_table(src: str, path: Path) -> bool:
-    return path.suffix.lower() in TABLE_EXTS
+def names_table(src: str) -> bool:
+    return Path(src).suffix.lower() in TABLE_EXTS
 
 
 def count_rows(src: str | Path) -> int:

@@ -1,0 +1,15 @@
+"""What lipkit accepts as an image, in one place and without importing PIL or torch (the command line
+reads it at start-up): the file extensions, the one pixel limit, and the reasons an image is refused."""
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")  # preference order in a shard
+MAX_PIXELS = 64_000_000  # larger images are refused as decompression bombs, everywhere in lipkit
+
+# Why an image could not be used; `lipkit.data.images.try_load_image` returns one of these names.
+IMAGE_REASONS = {
+    "missing_file": "the image file does not exist",
+    "unreadable_file": "the image file cannot be read (permissions)",
+    "empty_file": "the image file is empty (0 bytes)",
+    "not_an_image": "the file is not an image (unknown format)",
+    "corrupt_image": "the image is truncated or corrupt",
+    "too_large": f"the image has more than {MAX_PIXELS:,} pixels (decompression bomb limit)",
+}
