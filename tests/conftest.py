@@ -1,5 +1,7 @@
 """Shared fixtures: the offline emoji fixture dataset and the smallest model shape that still trains."""
 
+import atexit
+import socket
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,22 @@ TINY_MODEL = {
     "embed_dim": 32,
     "image_size": 32,
 }
+
+
+_RESERVED: list[socket.socket] = []
+atexit.register(lambda: [s.close() for s in _RESERVED])
+
+
+def free_port() -> int:
+    """A loopback port for a server the test starts (TCPStore, torchrun's rendezvous, uvicorn), reserved
+    until the session ends: the socket that found it stays bound (SO_REUSEADDR, never listening), so the
+    kernel hands it to no other bind(0) or outgoing connection meanwhile (bind-then-close raced them),
+    while the server, which sets SO_REUSEADDR too, still binds and listens on it."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", 0))
+    _RESERVED.append(s)
+    return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import free_port
 from emoji_fixture import make_fixture_packages
 
 TINY = [
@@ -163,16 +164,12 @@ def test_help_teaches():
 def test_torchrun_two_nodes_meet_through_the_c10d_rendezvous(tmp_path):
     """The SLURM recipe's launch (docs/scaling.md): one torchrun agent per node, here two on this
     machine, meet through `--rdzv-backend c10d` and train as one world of 2 gloo ranks."""
-    import socket
-
     from lipkit.data.emoji import build_emoji
 
     make_fixture_packages(tmp_path / "packages", n_concepts=40)
     data = tmp_path / "emoji"
     build_emoji(data, cache_dir=tmp_path, progress=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     run = tmp_path / "run"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",

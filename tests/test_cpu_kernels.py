@@ -89,8 +89,9 @@ def test_malloc_settings_apply_once_and_respect_the_environment():
 def test_malloc_settings_stop_page_faults_on_repeated_steps():
     """What a training step does: many buffers freed together at its end. With glibc's initial settings
     (which its adaptive threshold only sometimes leaves, depending on the process's history; pinned
-    here) the freed top of the heap goes back to the kernel and every step faults it in again
-    (~20,000 faults for 80 MiB); with lipkit's settings the next step reuses it."""
+    here) the freed top of the heap goes back to the kernel and every step faults it in again as the
+    first step did; with lipkit's settings the next steps reuse it. Only ratios are asserted (absolute
+    counts depend on the host's page size, THP and libraries)."""
     needs_glibc()
     code = """
 import ctypes, resource, sys, torch
@@ -105,14 +106,16 @@ if sys.argv[1] == "tuned":
 def step():
     buffers = [torch.ones(1024, 2048) for _ in range(10)]  # ten 8 MiB activations
     return sum(float(b[0, 0]) for b in buffers)
-for _ in range(3):
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+per_step = []
+for _ in range(8):
+    before = faults()
     step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
-    step()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+    per_step.append(faults() - before)
+print(per_step[0], sum(per_step[3:]) / 5)  # the first step (all pages new); the steady state
 """
-    faults = {}
+    first, steady = {}, {}
     for mode in ("default", "tuned"):
         out = subprocess.run(
             [sys.executable, "-c", code, mode],
@@ -121,8 +124,13 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
             text=True,
             check=True,
         )
-        faults[mode] = float(out.stdout.strip())
-    assert faults["tuned"] < 1000 and faults["default"] > 10_000, faults
+        first[mode], steady[mode] = map(float, out.stdout.split())
+    # tuned: after the first step or two the freed memory is reused (the first step faults in all of
+    # its 80 MiB; the steady state next to nothing)
+    assert steady["tuned"] < 0.05 * first["tuned"], (first, steady)
+    # default: every step faults its buffers in again, about as many pages as the first step
+    assert steady["default"] > 0.5 * first["default"], (first, steady)
+    assert steady["tuned"] < 0.05 * steady["default"], (first, steady)
 
 
 @pytest.mark.parametrize("quick_gelu", [False, True])

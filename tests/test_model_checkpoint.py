@@ -98,6 +98,8 @@ def test_activation_checkpointing_gives_the_same_gradients(tok, towers):
     model = _small_model(tok)
     images = torch.randn(4, 3, 32, 32)
     ids = tok(["a red heart", "nerd", "egypt flag", "a heart"])
+    with torch.no_grad():  # the reference: plain inference before any checkpointing
+        reference = model.encode_image(images), model.encode_text(ids)
     calls = {"image": 0, "text": 0}
     for tower, name in ((model.visual, "image"), (model.text, "text")):
         mlp = tower.transformer.resblocks[0].mlp  # count real calls (hooks do not see the recomputation)
@@ -111,8 +113,11 @@ def test_activation_checkpointing_gives_the_same_gradients(tok, towers):
     assert plain.keys() == checked.keys()
     for name, g in plain.items():
         torch.testing.assert_close(checked[name], g, rtol=1e-5, atol=1e-6, msg=name)
-    with torch.no_grad():  # inference never recomputes anything
-        torch.testing.assert_close(model.encode_image(images), model.encode_image(images))
+    with torch.no_grad():  # inference never recomputes anything and gives the plain features
+        inferred = model.encode_image(images), model.encode_text(ids)
+    assert calls == {"image": 3 + towers[0], "text": 3 + towers[1]}
+    for got, want in zip(inferred, reference, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_compiled_towers_match_eager_and_keep_parameter_names(tok):
@@ -121,10 +126,23 @@ def test_compiled_towers_match_eager_and_keep_parameter_names(tok):
     names = list(model.state_dict())
     with torch.no_grad():
         eager = model.encode_image(images), model.encode_text(ids)
+    traced = []  # whether each tower's forward ran under torch.compile (public API, read while tracing)
+    for tower in (model.visual, model.text):
+        tower.register_forward_pre_hook(lambda *_: traced.append(torch.compiler.is_compiling()))
+    with torch.no_grad():
+        model.encode_image(images), model.encode_text(ids)
+    assert traced == [False, False]
+    traced.clear()
     model.compile_towers()
-    assert model.visual._compiled_call_impl is not None and model.text._compiled_call_impl is not None
-    assert list(model.state_dict()) == names  # checkpoints written from a compiled model load anywhere
+    assert list(model.state_dict()) == names
     with torch.no_grad():
         compiled = model.encode_image(images), model.encode_text(ids)
+    assert traced and all(traced), traced  # both towers now run the compiled graph
     for a, b in zip(eager, compiled, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    fresh = DualEncoder(model.spec)  # checkpoints written from a compiled model load into an eager one
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        reloaded = fresh.eval().encode_image(images), fresh.encode_text(ids)
+    for a, b in zip(eager, reloaded, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)

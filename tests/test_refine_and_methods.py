@@ -14,9 +14,10 @@ from lipkit.data.sources.registry import read_table
 from lipkit.data.table_batches import ImageStore
 from lipkit.errors import UserError
 from lipkit.eval.evaluate import embed_images, embed_texts
-from lipkit.objectives import OBJECTIVES
+from lipkit.objectives import OBJECTIVES, build_objective
 from lipkit.objectives.refine import CLIPRefine
 from lipkit.train.launch import run_training
+from objective_inputs import objective_inputs
 
 METHODS = sorted((packaged_config().parent / "methods").glob("*.yaml"))
 
@@ -58,6 +59,23 @@ def test_method_presets_layer_on_the_demo(path):
     cfg = load_config([packaged_config(), path])
     assert cfg.train.objective in OBJECTIVES
     assert cfg.model.preset == "tiny"  # the demo's settings survive where the preset is silent
+
+
+@pytest.mark.parametrize("path", METHODS, ids=[p.stem for p in METHODS])
+def test_method_preset_objective_builds_with_its_args_and_trains(path):
+    """The preset's objective with its objective_args, built as training builds it (launch.py), takes one
+    forward and backward: finite loss, finite non-zero gradients for every input it declares."""
+    t = load_config([packaged_config(), path]).train
+    objective = build_objective(t.objective, **t.objective_args)
+    for key, value in t.objective_args.items():  # the preset's settings reach the objective
+        assert getattr(objective, key) == value, key
+    inputs = objective_inputs(objective)
+    loss = objective(**inputs)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    leaves = [x for x in inputs.values() if x.requires_grad]
+    assert leaves
+    loss.backward()
+    assert all(x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0 for x in leaves)
 
 
 def gap(checkpoint: Path, table: Path) -> float:

@@ -8,7 +8,6 @@ import asyncio
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -25,17 +24,12 @@ pytest.importorskip("uvicorn", reason="uvicorn is not installed (pip install 'li
 httpx = pytest.importorskip("httpx", reason="httpx is not installed (pip install httpx)")
 
 import lipkit  # noqa: E402
+from conftest import free_port  # noqa: E402
 from lipkit.search.embed import run_embed  # noqa: E402
 from lipkit.search.index import build_index, load_index  # noqa: E402
 from test_search_index import image_collection, tiny_checkpoint  # noqa: E402
 
 SERVE = "import typer; from lipkit.cli.search import register; app = typer.Typer(); register(app); app()"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

@@ -113,6 +113,11 @@ def convert(
     report = run(src, out, shard_size, image_column, caption_column, image_root_, verify).to_dict()
     if report["skipped"]:
         Console().print(_skipped_table("skipped", report))
+    if not report["samples"]:
+        raise UserError(
+            f"None of the {sum(report['skipped'].values())} samples of '{src}' could be used (listed above); "
+            "fix or remove them and convert again."
+        )
     console.print(
         f"wrote {report['samples']} samples into {report['shards']} shards ({report['samples_per_s']:,.0f} "
         f"samples/s, {sum(report['skipped'].values())} skipped); train on them with "

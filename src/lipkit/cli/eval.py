@@ -59,4 +59,9 @@ def report(
     """Write an HTML report (curves, metrics vs chance, heat map, retrieval examples) for a run."""
     from lipkit.eval.report import write_report
 
+    if not any((run_dir / f).is_file() for f in ("metrics.jsonl", "eval/results.json")):
+        raise UserError(
+            f"'{run_dir}' is not a run directory (it has neither metrics.jsonl nor eval/results.json); "
+            "pass the train.output folder of a `lipkit train` run."
+        )
     console.print(f"report: {write_report(run_dir)}")

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lipkit.data.image_policy import MAX_PIXELS
+from lipkit.errors import UserError
 
 console = Console(stderr=True)
 index_app = typer.Typer(help="Build, extend and inspect search indexes.", no_args_is_help=True)
@@ -47,6 +48,11 @@ def embed(
         workers=workers,
         overwrite=overwrite,
     )
+    if r.n_embedded == 0 and r.n_skipped:
+        raise UserError(
+            f"None of the {r.n_skipped} images of '{source}' could be decoded (see {r.out / 'skipped.json'}); "
+            "fix their paths or files and run the command again."
+        )
     if r.chunks_computed == 0 and r.chunks_done_before:
         console.print(f"'{r.out}' is already complete ({r.n_embedded} items); nothing to do.")
     elif r.chunks_done_before:
@@ -67,16 +73,20 @@ def index_build(
     ),
     out: Path = typer.Argument(..., help="Index folder to write."),
     kind: str = typer.Option("flat", "--kind", "-k", help="flat (exact), hnsw, ivfpq, or sparse (lexical)."),
-    nlist: int = typer.Option(None, help="IVF-PQ: inverted lists (default ≈ √N)."),
+    nlist: int = typer.Option(None, min=1, help="IVF-PQ: inverted lists (default ≈ √N)."),
     m: int = typer.Option(
         None,
         "--m",
+        min=1,
+        max=1024,
         help="HNSW: links per node (default 32). IVF-PQ: sub-quantizers, dividing the dim (default dim/4).",
     ),
-    nbits: int = typer.Option(None, help="IVF-PQ: bits per sub-quantizer code (default 8)."),
-    ef: int = typer.Option(None, help="HNSW: search breadth efSearch (default 128)."),
-    ef_construction: int = typer.Option(None, help="HNSW: build breadth (default 200)."),
-    nprobe: int = typer.Option(None, help="IVF-PQ: lists visited per query (default max(8, nlist/8))."),
+    nbits: int = typer.Option(None, min=1, max=16, help="IVF-PQ: bits per sub-quantizer code (default 8)."),
+    ef: int = typer.Option(None, min=1, help="HNSW: search breadth efSearch (default 128)."),
+    ef_construction: int = typer.Option(None, min=1, help="HNSW: build breadth (default 200)."),
+    nprobe: int = typer.Option(
+        None, min=1, help="IVF-PQ: lists visited per query (default max(8, nlist/8))."
+    ),
 ) -> None:
     """Build a FAISS inner-product index (flat, hnsw, ivfpq) or a sparse inverted index (sparse)."""
     from lipkit.search.index_build import build_from_embeddings, check_build_params, index_input
@@ -101,6 +111,8 @@ def index_add(
     ix = load_index(index)
     entry = new_source(ix, emb_dir, allow_duplicates)
     x, items = index_input(emb_dir, ix.kind)
+    if x.shape[0] == 0:
+        raise UserError(f"'{emb_dir}' holds no vectors; embed some images into it with `lipkit embed` first.")
     before = ix.ntotal
     with console.status(f"adding {x.shape[0]:,} vectors…"):
         add_to_index(ix, index, x, items, entry)
@@ -154,8 +166,8 @@ def search(
     image: Path = typer.Option(None, "--image", "-i", help="Search with this image instead of text."),
     k: int = typer.Option(10, "-k", "--k", help="Number of results (1..1000)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-    ef: int = typer.Option(None, help="HNSW: override efSearch for this query."),
-    nprobe: int = typer.Option(None, help="IVF-PQ: override nprobe for this query."),
+    ef: int = typer.Option(None, min=1, help="HNSW: override efSearch for this query."),
+    nprobe: int = typer.Option(None, min=1, help="IVF-PQ: override nprobe for this query."),
     device: str = typer.Option("cpu", help="cpu, cuda or auto."),
 ) -> None:
     """Top-k items for a text query or an image (--image)."""

@@ -12,7 +12,7 @@ import torch
 from rich.progress import Progress
 
 from lipkit.config import EvalConfig
-from lipkit.data.records import Record
+from lipkit.data.records import Record, describe
 from lipkit.data.table_batches import ImageStore
 from lipkit.errors import UserError
 from lipkit.eval import token_similarity
@@ -108,6 +108,16 @@ def fit_probes(
     return probes
 
 
+def _no_images(split: str, store: ImageStore) -> str:
+    what = f"The evaluation split '{split}'" if split else "The evaluation table"
+    if store.skipped:
+        return (
+            f"{what} has no usable image ({describe(store.skipped)}, e.g. '{store.problems[0].key}'); "
+            "fix its image paths or drop the split."
+        )
+    return f"{what} has no rows; point it at a table with images or drop the split."
+
+
 def _spread(n: int, k: int) -> list[int]:
     return sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(min(n, k))})
 
@@ -121,10 +131,12 @@ def evaluate_records(
     details: bool = True,
     similarity: str = "dense",
     probes: dict[str, LinearProbe] | None = None,
+    split: str = "",
 ) -> dict[str, Any]:
     """Metrics (and chance levels) for one split; with `details`, also retrieval examples and a heat map.
     `similarity`: "dense" (cosine of pooled embeddings) or "filip" (token-wise, see eval.token_similarity).
-    `probes`: linear probes per class column (`fit_probes`) scored as `probe/<column>/...`."""
+    `probes`: linear probes per class column (`fit_probes`) scored as `probe/<column>/...`. A split with
+    no usable image (every one missing or corrupt, or none at all) is a UserError naming `split`."""
     if similarity not in SIMILARITIES:
         raise ValueError(f"similarity must be one of {SIMILARITIES}, not {similarity!r}")
     if similarity == "lexical" and not model.has_lexicon:
@@ -132,6 +144,8 @@ def evaluate_records(
     was_training = model.training
     model.eval()
     store = store or ImageStore(records, model.spec.image_size, cache=True, desc="evaluation")
+    if not store.records:
+        raise UserError(_no_images(split, store))
     images = _embed_split(model, store, cfg.batch_size, similarity, probes)
     metrics: dict[str, float] = {}
     chance: dict[str, float] = {}

@@ -62,7 +62,7 @@ def run_eval(checkpoint: str | Path, splits: dict[str, str], cfg: Config, out: P
         if cfg.eval.max_images:
             records = records[: cfg.eval.max_images]
         results["splits"][name] = evaluate_records(
-            model, tokenizer, records, cfg.eval, similarity=similarity, probes=probes
+            model, tokenizer, records, cfg.eval, similarity=similarity, probes=probes, split=name
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out, results, indent=2)

@@ -101,13 +101,34 @@ class DualEncoder(nn.Module):
         }
 
     def lock(self, tower: str, mode: str) -> None:
-        """LiT: freeze the "image" or "text" tower — "all" of it, or its "backbone" (all but the projection)."""
+        """LiT: freeze the "image" or "text" tower — "all" of it, or its "backbone" (all but the projection).
+        The frozen part stays in eval mode from now on (see `train`)."""
         module = self.visual if tower == "image" else self.text
         projection = "proj" if tower == "image" else "text_projection"
         for name, p in module.named_parameters():
             if mode == "all" or (mode == "backbone" and name != projection):
                 p.requires_grad_(False)
-        module.train(self.training)  # lets a locked Hugging Face encoder switch its dropout off
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> DualEncoder:
+        """Train or eval mode, but a tower's frozen modules (those whose parameters all have
+        requires_grad off: a locked tower, or a locked backbone without its projection) stay in eval mode:
+        frozen BatchNorm statistics (no running-statistics update, no batch statistics) and no dropout."""
+        super().train(mode)
+        if mode:
+            _frozen_to_eval(self.visual)
+            _frozen_to_eval(self.text)
+        return self
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _frozen_to_eval(module: nn.Module) -> None:
+    """Put the largest frozen sub-modules of `module` (itself included) in eval mode."""
+    params = list(module.parameters())
+    if params and not any(p.requires_grad for p in params):
+        module.eval()
+        return
+    for child in module.children():
+        _frozen_to_eval(child)

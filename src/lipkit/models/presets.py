@@ -23,6 +23,10 @@ class ModelSpec:
     # "patch": one strided convolution (ViT); "conv": a stack of 3×3 stride-2 convolutions down to the patch
     # grid (Xiao et al., 2021, "Early Convolutions Help Transformers See Better") — learns faster from little data
     vision_stem: str = "patch"
+    # the conv stem's normalisation: "group" (GroupNorm: no batch statistics, so any number of ranks,
+    # gradient-caching chunks and a locked tower all compute the same thing); "batch" (BatchNorm2d) only for
+    # checkpoints written before this setting existed (a saved config without it loads as "batch")
+    stem_norm: str = "group"
     # text tower (causal transformer, pooled at the end-of-text token)
     text_width: int = 192
     text_layers: int = 4
@@ -50,11 +54,14 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        """The spec of a saved config (a checkpoint's config.json); settings added since take the value
+        that reproduces the model the config was saved from."""
         names = {f.name for f in fields(cls)}
         unknown = set(data) - names
         if unknown:
             raise UserError(f"Unknown model setting(s) {sorted(unknown)}; valid ones are {sorted(names)}.")
         clean = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        clean.setdefault("stem_norm", "batch")  # saved before GroupNorm: a BatchNorm stem and its statistics
         return cls(**clean)
 
 

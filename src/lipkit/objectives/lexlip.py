@@ -18,9 +18,10 @@ over the first T steps as in SPLADE (Formal et al., 2021):
 InfoNCE(w_img, w_txt; τ) is CLIP's symmetric loss on the raw dot products <w_img_i, w_txt_j> / τ (lexicon
 vectors are not normalised: their magnitude is what the index scores). λ = `flops_weight`,
 T = `flops_warmup` (steps; 0 = λ from the start), τ = `temperature` (None: the model's learnable CLIP
-scale). The last term, μ = `dense_weight`, is the ordinary CLIP loss on the dense embeddings beside the
-lexical one (LexLIP keeps a dense path too; off when μ = 0), which gives the towers a signal while the
-sparse heads are still finding their terms. (The paper also pre-trains the heads with a
+scale). The last term, μ = `dense_weight` (default 1, as configs/methods/lexlip.yaml), is the ordinary
+CLIP loss on the dense embeddings beside the lexical one (LexLIP keeps a dense path too), which gives the
+towers a signal while the sparse heads are still finding their terms; μ = 0 turns it off, which
+docs/methods.md measured to be degenerate (every image predicted the same class). (The paper also pre-trains the heads with a
 lexicon-bottlenecked masked-language-model stage; this objective is the contrastive stage only.)
 """
 
@@ -53,7 +54,7 @@ class LexiconContrast(nn.Module):
         flops_weight: float = 1e-3,
         temperature: float | None = 1.0,
         flops_warmup: int = 50,
-        dense_weight: float = 0.0,
+        dense_weight: float = 1.0,
     ) -> None:
         super().__init__()
         self.flops_weight, self.temperature = flops_weight, temperature

@@ -20,6 +20,8 @@ def check_text(q: Any, lim: Limits) -> str:
     if not isinstance(q, str):
         raise ApiError(400, "The query q must be a string; send q=some words.")
     text = q.strip()
+    if "\ufffd" in text:  # what a percent-encoded byte that is not UTF-8 decodes to
+        raise ApiError(400, "The query q is not valid UTF-8; send the words UTF-8 encoded.")
     if not text:
         raise ApiError(400, "The query q is empty; type a few words to search for.")
     if len(text) > lim.max_query_chars:
@@ -69,7 +71,11 @@ async def _read_json(request: Request, fields: dict[str, Any]) -> Any:
     raw = await request.body()
     try:
         body = json.loads(raw or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except RecursionError:  # nesting deeper than the interpreter's stack
+        raise ApiError(
+            400, 'The JSON body is nested too deeply; send a flat object like {"q": "some words"}.'
+        ) from None
+    except ValueError:  # not JSON, not UTF-8, or an integer over Python's 4300-digit limit
         raise ApiError(400, 'The body is not valid JSON; send {"q": "some words", "k": 10}.') from None
     if not isinstance(body, dict):
         raise ApiError(400, 'The JSON body must be an object like {"q": "some words", "k": 10}.')

@@ -27,20 +27,7 @@ import torch.nn.functional as F
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from lipkit.errors import UserError
-
-PER_SAMPLE = (
-    "caption_key",
-    "image_features",
-    "text_features",
-    "image_features_2",
-    "text_features_2",
-    "synth_features",
-    "image_tokens",
-    "text_tokens",
-    "text_mask",
-    "image_lexicon",
-    "text_lexicon",
-)
+from lipkit.train.inputs import INPUTS
 
 
 @dataclass(frozen=True)
@@ -96,13 +83,19 @@ def gather(x: torch.Tensor) -> torch.Tensor:
 
 
 def gather_inputs(inputs: dict[str, torch.Tensor], d: Dist, batch: int) -> dict[str, torch.Tensor]:
-    """Make an objective's inputs global: per-sample tensors gathered, caption owners offset by rank."""
+    """Make an objective's inputs global, each as the registry (train.inputs.INPUTS) says: features
+    gathered with gradient, ints, bools and frozen features plainly, caption owners offset by rank."""
     out = dict(inputs)
-    for name in PER_SAMPLE:
-        if name in out:
-            out[name] = gather(out[name]) if out[name].is_floating_point() else _gather_plain(out[name])
-    if "caption_owner" in out:
-        out["caption_owner"] = _gather_plain(out["caption_owner"] + d.rank * batch)
+    for name, entry in INPUTS.items():  # the registry's order: the same collectives on every rank
+        if name not in inputs:
+            continue
+        x, how = inputs[name], entry.gather
+        if how == "grad":
+            out[name] = gather(x)
+        elif how == "plain":
+            out[name] = _gather_plain(x)
+        elif how == "owner":
+            out[name] = _gather_plain(x + d.rank * batch)
     return out
 
 
@@ -163,9 +156,9 @@ def check_scaling(cfg: Any, needs: set[str], d: Dist) -> None:
         )
     if cfg.local_loss and cfg.objective != "infonce":
         raise UserError("train.local_loss is implemented for the infonce objective only; unset it.")
-    pooled = {"image_features", "text_features", "logit_scale", "logit_bias", "caption_owner", "caption_key"}
-    if cfg.grad_cache_chunk and not needs <= pooled:
+    uncached = sorted(name for name in needs if INPUTS[name].cache is None)
+    if cfg.grad_cache_chunk and uncached:
         raise UserError(
-            f"train.grad_cache_chunk works with objectives on pooled features only, not "
-            f"'{cfg.objective}'; unset it."
+            f"train.grad_cache_chunk cannot cache the objective '{cfg.objective}' input "
+            f"{', '.join(uncached)}; unset train.grad_cache_chunk."
         )

@@ -19,8 +19,9 @@ from contextlib import contextmanager
 
 import torch
 
+from lipkit.train.inputs import INPUTS
+
 RngState = tuple[torch.Tensor, torch.Tensor | None]
-CACHED = ("image_features", "text_features")
 
 
 def rng_snapshot(device: torch.device) -> RngState:
@@ -39,33 +40,39 @@ def replayed_rng(state: RngState, device: torch.device) -> Iterator[None]:
 
 
 def grad_cache_backward(
-    embed: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]],
-    images: torch.Tensor,
-    ids: torch.Tensor,
+    embed: Callable[[slice, set[str]], dict[str, torch.Tensor]],
+    batch: int,
     chunk: int,
-    per_image: int,
-    extras: dict[str, torch.Tensor],
+    needs: set[str],
     loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    device: torch.device,
 ) -> torch.Tensor:
-    """Steps 1–3 above. `embed(images, ids)` returns the pooled features of a chunk (`ids` holds
-    `per_image` captions per image, image-major); `loss_fn` gets them for the whole batch plus `extras`
-    (logit scale, caption owners, ...). Gradients accumulate in the parameters; returns the loss."""
-    k, device = per_image, images.device
-    chunks = [slice(s, s + chunk) for s in range(0, images.shape[0], chunk)]
+    """Steps 1–3 above. `embed(rows, names)` computes the named inputs (train.inputs.INPUTS) of the
+    images `rows` of the batch (`batch` images) and their captions. The registry says which inputs are
+    embedded chunk by chunk with their gradients cached (float features, rows image-major) and which
+    are computed once for the whole batch (the logit scale, caption owners, the frozen teacher, ...);
+    `loss_fn` gets them all. Gradients accumulate in the parameters; returns the loss."""
+    # in the registry's order (not a set's, which differs between processes): the same collectives
+    chunked = [name for name, entry in INPUTS.items() if name in needs and entry.cache == "chunk"]
+    chunks = [slice(s, min(s + chunk, batch)) for s in range(0, batch, chunk)]
     states, parts = [], []
     with torch.no_grad():
         for ch in chunks:
             states.append(rng_snapshot(device))
-            parts.append(embed(images[ch], ids[ch.start * k : ch.stop * k]))
-    cached = {name: torch.cat([p[name] for p in parts]).float().requires_grad_() for name in CACHED}
-    loss = loss_fn({**cached, **extras})
+            parts.append(embed(ch, set(chunked)))
+    whole = embed(slice(0, batch), needs - set(chunked))  # with a graph: the logit scale/bias get gradients
+    cached = {name: torch.cat([p[name] for p in parts]).float().requires_grad_() for name in chunked}
+    loss = loss_fn({**cached, **whole})
     loss.backward()  # gradients reach the logit scale/bias directly and the cached embeddings
     for ch, state in zip(chunks, states, strict=True):
         with replayed_rng(state, device):
-            part = embed(images[ch], ids[ch.start * k : ch.stop * k])
-        n = part["image_features"].shape[0]
-        per = part["text_features"].shape[0] // n  # k captions per image (multi-positive) or 1
-        rows = {"image_features": ch, "text_features": slice(ch.start * per, (ch.start + n) * per)}
-        surrogate = sum((part[f].float() * cached[f].grad[rows[f]]).sum() for f in CACHED)
-        surrogate.backward()
+            part = embed(ch, set(chunked))
+        surrogate = torch.zeros((), device=device)
+        for name, value in part.items():
+            grad = cached[name].grad
+            if grad is not None:  # rows: one or more per image (every caption), image-major
+                per = value.shape[0] // (ch.stop - ch.start)
+                surrogate = surrogate + (value.float() * grad[ch.start * per : ch.stop * per]).sum()
+        if surrogate.requires_grad:
+            surrogate.backward()
     return loss

@@ -1,11 +1,19 @@
 """What an objective reads, computed from one batch: the trainer asks the objective for its `inputs`
 and runs only the forward passes those need (token features for FILIP/LexLIP, a second image view for
-TCL, every caption for multi-positive, the second caption for ALIP, the bias for SigLIP)."""
+TCL, every caption for multi-positive, the second caption for ALIP, the bias for SigLIP, the frozen
+teacher for CLIP-Refine).
+
+`INPUTS` is the one registry of those inputs: for each name, how it is computed from a batch, how it
+is made global across ranks (train.distributed.gather_inputs), how gradient caching handles it
+(train.grad_cache) and what the run must provide for it (`check_inputs`). Nothing else lists them.
+"""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -13,8 +21,7 @@ import torch.nn.functional as F
 from lipkit.errors import UserError
 from lipkit.models.dual_encoder import DualEncoder
 
-TOKENS = {"image_tokens", "text_tokens", "text_mask", "image_lexicon", "text_lexicon"}
-NEEDS_SECOND_CAPTION = {"synth_features", "text_features_2"}
+DEFAULT_INPUTS = ("image_features", "text_features", "logit_scale")  # an objective without `inputs`
 
 
 @functools.cache
@@ -29,15 +36,172 @@ def caption_keys(ids: torch.Tensor) -> torch.Tensor:
     return (ids.long() * _hash_coefficients(ids.shape[1]).to(ids.device)).sum(1)
 
 
-def caption_inputs(needs: set[str], n_images: int, ids: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
-    """What a multi-caption objective reads besides features: `caption_owner` (the k captions of each
-    image, image-major) and, when asked for, `caption_key` of every caption's token ids."""
-    out: dict[str, torch.Tensor] = {}
-    if "caption_owner" in needs:
-        out["caption_owner"] = torch.arange(n_images, device=ids.device).repeat_interleave(k)
-        if "caption_key" in needs:
-            out["caption_key"] = caption_keys(ids)
-    return out
+class BatchPass:
+    """One batch's forward passes, each run at most once and only when an input asks for it.
+    images: (B, 3, H, W); ids: (B·k, L), the k captions of each image, image-major."""
+
+    def __init__(
+        self,
+        model: DualEncoder,
+        needs: set[str],
+        images: torch.Tensor,
+        ids: torch.Tensor,
+        k: int,
+        second_view: Callable[[], torch.Tensor | None],
+        pad_id: int,
+        teacher: DualEncoder | None,
+    ) -> None:
+        self.model, self.images, self.ids, self.k = model, images, ids, k
+        self.second_view, self.pad_id, self.teacher = second_view, pad_id, teacher
+        entries = [INPUTS[name] for name in needs]
+        self.tokens = any(e.tokens for e in entries)
+        encode_all = any(e.every_caption for e in entries)
+        self.text_ids = ids if encode_all else ids[::k]
+        self.first = slice(None, None, k) if encode_all else slice(None)  # the first caption of each image
+        # text features of every caption (image-major) or of the first caption of each image
+        self.text_rows = slice(None) if any(e.per_caption for e in entries) else self.first
+
+    @functools.cached_property
+    def image(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Normalised pooled features and (when asked for) token features of the images."""
+        if self.tokens:
+            img, tok = self.model.visual(self.images, return_tokens=True)
+            return F.normalize(img, dim=-1), F.normalize(tok, dim=-1)
+        return F.normalize(self.model.visual(self.images), dim=-1), None
+
+    @functools.cached_property
+    def text(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Normalised pooled features of every encoded caption and the first captions' token features."""
+        if self.tokens:
+            txt, tok = self.model.text(self.text_ids, return_tokens=True)
+            return F.normalize(txt, dim=-1), F.normalize(tok[self.first], dim=-1)
+        return F.normalize(self.model.text(self.text_ids), dim=-1), None
+
+    @functools.cached_property
+    def text_mask(self) -> torch.Tensor:
+        return (self.text_ids != self.pad_id)[self.first]
+
+    @functools.cached_property
+    def frozen(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The teacher's (image features, first captions' features, logit scale), without a graph."""
+        assert self.teacher is not None, "check_inputs refuses a teacher input without a teacher"
+        with torch.no_grad():
+            image = F.normalize(self.teacher.visual(self.images), dim=-1)
+            text = F.normalize(self.teacher.text(self.text_ids[self.first]), dim=-1)
+            return image, text, self.teacher.scale()
+
+
+Gather = Literal["grad", "plain", "owner"]
+Cache = Literal["chunk", "batch"]
+
+
+@dataclass(frozen=True)
+class Input:
+    """One per-batch tensor an objective may read.
+
+    compute: the tensor, from the batch's forward passes.
+    gather: how ranks make it global (None: the same on every rank, e.g. the logit scale) — "grad":
+        all-gathered with gradient (features); "plain": all-gathered without (ints, bools, frozen
+        features); "owner": image indices, offset by rank·local batch, then gathered plainly.
+    cache: how gradient caching handles it (None: it cannot) — "chunk": embedded chunk by chunk with its
+        gradient cached (a float tensor with one or more rows per image, image-major); "batch": computed
+        once for the whole batch (parameters, token ids, the frozen teacher).
+    tokens / every_caption / per_caption: it needs the towers' token outputs / every caption encoded /
+        `text_features` to hold every caption instead of the first of each image.
+    requires: what the run must provide (a key of `_REQUIREMENTS`).
+    """
+
+    compute: Callable[[BatchPass], torch.Tensor]
+    gather: Gather | None
+    cache: Cache | None
+    tokens: bool = False
+    every_caption: bool = False
+    per_caption: bool = False
+    requires: str | None = None
+
+
+def _owners(p: BatchPass) -> torch.Tensor:
+    return torch.arange(p.images.shape[0], device=p.ids.device).repeat_interleave(p.k)
+
+
+INPUTS: dict[str, Input] = {
+    "image_features": Input(lambda p: p.image[0], "grad", "chunk"),
+    "text_features": Input(lambda p: p.text[0][p.text_rows], "grad", "chunk"),
+    "logit_scale": Input(lambda p: p.model.scale(), None, "batch"),
+    "logit_bias": Input(lambda p: p.model.logit_bias, None, "batch", requires="bias"),
+    "caption_owner": Input(
+        _owners, "owner", "batch", every_caption=True, per_caption=True, requires="captions"
+    ),
+    "caption_key": Input(
+        lambda p: caption_keys(p.ids),
+        "plain",
+        "batch",
+        every_caption=True,
+        per_caption=True,
+        requires="captions",
+    ),
+    "synth_features": Input(
+        lambda p: p.text[0][1 :: p.k], "grad", "chunk", every_caption=True, requires="two"
+    ),
+    "text_features_2": Input(
+        lambda p: p.text[0][1 :: p.k], "grad", "chunk", every_caption=True, requires="two"
+    ),
+    "image_features_2": Input(
+        lambda p: F.normalize(p.model.visual(p.second_view()), dim=-1), "grad", "chunk"
+    ),
+    "image_tokens": Input(lambda p: p.image[1], "grad", "chunk", tokens=True),
+    "text_tokens": Input(lambda p: p.text[1], "grad", "chunk", tokens=True),
+    "text_mask": Input(lambda p: p.text_mask, "plain", "batch", tokens=True),
+    # the model's own LexLIP heads (see DualEncoder.encode_*_lexical)
+    "image_lexicon": Input(
+        lambda p: p.model.image_lexicon(p.image[1]), "grad", "chunk", tokens=True, requires="lexicon"
+    ),
+    "text_lexicon": Input(
+        lambda p: p.model.text_lexicon(p.text[1], p.text_mask),
+        "grad",
+        "chunk",
+        tokens=True,
+        requires="lexicon",
+    ),
+    # the frozen starting model (CLIP-Refine): no gradient, so gathered plainly and computed once
+    "teacher_image_features": Input(lambda p: p.frozen[0], "plain", "batch", requires="teacher"),
+    "teacher_text_features": Input(lambda p: p.frozen[1], "plain", "batch", requires="teacher"),
+    "teacher_logit_scale": Input(lambda p: p.frozen[2], None, "batch", requires="teacher"),
+}
+
+# what the run must provide, checked in this order: (is it there?, the rest of the one-sentence refusal)
+_REQUIREMENTS: dict[str, tuple[Callable[[dict[str, Any]], bool], str]] = {
+    "two": (lambda s: s["captions"] >= 2, "needs two captions per image; set data.captions_per_image=2."),
+    "captions": (
+        lambda s: s["captions"] >= 2,
+        "contrasts several captions per image; set data.captions_per_image to 2 or more.",
+    ),
+    "teacher": (
+        lambda s: s["teacher"],
+        "distils from the starting model; set model.init_from to a checkpoint (or use `lipkit refine "
+        "CHECKPOINT`).",
+    ),
+    "lexicon": (
+        lambda s: s["lexicon"],
+        "trains lexicon heads and this model has none; start from a model without model.init_from, or set "
+        "model.overrides.lexicon_vocab (e.g. the tokenizer's vocabulary size).",
+    ),
+    "bias": (lambda s: s["bias"], "needs a logit bias; set model.overrides.logit_bias=true."),
+}
+
+
+def objective_needs(objective: Any) -> set[str]:
+    """The inputs `objective` reads (its `inputs` attribute), each one registered in `INPUTS`."""
+    needs = set(getattr(objective, "inputs", DEFAULT_INPUTS))
+    unknown = needs - INPUTS.keys()
+    if unknown:  # a programming error in an objective, not the user's
+        raise ValueError(f"{type(objective).__name__} reads unregistered inputs {sorted(unknown)}")
+    return needs
+
+
+def requires(needs: Iterable[str], what: str) -> bool:
+    """Whether any of `needs` requires `what` (a key of `_REQUIREMENTS`: "teacher", "bias", ...)."""
+    return any(INPUTS[name].requires == what for name in needs)
 
 
 def check_inputs(
@@ -48,27 +212,10 @@ def check_inputs(
     has_teacher: bool = False,
     has_lexicon: bool = False,
 ) -> None:
-    if needs & NEEDS_SECOND_CAPTION and captions_per_image < 2:
-        raise UserError(
-            f"Objective '{objective}' needs two captions per image; set data.captions_per_image=2."
-        )
-    if "caption_owner" in needs and captions_per_image < 2:
-        raise UserError(
-            f"Objective '{objective}' contrasts several captions per image; set "
-            "data.captions_per_image to 2 or more."
-        )
-    if "teacher_image_features" in needs and not has_teacher:
-        raise UserError(
-            f"Objective '{objective}' distils from the starting model; set model.init_from to a "
-            "checkpoint (or use `lipkit refine CHECKPOINT`)."
-        )
-    if "image_lexicon" in needs and not has_lexicon:
-        raise UserError(
-            f"Objective '{objective}' trains lexicon heads and this model has none; start from a model "
-            "without model.init_from, or set model.overrides.lexicon_vocab (e.g. the tokenizer's vocabulary size)."
-        )
-    if "logit_bias" in needs and not has_bias:
-        raise UserError(f"Objective '{objective}' needs a logit bias; set model.overrides.logit_bias=true.")
+    setup = {"captions": captions_per_image, "bias": has_bias, "teacher": has_teacher, "lexicon": has_lexicon}
+    for what, (present, fix) in _REQUIREMENTS.items():
+        if requires(needs, what) and not present(setup):
+            raise UserError(f"Objective '{objective}' {fix}")
 
 
 def objective_inputs(
@@ -77,43 +224,13 @@ def objective_inputs(
     images: torch.Tensor,
     ids: torch.Tensor,
     captions_per_image: int,
-    second_view: Callable[[], torch.Tensor],
+    second_view: Callable[[], torch.Tensor | None],
     pad_id: int,
     teacher: DualEncoder | None = None,
+    only: set[str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """images: (B, 3, H, W); ids: (B·k, L) image-major. Returns the named tensors the objective reads."""
-    k = captions_per_image
-    out: dict[str, torch.Tensor] = {"logit_scale": model.scale()}
-    all_captions = "caption_owner" in needs or bool(needs & NEEDS_SECOND_CAPTION)
-    text_ids = ids if all_captions else ids[::k]
-    first = slice(None, None, k) if all_captions else slice(None)  # the first caption of each image
-    if needs & TOKENS:
-        img, img_tok = model.visual(images, return_tokens=True)
-        txt, txt_tok = model.text(text_ids, return_tokens=True)
-        out["image_tokens"] = F.normalize(img_tok, dim=-1)
-        out["text_tokens"] = F.normalize(txt_tok[first], dim=-1)
-        out["text_mask"] = (text_ids != pad_id)[first]
-        if "image_lexicon" in needs:  # the model's own LexLIP heads (see DualEncoder.encode_*_lexical)
-            out["image_lexicon"] = model.image_lexicon(out["image_tokens"])
-            out["text_lexicon"] = model.text_lexicon(out["text_tokens"], out["text_mask"])
-    else:
-        img, txt = model.visual(images), model.text(text_ids)
-    out["image_features"] = F.normalize(img, dim=-1)
-    txt = F.normalize(txt, dim=-1)
-    if "caption_owner" in needs:
-        out["text_features"] = txt
-        out.update(caption_inputs(needs, images.shape[0], ids, k))
-    else:
-        out["text_features"] = txt[first]
-    if needs & NEEDS_SECOND_CAPTION:
-        out["synth_features"] = out["text_features_2"] = txt[1::k]
-    if "image_features_2" in needs:
-        out["image_features_2"] = F.normalize(model.visual(second_view()), dim=-1)
-    if "logit_bias" in needs:
-        out["logit_bias"] = model.logit_bias
-    if teacher is not None and "teacher_image_features" in needs:
-        with torch.no_grad():
-            out["teacher_image_features"] = F.normalize(teacher.visual(images), dim=-1)
-            out["teacher_text_features"] = F.normalize(teacher.text(text_ids[first]), dim=-1)
-            out["teacher_logit_scale"] = teacher.scale()
-    return {name: value for name, value in out.items() if name in needs}
+    """images: (B, 3, H, W); ids: (B·k, L) image-major. Returns the named tensors the objective reads
+    (`needs`; or only the names `only` of them, laid out as for all of `needs`), in registry order."""
+    p = BatchPass(model, needs, images, ids, captions_per_image, second_view, pad_id, teacher)
+    wanted = needs if only is None else only
+    return {name: entry.compute(p) for name, entry in INPUTS.items() if name in wanted}

@@ -34,6 +34,7 @@ from lipkit.objectives import build_objective
 from lipkit.text.tokenizer import TextTokenizer
 from lipkit.train.distributed import init as init_distributed
 from lipkit.train.hooks import CheckpointWriter, Evaluator
+from lipkit.train.inputs import objective_needs, requires
 from lipkit.train.trainer import Trainer, TrainResult
 
 console = Console(stderr=True, quiet=os.environ.get("RANK", "0") != "0")
@@ -88,9 +89,10 @@ def _new_model(cfg: Config, tokenizer: TextTokenizer, objective: Any, pretrained
         "pad_id": tokenizer.pad_id,
         "context_length": cfg.tokenizer.context_length,
     }
-    if "logit_bias" in getattr(objective, "inputs", ()):
+    needs = objective_needs(objective)  # what its inputs require (train.inputs.INPUTS)
+    if requires(needs, "bias"):
         fixed["logit_bias"] = True
-    if "image_lexicon" in getattr(objective, "inputs", ()) and not cfg.model.overrides.get("lexicon_vocab"):
+    if requires(needs, "lexicon") and not cfg.model.overrides.get("lexicon_vocab"):
         fixed["lexicon_vocab"] = tokenizer.vocab_size  # LexLIP: one weight per tokenizer term
     if pretrained is not None:
         hf_config = json.loads((pretrained / "config.json").read_text(encoding="utf-8"))
@@ -194,7 +196,7 @@ def _build_model(
     teacher = None
     if start is not None:
         model = start[0].train()
-        if "teacher_image_features" in getattr(objective, "inputs", ()):
+        if requires(objective_needs(objective), "teacher"):  # CLIP-Refine distils from it
             teacher = copy.deepcopy(model).eval().requires_grad_(False)  # the frozen starting model
     else:
         model = _new_model(cfg, tokenizer, objective, pretrained, fresh=resume is None)

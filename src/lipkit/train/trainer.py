@@ -28,6 +28,7 @@ from lipkit.config import AugmentConfig, TrainConfig
 from lipkit.data.transforms import augment, normalize
 from lipkit.errors import UserError
 from lipkit.malloc import keep_freed_memory
+from lipkit.models.batch_stats import check_batch_statistics
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.text.tokenizer import TextTokenizer
 from lipkit.train import fsdp
@@ -42,7 +43,7 @@ from lipkit.train.distributed import (
     local_infonce,
 )
 from lipkit.train.grad_cache import grad_cache_backward
-from lipkit.train.inputs import caption_inputs, check_inputs, objective_inputs
+from lipkit.train.inputs import check_inputs, objective_inputs, objective_needs
 from lipkit.train.optim import Schedule, param_groups
 from lipkit.train.progress import TrainBar, train_bar
 from lipkit.train.state import load_optimizer_state, load_rng_state, optimizer_state, rng_state
@@ -99,7 +100,7 @@ class Trainer:
         self.cfg, self.aug, self.run_dir, self.device = cfg, augment_cfg, run_dir, device
         if device.type == "cpu":
             keep_freed_memory()  # no page faults on every step's activations (lipkit/malloc.py)
-        self.needs = set(getattr(objective, "inputs", ("image_features", "text_features", "logit_scale")))
+        self.needs = objective_needs(objective)  # names in the registry train.inputs.INPUTS
         self.per_image, self.dist = captions_per_image, dist or Dist()
         self.local_batch = cfg.batch_size // self.dist.world
         self.teacher = teacher.to(device).eval() if teacher is not None else None
@@ -112,6 +113,7 @@ class Trainer:
             model.has_lexicon,
         )
         check_scaling(cfg, self.needs, self.dist)
+        check_batch_statistics(model, self.dist.world, cfg.grad_cache_chunk, self.local_batch)  # BatchNorm
         self.sharded = self.dist.enabled and cfg.strategy == "fsdp"
         if self.sharded:  # FSDP units replace the towers' parameters with shards (before the optimizer)
             fsdp.shard_model(model)
@@ -187,7 +189,14 @@ class Trainer:
         x = normalize(x * 255.0, spec.image_mean, spec.image_std)
         return x[self.dist.rank * self.local_batch : (self.dist.rank + 1) * self.local_batch].to(self.device)
 
-    def _inputs(self, images: torch.Tensor, ids: torch.Tensor, second: torch.Tensor | None) -> dict:
+    def _inputs(
+        self,
+        images: torch.Tensor,
+        ids: torch.Tensor,
+        second: torch.Tensor | None,
+        only: set[str] | None = None,
+    ) -> dict:
+        """The objective's inputs (or only the names `only` of them) of these images and their captions."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
             return objective_inputs(
                 self.model,
@@ -198,6 +207,7 @@ class Trainer:
                 lambda: second,
                 self.tokenizer.pad_id,
                 self.teacher,
+                only,
             )
 
     def _loss(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -208,21 +218,18 @@ class Trainer:
             out = gather_inputs(out, self.dist, self.local_batch)
         return self.objective(**out)
 
-    def _grad_cache_backward(self, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def _grad_cache_backward(
+        self, images: torch.Tensor, ids: torch.Tensor, second: torch.Tensor | None
+    ) -> torch.Tensor:
         """The step's backward by gradient caching (train.grad_cache), see train.grad_cache."""
         k = self.per_image
-        extras: dict[str, torch.Tensor] = {"logit_scale": self.model.scale()}
-        extras.update(caption_inputs(self.needs, images.shape[0], ids, k))
-        if "logit_bias" in self.needs:
-            extras["logit_bias"] = self.model.logit_bias
+
+        def embed(rows: slice, names: set[str]) -> dict[str, torch.Tensor]:
+            view = second[rows] if second is not None else None
+            return self._inputs(images[rows], ids[rows.start * k : rows.stop * k], view, names)
+
         return grad_cache_backward(
-            lambda im, i: self._inputs(im, i, None),
-            images,
-            ids,
-            self.cfg.grad_cache_chunk,
-            k,
-            extras,
-            self._loss,
+            embed, images.shape[0], self.cfg.grad_cache_chunk, self.needs, self._loss, self.device
         )
 
     def step(self, images_u8: torch.Tensor, captions: list[str], lr: float) -> tuple[torch.Tensor, bool]:
@@ -236,7 +243,7 @@ class Trainer:
             group["lr"] = lr * group["lr_scale"]
         self.opt.zero_grad(set_to_none=True)
         if self.cfg.grad_cache_chunk and self.cfg.grad_cache_chunk < b:
-            loss = self._grad_cache_backward(images, ids)
+            loss = self._grad_cache_backward(images, ids, second)
         else:
             loss = self._loss(self._inputs(images, ids, second))
             loss.backward()

@@ -1,0 +1,48 @@
+"""Layers that normalise with the statistics of their batch while the model trains (BatchNorm).
+
+New models have none (the conv stem uses GroupNorm, models.vision); a checkpoint saved before that
+(`stem_norm="batch"`) still has BatchNorm in its stem. Its statistics are those of whatever batch a
+forward sees: each rank's slice under DDP/FSDP, each chunk under gradient caching, so neither trains like
+one process on the whole batch — the trainer refuses them there. A locked tower keeps its BatchNorm in eval
+mode (frozen running statistics, DualEncoder.train), so it is no batch statistic and is allowed.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from lipkit.errors import UserError
+
+
+def batch_statistics_modules(model: nn.Module) -> list[str]:
+    """Names of the BatchNorm layers that use their batch's statistics when `model` is put in train mode
+    (the model's own `train`, so locked towers stay frozen); the model's modes are left as they were."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.train()
+    try:
+        return [
+            name
+            for name, m in model.named_modules()
+            if isinstance(m, _BatchNorm) and (m.training or not m.track_running_stats)
+        ]
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def check_batch_statistics(model: nn.Module, ranks: int, grad_cache_chunk: int, local_batch: int) -> None:
+    """Refuse batch statistics where a step's forwards see only part of the batch: several ranks, or
+    gradient caching (a `grad_cache_chunk` below the local batch)."""
+    if ranks <= 1 and not 0 < grad_cache_chunk < local_batch:
+        return
+    names = batch_statistics_modules(model)
+    if names:
+        where = f"{ranks} ranks" if ranks > 1 else f"train.grad_cache_chunk={grad_cache_chunk}"
+        raise UserError(
+            f"This model normalises with batch statistics (BatchNorm in {', '.join(names[:3])}: stem_norm "
+            f"'batch', as in checkpoints from before the GroupNorm conv stem), which {where} would compute "
+            "per part of the batch; train "
+            "it in one process without train.grad_cache_chunk, lock its image tower (train.lock_image), or "
+            "start a new model."
+        )

@@ -1,0 +1,62 @@
+"""Inputs for any registered objective, made from the names it declares in its `inputs` (objectives
+without the attribute read pooled features and the logit scale): a new objective is covered by every
+test that iterates `lipkit.objectives.OBJECTIVES`, and one reading an input nobody makes yet fails here
+with the name to add."""
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+F64 = torch.float64
+POOLED = ("image_features", "text_features", "logit_scale")
+
+
+def _unit(*shape: int, seed: int, grad: bool = True) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = F.normalize(torch.randn(*shape, generator=g, dtype=F64), dim=-1)
+    return x.requires_grad_(grad)
+
+
+def _makers(b: int, d: int) -> dict[str, Callable[[], torch.Tensor]]:
+    """One maker per input name a trainer computes (features of `b` pairs, `d` wide, float64)."""
+    g = torch.Generator().manual_seed(140)
+    return {
+        "image_features": lambda: _unit(b, d, seed=120),
+        "text_features": lambda: _unit(b, d, seed=121),
+        "synth_features": lambda: _unit(b, d, seed=122),
+        "image_features_2": lambda: _unit(b, d, seed=130),
+        "text_features_2": lambda: _unit(b, d, seed=131),
+        "image_tokens": lambda: _unit(b, 3, d, seed=132),
+        "text_tokens": lambda: _unit(b, 5, d, seed=133),
+        "text_mask": lambda: torch.ones(b, 5),
+        "caption_owner": lambda: torch.arange(b).double(),
+        "caption_key": lambda: torch.arange(b),
+        "image_lexicon": lambda: torch.rand(b, 10, generator=g, dtype=F64).requires_grad_(),
+        "text_lexicon": lambda: torch.rand(b, 10, generator=g, dtype=F64).requires_grad_(),
+        "logit_scale": lambda: torch.tensor(10.0, dtype=F64),
+        "logit_bias": lambda: torch.tensor(-10.0, dtype=F64),
+        "teacher_image_features": lambda: _unit(b, d, seed=134, grad=False),
+        "teacher_text_features": lambda: _unit(b, d, seed=135, grad=False),
+        "teacher_logit_scale": lambda: torch.tensor(20.0, dtype=F64),
+    }
+
+
+def declared_inputs(objective: nn.Module) -> tuple[str, ...]:
+    return tuple(getattr(objective, "inputs", POOLED))
+
+
+def objective_inputs(objective: nn.Module, b: int = 4, d: int = 8) -> dict[str, torch.Tensor]:
+    """Fresh tensors for exactly the inputs `objective` declares."""
+    makers = _makers(b, d)
+    missing = sorted(set(declared_inputs(objective)) - set(makers))
+    assert not missing, (
+        f"{type(objective).__name__} reads {missing}: add a maker to tests/objective_inputs.py"
+    )
+    return {name: makers[name]() for name in declared_inputs(objective)}
+
+
+def every_input(b: int = 4, d: int = 8) -> dict[str, torch.Tensor]:
+    """Everything any objective may read (what a trainer computes and passes as keywords)."""
+    return {name: make() for name, make in _makers(b, d).items()}
