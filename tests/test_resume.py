@@ -2,6 +2,7 @@
 a full disk — and resuming is bitwise identical to never having stopped."""
 
 import errno
+import hashlib
 import json
 import os
 import random
@@ -198,3 +199,24 @@ def test_unwritable_output_is_refused_before_training(table, tmp_path):
         out = ro / "run"
     with pytest.raises(UserError, match="not writable"):
         run_training(config_from_dict(config(table, out)))
+
+
+def test_a_run_saved_before_the_groupnorm_stem_resumes_with_its_batch_norm(table, tmp_path):
+    """A conv-stem run whose checkpoints predate `stem_norm` (BatchNorm, no such key in config.json)
+    resumes with the model it saved, not with today's default GroupNorm stem."""
+    conv = {**TINY_MODEL, "vision_stem": "conv"}
+    first = config(table, tmp_path / "run", epochs=1)
+    first["model"]["overrides"] = {**conv, "stem_norm": "batch"}
+    run_training(config_from_dict(first))
+    for cfg_file in (tmp_path / "run").glob("checkpoints/step-*/config.json"):
+        saved = json.loads(cfg_file.read_text())
+        del saved["model"]["stem_norm"]  # as written before the setting existed
+        cfg_file.write_text(json.dumps(saved))
+        manifest = json.loads((cfg_file.parent / "manifest.json").read_text())
+        manifest["files"]["config.json"] = hashlib.sha256(cfg_file.read_bytes()).hexdigest()
+        (cfg_file.parent / "manifest.json").write_text(json.dumps(manifest))
+    again = config(table, tmp_path / "run", epochs=2, resume="auto")
+    again["model"]["overrides"] = conv  # today's default: GroupNorm
+    _, result = run_training(config_from_dict(again))
+    final = ckpt.load_checkpoint(tmp_path / "run" / "checkpoint")[0]
+    assert result.steps > 0 and final.spec.stem_norm == "batch"

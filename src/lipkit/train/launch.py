@@ -29,7 +29,7 @@ from lipkit.device import pick_device
 from lipkit.errors import UserError
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.models.hf_text import resolve_pretrained
-from lipkit.models.presets import get_spec
+from lipkit.models.presets import ModelSpec, get_spec
 from lipkit.objectives import build_objective
 from lipkit.text.tokenizer import TextTokenizer
 from lipkit.train.distributed import init as init_distributed
@@ -81,7 +81,11 @@ def _truncate_metrics(path: Path, step: int) -> None:
         write_text_atomic(path, "".join(x + "\n" for x in kept))  # a crash here must not lose the log
 
 
-def _new_model(cfg: Config, tokenizer: TextTokenizer, objective: Any, pretrained: Path | None, fresh: bool):
+def _new_model(
+    cfg: Config, tokenizer: TextTokenizer, objective: Any, pretrained: Path | None, resume: Path | None
+) -> DualEncoder:
+    """The configured model; when resuming, the model the checkpoint was saved from (its own spec, so a
+    run started before a setting's default changed, e.g. the conv stem's norm, resumes as it was)."""
     t = cfg.train
     fixed: dict[str, Any] = {
         "vocab_size": tokenizer.vocab_size,
@@ -97,14 +101,18 @@ def _new_model(cfg: Config, tokenizer: TextTokenizer, objective: Any, pretrained
     if pretrained is not None:
         hf_config = json.loads((pretrained / "config.json").read_text(encoding="utf-8"))
         fixed.update(text_tower="hf", text_hf_config=hf_config, text_pool=cfg.model.text_pool)
-    spec = get_spec(cfg.model.preset, **{**cfg.model.overrides, **fixed})
+    if resume is not None:
+        saved = json.loads((resume / "config.json").read_text(encoding="utf-8"))["model"]
+        spec = ModelSpec.from_dict(saved)
+    else:
+        spec = get_spec(cfg.model.preset, **{**cfg.model.overrides, **fixed})
     model = DualEncoder(
         spec,
         init_logit_scale=t.init_logit_scale,
         max_logit_scale=t.max_logit_scale,
         init_logit_bias=t.init_logit_bias,
     )
-    if pretrained is not None and fresh:
+    if pretrained is not None and resume is None:
         model.text.load_pretrained(pretrained)
     return model
 
@@ -199,7 +207,7 @@ def _build_model(
         if requires(objective_needs(objective), "teacher"):  # CLIP-Refine distils from it
             teacher = copy.deepcopy(model).eval().requires_grad_(False)  # the frozen starting model
     else:
-        model = _new_model(cfg, tokenizer, objective, pretrained, fresh=resume is None)
+        model = _new_model(cfg, tokenizer, objective, pretrained, resume)
     model.lock("text", t.lock_text)
     model.lock("image", t.lock_image)
     model.set_checkpointing(
