@@ -30,8 +30,8 @@ def _makers(b: int, d: int) -> dict[str, Callable[[], torch.Tensor]]:
         "text_features_2": lambda: _unit(b, d, seed=131),
         "image_tokens": lambda: _unit(b, 3, d, seed=132),
         "text_tokens": lambda: _unit(b, 5, d, seed=133),
-        "text_mask": lambda: torch.ones(b, 5),
-        "caption_owner": lambda: torch.arange(b).double(),
+        "text_mask": lambda: torch.ones(b, 5, dtype=torch.bool),  # the trainer's dtypes: bool and int64
+        "caption_owner": lambda: torch.arange(b),
         "caption_key": lambda: torch.arange(b),
         "image_lexicon": lambda: torch.rand(b, 10, generator=g, dtype=F64).requires_grad_(),
         "text_lexicon": lambda: torch.rand(b, 10, generator=g, dtype=F64).requires_grad_(),

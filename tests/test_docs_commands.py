@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 COMMANDS = ("lipkit", "torchrun", "python", "python3", "pip", "make", "srun", "sbatch", "cat")
 
-# What the test changes in a documented line, and nothing else:
+# What the test changes in a documented line, and nothing else — written out for readers: shell_line() and
+# the `dataset`/HOME set-up below are what apply it.
 SUBSTITUTIONS = {
     "~/.cache/lipkit/datasets/emoji": "the fixture dataset: HOME is a temporary folder in which this path "
     "is a link to the emoji dataset built offline from the suite's fake packages (tests/emoji_fixture.py; "

@@ -108,14 +108,18 @@ def fit_probes(
     return probes
 
 
-def _no_images(split: str, store: ImageStore) -> str:
+def check_has_images(split: str, store: ImageStore) -> None:
+    """A UserError naming the split when none of its images can be used (every one missing or corrupt,
+    or no rows at all): evaluation needs at least one."""
+    if store.records:
+        return
     what = f"The evaluation split '{split}'" if split else "The evaluation table"
     if store.skipped:
-        return (
+        raise UserError(
             f"{what} has no usable image ({describe(store.skipped)}, e.g. '{store.problems[0].key}'); "
             "fix its image paths or drop the split."
         )
-    return f"{what} has no rows; point it at a table with images or drop the split."
+    raise UserError(f"{what} has no rows; point it at a table with images or drop the split.")
 
 
 def _spread(n: int, k: int) -> list[int]:
@@ -144,8 +148,7 @@ def evaluate_records(
     was_training = model.training
     model.eval()
     store = store or ImageStore(records, model.spec.image_size, cache=True, desc="evaluation")
-    if not store.records:
-        raise UserError(_no_images(split, store))
+    check_has_images(split, store)
     images = _embed_split(model, store, cfg.batch_size, similarity, probes)
     metrics: dict[str, float] = {}
     chance: dict[str, float] = {}

@@ -21,7 +21,10 @@ def check_text(q: Any, lim: Limits) -> str:
         raise ApiError(400, "The query q must be a string; send q=some words.")
     text = q.strip()
     if "\ufffd" in text:  # what a percent-encoded byte that is not UTF-8 decodes to
-        raise ApiError(400, "The query q is not valid UTF-8; send the words UTF-8 encoded.")
+        raise ApiError(
+            400,
+            "The query q holds U+FFFD, what undecodable (non-UTF-8) bytes become; send the words UTF-8 encoded.",
+        )
     if not text:
         raise ApiError(400, "The query q is empty; type a few words to search for.")
     if len(text) > lim.max_query_chars:

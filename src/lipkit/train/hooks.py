@@ -55,6 +55,7 @@ class Evaluator:
                     self.stores[name],
                     details=False,
                     similarity=self.similarity,
+                    split=name,
                 )["metrics"]
                 for name in self.tables
             }

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from lipkit.data.sources.registry import open_train_data, read_table
 from lipkit.data.table_batches import ImageStore
 from lipkit.device import pick_device
 from lipkit.errors import UserError
+from lipkit.eval.evaluate import check_has_images
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.models.hf_text import resolve_pretrained
 from lipkit.models.presets import ModelSpec, get_spec
@@ -84,8 +86,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
 def _new_model(
     cfg: Config, tokenizer: TextTokenizer, objective: Any, pretrained: Path | None, resume: Path | None
 ) -> DualEncoder:
-    """The configured model; when resuming, the model the checkpoint was saved from (its own spec, so a
-    run started before a setting's default changed, e.g. the conv stem's norm, resumes as it was)."""
+    """The configured model; when resuming, with the settings added since the run started (the conv
+    stem's norm) as the checkpoint saved them, so a run from before a default changed resumes as it was."""
     t = cfg.train
     fixed: dict[str, Any] = {
         "vocab_size": tokenizer.vocab_size,
@@ -101,11 +103,10 @@ def _new_model(
     if pretrained is not None:
         hf_config = json.loads((pretrained / "config.json").read_text(encoding="utf-8"))
         fixed.update(text_tower="hf", text_hf_config=hf_config, text_pool=cfg.model.text_pool)
-    if resume is not None:
-        saved = json.loads((resume / "config.json").read_text(encoding="utf-8"))["model"]
-        spec = ModelSpec.from_dict(saved)
-    else:
-        spec = get_spec(cfg.model.preset, **{**cfg.model.overrides, **fixed})
+    spec = get_spec(cfg.model.preset, **{**cfg.model.overrides, **fixed})
+    if resume is not None:  # settings added since the run started keep the value it was saved with
+        saved = ModelSpec.from_dict(json.loads((resume / "config.json").read_text(encoding="utf-8"))["model"])
+        spec = replace(spec, stem_norm=saved.stem_norm)
     model = DualEncoder(
         spec,
         init_logit_scale=t.init_logit_scale,
@@ -141,6 +142,8 @@ def run_training(cfg: Config) -> tuple[Path, TrainResult]:
         name: ImageStore(recs, model.spec.image_size, cache=True, workers=d.workers, desc=name)
         for name, recs in eval_tables.items()
     }
+    for name, store in stores.items():  # before training, on every rank: not after it, on rank 0 alone
+        check_has_images(name, store)
     if resume is not None:  # the weights go in before the trainer (FSDP) shards them
         model.load_state_dict(load_file(str(resume / "model.safetensors")))
     trainer = Trainer(
