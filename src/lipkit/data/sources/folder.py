@@ -17,15 +17,19 @@ def holds_images(folder: Path) -> bool:
     return True
 
 
-def image_files(root: Path) -> list[Path]:
-    """Every image file under `root` (recursive, sorted, hidden paths left out)."""
-    return sorted(
+def image_files(root: Path, fix: str) -> list[Path]:
+    """Every image file under `root` (recursive, sorted, hidden paths left out); none is a UserError
+    that ends with `fix`, what the user should point at instead."""
+    files = sorted(
         f
         for f in root.rglob("*")
         if f.suffix.lower().lstrip(".") in IMAGE_EXTS
         and f.is_file()
         and not any(s.startswith(".") for s in f.relative_to(root).parts)
     )
+    if not files:
+        raise UserError(f"Folder '{root}' holds no images ({', '.join(IMAGE_EXTS)}); {fix}.")
+    return files
 
 
 def scan_folder(
@@ -37,12 +41,9 @@ def scan_folder(
     """Every image under a folder with its sidecar `name.txt` or `name.json` (image_column and
     image_root do not apply: the folder is the table)."""
     root = Path(path).expanduser()
-    files = image_files(root)
-    if not files:
-        raise UserError(
-            f"Folder '{root}' holds no images ({', '.join(IMAGE_EXTS)}); point at a folder of images with "
-            "captions in name.txt / name.json beside them, or at a table."
-        )
+    files = image_files(
+        root, "point at a folder of images with captions in name.txt / name.json beside them, or at a table"
+    )
     for f in files:
         key = f.relative_to(root).as_posix()
         side_json, side_txt = f.with_suffix(".json"), f.with_suffix(".txt")
@@ -65,10 +66,5 @@ def scan_folder(
 def images_only(path: str | Path) -> list[Record]:
     """Records of every image under a folder, without captions (what `lipkit embed` reads from a folder)."""
     p = Path(path).expanduser()
-    files = image_files(p)
-    if not files:
-        raise UserError(
-            f"Folder '{p}' holds no images ({', '.join(IMAGE_EXTS)}); point SOURCE at a folder "
-            "of images or at a CSV/TSV/JSONL table."
-        )
+    files = image_files(p, "point SOURCE at a folder of images or at a CSV/TSV/JSONL table")
     return [Record(f.resolve(), [], {"relpath": str(f.relative_to(p))}) for f in files]
