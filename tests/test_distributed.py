@@ -28,31 +28,7 @@ from lipkit.train.distributed import Dist, sync_step
 from lipkit.train.inputs import INPUTS, objective_needs, requires
 from lipkit.train.launch import _build_model
 from lipkit.train.trainer import Trainer
-
-WORDS = ["red", "blue", "heart", "face", "flag", "hand", "star", "cat", "dog", "sun", "moon", "tree"]
-SPEC = {
-    "vision_width": 32,
-    "vision_layers": 2,
-    "vision_heads": 2,
-    "text_width": 32,
-    "text_layers": 2,
-    "text_heads": 2,
-    "embed_dim": 16,
-    "image_size": 32,
-    "context_length": 12,
-}
-BATCH = 8
-
-
-def batch(per_image: int = 1):
-    g = torch.Generator().manual_seed(1)
-    images = torch.randint(0, 256, (BATCH, 3, 32, 32), dtype=torch.uint8, generator=g)
-    captions = [  # distinct texts; a third caption is a label shared by images 0, 3, 6 (across ranks) etc.
-        f"{WORDS[(i + c) % 12]} {WORDS[(i * 5 + 3) % 12]}" if c < 2 else f"a {WORDS[i % 3]}"
-        for i in range(BATCH)
-        for c in range(per_image)
-    ]
-    return images, captions
+from tiny_batch import BATCH, SPEC, WORDS, batch
 
 
 def make_trainer(tmp: Path, rank: int, world: int, per_image: int = 1, **train) -> Trainer:

@@ -20,22 +20,10 @@ from lipkit.objectives import build_objective
 from lipkit.text.tokenizer import TextTokenizer
 from lipkit.train.distributed import Dist
 from lipkit.train.trainer import Trainer
+from tiny_batch import BATCH, WORDS, batch
+from tiny_batch import SPEC as TINY_SPEC
 
-WORDS = ["red", "blue", "heart", "face", "flag", "hand", "star", "cat", "dog", "sun", "moon", "tree"]
-# the demo's image tower shape (a conv stem), scaled down: 32 px, 8 px patches (three stride-2 convs)
-SPEC = {
-    "vision_width": 32,
-    "vision_layers": 2,
-    "vision_heads": 2,
-    "text_width": 32,
-    "text_layers": 2,
-    "text_heads": 2,
-    "embed_dim": 16,
-    "image_size": 32,
-    "context_length": 12,
-    "vision_stem": "conv",
-}
-BATCH = 8
+SPEC = {**TINY_SPEC, "vision_stem": "conv"}  # the demo's image tower shape, scaled down: 32 px, 8 px patches
 
 
 @pytest.fixture(scope="module")
@@ -46,17 +34,6 @@ def tok():
 def model_of(tok: TextTokenizer, **spec) -> DualEncoder:
     torch.manual_seed(0)
     return DualEncoder(get_spec("tiny", **{**SPEC, **spec}, vocab_size=tok.vocab_size, eot_id=tok.eot_id))
-
-
-def batch(per_image: int = 1, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (BATCH, 3, 32, 32), dtype=torch.uint8, generator=g)
-    captions = [  # the demo's multi-positive shape: a third caption is a label shared by several images
-        f"{WORDS[(i + c) % 12]} {WORDS[(i * 5 + 3) % 12]}" if c < 2 else f"a {WORDS[i % 3]}"
-        for i in range(BATCH)
-        for c in range(per_image)
-    ]
-    return images, captions
 
 
 def trainer_of(model: DualEncoder, tok, tmp: Path, per_image: int = 1, world: int = 1, **train) -> Trainer:
