@@ -28,6 +28,7 @@ from lipkit.train.distributed import Dist, sync_step
 from lipkit.train.inputs import INPUTS, objective_needs, requires
 from lipkit.train.launch import _build_model
 from lipkit.train.trainer import Trainer
+from test_local_losses import LOCAL_CASES
 from tiny_batch import BATCH, SPEC, WORDS, batch
 
 
@@ -106,6 +107,11 @@ def one_step(
     trainer = make_trainer(tmp, rank, world, per_image, **dict(train))
     model, cfg = trainer.model, trainer.cfg
     images, captions = batch(per_image)
+    b = BATCH // world  # this rank's share, as the data sources hand it out
+    images, captions = (
+        images[rank * b : (rank + 1) * b],
+        captions[rank * b * per_image : (rank + 1) * b * per_image],
+    )
     grads: dict[str, torch.Tensor] = {}
     for i in range(steps):
         loss, finite = trainer.step(images, captions, lr=1e-3)
@@ -129,6 +135,8 @@ def one_step(
     state = trainer.training_state()  # AdamW moments after the steps, as a checkpoint stores them
     optim = {k: v.clone() for k, v in state[0].items() if k.startswith("optim.") and v.ndim}
     out = {"loss": first_loss, **grads, **weights, **optim}
+    if trainer.reducer is not None:  # buckets started during the last backward, of how many
+        out["buckets"] = torch.tensor([trainer.reducer.early, len(trainer.reducer.buckets)])
     plain = trainer.unsharded()  # what eval and checkpoints read: every weight, in place (rank 0)
     if rank == 0:
         kept = {k: v for k, v in plain.state_dict().items() if k not in frozen}
@@ -253,6 +261,19 @@ CASES: dict[str, tuple[dict, dict]] = {
     "unicl": (UNICL, UNICL),
     "unicl-grad-cache": ({**UNICL, "grad_cache_chunk": 3}, UNICL),
     "unicl-fsdp": ({**UNICL, "strategy": "fsdp"}, UNICL),
+    # gradients averaged in many small buckets started during the backward, and in one after it
+    "infonce-small-buckets": ({"bucket_cap_mb": 0.002, "steps": 3}, {"steps": 3}),
+    "lexlip-small-buckets": (
+        {"objective": "lexlip", "bucket_cap_mb": 0.002, "steps": 3},
+        {"objective": "lexlip", "steps": 3},
+    ),
+    "infonce-one-all-reduce": ({"bucket_cap_mb": 0}, {}),
+    "infonce-grad-cache-small-buckets": (
+        {"bucket_cap_mb": 0.002, "grad_cache_chunk": 3, "steps": 3},
+        {"steps": 3},
+    ),
+    # the local forms of train/local_losses.py (SigLIP's ring, rows of multi-positive, UniCL and FILIP)
+    **LOCAL_CASES,
 }
 
 
@@ -299,6 +320,19 @@ def test_two_gloo_ranks_equal_one_process(two_ranks, tmp_path, case):
         assert torch.allclose(losses.mean(), single["loss"], atol=1e-5)
     else:
         assert torch.allclose(losses, single["loss"].expand(2), atol=1e-5)
+
+
+def test_gradient_buckets_start_during_the_backward(two_ranks):
+    """Small buckets: after the first step's rebuild all but at most the last (the parameters a pass does
+    not reach) start their all-reduce before the backward ends (the overlap); the gradients equal one
+    process (test_two_gloo_ranks_equal_one_process, same cases)."""
+    for name in ("infonce-small-buckets", "lexlip-small-buckets"):
+        early, total = ranks_of(two_ranks, name)[0]["buckets"].tolist()
+        assert total > 5 and early >= total - 1, (name, early, total)
+    early, total = ranks_of(two_ranks, "infonce-one-all-reduce")[0]["buckets"].tolist()
+    assert total == 1
+    early, total = ranks_of(two_ranks, "infonce-grad-cache-small-buckets")[0]["buckets"].tolist()
+    assert total > 5 and early >= total - 1  # gradient caching: buckets start in its last backward pass
 
 
 @pytest.mark.parametrize("name", sorted(n for n in set(_distinct_objectives().values()) if cacheable(n)))

@@ -77,7 +77,7 @@ def fit_on_fake_clock(tmp: Path, dist: Dist) -> tuple[int, list[int]]:
     fake = FakeTime()
     lipkit.train.clock.time = fake
     trainer = make_trainer(tmp, dist)
-    n = BATCH * dist.world  # every rank reads the global batch and trains on its slice
+    n = BATCH  # each rank reads its share of the global batch (BATCH · world)
     images = torch.randint(
         0, 256, (n, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
     )

@@ -97,6 +97,8 @@ class TrainConfig:
     init_logit_bias: float = -10.0  # objectives with a learnable bias (siglip)
     local_loss: bool = False  # distributed: each rank computes only its own rows of the logits
     strategy: str = "ddp"  # distributed: ddp (replicated weights) | fsdp (weights, grads, moments sharded)
+    # ddp: gradients averaged in buckets of this many MiB, started during the backward; 0 = one all-reduce after it
+    bucket_cap_mb: float = 25.0
     grad_cache_chunk: int = 0  # >0: gradient caching, re-embedding this many images at a time
     # activation checkpointing: none | image | text | both — recompute that tower's blocks in the backward
     grad_checkpointing: str = "none"
@@ -294,6 +296,7 @@ def validate(cfg: Config) -> None:
         ),
         (cfg.model.text_pool in ("mean", "cls"), "model.text_pool must be 'mean' or 'cls'."),
         (t.strategy in ("ddp", "fsdp"), "train.strategy must be ddp or fsdp."),
+        (t.bucket_cap_mb >= 0, "train.bucket_cap_mb must be >= 0 (0: one all-reduce after the backward)."),
         (
             t.grad_checkpointing in ("none", "image", "text", "both"),
             "train.grad_checkpointing must be none, image, text or both.",

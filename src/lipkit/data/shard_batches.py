@@ -1,22 +1,39 @@
-"""WebDataset shards (`ShardBatches`), streamed with a deterministic, exactly resumable order.
+"""WebDataset shards (`ShardBatches`), streamed in a deterministic order that every rank resumes
+exactly, whatever the number of ranks and loader workers.
 
-Epoch e permutes the shards with (seed, epoch), deals them round-robin to W worker streams
-(W = data.workers, one in-process stream when 0), and each stream reads its shards in turn through a
-shuffle buffer seeded by (seed, epoch, shard), decoding in the worker. The main process merges the
-streams in a fixed order (round-robin over chunks of 16 samples with fixed boundaries), so the sample
-order depends on the seed and W only, never on timing. The data position after a batch is, per stream,
-(shard, samples consumed in it); resuming skips whole shards unread and the consumed part of the
-current one undecoded, then continues with exactly the next batch. An epoch is
-`samples_per_epoch // batch_size` batches (counted once from the shards, see
-`lipkit.data.sources.shards.shard_counts`, or `data.samples_per_epoch`); when skipped samples leave a pass
-short, the epoch goes on with a second pass over the shards (order seeded by the pass too).
+Streams. Each of the `world` ranks runs L = max(1, data.workers) streams (a DataLoader worker each, or
+one in-process stream when data.workers is 0): S = world·L in all, rank r's stream w being global
+stream g = r·L + w. Epoch e permutes the n shards with (seed, epoch); stream g owns order[g::S] for the
+whole epoch and reads them in turn through a shuffle buffer seeded by (seed, epoch, pass, shard),
+decoding where it runs (data/shard_streams.py); at the end of its shards it starts its next pass over
+the same shards (in an order seeded by (seed, epoch, g, pass)), so no stream ever stalls. When n is not
+a multiple of S (or the shards differ in size), the streams that own fewer samples repeat some of them
+within an epoch and those that own more leave some for the next epoch, which deals the shards anew.
+Fewer shards than streams lower L to max(1, n // world), and L is lowered further to divide the local
+batch b (so every stream takes the same share and none idles), both with a note; fewer shards than
+ranks is an error. A stream whose whole pass yields no usable sample stops the run with a `UserError`.
+
+Batches. `batch_size` is the global batch; a rank yields local batches of b = batch_size // world: over
+its streams w = 0..L-1, the next `share(b, L)[w]` usable samples of stream r·L + w (b split into L
+near-equal parts, larger first). Skipped and filtered samples use up stream positions but no share,
+so no rank needs another's skips and the order depends on (seed, epoch, S, g) only, never on timing.
+The ranks' local batches, concatenated in rank order, are exactly the batches of one process with S
+streams (L divides b, see above). An epoch is `samples_per_epoch // batch_size` batches on every rank
+(counted from the shards, see `lipkit.data.sources.shards.shard_counts`, or `data.samples_per_epoch`).
+
+Position. After a batch, each stream is at (pass, index of the shard in the pass's order, samples
+consumed in it). `state()` holds this rank's streams and their skip counts; `merge_states` joins the
+ranks' states, and `load_state` takes its own streams from that, so a checkpoint resumes exactly under
+any ranks × workers with the same S: whole shards are skipped unread and the consumed samples of the
+current one undecoded. When S, the shards or samples_per_epoch changed, the epoch restarts and replays
+the batches done (exact for the new layout, with a note).
 """
 
 from __future__ import annotations
 
-from collections import Counter, deque
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import Generator, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import rich
@@ -25,7 +42,16 @@ import torch
 from lipkit.data.batching import Batch, Log, SkipCounter, choose_captions, data_line
 from lipkit.data.captions import add_meta_captions_checked, check_meta_templates, filter_captions
 from lipkit.data.records import Skip, describe
-from lipkit.data.shard_streams import ShardStream, StreamSpec
+from lipkit.data.shard_streams import (
+    Item,
+    Row,
+    StreamSpec,
+    StreamState,
+    feed,
+    merge_states,
+    share,
+    streams_per_rank,
+)
 from lipkit.data.sources.shards import (
     ShardStatus,
     cached_counts,
@@ -35,23 +61,12 @@ from lipkit.data.sources.shards import (
     shard_captions,
     shard_counts,
 )
-from lipkit.data.table_batches import worker_loader
 from lipkit.errors import UserError
 
 
-@dataclass
-class _Position:
-    epoch: int
-    batch: int = 0  # batches of this epoch handed out
-    pass_: int = 0
-    start: dict[int, tuple[int, int]] = field(default_factory=dict)  # stream -> (shard, samples consumed)
-    ended: set[int] = field(default_factory=set)
-    turn: int = 0  # the stream whose chunk comes next
-
-
 class ShardBatches:
-    """Deterministic, exactly resumable epochs of (uint8 images, captions, keys) batches streamed from
-    WebDataset shards (see the module docstring for the order and the position)."""
+    """Deterministic, exactly resumable epochs of this rank's (uint8 images, captions, keys) batches
+    streamed from WebDataset shards (see the module docstring for the order and the position)."""
 
     def __init__(
         self,
@@ -71,13 +86,18 @@ class ShardBatches:
         select: Sequence[int] = (),
         meta_captions: Sequence[str] = (),
         log: Log | None = None,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
         check_meta_templates(meta_captions)
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"rank {rank} of {world} ranks")
         self.urls = list(urls)
         self.select, self.meta = list(select), list(meta_captions)
         self.size, self.batch_size, self.seed, self.policy = size, batch_size, seed, caption_policy
         self.per_image, self.log, self.buffer = captions_per_image, log, max(1, shuffle_buffer)
         self.caption_column, self.langs = caption_column, list(langs)
+        self.rank, self.world = rank, world
         self.counts = cached_counts(self.urls) if samples_per_epoch > 0 else shard_counts(self.urls)
         self.num_samples = samples_per_epoch if samples_per_epoch > 0 else sum(self.counts.values())
         if self.num_samples < batch_size:
@@ -85,11 +105,20 @@ class ShardBatches:
                 f"The training shards hold {self.num_samples} samples, fewer than train.batch_size="
                 f"{batch_size}; lower the batch size, add data or set data.samples_per_epoch."
             )
+        if batch_size % world:
+            raise UserError(
+                f"train.batch_size={batch_size} does not split evenly over {world} ranks; choose a "
+                f"multiple of {world}."
+            )
         if self.meta:
             self._check_meta_fills()
-        self.workers = min(max(0, workers), len(self.urls))
-        self.streams = max(1, self.workers)
-        self.skips = SkipCounter(max_skip_fraction, self.num_samples, "the training shards")
+        local = streams_per_rank(len(self.urls), world, rank, batch_size // world, workers)
+        self.workers = local if workers > 0 else 0  # DataLoader workers of this rank, one per stream
+        self.streams = world * local  # S, over all ranks
+        self.local_batch = batch_size // world
+        shares = share(self.local_batch, local)
+        self._streams = [StreamState(rank * local + w, shares[w]) for w in range(local)]
+        self.skips = SkipCounter(max_skip_fraction, self.num_samples // world, "the training shards")
         self.filtered = 0
         self._resume: dict[str, Any] | None = None
         self._state: dict[str, Any] = {}
@@ -113,185 +142,192 @@ class ShardBatches:
     def skipped(self) -> Counter[str]:
         return self.skips.total
 
-    def shard_order(self, epoch: int, pass_: int = 0) -> list[str]:
-        g = torch.Generator().manual_seed((self.seed * 100_003 + epoch) * 1_009 + pass_)
+    def shard_order(self, epoch: int) -> list[str]:
+        g = torch.Generator().manual_seed((self.seed * 100_003 + epoch) * 1_009)
         return [self.urls[i] for i in torch.randperm(len(self.urls), generator=g).tolist()]
 
+    # -- position ---------------------------------------------------------------------------------
+
     def state(self) -> dict[str, Any]:
+        """This rank's data position after the last batch handed out (see `merge_states`)."""
         return dict(self._state)
 
-    def load_state(self, state: dict[str, Any] | None) -> None:
-        if state and state.get("kind") == "shards":
-            self._resume = state
-            self.skips.total = Counter(state.get("skipped_total", {}))
+    @staticmethod
+    def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+        """The ranks' states as one: the union of their streams, the sums of their counts."""
+        return merge_states(states)
 
-    def _start(self, epoch: int, start_batch: int) -> tuple[_Position, int]:
-        """Where epoch `epoch` continues at batch `start_batch`: the saved position when it matches, else
-        the epoch start and the number of batches to replay (exact, only slower)."""
+    def load_state(self, state: dict[str, Any] | None) -> None:
+        """Resume from a state of `state()` or `merge_states` (this rank takes its own streams)."""
+        self._resume = state if state and state.get("kind") == "shards" else None
+        if self._resume is not None:
+            for s in self._streams:
+                s.total = Counter(self._saved(self._resume, s.g).get("skipped_total", {}))
+            self.skips.total = sum((s.total for s in self._streams), Counter())
+
+    def _exact(self, r: dict[str, Any]) -> bool:
+        """Whether state `r` holds this rank's streams of the same layout (S, shards, epoch size)."""
+        start, counts = r.get("start", {}), r.get("counts", {})
+        return (r.get("streams"), r.get("shards"), r.get("samples_per_epoch")) == (
+            self.streams,
+            len(self.urls),
+            self.num_samples,
+        ) and all(len(start.get(str(s.g), ())) == 3 and str(s.g) in counts for s in self._streams)
+
+    def _saved(self, r: dict[str, Any], g: int) -> dict[str, Any]:
+        """Stream g's counts in state `r`; of another layout, the global stream 0 takes the totals."""
+        if self._exact(r):
+            return r["counts"][str(g)]
+        return (
+            {"skipped": r.get("skipped", {}), "skipped_total": r.get("skipped_total", {})} if g == 0 else {}
+        )
+
+    def _start(self, epoch: int, start_batch: int) -> int:
+        """Set the streams where epoch `epoch` continues at batch `start_batch`: the saved position when it
+        matches (returns 0), else the epoch start (returns the number of batches to replay)."""
         r, self._resume = self._resume, None
         same = r is not None and (r["epoch"], r["batch"]) == (epoch, start_batch)
-        if (
-            same
-            and r is not None
-            and (r["streams"], r["shards"], r["samples_per_epoch"])
-            == (
-                self.streams,
-                len(self.urls),
-                self.num_samples,
+        if r is not None and same and self._exact(r):
+            for s in self._streams:
+                s.restart(r["start"][str(s.g)], r["counts"][str(s.g)])
+            self.skips.start_epoch(
+                epoch, sum((s.skipped for s in self._streams), Counter()), sum(s.seen for s in self._streams)
             )
-        ):
-            pos = _Position(
-                epoch,
-                r["batch"],
-                r["pass"],
-                {int(w): (int(k), int(m)) for w, (k, m) in r["start"].items()},
-                set(r["ended"]),
-                r["turn"],
-            )
-            self.skips.start_epoch(epoch, r["skipped"], r["seen"])
-            self.filtered = r.get("filtered", 0)
-            return pos, 0
+            self.filtered = sum(s.filtered for s in self._streams)
+            return 0
         if start_batch and r is not None and same:
             rich.get_console().print(
-                f"[yellow]data:[/] data.workers, the shards or data.samples_per_epoch changed since the "
-                f"checkpoint, so the rest of epoch {epoch} follows the new order (some samples of this "
-                f"epoch may repeat or be left out); replaying {start_batch} batches"
+                f"[yellow]data:[/] the number of data streams (ranks × data.workers), the shards or "
+                f"data.samples_per_epoch changed since the checkpoint, so the rest of epoch {epoch} follows "
+                f"the new order (some samples of this epoch may repeat or be left out); replaying "
+                f"{start_batch} batches"
             )
         elif start_batch:
             rich.get_console().print(
                 f"[yellow]data:[/] the checkpoint holds no stream position; replaying {start_batch} batches "
                 f"of epoch {epoch} to resume exactly"
             )
+        for s in self._streams:
+            s.restart()
+            if start_batch and r is not None and r.get("epoch") == epoch:  # the replay counts them again
+                s.total -= Counter(self._saved(r, s.g).get("skipped", {}))
+        self.skips.total = sum((s.total for s in self._streams), Counter())
         self.skips.start_epoch(epoch)
         self.filtered = 0
-        return _Position(epoch), start_batch
+        return start_batch
 
-    def _snapshot(self, pos: _Position) -> dict[str, Any]:
+    def _snapshot(self, epoch: int, batch: int) -> dict[str, Any]:
         return {
             "kind": "shards",
-            "epoch": pos.epoch,
-            "batch": pos.batch,
-            "pass": pos.pass_,
-            "start": {str(w): list(v) for w, v in sorted(pos.start.items())},
-            "ended": sorted(pos.ended),
-            "turn": pos.turn,
+            "epoch": epoch,
+            "batch": batch,
             "streams": self.streams,
             "shards": len(self.urls),
             "samples_per_epoch": self.num_samples,
+            "start": {str(s.g): [s.pass_, s.k, s.m] for s in self._streams},
+            "counts": {str(s.g): s.counts() for s in self._streams},
             "seen": self.skips.seen,
             "skipped": dict(self.skips.epoch),
             "skipped_total": dict(self.skips.total),
             "filtered": self.filtered,
         }
 
-    def _items(self, pos: _Position) -> Iterator[tuple[tuple, torch.Tensor | None]]:
-        """The items of one pass in the canonical order, from `pos` on; `pos` follows what is consumed."""
-        spec = StreamSpec(
-            self.shard_order(pos.epoch, pos.pass_),
-            self.streams,
-            self.size,
-            self.seed,
-            pos.epoch,
-            pos.pass_,
-            self.buffer,
-            self.caption_column,
-            self.langs,
-            self.select,
-            self.counts,
-            dict(pos.start),
-            set(pos.ended),
-            meta=self.meta,
-        )
-        stream = ShardStream(spec)
-        seed = (self.seed * 100_003 + pos.epoch) * 1_009 + pos.pass_
-        chunks = iter(worker_loader(stream, self.workers, seed)) if self.workers else iter(stream)
-        queues: dict[int, deque[deque[tuple[tuple, torch.Tensor | None]]]] = {
-            w: deque() for w in range(self.streams)
-        }
-        active = [w for w in range(self.streams) if w not in pos.ended]
+    # -- batches ----------------------------------------------------------------------------------
 
-        def after(w: int) -> int:
-            later = [v for v in active if v > w]
-            return later[0] if later else (active[0] if active else 0)
+    def _feeds(self, epoch: int) -> list[Generator[Item]]:
+        """Every stream's items from its position on (DataLoader workers start here, all at once)."""
+        order, feeds = self.shard_order(epoch), []
+        for s in self._streams:
+            if not s.share:
+                feeds.append(feed(None, False, 0))
+                continue
+            spec = StreamSpec(
+                order,
+                self.streams,
+                self.size,
+                self.seed,
+                epoch,
+                s.pass_,
+                self.buffer,
+                self.caption_column,
+                self.langs,
+                self.select,
+                self.counts,
+                stream=s.g,
+                start=(s.k, s.m),
+                passes=0,
+                meta=self.meta,
+            )
+            feeds.append(feed(spec, self.workers > 0, (self.seed * 100_003 + epoch) * 1_009 + s.g))
+        return feeds
 
-        try:
-            while active:
-                w = pos.turn if pos.turn in active else after(pos.turn)
-                pos.turn = w
-                while not queues[w]:
-                    try:
-                        cw, items, images = next(chunks)
-                    except StopIteration:
-                        raise RuntimeError(f"data stream {w} ended without its end marker") from None
-                    if cw in pos.ended:
-                        continue
-                    it = iter(images)
-                    queues[cw].append(deque((x, next(it) if x[0] == "ok" else None) for x in items))
-                chunk = queues[w][0]
-                item, image = chunk.popleft()
-                if not chunk:
-                    queues[w].popleft()
-                if item[0] == "end":
-                    pos.ended.add(w)
-                    active.remove(w)
-                    pos.turn = after(w)
-                    continue
-                if item[0] == "fatal":
-                    raise UserError(item[1])
-                pos.start[w] = (item[1], item[2] + 1)
-                if not chunk:
-                    pos.turn = after(w)
-                yield item, image
-        finally:
-            del chunks
+    def _take(self, s: StreamState, items: Iterator[Item], epoch: int, quiet: bool) -> list[Row]:
+        """The next `s.share` usable samples of stream `s`; what it skips is counted on the way."""
+        rows: list[Row] = []
+        while len(rows) < s.share:
+            p, item, image = next(items, (0, ("end",), None))
+            kind = item[0]
+            if kind == "fatal":
+                raise UserError(item[1])
+            if kind == "empty":
+                why = describe(s.skipped) or "all filtered"
+                raise UserError(
+                    f"No usable sample in the training shards {item[1]} ({why}); check them with "
+                    "`lipkit data validate`."
+                )
+            if kind == "end":
+                raise RuntimeError(f"data stream {s.g} ended")
+            s.pass_, s.k, s.m = p, item[1], item[2] + 1
+            if kind == "ok":
+                s.seen += 1
+                self.skips.seen += 1
+                rows.append((item[3], item[4], image))  # type: ignore[arg-type]
+            elif kind == "skip":
+                _, _, _, reason, key, detail, lost = item
+                s.seen += lost
+                s.skipped[reason] += lost
+                s.total[reason] += lost
+                self.skips.add(reason, key, detail, lost, quiet=quiet)
+            elif kind == "filtered":
+                s.filtered += 1
+                self.filtered += 1
+        return rows
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
-        """Batches of `epoch` from batch `start_batch` on: (uint8 images (B, 3, H, W), captions (B·k,
-        image-major), keys (B))."""
-        pos, replay = self._start(epoch, start_batch)
-        pending: list[tuple[str, list[str], torch.Tensor]] = []
-        n = len(self)
-        while pos.batch < n:
-            fresh, used = not pos.start and not pos.ended, 0
-            logged = sum(self.skips.epoch.values())
-            for item, image in self._items(pos):
-                kind = item[0]
-                if kind == "ok":
-                    used += 1
-                    self.skips.seen += 1
-                    pending.append((item[3], item[4], image))  # type: ignore[arg-type]
-                    if len(pending) < self.batch_size:
-                        continue
-                    pos.batch += 1
-                    self._state = self._snapshot(pos)
-                    batch, pending = pending, []
-                    if pos.batch <= replay:
-                        continue
-                    if self.log and sum(self.skips.epoch.values()) != logged:
-                        logged = sum(self.skips.epoch.values())
-                        self.log(data_line(self._state, epoch * n + pos.batch))
-                    yield (
-                        torch.stack([x for _, _, x in batch]),
-                        [
-                            c
-                            for key, caps, _ in batch
-                            for c in choose_captions(caps, key, self.seed, epoch, self.policy, self.per_image)
-                        ],
-                        [key for key, _, _ in batch],
-                    )
-                    if pos.batch >= n:
-                        return
-                elif kind == "skip":
-                    _, _, _, reason, key, detail, lost = item
-                    self.skips.add(reason, key, detail, lost, quiet=pos.batch < replay)
-                elif kind == "filtered":
-                    self.filtered += 1
-            if fresh and not used:
-                raise UserError(
-                    f"No usable sample in the training shards ({describe(self.skips.epoch) or 'all filtered'}); "
-                    "check them with `lipkit data validate`."
+        """This rank's batches of `epoch` from batch `start_batch` on: (uint8 images (b, 3, H, W),
+        captions (b·k, image-major), keys (b)), b = batch_size // world."""
+        replay = self._start(epoch, start_batch)
+        batch, n = start_batch - replay, len(self)
+        if batch >= n:
+            return
+        feeds = self._feeds(epoch)
+        logged = sum(self.skips.epoch.values())
+        try:
+            while batch < n:
+                rows = [
+                    r
+                    for s, f in zip(self._streams, feeds, strict=True)
+                    for r in self._take(s, f, epoch, batch < replay)
+                ]
+                batch += 1
+                self._state = self._snapshot(epoch, batch)
+                if batch <= replay:
+                    continue
+                if self.log and sum(self.skips.epoch.values()) != logged:
+                    logged = sum(self.skips.epoch.values())
+                    self.log(data_line(self._state, epoch * n + batch))
+                yield (
+                    torch.stack([x for _, _, x in rows]),
+                    [
+                        c
+                        for key, caps, _ in rows
+                        for c in choose_captions(caps, key, self.seed, epoch, self.policy, self.per_image)
+                    ],
+                    [key for key, _, _ in rows],
                 )
-            pos.pass_, pos.start, pos.ended, pos.turn = pos.pass_ + 1, {}, set(), 0
+        finally:
+            for f in feeds:
+                f.close()  # a worker stops with its DataLoader iterator
 
 
 @dataclass
@@ -305,7 +341,16 @@ class ShardSource:
         """Every training caption (for a tokenizer)."""
         return shard_captions(self.urls, self.cfg.caption_column)
 
-    def batches(self, size: int, batch_size: int, seed: int, log: Log | None = None) -> ShardBatches:
+    def batches(
+        self,
+        size: int,
+        batch_size: int,
+        seed: int,
+        log: Log | None = None,
+        rank: int = 0,
+        world: int = 1,
+    ) -> ShardBatches:
+        """Rank `rank` of `world`'s batches (batch_size is the global batch)."""
         d = self.cfg
         return ShardBatches(
             self.urls,
@@ -323,6 +368,8 @@ class ShardSource:
             select=d.caption_select,
             meta_captions=d.meta_captions,
             log=log,
+            rank=rank,
+            world=world,
         )
 
 

@@ -2,6 +2,10 @@
 
 Images are decoded by data/images.py (uint8 RGB at the model's size). Training augmentation runs on whole batches as one affine warp (random scale/crop, shift, small
 rotation, optional mirror): cheap on a CPU and identical in every data worker setup.
+
+Under torchrun each rank augments only its own rows of the global batch (`rows`): the random numbers are
+drawn for the whole global batch, in the same order on every rank, and each rank applies its window of
+them, so N ranks give the images one process gives.
 """
 
 from __future__ import annotations
@@ -12,6 +16,17 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+Rows = tuple[int, int]  # (first row, rows in the global batch): which draws a batch takes
+
+
+def _draw(shape: tuple[int, ...], generator: torch.Generator, rows: Rows | None, n: int) -> torch.Tensor:
+    """Uniform [0, 1) numbers of shape (..., n, ...) at dim len(shape) - 1 — drawn for all rows of the
+    global batch and cut to this batch's window `rows` (None: the batch is the whole global batch)."""
+    if rows is None:
+        return torch.rand(*shape, n, generator=generator)
+    start, total = rows
+    return torch.rand(*shape, total, generator=generator)[..., start : start + n]
+
 
 def normalize(images_u8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
@@ -19,11 +34,12 @@ def normalize(images_u8: torch.Tensor, mean: Sequence[float], std: Sequence[floa
     return (images_u8.float() / 255.0 - m) / s
 
 
-def jitter_colour(images: torch.Tensor, generator: torch.Generator, strength: float) -> torch.Tensor:
+def jitter_colour(
+    images: torch.Tensor, generator: torch.Generator, strength: float, rows: Rows | None = None
+) -> torch.Tensor:
     """Per image: brightness, contrast and saturation each scaled by a factor in [1-s, 1+s] (hue is kept:
     the colour of a thing is often what its caption says). `images` in [0, 1], (B, 3, H, W)."""
-    b = images.shape[0]
-    f = 1 + (torch.rand(3, b, 1, 1, 1, generator=generator) * 2 - 1) * strength
+    f = 1 + (_draw((3,), generator, rows, images.shape[0]).view(3, -1, 1, 1, 1) * 2 - 1) * strength
     grey = (images * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
     x = images * f[0]  # brightness
     mean = grey.mean((2, 3), keepdim=True) * f[0]
@@ -33,10 +49,12 @@ def jitter_colour(images: torch.Tensor, generator: torch.Generator, strength: fl
     return x.clamp(0, 1)
 
 
-def blur_some(images: torch.Tensor, generator: torch.Generator, p: float) -> torch.Tensor:
+def blur_some(
+    images: torch.Tensor, generator: torch.Generator, p: float, rows: Rows | None = None
+) -> torch.Tensor:
     """A 3×3 binomial blur (σ ≈ 0.85 px) on each image with probability p: softer outlines, as another
     artist's drawing or a smaller rendering has."""
-    chosen = torch.rand(images.shape[0], generator=generator) < p
+    chosen = _draw((), generator, rows, images.shape[0]) < p
     if not chosen.any():
         return images
     k1 = torch.tensor([1.0, 2.0, 1.0]) / 4
@@ -55,26 +73,28 @@ def augment(
     hflip: bool = False,
     blur_p: float = 0.0,
     colour: float = 0.0,
+    rows: Rows | None = None,
 ) -> torch.Tensor:
     """Random resized crop + rotation (+ mirror) of a float batch (B, 3, H, W) in one `grid_sample`,
     after an optional colour jitter (`jitter_colour`, strength `colour`) and blur (`blur_some`, blur_p);
-    those two expect pixel values in [0, 1].
+    those two expect pixel values in [0, 1]. `rows` = (first row, global batch size) when `images` are
+    rows of a larger global batch (see the module docstring).
 
     A crop keeping area fraction a ∈ [scale_min, 1] is a zoom by 1/√a; its centre moves anywhere the
     crop still fits. Pixels sampled from outside are filled from the border (white for emoji).
     """
     if colour > 0:
-        images = jitter_colour(images, generator, colour)
+        images = jitter_colour(images, generator, colour, rows)
     if blur_p > 0:
-        images = blur_some(images, generator, blur_p)
+        images = blur_some(images, generator, blur_p, rows)
     b = images.shape[0]
-    area = torch.empty(b).uniform_(scale_min, 1.0, generator=generator)
+    area = scale_min + (1.0 - scale_min) * _draw((), generator, rows, b)
     zoom = area.sqrt()  # the crop's side relative to the image
     room = 1.0 - zoom
-    tx = (torch.rand(b, generator=generator) * 2 - 1) * room
-    ty = (torch.rand(b, generator=generator) * 2 - 1) * room
-    angle = (torch.rand(b, generator=generator) * 2 - 1) * math.radians(rotate_deg)
-    flip = torch.where(torch.rand(b, generator=generator) < 0.5, -1.0, 1.0) if hflip else torch.ones(b)
+    tx = (_draw((), generator, rows, b) * 2 - 1) * room
+    ty = (_draw((), generator, rows, b) * 2 - 1) * room
+    angle = (_draw((), generator, rows, b) * 2 - 1) * math.radians(rotate_deg)
+    flip = torch.where(_draw((), generator, rows, b) < 0.5, -1.0, 1.0) if hflip else torch.ones(b)
     cos, sin = angle.cos() * zoom, angle.sin() * zoom
     theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)

@@ -65,6 +65,7 @@ def filip_similarity(
 
 
 class FILIPLoss(nn.Module):
+    local_form: ClassVar[str | None] = "rows"  # train.local_losses: each rank its own rows and columns
     inputs: ClassVar[tuple[str, ...]] = ("image_tokens", "text_tokens", "text_mask", "logit_scale")
 
     def __init__(self, chunk_size: int | None = None) -> None:

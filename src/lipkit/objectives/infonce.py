@@ -20,6 +20,7 @@ from torch import nn
 
 
 class InfoNCE(nn.Module):
+    local_form: ClassVar[str | None] = "rows"  # train.local_losses: each rank its own rows and columns
     inputs: ClassVar[tuple[str, ...]] = ("image_features", "text_features", "logit_scale")
 
     def forward(

@@ -36,12 +36,16 @@ together), hence off by default.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
 class MultiPositiveInfoNCE(nn.Module):
+    local_form: ClassVar[str | None] = "rows"  # train.local_losses: each rank its own rows and columns
+
     def __init__(self, same_text_positive: bool = False) -> None:
         super().__init__()
         if not isinstance(same_text_positive, bool):
@@ -87,3 +91,34 @@ class MultiPositiveInfoNCE(nn.Module):
         else:
             t2i = F.cross_entropy(logits.t(), owner)
         return 0.5 * (i2t + t2i)
+
+
+def positive_weight(
+    caption_owner: torch.Tensor,
+    caption_key: torch.Tensor | None,
+    images: range,
+    captions: range,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The positive pairs of the loss above as 0/1 weights, restricted to the images `images` (image
+    indices) and the captions `captions` (caption positions): (len(images), len(captions)).
+
+    `caption_owner` and `caption_key` cover every caption of the batch (image j owns caption o_j; keys
+    are compared only with `same_text_positive`, i.e. when given). The forward's (B, T) weight is
+    `positive_weight(o, k, range(B), range(T))`; a rank of a distributed run asks for its own rows or
+    columns against the whole batch (train.local_losses) and holds only len(images)·len(captions) here.
+    """
+    owner = caption_owner.long()
+    rows = torch.arange(images.start, images.stop, device=owner.device)
+    chosen = slice(captions.start, captions.stop)
+    if caption_key is None:
+        return (owner[chosen][None, :] == rows[:, None]).to(dtype)
+    _, text = caption_key.unique(return_inverse=True)  # every caption's text as an id 0..U-1
+    wanted, column = text[chosen].unique(return_inverse=True)  # the chosen captions' texts, 0..V-1
+    slot = torch.full((text.numel(),), -1, dtype=torch.long, device=owner.device)  # U ≤ T ids
+    slot[wanted] = torch.arange(wanted.numel(), device=owner.device)
+    v, a = slot[text], owner - images.start  # each caption's chosen-text id and image row (or out of range)
+    keep = (v >= 0) & (a >= 0) & (a < len(images))
+    own = torch.zeros(len(images), wanted.numel(), dtype=dtype, device=owner.device)
+    own[a[keep], v[keep]] = 1  # own[i, v] = 1 when image i owns a caption with the chosen text v
+    return own[:, column]

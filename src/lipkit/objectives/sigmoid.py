@@ -87,6 +87,7 @@ class _ChunkedSigmoidLoss(torch.autograd.Function):
 
 
 class SigmoidLoss(nn.Module):
+    local_form: ClassVar[str | None] = "ring"  # train.local_losses: neighbour exchange, local × local blocks
     inputs: ClassVar[tuple[str, ...]] = ("image_features", "text_features", "logit_scale", "logit_bias")
 
     def __init__(self, chunk_size: int | None = None) -> None:

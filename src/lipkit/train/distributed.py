@@ -1,18 +1,20 @@
 """torchrun / DDP setup and global negatives.
 
 `torchrun --nproc-per-node N -m lipkit train ...` sets RANK, WORLD_SIZE and LOCAL_RANK; `init()` joins
-the process group (nccl on GPUs, gloo on CPUs) and every rank then trains on its own slice of each
-global batch.
+the process group (nccl for CUDA tensors and gloo for the small CPU ones on GPUs, gloo on CPUs) and
+every rank then trains on its own share of each global batch, which the data sources hand it.
 
 Global negatives: each rank's per-sample features are all-gathered *with gradient*
 (`torch.distributed.nn.functional.all_gather`), so every rank evaluates the loss on the whole global
 batch. The backward of that all-gather sums, onto each rank's slice, the gradients of all W ranks'
-(identical) losses, i.e. W·∂L/∂x_r; DDP then averages parameter gradients over W, which leaves exactly
-the single-process gradient of L on the global batch.
+(identical) losses, i.e. W·∂L/∂x_r; averaging parameter gradients over W then leaves exactly the
+single-process gradient of L on the global batch.
 
-Local loss (`train.local_loss`, InfoNCE only): rank r computes only the B rows it owns — its images
-against all texts and its texts against all images, labels offset by r·B — cutting the logit work by
-W. The mean of the ranks' local losses is the global loss; the gradients again match.
+Local loss (`train.local_loss`, the objectives that declare a `local_form`; train/local_losses.py):
+each rank computes only its share of the loss — its own rows against the gathered other side, or
+SigLIP's ring of b × b blocks passed from rank to rank (`ring_exchange`). The mean of the ranks' local
+losses is the global loss; the gradients again match. Gradients are averaged over ranks by
+train/reducer.py (buckets started during the backward).
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from lipkit.errors import UserError
+from lipkit.objectives import OBJECTIVES
 from lipkit.train.inputs import INPUTS
 
 
@@ -52,10 +54,11 @@ def init() -> Dist:
         return Dist()
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
+        if torch.cuda.is_available():  # nccl for CUDA tensors; the small CPU ones (flags, clock) by gloo
             torch.cuda.set_device(local)
-        dist.init_process_group(backend)
+            dist.init_process_group("cpu:gloo,cuda:nccl")
+        else:
+            dist.init_process_group("gloo")
     return Dist(rank, world, local)
 
 
@@ -105,13 +108,17 @@ def _gather_plain(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def local_infonce(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, d: Dist) -> torch.Tensor:
-    """InfoNCE over the rows this rank owns, against the global batch of the other modality."""
-    all_image, all_text = gather(image), gather(text)
-    labels = torch.arange(image.shape[0], device=image.device) + d.rank * image.shape[0]
-    i2t = F.cross_entropy(scale * image @ all_text.t(), labels)
-    t2i = F.cross_entropy(scale * text @ all_image.t(), labels)
-    return 0.5 * (i2t + t2i)
+def ring_exchange(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """One step round the ring of ranks, without gradient: send each tensor to the next rank, (r+1) mod W,
+    and return the tensors of the same shapes that the previous rank, (r−1) mod W, sent (point-to-point
+    isend/irecv, one batch; gloo or nccl)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    received = [torch.empty_like(x) for x in tensors]
+    ops = [dist.P2POp(dist.isend, x.contiguous(), (rank + 1) % world, tag=i) for i, x in enumerate(tensors)]
+    ops += [dist.P2POp(dist.irecv, x, (rank - 1) % world, tag=i) for i, x in enumerate(received)]
+    for request in dist.batch_isend_irecv(ops):
+        request.wait()
+    return tuple(received)
 
 
 def average_gradients(params: list[torch.Tensor]) -> None:
@@ -128,6 +135,13 @@ def average_gradients(params: list[torch.Tensor]) -> None:
     flat /= dist.get_world_size()
     for p, g in zip(params, _unflatten_dense_tensors(flat, grads), strict=True):
         p.grad = g
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj` (picklable), in rank order, on every rank."""
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def all_true(flag: torch.Tensor) -> torch.Tensor:
@@ -154,8 +168,12 @@ def check_scaling(cfg: Any, needs: set[str], d: Dist) -> None:
             f"train.batch_size={cfg.batch_size} is not divisible by the {d.world} ranks; "
             f"use a multiple of {d.world}."
         )
-    if cfg.local_loss and cfg.objective != "infonce":
-        raise UserError("train.local_loss is implemented for the infonce objective only; unset it.")
+    if cfg.local_loss and getattr(OBJECTIVES.get(cfg.objective), "local_form", None) is None:
+        have = ", ".join(name for name, cls in OBJECTIVES.items() if getattr(cls, "local_form", None))
+        raise UserError(
+            f"train.local_loss needs an objective with a local form ({have}) and '{cfg.objective}' has "
+            "none; unset train.local_loss or choose one of those."
+        )
     uncached = sorted(name for name in needs if INPUTS[name].cache is None)
     if cfg.grad_cache_chunk and uncached:
         raise UserError(

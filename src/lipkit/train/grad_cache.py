@@ -46,12 +46,15 @@ def grad_cache_backward(
     needs: set[str],
     loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor],
     device: torch.device,
+    before_last: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Steps 1–3 above. `embed(rows, names)` computes the named inputs (train.inputs.INPUTS) of the
     images `rows` of the batch (`batch` images) and their captions. The registry says which inputs are
     embedded chunk by chunk with their gradients cached (float features, rows image-major) and which
     are computed once for the whole batch (the logit scale, caption owners, the frozen teacher, ...);
-    `loss_fn` gets them all. Gradients accumulate in the parameters; returns the loss."""
+    `loss_fn` gets them all. Gradients accumulate in the parameters; returns the loss. `before_last` runs
+    before the last backward pass (the one after which every gradient is complete: the bucketed
+    all-reduce arms there, train.reducer)."""
     # in the registry's order (not a set's, which differs between processes): the same collectives
     chunked = [name for name, entry in INPUTS.items() if name in needs and entry.cache == "chunk"]
     chunks = [slice(s, min(s + chunk, batch)) for s in range(0, batch, chunk)]
@@ -74,5 +77,7 @@ def grad_cache_backward(
                 per = value.shape[0] // (ch.stop - ch.start)
                 surrogate = surrogate + (value.float() * grad[ch.start * per : ch.stop * per]).sum()
         if surrogate.requires_grad:
+            if before_last is not None and ch is chunks[-1]:
+                before_last()
             surrogate.backward()
     return loss

@@ -22,6 +22,7 @@ from lipkit.data.table_batches import ImageStore
 from lipkit.eval.evaluate import evaluate_records, resolve_similarity
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.text.tokenizer import TextTokenizer
+from lipkit.train.distributed import gather_objects
 from lipkit.train.trainer import Trainer
 
 
@@ -86,6 +87,9 @@ class CheckpointWriter:
         }
         tensors, meta = tr.training_state()  # every rank comes here: under FSDP these two gather shards
         full_model = tr.unsharded()
+        data = self.batches.state()  # this rank's position and skips; with several ranks, all of them
+        if tr.dist.enabled:
+            data = self.batches.merge_states(gather_objects(data))
         if not tr.dist.main:  # only rank 0 writes
             return checkpoints / f"step-{tr.step_count:08d}"
         path = save_checkpoint(
@@ -93,7 +97,7 @@ class CheckpointWriter:
             full_model,
             self.tokenizer,
             info,
-            training=(tensors, {**meta, "data": self.batches.state()}),  # + the data position
+            training=(tensors, {**meta, "data": data}),  # + the data position
         )
         self._keep_best(path)
         prune(checkpoints, t.keep_last, {self.best["path"]} if self.best["path"] else set())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from lipkit.models.hf_text import resolve_pretrained
 from lipkit.models.presets import ModelSpec, get_spec
 from lipkit.objectives import build_objective
 from lipkit.text.tokenizer import TextTokenizer
+from lipkit.train.distributed import gather_objects
 from lipkit.train.distributed import init as init_distributed
 from lipkit.train.hooks import CheckpointWriter, Evaluator
 from lipkit.train.inputs import objective_needs, requires
@@ -135,9 +137,13 @@ def run_training(cfg: Config) -> tuple[Path, TrainResult]:
     tokenizer, model, objective, teacher = _build_model(cfg, data, resume)
     device = pick_device("auto", dist.local_rank)
     log = jsonl_log(run_dir / "metrics.jsonl") if dist.main else None
-    batches = data.batches(
-        model.spec.image_size, t.batch_size, t.seed, log=log
-    )  # skips logged as kind "data"
+    if t.batch_size % dist.world:  # before any data is read (the trainer checks it again)
+        raise UserError(
+            f"train.batch_size={t.batch_size} is not divisible by the {dist.world} ranks; "
+            f"use a multiple of {dist.world}."
+        )
+    # this rank's share of every global batch; skips logged as kind "data" (rank 0's)
+    batches = data.batches(model.spec.image_size, t.batch_size, t.seed, log, dist.rank, dist.world)
     stores = {
         name: ImageStore(recs, model.spec.image_size, cache=True, workers=d.workers, desc=name)
         for name, recs in eval_tables.items()
@@ -162,7 +168,10 @@ def run_training(cfg: Config) -> tuple[Path, TrainResult]:
     # every rank calls the hooks at the same steps (FSDP gathers weights there); only rank 0 evaluates,
     # writes checkpoints and logs
     result = trainer.fit(batches.epoch, len(batches), evaluate if eval_tables else None, checkpoint)
-    _print_summary(result, batches.skipped, trainer.last_checkpoint, run_dir)
+    skipped = Counter(batches.skipped)
+    if dist.enabled:  # each rank skipped in its own share: the run's are the sum
+        skipped = sum((Counter(s) for s in gather_objects(dict(skipped))), Counter())
+    _print_summary(result, skipped, trainer.last_checkpoint, run_dir)
     return run_dir, result
 
 

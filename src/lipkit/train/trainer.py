@@ -37,15 +37,15 @@ from lipkit.train.clock import Clock, Throughput
 from lipkit.train.distributed import (
     Dist,
     all_true,
-    average_gradients,
     check_scaling,
     gather_inputs,
-    local_infonce,
 )
 from lipkit.train.grad_cache import grad_cache_backward
 from lipkit.train.inputs import check_inputs, objective_inputs, objective_needs
+from lipkit.train.local_losses import local_loss
 from lipkit.train.optim import Schedule, param_groups
 from lipkit.train.progress import TrainBar, train_bar
+from lipkit.train.reducer import BucketReducer
 from lipkit.train.state import load_optimizer_state, load_rng_state, optimizer_state, rng_state
 
 Batch = tuple[torch.Tensor, list[str], list[str]]  # uint8 images, captions, keys
@@ -124,6 +124,9 @@ class Trainer:
         groups = [g for m in (model, objective) for g in param_groups(m, cfg.weight_decay, scales)]
         self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6, fused=fused or None)
         self.params = [p for g in groups for p in g["params"]]
+        self.reducer = None  # DDP: gradients averaged in buckets during the backward (train.reducer)
+        if self.dist.enabled and not self.sharded:
+            self.reducer = BucketReducer(self.params, self.dist.world, cfg.bucket_cap_mb)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.metrics_path = run_dir / "metrics.jsonl"
         self.step_count = 0
@@ -181,13 +184,15 @@ class Trainer:
 
     # -- one step ----------------------------------------------------------------------------------
     def _augmented(self, images_u8: torch.Tensor) -> torch.Tensor:
-        spec = self.model.spec
-        a = self.aug
+        """This rank's images augmented with its window of the global batch's random draws (the same
+        images one process makes of those rows) and normalised, on the device."""
+        spec, a, rows = self.model.spec, self.aug, None
+        if self.dist.enabled:
+            rows = (self.dist.rank * self.local_batch, self.cfg.batch_size)
         x = augment(
-            images_u8.float() / 255.0, self.gen, a.scale_min, a.rotate_deg, a.hflip, a.blur_p, a.colour
+            images_u8.float() / 255.0, self.gen, a.scale_min, a.rotate_deg, a.hflip, a.blur_p, a.colour, rows
         )
-        x = normalize(x * 255.0, spec.image_mean, spec.image_std)
-        return x[self.dist.rank * self.local_batch : (self.dist.rank + 1) * self.local_batch].to(self.device)
+        return normalize(x * 255.0, spec.image_mean, spec.image_std).to(self.device)
 
     def _inputs(
         self,
@@ -213,7 +218,7 @@ class Trainer:
     def _loss(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
         out = {k: v.float() if v.is_floating_point() else v for k, v in out.items()}
         if self.dist.enabled and self.cfg.local_loss:
-            return local_infonce(out["image_features"], out["text_features"], out["logit_scale"], self.dist)
+            return local_loss(self.objective, out, self.dist)
         if self.dist.enabled:
             out = gather_inputs(out, self.dist, self.local_batch)
         return self.objective(**out)
@@ -228,17 +233,21 @@ class Trainer:
             view = second[rows] if second is not None else None
             return self._inputs(images[rows], ids[rows.start * k : rows.stop * k], view, names)
 
+        arm = self.reducer.arm if self.reducer is not None else None  # buckets start in the last pass
         return grad_cache_backward(
-            embed, images.shape[0], self.cfg.grad_cache_chunk, self.needs, self._loss, self.device
+            embed, images.shape[0], self.cfg.grad_cache_chunk, self.needs, self._loss, self.device, arm
         )
 
     def step(self, images_u8: torch.Tensor, captions: list[str], lr: float) -> tuple[torch.Tensor, bool]:
-        """One optimiser step on a global batch (this rank trains on its slice); returns (loss, finite).
-        A non-finite loss or gradient on any rank skips the update on all ranks."""
-        b, k, r = self.local_batch, self.per_image, self.dist.rank
+        """One optimiser step on this rank's share of the global batch — its `train.batch_size / world`
+        images and their captions, as the data sources hand them out; returns (loss, finite). A
+        non-finite loss or gradient on any rank skips the update on all ranks."""
+        if images_u8.shape[0] != self.local_batch:  # a programming error: the sources yield local batches
+            raise ValueError(f"expected this rank's {self.local_batch} images, got {images_u8.shape[0]}")
+        b = self.local_batch
         images = self._augmented(images_u8)
         second = self._augmented(images_u8) if "image_features_2" in self.needs else None
-        ids = self.tokenizer(captions[r * b * k : (r + 1) * b * k]).to(self.device)
+        ids = self.tokenizer(captions).to(self.device)
         for group in self.opt.param_groups:
             group["lr"] = lr * group["lr_scale"]
         self.opt.zero_grad(set_to_none=True)
@@ -246,14 +255,16 @@ class Trainer:
             loss = self._grad_cache_backward(images, ids, second)
         else:
             loss = self._loss(self._inputs(images, ids, second))
+            if self.reducer is not None:
+                self.reducer.arm()
             loss.backward()
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         if self.sharded:  # FSDP averaged the shards' gradients already; the rest are replicated
             fsdp.average_replicated(self.params)
             grad_norm = fsdp.clip_grad_norm(self.params, clip)
         else:
-            if self.dist.enabled:
-                average_gradients(self.params)
+            if self.reducer is not None:
+                self.reducer.finish()
             grad_norm = nn.utils.clip_grad_norm_(self.params, clip)
         finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
         if self.dist.enabled:
