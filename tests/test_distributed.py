@@ -146,6 +146,9 @@ def one_step(
     again.load_training_state(state)
     back = again.training_state()[0]
     out.update({f"resumed.{k}": back[k].clone() for k in optim})
+    if trainer.reducer is not None:  # the resumed trainer buckets (so sums) as the one it continues
+        same = again.reducer.rebuilt and again.reducer.order() == trainer.reducer.order()
+        out["buckets_resumed"] = torch.tensor([same])
     return out
 
 
@@ -329,6 +332,8 @@ def test_gradient_buckets_start_during_the_backward(two_ranks):
     for name in ("infonce-small-buckets", "lexlip-small-buckets"):
         early, total = ranks_of(two_ranks, name)[0]["buckets"].tolist()
         assert total > 5 and early >= total - 1, (name, early, total)
+    for name in ("infonce-small-buckets", "lexlip-small-buckets", "objective-siglip"):
+        assert all(bool(r["buckets_resumed"]) for r in ranks_of(two_ranks, name)), name
     early, total = ranks_of(two_ranks, "infonce-one-all-reduce")[0]["buckets"].tolist()
     assert total == 1
     early, total = ranks_of(two_ranks, "infonce-grad-cache-small-buckets")[0]["buckets"].tolist()

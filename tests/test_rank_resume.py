@@ -1,7 +1,9 @@
-"""Two gloo ranks through the real launch path (`run_training`, as torchrun starts it), each reading only
-its share of the data: stopped by a signal on one rank after step 3, the run writes one checkpoint
-holding every rank's data position and resumes bitwise identical to the run that never stopped — from a
-table streamed without the image cache (unusable rows replaced by slot) and from WebDataset shards."""
+"""Two gloo ranks through the real launch path (`run_training`, as torchrun starts it): stopped by a
+signal on one rank after step 3, the run writes one checkpoint holding every rank's data position and
+skip counts, and resumes bitwise identical to the run that never stopped (weights, and the data state of
+its last checkpoint) — from a table streamed without the image cache (unusable rows replaced by slot)
+and from WebDataset shards. That each rank reads only its share is tested in test_table_ranks.py and
+test_shard_ranks.py."""
 
 from __future__ import annotations
 
@@ -107,6 +109,13 @@ def test_two_ranks_resume_bitwise_from_the_merged_data_position(sources, tmp_pat
     a = load_file(str(whole / "checkpoint" / "model.safetensors"))
     b = load_file(str(parts / "checkpoint" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the last resumable checkpoints hold the same data state: each rank's position and skip counts
+    # (for a table, the rows replaced by substitutes; the merged state handed every rank its own back)
+    last = [sorted((run / "checkpoints").glob("step-*"))[-1] for run in (whole, parts)]
+    states = [json.loads((p / "trainer_state.json").read_text())["data"] for p in last]
+    assert states[0] == states[1]
+    if kind == "table":
+        assert sum(states[0]["skipped_total"].values()) > 0 and len(states[0]["ranks"]) == 2
     logged = [json.loads(x) for x in (parts / "metrics.jsonl").read_text().splitlines()]
     steps = [x["step"] for x in logged if x["kind"] == "train"]
     assert steps == sorted(set(steps)) and steps[-1] > 3  # one step axis, nothing rewound or repeated

@@ -137,6 +137,13 @@ def average_gradients(params: list[torch.Tensor]) -> None:
         p.grad = g
 
 
+def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """The mean of `x` over the ranks (no gradient)."""
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x / dist.get_world_size()
+
+
 def gather_objects(obj: Any) -> list[Any]:
     """Every rank's `obj` (picklable), in rank order, on every rank."""
     out: list[Any] = [None] * dist.get_world_size()

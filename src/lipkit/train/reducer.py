@@ -14,13 +14,17 @@ Bucket order: at first, reverse definition order (the output end of a network is
 after the first step the buckets are rebuilt in the order the gradients were ready in its armed backward
 pass (rank 0's order, sent to every rank), so that each bucket completes as early as possible — DDP's
 "rebuild buckets". Buckets start strictly in index order, as DDP's do: a complete bucket waits for the
-ones before it, so every rank issues the same all-reduces in the same order even if hooks fired in
-another order on another rank.
+ones before it, so the buckets' all-reduces go out in the same order on every rank. Like DDP, this
+relies on every rank running the same graph in the same order (the blocking collectives inside the
+backward — the gathers of global negatives — must meet the bucket all-reduces at the same points).
+The bucket order is part of the training state, so a resumed run buckets (and so sums) exactly as the
+run it continues.
 
 Only a backward pass run with the reducer `armed` starts buckets early: the step's one backward, or
 with gradient caching (several backward passes a step) the last chunk's, after which every gradient is
 complete; parameters it does not reach (the logit scale, whose gradient came in an earlier pass) start
-in `finish`. With `bucket_cap_mb = 0` every gradient goes in one flat all-reduce after the backward.
+in `finish`. With `bucket_cap_mb = 0` every gradient goes in one bucket, which starts when the last
+gradient is written (or in `finish`).
 """
 
 from __future__ import annotations
@@ -113,6 +117,18 @@ class BucketReducer:
         self._handles = {}
         if not self.rebuilt and self.ready_order:
             self._rebuild()
+
+    def order(self) -> list[int]:
+        """The buckets' parameter order, as indices into `params` (saved with the training state)."""
+        index = {id(p): i for i, p in enumerate(self.params)}
+        return [index[id(p)] for b in self.buckets for p in b]
+
+    def load_order(self, order: list[int]) -> None:
+        """Bucket as a saved `order()` said, from the first step on (a resumed run sums as before)."""
+        if sorted(order) != list(range(len(self.params))):
+            return  # another model: keep rebuilding from this run's first step
+        self._build([self.params[i] for i in order])
+        self.rebuilt = True
 
     def _rebuild(self) -> None:
         """After the first step: buckets in the order the gradients were ready — rank 0's order, sent to

@@ -39,6 +39,7 @@ from lipkit.train.distributed import (
     all_true,
     check_scaling,
     gather_inputs,
+    mean_over_ranks,
 )
 from lipkit.train.grad_cache import grad_cache_backward
 from lipkit.train.inputs import check_inputs, objective_inputs, objective_needs
@@ -157,6 +158,8 @@ class Trainer:
             "optimizer": opt_meta,
             "rng": rng_meta,
         }
+        if self.reducer is not None and self.reducer.rebuilt:  # a resumed run buckets (sums) alike
+            meta["bucket_order"] = self.reducer.order()
         return {**opt_t, **rng_t, **objective}, meta
 
     def load_training_state(self, state: TrainingState) -> None:
@@ -175,6 +178,8 @@ class Trainer:
         if own:
             self.objective.load_state_dict(own)
         self.step_count, self.train_seconds, self.faults = meta["step"], meta["train_seconds"], meta["faults"]
+        if self.reducer is not None and "bucket_order" in meta:
+            self.reducer.load_order(meta["bucket_order"])
 
     def _log(self, record: dict[str, Any]) -> None:
         if not self.dist.main:
@@ -334,6 +339,8 @@ class Trainer:
             )
 
     def _log_train(self, run: _Run, step: int, loss: torch.Tensor, lr: float, bar: TrainBar) -> None:
+        if self.dist.enabled and self.cfg.local_loss:  # each rank holds its share: log their mean
+            loss = mean_over_ranks(loss)
         run.loss = float(loss)
         sps = run.throughput.samples_per_s(step)
         scale = float(self.model.scale().detach())
