@@ -24,51 +24,26 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import socket
 import statistics
+import sys
 import time
-import weakref
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from ranks import free_port  # bench/ranks.py (this script's folder is on the path)
 
 from lipkit.objectives import build_objective
 from lipkit.train.distributed import Dist, gather_inputs
 from lipkit.train.local_losses import local_loss
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from live_tensors import LiveTensors  # noqa: E402 - the dispatch mode tests/test_local_losses.py uses
+
 FORMS = ("ring", "gathered", "oc-shift")
-
-
-class LiveTensors(TorchDispatchMode):
-    """The largest tensor an op creates and the peak of live bytes of the storages ops create."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = self.now = self.peak = 0
-        self.live: dict[int, int] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor):
-                continue
-            self.largest = max(self.largest, t.numel())
-            storage = t.untyped_storage()
-            key = storage.data_ptr()
-            if storage.nbytes() and key not in self.live:
-                self.live[key] = storage.nbytes()
-                self.now += storage.nbytes()
-                self.peak = max(self.peak, self.now)
-                weakref.finalize(storage, self._free, key)
-        return out
-
-    def _free(self, key: int) -> None:
-        self.now -= self.live.pop(key, 0)
 
 
 def loss_fn(form: str, d: Dist, b: int):  # type: ignore[no-untyped-def]
@@ -146,12 +121,6 @@ def report(world: int, b: int, rows: dict[str, list[float]], values: dict[str, f
             f"{peak / 2**20:>10.2f} {peak / ring_peak:>8.2f} {ms:>9.1f}"
         )
     print(f"{'':>14}(the global loss of the forms agrees to {agree:.1e} relative)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:

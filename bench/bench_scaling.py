@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 from PIL import Image
+from ranks import free_port  # bench/ranks.py (this script's folder is on the path)
 
 import lipkit.data.table_batches as table_batches
 import lipkit.train.trainer as trainer_module
@@ -195,14 +196,6 @@ def _timing_worker(rank: int, world: int, port: int, args: argparse.Namespace, o
             Path(out).write_text(json.dumps(result))
     finally:
         torch.distributed.destroy_process_group()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:

@@ -10,7 +10,6 @@ divided by W, is the global gradient of its rows; the scale's and bias' are summ
 import gc
 import os
 import traceback
-import weakref
 from datetime import timedelta
 from pathlib import Path
 
@@ -19,8 +18,6 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from conftest import free_port
 from lipkit.config import TrainConfig
@@ -28,6 +25,7 @@ from lipkit.errors import UserError
 from lipkit.objectives import OBJECTIVES, build_objective
 from lipkit.train.distributed import Dist, check_scaling, gather_inputs
 from lipkit.train.local_losses import LOCAL_FORMS, local_loss
+from live_tensors import LiveTensors
 
 
 def objective_case(name: str) -> dict:
@@ -116,33 +114,6 @@ def rank_rows(inputs: dict[str, torch.Tensor], rank: int, world: int) -> dict[st
 
 def with_grad(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.requires_grad_() if v.is_floating_point() else v for k, v in inputs.items()}
-
-
-class LiveTensors(TorchDispatchMode):
-    """The most elements of any tensor an op creates (forward and backward alike) and the peak of live
-    bytes of the storages ops create (each counted from its op until it is freed)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = self.now = self.peak = 0
-        self.live: dict[int, int] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor):
-                continue
-            self.largest = max(self.largest, t.numel())
-            storage = t.untyped_storage()
-            if storage.nbytes() and storage.data_ptr() not in self.live:
-                self.live[storage.data_ptr()] = storage.nbytes()
-                self.now += storage.nbytes()
-                self.peak = max(self.peak, self.now)
-                weakref.finalize(storage, self._free, storage.data_ptr())
-        return out
-
-    def _free(self, key: int) -> None:
-        self.now -= self.live.pop(key, 0)
 
 
 def siglip_memory(d: Dist, local: bool) -> torch.Tensor:

@@ -168,13 +168,17 @@ def sync_step(signum: int | None, seconds: float) -> tuple[int | None, float]:
     return int(t[0]) or None, -float(t[1])
 
 
+def check_batch_split(batch_size: int, world: int) -> None:
+    """The global batch must split evenly over the ranks (checked before any data is read)."""
+    if batch_size % world:
+        raise UserError(
+            f"train.batch_size={batch_size} is not divisible by the {world} ranks; use a multiple of {world}."
+        )
+
+
 def check_scaling(cfg: Any, needs: set[str], d: Dist) -> None:
     """Reject impossible combinations before the first step."""
-    if cfg.batch_size % d.world:
-        raise UserError(
-            f"train.batch_size={cfg.batch_size} is not divisible by the {d.world} ranks; "
-            f"use a multiple of {d.world}."
-        )
+    check_batch_split(cfg.batch_size, d.world)
     if cfg.local_loss and getattr(OBJECTIVES.get(cfg.objective), "local_form", None) is None:
         have = ", ".join(name for name, cls in OBJECTIVES.items() if getattr(cls, "local_form", None))
         raise UserError(

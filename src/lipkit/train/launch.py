@@ -35,7 +35,7 @@ from lipkit.models.hf_text import resolve_pretrained
 from lipkit.models.presets import ModelSpec, get_spec
 from lipkit.objectives import build_objective
 from lipkit.text.tokenizer import TextTokenizer
-from lipkit.train.distributed import gather_objects
+from lipkit.train.distributed import check_batch_split, gather_objects
 from lipkit.train.distributed import init as init_distributed
 from lipkit.train.hooks import CheckpointWriter, Evaluator
 from lipkit.train.inputs import objective_needs, requires
@@ -137,11 +137,7 @@ def run_training(cfg: Config) -> tuple[Path, TrainResult]:
     tokenizer, model, objective, teacher = _build_model(cfg, data, resume)
     device = pick_device("auto", dist.local_rank)
     log = jsonl_log(run_dir / "metrics.jsonl") if dist.main else None
-    if t.batch_size % dist.world:  # before any data is read (the trainer checks it again)
-        raise UserError(
-            f"train.batch_size={t.batch_size} is not divisible by the {dist.world} ranks; "
-            f"use a multiple of {dist.world}."
-        )
+    check_batch_split(t.batch_size, dist.world)  # before any data is read (the trainer checks it again)
     # this rank's share of every global batch; skips logged as kind "data" (rank 0's)
     batches = data.batches(model.spec.image_size, t.batch_size, t.seed, log, dist.rank, dist.world)
     stores = {
