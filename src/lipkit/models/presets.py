@@ -9,6 +9,8 @@ from lipkit.errors import UserError
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,13 @@ class ModelSpec:
     # gradient-caching chunks and a locked tower all compute the same thing); "batch" (BatchNorm2d) only for
     # checkpoints written before this setting existed (a saved config without it loads as "batch")
     stem_norm: str = "group"
+    # "vit": the tower above; "timm": a timm network (models.timm_vision, like OpenCLIP's timm_model_name /
+    # timm_pool / timm_proj), usually with pretrained weights (model.image_pretrained)
+    vision_tower: str = "vit"
+    timm_model_name: str = ""
+    timm_pool: str = "avg"
+    timm_proj: str = "linear"  # linear | mlp | none
+    timm_proj_bias: bool = False
     # text tower (causal transformer, pooled at the end-of-text token)
     text_width: int = 192
     text_layers: int = 4

@@ -32,6 +32,7 @@ from lipkit.errors import UserError
 from lipkit.eval.evaluate import check_has_images
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.models.hf_text import resolve_pretrained
+from lipkit.models.image_weights import image_tower_settings, load_trunk_weights
 from lipkit.models.presets import ModelSpec, get_spec
 from lipkit.objectives import build_objective
 from lipkit.text.tokenizer import TextTokenizer
@@ -105,7 +106,8 @@ def _new_model(
     if pretrained is not None:
         hf_config = json.loads((pretrained / "config.json").read_text(encoding="utf-8"))
         fixed.update(text_tower="hf", text_hf_config=hf_config, text_pool=cfg.model.text_pool)
-    spec = get_spec(cfg.model.preset, **{**cfg.model.overrides, **fixed})
+    image = image_tower_settings(cfg.model.image_pretrained, cfg.model.overrides)
+    spec = get_spec(cfg.model.preset, **{**image, **cfg.model.overrides, **fixed})
     if resume is not None:  # settings added since the run started keep the value it was saved with
         saved = ModelSpec.from_dict(json.loads((resume / "config.json").read_text(encoding="utf-8"))["model"])
         spec = replace(spec, stem_norm=saved.stem_norm)
@@ -117,6 +119,8 @@ def _new_model(
     )
     if pretrained is not None and resume is None:
         model.text.load_pretrained(pretrained)
+    if cfg.model.image_pretrained and resume is None:
+        load_trunk_weights(model.visual.trunk, cfg.model.image_pretrained)
     return model
 
 
