@@ -39,7 +39,8 @@ def convert(
         ...,
         help="--from open_clip: ARCH CHECKPOINT OUT (ARCH is an OpenCLIP model name such as ViT-B-32, or a "
         "model-config JSON; CHECKPOINT a .safetensors/.pt state dict). --from hf: DIR OUT (a CLIPModel "
-        "directory). --to open_clip / --to hf: CKPT OUT (a lipkit checkpoint directory).",
+        "directory, or a VisionTextDualEncoderModel one lipkit wrote). --to open_clip / --to hf: CKPT OUT "
+        "(a lipkit checkpoint directory).",
         show_default=False,
     ),
     from_: str = typer.Option(
@@ -50,7 +51,8 @@ def convert(
         False, "--overwrite", help="Replace OUT when --to writes over an existing one."
     ),
 ) -> None:
-    """Convert checkpoints between lipkit and OpenCLIP or Hugging Face CLIPModel (same embeddings)."""
+    """Convert checkpoints between lipkit and OpenCLIP or Hugging Face (CLIPModel; VisionTextDualEncoderModel
+    for timm image + Hugging Face text towers)."""
     if (from_ is None) == (to is None):
         raise UserError(f"Give exactly one of --from or --to: {USAGE}.")
     if from_ is not None:
@@ -77,10 +79,10 @@ def convert(
         out = export_open_clip(Path(args[0]), Path(args[1]), overwrite=overwrite)
         console.print(f"OpenCLIP model: {out}  (open_clip.create_model('local-dir:{out}'))")
     else:
-        from lipkit.interop.hf import export_hf
+        from lipkit.interop.hf import export_hf, loading_hint
 
         out = export_hf(Path(args[0]), Path(args[1]), overwrite=overwrite)
-        console.print(f"Hugging Face model: {out}  (transformers.CLIPModel.from_pretrained('{out}'))")
+        console.print(f"Hugging Face model: {out}  ({loading_hint(out)})")
 
 
 def export_onnx(

@@ -1,4 +1,6 @@
-"""Hugging Face `CLIPModel` directories in and out (config.json + model.safetensors + tokenizer files).
+"""Hugging Face `CLIPModel` directories in and out (config.json + model.safetensors + tokenizer files);
+models with a timm image tower or a Hugging Face text tower go to and from `VisionTextDualEncoderModel`
+folders instead (interop.hf_dual).
 
 The mapping, per tower: HF keeps attention's q/k/v as three Linear layers (lipkit and OpenCLIP
 concatenate them into `in_proj_weight`/`in_proj_bias`); `layer_norm1/2` are `ln_1/2`, `mlp.fc1/fc2`
@@ -32,7 +34,7 @@ from lipkit.interop import refuse_existing
 from lipkit.interop.clip_bpe import CLIP_VOCAB_SIZE, EOT, SOT, clip_tokenizer, is_clip_vocab
 from lipkit.interop.hf_state import state_from_hf, state_to_hf  # noqa: F401 - re-exported
 from lipkit.interop.open_clip import check_exportable
-from lipkit.interop.peer_weights import build_model, read_state_dict, tokenizer_from_dir
+from lipkit.interop.peer_weights import build_model, read_hf_weights, read_json, tokenizer_from_dir
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.models.presets import OPENAI_MEAN, OPENAI_STD, ModelSpec
 from lipkit.text.tokenizer import PAD, TextTokenizer
@@ -181,40 +183,20 @@ def hf_config(spec: ModelSpec, tokenizer: TextTokenizer, logit_scale: float) -> 
     }
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"'{path}' is not valid JSON ({e}); re-save the model directory.") from e
-
-
-def _read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
-    index = _read_json(directory / "model.safetensors.index.json")
-    if index is not None:  # sharded
-        state: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(index.get("weight_map", {}).values())):
-            state.update(read_state_dict(directory / shard))
-        return state
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (directory / name).is_file():
-            return read_state_dict(directory / name)
-    raise UserError(
-        f"'{directory}' has no model.safetensors (or pytorch_model.bin); pass a directory written by "
-        "CLIPModel.save_pretrained."
-    )
-
-
 def from_hf(directory: str | Path) -> tuple[DualEncoder, TextTokenizer]:
-    """A lipkit model and tokenizer from a Hugging Face CLIPModel directory."""
+    """A lipkit model and tokenizer from a Hugging Face CLIPModel directory, or from a
+    VisionTextDualEncoderModel one that lipkit wrote (hf_dual)."""
     d = Path(directory).expanduser()
-    config = _read_json(d / "config.json") if d.is_dir() else None
+    config = read_json(d / "config.json") if d.is_dir() else None
     if config is None:
         raise UserError(
             f"'{d}' is not a Hugging Face model directory (it needs config.json); pass a directory written "
             "by CLIPModel.save_pretrained."
         )
+    if config.get("model_type") == "vision-text-dual-encoder":  # timm image + HF text towers
+        from lipkit.interop.hf_dual import from_hf_dual
+
+        return from_hf_dual(d, config)
     _check_clip(config, f"'{d / 'config.json'}'")
     raw = tokenizer_from_dir(d)
     if (
@@ -225,8 +207,8 @@ def from_hf(directory: str | Path) -> tuple[DualEncoder, TextTokenizer]:
             f"'{d}' has no tokenizer files and its vocabulary is not CLIP's; save the tokenizer "
             "into it (tokenizer.save_pretrained(dir))."
         )
-    preprocessor = _read_json(d / "preprocessor_config.json")
-    return from_hf_state(config, _read_hf_weights(d), raw, preprocessor, where=f"'{d}'")
+    preprocessor = read_json(d / "preprocessor_config.json")
+    return from_hf_state(config, read_hf_weights(d), raw, preprocessor, where=f"'{d}'")
 
 
 def from_hf_state(
@@ -326,7 +308,12 @@ def _tokenizer_files(tokenizer: TextTokenizer, raw: Tokenizer, spec: ModelSpec, 
 
 
 def write_hf(model: DualEncoder, tokenizer: TextTokenizer, out: str | Path, overwrite: bool = False) -> Path:
-    """Write a directory that `transformers.CLIPModel/CLIPProcessor.from_pretrained` load."""
+    """Write a directory that `transformers.CLIPModel/CLIPProcessor.from_pretrained` load; a model with a
+    timm image tower or a Hugging Face text tower is written as a VisionTextDualEncoderModel (hf_dual)."""
+    if model.spec.vision_tower == "timm" or model.spec.text_tower == "hf":
+        from lipkit.interop.hf_dual import write_hf_dual
+
+        return write_hf_dual(model, tokenizer, out, overwrite)
     out = Path(out).expanduser()
     config, state, raw = to_hf(model, tokenizer)
     spec = model.spec
@@ -354,6 +341,16 @@ def write_hf(model: DualEncoder, tokenizer: TextTokenizer, out: str | Path, over
         _tokenizer_files(TextTokenizer(raw, tokenizer.context_length), raw, spec, tmp)
 
     return write_dir(out, write)
+
+
+def loading_hint(out: Path) -> str:
+    """How transformers loads the folder `write_hf` wrote, and what each way gives."""
+    config = read_json(out / "config.json") or {}
+    if config.get("model_type") == "vision-text-dual-encoder":
+        from lipkit.interop.hf_dual import loading_hint as dual_hint
+
+        return dual_hint(out, config)
+    return f"transformers.CLIPModel.from_pretrained('{out}')"
 
 
 def import_hf(directory: str | Path, out: str | Path) -> Path:

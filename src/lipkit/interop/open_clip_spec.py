@@ -1,6 +1,10 @@
 """An OpenCLIP model config (`embed_dim`, `vision_cfg`, `text_cfg`, `quick_gelu`) read as a lipkit
-ModelSpec. Settings lipkit's towers do not implement (layer scale, attentional pooling, timm or Hugging
-Face towers, ...) are refused with the setting's name rather than converted wrongly."""
+ModelSpec: a ViT or timm image tower (`timm_model_name`, avg/max/avgmax pooling, linear/mlp/no
+projection) and CLIP's text tower or a Hugging Face encoder (`hf_model_name`; mean or first-token
+pooling, linear projection — `hf_fields`, from the text model's own config). Settings lipkit's towers do
+not implement (layer scale, attentional pooling, ResNets, attention-pooled timm towers, BERT's
+`cls_pooler`, MLP text projections, encoder-decoder text models, ...) are refused with the setting's
+name rather than converted wrongly."""
 
 from __future__ import annotations
 
@@ -8,7 +12,10 @@ from typing import Any
 
 from lipkit.errors import UserError
 from lipkit.interop.clip_bpe import CLIP_VOCAB_SIZE
+from lipkit.interop.open_clip_custom import hf_pad_token_id
+from lipkit.interop.peer_weights import require
 from lipkit.models.presets import OPENAI_MEAN, OPENAI_STD, ModelSpec
+from lipkit.text.tokenizer import TextTokenizer
 
 _ANY = object()  # a setting that does not change inference
 # OpenCLIP settings lipkit's towers reproduce only at these values (OpenCLIP's defaults); first the
@@ -118,56 +125,180 @@ def _check_text_pooling(text: dict[str, Any], vocab_size: int, eot_id: int, arch
         )
 
 
+_VIT_KEYS = {"layers", "width", "head_width", "mlp_ratio", "patch_size", "image_size"}
+_TEXT_KEYS = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"}
+_TIMM_KEYS = {"timm_model_name", "timm_pool", "timm_proj", "timm_proj_bias", "image_size"}
+_HF_KEYS = {"hf_model_name", "hf_tokenizer_name", "hf_proj_type", "hf_pooler_type", "context_length"}
+# settings OpenCLIP ignores when the tower is a timm / Hugging Face model (and the tokenizer ones that
+# would change the token ids, which must stay at their defaults)
+_TIMM_INERT = {k: _ANY for k in {*_VISION_INERT, *_VIT_KEYS} - _TIMM_KEYS}
+_HF_INERT = {
+    **{k: _ANY for k in {*_TEXT_INERT, *_TEXT_KEYS} - _HF_KEYS},
+    "tokenizer_mode": None,
+    "tokenizer_kwargs": None,
+}
+# OpenCLIP's default pooler per model type (hf_configs.arch_dict) for `hf_pooler_type: null`
+_HF_DEFAULT_POOLER = {"bert": "cls_pooler", "roberta": "mean_pooler", "xlm-roberta": "mean_pooler"}
+
+
+def _vit_fields(vision: dict[str, Any], arch: str) -> dict[str, Any]:
+    _check_inert(vision, _VIT_KEYS, _VISION_INERT, "vision_cfg.", arch)
+    if isinstance(vision.get("layers", 12), list | tuple):
+        raise UserError(
+            f"OpenCLIP config '{arch}' has a ResNet image tower; lipkit converts ViT and timm towers only."
+        )
+    width, head_width = int(vision.get("width", 768)), int(vision.get("head_width", 64))
+    return {
+        "image_size": _square_size(vision.get("image_size", 224), arch),
+        "patch_size": int(vision.get("patch_size", 16)),
+        "vision_width": width,
+        "vision_layers": int(vision.get("layers", 12)),
+        "vision_heads": width // head_width,
+        "mlp_ratio": float(vision.get("mlp_ratio", 4.0)),
+    }
+
+
+def _timm_fields(vision: dict[str, Any], arch: str) -> dict[str, Any]:
+    """A timm image tower (OpenCLIP's TimmModel): linear, MLP or no projection after avg/max pooling."""
+    _check_inert(vision, _TIMM_KEYS, _TIMM_INERT, "vision_cfg.", arch)
+    name, pool = str(vision["timm_model_name"]), vision.get("timm_pool", "avg")
+    proj = vision.get("timm_proj", "linear")
+    if proj not in ("linear", "mlp", "none"):
+        raise UserError(
+            f"OpenCLIP config '{arch}' sets vision_cfg.timm_proj={proj!r} (the timm network's classifier as "
+            "the projection), which lipkit's timm tower does not implement; use 'linear', 'mlp' or 'none'."
+        )
+    if pool == "" and proj != "none":
+        raise UserError(
+            f"OpenCLIP config '{arch}' sets vision_cfg.timm_pool='' (the timm network's own pooling), which "
+            "lipkit needs spelled out; set it to that pooling ('avg' for most CNNs)."
+        )
+    if pool not in ("avg", "max", "avgmax", ""):
+        raise UserError(
+            f"OpenCLIP config '{arch}' sets vision_cfg.timm_pool={pool!r}, which lipkit's timm tower does not "
+            "implement; lipkit pools with 'avg', 'max' or 'avgmax'."
+        )
+    timm = require("timm", "Converting an OpenCLIP timm image tower")
+    if not timm.is_model(name):
+        raise UserError(
+            f"OpenCLIP config '{arch}' names the timm model '{name}', which timm {timm.__version__} does not "
+            "have; fix vision_cfg.timm_model_name or upgrade timm (`pip install -U timm`)."
+        )
+    return {
+        "vision_tower": "timm",
+        "timm_model_name": name,
+        "timm_pool": pool,
+        "timm_proj": proj,
+        "timm_proj_bias": bool(vision.get("timm_proj_bias", False)),
+        "image_size": _square_size(vision.get("image_size", 224), arch),
+    }
+
+
+def _text_fields(text: dict[str, Any], eot_id: int | None, pad_id: int | None, arch: str) -> dict[str, Any]:
+    """lipkit's causal transformer text tower (OpenCLIP's TextTransformer)."""
+    _check_inert(text, _TEXT_KEYS, _TEXT_INERT, "text_cfg.", arch)
+    vocab_size = int(text.get("vocab_size", CLIP_VOCAB_SIZE))
+    eot_id = vocab_size - 1 if eot_id is None else eot_id
+    _check_text_pooling(text, vocab_size, eot_id, arch)
+    return {
+        "text_width": int(text.get("width", 512)),
+        "text_layers": int(text.get("layers", 12)),
+        "text_heads": int(text.get("heads", 8)),
+        "context_length": int(text.get("context_length", 77)),
+        "vocab_size": vocab_size,
+        "eot_id": eot_id,
+        "pad_id": int(text.get("pad_id", 0)) if pad_id is None else pad_id,
+    }
+
+
+def hf_fields(
+    text: dict[str, Any], hf_config: dict[str, Any], embed_dim: int, arch: str, tokenizer: TextTokenizer
+) -> dict[str, Any]:
+    """A Hugging Face text tower (OpenCLIP's HFTextEncoder) with the model config `hf_config` and the
+    `tokenizer` from its folder: mean or first-token pooling, a linear projection."""
+    _check_inert(text, _HF_KEYS, _HF_INERT, "text_cfg.", arch)
+    model_type = hf_config.get("model_type")
+    if hf_config.get("is_encoder_decoder") or model_type not in _HF_DEFAULT_POOLER:
+        raise UserError(
+            f"OpenCLIP config '{arch}' has a '{model_type}' text model; lipkit's Hugging Face text tower "
+            f"converts the encoder types {', '.join(_HF_DEFAULT_POOLER)}."
+        )
+    pooler = text.get("hf_pooler_type", "mean_pooler") or _HF_DEFAULT_POOLER[model_type]
+    pools = {"mean_pooler": "mean", "cls_last_hidden_state_pooler": "cls"}
+    if pooler not in pools:
+        raise UserError(
+            f"OpenCLIP config '{arch}' pools text with hf_pooler_type={pooler!r}, which lipkit's text tower "
+            "does not implement (cls_pooler adds BERT's dense+tanh pooler layer); lipkit converts "
+            "mean_pooler and cls_last_hidden_state_pooler."
+        )
+    proj, width = text.get("hf_proj_type", "mlp"), hf_config.get("hidden_size")
+    if proj != "linear" and not (proj is None and width == embed_dim):
+        raise UserError(
+            f"OpenCLIP config '{arch}' projects text with hf_proj_type={proj!r}, which lipkit's text tower "
+            "does not implement; lipkit converts the 'linear' projection."
+        )
+    if tokenizer.vocab_size > int(hf_config.get("vocab_size", tokenizer.vocab_size)):
+        raise UserError(
+            f"The tokenizer has {tokenizer.vocab_size} tokens but the text model of OpenCLIP config '{arch}' "
+            f"only {hf_config['vocab_size']}; put the model's own tokenizer.json in its folder."
+        )
+    pad = hf_pad_token_id(hf_config)
+    if pad != tokenizer.pad_id:
+        raise UserError(
+            f"The text model of OpenCLIP config '{arch}' masks pad_token_id {pad} but its tokenizer pads with "
+            f"id {tokenizer.pad_id}; set pad_token_id to {tokenizer.pad_id} in the model's config.json."
+        )
+    return {
+        "text_tower": "hf",
+        "text_hf_config": hf_config,
+        "text_pool": pools[pooler],
+        "context_length": int(text.get("context_length", 77)),
+        "vocab_size": tokenizer.vocab_size,
+        "eot_id": tokenizer.eot_id,
+        "pad_id": tokenizer.pad_id,
+    }
+
+
 def spec_from_open_clip(
     cfg: dict[str, Any],
     preprocess: dict[str, Any] | None = None,
     eot_id: int | None = None,
     arch: str = "?",
     pad_id: int | None = None,
+    text_fields: dict[str, Any] | None = None,
 ) -> ModelSpec:
-    """The lipkit ModelSpec of an OpenCLIP model config (plain ViT image tower, CLIP text tower)."""
+    """The lipkit ModelSpec of an OpenCLIP model config: a ViT or timm image tower, and CLIP's text
+    tower — or, given `text_fields` (`hf_fields` of the Hugging Face text tower), that one."""
     vision, text = dict(cfg.get("vision_cfg") or {}), dict(cfg.get("text_cfg") or {})
     top = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_bias"}
     _check_inert(cfg, top, _TOP_INERT, "", arch)
-    vk = {"layers", "width", "head_width", "mlp_ratio", "patch_size", "image_size"}
-    tk = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"}
-    _check_inert(vision, vk, _VISION_INERT, "vision_cfg.", arch)
-    _check_inert(text, tk, _TEXT_INERT, "text_cfg.", arch)
-    if isinstance(vision.get("layers", 12), list | tuple):
-        raise UserError(
-            f"OpenCLIP config '{arch}' has a ResNet image tower; lipkit converts ViT towers only."
-        )
-    size = _square_size(vision.get("image_size", 224), arch)
-    v_ratio, t_ratio = float(vision.get("mlp_ratio", 4.0)), float(text.get("mlp_ratio", 4.0))
-    if v_ratio != t_ratio:
-        raise UserError(
-            f"OpenCLIP config '{arch}' uses different MLP ratios ({v_ratio} vs {t_ratio}) in its towers; "
-            "lipkit's ModelSpec has one mlp_ratio for both."
-        )
-    width, head_width = int(vision.get("width", 768)), int(vision.get("head_width", 64))
-    vocab_size = int(text.get("vocab_size", CLIP_VOCAB_SIZE))
-    eot_id = vocab_size - 1 if eot_id is None else eot_id
-    _check_text_pooling(text, vocab_size, eot_id, arch)
+    timm = bool(vision.get("timm_model_name"))
+    fields = _timm_fields(vision, arch) if timm else _vit_fields(vision, arch)
+    if text.get("hf_model_name"):
+        if text_fields is None:
+            raise UserError(
+                f"OpenCLIP config '{arch}' has a Hugging Face text tower; convert it with from_open_clip, "
+                "which reads the text model's folder."
+            )
+        fields.update(text_fields)
+    else:
+        fields.update(_text_fields(text, eot_id, pad_id, arch))
+        t_ratio = float(text.get("mlp_ratio", 4.0))
+        if timm:
+            fields["mlp_ratio"] = t_ratio
+        elif fields["mlp_ratio"] != t_ratio:
+            raise UserError(
+                f"OpenCLIP config '{arch}' uses different MLP ratios ({fields['mlp_ratio']} vs {t_ratio}) in "
+                "its towers; lipkit's ModelSpec has one mlp_ratio for both."
+            )
     prep = dict(preprocess or {})
     mean = prep.get("mean") or vision.get("image_mean") or OPENAI_MEAN
     std = prep.get("std") or vision.get("image_std") or OPENAI_STD
     return ModelSpec(
         embed_dim=int(cfg["embed_dim"]),
-        image_size=int(size),
-        patch_size=int(vision.get("patch_size", 16)),
-        vision_width=width,
-        vision_layers=int(vision.get("layers", 12)),
-        vision_heads=width // head_width,
-        text_width=int(text.get("width", 512)),
-        text_layers=int(text.get("layers", 12)),
-        text_heads=int(text.get("heads", 8)),
-        context_length=int(text.get("context_length", 77)),
-        vocab_size=vocab_size,
-        eot_id=eot_id,
-        pad_id=int(text.get("pad_id", 0)) if pad_id is None else pad_id,
-        mlp_ratio=v_ratio,
         quick_gelu=bool(cfg.get("quick_gelu", False)),
         logit_bias=cfg.get("init_logit_bias") is not None,  # SigLIP-style models keep a learned bias
         image_mean=tuple(float(x) for x in mean),  # type: ignore[arg-type]
         image_std=tuple(float(x) for x in std),  # type: ignore[arg-type]
+        **fields,
     )

@@ -1,11 +1,13 @@
 """Reading peer weight files (safetensors, or a torch file with weights_only) and building the lipkit
-model and tokenizer they describe; shared by open_clip.py and hf.py."""
+model and tokenizer they describe; shared by open_clip.py, hf.py and hf_dual.py."""
 
 from __future__ import annotations
 
 import importlib
+import json
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer
@@ -62,6 +64,34 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON file's object, or None when there is no such file."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"'{path}' is not valid JSON ({e}); re-save the model directory.") from e
+
+
+def read_hf_weights(directory: Path, saved_by: str = "CLIPModel.save_pretrained") -> dict[str, torch.Tensor]:
+    """The state dict of a Hugging Face model directory (model.safetensors, sharded or not, or
+    pytorch_model.bin)."""
+    index = read_json(directory / "model.safetensors.index.json")
+    if index is not None:  # sharded
+        state: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(index.get("weight_map", {}).values())):
+            state.update(read_state_dict(directory / shard))
+        return state
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (directory / name).is_file():
+            return read_state_dict(directory / name)
+    raise UserError(
+        f"'{directory}' has no model.safetensors (or pytorch_model.bin); pass a directory written by "
+        f"{saved_by}."
+    )
+
+
 def build_model(
     spec: ModelSpec, state: dict[str, torch.Tensor], source: str, fix: str, max_logit_scale: float = 100.0
 ) -> DualEncoder:
@@ -81,7 +111,13 @@ def build_model(
         else:
             what = f"{len(unexpected)} weight(s) are not used, e.g. {unexpected[0]}"
         raise UserError(f"The weights of {source} do not fit ({what}); {fix}.")
-    model.load_state_dict({k: v.detach().clone().contiguous() for k, v in state.items()}, assign=True)
+    state = {k: v.detach().clone().contiguous() for k, v in state.items()}
+    model.load_state_dict(state, assign=True)
+    if any(b.is_meta for b in model.buffers()):
+        # buffers outside the state dict (an HF text tower's position and token-type ids) stay meta tensors,
+        # which compute garbage: build the model for real instead
+        model = DualEncoder(spec, max_logit_scale=max_logit_scale)
+        model.load_state_dict(state)
     return model.eval()
 
 

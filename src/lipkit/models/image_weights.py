@@ -67,8 +67,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same one-sentence error
+        # torch.load's own message runs to paragraphs: only its first sentence, after the exception's name
+        first = str(e).strip().split("\n")[0].split(". ")[0].rstrip(".")
         raise UserError(
-            f"Pretrained image weights '{path}' could not be read ({e}); use a state-dict file."
+            f"Pretrained image weights '{path}' could not be read ({type(e).__name__}"
+            f"{f': {first}' if first else ''}); use a state-dict file."
         ) from e
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]

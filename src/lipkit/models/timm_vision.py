@@ -92,6 +92,8 @@ class TimmTower(nn.Module):
         self.head = nn.Sequential(layers)
         self.cache_features = False
         self._cache: dict[bytes, torch.Tensor] = {}
+        # new trunk weights make the cached features stale
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._cache.clear())
 
     @property
     def locked(self) -> bool:
@@ -114,9 +116,8 @@ class TimmTower(nn.Module):
     def _pooled(self, images: torch.Tensor) -> torch.Tensor:
         if not (self.cache_features and self.training and self.locked):
             return self.trunk.forward_head(self.trunk.forward_features(images), pre_logits=True)
-        keys = [
-            hashlib.blake2b(row.float().cpu().numpy().tobytes(), digest_size=16).digest() for row in images
-        ]
+        rows = images.detach().float().cpu().numpy()  # one transfer per batch (a GPU syncs once)
+        keys = [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in rows]
         todo = sorted({k: i for i, k in enumerate(keys) if k not in self._cache}.values())
         fresh: dict[bytes, torch.Tensor] = {}
         if todo:
