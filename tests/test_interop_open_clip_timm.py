@@ -199,6 +199,8 @@ def test_bad_configs(exported, tmp_path):
         from_open_clip(config(text={"hf_proj_type": "mlp"}), {})
     with pytest.raises(UserError, match="timm_pool='abs_attn'"):
         from_open_clip(config(vision={"timm_pool": "abs_attn"}), {})
+    with pytest.raises(UserError, match="timm_pool='', which lipkit's timm tower does not implement"):
+        from_open_clip(config(vision={"timm_pool": "", "timm_proj": "none"}), {})
     with pytest.raises(UserError, match="do not fit"):
         from_open_clip(str(oc), {"logit_scale": torch.tensor(1.0)})
     other = replace(model.spec, text_hf_config={**model.spec.text_hf_config, "model_type": "distilbert"})

@@ -164,20 +164,38 @@ def test_timm_state_dicts_whose_keys_do_not_fit_name_the_keys(tmp_path, lite0_tr
 
 
 def test_package_state_dicts_that_do_not_pair_up_are_refused(tmp_path, lite0_trunk):
-    """The package's own keys: one whose kind is renamed is named with the timm key it met; a truncated
-    dict gives both tensor counts."""
+    """The package's own keys: a renamed one is named as no layer of the architecture, one of the wrong
+    shape with the timm key it met; a truncated dict gives both tensor counts."""
     from lipkit.models.image_weights import read_state_dict, resolve_weights
 
     state = perturbed(read_state_dict(resolve_weights(IMAGE_WEIGHTS)))
     renamed = {("_bn0.scale" if k == "_bn0.weight" else k): v for k, v in state.items()}
     torch.save(renamed, tmp_path / "renamed.pth")
-    refused(lite0_trunk, str(tmp_path / "renamed.pth"), "'_bn0.scale' (32,)", "timm's 'bn1.weight' (32,)")
+    refused(lite0_trunk, str(tmp_path / "renamed.pth"), "'_bn0.scale' (32,) is no layer")
+    torch.save({**state, "_bn0.weight": torch.ones(33)}, tmp_path / "wrong.pth")
+    refused(lite0_trunk, str(tmp_path / "wrong.pth"), "'_bn0.weight' (33,)", "timm's 'bn1.weight' (32,)")
     body = [k for k in state if not k.startswith("_fc.")]
     torch.save({k: state[k] for k in body[:-1]}, tmp_path / "short.pth")
     n = len(lite0_trunk.state_dict())
     refused(
         lite0_trunk, str(tmp_path / "short.pth"), f"have {len(body) - 1} tensors where timm's model has {n}"
     )
+
+
+def test_the_package_file_resaved_as_safetensors_loads_the_same(tmp_path):
+    """safetensors lists keys sorted, not in the package's layer order: both files load the same trunk."""
+    from safetensors.torch import load_file, save_file
+
+    from lipkit.models.image_weights import read_state_dict, resolve_weights
+
+    state = read_state_dict(resolve_weights(IMAGE_WEIGHTS))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "lite0.safetensors"))
+    assert list(load_file(str(tmp_path / "lite0.safetensors"))) != list(state)
+    package, resaved = create_trunk("tf_efficientnet_lite0"), create_trunk("tf_efficientnet_lite0")
+    load_trunk_weights(package, IMAGE_WEIGHTS)
+    load_trunk_weights(resaved, str(tmp_path / "lite0.safetensors"))
+    a, b = package.state_dict(), resaved.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_weights_of_another_architecture_are_refused(tmp_path, lite0_trunk):
@@ -300,16 +318,26 @@ def test_the_feature_cache_trains_the_head_as_the_uncached_tower(demo, bf16):
     assert len(tower._cache) == 5 and all(v.dtype == torch.float32 for v in tower._cache.values())
 
 
-@pytest.mark.parametrize("state", ["unlocked", "top-1", "eval", "off"])
-def test_the_cache_is_only_used_for_a_locked_trunk_in_train_mode(demo, state):
+@pytest.mark.parametrize("lock", ["backbone", "all"])
+def test_a_training_forward_fills_the_cache_and_eval_never_does(demo, lock):
+    """A training forward (model.train(), gradients on) fills it, also for a tower locked whole (in eval
+    mode while the model trains); eval and embedding never; an unlocked or top-N trunk, or it off, never."""
     model = demo[0]
-    if state != "unlocked":
-        model.lock("image", "top-1" if state == "top-1" else "backbone")
-    model.train(state != "eval")
-    model.visual.cache_features = state != "off"
-    with torch.no_grad():
-        model.visual(images(3, 64))
+    model.lock("image", lock)
+    model.visual.cache_features = True
+    model.eval()
+    model.embed_images_u8(torch.randint(0, 256, (3, 3, 96, 96), dtype=torch.uint8))  # eval's forward
     assert len(model.visual._cache) == 0
+    model.train()
+    model.visual(images(3, 64))
+    assert len(model.visual._cache) == 3
+    model.visual._cache.clear()
+    for mode, on in (("none", True), ("top-1", True), ("backbone", False)):
+        model.requires_grad_(True)
+        model.lock("image", mode)
+        model.visual.cache_features = on
+        model.visual(images(3, 64))
+        assert len(model.visual._cache) == 0, mode
 
 
 def trainer_of(model, tok, tmp_path, augment: AugmentConfig, **train) -> Trainer:

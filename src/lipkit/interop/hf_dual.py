@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,8 @@ from lipkit.models.presets import ModelSpec
 from lipkit.text.tokenizer import TextTokenizer
 
 DUAL_TYPE = "vision-text-dual-encoder"
-MODELING = Path(__file__).with_name("modeling_lipkit_dual.py")
+# shipped as package data, not as a module: it imports transformers, which importing lipkit must not do
+MODELING = "modeling_lipkit_dual.py"
 SCALE = 2.0**14  # text_projection × SCALE, pooler.dense = I / SCALE (see the module notes)
 _VISION, _TEXT = "vision_model.timm_model.", "text_model."
 _POOLER = "text_model.pooler.dense."
@@ -59,15 +60,16 @@ def check_dual_exportable(spec: ModelSpec) -> None:
     """Refuse, in one sentence, what a VisionTextDualEncoderModel folder cannot hold."""
     onnx = "export it with `lipkit export onnx` instead"
     pair = "a pair that neither CLIPModel nor lipkit's VisionTextDualEncoderModel folders hold"
+    open_clip = "export it with `--to open_clip` (OpenCLIP holds this pair) or `lipkit export onnx` instead"
     if spec.vision_tower != "timm":
         raise UserError(
             "This checkpoint's image tower is lipkit's ViT (vision_tower='vit') beside a Hugging Face text "
-            f"tower, {pair}; {onnx}."
+            f"tower, {pair}; {open_clip}."
         )
     if spec.text_tower != "hf":
         raise UserError(
             "This checkpoint's text tower is lipkit's own transformer (text_tower='transformer') beside a "
-            f"timm image tower, {pair}; {onnx}."
+            f"timm image tower, {pair}; {open_clip}."
         )
     if spec.timm_proj != "linear" or spec.timm_proj_bias:
         raise UserError(
@@ -112,7 +114,7 @@ def dual_config(model: DualEncoder, tokenizer: TextTokenizer, logit_scale: float
     spec = model.spec
     return {
         "architectures": ["LipkitDualEncoderModel"],
-        "auto_map": {"AutoModel": f"{MODELING.stem}.LipkitDualEncoderModel"},
+        "auto_map": {"AutoModel": f"{Path(MODELING).stem}.LipkitDualEncoderModel"},
         "model_type": DUAL_TYPE,
         "projection_dim": spec.embed_dim,
         "logit_scale_init_value": logit_scale,
@@ -218,7 +220,8 @@ def write_hf_dual(
         pre = _preprocessor(model.spec)
         (tmp / "preprocessor_config.json").write_text(json.dumps(pre, indent=2), encoding="utf-8")
         _tokenizer_files(tokenizer, tmp)
-        shutil.copyfile(MODELING, tmp / MODELING.name)
+        source = resources.files("lipkit.interop").joinpath(f"{MODELING}.txt")
+        (tmp / MODELING).write_bytes(source.read_bytes())
 
     return write_dir(out, write)
 
@@ -251,6 +254,11 @@ def _timm_args(vision: dict[str, Any], where: str) -> tuple[str, str]:
         raise UserError(
             f"{where} builds its timm model from architecture={vision.get('architecture')!r} and model_args "
             f"{args}; lipkit needs an architecture and model_args with global_pool only, {_REEXPORT}."
+        )
+    if args["global_pool"] not in ("avg", "max", "avgmax"):
+        raise UserError(
+            f"{where} pools its timm model with global_pool={args['global_pool']!r}, which lipkit's timm "
+            f"tower does not implement (avg, max or avgmax); {_REEXPORT}."
         )
     return str(vision["architecture"]), str(args["global_pool"])
 

@@ -38,6 +38,7 @@ from lipkit.interop import refuse_existing
 from lipkit.interop.clip_bpe import CLIP_VOCAB_SIZE, clip_tokenizer
 from lipkit.interop.open_clip_custom import (
     TEXT_DIR,
+    check_timm_trunk,
     find_hf_folder,
     hf_state_from_open_clip,
     hf_state_to_open_clip,
@@ -298,6 +299,8 @@ def to_open_clip(
     A Hugging Face text tower's config names `text_dir` as its model and tokenizer folder; OpenCLIP
     needs an absolute path there (`write_open_clip` writes the folder and names it so)."""
     spec = model.spec
+    if spec.vision_tower == "timm":
+        check_timm_trunk(model.visual)
     preprocess = {"mean": list(spec.image_mean), "std": list(spec.image_std), "size": spec.image_size}
     state = dict(model.state_dict())
     # OpenCLIP's forward applies exp(logit_scale) unclamped: store the value lipkit actually uses.

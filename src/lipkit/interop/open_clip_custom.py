@@ -44,11 +44,10 @@ _IGNORED_BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")  # o
 
 def timm_vision_cfg(spec: ModelSpec) -> dict[str, Any]:
     """OpenCLIP's `vision_cfg` for lipkit's timm tower (untrained: the weights come with the export)."""
-    if spec.timm_pool not in TIMM_POOLS and spec.timm_proj != "none":
+    if spec.timm_pool not in TIMM_POOLS:
         raise UserError(
-            f"This checkpoint's timm tower has timm_pool='{spec.timm_pool}', which OpenCLIP reads as the "
-            f"network's default pooling; only {', '.join(TIMM_POOLS)} convert — export it with "
-            "`lipkit export onnx` instead."
+            f"This checkpoint's timm tower has timm_pool='{spec.timm_pool}', but only "
+            f"{', '.join(TIMM_POOLS)} convert; export it with `lipkit export onnx` instead."
         )
     return {
         "timm_model_name": spec.timm_model_name,
@@ -58,6 +57,22 @@ def timm_vision_cfg(spec: ModelSpec) -> dict[str, Any]:
         "timm_proj_bias": spec.timm_proj_bias,
         "image_size": spec.image_size,
     }
+
+
+def check_timm_trunk(tower: Any) -> None:
+    """Refuse a timm tower OpenCLIP's TimmModel would build otherwise: it gives timm no input size (the
+    trunk is built for its own) and sizes the projection by the trunk's `num_features`."""
+    if tower.built_size is not None:
+        raise UserError(
+            f"OpenCLIP's TimmModel builds timm '{tower.name}' for its own input size, not this checkpoint's "
+            f"{tower.built_size} px (it passes timm no img_size); export it with `lipkit export onnx` instead."
+        )
+    if tower.width != tower.trunk.num_features:
+        raise UserError(
+            f"OpenCLIP's TimmModel projects the {tower.trunk.num_features} channels of timm "
+            f"'{tower.name}', not the {tower.width} pooled features it outputs; export it with "
+            "`lipkit export onnx` instead."
+        )
 
 
 def hf_text_cfg(spec: ModelSpec, folder: str) -> dict[str, Any]:

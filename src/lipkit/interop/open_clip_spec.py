@@ -173,7 +173,7 @@ def _timm_fields(vision: dict[str, Any], arch: str) -> dict[str, Any]:
             f"OpenCLIP config '{arch}' sets vision_cfg.timm_pool='' (the timm network's own pooling), which "
             "lipkit needs spelled out; set it to that pooling ('avg' for most CNNs)."
         )
-    if pool not in ("avg", "max", "avgmax", ""):
+    if pool not in ("avg", "max", "avgmax"):
         raise UserError(
             f"OpenCLIP config '{arch}' sets vision_cfg.timm_pool={pool!r}, which lipkit's timm tower does not "
             "implement; lipkit pools with 'avg', 'max' or 'avgmax'."

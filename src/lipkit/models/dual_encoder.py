@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lipkit.data.transforms import normalize as normalize_pixels
+from lipkit.errors import UserError
 from lipkit.models.hf_text import HFTextTower
 from lipkit.models.lexicon_head import LexiconHead
 from lipkit.models.locking import lock_tower
@@ -27,6 +28,11 @@ class DualEncoder(nn.Module):
         init_logit_bias: float = -10.0,
     ):
         super().__init__()
+        if spec.vision_tower not in ("vit", "timm"):
+            raise UserError(
+                f"model vision_tower must be 'vit' (lipkit's ViT) or 'timm' (the timm network named by "
+                f"timm_model_name), not '{spec.vision_tower}'."
+            )
         self.spec = spec
         self.max_logit_scale = max_logit_scale
         self.visual = TimmTower(spec) if spec.vision_tower == "timm" else VisionTransformer(spec)

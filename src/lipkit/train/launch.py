@@ -43,6 +43,19 @@ from lipkit.train.inputs import objective_needs, requires
 from lipkit.train.trainer import Trainer, TrainResult
 
 console = Console(stderr=True, quiet=os.environ.get("RANK", "0") != "0")
+# model settings a resumed run takes from its checkpoint, not from the config: the image tower's shape,
+# input size and normalisation (the weights and the data pipeline must be those it was saved with)
+RESUMED = (
+    "stem_norm",
+    "vision_tower",
+    "timm_model_name",
+    "timm_pool",
+    "timm_proj",
+    "timm_proj_bias",
+    "image_size",
+    "image_mean",
+    "image_std",
+)
 
 
 def _prepare_run_dir(run_dir: Path) -> None:
@@ -89,8 +102,9 @@ def _truncate_metrics(path: Path, step: int) -> None:
 def _new_model(
     cfg: Config, tokenizer: TextTokenizer, objective: Any, pretrained: Path | None, resume: Path | None
 ) -> DualEncoder:
-    """The configured model; when resuming, with the settings added since the run started (the conv
-    stem's norm) as the checkpoint saved them, so a run from before a default changed resumes as it was."""
+    """The configured model; when resuming, with the image tower's settings (`RESUMED`) as the checkpoint
+    saved them: a resumed run computes what it saved, also when a default changed since it started (the
+    conv stem's norm, the demo's image tower) — those that differ from the config are named once."""
     t = cfg.train
     fixed: dict[str, Any] = {
         "vocab_size": tokenizer.vocab_size,
@@ -108,9 +122,15 @@ def _new_model(
         fixed.update(text_tower="hf", text_hf_config=hf_config, text_pool=cfg.model.text_pool)
     image = image_tower_settings(cfg.model.image_pretrained, cfg.model.overrides)
     spec = get_spec(cfg.model.preset, **{**image, **cfg.model.overrides, **fixed})
-    if resume is not None:  # settings added since the run started keep the value it was saved with
+    if resume is not None:  # the image tower as it was saved (settings added since: their old value)
         saved = ModelSpec.from_dict(json.loads((resume / "config.json").read_text(encoding="utf-8"))["model"])
-        spec = replace(spec, stem_norm=saved.stem_norm)
+        kept = {k: getattr(saved, k) for k in RESUMED}
+        changed = [k for k, v in kept.items() if getattr(spec, k) != v]
+        if changed:
+            console.print(
+                f"[yellow]resuming with the checkpoint's {', '.join(changed)}[/] (not the config's)"
+            )
+        spec = replace(spec, **kept)
     model = DualEncoder(
         spec,
         init_logit_scale=t.init_logit_scale,
@@ -222,6 +242,9 @@ def _build_model(
         model = _new_model(cfg, tokenizer, objective, pretrained, resume)
     model.lock("text", t.lock_text)
     model.lock("image", t.lock_image)
+    if hasattr(model.visual, "frozen_bn_stats"):  # a timm trunk: BatchNorm statistics (train.freeze_bn_stats)
+        model.visual.frozen_bn_stats = t.freeze_bn_stats
+        model.train(model.training)
     model.set_checkpointing(
         t.grad_checkpointing in ("image", "both"), t.grad_checkpointing in ("text", "both")
     )
