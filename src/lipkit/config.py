@@ -148,6 +148,9 @@ class EvalConfig:
     # checkpoints trained with the filip / lexlip objective, dense otherwise
     similarity: str = "auto"
     batch_size: int = 256
+    # fp32, or bf16 autocast for the towers' forwards (about half the CPU time; what evaluation during a
+    # bf16 training run uses); embeddings, similarities and the probe stay float32
+    precision: str = "fp32"
     max_images: int = 0  # 0: all
     # linear probe (logistic regression on frozen image embeddings, λ picked on a held-out part) fit on
     # this table's class columns and scored on every evaluation split: "" = off, "train" = data.train,
@@ -298,6 +301,7 @@ def validate(cfg: Config) -> None:
         (t.lr > 0, "train.lr must be positive."),
         (t.epochs > 0, "train.epochs must be positive."),
         (t.precision in ("fp32", "bf16"), "train.precision must be 'fp32' or 'bf16'."),
+        (cfg.eval.precision in ("fp32", "bf16"), "eval.precision must be 'fp32' or 'bf16'."),
         (cfg.data.captions_per_image >= 1, "data.captions_per_image must be at least 1."),
         (
             0 <= cfg.data.max_skip_fraction <= 1,

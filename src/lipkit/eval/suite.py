@@ -18,6 +18,14 @@ from lipkit.malloc import keep_freed_memory
 
 
 def run_eval(checkpoint: str | Path, splits: dict[str, str], cfg: Config, out: Path) -> dict[str, Any]:
+    """Evaluate a checkpoint on `splits`, write the results to `out` and return them; under bf16 autocast
+    with `eval.precision: bf16` (embeddings are returned in float32 either way)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.eval.precision == "bf16"):
+        return _run_eval(checkpoint, splits, cfg, out)
+
+
+def _run_eval(checkpoint: str | Path, splits: dict[str, str], cfg: Config, out: Path) -> dict[str, Any]:
     model, tokenizer, info = load_checkpoint(checkpoint)
     if torch.cuda.is_available():
         model = model.cuda()
