@@ -68,13 +68,16 @@ def test_demo_end_to_end(cache, tmp_path):
     assert "zeroshot/subcategory/top1" in html and "data:image/png;base64" in html
     assert "report:" in r.stderr
 
-    # `lipkit eval` on the same checkpoint reproduces the demo's numbers.
+    # `lipkit eval` on the same checkpoint, at the demo config's eval precision (bf16 autocast), reproduces
+    # the demo's numbers
     root = cache / "lipkit" / "datasets" / "emoji"
     r2 = lipkit(
         "eval",
         str(out / "checkpoint"),
         "--data",
         f"test-style={root / 'test-style.jsonl'}",
+        "--set",
+        "eval.precision=bf16",
         "--out",
         str(tmp_path / "again.json"),
     )
