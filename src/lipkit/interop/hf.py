@@ -34,7 +34,13 @@ from lipkit.interop import refuse_existing
 from lipkit.interop.clip_bpe import CLIP_VOCAB_SIZE, EOT, SOT, clip_tokenizer, is_clip_vocab
 from lipkit.interop.hf_state import state_from_hf, state_to_hf  # noqa: F401 - re-exported
 from lipkit.interop.open_clip import check_exportable
-from lipkit.interop.peer_weights import build_model, read_hf_weights, read_json, tokenizer_from_dir
+from lipkit.interop.peer_weights import (
+    build_model,
+    image_processor_config,
+    read_hf_weights,
+    read_json,
+    tokenizer_from_dir,
+)
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.models.presets import OPENAI_MEAN, OPENAI_STD, ModelSpec
 from lipkit.text.tokenizer import PAD, TextTokenizer
@@ -322,21 +328,7 @@ def write_hf(model: DualEncoder, tokenizer: TextTokenizer, out: str | Path, over
     def write(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        s = spec.image_size
-        pre = {
-            "image_processor_type": "CLIPImageProcessor",
-            "do_resize": True,
-            "size": {"shortest_edge": s},
-            "resample": 3,
-            "do_center_crop": True,
-            "crop_size": {"height": s, "width": s},
-            "do_rescale": True,
-            "rescale_factor": 1 / 255,
-            "do_normalize": True,
-            "image_mean": list(spec.image_mean),
-            "image_std": list(spec.image_std),
-            "do_convert_rgb": True,
-        }
+        pre = image_processor_config(spec)
         (tmp / "preprocessor_config.json").write_text(json.dumps(pre, indent=2), encoding="utf-8")
         _tokenizer_files(TextTokenizer(raw, tokenizer.context_length), raw, spec, tmp)
 

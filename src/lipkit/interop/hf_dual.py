@@ -42,7 +42,13 @@ from safetensors.torch import save_file
 from lipkit.atomic import write_dir
 from lipkit.errors import UserError
 from lipkit.interop import refuse_existing
-from lipkit.interop.peer_weights import build_model, read_hf_weights, read_json, tokenizer_from_dir
+from lipkit.interop.peer_weights import (
+    build_model,
+    image_processor_config,
+    read_hf_weights,
+    read_json,
+    tokenizer_from_dir,
+)
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.models.presets import ModelSpec
 from lipkit.text.tokenizer import TextTokenizer
@@ -184,25 +190,6 @@ def _tokenizer_files(tokenizer: TextTokenizer, out: Path) -> None:
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
 
 
-def _preprocessor(spec: ModelSpec) -> dict[str, Any]:
-    s = spec.image_size
-    return {
-        "image_processor_type": "CLIPImageProcessor",
-        "processor_class": "VisionTextDualEncoderProcessor",
-        "do_resize": True,
-        "size": {"shortest_edge": s},
-        "resample": 3,
-        "do_center_crop": True,
-        "crop_size": {"height": s, "width": s},
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "image_mean": list(spec.image_mean),
-        "image_std": list(spec.image_std),
-        "do_convert_rgb": True,
-    }
-
-
 def write_hf_dual(
     model: DualEncoder, tokenizer: TextTokenizer, out: str | Path, overwrite: bool = False
 ) -> Path:
@@ -217,7 +204,7 @@ def write_hf_dual(
     def write(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        pre = _preprocessor(model.spec)
+        pre = image_processor_config(model.spec, processor_class="VisionTextDualEncoderProcessor")
         (tmp / "preprocessor_config.json").write_text(json.dumps(pre, indent=2), encoding="utf-8")
         _tokenizer_files(tokenizer, tmp)
         source = resources.files("lipkit.interop").joinpath(f"{MODELING}.txt")

@@ -152,3 +152,24 @@ def tokenizer_from_dir(directory: Path) -> Tokenizer | None:
     except Exception as e:
         raise UserError(f"'{path}' is not a readable tokenizers file ({e}); re-save the tokenizer.") from e
     return tok
+
+
+def image_processor_config(spec: ModelSpec, **extra: Any) -> dict[str, Any]:
+    """A Hugging Face `CLIPImageProcessor` config for the model's input: resize the short side to its
+    size (bicubic), centre crop, scale to [0, 1], normalise with its mean/std (`extra`: more keys)."""
+    s = spec.image_size
+    return {
+        "image_processor_type": "CLIPImageProcessor",
+        **extra,
+        "do_resize": True,
+        "size": {"shortest_edge": s},
+        "resample": 3,
+        "do_center_crop": True,
+        "crop_size": {"height": s, "width": s},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(spec.image_mean),
+        "image_std": list(spec.image_std),
+        "do_convert_rgb": True,
+    }
