@@ -137,3 +137,16 @@ def test_activation_checkpointing_of_an_unlocked_hf_tower_keeps_gradients(parts)
     assert plain.keys() == checked.keys() and len(plain) > 10
     for name, g in plain.items():
         torch.testing.assert_close(checked[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_inference_trims_padding_exactly(parts):
+    """In eval mode the tower drops the columns that are padding in every row (queries padded to the
+    context length then cost their own length): the same embeddings as the full-length pass."""
+    _, tok, model = parts
+    model.eval()
+    ids = tok(CAPTIONS[:3])
+    assert (ids == tok.pad_id).all(0).any()  # there are columns to drop
+    with torch.no_grad():
+        full = model.text._encode(ids)[0] @ model.text.text_projection
+        trimmed = model.text(ids)
+    assert torch.allclose(trimmed, full, atol=1e-5)

@@ -169,12 +169,13 @@ def search(
     ef: int = typer.Option(None, min=1, help="HNSW: override efSearch for this query."),
     nprobe: int = typer.Option(None, min=1, help="IVF-PQ: override nprobe for this query."),
     device: str = typer.Option("cpu", help="cpu, cuda or auto."),
+    precision: str = typer.Option("fp32", help="fp32, or bf16 (autocast)."),
 ) -> None:
     """Top-k items for a text query or an image (--image)."""
     from lipkit.search.query import Searcher, check_query_args
 
     check_query_args(query, image, k)
-    s = Searcher(checkpoint, index, device=device)
+    s = Searcher(checkpoint, index, device=device, precision=precision)
     q = s.text_query(query.strip()) if query is not None else s.image_query(s.image_file(image))
     params = {k_: v for k_, v in {"ef": ef, "nprobe": nprobe}.items() if v is not None}
     hits = s.search(q, k, **params)
@@ -188,7 +189,7 @@ def search(
 def serve(
     checkpoint: Path = typer.Argument(..., help="Checkpoint that embedded the collection."),
     index: Path = typer.Argument(..., help="Index folder written by `lipkit index build`."),
-    host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 for all)."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 for all: add --api-keys)."),
     port: int = typer.Option(8000, help="TCP port."),
     max_upload_mb: float = typer.Option(5.0, help="Largest accepted upload, in MB."),
     max_pixels: int = typer.Option(
@@ -198,17 +199,44 @@ def serve(
     device: str = typer.Option("cpu", help="cpu, cuda or auto."),
     log_level: str = typer.Option("info", help="uvicorn log level: debug, info, warning, error."),
     threads: int = typer.Option(
-        1,
-        help="CPU threads per request (torch, FAISS); 1 gives the best throughput under concurrent load.",
+        1, help="CPU threads per model call (torch, FAISS); 1 is the best throughput on a CPU under load."
+    ),
+    batching: bool = typer.Option(
+        True, "--batching/--no-batching", help="Encode concurrent queries of one kind together."
+    ),
+    max_batch: int = typer.Option(32, min=1, help="Most queries encoded in one model call."),
+    max_wait_ms: float = typer.Option(2.0, min=0, help="Longest a query waits for others to join its batch."),
+    max_queue: int = typer.Option(
+        128, min=1, help="Queries waiting or being encoded; beyond it requests get 503 with Retry-After."
+    ),
+    cache_size: int = typer.Option(10_000, min=0, help="Text embeddings kept in the LRU cache (0: none)."),
+    api_keys: Path = typer.Option(
+        None, "--api-keys", help="File of API keys, one per line: requests without one get 401."
+    ),
+    rate_limit: float = typer.Option(0.0, min=0, help="Requests per second per client (key or IP); 0: none."),
+    burst: int = typer.Option(
+        0, min=0, help="Requests a client may send at once (default 2 × --rate-limit)."
+    ),
+    precision: str = typer.Option(
+        "fp32", help="fp32, or bf16 (autocast: ~2× faster on CPUs with AVX-512 BF16 or AMX, and on GPUs)."
     ),
 ) -> None:
-    """Serve search over HTTP: the page at /, the API at /search, /embed, /health, docs at /docs."""
+    """Serve search over HTTP: the page at /, the API at /search, /embed, /health, /metrics, docs at /docs."""
+    from lipkit.search.access import AccessSettings, read_api_keys
+    from lipkit.search.batcher import BatchSettings
     from lipkit.search.request_guards import Limits
     from lipkit.search.server import serve as run_server
 
     limits = Limits(
         max_upload_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels, max_query_chars=max_query_chars
     )
+    keys = read_api_keys(api_keys) if api_keys is not None else ()
+    if host not in ("127.0.0.1", "localhost", "::1") and not keys:
+        console.print(
+            f"[yellow]warning: listening on {host} without --api-keys: anyone who reaches this port can "
+            "use the model.[/]"
+        )
+    settings = BatchSettings(max_batch, max_wait_ms, max_queue, cache_size) if batching else None
     console.print(f"serving on http://{host}:{port}/  (API docs: http://{host}:{port}/docs)")
     run_server(
         checkpoint,
@@ -219,6 +247,9 @@ def serve(
         device=device,
         log_level=log_level,
         threads=threads,
+        batching=settings,
+        access=AccessSettings(keys, rate_limit, burst),
+        precision=precision,
     )
 
 

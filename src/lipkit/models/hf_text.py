@@ -151,7 +151,7 @@ class HFTextTower(nn.Module):
         if self.locked and not return_tokens:
             pooled = self._pooled_cached(ids)
         else:
-            pooled, hidden = self._encode(ids)
+            pooled, hidden = self._encode(ids, trim=not (self.training or return_tokens))
             if return_tokens:
                 return pooled @ self.text_projection, hidden @ self.text_projection
         return pooled @ self.text_projection.to(pooled.dtype)

@@ -14,6 +14,16 @@ from lipkit.models.presets import ModelSpec
 from lipkit.models.transformer import Transformer
 
 
+def trim_after_end(ids: torch.Tensor, eot_id: int) -> torch.Tensor:
+    """Drop the columns after the last end token of the batch: exact for a causal tower pooled at the end
+    token (no position attends to a later one), and short queries padded to the context length then cost
+    their own length. Rows without an end token keep every column."""
+    is_eot = ids == eot_id
+    if ids.shape[1] == 0 or not bool(is_eot.any(1).all()):
+        return ids
+    return ids[:, : int(is_eot.int().argmax(1).max()) + 1]
+
+
 class TextTransformer(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
@@ -30,6 +40,8 @@ class TextTransformer(nn.Module):
         nn.init.normal_(self.text_projection, std=w**-0.5)
 
     def forward(self, ids: torch.Tensor, return_tokens: bool = False):
+        if not (self.training or return_tokens):
+            ids = trim_after_end(ids, self.eot_id)
         n = ids.shape[1]
         x = self.token_embedding(ids) + self.positional_embedding[:n].to(self.token_embedding.weight.dtype)
         x = self.ln_final(self.transformer(x, causal=True))

@@ -3,13 +3,40 @@ embeddings, and LexLIP term weights for sparse indexes. Used by `lipkit embed` a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 
+from lipkit.errors import UserError
 from lipkit.models.dual_encoder import DualEncoder
+from lipkit.models.timm_vision import TimmTower
 from lipkit.text.tokenizer import TextTokenizer
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def prepare_for_inference(model: DualEncoder) -> DualEncoder:
+    """Eval mode, and a convolutional image tower in channels-last layout (oneDNN's fast path on CPUs:
+    ~1.5× at fp32, ~2× more at bf16 for the EfficientNet-Lite towers; same math)."""
+    model.eval()
+    if isinstance(model.visual, TimmTower):
+        model.visual.to(memory_format=torch.channels_last)
+    return model
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision must be fp32 or bf16, got '{precision}'.")
+    return precision
+
+
+@contextmanager
+def inference_precision(model: DualEncoder, precision: str) -> Iterator[None]:
+    """bf16: autocast on the model's device (embeddings still come back float32); fp32: nothing."""
+    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        yield
 
 
 @torch.inference_mode()

@@ -16,7 +16,14 @@ from lipkit.data.images import classify_failure, load_image, open_image
 from lipkit.device import pick_device
 from lipkit.errors import UserError
 from lipkit.models.dual_encoder import DualEncoder
-from lipkit.search.encode import encode_images, encode_images_lexical, encode_texts
+from lipkit.search.encode import (
+    check_precision,
+    encode_images,
+    encode_images_lexical,
+    encode_texts,
+    inference_precision,
+    prepare_for_inference,
+)
 from lipkit.text.tokenizer import TextTokenizer
 
 
@@ -127,12 +134,15 @@ def check_query_args(query: str | None, image: Path | None, k: int) -> None:
 class Searcher:
     """A model and an index together: embed a text or an image and return the top-k items."""
 
-    def __init__(self, checkpoint: str | Path, index_path: str | Path, device: str = "cpu") -> None:
+    def __init__(
+        self, checkpoint: str | Path, index_path: str | Path, device: str = "cpu", precision: str = "fp32"
+    ) -> None:
         from lipkit.checkpoint import load_checkpoint
         from lipkit.search.index import load_index
 
+        self.precision = check_precision(precision)
         self.model, self.tokenizer, self.config = load_checkpoint(checkpoint)
-        self.model.to(pick_device(device))
+        prepare_for_inference(self.model.to(pick_device(device)))
         self.index = load_index(index_path)
         self.size = int(self.model.spec.image_size)
         self.dim = int(self.model.spec.embed_dim)
@@ -147,20 +157,34 @@ class Searcher:
         return self.index.kind == "sparse"
 
     def text_query(self, text: str) -> np.ndarray:
-        if self.sparse:
-            return lexical_queries(self.model, self.tokenizer, [text], self.index.dim)
-        return encode_texts(self.model, self.tokenizer, [text])
+        return self.text_queries([text])
+
+    def text_queries(self, texts: list[str]) -> np.ndarray:
+        """(len(texts), D) query vectors, one model call."""
+        with inference_precision(self.model, self.precision):
+            if self.sparse:
+                return lexical_queries(self.model, self.tokenizer, texts, self.index.dim)
+            return encode_texts(self.model, self.tokenizer, texts)
+
+    def check_image_queries(self) -> None:
+        """Refuse image queries up front when this index cannot answer them."""
+        if self.sparse and not self.model.has_lexicon:
+            raise ImageRejected(
+                "This index is sparse (lexical) and the checkpoint has no image lexicon head, so it "
+                "answers text queries only; search a dense index for images.",
+                400,
+            )
 
     def image_query(self, image_u8: torch.Tensor) -> np.ndarray:
-        if self.sparse:
-            if not self.model.has_lexicon:
-                raise ImageRejected(
-                    "This index is sparse (lexical) and the checkpoint has no image lexicon head, so it "
-                    "answers text queries only; search a dense index for images.",
-                    400,
-                )
-            return encode_images_lexical(self.model, image_u8[None])
-        return encode_images(self.model, image_u8[None])
+        return self.image_queries(image_u8[None])
+
+    def image_queries(self, images_u8: torch.Tensor) -> np.ndarray:
+        """uint8 (B,3,S,S) → (B, D) query vectors, one model call."""
+        self.check_image_queries()
+        with inference_precision(self.model, self.precision):
+            if self.sparse:
+                return encode_images_lexical(self.model, images_u8)
+            return encode_images(self.model, images_u8)
 
     def image_file(self, path: str | Path) -> torch.Tensor:
         p = Path(path)

@@ -3,14 +3,16 @@ the limits, where the Swagger UI files are), kept on `app.state.search`."""
 
 from __future__ import annotations
 
+import dataclasses
 import mimetypes
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -18,6 +20,8 @@ from fastapi.responses import FileResponse, HTMLResponse, Response
 
 from lipkit import __version__
 from lipkit.data.images import sniff_image_type
+from lipkit.search.batcher import MicroBatcher
+from lipkit.search.metrics import CONTENT_TYPE, ServerMetrics
 from lipkit.search.query import Searcher, decode_image_bytes
 from lipkit.search.request_guards import ApiError, Limits, parse_int
 from lipkit.search.request_reading import check_text, read_input
@@ -56,11 +60,15 @@ def page_html() -> str:
 
 @dataclass
 class SearchState:
-    """What the routes share: the model and index, the limits, the Swagger UI files (None: a CDN)."""
+    """What the routes share: the model and index, the limits, where the Swagger UI files are (None: a
+    CDN), the micro-batcher (None: one model call per request on the thread pool) and the metrics."""
 
     searcher: Searcher
     limits: Limits
     assets: Path | None = None
+    batcher: MicroBatcher | None = None
+    metrics: ServerMetrics = field(default_factory=ServerMetrics)
+    auth_required: bool = False
 
     @property
     def n_items(self) -> int:
@@ -79,26 +87,35 @@ class SearchState:
             raise ApiError(404, f"There is no item {i}; the index holds {n} items (ids 0..{n - 1}).")
         return i
 
-    def search_text(self, text: str, k: int) -> list[dict[str, Any]]:
-        s = self.searcher
-        return s.search(s.text_query(text), k)
+    async def text_vector(self, text: str) -> np.ndarray:
+        """(1, D): the query vector of a text, batched with other texts when batching is on."""
+        if self.batcher is None:
+            return await run_in_threadpool(self.searcher.text_query, text)
+        return (await self.batcher.encode("text", text))[None]
 
-    def search_image_bytes(self, data: bytes, k: int) -> list[dict[str, Any]]:
-        s = self.searcher
-        return s.search(s.image_query(decode_image_bytes(data, s.size, self.limits.max_pixels)), k)
+    async def image_vector(self, image_u8: torch.Tensor) -> np.ndarray:
+        """(1, D): the query vector of a decoded image, batched with other images when batching is on."""
+        self.searcher.check_image_queries()
+        if self.batcher is None:
+            return await run_in_threadpool(self.searcher.image_query, image_u8)
+        return (await self.batcher.encode("image", image_u8))[None]
 
-    def search_item(self, i: int, k: int) -> list[dict[str, Any]]:
+    async def upload_vector(self, data: bytes) -> np.ndarray:
+        s = self.searcher
+        image_u8 = await run_in_threadpool(decode_image_bytes, data, s.size, self.limits.max_pixels)
+        return await self.image_vector(image_u8)
+
+    async def item_vector(self, i: int) -> np.ndarray:
         s = self.searcher
         path = s.index.items[i].get("path")
         if not path or not Path(path).is_file():
             raise ApiError(
                 404, f"Item {i} has no image file on this server; search by text or upload an image."
             )
-        return s.search(s.image_query(s.image_file(path)), k)
+        return await self.image_vector(await run_in_threadpool(s.image_file, path))
 
-    def embed_image_bytes(self, data: bytes) -> np.ndarray:
-        s = self.searcher
-        return s.image_query(decode_image_bytes(data, s.size, self.limits.max_pixels))
+    async def search(self, vector: np.ndarray, k: int) -> list[dict[str, Any]]:
+        return await run_in_threadpool(self.searcher.search, vector, k)
 
 
 def _state(request: Request) -> SearchState:
@@ -149,6 +166,11 @@ def health(request: Request) -> dict[str, Any]:
             "max_query_chars": lim.max_query_chars,
             "max_k": lim.max_k,
         },
+        "serving": {
+            "batching": st.batcher is not None,
+            **({} if st.batcher is None else dataclasses.asdict(st.batcher.settings)),
+            "auth": st.auth_required,
+        },
     }
 
 
@@ -163,11 +185,11 @@ async def search_get(
         raise ApiError(400, "Send either q or image_id, not both.")
     if image_id is not None:
         i = st.item_id(image_id)
-        return respond("image_id", i, await run_in_threadpool(st.search_item, i, kk), t0)
+        return respond("image_id", i, await st.search(await st.item_vector(i), kk), t0)
     if q is None:
         raise ApiError(400, "Nothing to search for; add ?q=some+words (or ?image_id=N, or POST an image).")
     text = check_text(q, st.limits)
-    return respond("text", text, await run_in_threadpool(st.search_text, text, kk), t0)
+    return respond("text", text, await st.search(await st.text_vector(text), kk), t0)
 
 
 async def search_post(request: Request) -> dict[str, Any]:
@@ -177,9 +199,9 @@ async def search_post(request: Request) -> dict[str, Any]:
     text, image, fields = await read_input(request, st.limits)
     kk = st.get_k(fields)
     if image is not None:
-        return respond("image", None, await run_in_threadpool(st.search_image_bytes, image, kk), t0)
+        return respond("image", None, await st.search(await st.upload_vector(image), kk), t0)
     assert text is not None
-    return respond("text", text, await run_in_threadpool(st.search_text, text, kk), t0)
+    return respond("text", text, await st.search(await st.text_vector(text), kk), t0)
 
 
 async def embed(request: Request) -> dict[str, Any]:
@@ -187,9 +209,10 @@ async def embed(request: Request) -> dict[str, Any]:
     st = _state(request)
     text, image, _ = await read_input(request, st.limits)
     if image is not None:
-        vec, kind = await run_in_threadpool(st.embed_image_bytes, image), "image"
+        vec, kind = await st.upload_vector(image), "image"
     else:
-        vec, kind = await run_in_threadpool(st.searcher.text_query, text), "text"
+        assert text is not None
+        vec, kind = await st.text_vector(text), "text"
     v = np.asarray(vec)[0]
     return {
         "type": kind,
@@ -197,6 +220,11 @@ async def embed(request: Request) -> dict[str, Any]:
         "sparse": st.searcher.sparse,
         "embedding": v.astype(float).tolist(),
     }
+
+
+def metrics(request: Request) -> Response:
+    """Request counts, latency histogram, queue depth, batch sizes and cache hit rate (Prometheus text)."""
+    return Response(_state(request).metrics.registry.render(), media_type=CONTENT_TYPE)
 
 
 def image(request: Request, item: str) -> Response:
@@ -226,6 +254,7 @@ def add_routes(app: FastAPI) -> None:
     app.get("/search")(search_get)
     app.post("/search", openapi_extra=_BODY_DOC)(search_post)
     app.post("/embed", openapi_extra=_BODY_DOC)(embed)
+    app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})(metrics)
     app.get(
         "/image/{item}",
         response_class=Response,

@@ -6,11 +6,17 @@
                       a form, or a raw image/* body
   POST /embed         the same inputs → the embedding vector
   GET  /image/{id}    the indexed item's image file
-  GET  /health        status, index kind/size, model shape
+  GET  /health        status, index kind/size, model shape, serving settings
+  GET  /metrics       Prometheus text: requests by route and status, latency histogram, queue depth,
+                      batch sizes, cache entries and hit rate
   GET  /docs          OpenAPI (Swagger UI; its files come from the `fastapi-offline` package when it is
                       installed, else from a CDN); /openapi.json the schema
 
-Every refusal is a 4xx with a JSON body {"error": "<one sentence naming the problem and the fix>"}.
+Concurrent queries of one kind are encoded together (`search.batcher`; off with `batching=None`); a
+full queue answers 503 with Retry-After. Optional API keys (401) and per-client rate limits (429) are
+checked before anything else (`search.access`).
+
+Every refusal is a 4xx (or that 503) with a JSON body {"error": "<one sentence naming the problem and the fix>"}.
 Request bodies are capped (default 5 MB) while they stream in, images by pixel count before decoding.
 """
 
@@ -25,7 +31,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lipkit import __version__
 from lipkit.errors import UserError
+from lipkit.search.access import AccessControl, AccessSettings
+from lipkit.search.batcher import BatchSettings, MicroBatcher, Overloaded
+from lipkit.search.metrics import RequestMetrics, ServerMetrics
 from lipkit.search.query import ImageRejected, Searcher
+from lipkit.search.query_kinds import query_kinds
 from lipkit.search.request_guards import ApiError, BodyLimit, BodyTooLarge, Limits, error_response
 from lipkit.search.routes import SearchState, add_routes
 
@@ -49,6 +59,12 @@ async def _api_error(_: Request, e: ApiError) -> JSONResponse:
 
 async def _rejected(_: Request, e: ImageRejected) -> JSONResponse:
     return error_response(e.status, str(e))
+
+
+async def _overloaded(_: Request, e: Overloaded) -> JSONResponse:
+    resp = error_response(503, str(e))
+    resp.headers["Retry-After"] = str(e.retry_after)
+    return resp
 
 
 async def _user_error(_: Request, e: UserError) -> JSONResponse:
@@ -86,6 +102,7 @@ async def _unexpected(_: Request, e: Exception) -> JSONResponse:  # a bug, but s
 _HANDLERS = (
     (ApiError, _api_error),
     (ImageRejected, _rejected),
+    (Overloaded, _overloaded),
     (UserError, _user_error),
     (BodyTooLarge, _too_large),
     (StarletteHTTPException, _http),
@@ -94,7 +111,13 @@ _HANDLERS = (
 )
 
 
-def create_app(searcher: Searcher, limits: Limits | None = None) -> FastAPI:
+def create_app(
+    searcher: Searcher,
+    limits: Limits | None = None,
+    batching: BatchSettings | None = BatchSettings(),  # noqa: B008 - frozen
+    access: AccessSettings | None = None,
+) -> FastAPI:
+    """The app over one searcher. `batching=None`: one model call per request on the thread pool."""
     lim = limits or Limits()
     app = FastAPI(
         title="lipkit search",
@@ -104,9 +127,15 @@ def create_app(searcher: Searcher, limits: Limits | None = None) -> FastAPI:
         redoc_url=None,
     )
     assets = _swagger_assets()
-    app.state.search = SearchState(searcher, lim, assets)
+    metrics = ServerMetrics()
+    batcher = None if batching is None else MicroBatcher(query_kinds(searcher), batching, metrics.registry)
+    auth = access is not None and bool(access.api_keys)
+    app.state.search = SearchState(searcher, lim, assets, batcher, metrics, auth)
     # the whole body may carry the image plus multipart framing and small fields
     app.add_middleware(BodyLimit, limit=lim.max_upload_bytes + 64 * 1024, upload_limit=lim.max_upload_bytes)
+    if access is not None and (access.api_keys or access.rate > 0):
+        app.add_middleware(AccessControl, settings=access)
+    app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: refusals are counted too
     for exc, handler in _HANDLERS:
         app.add_exception_handler(exc, handler)
     if assets is not None:  # Swagger UI files from a package: /docs works without the internet
@@ -126,9 +155,13 @@ def serve(
     device: str = "cpu",
     log_level: str = "info",
     threads: int = 1,
+    batching: BatchSettings | None = BatchSettings(),  # noqa: B008 - frozen
+    access: AccessSettings | None = None,
+    precision: str = "fp32",
 ) -> None:
-    """Run the app under uvicorn. `threads`: intra-op threads per request for torch and FAISS; the
-    default 1 is the best throughput on a CPU, where concurrent requests already use every core."""
+    """Run the app under uvicorn. `threads`: intra-op threads per model call for torch and FAISS; the
+    default 1 is the best throughput on a CPU, where text and image batches (or, without batching,
+    concurrent requests) already run side by side on the cores."""
     try:
         import uvicorn
     except ImportError as e:
@@ -138,10 +171,10 @@ def serve(
     import torch
 
     torch.set_num_threads(max(1, threads))
-    searcher = Searcher(checkpoint, index, device=device)
+    searcher = Searcher(checkpoint, index, device=device, precision=precision)
     if searcher.index.kind != "sparse":
         import faiss
 
         faiss.omp_set_num_threads(max(1, threads))
-    app = create_app(searcher, limits)
+    app = create_app(searcher, limits, batching, access)
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug")

@@ -1,0 +1,44 @@
+"""The server's query kinds for `MicroBatcher`: texts (cached by their exact text) and decoded images
+(never cached), each encoded as one batch by the searcher's model. A new kind — token-wise, region,
+composed image+text, video — is one more class with `name`, `encode(items)` and `cache_key(item)`."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+import numpy as np
+import torch
+
+from lipkit.search.query import Searcher
+
+
+class TextQueries:
+    name = "text"
+
+    def __init__(self, searcher: Searcher) -> None:
+        self.searcher = searcher
+
+    def encode(self, items: list[str]) -> np.ndarray:
+        return self.searcher.text_queries(items)
+
+    def cache_key(self, item: str) -> Hashable | None:
+        return item
+
+
+class ImageQueries:
+    """uint8 (3,S,S) images, already decoded and resized to the model's size."""
+
+    name = "image"
+
+    def __init__(self, searcher: Searcher) -> None:
+        self.searcher = searcher
+
+    def encode(self, items: list[torch.Tensor]) -> np.ndarray:
+        return self.searcher.image_queries(torch.stack(items))
+
+    def cache_key(self, item: torch.Tensor) -> Hashable | None:
+        return None
+
+
+def query_kinds(searcher: Searcher) -> list[TextQueries | ImageQueries]:
+    return [TextQueries(searcher), ImageQueries(searcher)]
