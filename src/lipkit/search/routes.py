@@ -4,6 +4,7 @@ the limits, where the Swagger UI files are), kept on `app.state.search`."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import mimetypes
 import time
 from dataclasses import dataclass, field
@@ -54,6 +55,9 @@ _BODY_DOC = {
 }
 
 
+INLINE_SEARCH_S = 0.0005
+
+
 def page_html() -> str:
     return (resources.files("lipkit.search") / "page.html").read_text(encoding="utf-8")
 
@@ -69,6 +73,7 @@ class SearchState:
     batcher: MicroBatcher | None = None
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     auth_required: bool = False
+    search_seconds: float = math.inf  # running mean of index lookups; the first one runs on a thread
 
     @property
     def n_items(self) -> int:
@@ -114,8 +119,21 @@ class SearchState:
             )
         return await self.image_vector(await run_in_threadpool(s.image_file, path))
 
+    def _timed_search(self, vector: np.ndarray, k: int) -> list[dict[str, Any]]:
+        t0 = time.perf_counter()
+        hits = self.searcher.search(vector, k)
+        took = time.perf_counter() - t0
+        self.search_seconds = (
+            took if math.isinf(self.search_seconds) else 0.9 * self.search_seconds + 0.1 * took
+        )
+        return hits
+
     async def search(self, vector: np.ndarray, k: int) -> list[dict[str, Any]]:
-        return await run_in_threadpool(self.searcher.search, vector, k)
+        """The index lookup: on the event loop while lookups take under INLINE_SEARCH_S on average (a
+        thread hop costs more than an HNSW or small flat search), else on the thread pool."""
+        if self.search_seconds < INLINE_SEARCH_S:
+            return self._timed_search(vector, k)
+        return await run_in_threadpool(self._timed_search, vector, k)
 
 
 def _state(request: Request) -> SearchState:
