@@ -247,3 +247,24 @@ def test_overload_answers_503_with_retry_after_not_a_timeout(searcher):
     assert codes == [200] * 4 + [503] * 16 and took < 5
     busy = next(r for r in answers if r.status_code == 503)
     assert int(busy.headers["retry-after"]) >= 1 and "busy" in busy.json()["error"]
+
+
+def test_bf16_inference_casts_once_and_answers_as_autocast_does(tmp_path):
+    import torch
+
+    from lipkit.checkpoint import load_checkpoint
+    from lipkit.search.encode import encode_images, encode_texts, inference_precision, prepare_for_inference
+    from test_search_index import tiny_checkpoint
+
+    ckpt = tiny_checkpoint(tmp_path / "ckpt")
+    model, tok, _ = load_checkpoint(ckpt)
+    texts, u8 = ["a red star", "a blue moon"], torch.randint(0, 255, (3, 3, 32, 32), dtype=torch.uint8)
+    with torch.autocast("cpu", torch.bfloat16):
+        want_t, want_i = encode_texts(model.eval(), tok, texts), encode_images(model, u8)
+    prepare_for_inference(model, "bf16")
+    assert any(p.dtype == torch.bfloat16 for p in model.parameters())
+    with inference_precision(model, "bf16"):
+        got_t, got_i = encode_texts(model, tok, texts), encode_images(model, u8)
+    assert got_t.dtype == np.float32
+    np.testing.assert_array_equal(got_t, want_t)
+    np.testing.assert_array_equal(got_i, want_i)

@@ -142,7 +142,7 @@ class Searcher:
 
         self.precision = check_precision(precision)
         self.model, self.tokenizer, self.config = load_checkpoint(checkpoint)
-        prepare_for_inference(self.model.to(pick_device(device)))
+        prepare_for_inference(self.model.to(pick_device(device)), self.precision)
         self.index = load_index(index_path)
         self.size = int(self.model.spec.image_size)
         self.dim = int(self.model.spec.embed_dim)
