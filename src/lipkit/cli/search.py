@@ -32,6 +32,12 @@ def embed(
     image_column: str = typer.Option("image", help="Table column holding image paths."),
     caption_column: str = typer.Option("captions", help="Table column holding captions."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace embeddings already in OUT."),
+    int8: Path = typer.Option(
+        None,
+        "--int8",
+        help="Embed with the ONNX towers `lipkit quantize CHECKPOINT DIR` wrote (onnxruntime on the CPU, "
+        "int8 where its quality check kept int8) instead of PyTorch.",
+    ),
 ) -> None:
     """Embed a collection's images (and first captions) into OUT; rerun the same command to resume."""
     from lipkit.search.embed import run_embed
@@ -43,6 +49,7 @@ def embed(
         image_column=image_column,
         caption_column=caption_column,
         device=device,
+        int8=int8,
         batch_size=batch_size,
         chunk_size=chunk_size,
         workers=workers,
@@ -170,12 +177,15 @@ def search(
     nprobe: int = typer.Option(None, min=1, help="IVF-PQ: override nprobe for this query."),
     device: str = typer.Option("cpu", help="cpu, cuda or auto."),
     precision: str = typer.Option("fp32", help="fp32, or bf16 (autocast)."),
+    int8: Path = typer.Option(
+        None, "--int8", help="Folder from `lipkit quantize`: query with its ONNX towers."
+    ),
 ) -> None:
     """Top-k items for a text query or an image (--image)."""
     from lipkit.search.query import Searcher, check_query_args
 
     check_query_args(query, image, k)
-    s = Searcher(checkpoint, index, device=device, precision=precision)
+    s = Searcher(checkpoint, index, device=device, precision=precision, onnx=int8)
     q = s.text_query(query.strip()) if query is not None else s.image_query(s.image_file(image))
     params = {k_: v for k_, v in {"ef": ef, "nprobe": nprobe}.items() if v is not None}
     hits = s.search(q, k, **params)
@@ -220,6 +230,9 @@ def serve(
     precision: str = typer.Option(
         "fp32", help="fp32, or bf16 (autocast: ~2× faster on CPUs with AVX-512 BF16 or AMX, and on GPUs)."
     ),
+    int8: Path = typer.Option(
+        None, "--int8", help="Folder from `lipkit quantize`: its (int8) ONNX towers answer the queries."
+    ),
 ) -> None:
     """Serve search over HTTP: the page at /, the API at /search, /embed, /health, /metrics, docs at /docs."""
     from lipkit.search.access import AccessSettings, read_api_keys
@@ -250,6 +263,7 @@ def serve(
         batching=settings,
         access=AccessSettings(keys, rate_limit, burst),
         precision=precision,
+        onnx=int8,
     )
 
 

@@ -135,8 +135,15 @@ class Searcher:
     """A model and an index together: embed a text or an image and return the top-k items."""
 
     def __init__(
-        self, checkpoint: str | Path, index_path: str | Path, device: str = "cpu", precision: str = "fp32"
+        self,
+        checkpoint: str | Path,
+        index_path: str | Path,
+        device: str = "cpu",
+        precision: str = "fp32",
+        onnx: str | Path | None = None,
     ) -> None:
+        """`onnx`: a folder from `lipkit quantize` (or `lipkit export onnx`) of this checkpoint; its
+        towers (int8 where the quality check kept them) answer dense queries instead of PyTorch's."""
         from lipkit.checkpoint import load_checkpoint
         from lipkit.search.index import load_index
 
@@ -151,6 +158,30 @@ class Searcher:
                 f"Index '{index_path}' holds {self.index.dim}-d vectors but checkpoint '{checkpoint}' makes "
                 f"{self.dim}-d embeddings; search with the checkpoint that embedded the collection."
             )
+        self.onnx = None if onnx is None else self._onnx_encoder(Path(onnx), checkpoint)
+
+    def _onnx_encoder(self, folder: Path, checkpoint: str | Path):  # noqa: ANN202 - OnnxEncoder
+        from lipkit.search.onnx_encoder import OnnxEncoder
+
+        if self.sparse:
+            raise UserError(
+                "A sparse (lexical) index is searched through the checkpoint's lexicon heads, which ONNX "
+                "folders do not carry; drop --int8 for this index."
+            )
+        enc = OnnxEncoder(folder)
+        if (enc.image_size, enc.dim) != (self.size, self.dim):
+            raise UserError(
+                f"ONNX folder '{folder}' makes {enc.dim}-d embeddings of {enc.image_size}px images but "
+                f"checkpoint '{checkpoint}' makes {self.dim}-d of {self.size}px; quantize this checkpoint."
+            )
+        return enc
+
+    @property
+    def runtime(self) -> dict[str, str]:
+        """What answers each kind of query: e.g. {"image": "onnx int8", "text": "torch bf16"}."""
+        if self.onnx is not None:
+            return {t: f"onnx {p}" for t, p in self.onnx.precision.items()}
+        return {"image": f"torch {self.precision}", "text": f"torch {self.precision}"}
 
     @property
     def sparse(self) -> bool:
@@ -161,6 +192,8 @@ class Searcher:
 
     def text_queries(self, texts: list[str]) -> np.ndarray:
         """(len(texts), D) query vectors, one model call."""
+        if self.onnx is not None:
+            return self.onnx.texts(texts)
         with inference_precision(self.model, self.precision):
             if self.sparse:
                 return lexical_queries(self.model, self.tokenizer, texts, self.index.dim)
@@ -181,6 +214,8 @@ class Searcher:
     def image_queries(self, images_u8: torch.Tensor) -> np.ndarray:
         """uint8 (B,3,S,S) → (B, D) query vectors, one model call."""
         self.check_image_queries()
+        if self.onnx is not None:
+            return self.onnx.images(images_u8)
         with inference_precision(self.model, self.precision):
             if self.sparse:
                 return encode_images_lexical(self.model, images_u8)

@@ -177,7 +177,7 @@ def health(request: Request) -> dict[str, Any]:
         "status": "ok",
         "version": __version__,
         "index": {"kind": s.index.kind, "items": st.n_items, "dim": s.index.dim},
-        "model": {"embed_dim": s.dim, "image_size": s.size},
+        "model": {"embed_dim": s.dim, "image_size": s.size, "runtime": s.runtime},
         "limits": {
             "max_upload_bytes": lim.max_upload_bytes,
             "max_pixels": lim.max_pixels,

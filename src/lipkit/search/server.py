@@ -158,6 +158,7 @@ def serve(
     batching: BatchSettings | None = BatchSettings(),  # noqa: B008 - frozen
     access: AccessSettings | None = None,
     precision: str = "fp32",
+    onnx: str | Path | None = None,
 ) -> None:
     """Run the app under uvicorn. `threads`: intra-op threads per model call for torch and FAISS; the
     default 1 is the best throughput on a CPU, where text and image batches (or, without batching,
@@ -171,7 +172,7 @@ def serve(
     import torch
 
     torch.set_num_threads(max(1, threads))
-    searcher = Searcher(checkpoint, index, device=device, precision=precision)
+    searcher = Searcher(checkpoint, index, device=device, precision=precision, onnx=onnx)
     if searcher.index.kind != "sparse":
         import faiss
 
