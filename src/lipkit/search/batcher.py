@@ -210,6 +210,10 @@ class MicroBatcher:
                     self.batch_sizes.observe(len(live), lane.kind.name)
                     for (_, fut), row in zip(live, rows, strict=True):
                         _settle(fut, row)
+            except BaseException as e:  # the thread is gone (shutdown) or this task is cancelled
+                for _, fut in batch:
+                    _settle(fut, RuntimeError(f"the {lane.kind.name} encoder stopped ({type(e).__name__})"))
+                raise
             finally:
                 lane.pending -= len(batch)
 
