@@ -18,6 +18,7 @@ from torch import nn
 
 from lipkit.errors import UserError
 from lipkit.models.presets import ModelSpec
+from lipkit.models.text import tracing
 
 MAX_CACHE = 500_000  # cached pooled caption features of a locked encoder (~0.8 GB at 384-d)
 
@@ -122,7 +123,7 @@ class HFTextTower(nn.Module):
 
     def _encode(self, ids: torch.Tensor, trim: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         mask = ids != self.pad_id
-        if trim:  # drop columns that are padding in every row: exact, and captions are short
+        if trim and not tracing():  # drop columns that are padding in every row: exact, captions are short
             n = int(mask.sum(1).max())
             ids, mask = ids[:, :n], mask[:, :n]
         hidden = self.encoder(input_ids=ids, attention_mask=mask.long()).last_hidden_state

@@ -14,10 +14,17 @@ from lipkit.models.presets import ModelSpec
 from lipkit.models.transformer import Transformer
 
 
+def tracing() -> bool:
+    """Whether a graph is being captured (export, compile, jit): shapes must not depend on the data."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
 def trim_after_end(ids: torch.Tensor, eot_id: int) -> torch.Tensor:
     """Drop the columns after the last end token of the batch: exact for a causal tower pooled at the end
     token (no position attends to a later one), and short queries padded to the context length then cost
     their own length. Rows without an end token keep every column."""
+    if tracing():  # a graph (ONNX export, torch.compile) keeps the full, data-independent shape
+        return ids
     is_eot = ids == eot_id
     if ids.shape[1] == 0 or not bool(is_eot.any(1).all()):
         return ids
