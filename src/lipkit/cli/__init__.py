@@ -46,7 +46,7 @@ app.command("eval")(eval_commands.eval_)
 app.command()(eval_commands.report)
 app.add_typer(data.app, name="data")
 app.command()(train_commands.demo)
-interop.register(app)  # checkpoint convert (and its old spelling `convert`), export onnx
+interop.register(app)  # checkpoint convert (and its old spelling `convert`), export onnx, quantize
 search.register(app)  # embed, index, search, serve
 
 

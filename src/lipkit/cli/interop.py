@@ -1,4 +1,5 @@
-"""`lipkit checkpoint convert` and `lipkit export onnx`: checkpoints in and out of OpenCLIP, Hugging Face, ONNX.
+"""`lipkit checkpoint convert`, `lipkit export onnx` and `lipkit quantize`: checkpoints in and out of OpenCLIP,
+Hugging Face, ONNX (and int8 ONNX towers chosen by a quality check).
 
 `lipkit.cli` calls `register(app)`; each command parses its arguments and calls one function of
 `lipkit.interop`.
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from lipkit.errors import UserError
 
@@ -100,6 +102,96 @@ def export_onnx(
         console.print(f"max |onnxruntime - torch|: image {diffs['image']:.2e}, text {diffs['text']:.2e}")
 
 
+def quantize(
+    checkpoint: Path = typer.Argument(..., help="lipkit checkpoint directory."),
+    out: Path = typer.Argument(
+        ..., help="Output folder: image.onnx, text.onnx (int8 or fp32), tokenizer.json, quant.json."
+    ),
+    eval_source: str = typer.Option(
+        None,
+        "--eval-source",
+        help="Captions table the quality check evaluates on (default: the first data.eval split of the "
+        "checkpoint's run config).",
+    ),
+    calibration_source: str = typer.Option(
+        None,
+        "--calibration-source",
+        help="Table or image folder the static method calibrates on (default: the run config's data.train).",
+    ),
+    tolerance: float = typer.Option(
+        1.0, help="Points of zero-shot top-1 or text→image R@1 a tower may lose and stay int8."
+    ),
+    threads: int = typer.Option(0, min=0, help="onnxruntime threads for the check (0: one per core)."),
+    calibration_images: int = typer.Option(
+        256, min=1, help="Calibration inputs per statically quantised tower."
+    ),
+    image_method: str = typer.Option("auto", help="auto, static (calibrated QDQ) or dynamic."),
+    text_method: str = typer.Option("auto", help="auto, static (calibrated QDQ) or dynamic."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
+) -> None:
+    """int8 towers for `lipkit embed --int8` and `serve --int8`, each kept only if a measured quality check
+    (zero-shot top-1, text→image R@1) loses at most --tolerance points; otherwise that tower stays fp32."""
+    import time
+
+    from lipkit.interop.quantize import QuantOptions, quantize_checkpoint
+
+    opts = QuantOptions(
+        eval_source=eval_source,
+        calibration_source=calibration_source,
+        tolerance=tolerance,
+        threads=threads,
+        calibration_images=calibration_images,
+        image_method=image_method,
+        text_method=text_method,
+        overwrite=overwrite,
+    )
+    start = time.perf_counter()
+    info = quantize_checkpoint(
+        checkpoint,
+        out,
+        opts,
+        log=lambda s: console.print(f"[dim]{time.perf_counter() - start:6.0f} s[/]  {s}"),
+    )
+    console.print(decision_table(info))
+    console.print(chosen_line(info))
+    console.print(f"ONNX towers: {out}  (lipkit embed CHECKPOINT SOURCE EMB --int8 {out})")
+
+
+def _metric_name(key: str) -> str:
+    if key.startswith("zeroshot/"):
+        return key.split("/")[1] + " top-1"
+    return key.replace("retrieval/text_to_image/", "t→i ")
+
+
+def decision_table(info: dict) -> Table:
+    """Per tower: the choice, each gated metric fp32 → int8 (points), and the measured speed-up."""
+    table = Table(
+        title=f"int8 check on {info['eval_images']} images, tolerance {info['tolerance_points']} points"
+    )
+    for col in ("tower", "metric", "fp32", "int8", "Δ", "items/s", "keeps"):
+        table.add_column(col, justify="left" if col in ("tower", "metric", "keeps") else "right")
+    for name, t in info["towers"].items():
+        speed = t["throughput"]
+        for i, key in enumerate(info["gated"]):
+            first = i == 0
+            table.add_row(
+                f"{name} ({t['method']})" if first else "",
+                _metric_name(key),
+                f"{100 * t['metrics']['fp32'][key]:.2f}",
+                f"{100 * t['metrics']['int8'][key]:.2f}",
+                f"{-t['points_lost'][key] or 0.0:+.2f}",
+                f"{speed['fp32']:.0f} → {speed['int8']:.0f} ({speed['speedup']:.1f}×)" if first else "",
+                ("[green]int8[/]" if t["kept_int8"] else "[yellow]fp32[/]") if first else "",
+            )
+    return table
+
+
+def chosen_line(info: dict) -> str:
+    towers = ", ".join(f"{n} {t['precision']}" for n, t in info["towers"].items())
+    scores = ", ".join(f"{_metric_name(k)} {100 * info['chosen'][k]:.2f}" for k in info["gated"])
+    return f"with {towers}: {scores}"
+
+
 def register(app: typer.Typer) -> None:
     """`lipkit checkpoint convert` (`lipkit convert`, the old spelling, stays a hidden alias for one
     release) and `lipkit export onnx` on the main app."""
@@ -112,3 +204,4 @@ def register(app: typer.Typer) -> None:
     export_app = typer.Typer(help="Export a checkpoint for other runtimes.", no_args_is_help=True)
     export_app.command("onnx")(export_onnx)
     app.add_typer(export_app, name="export")
+    app.command("quantize")(quantize)

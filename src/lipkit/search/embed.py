@@ -2,7 +2,9 @@
 calls are in `search.encode`, the chunk work in `search.embed_chunks`).
 
 An embeddings folder:
-  manifest.json   source, checkpoint fingerprint, counts, chunk size, whether it is complete
+  manifest.json   source, checkpoint fingerprint, counts, chunk size, whether it is complete, and the
+                  encoder: the checkpoint's PyTorch towers, or (`--int8 DIR`) the onnxruntime folder
+                  `lipkit quantize` wrote, with the precision of each tower
   image_emb.npy   float32 N×D, L2-normalised image embeddings, row i = item i
   text_emb.npy    float32 N×D embeddings of each item's first caption (tables only)
   lex.npz         N×V non-negative term weights (SciPy coo layout) when the model has LexLIP heads:
@@ -17,6 +19,7 @@ source and checkpoint skips them, so an interrupted job continues after its last
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections.abc import Sequence
@@ -41,7 +44,8 @@ from lipkit.errors import UserError
 from lipkit.malloc import keep_freed_memory
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.search.collection import checkpoint_fingerprint, collect, records_fingerprint
-from lipkit.search.embed_chunks import Merged, chunk_ok, compute_chunk, merge_chunks
+from lipkit.search.embed_chunks import Merged, Towers, chunk_ok, compute_chunk, merge_chunks
+from lipkit.search.onnx_encoder import OnnxEncoder
 from lipkit.text.tokenizer import TextTokenizer
 
 FORMAT = "lipkit-embeddings"
@@ -178,8 +182,14 @@ def _write_outputs(out: Path, records: Sequence[Record], merged: Merged, vocab: 
 
 
 def embed_collection(
-    model: DualEncoder,
-    tokenizer: TextTokenizer,
+    model: DualEncoder, tokenizer: TextTokenizer, records: Sequence[Record], out: str | Path, **kwargs: Any
+) -> EmbedResult:
+    """Embed `records` into `out` with a PyTorch model (see `embed_towers`)."""
+    return embed_towers(Towers.of_model(model, tokenizer), records, out, **kwargs)
+
+
+def embed_towers(
+    towers: Towers,
     records: Sequence[Record],
     out: str | Path,
     *,
@@ -202,7 +212,7 @@ def embed_collection(
     if (finished := _check_out(out, fp, chunk_size, overwrite)) is not None:
         return finished
     (out / "chunks").mkdir(parents=True, exist_ok=True)
-    n, dim = len(records), int(model.spec.embed_dim)
+    n, dim = len(records), towers.dim
     n_chunks = (n + chunk_size - 1) // chunk_size
     manifest = {
         "format": FORMAT,
@@ -225,8 +235,7 @@ def embed_collection(
         for c in sorted(set(range(n_chunks)) - done):
             rows = range(c * chunk_size, min(n, (c + 1) * chunk_size))
             arrays = compute_chunk(
-                model,
-                tokenizer,
+                towers,
                 records,
                 list(rows),
                 has_text=has_text,
@@ -235,8 +244,8 @@ def embed_collection(
                 advance=lambda k: bar.advance(task, k),
             )
             save_npz_atomic(files[c], **arrays)
-    merged = merge_chunks(files, records, has_text, model.has_lexicon)
-    items = _write_outputs(out, records, merged, int(model.spec.lexicon_vocab) if model.has_lexicon else 0)
+    merged = merge_chunks(files, records, has_text, towers.has_lexicon)
+    items = _write_outputs(out, records, merged, towers.lexicon_vocab)
     manifest.update(complete=True, n_embedded=len(items), n_skipped=len(merged.skipped))
     write_json_atomic(out / "manifest.json", manifest)
     shutil.rmtree(out / "chunks", ignore_errors=True)
@@ -253,21 +262,63 @@ def run_embed(
     image_column: str = "image",
     caption_column: str = "captions",
     device: str = "auto",
+    int8: str | Path | None = None,
+    threads: int = 0,
     **kwargs: Any,
 ) -> EmbedResult:
-    from lipkit.checkpoint import load_checkpoint
-
+    """`lipkit embed`: the checkpoint's PyTorch towers, or with `int8` the ONNX folder `lipkit quantize`
+    wrote from it (onnxruntime, `threads` intra-op threads, 0: its default); the manifest says which."""
     records = collect(source, image_column, caption_column)  # a bad source fails before the model loads
-    model, tokenizer, _ = load_checkpoint(checkpoint)
-    model.to(pick_device(device))
-    if next(model.parameters()).device.type == "cpu":
-        keep_freed_memory()  # CPU embedding without a page fault per batch (lipkit/malloc.py)
-    return embed_collection(
-        model,
-        tokenizer,
+    if int8 is not None:
+        encoder = onnx_towers_of(checkpoint, int8, threads)
+        towers, used = Towers.of_onnx(encoder), {"onnx": encoder.fingerprint()}
+        about: dict[str, Any] = {"runtime": "onnxruntime", **encoder.describe()}
+    else:
+        from lipkit.checkpoint import load_checkpoint
+
+        model, tokenizer, _ = load_checkpoint(checkpoint)
+        model.to(pick_device(device))
+        if next(model.parameters()).device.type == "cpu":
+            keep_freed_memory()  # CPU embedding without a page fault per batch (lipkit/malloc.py)
+        towers, used, about = Towers.of_model(model, tokenizer), {}, {"runtime": "torch"}
+    return embed_towers(
+        towers,
         records,
         out,
-        fingerprint={"checkpoint": checkpoint_fingerprint(checkpoint)},
-        extra_manifest={"source": str(Path(source).expanduser().resolve()), "checkpoint": str(checkpoint)},
+        fingerprint={"checkpoint": checkpoint_fingerprint(checkpoint), **used},
+        extra_manifest={
+            "source": str(Path(source).expanduser().resolve()),
+            "checkpoint": str(checkpoint),
+            "encoder": about,
+        },
         **kwargs,
     )
+
+
+def onnx_towers_of(checkpoint: str | Path, folder: str | Path, threads: int) -> OnnxEncoder:
+    """The OnnxEncoder of `folder`, refused when it was quantised from another checkpoint or when the
+    checkpoint has LexLIP heads (the ONNX graphs carry the dense towers only)."""
+    ck = Path(checkpoint).expanduser()
+    if not (ck / "config.json").is_file() or not (ck / "model.safetensors").is_file():
+        raise UserError(
+            f"'{ck}' is not a lipkit checkpoint (it needs config.json and model.safetensors); pass the "
+            "checkpoint the --int8 folder was made from."
+        )
+    if json.loads((ck / "config.json").read_text(encoding="utf-8"))["model"].get("lexicon_vocab", 0):
+        raise UserError(f"'{ck}' has LexLIP heads, which the ONNX towers leave out; embed it without --int8.")
+    encoder = OnnxEncoder(folder, threads=threads)
+    made_from = encoder.info.get("checkpoint", {}).get("model_sha256")
+    if made_from is not None and made_from != _sha256(ck / "model.safetensors"):
+        raise UserError(
+            f"'{encoder.folder}' was quantised from another checkpoint than '{ck}'; run "
+            f"`lipkit quantize {ck} DIR` and pass that DIR to --int8."
+        )
+    return encoder
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()

@@ -17,7 +17,41 @@ from lipkit.data.images import try_load_image
 from lipkit.data.records import Record
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.search.encode import encode_images, encode_images_lexical, encode_texts
+from lipkit.search.onnx_encoder import OnnxEncoder
 from lipkit.text.tokenizer import TextTokenizer
+
+
+@dataclass
+class Towers:
+    """What a collection is embedded with: the calls of a PyTorch model (`search.encode`), or of an
+    `OnnxEncoder` (`lipkit embed --int8`), which has no LexLIP heads."""
+
+    images: Callable[[torch.Tensor], np.ndarray]  # uint8 (B, 3, S, S) → (B, dim)
+    texts: Callable[[list[str]], np.ndarray]  # strings → (B, dim)
+    lexical: Callable[[torch.Tensor], np.ndarray] | None  # uint8 images → (B, lexicon_vocab)
+    image_size: int
+    dim: int
+    lexicon_vocab: int = 0
+
+    @classmethod
+    def of_model(cls, model: DualEncoder, tokenizer: TextTokenizer) -> Towers:
+        spec = model.spec
+        return cls(
+            images=lambda u8: encode_images(model, u8),
+            texts=lambda texts: encode_texts(model, tokenizer, texts),
+            lexical=(lambda u8: encode_images_lexical(model, u8)) if model.has_lexicon else None,
+            image_size=int(spec.image_size),
+            dim=int(spec.embed_dim),
+            lexicon_vocab=int(spec.lexicon_vocab) if model.has_lexicon else 0,
+        )
+
+    @classmethod
+    def of_onnx(cls, encoder: OnnxEncoder) -> Towers:
+        return cls(encoder.images, encoder.texts, None, encoder.image_size, encoder.dim)
+
+    @property
+    def has_lexicon(self) -> bool:
+        return self.lexical is not None
 
 
 class _Decode(Dataset):
@@ -62,14 +96,7 @@ class _ChunkParts:
     bad_rows: list[int] = field(default_factory=list)
     bad_why: list[str] = field(default_factory=list)
 
-    def add(
-        self,
-        model: DualEncoder,
-        tokenizer: TextTokenizer,
-        records: Sequence[Record],
-        batch: list,
-        has_text: bool,
-    ) -> None:
+    def add(self, towers: Towers, records: Sequence[Record], batch: list, has_text: bool) -> None:
         """Embed the decoded images of a batch (and their first captions); note the skipped ones."""
         good = [(r, x) for r, x, _ in batch if x is not None]
         for r, x, why in batch:
@@ -81,14 +108,14 @@ class _ChunkParts:
         first = len(self.kept)
         self.kept.extend(r for r, _ in good)
         batch_u8 = torch.stack([x for _, x in good])
-        self.image.append(encode_images(model, batch_u8))
-        if model.has_lexicon:
-            r_, c_ = np.nonzero(lex := encode_images_lexical(model, batch_u8))
+        self.image.append(towers.images(batch_u8))
+        if towers.lexical is not None:
+            r_, c_ = np.nonzero(lex := towers.lexical(batch_u8))
             self.lex_rows.append(r_ + first)
             self.lex_cols.append(c_)
             self.lex_vals.append(lex[r_, c_])
         if has_text:
-            self.text.append(encode_texts(model, tokenizer, [records[r].captions[0] for r, _ in good]))
+            self.text.append(towers.texts([records[r].captions[0] for r, _ in good]))
 
     def arrays(self, dim: int, has_text: bool, has_lexicon: bool) -> dict[str, np.ndarray]:
         out = {
@@ -107,8 +134,7 @@ class _ChunkParts:
 
 
 def compute_chunk(
-    model: DualEncoder,
-    tokenizer: TextTokenizer,
+    towers: Towers,
     records: Sequence[Record],
     rows: Sequence[int],
     *,
@@ -120,16 +146,16 @@ def compute_chunk(
     """The arrays of one chunk file: rows kept, image (and text) embeddings, lexical non-zeros, and the
     rows skipped with why. `advance(n)` after every batch of n rows."""
     loader = DataLoader(
-        _Decode(records, rows, int(model.spec.image_size)),
+        _Decode(records, rows, towers.image_size),
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=_keep_list,
     )
     parts = _ChunkParts()
     for batch in loader:
-        parts.add(model, tokenizer, records, batch, has_text)
+        parts.add(towers, records, batch, has_text)
         advance(len(batch))
-    return parts.arrays(int(model.spec.embed_dim), has_text, model.has_lexicon)
+    return parts.arrays(towers.dim, has_text, towers.has_lexicon)
 
 
 @dataclass
