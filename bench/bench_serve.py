@@ -155,7 +155,7 @@ async def run_load(port: int, jobs: list[tuple[str, object]], concurrency: int, 
 def metric(text: str, name: str) -> float:
     total = 0.0
     for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
+        if line.startswith(name + " ") or line.startswith(name + "{"):  # `name` may carry its {labels}
             total += float(line.rsplit(" ", 1)[1])
     return total
 
@@ -182,6 +182,14 @@ class Server:
             "serve", str(ckpt), str(index), "--port", str(self.port), "--log-level", "warning", *extra
         )
         self.proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the server process so far (Linux /proc; nan elsewhere)."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return float("nan")
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def get(self, path: str) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
@@ -224,12 +232,18 @@ def one_mode(args, name: str, extra: list[str], texts: list[str], images: list[b
     jobs = jobs_for(texts, images, args.requests, args.image_share, args.seed)
     with Server(args.checkpoint, index, extra, args.work / f"server-{name}.log") as srv:
         asyncio.run(run_load(srv.port, warm, args.concurrency, args.timeout))
+        cpu0, client0 = srv.cpu_seconds(), time.process_time()
         r = asyncio.run(run_load(srv.port, jobs, args.concurrency, args.timeout))
+        r["server_cpu_ms"] = 1000 * (srv.cpu_seconds() - cpu0) / len(jobs)
+        r["client_cpu_ms"] = 1000 * (time.process_time() - client0) / len(jobs)
         m = srv.get("/metrics")
     lookups = metric(m, "lipkit_cache_hits_total") + metric(m, "lipkit_cache_misses_total")
     r["cache_hit_rate"] = metric(m, "lipkit_cache_hits_total") / lookups if lookups else 0.0
-    calls = metric(m, "lipkit_batch_size_count")
-    r["mean_batch"] = metric(m, "lipkit_batch_size_sum") / calls if calls else 1.0
+    for kind in ("text", "image"):
+        calls = metric(m, f'lipkit_batch_size_count{{kind="{kind}"}}')
+        r[f"mean_{kind}_batch"] = (
+            metric(m, f'lipkit_batch_size_sum{{kind="{kind}"}}') / calls if calls else 1.0
+        )
     r["mode"] = name
     return r
 
@@ -274,14 +288,17 @@ def main(argv: list[str] | None = None) -> dict:
 def print_table(rows: list[dict], load: tuple[float, float, float]) -> None:
     print(f"\nload average after the run: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
     print(
-        "| mode | requests/s | p50 ms | p95 ms | p99 ms | statuses | timeouts | errors | cache hits | mean batch |"
+        "| mode | requests/s | p50 ms | p95 ms | p99 ms | statuses | timeouts | errors | cache hits "
+        "| mean text / image batch | server CPU ms / request | client CPU ms / request |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         st = " ".join(f"{k}×{v}" for k, v in sorted(r["statuses"].items()))
         print(
             f"| {r['mode']} | {r['rps']:.1f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {st} "
-            f"| {r['timeouts']} | {r['errors']} | {100 * r['cache_hit_rate']:.1f} % | {r['mean_batch']:.1f} |"
+            f"| {r['timeouts']} | {r['errors']} | {100 * r['cache_hit_rate']:.1f} % "
+            f"| {r['mean_text_batch']:.1f} / {r['mean_image_batch']:.1f} | {r['server_cpu_ms']:.1f} "
+            f"| {r['client_cpu_ms']:.1f} |"
         )
     by = {r["mode"]: r for r in rows}
     if "batched" in by and "unbatched" in by:
