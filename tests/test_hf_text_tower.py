@@ -144,9 +144,11 @@ def test_inference_trims_padding_exactly(parts):
     context length then cost their own length): the same embeddings as the full-length pass."""
     _, tok, model = parts
     model.eval()
-    ids = tok(CAPTIONS[:3])
-    assert (ids == tok.pad_id).all(0).any()  # there are columns to drop
+    ids = tok([*CAPTIONS[:3], "[PAD] [PAD] [PAD] a red heart"])  # a padding id typed inside a text
+    assert (ids[3, 1:4] == tok.pad_id).all() and (ids == tok.pad_id).all(0).any()
     with torch.no_grad():
         full = model.text._encode(ids)[0] @ model.text.text_projection
         trimmed = model.text(ids)
+        alone = model.text(ids[3:])  # no longer row beside it to keep its columns
     assert torch.allclose(trimmed, full, atol=1e-5)
+    assert torch.allclose(alone, full[3:], atol=1e-5)

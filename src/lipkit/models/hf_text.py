@@ -123,8 +123,9 @@ class HFTextTower(nn.Module):
 
     def _encode(self, ids: torch.Tensor, trim: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         mask = ids != self.pad_id
-        if trim and not tracing():  # drop columns that are padding in every row: exact, captions are short
-            n = int(mask.sum(1).max())
+        if trim and not tracing():  # drop the columns after every row's last token: exact, captions are short
+            used = mask.any(0).nonzero()
+            n = int(used.max()) + 1 if used.numel() else ids.shape[1]
             ids, mask = ids[:, :n], mask[:, :n]
         hidden = self.encoder(input_ids=ids, attention_mask=mask.long()).last_hidden_state
         if self.pool == "cls":

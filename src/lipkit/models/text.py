@@ -16,7 +16,8 @@ from lipkit.models.transformer import Transformer
 
 def tracing() -> bool:
     """Whether a graph is being captured (export, compile, jit): shapes must not depend on the data."""
-    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch ≥ 2.7
+    return torch.compiler.is_compiling() or exporting() or torch.jit.is_tracing()
 
 
 def trim_after_end(ids: torch.Tensor, eot_id: int) -> torch.Tensor:
