@@ -46,6 +46,16 @@ def test_serve_answers_with_the_int8_towers(kept, setup, tmp_path):  # noqa: F81
     assert len(hits) == 5 and 1 in [h["id"] for h in up["results"]]  # an indexed image finds itself
     image = torch_side.image_file(items[1]["path"])
     assert float(torch_side.image_query(image)[0] @ onnx_side.image_query(image)[0]) > 0.95
+    import torch
+
+    from lipkit.checkpoint import load_checkpoint, save_checkpoint
+
+    model, tok, _ = load_checkpoint(ckpt)
+    with torch.no_grad():
+        model.logit_scale.add_(1.0)
+    other_ckpt = save_checkpoint(tmp_path / "other-ckpt", model, tok, {"preset": "tiny"})
+    with pytest.raises(UserError, match="quantised from another checkpoint"):
+        Searcher(other_ckpt, tmp_path / "index", onnx=kept)
     with pytest.raises(UserError, match="quantize this checkpoint"):
         other = kept.parent / "other"
         other.mkdir()

@@ -224,9 +224,7 @@ def serve(
         None, "--api-keys", help="File of API keys, one per line: requests without one get 401."
     ),
     rate_limit: float = typer.Option(0.0, min=0, help="Requests per second per client (key or IP); 0: none."),
-    burst: int = typer.Option(
-        0, min=0, help="Requests a client may send at once (default 2 × --rate-limit)."
-    ),
+    burst: int = typer.Option(0, min=0, help="Requests a client may send at once; 0: 2 × --rate-limit."),
     precision: str = typer.Option(
         "fp32", help="fp32, or bf16 (autocast: ~2× faster on CPUs with AVX-512 BF16 or AMX, and on GPUs)."
     ),
@@ -250,7 +248,6 @@ def serve(
             "use the model.[/]"
         )
     settings = BatchSettings(max_batch, max_wait_ms, max_queue, cache_size) if batching else None
-    console.print(f"serving on http://{host}:{port}/  (API docs: http://{host}:{port}/docs)")
     run_server(
         checkpoint,
         index,

@@ -1,11 +1,13 @@
 """Who may use the server and how often: optional API keys and per-client rate limits, as one ASGI
 middleware that answers before any route runs — a refused request reads no body and costs no model time.
 
-- Keys: `Authorization: Bearer KEY`, `X-API-Key: KEY`, or `?api_key=KEY` (for `<img>` tags on the page).
-  Missing or wrong → 401. The page, `/health` and the API docs stay open so a person can see what the
-  server is and a load balancer can probe it.
-- Rate limits: a token bucket per client (its key when keys are on, else its IP address): `rate`
-  requests per second on average, bursts up to `burst`. Over it → 429 with Retry-After.
+- Keys: `Authorization: Bearer KEY` or `X-API-Key: KEY`; `?api_key=KEY` only on `GET /image/{id}` (what
+  `<img>` tags on the page can send; a key in a URL reaches logs, so nowhere else). Missing or wrong → 401.
+  The page, `/health` and the API docs stay open so a person can see what the server is and a load
+  balancer can probe it.
+- Rate limits: a token bucket per client (its key when keys are on, else its IP address) charged by the
+  routes that spend model time (`/search`, `/embed`): `rate` requests per second on average, bursts up to
+  `burst`. Over it → 429 with Retry-After. Thumbnails and metrics scrapes are not charged.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from lipkit.errors import UserError
 from lipkit.search.request_guards import error_response
 
 OPEN_PATHS = ("/", "/health", "/docs", "/openapi.json", "/favicon.ico")
+CHARGED_PATHS = ("/search", "/embed")
 OPEN_PREFIXES = ("/docs-static/",)
 MAX_CLIENTS = 100_000  # buckets kept; the least recently seen client is forgotten first
 
@@ -41,10 +44,15 @@ def read_api_keys(path: Path) -> tuple[str, ...]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         raise UserError(f"API key file '{path}' does not exist; write one key per line into it.") from None
-    keys = tuple(k for k in (line.split("#", 1)[0].strip() for line in lines) if k)
+    keys = tuple(k for k in (line.split(" #", 1)[0].strip() for line in lines) if k and not k.startswith("#"))
     if not keys:
         raise UserError(
             f"API key file '{path}' holds no keys; write one key per line (e.g. from `openssl rand -hex 24`)."
+        )
+    if not all(k.isascii() and k.isprintable() for k in keys):
+        raise UserError(
+            f"API key file '{path}' has a key with non-ASCII or control characters, which HTTP headers "
+            "cannot carry; use keys like `openssl rand -hex 24` makes."
         )
     short = [k for k in keys if len(k) < 16]
     if short:
@@ -66,6 +74,8 @@ def presented_key(scope: Scope) -> str | None:
         return auth[7:].strip()
     if b"x-api-key" in headers:
         return headers[b"x-api-key"].decode("latin-1").strip()
+    if scope.get("method") != "GET" or not scope.get("path", "").startswith("/image/"):
+        return None
     query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
     return query["api_key"][0] if "api_key" in query else None
 
@@ -128,7 +138,7 @@ class AccessControl:
                 await resp(scope, receive, send)
                 return
             client = "key:" + hmac.new(b"lipkit", key.encode(), "sha256").hexdigest()[:16]
-        if self.buckets is not None:
+        if self.buckets is not None and scope.get("path") in CHARGED_PATHS:
             wait = self.buckets.take(client)
             if wait > 0:
                 resp = error_response(

@@ -51,9 +51,10 @@ class BatchSettings:
 class Overloaded(Exception):
     """The queue is full; answer 503 and ask the client to come back after `retry_after` seconds."""
 
-    def __init__(self, kind: str, retry_after: int) -> None:
+    def __init__(self, waiting: int, retry_after: int) -> None:
         super().__init__(
-            f"The server is busy ({kind} queue full); retry after {retry_after} s, or send fewer requests at once."
+            f"The server is busy ({waiting} queries queued, its limit); retry after {retry_after} s, or send "
+            "fewer requests at once."
         )
         self.retry_after = retry_after
 
@@ -164,7 +165,7 @@ class MicroBatcher:
         if self.depth >= s.max_queue:
             self.rejected.inc(lane.kind.name)
             batches_ahead = math.ceil(self.depth / max(1, s.max_batch))
-            raise Overloaded(lane.kind.name, max(1, math.ceil(batches_ahead * lane.seconds_per_batch)))
+            raise Overloaded(self.depth, max(1, math.ceil(batches_ahead * lane.seconds_per_batch)))
         loop = asyncio.get_running_loop()
         if lane.loop is not loop:  # first use, or an app driven by a new event loop (test clients)
             lane.loop, lane.queue, lane.task, lane.pending = loop, asyncio.Queue(), None, 0
@@ -209,7 +210,7 @@ class MicroBatcher:
                     lane.seconds_per_batch = 0.8 * lane.seconds_per_batch + 0.2 * took
                     self.batch_sizes.observe(len(live), lane.kind.name)
                     for (_, fut), row in zip(live, rows, strict=True):
-                        _settle(fut, row)
+                        _settle(fut, row)  # a row is a copy: a cached one must not pin its batch
             except BaseException as e:  # the thread is gone (shutdown) or this task is cancelled
                 for _, fut in batch:
                     _settle(fut, RuntimeError(f"the {lane.kind.name} encoder stopped ({type(e).__name__})"))
@@ -222,22 +223,26 @@ class MicroBatcher:
         """One call for the batch; when it fails, each item alone, so one bad item fails only itself."""
         try:
             out = np.asarray(kind.encode(items))
-            return [out[i] for i in range(len(items))]
+            return [out[i].copy() for i in range(len(items))]
         except Exception as e:  # noqa: BLE001 - handed to the waiting request, which answers it
             if len(items) == 1:
                 return [e]
         rows: list[np.ndarray | BaseException] = []
         for item in items:
             try:
-                rows.append(np.asarray(kind.encode([item]))[0])
+                rows.append(np.asarray(kind.encode([item]))[0].copy())
             except Exception as e:  # noqa: BLE001
                 rows.append(e)
         return rows
 
     def close(self) -> None:
+        """Stop the workers (at server shutdown); queries still queued get an error, not a hang."""
         for lane in self.lanes.values():
             if lane.task is not None:
                 lane.task.cancel()
+            while not lane.queue.empty():
+                _, fut = lane.queue.get_nowait()
+                _settle(fut, RuntimeError("the server is shutting down"))
             lane.executor.shutdown(wait=False, cancel_futures=True)
 
 

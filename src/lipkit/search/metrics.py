@@ -9,7 +9,9 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -132,9 +134,12 @@ class ServerMetrics:
         )
 
 
-def route_label(scope: Scope) -> str:
-    """The matched route's path template (bounded label values); `other` for unmatched paths."""
+def route_label(scope: Scope, router: Any = None) -> str:
+    """The matched route's path template (bounded label values), also for requests refused before
+    routing (401, 429, 413), found by matching the router's routes; `other` for unknown paths."""
     route = scope.get("route")
+    if route is None and router is not None:
+        route = next((r for r in router.routes if r.matches(scope)[0] == Match.FULL), None)
     path = getattr(route, "path", None)
     return path if isinstance(path, str) else "other"
 
@@ -142,8 +147,8 @@ def route_label(scope: Scope) -> str:
 class RequestMetrics:
     """ASGI middleware: count and time every HTTP request (refusals included) into `metrics`."""
 
-    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
-        self.app, self.metrics = app, metrics
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics, router: Any = None) -> None:
+        self.app, self.metrics, self.router = app, metrics, router
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -161,6 +166,6 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            route = route_label(scope)
+            route = route_label(scope, self.router)
             self.metrics.requests.inc(route, str(status))
             self.metrics.latency.observe(time.perf_counter() - t0, route)

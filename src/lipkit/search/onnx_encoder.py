@@ -123,3 +123,32 @@ class OnnxEncoder:
     def describe(self) -> dict[str, Any]:
         """What an embeddings manifest records about the encoder."""
         return {"folder": str(self.folder.resolve()), **self.precision}
+
+
+def onnx_towers_of(checkpoint: str | Path, folder: str | Path, threads: int) -> OnnxEncoder:
+    """The OnnxEncoder of `folder`, refused when it was quantised from another checkpoint or when the
+    checkpoint has LexLIP heads (the ONNX graphs carry the dense towers only)."""
+    ck = Path(checkpoint).expanduser()
+    if not (ck / "config.json").is_file() or not (ck / "model.safetensors").is_file():
+        raise UserError(
+            f"'{ck}' is not a lipkit checkpoint (it needs config.json and model.safetensors); pass the "
+            "checkpoint the --int8 folder was made from."
+        )
+    if json.loads((ck / "config.json").read_text(encoding="utf-8"))["model"].get("lexicon_vocab", 0):
+        raise UserError(f"'{ck}' has LexLIP heads, which the ONNX towers leave out; embed it without --int8.")
+    encoder = OnnxEncoder(folder, threads=threads)
+    made_from = encoder.info.get("checkpoint", {}).get("model_sha256")
+    if made_from is not None and made_from != _sha256(ck / "model.safetensors"):
+        raise UserError(
+            f"'{encoder.folder}' was quantised from another checkpoint than '{ck}'; run "
+            f"`lipkit quantize {ck} DIR` and pass that DIR to --int8."
+        )
+    return encoder
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()

@@ -141,9 +141,11 @@ class Searcher:
         device: str = "cpu",
         precision: str = "fp32",
         onnx: str | Path | None = None,
+        threads: int = 1,
     ) -> None:
         """`onnx`: a folder from `lipkit quantize` (or `lipkit export onnx`) of this checkpoint; its
-        towers (int8 where the quality check kept them) answer dense queries instead of PyTorch's."""
+        towers (int8 where the quality check kept them) answer dense queries instead of PyTorch's, with
+        `threads` onnxruntime threads per call."""
         from lipkit.checkpoint import load_checkpoint
         from lipkit.search.index import load_index
 
@@ -158,17 +160,17 @@ class Searcher:
                 f"Index '{index_path}' holds {self.index.dim}-d vectors but checkpoint '{checkpoint}' makes "
                 f"{self.dim}-d embeddings; search with the checkpoint that embedded the collection."
             )
-        self.onnx = None if onnx is None else self._onnx_encoder(Path(onnx), checkpoint)
+        self.onnx = None if onnx is None else self._onnx_encoder(Path(onnx), checkpoint, threads)
 
-    def _onnx_encoder(self, folder: Path, checkpoint: str | Path):  # noqa: ANN202 - OnnxEncoder
-        from lipkit.search.onnx_encoder import OnnxEncoder
+    def _onnx_encoder(self, folder: Path, checkpoint: str | Path, threads: int):  # noqa: ANN202
+        from lipkit.search.onnx_encoder import onnx_towers_of
 
         if self.sparse:
             raise UserError(
                 "A sparse (lexical) index is searched through the checkpoint's lexicon heads, which ONNX "
                 "folders do not carry; drop --int8 for this index."
             )
-        enc = OnnxEncoder(folder)
+        enc = onnx_towers_of(checkpoint, folder, threads)  # refuses a folder of another checkpoint
         if (enc.image_size, enc.dim) != (self.size, self.dim):
             raise UserError(
                 f"ONNX folder '{folder}' makes {enc.dim}-d embeddings of {enc.image_size}px images but "

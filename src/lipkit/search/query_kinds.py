@@ -22,7 +22,7 @@ class TextQueries:
         return self.searcher.text_queries(items)
 
     def cache_key(self, item: str) -> Hashable | None:
-        return item
+        return None if self.searcher.sparse else item  # sparse queries are vocabulary-sized: not kept
 
 
 class ImageQueries:

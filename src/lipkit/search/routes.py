@@ -251,7 +251,7 @@ def image(request: Request, item: str) -> Response:
     i = st.item_id(item)
     entry = st.searcher.index.items[i]
     path, blob = entry.get("path"), entry.get("blob")
-    cache = {"Cache-Control": "public, max-age=3600"}
+    cache = {"Cache-Control": f"{'private' if st.auth_required else 'public'}, max-age=3600"}
     if path and Path(path).is_file():
         media = mimetypes.guess_type(path)[0] or "application/octet-stream"
         return FileResponse(path, media_type=media, headers=cache)

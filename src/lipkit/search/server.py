@@ -22,6 +22,7 @@ Request bodies are capped (default 5 MB) while they stream in, images by pixel c
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -129,13 +130,15 @@ def create_app(
     assets = _swagger_assets()
     metrics = ServerMetrics()
     batcher = None if batching is None else MicroBatcher(query_kinds(searcher), batching, metrics.registry)
+    if batcher is not None:
+        app.router.on_shutdown.append(batcher.close)
     auth = access is not None and bool(access.api_keys)
     app.state.search = SearchState(searcher, lim, assets, batcher, metrics, auth)
     # the whole body may carry the image plus multipart framing and small fields
     app.add_middleware(BodyLimit, limit=lim.max_upload_bytes + 64 * 1024, upload_limit=lim.max_upload_bytes)
     if access is not None and (access.api_keys or access.rate > 0):
         app.add_middleware(AccessControl, settings=access)
-    app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: refusals are counted too
+    app.add_middleware(RequestMetrics, metrics=metrics, router=app.router)  # outermost: counts refusals
     for exc, handler in _HANDLERS:
         app.add_exception_handler(exc, handler)
     if assets is not None:  # Swagger UI files from a package: /docs works without the internet
@@ -172,10 +175,11 @@ def serve(
     import torch
 
     torch.set_num_threads(max(1, threads))
-    searcher = Searcher(checkpoint, index, device=device, precision=precision, onnx=onnx)
+    searcher = Searcher(checkpoint, index, device=device, precision=precision, onnx=onnx, threads=threads)
     if searcher.index.kind != "sparse":
         import faiss
 
         faiss.omp_set_num_threads(max(1, threads))
     app = create_app(searcher, limits, batching, access)
+    print(f"serving on http://{host}:{port}/  (API docs: http://{host}:{port}/docs)", file=sys.stderr)
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug")
