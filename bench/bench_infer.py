@@ -9,8 +9,8 @@ What it does, in one process:
 1. Builds the image tower: the preset's (random weights, seeded) or a checkpoint's. The OpenCLIP model is
    made from lipkit's config mapping (`lipkit.interop.open_clip.open_clip_model_config` →
    `open_clip.create_model`, random init) and given lipkit's image-tower weights
-   (`state_to_open_clip`); the script stops unless both have the same image-tower parameter count and
-   compute the same embeddings (max |Δ| printed).
+   (`state_to_open_clip`); the script stops unless both have the same image-tower parameter count, and
+   prints how far each variant's embeddings are from OpenCLIP fp32 (max |Δ|, min cosine).
 2. Exports lipkit's image tower to ONNX (`lipkit.interop.onnx`) and quantises it to int8 the way
    `lipkit quantize` does (`lipkit.interop.quant_graph`: "auto" is static QDQ for a CNN, dynamic for a
    ViT). Calibration here uses random images (speed does not depend on them; `lipkit quantize` measures
@@ -19,8 +19,8 @@ What it does, in one process:
    - OpenCLIP fp32 and bf16: `model.encode_image(x, normalize=True)` under `open_clip_train`'s autocast
      (`amp_bf16` on the CPU), `model.eval()`, `torch.no_grad()`;
    - lipkit fp32 and bf16: `DualEncoder.encode_image` after `search.encode.prepare_for_inference` (eval,
-     channels-last for convolutional towers) under `search.encode.inference_precision` — what
-     `lipkit serve --precision` runs;
+     channels-last for convolutional towers; for bf16 the linear/conv weights cast once) under
+     `search.encode.inference_precision` — what `lipkit serve --precision` runs;
    - lipkit onnxruntime fp32 and int8: the two graphs, what `lipkit embed/serve --int8` runs.
 4. Interleaved: each of `--rounds` rounds runs `--batches` batches of every variant (the order reversed
    every other round), after `--warmup` untimed batches each. Reports the median images/s over rounds
@@ -36,6 +36,7 @@ threads spin only when it is ACTIVE. Run it when the machine is quiet: the load 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -146,6 +147,7 @@ def runners(ours, peer, sessions, x):
 
     from lipkit.search.encode import inference_precision, prepare_for_inference
 
+    ours_bf16 = prepare_for_inference(copy.deepcopy(ours), "bf16")  # weights cast once, as serve does
     prepare_for_inference(ours)
     x_np = x.numpy()
     oc_autocast = {p: get_autocast(p, device_type="cpu") for p in ("fp32", "amp_bf16")}
@@ -158,9 +160,11 @@ def runners(ours, peer, sessions, x):
         return run
 
     def lk(precision: str):
+        model = ours_bf16 if precision == "bf16" else ours
+
         def run():
-            with torch.no_grad(), inference_precision(ours, precision):
-                return ours.encode_image(x).float()
+            with torch.no_grad(), inference_precision(model, precision):
+                return model.encode_image(x).float()
 
         return run
 
