@@ -175,13 +175,14 @@ def ensure_index(ckpt: Path, source: Path, work: Path) -> Path:
 class Server:
     """`lipkit serve` in a subprocess on a free loopback port, stopped on exit."""
 
-    def __init__(self, ckpt: Path, index: Path, extra: list[str], log: Path) -> None:
+    def __init__(self, ckpt: Path, index: Path, extra: list[str], log: Path, src: Path | None = None) -> None:
         self.port = free_port()
         self.log = log
         cmd = lipkit(
             "serve", str(ckpt), str(index), "--port", str(self.port), "--log-level", "warning", *extra
         )
-        self.proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
+        env = {**os.environ, "PYTHONPATH": str(src / "src")} if src else None  # another lipkit's source
+        self.proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)  # noqa: SIM115
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the server process so far (Linux /proc; nan elsewhere)."""
@@ -227,16 +228,27 @@ def jobs_for(texts: list[str], images: list[bytes], n: int, image_share: float, 
     return out
 
 
-def one_mode(args, name: str, extra: list[str], texts: list[str], images: list[bytes], index: Path) -> dict:
+def one_mode(
+    args,
+    name: str,
+    extra: list[str],
+    texts: list[str],
+    images: list[bytes],
+    index: Path,
+    src: Path | None = None,
+) -> dict:
     warm = jobs_for([f"warm-up {i}" for i in range(64)], images, 64, args.image_share, 1)
     jobs = jobs_for(texts, images, args.requests, args.image_share, args.seed)
-    with Server(args.checkpoint, index, extra, args.work / f"server-{name}.log") as srv:
+    with Server(args.checkpoint, index, extra, args.work / f"server-{name.split()[0]}.log", src) as srv:
         asyncio.run(run_load(srv.port, warm, args.concurrency, args.timeout))
         cpu0, client0 = srv.cpu_seconds(), time.process_time()
         r = asyncio.run(run_load(srv.port, jobs, args.concurrency, args.timeout))
         r["server_cpu_ms"] = 1000 * (srv.cpu_seconds() - cpu0) / len(jobs)
         r["client_cpu_ms"] = 1000 * (time.process_time() - client0) / len(jobs)
-        m = srv.get("/metrics")
+        try:
+            m = srv.get("/metrics")
+        except OSError:  # an earlier lipkit without /metrics
+            m = ""
     lookups = metric(m, "lipkit_cache_hits_total") + metric(m, "lipkit_cache_misses_total")
     r["cache_hit_rate"] = metric(m, "lipkit_cache_hits_total") / lookups if lookups else 0.0
     for kind in ("text", "image"):
@@ -262,6 +274,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--overload-concurrency", type=int, default=128, help="0: skip the overload run")
     ap.add_argument("--overload-queue", type=int, default=16)
     ap.add_argument("--server-args", default="--precision bf16", help="options every server gets")
+    ap.add_argument(
+        "--baseline-src",
+        type=Path,
+        help="a checkout of an earlier lipkit (e.g. `git worktree add /tmp/base 101e043`): its server, with "
+        "its default options, is measured first in the same run",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
@@ -274,6 +292,10 @@ def main(argv: list[str] | None = None) -> dict:
     common = shlex.split(args.server_args)
     modes = {"unbatched": ["--no-batching", *common], "batched": common}
     rows = [one_mode(args, m, modes[m], texts, images, index) for m in args.modes.split(",")]
+    if args.baseline_src:
+        rows.insert(
+            0, one_mode(args, f"baseline {args.baseline_src}", [], texts, images, index, args.baseline_src)
+        )
     if args.overload_concurrency:
         extra = ["--max-queue", str(args.overload_queue), *common]
         args.concurrency, args.requests = args.overload_concurrency, max(args.requests // 2, 500)
@@ -303,6 +325,9 @@ def print_table(rows: list[dict], load: tuple[float, float, float]) -> None:
     by = {r["mode"]: r for r in rows}
     if "batched" in by and "unbatched" in by:
         print(f"\nbatched / unbatched throughput: {by['batched']['rps'] / by['unbatched']['rps']:.2f}×")
+    base = next((r for r in rows if r["mode"].startswith("baseline")), None)
+    if base is not None and "batched" in by:
+        print(f"batched / {base['mode']} throughput: {by['batched']['rps'] / base['rps']:.2f}×")
 
 
 if __name__ == "__main__":
