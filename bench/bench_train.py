@@ -14,10 +14,13 @@ What it does:
    `--worker lipkit|open_clip` — so each library's peak RSS is its own. Each builds its model,
    optimizer and the same synthetic batch (random uint8 images at the preset size, normalised;
    random token ids of the model's vocabulary, 4–23 tokens between start and end token, padded),
-   runs `--warmup` untimed steps, and counts the FLOPs of one training forward+backward
-   (`torch.utils.flop_counter.FlopCounterMode`) and of one image-tower inference.
-   * lipkit: `Trainer.step` without augmentation and tokenization — `param_groups` + AdamW
-     (betas 0.9/0.98, eps 1e-6), `objective_inputs` under `torch.autocast`, `InfoNCE`, backward,
+   and runs `--warmup` untimed steps. A short-lived twin of each (`--flops`) counts the FLOPs of one
+   training forward+backward (`torch.utils.flop_counter.FlopCounterMode`) and of one image-tower
+   inference, in a process of its own: the counter imports ~160 MB (torch._dynamo and more) that
+   would otherwise sit in the measured worker's peak RSS.
+   * lipkit: `Trainer.step` without augmentation and tokenization — `param_groups` + the Trainer's
+     AdamW (`lipkit.train.adamw`: torch's fused kernel without `torch.optim` on a CPU; betas
+     0.9/0.98, eps 1e-6), `objective_inputs` under `torch.autocast`, `InfoNCE`, backward,
      `clip_grad_norm_`, the finite check, `opt.step()`, logit-scale clamp.
    * OpenCLIP: `open_clip_train.train.train_one_epoch`'s step — `get_autocast`, `model(images,
      texts)` with `output_dict=True`, `ClipLoss`, backward, `clip_grad_norm_` (the script's
@@ -29,8 +32,10 @@ What it does:
    `steps/reps` steps (library order alternating between rounds), then runs inference, then
    the matmul peak. It reports the median over rounds and the spread (min–max), and the
    lipkit/OpenCLIP ratio as the median of the per-round ratios (pairs measured seconds apart).
+   Peak RSS (`ru_maxrss`) is read after the rounds: warm-up, timed training and inference.
 5. Finally it profiles a few training steps of each worker (`torch.profiler`, top ops by self CPU
-   time; only lipkit's table is printed unless `--profile-peer`).
+   time; only lipkit's table is printed unless `--profile-peer`); the profiler's records raise each
+   worker's peak RSS by ~100 MB, so the peak including them is only printed alongside.
 
 On a machine other jobs share, OpenMP's default spin-waiting makes every parallel op wait for a
 descheduled thread: `--omp-wait-policy passive` (or 1 thread) measures the libraries, not the
@@ -146,6 +151,7 @@ class LipkitRunner:
         from lipkit.models.dual_encoder import DualEncoder
         from lipkit.models.presets import ModelSpec
         from lipkit.objectives.infonce import InfoNCE
+        from lipkit.train.adamw import adamw
         from lipkit.train.inputs import objective_inputs
         from lipkit.train.optim import param_groups
 
@@ -156,9 +162,8 @@ class LipkitRunner:
         self.objective = InfoNCE()
         self.needs = set(InfoNCE.inputs)
         groups = param_groups(self.model, args.weight_decay)
-        self.opt = torch.optim.AdamW(
-            groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6, fused=True
-        )  # as the Trainer
+        # as the Trainer: fused AdamW without torch.optim on a CPU (lipkit/train/adamw.py)
+        self.opt = adamw(groups, args.lr, torch.device("cpu"), betas=(0.9, 0.98), eps=1e-6)
         self.params = [p for g in groups for p in g["params"]]
         self.max_log_scale = math.log(100.0)
 
@@ -298,24 +303,8 @@ def _answer_channel():
     return out
 
 
-def worker(args: argparse.Namespace) -> None:
-    out = _answer_channel()
-    rss_start = rss_mb()
-    import torch
-
-    torch.set_num_threads(args.threads)
-    config = json.loads(Path(args.config).read_text(encoding="utf-8"))
-    if args.worker == "lipkit":
-        runner: LipkitRunner | OpenClipRunner = LipkitRunner(config["spec"], args)
-    else:
-        runner = OpenClipRunner(config["open_clip"], args)
-    rss_import = rss_mb()
-    images, ids, checksum, mean_len = synthetic(config["spec"], args.batch, args.seed)
-    losses = [runner.step(images, ids) for _ in range(args.warmup)]
-    runner.model.eval()
-    with torch.no_grad():
-        runner.encode_image(images)
-    runner.model.train()
+def worker_flops(runner, images, ids, batch: int, torch) -> dict[str, Any]:
+    """FLOPs of one training forward+backward and one image-tower inference (FlopCounterMode)."""
 
     def train_pass():
         runner.opt.zero_grad(set_to_none=True)
@@ -330,6 +319,36 @@ def worker(args: argparse.Namespace) -> None:
     train_flops, train_ops = count_flops(train_pass)
     infer_flops, _ = count_flops(infer_pass)
     runner.opt.zero_grad(set_to_none=True)
+    return {
+        "train_flops_per_sample": train_flops / batch,
+        "train_flops_by_op": {k: v / batch for k, v in train_ops.items()},
+        "infer_flops_per_image": infer_flops / batch,
+    }
+
+
+def worker(args: argparse.Namespace) -> None:
+    out = _answer_channel()
+    rss_start = rss_mb()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    config = json.loads(Path(args.config).read_text(encoding="utf-8"))
+    if args.worker == "lipkit":
+        runner: LipkitRunner | OpenClipRunner = LipkitRunner(config["spec"], args)
+    else:
+        runner = OpenClipRunner(config["open_clip"], args)
+    rss_import = rss_mb()
+    images, ids, checksum, mean_len = synthetic(config["spec"], args.batch, args.seed)
+    if args.flops:
+        # its own process: the FLOP counter imports torch._dynamo and more (~160 MB of RSS), which the
+        # measured worker's peak must not hold
+        out.write(json.dumps(worker_flops(runner, images, ids, args.batch, torch)) + "\n")
+        return
+    losses = [runner.step(images, ids) for _ in range(args.warmup)]
+    runner.model.eval()
+    with torch.no_grad():
+        runner.encode_image(images)
+    runner.model.train()
     out.write(
         json.dumps(
             {
@@ -337,9 +356,6 @@ def worker(args: argparse.Namespace) -> None:
                 "checksum": checksum,
                 "mean_tokens": mean_len,
                 "warmup_losses": losses,
-                "train_flops_per_sample": train_flops / args.batch,
-                "train_flops_by_op": {k: v / args.batch for k, v in train_ops.items()},
-                "infer_flops_per_image": infer_flops / args.batch,
                 "rss_start_mb": rss_start,
                 "rss_ready_mb": rss_import,
                 "threads": torch.get_num_threads(),
@@ -372,6 +388,8 @@ def worker(args: argparse.Namespace) -> None:
         elif cmd == "profile":
             ans = profile(runner, images, ids, n, torch)
             ans.update(runner.extra(args))
+        elif cmd == "rss":
+            ans = {"peak_rss_mb": peak_rss_mb(), "rss_mb": rss_mb()}
         elif cmd == "exit":
             out.write(json.dumps({"peak_rss_mb": peak_rss_mb()}) + "\n")
             return
@@ -582,6 +600,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--json", type=Path, help="write all results to this file")
     ap.add_argument("--worker", choices=["lipkit", "open_clip", "peak", "check"], help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)
+    ap.add_argument("--flops", action="store_true", help=argparse.SUPPRESS)  # worker: count FLOPs, exit
     args = ap.parse_args(argv)
 
     if args.worker in LIBS:
@@ -646,14 +665,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         for prec in precisions:
             for lib in LIBS:
-                w = Worker(
-                    [
-                        "--worker", lib, "--config", str(cfg_file), "--precision", prec,
-                        "--batch", str(args.batch), "--warmup", str(args.warmup),
-                        "--lr", str(args.lr), "--weight-decay", str(args.weight_decay), *common,
-                    ],
-                    peer_env if lib == "open_clip" else env,
-                )  # fmt: skip
+                argv = [
+                    "--worker", lib, "--config", str(cfg_file), "--precision", prec,
+                    "--batch", str(args.batch), "--warmup", str(args.warmup),
+                    "--lr", str(args.lr), "--weight-decay", str(args.weight_decay), *common,
+                ]  # fmt: skip
+                counter = Worker([*argv, "--flops"], peer_env if lib == "open_clip" else env)
+                counter.proc.wait()  # FLOPs in a process of their own: not in the measured peak RSS
+                w = Worker(argv, peer_env if lib == "open_clip" else env)
+                w.first.update(counter.first)
                 workers[lib, prec] = w
                 f = w.first
                 print(
@@ -692,6 +712,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 )
             )
 
+        # the training peak: warm-up, the timed training and inference; not the profiler's records
+        training_peak = {k: w.ask("rss")["peak_rss_mb"] for k, w in workers.items()}
         profiles: dict[str, Any] = {}
         if args.profile_steps:
             for (lib, prec), w in workers.items():
@@ -719,7 +741,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "infer_images_per_s": spread(infer[k]),
                 "train_rounds": train[k],
                 "infer_rounds": infer[k],
-                "peak_rss_mb": closing[k]["peak_rss_mb"],
+                "peak_rss_mb": training_peak[k],
+                "peak_rss_with_profiler_mb": closing[k]["peak_rss_mb"],
                 "rss_ready_mb": first["rss_ready_mb"],
                 "rss_start_mb": first["rss_start_mb"],
                 "train_gflops_per_sample": first["train_flops_per_sample"] / 1e9,
@@ -774,7 +797,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for lib in LIBS:
             res, name = results[f"{lib}/{prec}"], "lipkit" if lib == "lipkit" else "OpenCLIP"
             ready, peak_mb = res["rss_ready_mb"], res["peak_rss_mb"]
-            memory.append(f"{name} {prec} {ready:.0f} → {peak_mb:.0f} (+{peak_mb - ready:.0f})")
+            memory.append(
+                f"{name} {prec} {ready:.0f} → {peak_mb:.0f} (+{peak_mb - ready:.0f}; "
+                f"{res['peak_rss_with_profiler_mb']:.0f} after profiling)"
+            )
             tuned = " (malloc tuned)" if res["malloc_tuned"] else ""
             faults_line.append(f"{name} {prec} {res['page_faults_per_step']:,.0f}{tuned}")
     print(
