@@ -32,7 +32,8 @@ TrainingState = tuple[dict[str, torch.Tensor], dict[str, Any]]  # tensors, JSON-
 _DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file, read in 1 MiB blocks (checkpoint manifests; which checkpoint an export is of)."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -61,7 +62,7 @@ def _write_dir(
         )
         (tmp / "trainer_state.json").write_text(json.dumps(meta), encoding="utf-8")
     files = sorted(p for p in tmp.iterdir() if p.is_file())
-    manifest = {"lipkit_version": __version__, "files": {p.name: _sha256(p) for p in files}}
+    manifest = {"lipkit_version": __version__, "files": {p.name: file_sha256(p) for p in files}}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")  # last
 
 
@@ -102,7 +103,7 @@ def verify_checkpoint(path: Path) -> bool:
     """True when the manifest exists and every file it lists has the recorded SHA-256."""
     try:
         manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
-        return all(_sha256(path / name) == digest for name, digest in manifest["files"].items())
+        return all(file_sha256(path / name) == digest for name, digest in manifest["files"].items())
     except (OSError, ValueError, KeyError, TypeError):
         return False
 

@@ -32,7 +32,6 @@ it is encoded in about as much as int8 moves it from fp32 (demo captions: cosine
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -45,6 +44,7 @@ from typing import Any
 
 from lipkit import __version__
 from lipkit.atomic import write_dir
+from lipkit.checkpoint import file_sha256
 from lipkit.config import Config, config_from_dict
 from lipkit.data.table_batches import ImageStore
 from lipkit.errors import UserError
@@ -90,14 +90,6 @@ def run_config(checkpoint: Path) -> Config | None:
                 except UserError:
                     return None
     return None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _eval_source(opts: QuantOptions, cfg: Config) -> str | Path:
@@ -270,7 +262,7 @@ def quantize_checkpoint(
             "onnxruntime_version": ort.__version__,
             "checkpoint": {
                 "path": str(checkpoint.resolve()),
-                "model_sha256": _sha256(checkpoint / "model.safetensors"),
+                "model_sha256": file_sha256(checkpoint / "model.safetensors"),
             },
             "eval_source": str(eval_source),
             "eval_images": len(records),

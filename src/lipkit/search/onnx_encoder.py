@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lipkit.checkpoint import file_sha256
 from lipkit.data.transforms import normalize
 from lipkit.errors import UserError
 from lipkit.text.tokenizer import TextTokenizer
@@ -138,17 +139,9 @@ def onnx_towers_of(checkpoint: str | Path, folder: str | Path, threads: int) -> 
         raise UserError(f"'{ck}' has LexLIP heads, which the ONNX towers leave out; embed it without --int8.")
     encoder = OnnxEncoder(folder, threads=threads)
     made_from = encoder.info.get("checkpoint", {}).get("model_sha256")
-    if made_from is not None and made_from != _sha256(ck / "model.safetensors"):
+    if made_from is not None and made_from != file_sha256(ck / "model.safetensors"):
         raise UserError(
             f"'{encoder.folder}' was quantised from another checkpoint than '{ck}'; run "
             f"`lipkit quantize {ck} DIR` and pass that DIR to --int8."
         )
     return encoder
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
