@@ -43,7 +43,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -192,19 +191,17 @@ def agreement(runs) -> dict[str, float]:
 
 
 def measure(runs, batch: int, batches: int, rounds: int, warmup: int) -> dict[str, list[float]]:
-    for run in runs.values():
-        for _ in range(warmup):
-            run()
-    rates: dict[str, list[float]] = {k: [] for k in runs}
-    names = list(runs)
-    for r in range(rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
-            t = time.perf_counter()
-            for _ in range(batches):
-                runs[name]()
-            rates[name].append(batches * batch / (time.perf_counter() - t))
-        print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in rates.items()))
-    return rates
+    """Images/s of each variant per round (interleaved as `lipkit quantize` times its towers)."""
+    from lipkit.interop.quant_check import interleaved_seconds
+
+    def show(r: int, times: dict[str, list[float]]) -> None:
+        print(
+            f"  round {r + 1}/{rounds}: "
+            + ", ".join(f"{k} {batches * batch / v[-1]:.0f}/s" for k, v in times.items())
+        )
+
+    times = interleaved_seconds(runs, rounds, batches, warmup, show)
+    return {k: [batches * batch / t for t in v] for k, v in times.items()}
 
 
 def summary(rates: dict[str, list[float]]) -> dict[str, Any]:

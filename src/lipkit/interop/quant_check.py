@@ -134,16 +134,32 @@ def drops(full: dict[str, float], int8: dict[str, float], keys: Sequence[str]) -
     return {k: round(100 * (full[k] - int8[k]), 4) for k in keys}
 
 
-def rates(runs: dict[str, Callable[[], Any]], n: int, rounds: int = 5) -> dict[str, float]:
-    """Items/s of each run (median of `rounds`, the order alternating between rounds so that both see
-    the same load), after one untimed call each."""
+def interleaved_seconds(
+    runs: dict[str, Callable[[], Any]],
+    rounds: int,
+    calls: int = 1,
+    warmup: int = 1,
+    after_round: Callable[[int, dict[str, list[float]]], None] | None = None,
+) -> dict[str, list[float]]:
+    """Seconds of `calls` calls of each run, per round: the order alternates between rounds so that all
+    runs see the same load, after `warmup` untimed calls each. `after_round(r, times)` after each round."""
     for run in runs.values():
-        run()
+        for _ in range(warmup):
+            run()
     times: dict[str, list[float]] = {k: [] for k in runs}
     names = list(runs)
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
             t = time.perf_counter()
-            runs[name]()
+            for _ in range(calls):
+                runs[name]()
             times[name].append(time.perf_counter() - t)
+        if after_round is not None:
+            after_round(r, times)
+    return times
+
+
+def rates(runs: dict[str, Callable[[], Any]], n: int, rounds: int = 5) -> dict[str, float]:
+    """Items/s of each run (`n` items a call): the median of `rounds` interleaved rounds."""
+    times = interleaved_seconds(runs, rounds)
     return {k: round(n / statistics.median(v), 1) for k, v in times.items()}
