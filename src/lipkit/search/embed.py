@@ -43,7 +43,8 @@ from lipkit.errors import UserError
 from lipkit.malloc import keep_freed_memory
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.search.collection import checkpoint_fingerprint, collect, records_fingerprint
-from lipkit.search.embed_chunks import Merged, Towers, chunk_ok, compute_chunk, merge_chunks
+from lipkit.search.embed_chunks import Merged, chunk_ok, compute_chunk, merge_chunks
+from lipkit.search.encode import Towers
 from lipkit.search.onnx_encoder import onnx_towers_of
 from lipkit.text.tokenizer import TextTokenizer
 

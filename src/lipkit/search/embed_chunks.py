@@ -15,43 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lipkit.data.images import try_load_image
 from lipkit.data.records import Record
-from lipkit.models.dual_encoder import DualEncoder
-from lipkit.search.encode import encode_images, encode_images_lexical, encode_texts
-from lipkit.search.onnx_encoder import OnnxEncoder
-from lipkit.text.tokenizer import TextTokenizer
-
-
-@dataclass
-class Towers:
-    """What a collection is embedded with: the calls of a PyTorch model (`search.encode`), or of an
-    `OnnxEncoder` (`lipkit embed --int8`), which has no LexLIP heads."""
-
-    images: Callable[[torch.Tensor], np.ndarray]  # uint8 (B, 3, S, S) → (B, dim)
-    texts: Callable[[list[str]], np.ndarray]  # strings → (B, dim)
-    lexical: Callable[[torch.Tensor], np.ndarray] | None  # uint8 images → (B, lexicon_vocab)
-    image_size: int
-    dim: int
-    lexicon_vocab: int = 0
-
-    @classmethod
-    def of_model(cls, model: DualEncoder, tokenizer: TextTokenizer) -> Towers:
-        spec = model.spec
-        return cls(
-            images=lambda u8: encode_images(model, u8),
-            texts=lambda texts: encode_texts(model, tokenizer, texts),
-            lexical=(lambda u8: encode_images_lexical(model, u8)) if model.has_lexicon else None,
-            image_size=int(spec.image_size),
-            dim=int(spec.embed_dim),
-            lexicon_vocab=int(spec.lexicon_vocab) if model.has_lexicon else 0,
-        )
-
-    @classmethod
-    def of_onnx(cls, encoder: OnnxEncoder) -> Towers:
-        return cls(encoder.images, encoder.texts, None, encoder.image_size, encoder.dim)
-
-    @property
-    def has_lexicon(self) -> bool:
-        return self.lexical is not None
+from lipkit.search.encode import Towers
 
 
 class _Decode(Dataset):

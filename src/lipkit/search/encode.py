@@ -3,8 +3,10 @@ embeddings, and LexLIP term weights for sparse indexes. Used by `lipkit embed` a
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,6 +15,7 @@ from torch import nn
 from lipkit.errors import UserError
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.models.timm_vision import TimmTower
+from lipkit.search.onnx_encoder import OnnxEncoder
 from lipkit.text.tokenizer import TextTokenizer
 
 PRECISIONS = ("fp32", "bf16")
@@ -61,3 +64,44 @@ def encode_images_lexical(model: DualEncoder, images_u8: torch.Tensor) -> np.nda
 @torch.inference_mode()
 def encode_texts(model: DualEncoder, tokenizer: TextTokenizer, texts: Sequence[str]) -> np.ndarray:
     return model.encode_text(tokenizer(list(texts)).to(model.device)).float().cpu().numpy()
+
+
+@dataclass
+class Towers:
+    """What images and texts are embedded with: a PyTorch model's calls (at `precision`), or an
+    `OnnxEncoder`'s (`--int8`), which has no LexLIP heads. Used by `lipkit embed` and by queries."""
+
+    images: Callable[[torch.Tensor], np.ndarray]  # uint8 (B, 3, S, S) → (B, dim)
+    texts: Callable[[list[str]], np.ndarray]  # strings → (B, dim)
+    lexical: Callable[[torch.Tensor], np.ndarray] | None  # uint8 images → (B, lexicon_vocab)
+    image_size: int
+    dim: int
+    lexicon_vocab: int = 0
+
+    @classmethod
+    def of_model(cls, model: DualEncoder, tokenizer: TextTokenizer, precision: str = "fp32") -> Towers:
+        spec = model.spec
+
+        def at_precision(fn: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
+            def call(*args: Any) -> np.ndarray:
+                with inference_precision(model, precision):
+                    return fn(model, *args)
+
+            return call
+
+        return cls(
+            images=at_precision(encode_images),
+            texts=at_precision(lambda m, texts: encode_texts(m, tokenizer, texts)),
+            lexical=at_precision(encode_images_lexical) if model.has_lexicon else None,
+            image_size=int(spec.image_size),
+            dim=int(spec.embed_dim),
+            lexicon_vocab=int(spec.lexicon_vocab) if model.has_lexicon else 0,
+        )
+
+    @classmethod
+    def of_onnx(cls, encoder: OnnxEncoder) -> Towers:
+        return cls(encoder.images, encoder.texts, None, encoder.image_size, encoder.dim)
+
+    @property
+    def has_lexicon(self) -> bool:
+        return self.lexical is not None

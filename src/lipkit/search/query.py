@@ -16,14 +16,7 @@ from lipkit.data.images import classify_failure, load_image, open_image
 from lipkit.device import pick_device
 from lipkit.errors import UserError
 from lipkit.models.dual_encoder import DualEncoder
-from lipkit.search.encode import (
-    check_precision,
-    encode_images,
-    encode_images_lexical,
-    encode_texts,
-    inference_precision,
-    prepare_for_inference,
-)
+from lipkit.search.encode import Towers, check_precision, inference_precision, prepare_for_inference
 from lipkit.text.tokenizer import TextTokenizer
 
 
@@ -161,6 +154,11 @@ class Searcher:
                 f"{self.dim}-d embeddings; search with the checkpoint that embedded the collection."
             )
         self.onnx = None if onnx is None else self._onnx_encoder(Path(onnx), checkpoint, threads)
+        self.towers = (
+            Towers.of_model(self.model, self.tokenizer, self.precision)
+            if self.onnx is None
+            else Towers.of_onnx(self.onnx)
+        )
 
     def _onnx_encoder(self, folder: Path, checkpoint: str | Path, threads: int):  # noqa: ANN202
         from lipkit.search.onnx_encoder import onnx_towers_of
@@ -194,12 +192,10 @@ class Searcher:
 
     def text_queries(self, texts: list[str]) -> np.ndarray:
         """(len(texts), D) query vectors, one model call."""
-        if self.onnx is not None:
-            return self.onnx.texts(texts)
-        with inference_precision(self.model, self.precision):
-            if self.sparse:
+        if self.sparse:
+            with inference_precision(self.model, self.precision):
                 return lexical_queries(self.model, self.tokenizer, texts, self.index.dim)
-            return encode_texts(self.model, self.tokenizer, texts)
+        return self.towers.texts(texts)
 
     def check_image_queries(self) -> None:
         """Refuse image queries up front when this index cannot answer them."""
@@ -216,12 +212,10 @@ class Searcher:
     def image_queries(self, images_u8: torch.Tensor) -> np.ndarray:
         """uint8 (B,3,S,S) → (B, D) query vectors, one model call."""
         self.check_image_queries()
-        if self.onnx is not None:
-            return self.onnx.images(images_u8)
-        with inference_precision(self.model, self.precision):
-            if self.sparse:
-                return encode_images_lexical(self.model, images_u8)
-            return encode_images(self.model, images_u8)
+        if self.sparse:
+            assert self.towers.lexical is not None  # checked just above
+            return self.towers.lexical(images_u8)
+        return self.towers.images(images_u8)
 
     def image_file(self, path: str | Path) -> torch.Tensor:
         p = Path(path)
