@@ -58,7 +58,9 @@ def main() -> None:
     try:
         app()
     except UserError as e:
-        console.print(f"[bold red]error:[/] {e}")
+        from rich.markup import escape  # brackets in a message (pip install 'lipkit[wandb]') stay text
+
+        console.print(f"[bold red]error:[/] {escape(str(e))}")
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")

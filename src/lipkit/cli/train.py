@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from lipkit.cli.common import console, print_results
+from lipkit.cli.common import console, print_results, report_to_trackers
 from lipkit.config import packaged_config
 from lipkit.errors import EXIT_PREEMPTED
 
@@ -94,4 +94,6 @@ def demo(
         raise typer.Exit(EXIT_PREEMPTED)
     results = run_eval(run_dir / "checkpoint", cfg.data.eval, cfg, run_dir / "eval" / "results.json")
     print_results(results)
-    console.print(f"[bold green]report:[/] {write_report(run_dir, results)}")
+    index = write_report(run_dir, results)
+    console.print(f"[bold green]report:[/] {index}")
+    report_to_trackers(run_dir, index)  # its images to the trackers of train.report_to

@@ -3,7 +3,6 @@ model and tokenizer they describe; shared by open_clip.py, hf.py and hf_dual.py.
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 from types import ModuleType
@@ -12,7 +11,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
-from lipkit.errors import UserError
+from lipkit.errors import UserError, import_optional
 from lipkit.interop.clip_bpe import INSTALL_HINT
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.models.presets import ModelSpec
@@ -20,12 +19,10 @@ from lipkit.models.presets import ModelSpec
 
 def require(module: str, purpose: str) -> ModuleType:
     """Import an optional package or end in a UserError that says how to install it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise UserError(
-            f"{purpose} needs the '{module}' package, which is not installed; run {INSTALL_HINT}."
-        ) from e
+    return import_optional(
+        module,
+        lambda _: f"{purpose} needs the '{module}' package, which is not installed; run {INSTALL_HINT}.",
+    )
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -5,6 +5,8 @@ Run directory layout:
     metrics.jsonl      one JSON object per log / eval / fault line
     checkpoints/       resumable checkpoints step-XXXXXXXX/ (last `keep_last`, plus the best)
     checkpoint/        the final model (what `lipkit eval` and friends take)
+    tracking.json      with train.report_to: the experiment trackers' run ids (train.tracking), beside
+                       their tensorboard/, wandb/ and (without MLFLOW_TRACKING_URI) mlruns/
 """
 
 from __future__ import annotations
@@ -29,17 +31,18 @@ from lipkit.data.sources.registry import open_train_data, read_table
 from lipkit.data.table_batches import ImageStore
 from lipkit.device import pick_device
 from lipkit.errors import UserError
-from lipkit.eval.evaluate import check_has_images
+from lipkit.eval.evaluate import check_has_images, image_style
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.models.hf_text import resolve_pretrained
 from lipkit.models.image_weights import image_tower_settings, load_trunk_weights
 from lipkit.models.presets import ModelSpec, get_spec
 from lipkit.objectives import build_objective
 from lipkit.text.tokenizer import TextTokenizer
-from lipkit.train.distributed import check_batch_split, gather_objects
+from lipkit.train.distributed import Dist, check_batch_split, gather_objects
 from lipkit.train.distributed import init as init_distributed
 from lipkit.train.hooks import CheckpointWriter, Evaluator
 from lipkit.train.inputs import objective_needs, requires
+from lipkit.train.tracking import Trackers, open_trackers
 from lipkit.train.trainer import Trainer, TrainResult
 
 console = Console(stderr=True, quiet=os.environ.get("RANK", "0") != "0")
@@ -151,6 +154,7 @@ def run_training(cfg: Config) -> tuple[Path, TrainResult]:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     d, t = cfg.data, cfg.train
+    check_batch_split(t.batch_size, dist.world)  # before any data is read (the trainer checks it again)
     data = open_train_data(d)  # a table, parquet, a folder of images or WebDataset shards
     eval_tables = {
         name: read_table(path, d.image_column, d.caption_column, d.image_root)
@@ -158,14 +162,37 @@ def run_training(cfg: Config) -> tuple[Path, TrainResult]:
     }
     run_dir = Path(t.output).expanduser()
     resume = _start_run_dir(cfg, run_dir)
+    # train.report_to: the libraries checked on every rank; rank 0's trackers start (or continue their
+    # runs) before the model is built and the eval images cached, so that one that cannot start (W&B not
+    # logged in) stops the run at once, and finish with training, failed or not
+    with open_trackers(cfg, run_dir, resume, dist.main, dist.enabled) as trackers:
+        result, batches, trainer = _fit(cfg, dist, data, eval_tables, run_dir, resume, trackers)
+    skipped = Counter(batches.skipped)
+    if dist.enabled:  # each rank skipped in its own share: the run's are the sum
+        skipped = sum((Counter(s) for s in gather_objects(dict(skipped))), Counter())
+    _print_summary(result, skipped, trainer.last_checkpoint, run_dir)
+    return run_dir, result
+
+
+def _fit(
+    cfg: Config,
+    dist: Dist,
+    data: Any,
+    eval_tables: dict,
+    run_dir: Path,
+    resume: Path | None,
+    trackers: Trackers,
+) -> tuple[TrainResult, Any, Trainer]:
+    """Model, data stream, eval images and trainer, then training (a resumed run's from its checkpoint)."""
+    d, t = cfg.data, cfg.train
     tokenizer, model, objective, teacher = _build_model(cfg, data, resume)
     device = pick_device("auto", dist.local_rank)
-    log = jsonl_log(run_dir / "metrics.jsonl") if dist.main else None
-    check_batch_split(t.batch_size, dist.world)  # before any data is read (the trainer checks it again)
+    log = trackers.tee(jsonl_log(run_dir / "metrics.jsonl")) if dist.main else None  # + the trackers
     # this rank's share of every global batch; skips logged as kind "data" (rank 0's)
     batches = data.batches(model.spec.image_size, t.batch_size, t.seed, log, dist.rank, dist.world)
+    style = image_style(cfg.eval)  # how evaluation decodes images (eval.protocol)
     stores = {
-        name: ImageStore(recs, model.spec.image_size, cache=True, workers=d.workers, desc=name)
+        name: ImageStore(recs, model.spec.image_size, cache=True, workers=d.workers, desc=name, style=style)
         for name, recs in eval_tables.items()
     }
     for name, store in stores.items():  # before training, on every rank: not after it, on rank 0 alone
@@ -175,6 +202,8 @@ def run_training(cfg: Config) -> tuple[Path, TrainResult]:
     trainer = Trainer(
         model, objective, tokenizer, t, cfg.augment, run_dir, device, d.captions_per_image, dist, teacher
     )
+    if log is not None:  # the trainer's log lines go to metrics.jsonl and the trackers alike
+        trainer.log = log
     if resume is not None:
         _resume(trainer, batches, resume, run_dir)
     console.print(
@@ -188,11 +217,7 @@ def run_training(cfg: Config) -> tuple[Path, TrainResult]:
     # every rank calls the hooks at the same steps (FSDP gathers weights there); only rank 0 evaluates,
     # writes checkpoints and logs
     result = trainer.fit(batches.epoch, len(batches), evaluate if eval_tables else None, checkpoint)
-    skipped = Counter(batches.skipped)
-    if dist.enabled:  # each rank skipped in its own share: the run's are the sum
-        skipped = sum((Counter(s) for s in gather_objects(dict(skipped))), Counter())
-    _print_summary(result, skipped, trainer.last_checkpoint, run_dir)
-    return run_dir, result
+    return result, batches, trainer
 
 
 def _start_run_dir(cfg: Config, run_dir: Path) -> Path | None:

@@ -13,7 +13,6 @@ and evaluation (`_evaluate`).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from torch import nn
 
 from lipkit.checkpoint import TrainingState
 from lipkit.config import AugmentConfig, TrainConfig
+from lipkit.data.batching import jsonl_log
 from lipkit.data.transforms import augment, normalize
 from lipkit.errors import UserError
 from lipkit.malloc import keep_freed_memory
@@ -134,7 +134,7 @@ class Trainer:
         self.no_augmentation = a.scale_min >= 1 and not (a.rotate_deg or a.hflip or a.blur_p or a.colour)
         if hasattr(model.visual, "cache_features"):  # a locked timm trunk: each image's features once
             model.visual.cache_features = cfg.cache_image_features and self.no_augmentation
-        self.metrics_path = run_dir / "metrics.jsonl"
+        self.log = jsonl_log(run_dir / "metrics.jsonl")  # every log line; launch adds the trackers to it
         self.step_count = 0
         self.train_seconds = 0.0  # training wall time of earlier processes of this run (resume)
         self.faults = 0
@@ -187,10 +187,8 @@ class Trainer:
             self.reducer.load_order(meta["bucket_order"])
 
     def _log(self, record: dict[str, Any]) -> None:
-        if not self.dist.main:
-            return
-        with self.metrics_path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.dist.main:
+            self.log(record)
 
     # -- one step ----------------------------------------------------------------------------------
     def _augmented(self, images_u8: torch.Tensor) -> torch.Tensor:
