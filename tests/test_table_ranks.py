@@ -74,9 +74,9 @@ def test_each_rank_decodes_its_share(records, monkeypatch):
     counts = []
     real = tb.decode_record
 
-    def counting(record, size):
+    def counting(record, size, style="lipkit"):
         counts.append(record.key)
-        return real(record, size)
+        return real(record, size, style)
 
     monkeypatch.setattr(tb, "decode_record", counting)
     b = batches(records, 1, 2)

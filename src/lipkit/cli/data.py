@@ -1,4 +1,4 @@
-"""`lipkit data build | convert | inspect | validate`: parse, call one library function, print.
+"""`lipkit data build | convert | export-eval | inspect | validate`: parse, call one library function, print.
 
 SRC is anything `data.train` accepts: a CSV/TSV/JSONL table, a .parquet file or folder, a folder of images with .txt/.json captions, or WebDataset shards.
 """
@@ -122,6 +122,66 @@ def convert(
         f"wrote {report['samples']} samples into {report['shards']} shards ({report['samples_per_s']:,.0f} "
         f"samples/s, {sum(report['skipped'].values())} skipped); train on them with "
         f"--set data.train='{report['pattern']}'"
+    )
+
+
+@app.command("export-eval")
+def export_eval(
+    src: str = typer.Argument(..., help=SRC_HELP),
+    out: Path = typer.Argument(..., help="Folder for the evaluation set (created; must not exist)."),
+    layout: str = typer.Option(
+        "clip-benchmark",
+        "--layout",
+        help="clip-benchmark (CLIP_benchmark's WebDataset eval shards) or class-folders (OUT/<class>/*.png).",
+    ),
+    classes: str = typer.Option(
+        "",
+        "--classes",
+        help="Metadata column naming each sample's class: a classification set (else retrieval).",
+    ),
+    template: list[str] = typer.Option(
+        [],
+        "--template",
+        "-t",
+        help="Prompt template ({} or {c} = the class name); repeatable (default: eval.templates).",
+    ),
+    first_caption: bool = typer.Option(
+        False, "--first-caption", help="Retrieval: write each sample's first caption only."
+    ),
+    unique_captions: bool = typer.Option(
+        False, "--unique-captions", help="Retrieval: keep only samples whose captions no other sample has."
+    ),
+    shard_size: int = typer.Option(1000, "--shard-size", "-n", help="Samples per shard (clip-benchmark)."),
+    image_column: str = _image_column(),
+    caption_column: str = _caption_column(),
+    image_root_: str = _image_root(),
+) -> None:
+    """Write SRC as an evaluation set that CLIP_benchmark, torchvision's ImageFolder and `lipkit eval` all
+    read: `lipkit eval CKPT --data OUT` evaluates it (zero-shot over its classes, or retrieval)."""
+    from functools import partial
+
+    from lipkit.config import EvalConfig
+    from lipkit.data.eval_export import export_eval_set
+    from lipkit.data.sources.registry import read_records
+
+    report = export_eval_set(
+        src,
+        out,
+        layout,
+        classes,
+        list(template) or EvalConfig().templates,
+        all_captions=not first_caption,
+        unique_captions=unique_captions,
+        shard_size=shard_size,
+        read=partial(
+            read_records, image_column=image_column, caption_column=caption_column, image_root=image_root_
+        ),
+    ).to_dict()
+    dropped = ", ".join(f"{n} {why}" for why, n in report["dropped"].items() if n) or "none"
+    what = f"{report['classes']} classes" if classes else "retrieval captions"
+    console.print(
+        f"wrote {report['samples']} samples ({what}; left out: {dropped}) to {out}; evaluate with "
+        f"lipkit eval CHECKPOINT --data {out.name}={out}"
     )
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from lipkit.cli.common import console, print_results
+from lipkit.cli.common import console, print_results, report_to_trackers
 from lipkit.errors import UserError
 
 
@@ -16,7 +16,8 @@ def eval_(
         [],
         "--data",
         "-d",
-        help="NAME=TABLE to evaluate on, e.g. "
+        help="NAME=SOURCE to evaluate on: a table, parquet, shards, a saved Hugging Face dataset, a folder "
+        "with one sub-folder per class, or a CLIP_benchmark WebDataset set, e.g. "
         "--data test-style=~/.cache/lipkit/datasets/emoji/test-style.jsonl. Repeatable.",
     ),
     config: Path = typer.Option(
@@ -64,4 +65,6 @@ def report(
             f"'{run_dir}' is not a run directory (it has neither metrics.jsonl nor eval/results.json); "
             "pass the train.output folder of a `lipkit train` run."
         )
-    console.print(f"report: {write_report(run_dir)}")
+    index = write_report(run_dir)
+    console.print(f"report: {index}")
+    report_to_trackers(run_dir, index)

@@ -26,8 +26,8 @@ Batch = tuple[torch.Tensor, list[str], list[str]]  # uint8 images (B, 3, H, W), 
 Log = Callable[[dict[str, Any]], None]
 
 
-def decode_record(record: Record, size: int) -> tuple[torch.Tensor | None, str, str]:
-    return try_load_image(record.data if record.data is not None else record.image, size)
+def decode_record(record: Record, size: int, style: str = "lipkit") -> tuple[torch.Tensor | None, str, str]:
+    return try_load_image(record.source, size, style=style)
 
 
 def choose_captions(

@@ -142,3 +142,17 @@ def filter_captions(
     """`select_captions` by position, then `keep_languages`, then `add_meta_captions` (data.caption_select,
     data.caption_langs, data.meta_captions)."""
     return add_meta_captions(keep_languages(select_captions(records, positions), languages), meta_templates)
+
+
+def captioned_records(records: Sequence[Record], source: str) -> list[Record]:
+    """The records that have a caption to train on (a class folder's or a label set's have none of their
+    own); none at all is a UserError that suggests data.meta_captions over their label columns."""
+    captioned = [r for r in records if r.captions]
+    if records and not captioned:
+        columns = sorted({k for r in records[:100] for k in r.meta})
+        example = columns[0] if columns else "class"
+        raise UserError(
+            f"The training source {source} has images but no captions; give each a caption from its labels "
+            f"with data.meta_captions, e.g. ['a photo of a {{{example}}}.'] (its columns: {', '.join(columns) or 'none'})."
+        )
+    return captioned

@@ -21,8 +21,9 @@ FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": 
 
 def _read_bytes(record: Record) -> bytes | Skip:
     """The encoded image of a record: its inline bytes, or its file's."""
-    if record.data is not None:
-        return record.data
+    data = record.data  # read once (a lazy record fetches it on each access)
+    if data is not None:
+        return data
     try:
         return Path(record.image).read_bytes()
     except OSError as e:

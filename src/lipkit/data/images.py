@@ -4,6 +4,11 @@ the report's thumbnails all open images through here.
 
 Images are decoded to uint8 RGB (transparent pixels composited on white, EXIF orientation applied,
 16-bit and float modes rescaled), resized on the short side and centre-cropped.
+
+`style="open_clip"` decodes as CLIP_benchmark feeds OpenCLIP's evaluation preprocess instead
+(`eval.protocol: clip_benchmark`): PIL `convert("RGB")` first, as its loaders do (transparency dropped
+rather than put on white; no EXIF orientation), then torchvision's `Resize(size)` (the long side
+truncated, not rounded) and `CenterCrop` (offsets rounded, not floored).
 """
 
 from __future__ import annotations
@@ -82,21 +87,58 @@ def open_image(src: str | Path | BinaryIO | bytes, max_pixels: int = MAX_PIXELS)
             yield im
 
 
-def load_image(src: str | Path | BinaryIO | bytes, size: int, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+IMAGE_STYLES = ("lipkit", "open_clip")
+
+
+def upright_rgb(im: Image.Image) -> Image.Image:
+    """A loaded image as lipkit decodes it before resizing: EXIF orientation applied, then RGB with
+    transparency on white (`to_rgb`)."""
+    return to_rgb(_orient(im))
+
+
+def load_image(
+    src: str | Path | BinaryIO | bytes, size: int, max_pixels: int = MAX_PIXELS, style: str = "lipkit"
+) -> torch.Tensor:
     """Decode an image (a path, a binary file object or encoded bytes) to a uint8 tensor (3, size, size):
-    EXIF orientation applied, alpha on white, any mode to RGB, resized, centre-cropped.
+    EXIF orientation applied, alpha on white, any mode to RGB, resized, centre-cropped (`style`
+    "open_clip": as OpenCLIP's evaluation preprocess, see the module docstring).
 
     Raises `Image.DecompressionBombError` above `max_pixels` pixels, OSError and friends when the file
     is missing, not an image or corrupt (`try_load_image` names the reason instead)."""
     with open_image(src, max_pixels) as im, warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         im.load()
-        im = to_rgb(_orient(im))
+        return image_pixels(im, size, style)
+
+
+def image_pixels(im: Image.Image, size: int, style: str = "lipkit") -> torch.Tensor:
+    """An opened PIL image as `load_image` turns a file into pixels: uint8 (3, size, size)."""
+    if style not in IMAGE_STYLES:
+        raise ValueError(f"image decode style must be one of {IMAGE_STYLES}, not {style!r}")
+    if style == "open_clip":
+        return _open_clip_pixels(im, size)
+    im = upright_rgb(im)
     w, h = im.size
     s = size / min(w, h)
     if (w, h) != (size, size):
         im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.Resampling.BICUBIC)
         left, top = (im.width - size) // 2, (im.height - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def _open_clip_pixels(im: Image.Image, size: int) -> torch.Tensor:
+    """`convert("RGB")` (CLIP_benchmark's image loaders), then torchvision `Resize(size, BICUBIC)` +
+    `CenterCrop(size)`: OpenCLIP's evaluation preprocess up to `ToTensor`, pixel for pixel."""
+    im = im.convert("RGB")
+    w, h = im.size
+    short, long = min(w, h), max(w, h)
+    if short != size:
+        new_long = int(size * long / short)
+        im = im.resize((size, new_long) if w <= h else (new_long, size), Image.Resampling.BICUBIC)
+    w, h = im.size
+    if (w, h) != (size, size):
+        top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
         im = im.crop((left, top, left + size, top + size))
     return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
 
@@ -161,13 +203,13 @@ def empty_source(src: str | Path | bytes) -> bool:
 
 
 def try_load_image(
-    src: str | Path | bytes, size: int, max_pixels: int = MAX_PIXELS
+    src: str | Path | bytes, size: int, max_pixels: int = MAX_PIXELS, style: str = "lipkit"
 ) -> tuple[torch.Tensor | None, str, str]:
     """`load_image` that never raises on bad input: (image, "", "") or (None, reason, detail), where
     reason is a key of IMAGE_REASONS."""
     try:
         if empty_source(src):
             return None, "empty_file", "0 bytes"
-        return load_image(src, size, max_pixels), "", ""
+        return load_image(src, size, max_pixels, style), "", ""
     except Exception as e:  # noqa: BLE001 - PIL raises many types on damaged data; each is classified
         return None, *classify_failure(e, src)

@@ -18,7 +18,7 @@ from lipkit.data.sources.registry import estimate_total, scan, source_kind
 
 CAPTION_WORD_BINS = [1, 2, 3, 5, 9, 17, 33, 65]
 IMAGE_SIDE_BINS = [1, 32, 64, 128, 256, 512, 1024, 2048]
-CAPTIONS_PER_SAMPLE_BINS = [1, 2, 3, 5, 9, 17]
+CAPTIONS_PER_SAMPLE_BINS = [0, 1, 2, 3, 5, 9, 17]  # 0: class folders, label sets
 
 
 def _bin(value: int, edges: list[int]) -> str:
@@ -60,7 +60,7 @@ def inspect(
             langs.update(str(t) for t in tags)
         elif isinstance(tags, str) and tags:
             langs[tags] += 1
-        source = record.data if record.data is not None else record.image
+        source = record.source
         try:
             with open_image(source) as im:  # the header only
                 formats[str(im.format)] += 1
@@ -91,7 +91,7 @@ def inspect(
 
 def _check(args: tuple[Record, int]) -> Skip | None:
     record, size = args
-    _, reason, detail = try_load_image(record.data if record.data is not None else record.image, size)
+    _, reason, detail = try_load_image(record.source, size)
     return Skip(reason, record.key, detail) if reason else None
 
 

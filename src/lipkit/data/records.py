@@ -23,6 +23,7 @@ REASONS = {
     **IMAGE_REASONS,
     "no_image": "the row or sample names no image",
     "no_caption": "no non-empty caption",
+    "no_label": "the sample has no class label",
     "bad_text": "the caption or metadata text is not valid UTF-8 / JSON",
     "bad_row": "the table line cannot be parsed",
     "truncated_shard": "the tar shard ends in the middle of a file (samples after it are lost)",
@@ -42,6 +43,13 @@ class Record:
     def __post_init__(self) -> None:
         if not self.key:
             self.key = str(self.image)
+
+    @property
+    def source(self) -> Path | bytes:
+        """What to decode: the inline bytes when the source stores them (read once here: a lazy record
+        fetches them on each access), else the image file."""
+        data = self.data
+        return data if data is not None else self.image
 
 
 @dataclass

@@ -30,7 +30,12 @@ from rich.progress import Progress
 from torch.utils.data import DataLoader, Dataset
 
 from lipkit.data.batching import Batch, Log, SkipCounter, choose_captions, data_line, decode_record
-from lipkit.data.captions import add_meta_captions_checked, check_meta_templates, filter_captions
+from lipkit.data.captions import (
+    add_meta_captions_checked,
+    captioned_records,
+    check_meta_templates,
+    filter_captions,
+)
 from lipkit.data.records import REASONS, Record, Skip, collect, describe
 from lipkit.errors import UserError
 
@@ -38,14 +43,14 @@ from lipkit.errors import UserError
 
 
 class _Images(Dataset):
-    def __init__(self, records: Sequence[Record], size: int) -> None:
-        self.records, self.size = records, size
+    def __init__(self, records: Sequence[Record], size: int, style: str = "lipkit") -> None:
+        self.records, self.size, self.style = records, size, style
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor, str, str]:
-        x, reason, detail = decode_record(self.records[i], self.size)
+        x, reason, detail = decode_record(self.records[i], self.size, self.style)
         return i, (x if x is not None else torch.empty(0, dtype=torch.uint8)), reason, detail
 
 
@@ -80,9 +85,15 @@ class ImageStore:
     records are removed from `records` in place, so that a caller's list stays aligned with the images."""
 
     def __init__(
-        self, records: Sequence[Record], size: int, cache: bool, workers: int = 0, desc: str = ""
+        self,
+        records: Sequence[Record],
+        size: int,
+        cache: bool,
+        workers: int = 0,
+        desc: str = "",
+        style: str = "lipkit",  # data.images.load_image's decode style
     ) -> None:
-        self.records, self.size, self.workers = records, size, workers
+        self.records, self.size, self.workers, self.style = records, size, workers, style
         self.cache: torch.Tensor | None = None
         self.skipped: Counter[str] = Counter()
         self.problems: list[Skip] = []
@@ -123,7 +134,7 @@ class ImageStore:
             )
 
     def _read(self, indices: Sequence[int]) -> Iterator[tuple[int, torch.Tensor, str, str]]:
-        ds = torch.utils.data.Subset(_Images(self.records, self.size), list(indices))
+        ds = torch.utils.data.Subset(_Images(self.records, self.size, self.style), list(indices))
         for i, x, reason, detail in worker_loader(ds, self.workers, 0):
             yield int(i), x, reason, detail
 
@@ -383,4 +394,6 @@ def open_records(d: Any, scan: Callable[..., Iterator[Record | Skip]]) -> Record
         check_meta_templates(d.meta_captions)
         records = filter_captions(records, d.caption_select, d.caption_langs)
         records = add_meta_captions_checked(records, d.meta_captions, d.train)
-    return RecordSource(records, skipped, d)
+    captioned = captioned_records(records, d.train)
+    skipped["no_caption"] += len(records) - len(captioned)
+    return RecordSource(captioned, skipped, d)

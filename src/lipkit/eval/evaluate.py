@@ -12,6 +12,7 @@ import torch
 from rich.progress import Progress
 
 from lipkit.config import EvalConfig
+from lipkit.data.label_sets import INDEX_SUFFIX, LabelSet, fill_template
 from lipkit.data.records import Record, describe
 from lipkit.data.table_batches import ImageStore
 from lipkit.errors import UserError
@@ -57,6 +58,12 @@ def embed_texts(
 SIMILARITIES = ("dense", "filip", "lexical")
 
 
+def image_style(cfg: EvalConfig) -> str:
+    """How evaluation decodes images (data.images.load_image's style): OpenCLIP's way under
+    `eval.protocol: clip_benchmark`, else lipkit's."""
+    return "open_clip" if cfg.protocol == "clip_benchmark" else "lipkit"
+
+
 @torch.no_grad()
 def lexical_images(model: DualEncoder, store: ImageStore, batch_size: int) -> torch.Tensor:
     """(N, V) LexLIP term weights of every image (the model's image lexicon head)."""
@@ -87,7 +94,11 @@ def resolve_similarity(setting: str, objective: str | None) -> str:
 
 
 def fit_probes(
-    model: DualEncoder, records: Sequence[Record], columns: Sequence[str], batch_size: int
+    model: DualEncoder,
+    records: Sequence[Record],
+    columns: Sequence[str],
+    batch_size: int,
+    style: str = "lipkit",
 ) -> dict[str, LinearProbe]:
     """One linear probe per class column, fit on the image embeddings of the `records` labelled in that
     column (see eval.linear_probe); a column with fewer than 2 classes there is left out."""
@@ -99,7 +110,7 @@ def fit_probes(
         if len(set(values)) < 2:
             continue
         if feats is None:
-            store = ImageStore(records, model.spec.image_size, cache=False, desc="probe table")
+            store = ImageStore(records, model.spec.image_size, cache=False, desc="probe table", style=style)
             was_training = model.training
             model.eval()
             feats = embed_images(model, store, batch_size)
@@ -136,10 +147,13 @@ def evaluate_records(
     similarity: str = "dense",
     probes: dict[str, LinearProbe] | None = None,
     split: str = "",
+    labels: dict[str, LabelSet] | None = None,
 ) -> dict[str, Any]:
     """Metrics (and chance levels) for one split; with `details`, also retrieval examples and a heat map.
     `similarity`: "dense" (cosine of pooled embeddings) or "filip" (token-wise, see eval.token_similarity).
-    `probes`: linear probes per class column (`fit_probes`) scored as `probe/<column>/...`. A split with
+    `probes`: linear probes per class column (`fit_probes`) scored as `probe/<column>/...`. `labels`:
+    the classes and templates of a set that names them itself (registry.eval_labels), by column; those
+    columns are classified too. Retrieval needs captions: a split without any has none. A split with
     no usable image (every one missing or corrupt, or none at all) is a UserError naming `split`."""
     if similarity not in SIMILARITIES:
         raise ValueError(f"similarity must be one of {SIMILARITIES}, not {similarity!r}")
@@ -147,24 +161,24 @@ def evaluate_records(
         raise UserError("eval.similarity=lexical needs a model with LexLIP heads (trained with lexlip).")
     was_training = model.training
     model.eval()
-    store = store or ImageStore(records, model.spec.image_size, cache=True, desc="evaluation")
+    style = image_style(cfg)
+    store = store or ImageStore(records, model.spec.image_size, cache=True, desc="evaluation", style=style)
     check_has_images(split, store)
     images = _embed_split(model, store, cfg.batch_size, similarity, probes)
     metrics: dict[str, float] = {}
     chance: dict[str, float] = {}
-    for column in cfg.class_columns:
-        _classify(model, tokenizer, records, cfg, images, column, probes, metrics, chance)
-    texts = _RetrievalTexts.of(records, cfg.retrieval_caption)
-    sims = _retrieve(model, tokenizer, cfg.batch_size, images, texts, metrics, chance)
-    result: dict[str, Any] = {
-        "similarity": similarity,
-        "n_images": len(records),
-        "n_texts": len(texts.texts),
-        "metrics": metrics,
-        "chance": chance,
-    }
-    if details:
-        result.update(_details(records, texts, sims))
+    labels = labels or {}
+    for column in [*cfg.class_columns, *(c for c in labels if c not in cfg.class_columns)]:
+        label_set = labels.get(column)
+        _classify(model, tokenizer, records, cfg, images, column, probes, metrics, chance, label_set)
+    result: dict[str, Any] = {"similarity": similarity, "n_images": len(records), "n_texts": 0}
+    if any(r.captions for r in records):
+        texts = _RetrievalTexts.of(records, cfg.retrieval_caption, cfg.protocol == "clip_benchmark")
+        sims = _retrieve(model, tokenizer, cfg.batch_size, images, texts, metrics, chance)
+        result["n_texts"] = len(texts.texts)
+        if details:
+            result.update(_details(records, texts, sims))
+    result.update(metrics=metrics, chance=chance)
     model.train(was_training)
     return result
 
@@ -194,19 +208,23 @@ def _embed_split(
 
 
 def _class_scores(
-    model: DualEncoder, tokenizer: TextTokenizer, cfg: EvalConfig, images: _Images, classes: list
+    model: DualEncoder,
+    tokenizer: TextTokenizer,
+    batch_size: int,
+    images: _Images,
+    classes: list,
+    templates: list[str],
 ) -> torch.Tensor:
-    """(N, C) zero-shot scores of the images against each class's prompts (`cfg.templates`)."""
-    prompts = [t.format(c) for c in classes for t in cfg.templates]
+    """(N, C) zero-shot scores of the images against each class's prompts (`templates`, with `{}` or
+    `{c}` for the class name)."""
+    prompts = [fill_template(t, str(c)) for c in classes for t in templates]
     if images.tokens is not None:
-        tok, mask = token_similarity.text_tokens(model, tokenizer, prompts, cfg.batch_size)
-        return token_similarity.class_scores(images.tokens, tok, mask, len(cfg.templates))
+        tok, mask = token_similarity.text_tokens(model, tokenizer, prompts, batch_size)
+        return token_similarity.class_scores(images.tokens, tok, mask, len(templates))
     if images.lexical is not None:  # a class is the mean of its prompts' term weights
-        lex = lexical_texts(model, tokenizer, prompts, cfg.batch_size)
-        return images.lexical @ lex.view(len(classes), len(cfg.templates), -1).mean(1).t()
-    cls = class_embeddings(
-        embed_texts(model, tokenizer, prompts, cfg.batch_size), len(classes), len(cfg.templates)
-    )
+        lex = lexical_texts(model, tokenizer, prompts, batch_size)
+        return images.lexical @ lex.view(len(classes), len(templates), -1).mean(1).t()
+    cls = class_embeddings(embed_texts(model, tokenizer, prompts, batch_size), len(classes), len(templates))
     return images.dense @ cls.t()
 
 
@@ -220,15 +238,22 @@ def _classify(
     probes: dict[str, LinearProbe] | None,
     metrics: dict[str, float],
     chance: dict[str, float],
+    label_set: LabelSet | None = None,
 ) -> None:
     """Zero-shot classification over one metadata column (and its linear probe) into `metrics` and
-    `chance`; a table without labels in that column is left out."""
+    `chance`; a table without labels in that column is left out. The classes are the column's values,
+    sorted, with `eval.templates` — or those of `label_set`, when the set names its own."""
     values = [r.meta.get(column) for r in records]
     if any(v in (None, "") for v in values):
         return  # this table has no such labels: nothing to classify
-    classes = sorted(set(values))
-    labels = torch.tensor([classes.index(v) for v in values])
-    scores = _class_scores(model, tokenizer, cfg, images, classes)
+    classes = label_set.classes if label_set else sorted(set(values))
+    templates = (label_set.templates if label_set else None) or cfg.templates
+    indices = [r.meta.get(column + INDEX_SUFFIX) for r in records] if label_set else [None]
+    if any(i is None for i in indices):  # by name (a set that names its classes stores their index too)
+        index = {c: i for i, c in enumerate(classes)}
+        indices = [index[v] for v in values]
+    labels = torch.tensor(indices)
+    scores = _class_scores(model, tokenizer, cfg.batch_size, images, classes, templates)
     for name, v in zeroshot_scores_metrics(scores, labels).items():
         metrics[f"zeroshot/{column}/{name}"] = v
     for name, v in zeroshot_chance(labels, len(classes)).items():
@@ -251,12 +276,22 @@ class _RetrievalTexts:
     relevant: torch.Tensor  # (T, N)
 
     @classmethod
-    def of(cls, records: Sequence[Record], which: int) -> _RetrievalTexts:
-        captions = [r.captions[min(which, len(r.captions) - 1)] for r in records]
-        texts = sorted(set(captions))
-        index = {t: i for i, t in enumerate(texts)}
+    def of(cls, records: Sequence[Record], which: int, every_caption: bool = False) -> _RetrievalTexts:
+        """lipkit: caption `which` of each image, distinct texts relevant to every image that has them;
+        `every_caption` (CLIP_benchmark): every caption of every image, each relevant to its image only."""
+        captions = [r.captions[min(which, len(r.captions) - 1)] if r.captions else "" for r in records]
+        if every_caption:
+            owners = [i for i, r in enumerate(records) for _ in r.captions]
+            texts = [c for r in records for c in r.captions]
+            index = {t: i for i, t in reversed(list(enumerate(texts)))}  # a text's first row
+            rows = torch.arange(len(texts))
+        else:
+            texts = sorted(set(captions))
+            index = {t: i for i, t in enumerate(texts)}
+            owners = list(range(len(records)))
+            rows = torch.tensor([index[c] for c in captions])
         relevant = torch.zeros(len(texts), len(records), dtype=torch.bool)
-        relevant[torch.tensor([index[c] for c in captions]), torch.arange(len(records))] = True
+        relevant[rows, torch.tensor(owners)] = True
         return cls(captions, texts, index, relevant)
 
 

@@ -1,4 +1,5 @@
-"""`lipkit eval`: evaluate a checkpoint on named tables and write the results JSON."""
+"""`lipkit eval`: evaluate a checkpoint on named sources (tables, shards, class folders, CLIP_benchmark
+sets, ...) and write the results JSON."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import torch
 from lipkit.atomic import write_json_atomic
 from lipkit.checkpoint import load_checkpoint
 from lipkit.config import Config
-from lipkit.data.sources.registry import read_table
+from lipkit.data.sources.registry import eval_labels, read_table
 from lipkit.errors import UserError
-from lipkit.eval.evaluate import evaluate_records, fit_probes, resolve_similarity
+from lipkit.eval.evaluate import evaluate_records, fit_probes, image_style, resolve_similarity
 from lipkit.malloc import keep_freed_memory
 
 
@@ -47,7 +48,9 @@ def _run_eval(checkpoint: str | Path, splits: dict[str, str], cfg: Config, out: 
                 "(or --set eval.linear_probe=PATH)."
             )
         probe_records = read_table(table, d.image_column, d.caption_column, d.image_root)
-        probes = fit_probes(model, probe_records, cfg.eval.class_columns, cfg.eval.batch_size)
+        probes = fit_probes(
+            model, probe_records, cfg.eval.class_columns, cfg.eval.batch_size, image_style(cfg.eval)
+        )
         if not probes:
             raise UserError(
                 f"eval.linear_probe: the table {table} has no column of eval.class_columns "
@@ -70,7 +73,14 @@ def _run_eval(checkpoint: str | Path, splits: dict[str, str], cfg: Config, out: 
         if cfg.eval.max_images:
             records = records[: cfg.eval.max_images]
         results["splits"][name] = evaluate_records(
-            model, tokenizer, records, cfg.eval, similarity=similarity, probes=probes, split=name
+            model,
+            tokenizer,
+            records,
+            cfg.eval,
+            similarity=similarity,
+            probes=probes,
+            split=name,
+            labels=eval_labels(path),
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out, results, indent=2)

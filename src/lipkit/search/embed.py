@@ -135,26 +135,27 @@ def _progress_bar(enabled: bool) -> Progress:
 
 def _items(records: Sequence[Record], rows: np.ndarray, blobs: Path) -> list[dict[str, Any]]:
     """ids.json: one entry per embedded row; images stored inline point into `blobs` (images.bin)."""
-    items, offset = [], 0
+    items, offset, inline = [], 0, []
     for i, r in enumerate(rows.tolist()):
         rec = records[r]
+        data = rec.data  # read once: a lazy record (a saved HF dataset) fetches it on each access
         item: dict[str, Any] = {
             "id": i,
-            "path": None if rec.data is not None else str(Path(rec.image).resolve()),
+            "path": None if data is not None else str(Path(rec.image).resolve()),
             "key": rec.key,
             "caption": rec.captions[0] if rec.captions else None,
             "meta": rec.meta,
         }
-        if rec.data is not None:  # served from images.bin by `lipkit serve` (GET /image/{id})
-            item["blob"] = {"file": str(blobs.resolve()), "offset": offset, "size": len(rec.data)}
-            offset += len(rec.data)
+        if data is not None:  # served from images.bin by `lipkit serve` (GET /image/{id})
+            item["blob"] = {"file": str(blobs.resolve()), "offset": offset, "size": len(data)}
+            offset += len(data)
+            inline.append(r)
         items.append(item)
     if offset:  # the encoded bytes of images that live inside shards/parquet (no file of their own)
-        inline = [records[r].data for r in rows.tolist() if records[r].data is not None]
 
         def write(f: Any) -> None:
-            for data in inline:
-                f.write(data)
+            for r in inline:  # one image in memory at a time (records may read their bytes lazily)
+                f.write(records[r].data)
 
         atomic_write(blobs, write)
     return items

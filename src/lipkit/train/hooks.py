@@ -18,6 +18,7 @@ from lipkit.atomic import write_text_atomic
 from lipkit.checkpoint import prune, save_checkpoint
 from lipkit.config import Config
 from lipkit.data.records import Record
+from lipkit.data.sources.registry import eval_labels
 from lipkit.data.table_batches import ImageStore
 from lipkit.eval.evaluate import evaluate_records, resolve_similarity
 from lipkit.models.dual_encoder import DualEncoder
@@ -42,6 +43,7 @@ class Evaluator:
         self.cfg, self.tokenizer, self.tables, self.stores = cfg, tokenizer, tables, stores
         self.device, self.console = device, console
         self.similarity = resolve_similarity(cfg.eval.similarity, cfg.train.objective)
+        self.labels = {name: eval_labels(path) for name, path in cfg.data.eval.items()}
         self.last: dict[str, float] = {}
 
     def __call__(self, m: DualEncoder, step: int) -> dict[str, dict[str, float]]:
@@ -57,6 +59,7 @@ class Evaluator:
                     details=False,
                     similarity=self.similarity,
                     split=name,
+                    labels=self.labels.get(name),
                 )["metrics"]
                 for name in self.tables
             }

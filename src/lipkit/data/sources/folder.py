@@ -17,16 +17,18 @@ def holds_images(folder: Path) -> bool:
     return True
 
 
+def iter_images(root: Path) -> Iterator[Path]:
+    """Image files under `root`: recursive, hidden paths left out, in file-system order."""
+    for f in root.rglob("*"):
+        hidden = any(s.startswith(".") for s in f.relative_to(root).parts)
+        if f.suffix.lower().lstrip(".") in IMAGE_EXTS and not hidden and f.is_file():
+            yield f
+
+
 def image_files(root: Path, fix: str) -> list[Path]:
     """Every image file under `root` (recursive, sorted, hidden paths left out); none is a UserError
     that ends with `fix`, what the user should point at instead."""
-    files = sorted(
-        f
-        for f in root.rglob("*")
-        if f.suffix.lower().lstrip(".") in IMAGE_EXTS
-        and f.is_file()
-        and not any(s.startswith(".") for s in f.relative_to(root).parts)
-    )
+    files = sorted(iter_images(root))
     if not files:
         raise UserError(f"Folder '{root}' holds no images ({', '.join(IMAGE_EXTS)}); {fix}.")
     return files
