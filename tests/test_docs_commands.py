@@ -78,6 +78,7 @@ DEFAULT_PREFIXES = (
     "lipkit report runs/demo",
     "lipkit data convert",
     "lipkit data inspect",
+    "lipkit data export-eval",
     "lipkit embed runs/demo/checkpoint",
     "lipkit index build runs/emb ",
     "lipkit search runs/demo/checkpoint runs/index ",

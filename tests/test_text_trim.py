@@ -17,7 +17,9 @@ def test_trim_after_end_keeps_every_end_token():
 
 
 def test_eval_forward_equals_the_full_context():
-    spec = get_spec("tiny", vocab_size=50, eot_id=2, context_length=16, text_width=32, text_heads=2, embed_dim=8)
+    spec = get_spec(
+        "tiny", vocab_size=50, eot_id=2, context_length=16, text_width=32, text_heads=2, embed_dim=8
+    )
     torch.manual_seed(0)
     tower = TextTransformer(spec)
     ids = torch.zeros(3, 16, dtype=torch.long)

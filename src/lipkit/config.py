@@ -134,6 +134,12 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     threads: int = 0  # torch intra-op threads (0: torch default)
+    # experiment trackers that also get every metrics.jsonl line and the report's images (OpenCLIP's
+    # --report-to): any of tensorboard, wandb, mlflow, each with its extra installed (pip install
+    # 'lipkit[wandb]'); the libraries' own environment applies (WANDB_MODE=offline, MLFLOW_TRACKING_URI)
+    report_to: list[str] = field(default_factory=list)
+    run_name: str = ""  # the run's name in W&B and MLflow ("": the name of train.output's folder)
+    project: str = "lipkit"  # the W&B project and the MLflow experiment
 
 
 @dataclass
@@ -156,6 +162,11 @@ class EvalConfig:
     # this table's class columns and scored on every evaluation split: "" = off, "train" = data.train,
     # or a table path. `lipkit eval` and the end of `lipkit demo` run it; evaluation during training not.
     linear_probe: str = ""
+    # "lipkit", or "clip_benchmark": CLIP_benchmark's protocol — every caption of an image is a
+    # text→image query relevant to that image alone (lipkit: one caption per image, `retrieval_caption`,
+    # relevant to every image that has it), and images decoded as CLIP_benchmark feeds OpenCLIP's preprocess
+    # (RGB first: transparency dropped, no EXIF orientation; then torchvision's resize and crop rounding)
+    protocol: str = "lipkit"
 
 
 @dataclass
@@ -302,6 +313,10 @@ def validate(cfg: Config) -> None:
         (t.epochs > 0, "train.epochs must be positive."),
         (t.precision in ("fp32", "bf16"), "train.precision must be 'fp32' or 'bf16'."),
         (cfg.eval.precision in ("fp32", "bf16"), "eval.precision must be 'fp32' or 'bf16'."),
+        (
+            cfg.eval.protocol in ("lipkit", "clip_benchmark"),
+            "eval.protocol must be 'lipkit' or 'clip_benchmark'.",
+        ),
         (cfg.data.captions_per_image >= 1, "data.captions_per_image must be at least 1."),
         (
             0 <= cfg.data.max_skip_fraction <= 1,
@@ -323,6 +338,14 @@ def validate(cfg: Config) -> None:
             "train.grad_checkpointing must be none, image, text or both.",
         ),
         (t.keep_last >= 1, "train.keep_last must be at least 1."),
+        (
+            set(t.report_to) <= {"tensorboard", "wandb", "mlflow"},
+            "train.report_to lists only tensorboard, wandb or mlflow, e.g. [tensorboard, wandb].",
+        ),
+        (
+            len(set(t.report_to)) == len(t.report_to),
+            "train.report_to names each tracker once, e.g. [tensorboard, wandb].",
+        ),
         (t.max_faults >= 1, "train.max_faults must be at least 1."),
         (
             t.save_every >= 0 and t.eval_every >= 0 and t.log_every >= 1,

@@ -30,7 +30,7 @@ class _Decode(Dataset):
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
         row = self.rows[i]
         rec = self.records[row]
-        x, reason, detail = try_load_image(rec.data if rec.data is not None else rec.image, self.size)
+        x, reason, detail = try_load_image(rec.source, self.size)
         if x is None:
             return row, None, "file not found" if reason == "missing_file" else f"cannot decode: {detail}"
         return row, x, ""

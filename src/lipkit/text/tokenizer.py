@@ -54,8 +54,9 @@ class TextTokenizer:
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size()
 
-    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
-        encs = self.tok.encode_batch(list(texts))
+    def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
+        """Strings (or one string) → int64 (B, context_length) ids: start/end tokens, truncated, padded."""
+        encs = self.tok.encode_batch([texts] if isinstance(texts, str) else list(texts))
         return torch.tensor([e.ids for e in encs], dtype=torch.long)
 
     def decode(self, ids: Sequence[int]) -> str:

@@ -6,8 +6,18 @@ config key (`data.train`) serves all of them:
   (sources/parquet.py);
 - `shards`: WebDataset `.tar` files, a brace pattern (`shards/{00000..00099}.tar`), a folder of
   `.tar` files or `pipe:` URLs, in the img2dataset layout (sources/shards.py);
+- `hf_disk`: a Hugging Face dataset saved with `save_to_disk` (state.json + data-*.arrow), or one split
+  of a saved DatasetDict (`dict/train`); memory-mapped, images read when decoded (sources/hf_disk.py);
 - `folder`: a folder of images with sidecar captions, `cat.jpg` + `cat.txt` or `cat.json`
-  (sources/folder.py).
+  (sources/folder.py);
+- `class_folders`: one sub-folder of images per class, as torchvision's ImageFolder (evaluation sets;
+  sources/class_folders.py);
+- `benchmark_shards`: CLIP_benchmark's WebDataset evaluation sets (`cls`/`txt` members, classnames.txt,
+  nshards.txt; sources/benchmark_shards.py).
+
+These two, and `hf_disk` for its ClassLabel columns, name their classes themselves (every class in
+order, and the set's prompt templates):
+`eval_labels(src)` gives them to evaluation (data/label_sets.py).
 
 Every column other than image and captions is kept as metadata (class labels for zero-shot evaluation,
 `langs` for language filtering). A record's `key` names it the same way in every format: the `key`
@@ -31,9 +41,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from lipkit.data.label_sets import LabelSet
 from lipkit.data.records import Record, Skip, collect, describe
 from lipkit.data.shard_batches import open_shards
-from lipkit.data.sources import folder, parquet, shards, table
+from lipkit.data.sources import benchmark_shards, class_folders, folder, hf_disk, parquet, shards, table
 from lipkit.data.table_batches import open_records
 from lipkit.errors import UserError
 
@@ -49,11 +60,21 @@ class SourceKind:
     open_train: Callable[[Any], Any]  # DataConfig → training data with .captions() and .batches()
     count: Callable[[str | Path], int | None] | None = None  # samples, when that is cheap to know
     images_only: Callable[[str | Path], list[Record]] | None = None  # records without captions (embed)
+    # the classes and prompts of a set that names them itself (data/label_sets.py), by metadata column
+    label_sets: Callable[[str | Path], dict[str, LabelSet]] | None = None
 
 
 # A source is of the first kind that claims its name; a folder with no such name, of the first kind that
 # claims its contents (a folder holding both parquet and tar files is parquet); anything else is a table.
 KINDS: list[SourceKind] = [
+    SourceKind(
+        "benchmark_shards",
+        lambda src: False,
+        benchmark_shards.holds_benchmark_shards,
+        benchmark_shards.scan_benchmark_shards,
+        partial(open_records, scan=benchmark_shards.scan_benchmark_shards),
+        label_sets=benchmark_shards.label_sets,
+    ),
     SourceKind(
         "parquet",
         parquet.names_parquet,
@@ -77,6 +98,24 @@ KINDS: list[SourceKind] = [
         table.scan_table,
         partial(open_records, scan=table.scan_table),
         table.count_rows,
+    ),
+    SourceKind(
+        "hf_disk",
+        lambda src: False,
+        hf_disk.holds_hf_disk,
+        hf_disk.scan_hf_disk,
+        partial(open_records, scan=hf_disk.scan_hf_disk),
+        hf_disk.count_rows,
+        label_sets=hf_disk.label_sets,
+    ),
+    SourceKind(
+        "class_folders",
+        lambda src: False,
+        class_folders.holds_classes,
+        class_folders.scan_class_folders,
+        partial(open_records, scan=class_folders.scan_class_folders),
+        images_only=class_folders.images_only,
+        label_sets=class_folders.label_sets,
     ),
     SourceKind(
         "folder",
@@ -149,6 +188,13 @@ def read_table(
     if skipped:
         warnings.warn(f"{path}: skipped {sum(skipped.values())} rows ({describe(skipped)}).", stacklevel=2)
     return records
+
+
+def eval_labels(src: str | Path) -> dict[str, LabelSet]:
+    """The classes and prompt templates a source names itself, by metadata column ({} for most kinds:
+    their classes are the values found in `eval.class_columns`)."""
+    kind = source_kind(src)
+    return kind.label_sets(src) if kind.label_sets else {}
 
 
 def open_train_data(d: Any) -> Any:
