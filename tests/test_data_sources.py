@@ -19,9 +19,10 @@ import torch
 from PIL import Image
 
 from lipkit.data.convert import convert
+from lipkit.data.image_store import ImageStore
 from lipkit.data.images import load_image, try_load_image
 from lipkit.data.sources.registry import read_records, read_table, source_kind
-from lipkit.data.table_batches import ImageStore, TrainBatches
+from lipkit.data.table_batches import TrainBatches
 from lipkit.errors import UserError
 
 

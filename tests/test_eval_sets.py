@@ -186,7 +186,7 @@ def test_clip_benchmark_protocol_scores_every_caption_against_its_own_image(setu
     got = evaluate_records(model, tok, records, cfg, details=False)
     texts = [c for r in records for c in r.captions]
     owner = [i for i, r in enumerate(records) for _ in r.captions]
-    from lipkit.data.table_batches import ImageStore
+    from lipkit.data.image_store import ImageStore
     from lipkit.eval.evaluate import embed_images, embed_texts
 
     img = embed_images(model, ImageStore(records, 32, cache=True, style="open_clip"), 8)

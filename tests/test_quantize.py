@@ -22,8 +22,8 @@ pytest.importorskip("timm", reason="needs timm (a lipkit dependency)")
 from lipkit.checkpoint import save_checkpoint  # noqa: E402
 from lipkit.cli.interop import register as register_interop  # noqa: E402
 from lipkit.cli.search import register as register_search  # noqa: E402
+from lipkit.data.image_store import ImageStore  # noqa: E402
 from lipkit.data.sources.registry import read_table  # noqa: E402
-from lipkit.data.table_batches import ImageStore  # noqa: E402
 from lipkit.errors import UserError  # noqa: E402
 from lipkit.interop.quantize import QuantOptions, quantize_checkpoint  # noqa: E402
 from lipkit.models.dual_encoder import DualEncoder  # noqa: E402

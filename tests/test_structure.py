@@ -11,6 +11,7 @@ Layers, lowest first (a module may import its own layer's package and any layer 
     eval         zero-shot, retrieval, probes, report (never imports train)
     train        trainer, launch (may call eval)
     search, interop
+    curate       data curation with a model: score, filter, dedup, cluster, reduce, associate (uses embed)
     cli, api     the command line (and __main__); the Python API (lipkit.load, fit, evaluate, ...)
 
 The two edges that point up (FACADES below), both taken only on first use, so that `import lipkit`
@@ -37,6 +38,7 @@ LAYERS = [
     {"eval"},
     {"train"},
     {"search", "interop"},
+    {"curate"},
     {"cli", "__main__", "api"},
 ]
 MAX_FILE_LINES, MAX_FUNCTION_LINES = 400, 80

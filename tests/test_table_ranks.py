@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 import torch
 
-import lipkit.data.table_batches as tb
+import lipkit.data.image_store as image_store
 from lipkit.data.sources.registry import read_table
 from lipkit.data.table_batches import TrainBatches
 from lipkit.errors import UserError
@@ -72,13 +72,13 @@ def batches_skipped(records, world):
 def test_each_rank_decodes_its_share(records, monkeypatch):
     """Cache off: a rank decodes b = B / W images a step (plus the substitutes of its own bad rows)."""
     counts = []
-    real = tb.decode_record
+    real = image_store.decode_record
 
     def counting(record, size, style="lipkit"):
         counts.append(record.key)
         return real(record, size, style)
 
-    monkeypatch.setattr(tb, "decode_record", counting)
+    monkeypatch.setattr(image_store, "decode_record", counting)
     b = batches(records, 1, 2)
     steps = len(run(b, epochs=(0,)))
     assert steps * BATCH // 2 <= len(counts) <= steps * BATCH // 2 + 4  # 4 bad rows in the whole table

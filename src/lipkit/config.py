@@ -47,6 +47,9 @@ class DataConfig:
     # emoji: {subcategory}"] (UniCL-style label captions; raise captions_per_image to train on them)
     meta_captions: list[str] = field(default_factory=list)
     captions_per_image: int = 1  # >1 for the multi_positive, alip and tcl objectives
+    # caption sources kept apart in columns, sampled per sample and epoch with these weights, e.g.
+    # {captions: 0.7, captions_retrieved: 0.3} (data/caption_mix.py); empty: data.caption_column alone
+    caption_mix: dict[str, float] = field(default_factory=dict)
     cache_images: bool = True  # decode every image once into memory (small datasets; not for shards)
     workers: int = 0  # DataLoader worker processes decoding images (shards: one stream each)
     samples_per_epoch: int = 0  # shards: samples in an epoch (0: count them once, cached beside them)

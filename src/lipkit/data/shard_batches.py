@@ -40,6 +40,7 @@ import rich
 import torch
 
 from lipkit.data.batching import Batch, Log, SkipCounter, choose_captions, data_line
+from lipkit.data.caption_mix import check_mix
 from lipkit.data.captions import add_meta_captions_checked, check_meta_templates, filter_captions
 from lipkit.data.records import Skip, describe
 from lipkit.data.shard_streams import (
@@ -88,8 +89,11 @@ class ShardBatches:
         log: Log | None = None,
         rank: int = 0,
         world: int = 1,
+        caption_mix: dict[str, float] | None = None,
     ) -> None:
         check_meta_templates(meta_captions)
+        check_mix(caption_mix or {})
+        self.mix = dict(caption_mix or {})
         if world < 1 or not 0 <= rank < world:
             raise ValueError(f"rank {rank} of {world} ranks")
         self.urls = list(urls)
@@ -257,6 +261,7 @@ class ShardBatches:
                 start=(s.k, s.m),
                 passes=0,
                 meta=self.meta,
+                mix=self.mix,
             )
             feeds.append(feed(spec, self.workers > 0, (self.seed * 100_003 + epoch) * 1_009 + s.g))
         return feeds
@@ -370,6 +375,7 @@ class ShardSource:
             log=log,
             rank=rank,
             world=world,
+            caption_mix=d.caption_mix,
         )
 
 

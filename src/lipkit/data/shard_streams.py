@@ -22,10 +22,11 @@ import torch
 from torch.utils.data import IterableDataset
 
 from lipkit.data.batching import decode_record
+from lipkit.data.caption_mix import mixed_captions
 from lipkit.data.captions import filter_captions
+from lipkit.data.image_store import worker_loader
 from lipkit.data.records import Skip
 from lipkit.data.sources.shards import ShardStatus, parse_sample, read_shard, shard_name
-from lipkit.data.table_batches import worker_loader
 from lipkit.errors import UserError
 
 CHUNK = 16  # samples per chunk a stream hands over (fixed boundaries within a shard)
@@ -75,6 +76,7 @@ class StreamSpec:
     start: tuple[int, int] = (0, 0)  # (shard index in the pass order, samples consumed in it)
     passes: int = 1  # passes to read, then an "end" item; 0: pass after pass, never ending
     meta: list[str] = field(default_factory=list)  # data.meta_captions templates
+    mix: dict[str, float] = field(default_factory=dict)  # data.caption_mix (data/caption_mix.py)
 
 
 class ShardStream(IterableDataset):
@@ -154,7 +156,12 @@ class ShardStream(IterableDataset):
         image, reason, detail = decode_record(parsed, spec.size)
         if image is None:
             return ("skip", k, m, reason, parsed.key, detail, 1), None
-        return ("ok", k, m, parsed.key, parsed.captions), image
+        caps = parsed.captions
+        if spec.mix:  # the epoch's source for this sample: a function of (seed, epoch, key) alone
+            caps = mixed_captions(
+                caps, parsed.meta, parsed.key, spec.seed, spec.epoch, spec.caption_column, spec.mix
+            )
+        return ("ok", k, m, parsed.key, caps), image
 
 
 # -- the main process's side -------------------------------------------------------------------

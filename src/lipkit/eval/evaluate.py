@@ -12,9 +12,9 @@ import torch
 from rich.progress import Progress
 
 from lipkit.config import EvalConfig
+from lipkit.data.image_store import ImageStore
 from lipkit.data.label_sets import INDEX_SUFFIX, LabelSet, fill_template
 from lipkit.data.records import Record, describe
-from lipkit.data.table_batches import ImageStore
 from lipkit.errors import UserError
 from lipkit.eval import token_similarity
 from lipkit.eval.linear_probe import LinearProbe, fit_linear_probe

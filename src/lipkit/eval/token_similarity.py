@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from lipkit.data.table_batches import ImageStore
+from lipkit.data.image_store import ImageStore
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.objectives.filip import filip_similarity
 from lipkit.text.tokenizer import TextTokenizer

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from lipkit.config import EvalConfig
+from lipkit.data.image_store import ImageStore
 from lipkit.data.records import Record
-from lipkit.data.table_batches import ImageStore
 from lipkit.data.transforms import normalize
 from lipkit.eval.evaluate import evaluate_records
 from lipkit.text.tokenizer import TextTokenizer

@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 
 from lipkit.config import Config
+from lipkit.data.image_store import ImageStore
 from lipkit.data.records import Record
 from lipkit.data.sources.registry import read_table, source_kind
-from lipkit.data.table_batches import ImageStore
 from lipkit.data.transforms import normalize
 from lipkit.errors import UserError
 from lipkit.text.tokenizer import TextTokenizer

@@ -46,7 +46,7 @@ from lipkit import __version__
 from lipkit.atomic import write_dir
 from lipkit.checkpoint import file_sha256
 from lipkit.config import Config, config_from_dict
-from lipkit.data.table_batches import ImageStore
+from lipkit.data.image_store import ImageStore
 from lipkit.errors import UserError
 from lipkit.interop import refuse_existing
 from lipkit.interop.peer_weights import require

@@ -17,9 +17,9 @@ from rich.console import Console
 from lipkit.atomic import write_text_atomic
 from lipkit.checkpoint import prune, save_checkpoint
 from lipkit.config import Config
+from lipkit.data.image_store import ImageStore
 from lipkit.data.records import Record
 from lipkit.data.sources.registry import eval_labels
-from lipkit.data.table_batches import ImageStore
 from lipkit.eval.evaluate import evaluate_records, resolve_similarity
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.text.tokenizer import TextTokenizer

@@ -27,8 +27,8 @@ from lipkit.atomic import write_text_atomic
 from lipkit.checkpoint import find_resume, load_checkpoint, load_training_state
 from lipkit.config import Config
 from lipkit.data.batching import jsonl_log, skip_summary
+from lipkit.data.image_store import ImageStore
 from lipkit.data.sources.registry import open_train_data, read_table
-from lipkit.data.table_batches import ImageStore
 from lipkit.device import pick_device
 from lipkit.errors import UserError
 from lipkit.eval.evaluate import check_has_images, image_style
