@@ -1,6 +1,7 @@
 """What `lipkit data inspect | validate` do (the CLI only parses and prints).
 
-- `inspect`: counts and histograms without decoding any image (image sizes come from the headers).
+- `inspect`: counts and histograms without decoding any image (image sizes come from the headers), and
+  the histogram of `clip_score` when the source has one (`lipkit data score`'s output).
 - `validate`: decodes every image exactly as training does and lists what is broken, by reason.
 """
 
@@ -33,6 +34,14 @@ def _ordered(c: Counter[str], edges: list[int]) -> dict[str, int]:
     return {k: c[k] for k in names if c[k]}
 
 
+def score_histogram(values: list[float], bins: int = 10) -> dict[str, int]:
+    """Counts in `bins` equal-width bins from the lowest value to the highest ("lo–hi" labels)."""
+    import numpy as np
+
+    counts, edges = np.histogram(np.asarray(values, dtype=np.float64), bins=bins)
+    return {f"{lo:.3f}–{hi:.3f}": int(n) for lo, hi, n in zip(edges[:-1], edges[1:], counts, strict=True)}
+
+
 def inspect(
     src: str | Path,
     image_column: str = "image",
@@ -47,6 +56,7 @@ def inspect(
     sides: Counter[str] = Counter()
     formats: Counter[str] = Counter()
     langs: Counter[str] = Counter()
+    clip_scores: list[float] = []  # a scored source's (`lipkit data score`) best score per pair
     captions = 0
 
     def work(record: Record) -> Skip | None:
@@ -55,6 +65,9 @@ def inspect(
         per_sample[_bin(len(record.captions), CAPTIONS_PER_SAMPLE_BINS)] += 1
         for c in record.captions:
             words[_bin(len(c.split()), CAPTION_WORD_BINS)] += 1
+        score = record.meta.get("clip_score")
+        if isinstance(score, int | float) and not isinstance(score, bool):
+            clip_scores.append(float(score))
         tags = record.meta.get("langs")
         if isinstance(tags, list):
             langs.update(str(t) for t in tags)
@@ -86,6 +99,10 @@ def inspect(
         "image_formats": dict(formats.most_common()),
         "languages": dict(langs.most_common()),
     }
+    if clip_scores:
+        v = sorted(clip_scores)
+        stats = {"n": len(v), "min": v[0], "median": v[len(v) // 2], "max": v[-1]}
+        report.extra["clip_score"] = {**stats, "histogram": score_histogram(v)}
     return report
 
 

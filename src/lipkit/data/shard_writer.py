@@ -40,14 +40,11 @@ class ShardOutput:
 
     def write(self, record: Record, image: bytes, ext: str) -> None:
         body = {"key": record.key, "captions": record.captions, **record.meta}
-        self.writer.write(
-            {
-                "__key__": f"{self.n:09d}",
-                ext: image,
-                "txt": record.captions[0],
-                "json": json.dumps(body, ensure_ascii=False, default=str).encode("utf-8"),
-            }
-        )
+        sample = {"__key__": f"{self.n:09d}", ext: image}
+        if record.captions:  # an image without captions (a classification set) has no .txt
+            sample["txt"] = record.captions[0]
+        sample["json"] = json.dumps(body, ensure_ascii=False, default=str).encode("utf-8")
+        self.writer.write(sample)
         self.n += 1
 
     def close(self) -> list[Path]:
