@@ -344,7 +344,8 @@ class ShardSource:
 
     def captions(self) -> Iterator[str]:
         """Every training caption (for a tokenizer)."""
-        return shard_captions(self.urls, self.cfg.caption_column)
+        mix = [c for c in self.cfg.caption_mix if c != self.cfg.caption_column]
+        return shard_captions(self.urls, self.cfg.caption_column, mix)
 
     def batches(
         self,

@@ -249,12 +249,10 @@ class RecordSource:
     def captions(self) -> Iterator[str]:
         """Every training caption, of every source of data.caption_mix (for a tokenizer)."""
         mix, column = self.cfg.caption_mix if self.cfg else {}, self.cfg.caption_column if self.cfg else ""
-        for r in self.records:
-            yield from (
-                (c for caps in sources(r.captions, r.meta, column, mix).values() for c in caps)
-                if mix
-                else r.captions
-            )
+        for r in self.records:  # its own captions always (a row without any mix source trains on them)
+            yield from r.captions
+            if mix:
+                yield from (c for name, caps in sources([], r.meta, column, mix).items() for c in caps)
 
     def batches(
         self, size: int, batch_size: int, seed: int, log: Log | None = None, rank: int = 0, world: int = 1

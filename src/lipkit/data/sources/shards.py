@@ -25,14 +25,14 @@ import json
 import re
 import tarfile
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lipkit.atomic import write_text_atomic
 from lipkit.data.image_policy import IMAGE_EXTS
-from lipkit.data.records import Record, Skip, caption_record, parse_json_meta
+from lipkit.data.records import Record, Skip, caption_record, parse_captions, parse_json_meta
 from lipkit.errors import UserError
 
 COUNTS_FILE = "lipkit-counts.json"
@@ -213,16 +213,17 @@ def scan_shards(
             yield status.skip(known.get(url))
 
 
-def shard_captions(urls: Iterable[str], caption_column: str = "captions") -> Iterator[str]:
-    """Every caption of the shards, for training a tokenizer; local .tar files are read by member
-    headers and text members only (no image is read), damaged shards simply end early."""
+def shard_captions(
+    urls: Iterable[str], caption_column: str = "captions", extra_columns: Sequence[str] = ()
+) -> Iterator[str]:
+    """Every caption of the shards (and of the JSON columns `extra_columns`: data.caption_mix's other
+    sources), for training a tokenizer; local .tar files are read by member headers and text members
+    only (no image is read), damaged shards simply end early."""
     for url in urls:
         path = _local_path(url)
         if not (is_local(url) and url.lower().endswith(".tar") and path.is_file()):
             for sample in read_shard(url, ShardStatus(url)):
-                parsed = parse_sample(sample, caption_column)
-                if isinstance(parsed, Record):
-                    yield from parsed.captions
+                yield from _text_captions(sample, caption_column, extra_columns)
             continue
         from webdataset.tariterators import base_plus_ext
 
@@ -234,19 +235,21 @@ def shard_captions(urls: Iterable[str], caption_column: str = "captions") -> Ite
                     if prefix is None:
                         continue
                     if current and prefix != current["__key__"]:
-                        yield from _text_captions(current, caption_column)
+                        yield from _text_captions(current, caption_column, extra_columns)
                         current = {}
                     current["__key__"] = prefix
                     if ext.lower() in ("txt", "json"):
                         current[ext.lower()] = tar.extractfile(info).read()  # type: ignore[union-attr]
         except (tarfile.TarError, OSError, EOFError):
             pass
-        yield from _text_captions(current, caption_column)
+        yield from _text_captions(current, caption_column, extra_columns)
 
 
-def _text_captions(sample: dict[str, Any], caption_column: str) -> list[str]:
+def _text_captions(sample: dict[str, Any], caption_column: str, extra: Sequence[str] = ()) -> list[str]:
     parsed = parse_sample({**sample, "png": b""}, caption_column)  # the image does not matter here
-    return parsed.captions if isinstance(parsed, Record) else []
+    if not isinstance(parsed, Record):
+        return []
+    return parsed.captions + [c for col in extra for c in (parse_captions(parsed.meta.get(col)) or [])]
 
 
 # -- counting ------------------------------------------------------------------------------------
