@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +110,13 @@ def test_cluster_refuses_bad_input(clustered, ckpt, table, tmp_path):
         run_cluster(ckpt, other, tmp_path / "o", 2, embeddings=clustered / "embeddings")
     with pytest.raises(UserError, match="not a finished clustering"):
         load_clusters(tmp_path / "foreign")
+    int8 = tmp_path / "int8-embeddings"  # the same folder, as `lipkit embed --int8` would mark it
+    shutil.copytree(clustered / "embeddings", int8)
+    manifest = json.loads((int8 / "manifest.json").read_text())
+    manifest["fingerprint"]["onnx"] = "model_sha256 of an int8 export"
+    (int8 / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="int8 ONNX towers"):
+        run_cluster(ckpt, table, tmp_path / "q", 2, embeddings=int8)
 
 
 # -- reduce --------------------------------------------------------------------------------------------

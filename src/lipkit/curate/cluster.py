@@ -125,6 +125,11 @@ def image_embeddings(
                 f"'{emb_dir}' holds embeddings of another source or checkpoint; pass the folder "
                 f"`lipkit embed {checkpoint} {source} DIR` wrote, or a new folder."
             )
+        if "onnx" in fp:  # int8 image vectors beside the checkpoint's own text vectors would not compare
+            raise UserError(
+                f"The embeddings in '{emb_dir}' come from the int8 ONNX towers (`lipkit embed --int8`); embed "
+                "without --int8, or pass a new folder."
+            )
     else:
         from lipkit.search.embed import run_embed
 
