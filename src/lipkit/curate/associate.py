@@ -45,13 +45,13 @@ from lipkit.curate.cluster import (
     image_embeddings,
     load_clusters,
     lookup,
-    progress_bar,
 )
 from lipkit.curate.pairs_out import SHARDS
 from lipkit.curate.reduce import write_pairs
 from lipkit.data.records import Record
 from lipkit.errors import UserError, import_optional
 from lipkit.search.collection import collect
+from lipkit.search.embed import progress_bar
 
 POOL_CAPTIONS = ("all", "first")
 SEARCH_BATCH = 1024

@@ -33,14 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from lipkit.atomic import atomic_write, save_npy_atomic, write_json_atomic
 from lipkit.data.records import Record
@@ -61,18 +53,6 @@ class Embedded:
     x: np.ndarray  # (n_embedded, D) float32, memory-mapped
     rows: list[int]  # rows[i]: the record embedding i belongs to
     path: Path
-
-
-def progress_bar(enabled: bool = True) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        disable=not enabled,
-    )
 
 
 def _rows_of(records: Sequence[Record], items: Sequence[dict[str, Any]], where: Path) -> list[int]:

@@ -53,13 +53,14 @@ from typing import Any
 import numpy as np
 
 from lipkit.atomic import write_json_atomic
-from lipkit.curate.cluster import check_out_dir, image_embeddings, progress_bar
+from lipkit.curate.cluster import check_out_dir, image_embeddings
 from lipkit.curate.pairs_out import SHARDS
 from lipkit.curate.reduce import write_pairs
 from lipkit.data.images import image_pixels, open_image, upright_rgb
 from lipkit.data.records import Record
 from lipkit.errors import UserError, import_optional
 from lipkit.search.collection import collect
+from lipkit.search.embed import progress_bar
 
 TABLE = "train.jsonl"
 REPORT = "dedup_report.json"

@@ -37,6 +37,7 @@ from lipkit.curate.reduce import write_pairs
 from lipkit.data.records import Record
 from lipkit.data.sources.registry import estimate_total, scan
 from lipkit.errors import UserError
+from lipkit.search.embed import progress_bar
 
 TABLE = "filtered.jsonl"
 OUR_FILES = (TABLE, SHARDS, "filter.json", "dropped.jsonl")
@@ -97,18 +98,11 @@ def _score_of(record: Record, src: str) -> float:
     return float(value)
 
 
-def _bar(enabled: bool) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    return Progress(*columns, disable=not enabled)
-
-
 def read_scores(src: str, image_column: str, caption_column: str, progress: bool) -> dict[str, Any]:
     """One streamed pass: every pair's score, key and first caption (and a light record for cluster
     lookup), and the rows that could not be read."""
     scores, stubs, first, unreadable = [], [], [], 0
-    with _bar(progress) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task("reading scores", total=estimate_total(src))
         for item in scan(src, image_column, caption_column):
             bar.advance(task)
@@ -196,7 +190,7 @@ def run_filter(
             f"No pair scores {min_score} or more (the best scores {s.max():.4f}); lower --min-score."
         )
     (out / "filter.json").unlink(missing_ok=True)  # a run killed while writing leaves no stale summary
-    with _bar(progress) as bar:
+    with progress_bar(progress) as bar:
         pairs = _kept_pairs(src, keep, (image_column, caption_column), bar)
         name, written, lost = write_pairs(out, TABLE, pairs, image_column, caption_column)
     _write_dropped(out, read, keep)

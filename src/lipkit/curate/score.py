@@ -54,6 +54,7 @@ from lipkit.data.records import Record, Skip
 from lipkit.data.sources.registry import estimate_total, scan
 from lipkit.errors import UserError
 from lipkit.search.collection import checkpoint_fingerprint
+from lipkit.search.embed import progress_bar
 from lipkit.search.encode import Towers
 
 FORMAT = "lipkit-scores"
@@ -191,13 +192,6 @@ def _check_out(out: Path, source: str | Path, fp: dict[str, Any], overwrite: boo
     return manifest if manifest.get("complete") else None
 
 
-def _bar(enabled: bool) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    return Progress(*columns, disable=not enabled)
-
-
 def _emit(records: list[Record], arrays: dict[str, np.ndarray], writer: PairsOut, tally: _Tally) -> None:
     """Write a chunk's scored pairs (in source order) and note the ones left out."""
     rows, offsets, scores = arrays["rows"].tolist(), arrays["offsets"], arrays["scores"]
@@ -217,7 +211,7 @@ def _score_pass(
 ) -> tuple[int, int]:
     """Score every chunk not finished in `work` (chunks/NNNNN.npz) and write all pairs; (reused, computed)."""
     before = computed = 0
-    with _bar(kw.pop("progress")) as bar:
+    with progress_bar(kw.pop("progress")) as bar:
         images = bar.add_task("images", total=kw.pop("total"))
         texts = bar.add_task("captions", total=None)
         for c, (records, skips) in enumerate(chunks(items, kw.pop("chunk_size"))):

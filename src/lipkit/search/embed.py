@@ -120,7 +120,8 @@ def _check_out(out: Path, fp: dict[str, str], chunk_size: int, overwrite: bool) 
     return _result_of(out, manifest) if manifest.get("complete") else None
 
 
-def _progress_bar(enabled: bool) -> Progress:
+def progress_bar(enabled: bool = True) -> Progress:
+    """The bar of long curation and embedding jobs: description, bar, done/total, elapsed, ETA."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -129,7 +130,6 @@ def _progress_bar(enabled: bool) -> Progress:
         TextColumn("eta"),
         TimeRemainingColumn(),
         disable=not enabled,
-        transient=False,
     )
 
 
@@ -230,7 +230,7 @@ def embed_towers(
     write_json_atomic(out / "manifest.json", manifest)
     files = [out / "chunks" / f"{c:05d}.npz" for c in range(n_chunks)]
     done = {c for c in range(n_chunks) if files[c].is_file() and chunk_ok(files[c])}
-    with _progress_bar(progress) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task("embedding", total=n)
         bar.advance(task, sum(min(chunk_size, n - c * chunk_size) for c in done))
         for c in sorted(set(range(n_chunks)) - done):
