@@ -46,8 +46,7 @@ from lipkit.curate.cluster import (
     load_clusters,
     lookup,
 )
-from lipkit.curate.pairs_out import SHARDS
-from lipkit.curate.reduce import write_pairs
+from lipkit.curate.pairs_out import SHARDS, write_pairs
 from lipkit.data.records import Record
 from lipkit.errors import UserError, import_optional
 from lipkit.search.collection import collect

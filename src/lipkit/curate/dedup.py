@@ -54,8 +54,7 @@ import numpy as np
 
 from lipkit.atomic import write_json_atomic
 from lipkit.curate.cluster import check_out_dir, image_embeddings
-from lipkit.curate.pairs_out import SHARDS
-from lipkit.curate.reduce import write_pairs
+from lipkit.curate.pairs_out import SHARDS, write_pairs
 from lipkit.data.images import image_pixels, open_image, upright_rgb
 from lipkit.data.records import Record
 from lipkit.errors import UserError, import_optional

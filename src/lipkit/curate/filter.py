@@ -32,8 +32,7 @@ import numpy as np
 
 from lipkit.atomic import atomic_write, write_json_atomic
 from lipkit.curate.cluster import check_out_dir, load_clusters, lookup
-from lipkit.curate.pairs_out import SHARDS
-from lipkit.curate.reduce import write_pairs
+from lipkit.curate.pairs_out import SHARDS, write_pairs
 from lipkit.data.records import Record
 from lipkit.data.sources.registry import estimate_total, scan
 from lipkit.errors import UserError

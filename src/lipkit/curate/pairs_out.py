@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
 
@@ -121,3 +124,34 @@ def source_inside(source: str | Path, out: Path) -> bool:
             return False
     src, dest = Path(s).expanduser().resolve(), out.expanduser().resolve()
     return src == dest or dest in src.parents or (src.is_dir() and src in dest.parents)
+
+
+def write_pairs(
+    out: Path,
+    table: str,
+    pairs: Iterable[tuple[Record, dict[str, Any]]],
+    image_column: str,
+    caption_column: str,
+) -> tuple[str | None, int, list[Skip]]:
+    """Write `pairs` (a record and the fields to add) with `PairsOut` into a temporary folder inside
+    `out`, then move the result into `out` whole (the other form's old output is removed); (what was
+    written, how many, the pairs whose image bytes could not be read)."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".write-", dir=out))
+    writer = PairsOut(tmp, table, image_column, caption_column)
+    skipped: list[Skip] = []
+    try:
+        for record, fields in pairs:
+            if (skip := writer.write(record, fields)) is not None:
+                skipped.append(skip)
+        name = writer.close()
+        for stale in {table, SHARDS} - {name}:
+            target = out / stale
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        move_into(tmp, out)
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return name, writer.n, skipped

@@ -21,9 +21,7 @@ Rows of SOURCE the clustering never saw (images that could not be decoded) are l
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,45 +29,14 @@ import numpy as np
 
 from lipkit.atomic import write_json_atomic
 from lipkit.curate.cluster import check_out_dir, load_clusters, lookup
-from lipkit.curate.pairs_out import SHARDS, PairsOut, move_into
-from lipkit.data.records import Record, Skip
+from lipkit.curate.pairs_out import SHARDS, write_pairs
+from lipkit.data.records import Record
 from lipkit.errors import UserError
 from lipkit.search.collection import collect
 
 PICKS = ("nearest", "random")
 TABLE = "reduced.jsonl"
 OUR_FILES = (TABLE, SHARDS, "reduce.json")
-
-
-def write_pairs(
-    out: Path,
-    table: str,
-    pairs: Iterable[tuple[Record, dict[str, Any]]],
-    image_column: str,
-    caption_column: str,
-) -> tuple[str | None, int, list[Skip]]:
-    """Write `pairs` (a record and the fields to add) with `PairsOut` into a temporary folder inside
-    `out`, then move the result into `out` whole (the other form's old output is removed); (what was
-    written, how many, the pairs whose image bytes could not be read)."""
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".write-", dir=out))
-    writer = PairsOut(tmp, table, image_column, caption_column)
-    skipped: list[Skip] = []
-    try:
-        for record, fields in pairs:
-            if (skip := writer.write(record, fields)) is not None:
-                skipped.append(skip)
-        name = writer.close()
-        for stale in {table, SHARDS} - {name}:
-            target = out / stale
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-        move_into(tmp, out)
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return name, writer.n, skipped
 
 
 def quotas(sizes: np.ndarray, ratio: float) -> np.ndarray:
