@@ -116,9 +116,10 @@ def one_step(
         images[rank * b : (rank + 1) * b],
         captions[rank * b * per_image : (rank + 1) * b * per_image],
     )
+    keys = [f"row-{i}" for i in range(rank * b, (rank + 1) * b)]  # the records' keys (NEVLP's sample ids)
     grads: dict[str, torch.Tensor] = {}
     for i in range(steps):
-        loss, finite = trainer.step(images, captions, lr=1e-3)
+        loss, finite = trainer.step(images, captions, lr=1e-3, keys=keys)
         assert finite
         if i == 0:  # full tensors (under FSDP each rank holds shards: gathering is a collective)
             first_loss = loss.reshape(1)
@@ -138,7 +139,9 @@ def one_step(
     }
     state = trainer.training_state()  # AdamW moments after the steps, as a checkpoint stores them
     optim = {k: v.clone() for k, v in state[0].items() if k.startswith("optim.") and v.ndim}
-    out = {"loss": first_loss, **grads, **weights, **optim}
+    # an objective's own state (NEVLP's loss-history bank and mixture): the same on every rank
+    own = {k: v.clone() for k, v in state[0].items() if k.startswith("objective.")}
+    out = {"loss": first_loss, **grads, **weights, **optim, **own}
     if trainer.reducer is not None:  # buckets started during the last backward, of how many
         out["buckets"] = torch.tensor([trainer.reducer.early, len(trainer.reducer.buckets)])
     plain = trainer.unsharded()  # what eval and checkpoints read: every weight, in place (rank 0)
@@ -231,6 +234,8 @@ def cacheable(name: str) -> bool:
 
 
 UNICL = {"objective": "multi_positive", "objective_args": {"same_text_positive": True}, "per_image": 3}
+NEVLP = {"objective": "nevlp", "objective_args": {"warmup_steps": 1, "refit_every": 1}, "steps": 3}
+NEVLP_MULTI = {**NEVLP, "objective_args": {**NEVLP["objective_args"], "multi_positive": True}, "per_image": 3}
 # name → (the two-rank case, the one-process reference)
 CASES: dict[str, tuple[dict, dict]] = {
     **{
@@ -268,6 +273,10 @@ CASES: dict[str, tuple[dict, dict]] = {
     "unicl": (UNICL, UNICL),
     "unicl-grad-cache": ({**UNICL, "grad_cache_chunk": 3}, UNICL),
     "unicl-fsdp": ({**UNICL, "strategy": "fsdp"}, UNICL),
+    # NEVLP with its mixture fitted from the second step on: the banks (gathered sample ids) and the
+    # weighted loss agree; multi-positive form with the demo's three captions
+    "nevlp-fitted": (NEVLP, NEVLP),
+    "nevlp-multi-positive-grad-cache": ({**NEVLP_MULTI, "grad_cache_chunk": 3}, NEVLP_MULTI),
     # gradients averaged in many small buckets started during the backward, and in one after it
     "infonce-small-buckets": ({"bucket_cap_mb": 0.002, "steps": 3}, {"steps": 3}),
     "lexlip-small-buckets": (

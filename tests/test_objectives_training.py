@@ -43,6 +43,7 @@ def cfg(table, out, objective, per_image=1, **extra):
         ("alip", 2, {}),
         ("tcl", 2, {}),
         ("lexlip", 1, {}),
+        ("nevlp", 3, {"objective_args": {"multi_positive": True, "warmup_steps": 2, "refit_every": 2}}),
     ],
 )
 def test_each_objective_trains(table, tmp_path, objective, per_image, extra):

@@ -15,6 +15,7 @@ from lipkit.objectives.infonce import InfoNCE
 from lipkit.objectives.intra_modal import TripleContrast
 from lipkit.objectives.lexlip import LexiconContrast
 from lipkit.objectives.multi_positive import MultiPositiveInfoNCE
+from lipkit.objectives.nevlp import NoiseAdaptiveContrast
 from lipkit.objectives.refine import CLIPRefine
 from lipkit.objectives.sigmoid import SigmoidLoss
 
@@ -28,6 +29,7 @@ OBJECTIVES: dict[str, type[nn.Module]] = {
     "tcl": TripleContrast,
     "lexlip": LexiconContrast,
     "clip_refine": CLIPRefine,
+    "nevlp": NoiseAdaptiveContrast,
 }
 
 

@@ -11,6 +11,7 @@ is made global across ranks (train.distributed.gather_inputs), how gradient cach
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -36,9 +37,20 @@ def caption_keys(ids: torch.Tensor) -> torch.Tensor:
     return (ids.long() * _hash_coefficients(ids.shape[1]).to(ids.device)).sum(1)
 
 
+def sample_ids(keys: Iterable[str], device: torch.device | str = "cpu") -> torch.Tensor:
+    """The records' keys (strings, stable across epochs, resumes and ranks) → (B,) int64 sample ids: the
+    first 8 bytes of each key's BLAKE2b digest (a noise-robust objective keeps per-sample state by them)."""
+    ids = [
+        int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "little", signed=True)
+        for k in keys
+    ]
+    return torch.tensor(ids, dtype=torch.int64, device=device)
+
+
 class BatchPass:
     """One batch's forward passes, each run at most once and only when an input asks for it.
-    images: (B, 3, H, W); ids: (B·k, L), the k captions of each image, image-major."""
+    images: (B, 3, H, W); ids: (B·k, L), the k captions of each image, image-major; keys: (B,) sample
+    ids (train.inputs.sample_ids) or None where the caller has none."""
 
     def __init__(
         self,
@@ -50,8 +62,9 @@ class BatchPass:
         second_view: Callable[[], torch.Tensor | None],
         pad_id: int,
         teacher: DualEncoder | None,
+        keys: torch.Tensor | None = None,
     ) -> None:
-        self.model, self.images, self.ids, self.k = model, images, ids, k
+        self.model, self.images, self.ids, self.k, self.keys = model, images, ids, k, keys
         self.second_view, self.pad_id, self.teacher = second_view, pad_id, teacher
         entries = [INPUTS[name] for name in needs]
         self.tokens = any(e.tokens for e in entries)
@@ -120,6 +133,12 @@ class Input:
     requires: str | None = None
 
 
+def _keys(p: BatchPass) -> torch.Tensor:
+    if p.keys is None:  # a programming error: the trainer passes every batch's record keys
+        raise ValueError("this objective reads sample_key: pass the batch's record keys to Trainer.step")
+    return p.keys
+
+
 def _owners(p: BatchPass) -> torch.Tensor:
     return torch.arange(p.images.shape[0], device=p.ids.device).repeat_interleave(p.k)
 
@@ -167,6 +186,8 @@ INPUTS: dict[str, Input] = {
     "teacher_image_features": Input(lambda p: p.frozen[0], "plain", "batch", requires="teacher"),
     "teacher_text_features": Input(lambda p: p.frozen[1], "plain", "batch", requires="teacher"),
     "teacher_logit_scale": Input(lambda p: p.frozen[2], None, "batch", requires="teacher"),
+    # each image's stable sample id (from its record key): per-sample state such as NEVLP's loss history
+    "sample_key": Input(lambda p: _keys(p), "plain", "batch"),
 }
 
 # what the run must provide, checked in this order: (is it there?, the rest of the one-sentence refusal)
@@ -228,9 +249,10 @@ def objective_inputs(
     pad_id: int,
     teacher: DualEncoder | None = None,
     only: set[str] | None = None,
+    keys: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """images: (B, 3, H, W); ids: (B·k, L) image-major. Returns the named tensors the objective reads
+    """images: (B, 3, H, W); ids: (B·k, L) image-major; keys: (B,) sample ids. Returns the named tensors the objective reads
     (`needs`; or only the names `only` of them, laid out as for all of `needs`), in registry order."""
-    p = BatchPass(model, needs, images, ids, captions_per_image, second_view, pad_id, teacher)
+    p = BatchPass(model, needs, images, ids, captions_per_image, second_view, pad_id, teacher, keys)
     wanted = needs if only is None else only
     return {name: entry.compute(p) for name, entry in INPUTS.items() if name in wanted}

@@ -35,15 +35,9 @@ from lipkit.train import fsdp
 from lipkit.train.adamw import adamw
 from lipkit.train.checkpoint_policy import Preemption, on_save_cadence
 from lipkit.train.clock import Clock, Throughput
-from lipkit.train.distributed import (
-    Dist,
-    all_true,
-    check_scaling,
-    gather_inputs,
-    mean_over_ranks,
-)
+from lipkit.train.distributed import Dist, all_true, check_scaling, gather_inputs, mean_over_ranks
 from lipkit.train.grad_cache import grad_cache_backward
-from lipkit.train.inputs import check_inputs, objective_inputs, objective_needs
+from lipkit.train.inputs import check_inputs, objective_inputs, objective_needs, sample_ids
 from lipkit.train.local_losses import local_loss
 from lipkit.train.optim import Schedule, param_groups
 from lipkit.train.progress import TrainBar, train_bar
@@ -210,6 +204,7 @@ class Trainer:
         ids: torch.Tensor,
         second: torch.Tensor | None,
         only: set[str] | None = None,
+        keys: torch.Tensor | None = None,
     ) -> dict:
         """The objective's inputs (or only the names `only` of them) of these images and their captions."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
@@ -223,6 +218,7 @@ class Trainer:
                 self.tokenizer.pad_id,
                 self.teacher,
                 only,
+                keys,
             )
 
     def _loss(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -234,37 +230,41 @@ class Trainer:
         return self.objective(**out)
 
     def _grad_cache_backward(
-        self, images: torch.Tensor, ids: torch.Tensor, second: torch.Tensor | None
+        self, images: torch.Tensor, ids: torch.Tensor, second: torch.Tensor | None, keys: torch.Tensor | None
     ) -> torch.Tensor:
         """The step's backward by gradient caching (train.grad_cache), see train.grad_cache."""
         k = self.per_image
 
         def embed(rows: slice, names: set[str]) -> dict[str, torch.Tensor]:
             view = second[rows] if second is not None else None
-            return self._inputs(images[rows], ids[rows.start * k : rows.stop * k], view, names)
+            part = keys[rows] if keys is not None else None
+            return self._inputs(images[rows], ids[rows.start * k : rows.stop * k], view, names, part)
 
         arm = self.reducer.arm if self.reducer is not None else None  # buckets start in the last pass
         return grad_cache_backward(
             embed, images.shape[0], self.cfg.grad_cache_chunk, self.needs, self._loss, self.device, arm
         )
 
-    def step(self, images_u8: torch.Tensor, captions: list[str], lr: float) -> tuple[torch.Tensor, bool]:
+    def step(
+        self, images_u8: torch.Tensor, captions: list[str], lr: float, keys: list[str] | None = None
+    ) -> tuple[torch.Tensor, bool]:
         """One optimiser step on this rank's share of the global batch — its `train.batch_size / world`
-        images and their captions, as the data sources hand them out; returns (loss, finite). A
-        non-finite loss or gradient on any rank skips the update on all ranks."""
+        images, their captions and the records' keys, as the data sources hand them out; returns (loss,
+        finite). A non-finite loss or gradient on any rank skips the update on all ranks."""
         if images_u8.shape[0] != self.local_batch:  # a programming error: the sources yield local batches
             raise ValueError(f"expected this rank's {self.local_batch} images, got {images_u8.shape[0]}")
         b = self.local_batch
         images = self._augmented(images_u8)
         second = self._augmented(images_u8) if "image_features_2" in self.needs else None
         ids = self.tokenizer(captions).to(self.device)
+        sample = sample_ids(keys, self.device) if keys is not None and "sample_key" in self.needs else None
         for group in self.opt.param_groups:
             group["lr"] = lr * group["lr_scale"]
         self.opt.zero_grad(set_to_none=True)
         if self.cfg.grad_cache_chunk and self.cfg.grad_cache_chunk < b:
-            loss = self._grad_cache_backward(images, ids, second)
+            loss = self._grad_cache_backward(images, ids, second, sample)
         else:
-            loss = self._loss(self._inputs(images, ids, second))
+            loss = self._loss(self._inputs(images, ids, second, keys=sample))
             if self.reducer is not None:
                 self.reducer.arm()
             loss.backward()
@@ -310,7 +310,7 @@ class Trainer:
             while step < total and not run.stopped and stop.agreed is None:
                 for images, captions, keys in batches(epoch, first):
                     lr = schedule.lr(step, schedule.progress(step, clock.now))
-                    loss, finite = self.step(images, captions, lr)
+                    loss, finite = self.step(images, captions, lr, keys)
                     step = self.step_count = step + 1
                     if self.dist.enabled:  # every rank stops at the same step, follows the same schedule
                         stop.agreed = clock.sync(stop.pending)
