@@ -79,3 +79,11 @@ def test_tables_and_shards_draw_the_same_source_and_resume_does_too(mixed_table)
     assert len(common) > 20
     for e, k in common:  # the same source for the same (epoch, key), whatever the kind of source
         assert table_caps[e, k].startswith("retrieved ") == shard_caps[e, k].startswith("retrieved ")
+
+
+def test_a_mix_column_no_row_has_is_refused(mixed_table):
+    path, _ = mixed_table
+    d = DataConfig(train=str(path), caption_mix={"captions": 0.5, "captions_retreived": 0.5})
+    d.cache_images, d.samples_per_epoch = False, 0
+    with pytest.raises(UserError, match="'captions_retreived', a column no row .* captions_retrieved"):
+        open_train_data(d)

@@ -117,6 +117,9 @@ def test_cluster_refuses_bad_input(clustered, ckpt, table, tmp_path):
     (int8 / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="int8 ONNX towers"):
         run_cluster(ckpt, table, tmp_path / "q", 2, embeddings=int8)
+    # a mistyped checkpoint beside a finished embeddings folder: one sentence, no traceback
+    with pytest.raises(UserError, match="is not a lipkit checkpoint"):
+        run_cluster(tmp_path / "chekpoint", table, tmp_path / "m", 2, embeddings=clustered / "embeddings")
 
 
 # -- reduce --------------------------------------------------------------------------------------------

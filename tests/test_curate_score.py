@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -328,3 +329,42 @@ def test_truth_given_after_scoring_is_measured_on_the_written_scores(ckpt, small
     )
     first = json.loads((scored / "score.json").read_text())["truth"]
     assert again.chunks_computed == 0 and again.truth == first
+
+
+def test_a_changed_image_or_source_is_never_served_from_old_scores(ckpt, small, tmp_path):
+    """A chunk is reused only for the same keys, captions and images: an image restored (rewritten) after
+    an interrupted run is scored again; a finished output of a table that changed since is refused."""
+    import shutil
+
+    from lipkit.checkpoint import load_checkpoint
+
+    src = tmp_path / "src"
+    shutil.copytree(small.parent, src)
+    rows = rows_of(src / "pairs.jsonl")
+    first = tmp_path / "first.png"
+    shutil.copy(rows[0]["image"], first)
+    rows[0]["image"] = str(first)
+    (src / "pairs.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    model, tok, _ = load_checkpoint(ckpt)
+    towers = Towers.of_model(model, tok)
+    kw = dict(fingerprint={"checkpoint": "tiny"}, batch_size=4, chunk_size=4, progress=False)
+    out = tmp_path / "s"
+    real, calls = towers.images, []
+
+    def dying(x):
+        calls.append(len(x))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(x)
+
+    towers.images = dying
+    with pytest.raises(KeyboardInterrupt):
+        score_source(towers, src / "pairs.jsonl", out, **kw)
+    shutil.copy(rows[1]["image"], first)  # the first row's image file is now another drawing
+    towers.images = lambda x: (calls.append(len(x)), real(x))[1]
+    r = score_source(towers, src / "pairs.jsonl", out, **kw)
+    assert (r.chunks_done_before, r.chunks_computed) == (0, math.ceil(N / 4))  # chunk 0 scored again
+    with (src / "pairs.jsonl").open("a") as f:  # the table changes after the run finished
+        f.write(json.dumps({**rows[2], "key": "new-row"}) + "\n")
+    with pytest.raises(UserError, match="source changed"):
+        score_source(towers, src / "pairs.jsonl", out, **kw)

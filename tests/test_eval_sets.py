@@ -222,3 +222,15 @@ def test_open_clip_decode_style_is_what_clip_benchmark_feeds_open_clip(tmp_path)
             ref = (t(Image.open(f).convert("RGB")) * 255).round().to(torch.uint8)
             assert torch.equal(load_image(f, size, style="open_clip"), ref), (f.name, size)
     del open_clip
+
+
+def test_max_images_spreads_over_a_class_sorted_split():
+    """eval.max_images takes rows spread evenly over the split, so class folders sorted by name all appear."""
+    from lipkit.eval.suite import spread_subset
+
+    rows = [f"class{c}/{i}" for c in range(5) for i in range(20)]
+    picked = spread_subset(rows, 10)
+    assert len(picked) == 10 and {r.split("/")[0] for r in picked} == {f"class{c}" for c in range(5)}
+    assert picked == sorted(picked, key=rows.index) and spread_subset(rows, 0) == rows == spread_subset(
+        rows, 500
+    )

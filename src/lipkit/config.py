@@ -160,7 +160,7 @@ class EvalConfig:
     # fp32, or bf16 autocast for the towers' forwards (about half the CPU time; what evaluation during a
     # bf16 training run uses); embeddings, similarities and the probe stay float32
     precision: str = "fp32"
-    max_images: int = 0  # 0: all
+    max_images: int = 0  # evaluate this many images spread evenly over each split (0: all)
     # linear probe (logistic regression on frozen image embeddings, λ picked on a held-out part) fit on
     # this table's class columns and scored on every evaluation split: "" = off, "train" = data.train,
     # or a table path. `lipkit eval` and the end of `lipkit demo` run it; evaluation during training not.

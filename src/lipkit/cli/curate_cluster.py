@@ -9,14 +9,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-console = Console(stderr=True)
+from lipkit.cli.curate_score import SOURCE_HELP
 
-SOURCE_HELP = "A CSV/TSV/JSONL captions table, a folder of images, or any source `data.train` accepts."
+console = Console(stderr=True)
 
 
 def cluster(
     checkpoint: Path = typer.Argument(..., help="Checkpoint directory written by `lipkit train`."),
-    source: Path = typer.Argument(..., help=SOURCE_HELP),
+    source: str = typer.Argument(..., help=SOURCE_HELP),
     out: Path = typer.Argument(
         ..., help="Output folder: clusters.jsonl, centroids.npy, cluster.json (and embeddings/)."
     ),
@@ -68,7 +68,7 @@ def cluster(
 
 
 def reduce(
-    source: Path = typer.Argument(..., help=SOURCE_HELP),
+    source: str = typer.Argument(..., help=SOURCE_HELP),
     clusters: Path = typer.Argument(..., help="Folder `lipkit data cluster` wrote for SOURCE."),
     out: Path = typer.Argument(..., help="Output folder: reduced.jsonl (or shards/) and reduce.json."),
     ratio: float = typer.Option(..., "--ratio", "-r", help="Share of the samples to keep, in (0, 1]."),
@@ -107,7 +107,7 @@ def reduce(
 
 def associate(
     checkpoint: Path = typer.Argument(..., help="Checkpoint directory written by `lipkit train`."),
-    source: Path = typer.Argument(..., help=SOURCE_HELP),
+    source: str = typer.Argument(..., help=SOURCE_HELP),
     out: Path = typer.Argument(
         ..., help="Output folder: associated.jsonl (or shards/), associate.json, embeddings/."
     ),

@@ -8,9 +8,9 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-console = Console(stderr=True)
+from lipkit.cli.curate_score import SOURCE_HELP
 
-SOURCE_HELP = "A CSV/TSV/JSONL captions table, a folder of images, or any source `data.train` accepts."
+console = Console(stderr=True)
 
 
 def build_noisy(
@@ -46,7 +46,7 @@ def build_noisy(
 
 
 def dedup(
-    source: Path = typer.Argument(..., help=SOURCE_HELP),
+    source: str = typer.Argument(..., help=SOURCE_HELP),
     out: Path = typer.Argument(..., help="Output folder: train.jsonl (or shards/), dedup_report.json."),
     checkpoint: Path = typer.Option(
         None, "--checkpoint", help="Find near-duplicate images with this checkpoint's image embeddings."

@@ -232,6 +232,8 @@ def run_cluster(
     emb = image_embeddings(
         checkpoint, source, embeddings or out / "embeddings", records=records, **embed_options
     )
+    from lipkit.curate.pairs_out import source_name
+
     centroids = spherical_kmeans(emb.x, k, seed, niter)
     labels, dists = assign(emb.x, centroids)
     keys = [emb.records[r].key for r in emb.rows]
@@ -249,7 +251,7 @@ def run_cluster(
         "n_assigned": len(keys),
         "n_unassigned": len(emb.records) - len(keys),
         "distance": "1 - cosine similarity to the centroid",
-        "source": str(Path(source).expanduser().resolve()),
+        "source": source_name(source),
         "checkpoint": str(checkpoint),
         "embeddings": str(emb.path.resolve()),
     }

@@ -115,6 +115,12 @@ def move_into(tmp: Path, out: Path) -> None:
     fsync_path(out)
 
 
+def source_name(source: str | Path) -> str:
+    """A source as a manifest names it: a local path made absolute; a pattern or pipe: URL as given."""
+    s = str(source)
+    return s if s.startswith("pipe:") or "://" in s else str(Path(s).expanduser().absolute())
+
+
 def source_inside(source: str | Path, out: Path) -> bool:
     """True when the source (a path, not a pipe: URL) is `out`, lies under it, or is a folder holding it."""
     s = str(source)
@@ -137,6 +143,8 @@ def write_pairs(
     `out`, then move the result into `out` whole (the other form's old output is removed); (what was
     written, how many, the pairs whose image bytes could not be read)."""
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".write-*"):  # the output of a run that was killed before it finished
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=".write-", dir=out))
     writer = PairsOut(tmp, table, image_column, caption_column)
     skipped: list[Skip] = []

@@ -16,7 +16,7 @@ OUT (a folder):
 With `truth` (a JSONL of {key, mispaired}, the truth.jsonl of `lipkit data build noisy`), score.json also
 holds the AUC of clip_score at ranking true pairs above mispaired ones (Mann–Whitney's rank formula).
 While it runs, finished chunks (`chunk_size` pairs in source order) live in chunks/NNNNN.npz, each
-written atomically with a digest of its keys and captions; a rerun with the same source, checkpoint and
+written atomically with a digest of its keys, captions and images; a rerun with the same source, checkpoint and
 chunk size reads them instead of scoring again. The source is streamed: one chunk of images in memory.
 Image embeddings can come from a `lipkit embed` folder of the same checkpoint (`embeddings`); captions
 are always embedded here (that folder holds the first caption only).
@@ -27,6 +27,7 @@ any threshold: `lipkit data filter` keeps pairs by threshold or by fraction.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -39,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from lipkit.atomic import save_npz_atomic, write_json_atomic
-from lipkit.curate.pairs_out import PairsOut, move_into, source_inside
+from lipkit.curate.pairs_out import PairsOut, move_into, source_inside, source_name
 from lipkit.curate.score_chunks import (
     ImageLookup,
     chunk_digest,
@@ -62,10 +63,19 @@ TABLE = "scored.jsonl"
 OUR_FILES = ("score.json", TABLE, "shards", "skipped.json", "chunks")
 
 
-def source_name(source: str | Path) -> str:
-    """A source as the manifest names it: a local path made absolute; a pattern or pipe: URL as given."""
+def source_state(source: str | Path) -> str | None:
+    """What changes when a local source does: a table file's size and modification time, or a digest of
+    those of a folder's files (shards, images); None for patterns and URLs (their chunks still check)."""
     s = str(source)
-    return s if s.startswith("pipe:") or "://" in s else str(Path(s).expanduser().absolute())
+    path = Path(s).expanduser()
+    if s.startswith("pipe:") or "://" in s or not path.exists():
+        return None
+    files = [path] if path.is_file() else sorted(f for f in path.iterdir() if f.is_file())
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}\0".encode("utf-8", "surrogatepass"))
+    return h.hexdigest()[:16]
 
 
 def score_stats(values: Sequence[float]) -> dict[str, Any]:
@@ -186,10 +196,21 @@ def _check_out(out: Path, source: str | Path, fp: dict[str, Any], overwrite: boo
         return None
     if manifest.get("fingerprint") != fp:
         raise UserError(
-            f"'{out}' holds scores of another source, checkpoint, columns or chunk size; pass --overwrite to "
-            "replace them or choose a new OUT."
+            f"'{out}' holds scores of another source (or the source changed since), checkpoint, columns or "
+            "chunk size; pass --overwrite to replace them or choose a new OUT."
         )
     return manifest if manifest.get("complete") else None
+
+
+def _start(out: Path, fp: dict[str, Any], extra: dict[str, Any] | None) -> dict[str, Any]:
+    """Begin (or continue) a job in `out`: chunks/ ready, a killed run's half output removed, the
+    manifest of an unfinished job written; returns it."""
+    (out / "chunks").mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".writing-*"):  # the output of a run that was killed before it finished
+        shutil.rmtree(stale, ignore_errors=True)
+    manifest = {"format": FORMAT, "version": 1, **(extra or {}), "fingerprint": fp, "complete": False}
+    write_json_atomic(out / "score.json", manifest)
+    return manifest
 
 
 def _emit(records: list[Record], arrays: dict[str, np.ndarray], writer: PairsOut, tally: _Tally) -> None:
@@ -263,20 +284,16 @@ def score_source(
         raise UserError("--batch-size and --chunk-size must be at least 1.")
     known = read_truth(truth) if truth is not None else None
     columns = [image_column, caption_column, str(image_root)]
-    fp = {"source": source_name(source), "columns": columns, "chunk_size": chunk_size, **fingerprint}
+    fp = {
+        "source": source_name(source),
+        "source_state": source_state(source),
+        "columns": columns,
+        "chunk_size": chunk_size,
+        **fingerprint,
+    }
     if (finished := _check_out(out, source, fp, overwrite)) is not None:
         return _result(out, finished if known is None else _truth_of_output(out, finished, known))
-    (out / "chunks").mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".writing-*"):  # the output of a run that was killed before it finished
-        shutil.rmtree(stale, ignore_errors=True)
-    manifest = {
-        "format": FORMAT,
-        "version": 1,
-        **(extra_manifest or {}),
-        "fingerprint": fp,
-        "complete": False,
-    }
-    write_json_atomic(out / "score.json", manifest)
+    manifest = _start(out, fp, extra_manifest)
     tally, tmp = _Tally(known), Path(tempfile.mkdtemp(prefix=".writing-", dir=out))
     writer = PairsOut(tmp, TABLE, image_column, caption_column)
     try:

@@ -2,11 +2,12 @@
 source order, each chunk's image embeddings (decoded and embedded by `search.embed_chunks`, the one
 decode path of `lipkit embed`, or read from a `lipkit embed` folder), its captions embedded once each,
 and the cosine score of every (image, caption) pair; a chunk file is trusted only for the same records
-(a digest of their keys and captions)."""
+(a digest of their keys, captions and images)."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,26 @@ from lipkit.search.encode import Towers
 ImageLookup = Callable[[Record], np.ndarray | None]
 
 
+def image_identity(record: Record) -> str:
+    """What changes when the record's image does: a digest of inline bytes, else the file's path, size
+    and modification time (a missing file: its path alone)."""
+    data = record.data
+    if data is not None:
+        return hashlib.sha256(data).hexdigest()[:16]
+    try:
+        st = os.stat(record.image)
+    except OSError:
+        return str(record.image)
+    return f"{record.image}:{st.st_size}:{st.st_mtime_ns}"
+
+
 def chunk_digest(records: Sequence[Record]) -> str:
+    """A chunk's keys, captions and images: a finished chunk is reused only for the same pairs."""
     h = hashlib.sha256()
     for r in records:
-        h.update("\x1f".join([r.key, *r.captions]).encode("utf-8", "surrogatepass") + b"\0")
+        h.update(
+            "\x1f".join([r.key, image_identity(r), *r.captions]).encode("utf-8", "surrogatepass") + b"\0"
+        )
     return h.hexdigest()[:32]
 
 

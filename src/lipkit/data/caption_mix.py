@@ -60,6 +60,19 @@ def pick_source(
     return names[-1]
 
 
+def check_mix_columns(
+    metas: Sequence[Mapping[str, Any]], mix: Mapping[str, float], caption_column: str, source: str
+) -> None:
+    """Refuse a mix column that no row has (a typo would otherwise never be drawn, silently)."""
+    missing = [n for n in mix if n != caption_column and not any(n in m for m in metas)]
+    if missing:
+        have = sorted({k for m in metas[:1000] for k in m})
+        raise UserError(
+            f"data.caption_mix names {', '.join(repr(n) for n in missing)}, a column no row of '{source}' has; "
+            f"use the caption column '{caption_column}' or one of: {', '.join(have) or 'none'}."
+        )
+
+
 def mixed_captions(
     captions: Sequence[str],
     meta: Mapping[str, Any],

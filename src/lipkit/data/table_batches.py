@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from lipkit.data.batching import Batch, Log, SkipCounter, choose_captions, data_line
-from lipkit.data.caption_mix import check_mix, mixed_captions, sources
+from lipkit.data.caption_mix import check_mix, check_mix_columns, mixed_captions, sources
 from lipkit.data.captions import (
     add_meta_captions_checked,
     captioned_records,
@@ -286,6 +286,8 @@ def open_records(d: Any, scan: Callable[..., Iterator[Record | Skip]]) -> Record
         check_meta_templates(d.meta_captions)
         records = filter_captions(records, d.caption_select, d.caption_langs)
         records = add_meta_captions_checked(records, d.meta_captions, d.train)
+    if d.caption_mix:
+        check_mix_columns([r.meta for r in records], d.caption_mix, d.caption_column, str(d.train))
     captioned = captioned_records(records, d.train)
     skipped["no_caption"] += len(records) - len(captioned)
     return RecordSource(captioned, skipped, d)

@@ -18,6 +18,14 @@ from lipkit.eval.evaluate import evaluate_records, fit_probes, image_style, reso
 from lipkit.malloc import keep_freed_memory
 
 
+def spread_subset(records: list, n: int) -> list:
+    """`n` of `records` spread evenly over them (every len/n-th row, in order; all of them for n = 0 or
+    n ≥ len): a capped evaluation still sees every part of a split that is sorted by class."""
+    if not n or n >= len(records):
+        return records
+    return [records[i * len(records) // n] for i in range(n)]
+
+
 def run_eval(checkpoint: str | Path, splits: dict[str, str], cfg: Config, out: Path) -> dict[str, Any]:
     """Evaluate a checkpoint on `splits`, write the results to `out` and return them; under bf16 autocast
     with `eval.precision: bf16` (embeddings are returned in float32 either way)."""
@@ -70,8 +78,7 @@ def _run_eval(checkpoint: str | Path, splits: dict[str, str], cfg: Config, out: 
         }
     for name, path in splits.items():
         records = read_table(path, d.image_column, d.caption_column, d.image_root)
-        if cfg.eval.max_images:
-            records = records[: cfg.eval.max_images]
+        records = spread_subset(records, cfg.eval.max_images)
         results["splits"][name] = evaluate_records(
             model,
             tokenizer,

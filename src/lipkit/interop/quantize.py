@@ -48,6 +48,7 @@ from lipkit.checkpoint import file_sha256
 from lipkit.config import Config, config_from_dict
 from lipkit.data.image_store import ImageStore
 from lipkit.errors import UserError
+from lipkit.eval.suite import spread_subset
 from lipkit.interop import refuse_existing
 from lipkit.interop.peer_weights import require
 from lipkit.interop.quant_check import EvalSet, Memo, drops, gated, image_run, rates, session, text_run
@@ -205,8 +206,7 @@ def _inputs(checkpoint: Path, opts: QuantOptions) -> tuple[Config, str | Path, l
     cfg = run_config(checkpoint) or Config()
     eval_source = _eval_source(opts, cfg)
     records = read_source(eval_source, cfg, "evaluation source")
-    if cfg.eval.max_images:
-        records = records[: cfg.eval.max_images]
+    records = spread_subset(records, cfg.eval.max_images)
     if not all(r.captions for r in records):
         raise UserError(
             f"The evaluation source '{eval_source}' has rows without captions; pass a captions table."

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from lipkit.data.records import Record
 from lipkit.data.sources.registry import read_table, source_kind
+from lipkit.errors import UserError
 
 
 def collect(
@@ -38,6 +39,12 @@ def records_fingerprint(records: Sequence[Record]) -> str:
 def checkpoint_fingerprint(checkpoint: str | Path) -> str:
     """Hash of config.json and model.safetensors: a different checkpoint gives different vectors."""
     p = Path(checkpoint).expanduser()
+    missing = [name for name in ("config.json", "model.safetensors") if not (p / name).is_file()]
+    if missing:
+        raise UserError(
+            f"'{p}' is not a lipkit checkpoint (no {' or '.join(missing)}); pass the checkpoint folder "
+            "`lipkit train` wrote (e.g. runs/demo/checkpoint)."
+        )
     h = hashlib.sha256()
     for name in ("config.json", "model.safetensors"):
         with (p / name).open("rb") as f:
