@@ -117,6 +117,13 @@ def test_cluster_refuses_bad_input(clustered, ckpt, table, tmp_path):
     (int8 / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="int8 ONNX towers"):
         run_cluster(ckpt, table, tmp_path / "q", 2, embeddings=int8)
+    rows = [json.loads(x) for x in table.read_text().splitlines()[:4]]
+    for i, r in enumerate(rows):  # two different images under one key, as shards restarting __key__ give
+        r["image"], r["key"] = str((table.parent / r["image"]).resolve()), f"k{i % 3}"
+    clash = tmp_path / "clash.jsonl"
+    clash.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(UserError, match="share the key 'k0'"):
+        run_cluster(ckpt, clash, tmp_path / "clash", 2)
     # a mistyped checkpoint beside a finished embeddings folder: one sentence, no traceback
     with pytest.raises(UserError, match="is not a lipkit checkpoint"):
         run_cluster(tmp_path / "chekpoint", table, tmp_path / "m", 2, embeddings=clustered / "embeddings")

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from conftest import tiny_eval_setup
 from lipkit.curate.filter import keep_count, keep_mask, run_filter
+from lipkit.curate.reduce import quotas
 from lipkit.curate.score import run_score, score_source
 from lipkit.curate.score_chunks import embeddings_lookup
 from lipkit.curate.separation import auc
@@ -94,9 +95,12 @@ def test_keep_mask_is_a_naive_per_group_sort(fraction):
     s = rng.integers(0, 10, 200) / 10  # ties
     groups = rng.integers(-1, 7, 200)
     keep = keep_mask(s, keep_fraction=fraction, groups=groups)
-    for g in set(groups.tolist()):
+    labels = sorted(set(groups.tolist()))
+    counts = quotas(np.array([int((groups == g).sum()) for g in labels]), fraction)  # as reduce keeps
+    assert abs(int(keep.sum()) - fraction * 200) <= max(1, len(labels) - 1) if fraction < 1 else keep.all()
+    for g, count in zip(labels, counts, strict=True):
         rows = [i for i in range(200) if groups[i] == g]
-        best = sorted(rows, key=lambda i: (-s[i], i))[: max(1, int(fraction * len(rows) + 0.5))]
+        best = sorted(rows, key=lambda i: (-s[i], i))[:count]
         assert sorted(np.flatnonzero(keep & (groups == g)).tolist()) == sorted(best)
     whole = keep_mask(s, keep_fraction=fraction)
     assert whole.sum() == keep_count(fraction, 200) and s[whole].min() >= s[~whole].max(initial=-1)

@@ -196,6 +196,19 @@ def check_out_dir(out: Path, ours: Sequence[str] = OUR_FILES, inputs: Sequence[s
             )
 
 
+def check_unique_keys(records: Sequence[Record], source: str | Path) -> None:
+    """clusters.jsonl names samples by key: refuse two different images under one key (WebDataset shards
+    whose __key__ restarts in every shard; the same image listed twice may share its key)."""
+    seen: dict[str, Path] = {}
+    for r in records:
+        first = seen.setdefault(r.key, r.image)
+        if first != r.image:
+            raise UserError(
+                f"Two samples of '{source}' share the key '{r.key}' ({first} and {r.image}), so clusters could "
+                "not tell them apart; give every row a unique `key` column (or unique __key__ in shards)."
+            )
+
+
 def write_clusters(out: Path, keys: Sequence[str], labels: np.ndarray, dists: np.ndarray) -> None:
     def write(f: Any) -> None:
         for key, c, d in zip(keys, labels.tolist(), dists.tolist(), strict=True):
@@ -234,6 +247,7 @@ def run_cluster(
     )
     from lipkit.curate.pairs_out import source_name
 
+    check_unique_keys(emb.records, source)
     centroids = spherical_kmeans(emb.x, k, seed, niter)
     labels, dists = assign(emb.x, centroids)
     keys = [emb.records[r].key for r in emb.rows]

@@ -6,10 +6,11 @@ for OpenAI's ViT-B/32), globally or within each cluster of a `lipkit data cluste
 Rules (one of):
   min_score X        keep the pairs with clip_score ≥ X
   keep_fraction F    keep the k = max(1, ⌊F·n + ½⌋) highest-scored pairs (ties: the earlier row)
-  + per_cluster DIR  the same rule inside every cluster c: k_c = max(1, ⌊F·n_c + ½⌋). A global cut
-                     removes whole concepts whose pairs score low (rare, hard or badly captioned ones);
-                     per cluster, every concept keeps its best pairs, at least one. Pairs the clustering
-                     did not see form one group of their own.
+  + per_cluster DIR  the k kept pairs shared among the clusters in proportion to their sizes (largest
+                     remainders, at least one per cluster: the counts of `lipkit data reduce`), the best
+                     of each cluster kept. A global cut removes whole concepts whose pairs score low
+                     (rare, hard or badly captioned ones); per cluster, every concept keeps its best
+                     pairs. Pairs the clustering did not see form one group of their own.
 
 OUT (a folder; the input is never touched):
   filtered.jsonl  the kept rows, every column (scores included), image paths absolute, `key`
@@ -33,6 +34,7 @@ import numpy as np
 from lipkit.atomic import atomic_write, write_json_atomic
 from lipkit.curate.cluster import check_out_dir, load_clusters, lookup
 from lipkit.curate.pairs_out import SHARDS, write_pairs
+from lipkit.curate.reduce import quotas
 from lipkit.data.records import Record
 from lipkit.data.sources.registry import estimate_total, scan
 from lipkit.errors import UserError
@@ -44,8 +46,8 @@ MANIFESTS = ("score.json", "filter.json")  # folders whose pairs are named by th
 
 
 def keep_count(fraction: float, n: int) -> int:
-    """max(1, ⌊F·n + ½⌋), never more than n (0 for an empty group)."""
-    return min(n, max(1, int(np.floor(fraction * n + 0.5)))) if n else 0
+    """max(1, ⌊F·n + ½⌋), never more than n (0 for an empty group): `quotas` of one group."""
+    return int(quotas(np.array([n]), fraction)[0])
 
 
 def keep_mask(
@@ -67,7 +69,7 @@ def keep_mask(
     starts = np.flatnonzero(np.r_[True, g_sorted[1:] != g_sorted[:-1]]) if len(s) else np.zeros(0, int)
     sizes = np.diff(np.r_[starts, len(s)])
     rank = np.arange(len(s)) - np.repeat(starts, sizes)
-    quota = np.repeat([keep_count(keep_fraction, int(n)) for n in sizes], sizes)
+    quota = np.repeat(quotas(sizes, keep_fraction), sizes)
     keep = np.zeros(len(s), dtype=bool)
     keep[order] = rank < quota
     return keep

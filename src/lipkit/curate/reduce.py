@@ -40,12 +40,13 @@ OUR_FILES = (TABLE, SHARDS, "reduce.json")
 
 
 def quotas(sizes: np.ndarray, ratio: float) -> np.ndarray:
-    """Rows to keep per cluster: R·n_c by largest remainders (Σ = round(R·N), ties to the lower cluster),
-    then at least 1 and at most n_c for every non-empty cluster."""
+    """Rows to keep per cluster: R·n_c by largest remainders (Σ = ⌊R·N + ½⌋, ties to the lower cluster),
+    then at least 1 and at most n_c for every non-empty cluster. `lipkit data filter --keep-fraction`
+    (per cluster or not) keeps the same counts."""
     sizes = np.asarray(sizes, dtype=np.int64)
     share = ratio * sizes
     m = np.floor(share).astype(np.int64)
-    left = int(round(ratio * int(sizes.sum()))) - int(m.sum())
+    left = int(np.floor(ratio * int(sizes.sum()) + 0.5)) - int(m.sum())
     if left > 0:
         order = np.lexsort((np.arange(len(sizes)), -(share - m)))  # largest remainder first
         m[order[:left]] += 1
