@@ -94,3 +94,29 @@ def write_dir(dest: Path, write: Callable[[Path], Any]) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def job_manifest(out: Path, name: str, fmt: str, what: str) -> dict[str, Any] | None:
+    """The manifest `name` (a JSON object whose "format" is `fmt`) of the resumable job folder `out`; None
+    for a folder that does not exist yet or is empty. A file, a folder of other files or another
+    manifest is refused in one sentence (`what` names the job's output: "scores", "embeddings")."""
+    from lipkit.errors import UserError
+
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise UserError(f"Output '{out}' is a file; pass a folder path for the {what}.")
+    path = out / name
+    if not path.is_file():
+        if any(out.iterdir()):
+            raise UserError(
+                f"Output '{out}' exists and is not a {what} folder; choose a new or empty OUT folder."
+            )
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        manifest = {}
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt:
+        raise UserError(f"'{path}' is not a lipkit {what} manifest; choose another OUT.")
+    return manifest

@@ -28,7 +28,6 @@ any threshold: `lipkit data filter` keeps pairs by threshold or by fraction.
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import tempfile
 from collections import Counter
@@ -39,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from lipkit.atomic import save_npz_atomic, write_json_atomic
+from lipkit.atomic import job_manifest, save_npz_atomic, write_json_atomic
 from lipkit.curate.pairs_out import PairsOut, move_into, source_inside, source_name
 from lipkit.curate.score_chunks import (
     ImageLookup,
@@ -174,21 +173,9 @@ def _check_out(out: Path, source: str | Path, fp: dict[str, Any], overwrite: boo
     `overwrite`, which removes them); the manifest of a finished job of this same work."""
     if source_inside(source, out):
         raise UserError(f"OUT '{out}' is or holds the source '{source}'; choose an OUT folder outside it.")
-    if not out.exists():
+    manifest = job_manifest(out, "score.json", FORMAT, "scores")
+    if manifest is None:
         return None
-    if not out.is_dir():
-        raise UserError(f"Output '{out}' is a file; pass a folder path for the scores.")
-    path = out / "score.json"
-    if not path.is_file():
-        if any(out.iterdir()):
-            raise UserError(f"Output '{out}' exists and is not a scores folder; choose a new or empty OUT.")
-        return None
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        manifest = {}
-    if manifest.get("format") != FORMAT:
-        raise UserError(f"'{path}' is not a lipkit scores manifest; choose another OUT.")
     if overwrite:
         for name in OUR_FILES:
             target = out / name

@@ -19,7 +19,6 @@ source and checkpoint skips them, so an interrupted job continues after its last
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from lipkit.atomic import atomic_write, save_npy_atomic, save_npz_atomic, write_json_atomic
+from lipkit.atomic import atomic_write, job_manifest, save_npy_atomic, save_npz_atomic, write_json_atomic
 from lipkit.data.records import Record
 from lipkit.device import pick_device
 from lipkit.errors import UserError
@@ -92,23 +91,9 @@ def _remove_ours(out: Path) -> None:
 def _check_out(out: Path, fp: dict[str, str], chunk_size: int, overwrite: bool) -> EmbedResult | None:
     """Make `out` ready for this job: refuse a file, a foreign folder or other embeddings (unless
     `overwrite`, which removes them); the result of the finished job when it is already complete."""
-    if not out.exists():
+    manifest = job_manifest(out, "manifest.json", FORMAT, "embeddings")
+    if manifest is None:
         return None
-    if not out.is_dir():
-        raise UserError(f"Output '{out}' is a file; pass a folder path for the embeddings.")
-    manifest_path = out / "manifest.json"
-    if not manifest_path.is_file():
-        if any(out.iterdir()):
-            raise UserError(
-                f"Output '{out}' exists and is not an embeddings folder; choose a new or empty OUT folder."
-            )
-        return None
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        manifest = {}
-    if manifest.get("format") != FORMAT:
-        raise UserError(f"'{manifest_path}' is not a lipkit embeddings manifest; choose another OUT.")
     if overwrite:
         _remove_ours(out)
         return None
