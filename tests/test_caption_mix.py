@@ -87,3 +87,23 @@ def test_a_mix_column_no_row_has_is_refused(mixed_table):
     d.cache_images, d.samples_per_epoch = False, 0
     with pytest.raises(UserError, match="'captions_retreived', a column no row .* captions_retrieved"):
         open_train_data(d)
+
+
+def test_a_mix_source_named_like_a_caption_field_competes_in_shards_too(table, tmp_path):
+    """`text` is one of the fields a shard's JSON may hold its captions in; next to `captions` it stays
+    metadata, so a mix naming it draws it from shards as from the table."""
+    from lipkit.data.convert import convert
+
+    path = tmp_path / "t.jsonl"
+    with path.open("w", encoding="utf-8") as f:
+        for r in read_table(table)[:32]:
+            f.write(
+                json.dumps({"image": str(r.image), "captions": r.captions, "key": r.key, "text": "other"})
+                + "\n"
+            )
+    convert(path, tmp_path / "shards", 16, "image", "captions", "", False)
+    for source in (path, tmp_path / "shards"):
+        d = DataConfig(train=str(source), caption_mix={"captions": 0.5, "text": 0.5})
+        d.cache_images, d.samples_per_epoch = False, 0
+        drawn = [c for _, caps, _ in open_train_data(d).batches(16, 16, 7).epoch(0, 0) for c in caps]
+        assert 0.2 < drawn.count("other") / len(drawn) < 0.8, source

@@ -131,12 +131,13 @@ def parse_json_meta(raw: bytes, caption_column: str = "captions") -> tuple[Any, 
         return Skip("bad_text", "", f"JSON metadata: {type(e).__name__}")
     if not isinstance(obj, dict):
         return Skip("bad_text", "", "JSON metadata is not an object")
-    captions = None
+    captions, used = None, caption_column
     for name in (caption_column, *CAPTION_KEYS):
         if obj.get(name) not in (None, "", []):
-            captions = obj[name]
+            captions, used = obj[name], name
             break
-    meta = {k: v for k, v in obj.items() if k not in (caption_column, *CAPTION_KEYS)}
+    # the other caption-like fields stay metadata (a data.caption_mix source may be named `text`)
+    meta = {k: v for k, v in obj.items() if k not in (caption_column, used)}
     return captions, meta
 
 
