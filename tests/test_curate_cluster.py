@@ -203,7 +203,8 @@ def test_pool_texts_and_balanced_rows():
     from lipkit.data.records import Record
 
     recs = [Record(Path("a"), ["x", "y"]), Record(Path("b"), ["y", "z"])]
-    assert pool_texts(recs) == ["x", "y", "z"] and pool_texts(recs, "first") == ["x", "y"]
+    rows = [r.captions for r in recs]
+    assert pool_texts(rows) == ["x", "y", "z"] and pool_texts(rows, "first") == ["x", "y"]
     found = [(0, 0.1)] * 5 + [(1, 0.2)] * 2 + [None]
     keep, cap = balanced_rows(found, 2, seed=0)
     assert cap == 2 and len(keep) == 5 and sum(k < 5 for k in keep) == 2 and {5, 6, 7} <= set(keep.tolist())
@@ -222,7 +223,7 @@ def test_associate_end_to_end(clustered, ckpt, table, tmp_path):
     emb = clustered / "embeddings"
     s = run_associate(ckpt, table, out, 3, table, pool_captions="first", exclude_own=True, embeddings=emb)
     rows = read_jsonl(out / "associated.jsonl")
-    texts = pool_texts(collect(table), "first")
+    texts = pool_texts([r.captions for r in collect(table)], "first")
     t = brute_force_texts(ckpt, texts)
     x = np.load(clustered / "embeddings" / "image_emb.npy")
     assert len(rows) == len(x) == s["written"] and s["own_caption_retrieved"] == 0.0
@@ -267,3 +268,15 @@ def test_cli_commands(clustered, ckpt, table, tmp_path):
     assert len(read_jsonl(tmp_path / "a" / "associated.jsonl")) == len(
         read_jsonl(tmp_path / "r" / "reduced.jsonl")
     )
+
+
+def test_a_text_pool_needs_no_images(tmp_path):
+    """A .txt file (one text per line) and a table with captions but no image column are pools."""
+    from lipkit.curate.associate import pool_rows
+
+    (tmp_path / "pool.txt").write_text("a red heart\n\n a cat face \na red heart\n")
+    assert pool_texts(pool_rows(tmp_path / "pool.txt", "image", "captions")) == ["a red heart", "a cat face"]
+    (tmp_path / "pool.jsonl").write_text('{"captions": ["x", "y"]}\n{"text": "z"}\n')
+    assert pool_texts(pool_rows(tmp_path / "pool.jsonl", "image", "captions")) == ["x", "y", "z"]
+    (tmp_path / "pool.tsv").write_text("caption\tother\nhello\t1\n")
+    assert pool_rows(tmp_path / "pool.tsv", "image", "caption") == [["hello"]]

@@ -112,8 +112,11 @@ def associate(
         ..., help="Output folder: associated.jsonl (or shards/), associate.json, embeddings/."
     ),
     k: int = typer.Option(..., "-k", "--k", min=1, help="Texts to retrieve per image."),
-    pool: Path = typer.Option(
-        ..., "--pool", help="The text pool: the captions of this source (e.g. a table)."
+    pool: str = typer.Option(
+        ...,
+        "--pool",
+        help="The text pool: a .txt file (one text per line), a table's caption column (images not needed), "
+        "or the captions of any source.",
     ),
     pool_captions: str = typer.Option(
         "all", "--pool-captions", help="all: every caption of each pool row; first: only its first."

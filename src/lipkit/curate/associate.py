@@ -32,6 +32,7 @@ no embedding; they are left out of the table and counted.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ from lipkit.curate.cluster import (
     lookup,
 )
 from lipkit.curate.pairs_out import SHARDS, write_pairs
-from lipkit.data.records import Record
+from lipkit.data.records import CAPTION_KEYS, parse_captions
 from lipkit.errors import UserError, import_optional
 from lipkit.search.collection import collect
 from lipkit.search.embed import progress_bar
@@ -58,13 +59,33 @@ TABLE = "associated.jsonl"
 OUR_FILES = (TABLE, SHARDS, "associate.json", "embeddings")
 
 
-def pool_texts(records: Sequence[Record], which: str = "all") -> list[str]:
+def pool_rows(pool: str | Path, image_column: str, caption_column: str) -> list[list[str]]:
+    """The captions of each row of the text pool: a .txt file (one text per line), a JSONL/CSV/TSV table
+    read for its caption column alone (no images needed), or any source `data.train` accepts."""
+    path = Path(str(pool)).expanduser()
+    suffix = path.suffix.lower()
+    if path.is_file() and suffix == ".txt":
+        return [[line.strip()] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.is_file() and suffix in (".jsonl", ".csv", ".tsv"):
+        import csv
+
+        with path.open(encoding="utf-8", newline="") as f:
+            if suffix == ".jsonl":
+                rows = [json.loads(line) for line in f if line.strip()]
+            else:
+                rows = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+        names = (caption_column, *CAPTION_KEYS)
+        return [next((c for n in names if (c := parse_captions(row.get(n)))), []) for row in rows]
+    return [r.captions for r in collect(pool, image_column, caption_column)]
+
+
+def pool_texts(rows: Sequence[Sequence[str]], which: str = "all") -> list[str]:
     """The distinct captions of the pool's rows (all of each row's, or its first), in first-seen order."""
     if which not in POOL_CAPTIONS:
         raise UserError(f"--pool-captions must be one of {', '.join(POOL_CAPTIONS)}, got '{which}'.")
     seen: dict[str, None] = {}
-    for r in records:
-        for c in r.captions if which == "all" else r.captions[:1]:
+    for captions in rows:
+        for c in captions if which == "all" else captions[:1]:
             seen.setdefault(c, None)
     return list(seen)
 
@@ -211,10 +232,11 @@ def run_associate(
         raise UserError(f"-k must be at least 1 (texts to retrieve per image), got {k}.")
     out = Path(out).expanduser()
     check_out_dir(out, OUR_FILES, [source, pool] + ([balanced] if balanced else []))
-    texts = pool_texts(collect(pool, image_column, caption_column), pool_captions)
+    texts = pool_texts(pool_rows(pool, image_column, caption_column), pool_captions)
     if not texts:
         raise UserError(
-            f"The pool '{pool}' has no captions; pass a table whose rows have captions as --pool."
+            f"The pool '{pool}' has no captions; pass a .txt file of texts or a table with a "
+            f"'{caption_column}' column as --pool."
         )
     emb = image_embeddings(
         checkpoint,
