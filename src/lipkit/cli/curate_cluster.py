@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from lipkit.cli.curate_score import SOURCE_HELP
+from lipkit.cli.curate_score import CAPTION_COLUMN, DEVICE, IMAGE_COLUMN, SOURCE_HELP
 
 console = Console(stderr=True)
 
@@ -30,9 +30,9 @@ def cluster(
     seed: int = typer.Option(0, "--seed", help="Seed of k-means' initialisation and training sample."),
     niter: int = typer.Option(20, "--niter", min=1, help="k-means iterations."),
     batch_size: int = typer.Option(256, "--batch-size", "-b", help="Images per forward pass (embedding)."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    image_column: str = typer.Option("image", help="Table column holding image paths."),
-    caption_column: str = typer.Option("captions", help="Table column holding captions."),
+    device: str = DEVICE,
+    image_column: str = IMAGE_COLUMN,
+    caption_column: str = CAPTION_COLUMN,
 ) -> None:
     """Spherical k-means over SOURCE's image embeddings; one cluster and distance per sample."""
     from lipkit.curate.cluster import run_cluster
@@ -76,8 +76,8 @@ def reduce(
         "nearest", "--pick", help="nearest: the samples nearest their centroid; random: uniform per cluster."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed for --pick random."),
-    image_column: str = typer.Option("image", help="Table column holding image paths."),
-    caption_column: str = typer.Option("captions", help="Table column holding captions."),
+    image_column: str = IMAGE_COLUMN,
+    caption_column: str = CAPTION_COLUMN,
 ) -> None:
     """Keep about RATIO of SOURCE, from every cluster in proportion to its size (TL;DR's selection)."""
     from lipkit.curate.reduce import run_reduce
@@ -141,9 +141,9 @@ def associate(
         "(default OUT/embeddings).",
     ),
     batch_size: int = typer.Option(256, "--batch-size", "-b", help="Images or texts per forward pass."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    image_column: str = typer.Option("image", help="Table column holding image paths."),
-    caption_column: str = typer.Option("captions", help="Table column holding captions."),
+    device: str = DEVICE,
+    image_column: str = IMAGE_COLUMN,
+    caption_column: str = CAPTION_COLUMN,
 ) -> None:
     """Give each image of SOURCE the K nearest texts of a pool as `captions_retrieved` (RealSyn's retrieval)."""
     from lipkit.curate.associate import run_associate

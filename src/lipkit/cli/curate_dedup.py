@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from lipkit.cli.curate_score import SOURCE_HELP
+from lipkit.cli.curate_score import CAPTION_COLUMN, DEVICE, IMAGE_COLUMN, SOURCE_HELP
 
 console = Console(stderr=True)
 
@@ -77,9 +77,9 @@ def dedup(
         help="Also drop rows whose caption set repeats an earlier row's (case, spaces ignored).",
     ),
     batch_size: int = typer.Option(256, "--batch-size", "-b", help="Images per forward pass (embedding)."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    image_column: str = typer.Option("image", help="Table column holding image paths."),
-    caption_column: str = typer.Option("captions", help="Table column holding captions."),
+    device: str = DEVICE,
+    image_column: str = IMAGE_COLUMN,
+    caption_column: str = CAPTION_COLUMN,
 ) -> None:
     """Drop repeated images (exact pixels; with --checkpoint also near-duplicates confirmed by a pixel check)
     and, with --captions, repeated caption sets; keep the first of each group. OUT/dedup_report.json lists

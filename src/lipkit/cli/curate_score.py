@@ -17,6 +17,11 @@ SOURCE_HELP = (
     "of them or a brace pattern), a folder of images with .txt/.json captions, a saved Hugging Face dataset."
 )
 
+# options every curation command shares (one OptionInfo each; typer only reads them)
+DEVICE = typer.Option("auto", help="auto, cpu, cuda or cuda:N.")
+IMAGE_COLUMN = typer.Option("image", help="Table column naming the image (a path, or bytes inline).")
+CAPTION_COLUMN = typer.Option("captions", help="Table column holding the caption(s).")
+
 
 def score(
     checkpoint: Path = typer.Argument(..., help="Checkpoint directory written by `lipkit train`."),
@@ -33,7 +38,7 @@ def score(
     batch_size: int = typer.Option(256, "--batch-size", "-b", help="Images (and captions) per forward pass."),
     chunk_size: int = typer.Option(2048, "--chunk-size", help="Pairs per saved chunk (the unit of resume)."),
     workers: int = typer.Option(0, "--workers", "-w", help="Image-decoding worker processes."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    device: str = DEVICE,
     truth: Path = typer.Option(
         None,
         "--truth",
@@ -41,8 +46,8 @@ def score(
         "AUC of clip_score at ranking the true pairs above the mispaired ones.",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the scores already in OUT."),
-    image_column: str = typer.Option("image", help="Column naming the image (path or bytes)."),
-    caption_column: str = typer.Option("captions", help="Column holding the caption(s)."),
+    image_column: str = IMAGE_COLUMN,
+    caption_column: str = CAPTION_COLUMN,
     image_root: str = typer.Option("", help="Folder image paths are relative to (default: the table's)."),
 ) -> None:
     """CLIP score of every image–caption pair (cosine similarity; clip_score: the best caption's).
@@ -107,8 +112,8 @@ def filter_(
         help="With --keep-fraction: keep the best F of every cluster of this `lipkit data cluster` folder "
         "(at least one each), so that rare concepts survive.",
     ),
-    image_column: str = typer.Option("image", help="Column naming the image (path or bytes)."),
-    caption_column: str = typer.Option("captions", help="Column holding the caption(s)."),
+    image_column: str = IMAGE_COLUMN,
+    caption_column: str = CAPTION_COLUMN,
 ) -> None:
     """Keep pairs by CLIP score: a threshold, or the top fraction (overall or per cluster).
 
