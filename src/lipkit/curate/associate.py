@@ -152,13 +152,9 @@ def embed_texts(
     checkpoint: str | Path, texts: list[str], device: str, batch_size: int, bar: Any
 ) -> np.ndarray:
     """Unit-norm embeddings of `texts` by the checkpoint's text tower, in batches on `bar`."""
-    from lipkit.checkpoint import load_checkpoint
-    from lipkit.device import pick_device
     from lipkit.search.encode import Towers
 
-    model, tokenizer, _ = load_checkpoint(checkpoint)
-    model.to(pick_device(device))
-    towers = Towers.of_model(model, tokenizer)
+    towers = Towers.of_checkpoint(checkpoint, device)
     task = bar.add_task("embedding pool texts", total=len(texts))
     out = np.zeros((len(texts), towers.dim), dtype=np.float32)
     for s in range(0, len(texts), batch_size):

@@ -336,23 +336,16 @@ def run_score(
 ) -> ScoreResult:
     """`lipkit data score`: the checkpoint's PyTorch towers; image embeddings from `embeddings` (a `lipkit
     embed` folder of this checkpoint) where it has them."""
-    from lipkit.checkpoint import load_checkpoint
-    from lipkit.device import pick_device
-    from lipkit.malloc import keep_freed_memory
-
     columns = (kwargs.get(k, d) for k, d in (("image_column", "image"), ("caption_column", "captions")))
     if next(scan(source, *columns, kwargs.get("image_root", "")), None) is None:  # before the model loads
         raise UserError(
             f"Source '{source}' holds no pairs; point SOURCE at a table, shards or captioned images."
         )
-    model, tokenizer, _ = load_checkpoint(checkpoint)
-    model.to(pick_device(device))
-    if next(model.parameters()).device.type == "cpu":
-        keep_freed_memory()  # CPU inference without a page fault per batch (lipkit/malloc.py)
-    fp = checkpoint_fingerprint(checkpoint)
+    fp = checkpoint_fingerprint(checkpoint)  # a folder that is no checkpoint: one sentence
+    towers = Towers.of_checkpoint(checkpoint, device)
     lookup = embeddings_lookup(embeddings, fp, str(source)) if embeddings else None
     return score_source(
-        Towers.of_model(model, tokenizer),
+        towers,
         source,
         out,
         fingerprint={"checkpoint": fp},

@@ -37,9 +37,7 @@ from rich.progress import (
 
 from lipkit.atomic import atomic_write, job_manifest, save_npy_atomic, save_npz_atomic, write_json_atomic
 from lipkit.data.records import Record
-from lipkit.device import pick_device
 from lipkit.errors import UserError
-from lipkit.malloc import keep_freed_memory
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.search.collection import checkpoint_fingerprint, collect, records_fingerprint
 from lipkit.search.embed_chunks import Merged, chunk_ok, compute_chunk, merge_chunks
@@ -260,13 +258,7 @@ def run_embed(
         towers, used = Towers.of_onnx(encoder), {"onnx": encoder.fingerprint()}
         about: dict[str, Any] = {"runtime": "onnxruntime", **encoder.describe()}
     else:
-        from lipkit.checkpoint import load_checkpoint
-
-        model, tokenizer, _ = load_checkpoint(checkpoint)
-        model.to(pick_device(device))
-        if next(model.parameters()).device.type == "cpu":
-            keep_freed_memory()  # CPU embedding without a page fault per batch (lipkit/malloc.py)
-        towers, used, about = Towers.of_model(model, tokenizer), {}, {"runtime": "torch"}
+        towers, used, about = Towers.of_checkpoint(checkpoint, device), {}, {"runtime": "torch"}
     return embed_towers(
         towers,
         records,

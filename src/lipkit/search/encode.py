@@ -99,6 +99,20 @@ class Towers:
         )
 
     @classmethod
+    def of_checkpoint(cls, checkpoint: Any, device: str = "auto") -> Towers:
+        """The PyTorch towers of a lipkit checkpoint folder on `device` (auto, cpu, cuda, cuda:N); on a
+        CPU, freed memory is kept for the next batch (lipkit/malloc.py: no page fault per batch)."""
+        from lipkit.checkpoint import load_checkpoint
+        from lipkit.device import pick_device
+        from lipkit.malloc import keep_freed_memory
+
+        model, tokenizer, _ = load_checkpoint(checkpoint)
+        model.to(pick_device(device))
+        if next(model.parameters()).device.type == "cpu":
+            keep_freed_memory()
+        return cls.of_model(model, tokenizer)
+
+    @classmethod
     def of_onnx(cls, encoder: OnnxEncoder) -> Towers:
         return cls(encoder.images, encoder.texts, None, encoder.image_size, encoder.dim)
 
