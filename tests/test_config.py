@@ -37,3 +37,22 @@ def test_bad_config_is_one_clear_sentence(tmp_path, text, overrides, match):
 def test_missing_config_file(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_config(tmp_path / "none.yaml")
+
+
+def test_a_dotted_override_sets_one_key_of_a_mapping_field():
+    """`--set train.objective_args.x=v` keeps the preset's other options; `={...}` replaces them all."""
+    from lipkit.config import load_config
+
+    presets = ["configs/demo.yaml", "configs/methods/nevlp.yaml"]
+    c = load_config(presets, ["train.objective_args.multi_positive=true", "data.eval.extra=x.jsonl"])
+    assert c.train.objective_args == {
+        "strength": 1.0,
+        "momentum": 0.5,
+        "warmup_steps": 50,
+        "refit_every": 10,
+        "multi_positive": True,
+    }
+    assert set(c.data.eval) == {"test-style", "test-novel", "extra"}
+    assert load_config(presets, ["train.objective_args={strength: 0.5}"]).train.objective_args == {
+        "strength": 0.5
+    }

@@ -8,6 +8,7 @@ where it looks like a typo, the key that was probably meant.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import re
@@ -252,11 +253,29 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def _into_mapping(cfg: Config, path: list[str], value: Any) -> tuple[Any, list[str]]:
+    """`train.objective_args.strength=0.5` sets one key of a mapping field and keeps its other keys (the
+    whole field is replaced only by `train.objective_args={...}`): (the merged mapping, its path)."""
+    section = getattr(cfg, path[0], None) if len(path) > 2 else None
+    current = getattr(section, path[1], None) if dataclasses.is_dataclass(section) else None
+    if not isinstance(current, dict):
+        return value, path
+    merged = copy.deepcopy(current)
+    node = merged
+    for part in path[2:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[path[-1]] = value
+    return merged, path[:2]
+
+
 def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> Config:
     cfg = Config()
     _apply(cfg, data or {})
     for item in overrides or []:
         path, value = _parse_override(item)
+        value, path = _into_mapping(cfg, path, value)
         nested: Any = value
         for part in reversed(path):
             nested = {part: nested}
