@@ -273,7 +273,7 @@ CASES: dict[str, tuple[dict, dict]] = {
     "unicl": (UNICL, UNICL),
     "unicl-grad-cache": ({**UNICL, "grad_cache_chunk": 3}, UNICL),
     "unicl-fsdp": ({**UNICL, "strategy": "fsdp"}, UNICL),
-    # NEVLP with its mixture fitted from the second step on: the banks (gathered sample ids) and the
+    # NEVLP with its mixture fitted in every step from the second on: the banks (gathered sample ids) and the
     # weighted loss agree; multi-positive form with the demo's three captions
     "nevlp-fitted": (NEVLP, NEVLP),
     "nevlp-multi-positive-grad-cache": ({**NEVLP_MULTI, "grad_cache_chunk": 3}, NEVLP_MULTI),

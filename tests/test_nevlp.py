@@ -140,19 +140,20 @@ def test_weighted_loss_and_bank_match_a_naive_loop():
     objective = NoiseAdaptiveContrast(strength=0.8, momentum=0.6, warmup_steps=2, refit_every=2)
     bank: dict[int, float] = {}
     mixture = None
-    for step in range(1, 6):
+    for step in range(1, 8):
         keys = torch.tensor([(3 * step + i) % 9 for i in range(5)] + [4])  # id 4 twice in a batch sometimes
         img, txt = unit(6, 4, seed=10 + step), unit(6, 4, seed=20 + step)
         scale = torch.tensor(5.0, dtype=F64, requires_grad=True)
         loss = objective(image_features=img, text_features=txt, logit_scale=scale, sample_key=keys)
         losses = naive_pair_losses(img, txt, scale)
+        centre = sum(float(lv.detach()) for lv in losses) / len(losses)
         per_key: dict[int, list[float]] = {}
         for k, lv in zip(keys.tolist(), losses, strict=True):
-            per_key.setdefault(k, []).append(float(lv.detach()))
+            per_key.setdefault(k, []).append(float(lv.detach()) - centre)
         for k, ls in per_key.items():
             mean = sum(ls) / len(ls)
             bank[k] = mean if k not in bank else 0.6 * bank[k] + 0.4 * mean
-        if step >= 2 and (step - 2) % 2 == 0:
+        if step - 1 >= 2 and (step - 1 - 2) % 2 == 0:  # after 2 finished steps, then every 2
             mixture = naive_em([bank[k] for k in sorted(bank)])
         eps = [naive_posterior(bank[k], *mixture) if mixture else 0.0 for k in keys.tolist()]
         w = [1 - 0.8 * e for e in eps]
@@ -164,6 +165,30 @@ def test_weighted_loss_and_bank_match_a_naive_loop():
         assert objective.ids.tolist() == sorted(bank)
         assert torch.allclose(objective.history, torch.tensor([bank[k] for k in sorted(bank)], dtype=F64))
     assert objective.last_stats["noise_mean"] > 0
+
+
+def test_warmup_counts_finished_steps_and_bad_losses_stay_out():
+    """warmup_steps = 0 fits in the first step, W fits in step W + 1; a non-finite loss never reaches the
+    bank (a skipped step cannot switch the weighting off), and a never-stored key reads as 0."""
+    img, txt, scale = unit(4, 3, seed=7), unit(4, 3, seed=8), torch.tensor(2.0, dtype=F64)
+    for warmup, first_fit in ((0, 1), (1, 2), (3, 4)):
+        objective = NoiseAdaptiveContrast(warmup_steps=warmup, refit_every=100)
+        fitted_at = []
+        for step in range(1, 6):
+            objective(img, txt, scale, torch.arange(4))
+            if objective.mixture.abs().sum() > 0 and not fitted_at:
+                fitted_at.append(step)
+        assert fitted_at == [first_fit], warmup
+    objective = NoiseAdaptiveContrast(warmup_steps=0, refit_every=1)
+    bad = torch.tensor([1.0, float("nan"), 3.0, float("inf")], dtype=F64)
+    history = objective.remember(torch.tensor([10, 11, 12, 13]), bad)
+    assert objective.ids.tolist() == [10, 12] and torch.equal(
+        objective.history, torch.tensor([-1.0, 1.0], dtype=F64)
+    )
+    assert history.tolist() == [-1.0, 0.0, 1.0, 0.0]
+    objective(img, txt, scale, torch.arange(4))
+    assert torch.isfinite(objective.mixture).all()
+    assert sample_ids(["caf\udce9.png"]).shape == (1,)  # a key from a file name that is not UTF-8
 
 
 def test_state_resumes_exactly_into_a_fresh_objective():

@@ -11,30 +11,39 @@ Per pair (image i of the batch, its stable sample id k_i, logits_ij = t · <x_i,
     several (multi_positive, captions P_i of image i, owners o_j; lipkit.objectives.multi_positive):
         ℓ_i = ½ [−Σ_{j ∈ P_i} (1/|P_i|) log softmax_j(logits_i·) + (1/|P_i|) Σ_{j ∈ P_i} CE(logits_·j, o_j)]
 
-Loss history, kept per sample id across steps and epochs (a bank in the module's buffers):
-    h_k ← ℓ_k on its first sighting, then h_k ← μ h_k + (1 − μ) ℓ_k      (μ = `momentum`, no gradient)
+Loss history, kept per sample id across steps and epochs (a bank in the module's buffers), of the
+step's centred losses ℓ̃_i = ℓ_i − mean_j ℓ_j (over the step's finite losses; a sample id twice in a
+batch takes the mean of its ℓ̃; a non-finite loss is left out):
+    h_k ← ℓ̃_k on its first sighting, then h_k ← μ h_k + (1 − μ) ℓ̃_k      (μ = `momentum`, no gradient)
+Centring removes the drift of training: every loss falls as the model learns, so raw losses of early
+steps would mark the samples seen first as noisy; relative to its batch, a mispaired pair stays high.
 
 Noise probability: a two-component Gaussian mixture fitted by EM (10 iterations, variance floor 5e-4,
 as DivideMix/NLIP fit per-sample losses) to the min–max normalised histories u = (h − lo)/(hi − lo) of
-every sample seen so far, refitted every `refit_every` steps once `warmup_steps` have passed (before the
-first fit every ε is 0):
+every sample seen so far, in the step after `warmup_steps` steps and every `refit_every` steps after
+that (before the first fit every ε is 0; warmup_steps = 0 fits in the first step):
     ε_i = π_n N(u_i; m_n, s_n²) / Σ_c π_c N(u_i; m_c, s_c²)      (n: the component with the larger mean,
                                                                   u_i clamped to [0, 1])
 Weighted loss, with the noise-adaptive factor ω_i = λ ε_i (λ = `strength`):
     w_i = 1 − ω_i,   L = Σ_i w_i ℓ_i / Σ_i w_i
 
 With ε = 0 (λ = 0, or before the first fit) L is exactly InfoNCE (one caption) or multi_positive's loss
-(every image with the same number of captions). Every rank sees the whole gathered batch and its sample
-ids, so every rank keeps the same bank; the bank and the mixture are buffers saved with the training
-state and resized on load (exact resume).
+(every image with the same number of captions; to rounding: Σ w ℓ / Σ w with w = 1 is a mean). Every
+rank sees the whole gathered batch and its sample ids, so every rank keeps the same bank (the sums are
+sorted prefix sums, never atomic adds); the bank and the mixture are buffers saved with the training
+state and resized on load (exact resume). Sample ids come from the records' keys, which must be unique
+per pair: a table without a key column is keyed by image path, so rows repeating an image (one caption
+per row) share one history. In evaluation mode nothing is stored and the batch's own centred losses
+stand for the histories.
 
 What is not implemented of the paper:
 - NEVLP/NLIP estimate the noise from the loss of a cross-modal (fusion) transformer and apply ω_i inside
   their contrastive loss as a regularisation of the positive pair's target; here there is no fusion
   module, the loss history is that of the contrastive loss itself, and ω_i down-weights the pair (the
   issue's "pairs down-weighted by it").
-- The mixture is refitted on a step cadence over an exponential moving average instead of once per
-  epoch on that epoch's losses (μ = 0 and refit_every = steps per epoch come closest).
+- The mixture is refitted on a step cadence over an exponential moving average of batch-centred losses
+  instead of once per epoch on that epoch's raw losses (μ = 0 and refit_every = steps per epoch come
+  closest; the centring is ours, see above).
 - Concept-enhanced learning (visual concepts from a corpus added to the text), the image-grounded text
   generation and matching heads, and the frozen LLM are not implemented.
 """
@@ -71,7 +80,20 @@ def per_pair_losses(
     counts = positives.sum(1).clamp(min=1)
     rows = -(positives * F.log_softmax(logits, dim=1)).sum(1) / counts
     cols = F.cross_entropy(logits.t(), owner, reduction="none")  # (T,)
-    return 0.5 * (rows + torch.zeros_like(rows).index_add(0, owner, cols) / counts)
+    return 0.5 * (rows + (positives * cols).sum(1) / counts)  # a dense sum: no atomics, deterministic
+
+
+def segment_means(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted distinct keys, the mean of `values` per key), by a stable sort and prefix sums: the same
+    numbers on every device and run (an index_add would add repeated keys in any order on a GPU)."""
+    order = keys.argsort(stable=True)
+    k, v = keys[order], values[order]
+    first = torch.ones_like(k, dtype=torch.bool)
+    first[1:] = k[1:] != k[:-1]
+    starts = first.nonzero().squeeze(1)
+    ends = torch.cat([starts[1:], starts.new_tensor([k.numel()])])
+    prefix = torch.cat([v.new_zeros(1), v.cumsum(0)])
+    return k[starts], (prefix[ends] - prefix[starts]) / (ends - starts).to(v.dtype)
 
 
 def fit_mixture(values: torch.Tensor) -> torch.Tensor:
@@ -150,24 +172,31 @@ class NoiseAdaptiveContrast(nn.Module):
                 setattr(self, name, torch.empty(saved.shape, dtype=saved.dtype, device=self.ids.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def _find(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(position in the bank, whether the key is there) of each key."""
+        if not self.ids.numel():
+            return torch.zeros_like(keys), torch.zeros_like(keys, dtype=torch.bool)
+        pos = torch.searchsorted(self.ids, keys).clamp(max=self.ids.numel() - 1)
+        return pos, self.ids[pos] == keys
+
     @torch.no_grad()
     def remember(self, keys: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
-        """Fold this step's losses into the bank (a key seen twice in the batch: their mean) and return
-        the updated history of each of `keys`."""
-        unique, inverse = keys.unique(return_inverse=True)  # sorted
-        total = torch.zeros(unique.numel(), dtype=torch.float64, device=keys.device)
-        total.index_add_(0, inverse, losses.double())
-        mean = total / torch.bincount(inverse, minlength=unique.numel()).double()
-        pos = torch.searchsorted(self.ids, unique).clamp(max=max(self.ids.numel() - 1, 0))
-        known = (self.ids[pos] == unique) if self.ids.numel() else torch.zeros_like(unique, dtype=torch.bool)
-        m = self.momentum
-        self.history[pos[known]] = m * self.history[pos[known]] + (1 - m) * mean[known]
-        if (~known).any():
-            ids = torch.cat([self.ids, unique[~known]])
-            order = ids.argsort()
-            self.ids = ids[order]
-            self.history = torch.cat([self.history, mean[~known]])[order]
-        return self.history[torch.searchsorted(self.ids, unique)][inverse]
+        """Fold this step's centred losses into the bank (a key seen twice in the batch: their mean; a
+        non-finite loss is left out) and return the history of each of `keys` (0 for one never stored)."""
+        finite = torch.isfinite(losses)
+        if finite.any():
+            values = losses[finite].double()
+            unique, mean = segment_means(keys[finite], values - values.mean())
+            pos, known = self._find(unique)
+            m = self.momentum
+            self.history[pos[known]] = m * self.history[pos[known]] + (1 - m) * mean[known]
+            if not bool(known.all()):
+                ids = torch.cat([self.ids, unique[~known]])
+                order = ids.argsort()
+                self.ids = ids[order]
+                self.history = torch.cat([self.history, mean[~known]])[order]
+        pos, known = self._find(keys)
+        return torch.where(known, self.history[pos] if self.ids.numel() else 0.0, 0.0).double()
 
     def forward(
         self,
@@ -185,12 +214,13 @@ class NoiseAdaptiveContrast(nn.Module):
         losses = per_pair_losses(image_features, text_features, logit_scale, caption_owner)
         if self.training:
             history = self.remember(sample_key, losses.detach())
+            done = int(self.steps)  # steps before this one
             self.steps += 1
-            due = int(self.steps) - self.warmup_steps
-            if due >= 0 and due % self.refit_every == 0:
+            due = done - self.warmup_steps
+            if due >= 0 and due % self.refit_every == 0 and self.history.numel() > 1:
                 self.mixture = fit_mixture(self.history)
-        else:
-            history = losses.detach().double()
+        else:  # evaluation: this batch's own centred losses stand for the history
+            history = losses.detach().double() - losses.detach().double().mean()
         fitted = bool(self.mixture[6:].sum() > 0)
         noise = noise_probability(history, self.mixture) if fitted else torch.zeros_like(history)
         weights = (1 - self.strength * noise).to(losses.dtype)

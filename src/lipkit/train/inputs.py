@@ -41,7 +41,9 @@ def sample_ids(keys: Iterable[str], device: torch.device | str = "cpu") -> torch
     """The records' keys (strings, stable across epochs, resumes and ranks) → (B,) int64 sample ids: the
     first 8 bytes of each key's BLAKE2b digest (a noise-robust objective keeps per-sample state by them)."""
     ids = [
-        int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "little", signed=True)
+        int.from_bytes(
+            hashlib.blake2b(k.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little", signed=True
+        )
         for k in keys
     ]
     return torch.tensor(ids, dtype=torch.int64, device=device)
