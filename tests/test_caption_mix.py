@@ -85,7 +85,7 @@ def test_a_mix_column_no_row_has_is_refused(mixed_table):
     path, _ = mixed_table
     d = DataConfig(train=str(path), caption_mix={"captions": 0.5, "captions_retreived": 0.5})
     d.cache_images, d.samples_per_epoch = False, 0
-    with pytest.raises(UserError, match="'captions_retreived', a column no row .* captions_retrieved"):
+    with pytest.raises(UserError, match="column\\(s\\) 'captions_retreived'; .* captions_retrieved"):
         open_train_data(d)
 
 

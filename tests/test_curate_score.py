@@ -97,7 +97,7 @@ def test_keep_mask_is_a_naive_per_group_sort(fraction):
     keep = keep_mask(s, keep_fraction=fraction, groups=groups)
     labels = sorted(set(groups.tolist()))
     counts = quotas(np.array([int((groups == g).sum()) for g in labels]), fraction)  # as reduce keeps
-    assert abs(int(keep.sum()) - fraction * 200) <= max(1, len(labels) - 1) if fraction < 1 else keep.all()
+    assert int(keep.sum()) == int(counts.sum()) == int(np.floor(fraction * 200 + 0.5))
     for g, count in zip(labels, counts, strict=True):
         rows = [i for i in range(200) if groups[i] == g]
         best = sorted(rows, key=lambda i: (-s[i], i))[:count]

@@ -335,6 +335,7 @@ def validate(cfg: Config) -> None:
         (t.epochs > 0, "train.epochs must be positive."),
         (t.precision in ("fp32", "bf16"), "train.precision must be 'fp32' or 'bf16'."),
         (cfg.eval.precision in ("fp32", "bf16"), "eval.precision must be 'fp32' or 'bf16'."),
+        (cfg.eval.max_images >= 0, "eval.max_images must be 0 (every image) or a positive number."),
         (
             cfg.eval.protocol in ("lipkit", "clip_benchmark"),
             "eval.protocol must be 'lipkit' or 'clip_benchmark'.",

@@ -32,7 +32,6 @@ no embedding; they are left out of the table and counted.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -49,6 +48,7 @@ from lipkit.curate.cluster import (
 )
 from lipkit.curate.pairs_out import SHARDS, write_pairs
 from lipkit.data.records import CAPTION_KEYS, parse_captions
+from lipkit.data.sources.table import TABLE_EXTS, table_rows
 from lipkit.errors import UserError, import_optional
 from lipkit.search.collection import collect
 from lipkit.search.embed import progress_bar
@@ -61,20 +61,15 @@ OUR_FILES = (TABLE, SHARDS, "associate.json", "embeddings")
 
 def pool_rows(pool: str | Path, image_column: str, caption_column: str) -> list[list[str]]:
     """The captions of each row of the text pool: a .txt file (one text per line), a JSONL/CSV/TSV table
-    read for its caption column alone (no images needed), or any source `data.train` accepts."""
+    read for its caption column alone (no images needed; else the usual caption fields), or any source
+    `data.train` accepts."""
     path = Path(str(pool)).expanduser()
     suffix = path.suffix.lower()
     if path.is_file() and suffix == ".txt":
         return [[line.strip()] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if path.is_file() and suffix in (".jsonl", ".csv", ".tsv"):
-        import csv
-
-        with path.open(encoding="utf-8", newline="") as f:
-            if suffix == ".jsonl":
-                rows = [json.loads(line) for line in f if line.strip()]
-            else:
-                rows = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+    if path.is_file() and suffix in TABLE_EXTS:  # rows that fail to parse are left out, as in training
         names = (caption_column, *CAPTION_KEYS)
+        rows = (row for _, row, _ in table_rows(path) if row is not None)
         return [next((c for n in names if (c := parse_captions(row.get(n)))), []) for row in rows]
     return [r.captions for r in collect(pool, image_column, caption_column)]
 

@@ -241,13 +241,13 @@ def run_cluster(
     )
     if k > len(records):
         raise UserError(f"--k must be between 1 and the number of images ({len(records)}), got {k}.")
+    check_unique_keys(records, source)  # before the costly embedding
     out.mkdir(parents=True, exist_ok=True)
     emb = image_embeddings(
         checkpoint, source, embeddings or out / "embeddings", records=records, **embed_options
     )
     from lipkit.curate.pairs_out import source_name
 
-    check_unique_keys(emb.records, source)
     centroids = spherical_kmeans(emb.x, k, seed, niter)
     labels, dists = assign(emb.x, centroids)
     keys = [emb.records[r].key for r in emb.rows]

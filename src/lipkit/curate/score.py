@@ -69,11 +69,13 @@ def source_state(source: str | Path) -> str | None:
     path = Path(s).expanduser()
     if s.startswith("pipe:") or "://" in s or not path.exists():
         return None
-    files = [path] if path.is_file() else sorted(f for f in path.iterdir() if f.is_file())
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
     h = hashlib.sha256()
-    for f in files:
+    for f in files:  # a folder's files at every depth (image folders, a DatasetDict's splits)
+        if any(part.startswith(".") for part in f.relative_to(path).parts):
+            continue
         st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}\0".encode("utf-8", "surrogatepass"))
+        h.update(f"{f.relative_to(path)}:{st.st_size}:{st.st_mtime_ns}\0".encode("utf-8", "surrogatepass"))
     return h.hexdigest()[:16]
 
 

@@ -68,7 +68,7 @@ def check_mix_columns(
     if missing:
         have = sorted({k for m in metas[:1000] for k in m})
         raise UserError(
-            f"data.caption_mix names {', '.join(repr(n) for n in missing)}, a column no row of '{source}' has; "
+            f"No row of '{source}' has the data.caption_mix column(s) {', '.join(repr(n) for n in missing)}; "
             f"use the caption column '{caption_column}' or one of: {', '.join(have) or 'none'}."
         )
 

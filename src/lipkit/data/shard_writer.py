@@ -39,7 +39,7 @@ class ShardOutput:
         self.n = 0
 
     def write(self, record: Record, image: bytes, ext: str) -> None:
-        body = {"key": record.key, "captions": record.captions, **record.meta}
+        body = {**record.meta, "key": record.key, "captions": record.captions}  # the record's own win
         sample = {"__key__": f"{self.n:09d}", ext: image}
         if record.captions:  # an image without captions (a classification set) has no .txt
             sample["txt"] = record.captions[0]

@@ -28,7 +28,7 @@ def count_rows(src: str | Path) -> int:
     return n - 1 if p.suffix.lower() in (".csv", ".tsv") else n
 
 
-def _table_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
+def table_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
     """(line, row or None, problem) for every row; undecodable bytes are kept as surrogates so that
     a bad line is reported, not fatal."""
     suffix = path.suffix.lower()
@@ -72,7 +72,7 @@ def scan_table(
         )
     root = Path(image_root).expanduser() if image_root else p.parent
     checked = False
-    for n, row, problem in _table_rows(p):
+    for n, row, problem in table_rows(p):
         where = f"{p.name}:{n}"
         if row is None:
             yield Skip("bad_row", where, problem)
