@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import statistics
 import subprocess
@@ -56,10 +55,13 @@ def train(work: Path, name: str, table: Path, seed: int, steps: int, *sets: str)
     """Train (or reuse) run `name` and return its final test-style metrics."""
     out = work / name
     metrics = out / "metrics.jsonl"
-    if not (out / "checkpoint" / "model.safetensors").is_file() or not metrics.is_file():
+    settings = {"table": str(table), "seed": seed, "steps": steps, "sets": list(sets)}
+    if not _finished(out, settings):
         shutil.rmtree(out, ignore_errors=True)
         rows = sum(1 for x in table.read_text(encoding="utf-8").splitlines() if x.strip())
-        epochs = (steps + 0.5) / (rows // 256)
+        if rows < 256:
+            sys.exit(f"{table} has {rows} rows, fewer than one batch of the demo recipe (256).")
+        epochs = (steps + 0.5) / (rows // 256)  # the trainer runs int(epochs · (rows // 256)) steps
         print(f"  training {name} ({rows} rows, {steps} steps) ...", flush=True)
         sh(
             [
@@ -88,8 +90,22 @@ def train(work: Path, name: str, table: Path, seed: int, steps: int, *sets: str)
             ],
             work / f"{name}.log",
         )
+        (out / "bench_settings.json").write_text(json.dumps(settings))
     final = [x for x in lines(metrics) if x.get("kind") == "eval" and x.get("split") == "test-style"][-1]
     return {k: round(100 * final["metrics"][m], 2) for k, m in METRICS.items()}
+
+
+def _finished(out: Path, settings: dict) -> bool:
+    """A run of these settings that ran to its end (a run of an older script without its settings file
+    counts when its last step is the one asked for)."""
+    metrics = out / "metrics.jsonl"
+    if not (out / "checkpoint" / "model.safetensors").is_file() or not metrics.is_file():
+        return False
+    saved = out / "bench_settings.json"
+    if saved.is_file():
+        return json.loads(saved.read_text()) == settings
+    steps = [x["step"] for x in lines(metrics) if x.get("kind") == "eval"]
+    return bool(steps) and steps[-1] == settings["steps"]
 
 
 def summary(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -97,7 +113,7 @@ def summary(runs: list[dict[str, float]]) -> dict[str, float]:
     for k in METRICS:
         values = [r[k] for r in runs]
         out[k] = round(statistics.fmean(values), 2)
-        out[f"{k}_std"] = round(statistics.stdev(values), 2) if len(values) > 1 else math.nan
+        out[f"{k}_std"] = round(statistics.stdev(values), 2) if len(values) > 1 else None
     return out
 
 
@@ -151,7 +167,7 @@ def part_score(work: Path, steps: int, noisy: Path, results: dict) -> Path:
 def part_noise(work: Path, steps: int, seeds: list[int], noisy: Path, filtered: Path, results: dict) -> None:
     nevlp = (
         "train.objective=nevlp",
-        # one epoch of the noisy table before the first fit: every sample has a loss history then
+        # one epoch of the noisy table (27 steps: all but the 181 rows of the dropped last batch) first
         "train.objective_args={multi_positive: true, warmup_steps: 27, refit_every: 5}",
     )
     conditions = {
@@ -166,25 +182,26 @@ def part_noise(work: Path, steps: int, seeds: list[int], noisy: Path, filtered: 
         rows[cond] = {"runs": runs, **summary(runs)}
     for k in METRICS:
         cost = rows["clean"][k] - rows["noisy"][k]
-        std = max(rows[c][f"{k}_std"] for c in ("clean", "noisy"))
+        stds = [rows[c][f"{k}_std"] for c in ("clean", "noisy")]
+        significant = None if None in stds else bool(cost > 3 * max(stds))
         rows[f"{k}_noise_cost"] = round(cost, 2)
-        rows[f"{k}_cost_over_3std"] = bool(cost > 3 * std) if not math.isnan(std) else None
-        for fix in ("filtered", "nevlp"):
-            rows[f"{k}_{fix}_recovered"] = (
-                round((rows[fix][k] - rows["noisy"][k]) / cost, 3) if cost else None
-            )
+        rows[f"{k}_cost_over_3std"] = significant
+        for fix in ("filtered", "nevlp"):  # the share of the cost won back, where there is a cost to win
+            gain = rows[fix][k] - rows["noisy"][k]
+            rows[f"{k}_{fix}_gain"] = round(gain, 2)
+            rows[f"{k}_{fix}_recovered"] = round(gain / cost, 3) if significant else None
     results["noise"] = rows
 
 
 def part_reduce(work: Path, steps: int, seeds: list[int], results: dict) -> None:
     clean = DATA / "emoji" / "train.jsonl"
-    clusters = work / "clusters"
-    if not (clusters / "clusters.json").is_file():
+    rows = {"all": {"runs": [train(work, f"clean-s{s}", clean, s, steps) for s in seeds]}}
+    clusters = work / "clusters"  # with the clean-s0 model trained just above (or earlier)
+    if not (clusters / "cluster.json").is_file():
         sh(
             ["data", "cluster", str(work / "clean-s0" / "checkpoint"), str(clean), str(clusters), "-k", "64"],
             work / "cluster.log",
         )
-    rows = {"all": {"runs": [train(work, f"clean-s{s}", clean, s, steps) for s in seeds]}}
     for pick in ("nearest", "random"):
         runs = []
         for s in seeds:
@@ -239,6 +256,8 @@ def main() -> None:
         filtered = part_score(work, args.steps, noisy, results)
         results_path.write_text(json.dumps(results, indent=1))
     if "noise" in parts:
+        if not filtered.is_file():
+            sys.exit(f"{filtered} is missing: run the score part first (--parts score,noise).")
         part_noise(work, args.steps, args.seeds, noisy, filtered, results)
         results_path.write_text(json.dumps(results, indent=1))
     if "reduce" in parts:
