@@ -383,8 +383,8 @@ def test_gradient_caching_replays_dropout(tmp_path):
     seen = []
     real = trainer._inputs
 
-    def spy(images, ids, second, only=None):
-        out = real(images, ids, second, only)
+    def spy(images, ids, second, only=None, keys=None):
+        out = real(images, ids, second, only, keys)
         if "image_features" in out:  # not the whole-batch call for the logit scale
             seen.append(out["image_features"].detach().clone())
         return out

@@ -238,7 +238,7 @@ class Trainer:
         def embed(rows: slice, names: set[str]) -> dict[str, torch.Tensor]:
             view = second[rows] if second is not None else None
             part = keys[rows] if keys is not None else None
-            return self._inputs(images[rows], ids[rows.start * k : rows.stop * k], view, names, part)
+            return self._inputs(images[rows], ids[rows.start * k : rows.stop * k], view, names, keys=part)
 
         arm = self.reducer.arm if self.reducer is not None else None  # buckets start in the last pass
         return grad_cache_backward(
