@@ -236,13 +236,42 @@ def part_mix(work: Path, steps: int, results: dict) -> None:
     results["mix"] = {"mix-s0": mixed, "clean-s0": train(work, "clean-s0", clean, 0, steps)}
 
 
+def markdown(results: dict) -> str:
+    """The tables of docs/curation.md: mean ± std over the seeds, test-style, in %."""
+
+    def cell(row: dict, k: str) -> str:
+        std = row.get(f"{k}_std")
+        return f"{row[k]:.2f}" + (f" ± {std:.2f}" if std is not None else "")
+
+    out = []
+    for part, names in (
+        ("noise", ("clean", "noisy", "filtered", "nevlp")),
+        ("reduce", ("all", "nearest", "random")),
+    ):
+        rows = results.get(part)
+        if not rows:
+            continue
+        out += [f"| {part} | zero-shot subcategory top-1 | text→image R@1 |", "|---|---|---|"]
+        out += [f"| {n} | {cell(rows[n], 'subcat')} | {cell(rows[n], 't2i')} |" for n in names if n in rows]
+        out.append("")
+    if "mix" in results:
+        m = results["mix"]
+        out += ["| seed 0 | subcategory | t→i R@1 |", "|---|---|---|"]
+        out += [f"| {n} | {r['subcat']:.2f} | {r['t2i']:.2f} |" for n, r in m.items()]
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("runs/curate"))
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--parts", default="score,noise,reduce,mix")
+    ap.add_argument("--report", action="store_true", help="Only print the tables of WORK/results.json.")
     args = ap.parse_args()
+    if args.report:
+        print(markdown(json.loads((args.work / "results.json").read_text())))
+        return
     work, parts = args.work.resolve(), args.parts.split(",")
     work.mkdir(parents=True, exist_ok=True)
     noisy = DATA / "noisy"
@@ -267,6 +296,7 @@ def main() -> None:
         part_mix(work, args.steps, results)
         results_path.write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
+    print(markdown(results))
 
 
 if __name__ == "__main__":
