@@ -33,6 +33,7 @@ def _makers(b: int, d: int) -> dict[str, Callable[[], torch.Tensor]]:
         "text_mask": lambda: torch.ones(b, 5, dtype=torch.bool),  # the trainer's dtypes: bool and int64
         "caption_owner": lambda: torch.arange(b),
         "caption_key": lambda: torch.arange(b),
+        "text_key": lambda: torch.arange(b) * 31,
         "sample_key": lambda: torch.arange(b) * 7919,
         "image_lexicon": lambda: torch.rand(b, 10, generator=g, dtype=F64).requires_grad_(),
         "text_lexicon": lambda: torch.rand(b, 10, generator=g, dtype=F64).requires_grad_(),

@@ -1,6 +1,7 @@
 import itertools
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -56,16 +57,18 @@ def test_zeroshot_naive():
     assert math.isclose(m["mean_recall"], sum(recalls) / len(recalls), rel_tol=1e-6)
 
 
-def test_filip_evaluation_scores_pairs_token_wise(table):
+@pytest.mark.parametrize("keep", [0, 3])
+def test_filip_evaluation_scores_pairs_token_wise(table, keep):
     """eval.similarity=filip: recall and zero-shot come from the token-wise scores of every pair,
-    computed here by a naive per-pair loop over the model's own normalised tokens."""
+    computed here by a naive per-pair loop over the model's own normalised tokens (with
+    eval.image_tokens_kept, Wukong's: over each image's `keep` tokens most aligned with its mean token)."""
     from conftest import tiny_eval_setup
     from lipkit.config import EvalConfig
     from lipkit.eval.evaluate import evaluate_records, resolve_similarity
 
     records, tok, model = tiny_eval_setup(table)
     spec = model.spec
-    cfg = EvalConfig(class_columns=["category"], templates=["{}", "an emoji of {}."])
+    cfg = EvalConfig(class_columns=["category"], templates=["{}", "an emoji of {}."], image_tokens_kept=keep)
     got = evaluate_records(model, tok, records, cfg, details=False, similarity="filip")["metrics"]
     from lipkit.data.images import load_image
     from lipkit.data.transforms import normalize
@@ -75,6 +78,11 @@ def test_filip_evaluation_scores_pairs_token_wise(table):
             torch.stack([load_image(r.image, 32) for r in records]), spec.image_mean, spec.image_std
         )
         img_tok = F.normalize(model.visual(x, return_tokens=True)[1], dim=-1)
+        if keep:  # each image's `keep` tokens of highest <token, mean token>, in token order
+            ranked = [
+                sorted(range(t.shape[0]), key=lambda k, t=t: -float(t[k] @ t.mean(0)))[:keep] for t in img_tok
+            ]
+            img_tok = torch.stack([t[sorted(r)] for t, r in zip(img_tok, ranked, strict=True)])
 
         def words(text):
             ids = tok([text])
@@ -104,6 +112,22 @@ def test_filip_evaluation_scores_pairs_token_wise(table):
             got["zeroshot/category/top1"], (scores.argmax(1) == labels).double().mean().item()
         )
     assert resolve_similarity("auto", "filip") == "filip" and resolve_similarity("auto", "infonce") == "dense"
+    assert resolve_similarity("auto", "wukong") == "filip"
+
+
+def test_wukong_models_are_scored_with_their_own_token_count():
+    from lipkit.config import EvalConfig
+    from lipkit.errors import UserError
+    from lipkit.eval.evaluate import resolve_tokens_kept
+
+    auto = EvalConfig()
+    assert resolve_tokens_kept(auto, "wukong", {"image_tokens_kept": 5}).image_tokens_kept == 5
+    assert resolve_tokens_kept(auto, "wukong", {}).image_tokens_kept == 12  # the objective's default
+    assert resolve_tokens_kept(auto, "wukong", {"image_tokens_kept": None}).image_tokens_kept == 0  # all
+    assert resolve_tokens_kept(auto, "filip", {}).image_tokens_kept == 0
+    assert resolve_tokens_kept(EvalConfig(image_tokens_kept=7), "wukong", {}).image_tokens_kept == 7
+    with pytest.raises(UserError, match="image_tokens_kept"):
+        resolve_tokens_kept(EvalConfig(image_tokens_kept=-1), "filip", {})
 
 
 def test_lexical_evaluation_uses_the_lexicon_heads(table):

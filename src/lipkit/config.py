@@ -157,6 +157,9 @@ class EvalConfig:
     # interaction), "lexical" (sparse dot product of LexLIP term weights), or "auto": filip / lexical for
     # checkpoints trained with the filip / lexlip objective, dense otherwise
     similarity: str = "auto"
+    # token-wise scoring keeps the K image tokens most aligned with each image's mean token (Wukong's
+    # reduced-token interaction); 0: a model trained with wukong keeps its own K, any other every token
+    image_tokens_kept: int = 0
     batch_size: int = 256
     # fp32, or bf16 autocast for the towers' forwards (about half the CPU time; what evaluation during a
     # bf16 training run uses); embeddings, similarities and the probe stay float32

@@ -5,7 +5,7 @@ the report shows."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -21,6 +21,7 @@ from lipkit.eval.linear_probe import LinearProbe, fit_linear_probe
 from lipkit.eval.retrieval import retrieval_chance, retrieval_scores_metrics
 from lipkit.eval.zeroshot import class_embeddings, zeroshot_chance, zeroshot_scores_metrics
 from lipkit.models.dual_encoder import DualEncoder
+from lipkit.objectives.wukong import DEFAULT_KEPT
 from lipkit.text.tokenizer import TextTokenizer
 
 
@@ -87,10 +88,21 @@ def resolve_similarity(setting: str, objective: str | None) -> str:
     """eval.similarity → "dense", "filip" or "lexical" ("auto": filip for a model trained with the filip
     objective, lexical — sparse dot products of the LexLIP heads — for lexlip, dense otherwise)."""
     if setting == "auto":
-        return {"filip": "filip", "lexlip": "lexical"}.get(objective or "", "dense")
+        return {"filip": "filip", "wukong": "filip", "lexlip": "lexical"}.get(objective or "", "dense")
     if setting not in SIMILARITIES:
         raise UserError(f"eval.similarity is '{setting}'; use auto, {', '.join(SIMILARITIES)}.")
     return setting
+
+
+def resolve_tokens_kept(cfg: EvalConfig, objective: str | None, objective_args: dict[str, Any]) -> EvalConfig:
+    """`cfg` with eval.image_tokens_kept resolved: as set, else a wukong-trained model's own K (0: all)."""
+    if cfg.image_tokens_kept < 0:
+        raise UserError(
+            f"eval.image_tokens_kept is {cfg.image_tokens_kept}; use 0 (auto) or a positive count."
+        )
+    if cfg.image_tokens_kept or objective != "wukong":
+        return cfg
+    return replace(cfg, image_tokens_kept=int(objective_args.get("image_tokens_kept", DEFAULT_KEPT) or 0))
 
 
 def fit_probes(
@@ -164,7 +176,7 @@ def evaluate_records(
     style = image_style(cfg)
     store = store or ImageStore(records, model.spec.image_size, cache=True, desc="evaluation", style=style)
     check_has_images(split, store)
-    images = _embed_split(model, store, cfg.batch_size, similarity, probes)
+    images = _embed_split(model, store, cfg.batch_size, similarity, probes, cfg.image_tokens_kept)
     metrics: dict[str, float] = {}
     chance: dict[str, float] = {}
     labels = labels or {}
@@ -198,11 +210,12 @@ def _embed_split(
     batch_size: int,
     similarity: str,
     probes: dict[str, LinearProbe] | None,
+    tokens_kept: int = 0,
 ) -> _Images:
     filip = similarity == "filip"
     return _Images(
         embed_images(model, store, batch_size) if similarity == "dense" or probes else None,
-        token_similarity.image_tokens(model, store, batch_size) if filip else None,
+        token_similarity.image_tokens(model, store, batch_size, tokens_kept or None) if filip else None,
         lexical_images(model, store, batch_size) if similarity == "lexical" else None,
     )
 

@@ -14,7 +14,13 @@ from lipkit.checkpoint import load_checkpoint
 from lipkit.config import Config
 from lipkit.data.sources.registry import eval_labels, read_table
 from lipkit.errors import UserError
-from lipkit.eval.evaluate import evaluate_records, fit_probes, image_style, resolve_similarity
+from lipkit.eval.evaluate import (
+    evaluate_records,
+    fit_probes,
+    image_style,
+    resolve_similarity,
+    resolve_tokens_kept,
+)
 from lipkit.malloc import keep_freed_memory
 
 
@@ -41,7 +47,9 @@ def _run_eval(checkpoint: str | Path, splits: dict[str, str], cfg: Config, out: 
     else:
         keep_freed_memory()  # CPU embedding without a page fault per batch (lipkit/malloc.py)
     d = cfg.data
-    similarity = resolve_similarity(cfg.eval.similarity, info.get("train", {}).get("objective"))
+    trained = info.get("train", {})
+    similarity = resolve_similarity(cfg.eval.similarity, trained.get("objective"))
+    eval_cfg = resolve_tokens_kept(cfg.eval, trained.get("objective"), trained.get("objective_args") or {})
     results: dict[str, Any] = {
         "checkpoint": str(Path(checkpoint).resolve()),
         "model": {"preset": info.get("preset", "custom"), "params": model.num_params()},
@@ -83,7 +91,7 @@ def _run_eval(checkpoint: str | Path, splits: dict[str, str], cfg: Config, out: 
             model,
             tokenizer,
             records,
-            cfg.eval,
+            eval_cfg,
             similarity=similarity,
             probes=probes,
             split=name,

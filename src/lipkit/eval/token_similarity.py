@@ -21,19 +21,23 @@ import torch.nn.functional as F
 from lipkit.data.image_store import ImageStore
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.objectives.filip import filip_similarity
+from lipkit.objectives.wukong import kept_tokens
 from lipkit.text.tokenizer import TextTokenizer
 
 
 @torch.no_grad()
-def image_tokens(model: DualEncoder, store: ImageStore, batch_size: int) -> torch.Tensor:
-    """(N_images, N_tokens, D) normalised image token features, float32 on the CPU."""
+def image_tokens(
+    model: DualEncoder, store: ImageStore, batch_size: int, keep: int | None = None
+) -> torch.Tensor:
+    """(N_images, N_tokens, D) normalised image token features, float32 on the CPU; with `keep`, only the
+    `keep` tokens of each image most aligned with its mean token (objectives.wukong.kept_tokens)."""
     from lipkit.data.transforms import normalize
 
     spec, n, out = model.spec, len(store.records), []
     for s in range(0, n, batch_size):
         x = normalize(store.get(range(s, min(n, s + batch_size))), spec.image_mean, spec.image_std)
         _, tokens = model.visual(x.to(model.device), return_tokens=True)
-        out.append(F.normalize(tokens.float(), dim=-1).cpu())
+        out.append(kept_tokens(F.normalize(tokens.float(), dim=-1), keep).cpu())
     return torch.cat(out)
 
 

@@ -18,6 +18,8 @@ from lipkit.objectives.multi_positive import MultiPositiveInfoNCE
 from lipkit.objectives.nevlp import NoiseAdaptiveContrast
 from lipkit.objectives.refine import CLIPRefine
 from lipkit.objectives.sigmoid import SigmoidLoss
+from lipkit.objectives.unime import HardNegativeContrast
+from lipkit.objectives.wukong import ReducedTokenInteraction
 
 OBJECTIVES: dict[str, type[nn.Module]] = {
     "infonce": InfoNCE,
@@ -30,6 +32,8 @@ OBJECTIVES: dict[str, type[nn.Module]] = {
     "lexlip": LexiconContrast,
     "clip_refine": CLIPRefine,
     "nevlp": NoiseAdaptiveContrast,
+    "unime": HardNegativeContrast,
+    "wukong": ReducedTokenInteraction,
 }
 
 

@@ -18,15 +18,26 @@ CE_i(text i → images)] with logits t·<x, y>, and
     L_syn = Σ_i v_i ℓ_i(x, c) / Σ_i v_i,   v_i = W^s_i W^c_i
     L = ½ (L_raw + L_syn)
 
+Reference means (the paper's "average" similarities), kept across steps as exponential moving averages
+as in the authors' code, each updated with the step's batch mean before it is used:
+
+    ā ← μ ā + (1 − μ) mean_i a_i,   b̄ ← μ b̄ + (1 − μ) mean_i b_i,   ē ← μ ē + (1 − μ) mean_i e_i
+
+with μ = `momentum` (0.99 in the authors' code) and every mean starting at `initial` (1.0 there, the
+largest cosine: early gates fire for nearly every sample). μ = 0 uses the batch's own means (a batch weighs
+its samples against itself). The three means are a float64 buffer saved with the training state (exact
+resume); the features are gathered across ranks before the loss, so every rank keeps the same means. In
+evaluation mode the update is computed but not stored. γ = 2 is the value in the authors' code (exp(·)²,
+written exp(2·)); all similarities and weights are computed without gradient.
+
 What differs from the paper, and why:
-- ā, b̄, ē are the means over the current batch. The paper (and its code) track them as exponential
-  moving averages across steps (momentum 0.99); this module keeps no state, so a batch weighs its
-  samples against itself. γ = 2 is the value in the authors' code (exp(·)², written exp(2·)).
 - The weighted losses are normalised by Σ w (a weighted mean) instead of by B as in the authors'
   code (mean of w·ℓ); this only rescales a batch's loss by mean(w) and leaves the relative weighting
   of samples unchanged.
 - L averages the two paths (the paper sums them), so L has InfoNCE's scale: with all weights equal it
   is ½ (InfoNCE(x, y) + InfoNCE(x, c)).
+- The synthetic captions come from the table (a second caption column); the paper generates them with
+  OFA, which lipkit does not run.
 """
 
 from __future__ import annotations
@@ -38,23 +49,42 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def similarities(
+    image_features: torch.Tensor, text_features: torch.Tensor, synth_features: torch.Tensor
+) -> torch.Tensor:
+    """(3, B): a_i = <y_i, c_i>, b_i = <x_i, y_i>, e_i = <x_i, c_i>, without gradient."""
+    with torch.no_grad():
+        return torch.stack(
+            [
+                (text_features * synth_features).sum(dim=1),
+                (image_features * text_features).sum(dim=1),
+                (image_features * synth_features).sum(dim=1),
+            ]
+        )
+
+
 @torch.no_grad()
 def alip_weights(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
     synth_features: torch.Tensor,
     gamma: float = 2.0,
+    means: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample weights (w for the raw-text path, v for the synthetic path), each (B,), no gradient."""
-    consistency = (text_features * synth_features).sum(dim=1)
-    sample = torch.exp(gamma * (consistency - consistency.mean())).clamp(max=1.0)
+    """Per-sample weights (w for the raw-text path, v for the synthetic path), each (B,), no gradient.
+
+    `means`: the reference means (ā, b̄, ē) as a (3,) tensor; None uses the batch's own means."""
+    a, b, e = similarities(image_features, text_features, synth_features)
+    if means is None:
+        means = torch.stack([a.mean(), b.mean(), e.mean()])
+    means = means.to(a.dtype)
+    sample = torch.exp(gamma * (a - means[0])).clamp(max=1.0)
     gated = sample < 1
 
-    def pair(texts: torch.Tensor) -> torch.Tensor:
-        sim = (image_features * texts).sum(dim=1)
-        return torch.where(gated, torch.exp(gamma * (sim - sim.mean())), torch.ones_like(sim))
+    def pair(sim: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        return torch.where(gated, torch.exp(gamma * (sim - mean)), torch.ones_like(sim))
 
-    return sample * pair(text_features), sample * pair(synth_features)
+    return sample * pair(b, means[1]), sample * pair(e, means[2])
 
 
 def weighted_clip_loss(
@@ -76,10 +106,22 @@ def weighted_clip_loss(
 class ALIPLoss(nn.Module):
     inputs: ClassVar[tuple[str, ...]] = ("image_features", "text_features", "synth_features", "logit_scale")
 
-    def __init__(self, gamma: float = 2.0) -> None:
-        """`gamma`: sharpness of the gates; 0 turns every weight into 1 (plain two-path CLIP)."""
+    def __init__(self, gamma: float = 2.0, momentum: float = 0.99, initial: float = 1.0) -> None:
+        """`gamma`: sharpness of the gates; 0 turns every weight into 1 (plain two-path CLIP).
+        `momentum`: of the reference means' moving averages (0: the batch's own means).
+        `initial`: the value every reference mean starts from."""
         super().__init__()
-        self.gamma = gamma
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        self.gamma, self.momentum, self.initial = gamma, momentum, float(initial)
+        self.register_buffer("means", torch.full((3,), float(initial), dtype=torch.float64))
+
+    def reference_means(self, sims: torch.Tensor) -> torch.Tensor:
+        """(3,) float64: the moving averages updated with this batch's means (stored while training)."""
+        means = self.momentum * self.means + (1 - self.momentum) * sims.mean(dim=1).double()
+        if self.training:
+            self.means = means
+        return means
 
     def forward(
         self,
@@ -89,7 +131,9 @@ class ALIPLoss(nn.Module):
         logit_scale: torch.Tensor,
         **_: object,
     ) -> torch.Tensor:
-        w_raw, w_syn = alip_weights(image_features, text_features, synth_features, self.gamma)
+        means = self.reference_means(similarities(image_features, text_features, synth_features))
+        w_raw, w_syn = alip_weights(image_features, text_features, synth_features, self.gamma, means)
+        self.last_stats = {"weight_raw_mean": w_raw.mean(), "weight_syn_mean": w_syn.mean()}
         return 0.5 * (
             weighted_clip_loss(image_features, text_features, logit_scale, w_raw)
             + weighted_clip_loss(image_features, synth_features, logit_scale, w_syn)

@@ -20,7 +20,7 @@ from lipkit.config import Config
 from lipkit.data.image_store import ImageStore
 from lipkit.data.records import Record
 from lipkit.data.sources.registry import eval_labels
-from lipkit.eval.evaluate import evaluate_records, resolve_similarity
+from lipkit.eval.evaluate import evaluate_records, resolve_similarity, resolve_tokens_kept
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.text.tokenizer import TextTokenizer
 from lipkit.train.distributed import gather_objects
@@ -43,6 +43,7 @@ class Evaluator:
         self.cfg, self.tokenizer, self.tables, self.stores = cfg, tokenizer, tables, stores
         self.device, self.console = device, console
         self.similarity = resolve_similarity(cfg.eval.similarity, cfg.train.objective)
+        self.eval_cfg = resolve_tokens_kept(cfg.eval, cfg.train.objective, cfg.train.objective_args)
         self.labels = {name: eval_labels(path) for name, path in cfg.data.eval.items()}
         self.last: dict[str, float] = {}
 
@@ -54,7 +55,7 @@ class Evaluator:
                     m,
                     self.tokenizer,
                     self.tables[name],
-                    self.cfg.eval,
+                    self.eval_cfg,
                     self.stores[name],
                     details=False,
                     similarity=self.similarity,
@@ -85,7 +86,12 @@ class CheckpointWriter:
     def __call__(self, tr: Trainer, final: bool) -> Path:
         t, checkpoints = self.cfg.train, self.run_dir / "checkpoints"
         info = {
-            "train": {"step": tr.step_count, "train_seconds": tr.train_seconds, "objective": t.objective},
+            "train": {
+                "step": tr.step_count,
+                "train_seconds": tr.train_seconds,
+                "objective": t.objective,
+                "objective_args": dict(t.objective_args),  # how evaluation scores it (e.g. wukong's K)
+            },
             "preset": self.cfg.model.preset,
         }
         tensors, meta = tr.training_state()  # every rank comes here: under FSDP these two gather shards

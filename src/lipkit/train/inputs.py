@@ -161,6 +161,8 @@ INPUTS: dict[str, Input] = {
         per_caption=True,
         requires="captions",
     ),
+    # the key of each text_features row's token ids: identical captions have equal keys (UniME's mask)
+    "text_key": Input(lambda p: caption_keys(p.text_ids[p.text_rows]), "plain", "batch"),
     "synth_features": Input(
         lambda p: p.text[0][1 :: p.k], "grad", "chunk", every_caption=True, requires="two"
     ),
