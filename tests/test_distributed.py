@@ -277,6 +277,13 @@ CASES: dict[str, tuple[dict, dict]] = {
     # weighted loss agree; multi-positive form with the demo's three captions
     "nevlp-fitted": (NEVLP, NEVLP),
     "nevlp-multi-positive-grad-cache": ({**NEVLP_MULTI, "grad_cache_chunk": 3}, NEVLP_MULTI),
+    # self-supervised image terms on the gathered batch: Barlow Twins' batch statistics and SimCLR's
+    # negatives are the global batch's, as in one process
+    **{
+        f"improved_baselines-{ssl}": (case, case)
+        for ssl in ("simclr", "barlow_twins")
+        for case in [{"objective": "improved_baselines", "objective_args": {"image_ssl": ssl}}]
+    },
     # gradients averaged in many small buckets started during the backward, and in one after it
     "infonce-small-buckets": ({"bucket_cap_mb": 0.002, "steps": 3}, {"steps": 3}),
     "lexlip-small-buckets": (

@@ -203,3 +203,81 @@ def test_wukong_keeps_tokens_in_order_and_breaks_ties_by_position():
     assert torch.equal(kept_tokens(tokens, 2)[0, :, 1], torch.tensor([3e-3, 2e-3], dtype=F64))
     with pytest.raises(ValueError, match="image_tokens_kept"):
         ReducedTokenInteraction(image_tokens_kept=0)
+
+
+# --- Improved baselines: label smoothing, SimCLR and Barlow Twins image terms ------------------------
+
+
+def naive_smoothed_clip(img, txt, scale, eps):
+    n = img.shape[0]
+    total = 0.0
+    for i in range(n):
+        row = torch.stack([scale * torch.dot(img[i], txt[j]) for j in range(n)])
+        col = torch.stack([scale * torch.dot(img[j], txt[i]) for j in range(n)])
+        for j in range(n):
+            q = (1 - eps) * (i == j) + eps / n
+            total = total - q * (row[j] - torch.logsumexp(row, 0)) - q * (col[j] - torch.logsumexp(col, 0))
+    return 0.5 * total / n
+
+
+def naive_simclr(a, b, tau):
+    z = list(a) + list(b)
+    n, total = a.shape[0], 0.0
+    for k in range(2 * n):
+        partner = k + n if k < n else k - n
+        others = torch.stack([torch.dot(z[k], z[m]) / tau for m in range(2 * n) if m != k])
+        total = total - (torch.dot(z[k], z[partner]) / tau - torch.logsumexp(others, 0))
+    return total / (2 * n)
+
+
+def naive_barlow(a, b, lam):
+    n, d = a.shape
+
+    def standard(x, col):
+        values = [x[i, col] for i in range(n)]
+        mean = sum(values) / n
+        var = sum((v - mean) ** 2 for v in values) / n
+        return [(v - mean) / torch.sqrt(var + 1e-5) for v in values]
+
+    sa, sb = [standard(a, c) for c in range(d)], [standard(b, c) for c in range(d)]
+    total = 0.0
+    for p in range(d):
+        for q in range(d):
+            c = sum(sa[p][i] * sb[q][i] for i in range(n)) / n
+            total = total + ((1 - c) ** 2 if p == q else lam * c**2)
+    return total
+
+
+@pytest.mark.parametrize("ssl", ["none", "simclr", "barlow_twins"])
+def test_improved_baselines_match_naive_loops(ssl):
+    from lipkit.objectives.improved_baselines import ImprovedBaselines
+
+    img, txt, img2 = unit(6, 4, seed=600), unit(6, 4, seed=601), unit(6, 4, seed=602)
+    t = log_scale()
+    loss = ImprovedBaselines(
+        label_smoothing=0.2, image_ssl=ssl, ssl_weight=0.7, ssl_temperature=0.3, barlow_lambda=0.05
+    )
+    fast = loss(img, txt, t.exp(), image_features_2=img2)
+    slow = naive_smoothed_clip(img, txt, t.exp(), 0.2)
+    if ssl == "simclr":
+        slow = slow + 0.7 * naive_simclr(img, img2, 0.3)
+    elif ssl == "barlow_twins":
+        slow = slow + 0.7 * naive_barlow(img, img2, 0.05)
+    assert_same_value_and_grads(fast, slow, (img, txt, img2, t) if ssl != "none" else (img, txt, t))
+    assert ("image_features_2" in loss.inputs) == (ssl != "none")
+
+
+def test_improved_baselines_neutral_is_infonce_and_options_are_checked():
+    from lipkit.objectives.improved_baselines import ImprovedBaselines
+
+    img, txt, t = unit(5, 3, seed=610), unit(5, 3, seed=611), log_scale()
+    neutral = ImprovedBaselines(label_smoothing=0.0)(img, txt, t.exp())
+    assert_same_value_and_grads(neutral, InfoNCE()(img, txt, t.exp()), (img, txt, t))
+    for bad in ({"image_ssl": "mae"}, {"label_smoothing": 1.0}, {"ssl_temperature": 0.0}):
+        with pytest.raises(ValueError):
+            ImprovedBaselines(**bad)
+    img2 = unit(5, 3, seed=612)
+    assert torch.autograd.gradcheck(
+        lambda x, y, z, s: ImprovedBaselines(image_ssl="barlow_twins")(x, y, s.exp(), image_features_2=z),
+        (img, txt, img2, log_scale()),
+    )

@@ -46,6 +46,7 @@ def cfg(table, out, objective, per_image=1, **extra):
         ("nevlp", 3, {"objective_args": {"multi_positive": True, "warmup_steps": 2, "refit_every": 2}}),
         ("unime", 1, {"objective_args": {"hard_negatives": 3}}),
         ("wukong", 1, {"objective_args": {"image_tokens_kept": 4}}),
+        ("improved_baselines", 1, {"objective_args": {"image_ssl": "barlow_twins"}}),
     ],
 )
 def test_each_objective_trains(table, tmp_path, objective, per_image, extra):

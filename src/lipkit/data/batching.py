@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import zlib
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import torch
 
 from lipkit.data.images import try_load_image
 from lipkit.data.records import REASONS, Record, describe
+from lipkit.data.text_augment import augment_caption
 from lipkit.errors import UserError
 
 Batch = tuple[torch.Tensor, list[str], list[str]]  # uint8 images (B, 3, H, W), captions (B·k), keys (B)
@@ -31,16 +32,27 @@ def decode_record(record: Record, size: int, style: str = "lipkit") -> tuple[tor
 
 
 def choose_captions(
-    captions: Sequence[str], key: str, seed: int, epoch: int, policy: str, k: int
+    captions: Sequence[str],
+    key: str,
+    seed: int,
+    epoch: int,
+    policy: str,
+    k: int,
+    text_augment: Mapping[str, float] | None = None,
 ) -> list[str]:
     """`k` captions of a sample: the first ones, or a choice without replacement seeded by (seed, epoch,
-    key) (cycling when the sample has fewer than k)."""
+    key) (cycling when the sample has fewer than k); each then edited by `data.text_augment`
+    (data/text_augment.py), seeded by (seed, epoch, key, position)."""
     if policy == "first" or len(captions) == 1:
-        return [captions[i % len(captions)] for i in range(k)]
-    row = zlib.crc32(key.encode("utf-8", "surrogatepass"))
-    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 10_000_019 + row)
-    order = torch.randperm(len(captions), generator=g).tolist()
-    return [captions[order[i % len(captions)]] for i in range(k)]
+        chosen = [captions[i % len(captions)] for i in range(k)]
+    else:
+        row = zlib.crc32(key.encode("utf-8", "surrogatepass"))
+        g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 10_000_019 + row)
+        order = torch.randperm(len(captions), generator=g).tolist()
+        chosen = [captions[order[i % len(captions)]] for i in range(k)]
+    if not text_augment:
+        return chosen
+    return [augment_caption(c, text_augment, seed, epoch, key, i) for i, c in enumerate(chosen)]
 
 
 # -- counting what is skipped --------------------------------------------------------------------

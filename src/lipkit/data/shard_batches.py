@@ -62,6 +62,7 @@ from lipkit.data.sources.shards import (
     shard_captions,
     shard_counts,
 )
+from lipkit.data.text_augment import check_text_augment
 from lipkit.errors import UserError
 
 
@@ -90,10 +91,12 @@ class ShardBatches:
         rank: int = 0,
         world: int = 1,
         caption_mix: dict[str, float] | None = None,
+        text_augment: dict[str, float] | None = None,
     ) -> None:
         check_meta_templates(meta_captions)
         check_mix(caption_mix or {})
-        self.mix = dict(caption_mix or {})
+        check_text_augment(text_augment or {})
+        self.mix, self.text_augment = dict(caption_mix or {}), dict(text_augment or {})
         if world < 1 or not 0 <= rank < world:
             raise ValueError(f"rank {rank} of {world} ranks")
         self.urls = list(urls)
@@ -326,7 +329,9 @@ class ShardBatches:
                     [
                         c
                         for key, caps, _ in rows
-                        for c in choose_captions(caps, key, self.seed, epoch, self.policy, self.per_image)
+                        for c in choose_captions(
+                            caps, key, self.seed, epoch, self.policy, self.per_image, self.text_augment
+                        )
                     ],
                     [key for key, _, _ in rows],
                 )
@@ -377,6 +382,7 @@ class ShardSource:
             rank=rank,
             world=world,
             caption_mix=d.caption_mix,
+            text_augment=d.text_augment,
         )
 
 

@@ -35,6 +35,7 @@ from lipkit.data.captions import (
 )
 from lipkit.data.image_store import ImageStore
 from lipkit.data.records import Record, Skip, collect, describe
+from lipkit.data.text_augment import check_text_augment
 from lipkit.errors import UserError
 
 # -- map-style sources ---------------------------------------------------------------------------
@@ -66,12 +67,15 @@ class TrainBatches:
         rank: int = 0,
         world: int = 1,
         caption_mix: dict[str, float] | None = None,  # data.caption_mix (data/caption_mix.py)
+        text_augment: dict[str, float] | None = None,  # data.text_augment (data/text_augment.py)
         caption_column: str = "captions",
     ) -> None:
         if batch_size % world:
             raise UserError(f"train.batch_size={batch_size} is not divisible by the {world} ranks.")
         check_mix(caption_mix or {})
+        check_text_augment(text_augment or {})
         self.mix, self.caption_column = dict(caption_mix or {}), caption_column
+        self.text_augment = dict(text_augment or {})
         self.rank, self.world, self.local = rank, world, batch_size // world
         self.batch_size, self.seed, self.policy = batch_size, seed, caption_policy
         self.per_image, self.log = captions_per_image, log
@@ -119,7 +123,7 @@ class TrainBatches:
         caps = r.captions
         if self.mix:
             caps = mixed_captions(caps, r.meta, r.key, self.seed, epoch, self.caption_column, self.mix)
-        return choose_captions(caps, r.key, self.seed, epoch, self.policy, self.per_image)
+        return choose_captions(caps, r.key, self.seed, epoch, self.policy, self.per_image, self.text_augment)
 
     def state(self) -> dict[str, Any]:
         """This rank's position and skip counts (`merge_states` makes one of all ranks')."""
@@ -275,6 +279,7 @@ class RecordSource:
             world=world,
             caption_mix=d.caption_mix,
             caption_column=d.caption_column,
+            text_augment=d.text_augment,
         )
 
 

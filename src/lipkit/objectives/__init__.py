@@ -11,6 +11,7 @@ from torch import nn
 from lipkit.errors import UserError
 from lipkit.objectives.alip import ALIPLoss
 from lipkit.objectives.filip import FILIPLoss
+from lipkit.objectives.improved_baselines import ImprovedBaselines
 from lipkit.objectives.infonce import InfoNCE
 from lipkit.objectives.intra_modal import TripleContrast
 from lipkit.objectives.lexlip import LexiconContrast
@@ -34,6 +35,7 @@ OBJECTIVES: dict[str, type[nn.Module]] = {
     "nevlp": NoiseAdaptiveContrast,
     "unime": HardNegativeContrast,
     "wukong": ReducedTokenInteraction,
+    "improved_baselines": ImprovedBaselines,
 }
 
 
