@@ -104,13 +104,20 @@ def demo_trainer(tmp: Path, rank: int, world: int, per_image: int, **train) -> T
 
 
 def one_step(
-    tmp: Path, rank: int, world: int, per_image: int = 1, steps: int = 1, **train
+    tmp: Path, rank: int, world: int, per_image: int = 1, steps: int = 1, label_first: bool = False, **train
 ) -> dict[str, torch.Tensor]:
     """`steps` AdamW steps at lr 1e-3 on the test batch: the first step's loss and gradients, the
-    weights and AdamW moments after the last, and those moments again after a resume."""
+    weights and AdamW moments after the last, and those moments again after a resume. `label_first`: each
+    image's last caption (the label caption shared across ranks) first, so first captions repeat."""
     trainer = make_trainer(tmp, rank, world, per_image, **dict(train))
     model, cfg = trainer.model, trainer.cfg
     images, captions = batch(per_image)
+    if label_first:
+        captions = [
+            c
+            for i in range(BATCH)
+            for c in (lambda own: own[-1:] + own[:-1])(captions[i * per_image : (i + 1) * per_image])
+        ]
     b = BATCH // world  # this rank's share, as the data sources hand it out
     images, captions = (
         images[rank * b : (rank + 1) * b],
@@ -234,6 +241,7 @@ def cacheable(name: str) -> bool:
 
 
 UNICL = {"objective": "multi_positive", "objective_args": {"same_text_positive": True}, "per_image": 3}
+UNIME = {"objective": "unime", "objective_args": {"hard_negatives": 2}, "per_image": 3, "label_first": True}
 NEVLP = {"objective": "nevlp", "objective_args": {"warmup_steps": 1, "refit_every": 1}, "steps": 3}
 NEVLP_MULTI = {**NEVLP, "objective_args": {**NEVLP["objective_args"], "multi_positive": True}, "per_image": 3}
 # name → (the two-rank case, the one-process reference)
@@ -277,6 +285,12 @@ CASES: dict[str, tuple[dict, dict]] = {
     # weighted loss agree; multi-positive form with the demo's three captions
     "nevlp-fitted": (NEVLP, NEVLP),
     "nevlp-multi-positive-grad-cache": ({**NEVLP_MULTI, "grad_cache_chunk": 3}, NEVLP_MULTI),
+    # UniME: first captions repeated within and across ranks (the duplicate mask comes from the gathered
+    # caption keys) and top-2 hard negatives of the 8-image global batch
+    **{
+        f"unime-duplicates-top2{tail}": ({**UNIME, **extra}, UNIME)
+        for tail, extra in (("", {}), ("-grad-cache", {"grad_cache_chunk": 3}))
+    },
     # self-supervised image terms on the gathered batch: Barlow Twins' batch statistics and SimCLR's
     # negatives are the global batch's, as in one process
     **{

@@ -281,3 +281,40 @@ def test_improved_baselines_neutral_is_infonce_and_options_are_checked():
         lambda x, y, z, s: ImprovedBaselines(image_ssl="barlow_twins")(x, y, s.exp(), image_features_2=z),
         (img, txt, img2, log_scale()),
     )
+
+
+def test_alip_a_non_finite_batch_leaves_the_means_alone():
+    """A NaN batch (whose step the trainer skips) never enters the moving means, so the next step — with
+    μ = 0 too — is exactly what it would have been without it."""
+    for momentum in (0.0, 0.9):
+        clean, hit = ALIPLoss(momentum=momentum), ALIPLoss(momentum=momentum)
+        clean(*alip_batch(0), log_scale().exp())
+        hit(*alip_batch(0), log_scale().exp())
+        img, raw, syn = (x.detach().clone() for x in alip_batch(1))
+        img[0, 0] = float("nan")
+        assert not torch.isfinite(hit(img, raw, syn, log_scale().exp()))
+        assert torch.equal(hit.means, clean.means)
+        after = [loss(*alip_batch(2), log_scale().exp()) for loss in (clean, hit)]
+        assert torch.equal(after[0], after[1])
+
+
+def test_wukong_gradcheck():
+    img, txt, mask = filip_inputs(3, 3, 5, 4, 3, seed=520)
+    loss = ReducedTokenInteraction(image_tokens_kept=2)
+    assert torch.autograd.gradcheck(
+        lambda x, y, s: loss(x, y, s.exp(), text_mask=mask), (img, txt, log_scale())
+    )
+
+
+def test_option_types_are_checked():
+    from lipkit.objectives.improved_baselines import ImprovedBaselines
+
+    for make in (
+        lambda: ALIPLoss(momentum="0.9"),
+        lambda: HardNegativeContrast(hard_negatives=2.5),
+        lambda: HardNegativeContrast(threshold="high"),
+        lambda: ReducedTokenInteraction(image_tokens_kept=2.5),
+        lambda: ImprovedBaselines(ssl_weight=-1.0),
+    ):
+        with pytest.raises(ValueError):
+            make()

@@ -102,7 +102,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.02
     grad_clip: float = 1.0
     precision: str = "fp32"  # fp32 | bf16
-    objective: str = "infonce"  # infonce | siglip | filip | multi_positive | alip | tcl | lexlip
+    objective: str = "infonce"  # a name of lipkit.objectives.OBJECTIVES (docs/methods.md lists them)
     objective_args: dict[str, Any] = field(default_factory=dict)  # constructor options of the objective
     init_logit_bias: float = -10.0  # objectives with a learnable bias (siglip)
     local_loss: bool = False  # distributed: each rank computes only its own rows of the logits
@@ -157,7 +157,7 @@ class EvalConfig:
     retrieval_caption: int = 0  # which caption of each row is the text→image query
     # how a pair is scored: "dense" (cosine of the pooled embeddings), "filip" (token-wise late
     # interaction), "lexical" (sparse dot product of LexLIP term weights), or "auto": filip / lexical for
-    # checkpoints trained with the filip / lexlip objective, dense otherwise
+    # checkpoints trained with the filip or wukong / lexlip objective, dense otherwise
     similarity: str = "auto"
     # token-wise scoring keeps the K image tokens most aligned with each image's mean token (Wukong's
     # reduced-token interaction); 0: a model trained with wukong keeps its own K, any other every token

@@ -85,8 +85,8 @@ def lexical_texts(
 
 
 def resolve_similarity(setting: str, objective: str | None) -> str:
-    """eval.similarity → "dense", "filip" or "lexical" ("auto": filip for a model trained with the filip
-    objective, lexical — sparse dot products of the LexLIP heads — for lexlip, dense otherwise)."""
+    """eval.similarity → "dense", "filip" or "lexical" ("auto": filip for a model trained with the filip or
+    wukong objective, lexical — sparse dot products of the LexLIP heads — for lexlip, dense otherwise)."""
     if setting == "auto":
         return {"filip": "filip", "wukong": "filip", "lexlip": "lexical"}.get(objective or "", "dense")
     if setting not in SIMILARITIES:

@@ -27,7 +27,9 @@ with μ = `momentum` (0.99 in the authors' code) and every mean starting at `ini
 largest cosine: early gates fire for nearly every sample). μ = 0 uses the batch's own means (a batch weighs
 its samples against itself). The three means are a float64 buffer saved with the training state (exact
 resume); the features are gathered across ranks before the loss, so every rank keeps the same means. In
-evaluation mode the update is computed but not stored. γ = 2 is the value in the authors' code (exp(·)²,
+evaluation mode the update is computed but not stored, and a non-finite batch (a step the trainer
+skips) never enters them. Before momentum existed this loss used the batch means: `momentum: 0` gives that
+loss back exactly; a run resumed from a checkpoint of that time starts the means afresh (a warning says so). γ = 2 is the value in the authors' code (exp(·)²,
 written exp(2·)); all similarities and weights are computed without gradient.
 
 What differs from the paper, and why:
@@ -111,16 +113,19 @@ class ALIPLoss(nn.Module):
         `momentum`: of the reference means' moving averages (0: the batch's own means).
         `initial`: the value every reference mean starts from."""
         super().__init__()
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if isinstance(momentum, bool) or not isinstance(momentum, int | float) or not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
+        if isinstance(initial, bool) or not isinstance(initial, int | float):
+            raise ValueError(f"initial must be a number, got {initial!r}")
         self.gamma, self.momentum, self.initial = gamma, momentum, float(initial)
         self.register_buffer("means", torch.full((3,), float(initial), dtype=torch.float64))
 
     def reference_means(self, sims: torch.Tensor) -> torch.Tensor:
-        """(3,) float64: the moving averages updated with this batch's means (stored while training)."""
+        """(3,) float64: the moving averages updated with this batch's means (stored while training; a
+        non-finite batch, whose step the trainer skips, leaves the stored means as they were)."""
         means = self.momentum * self.means + (1 - self.momentum) * sims.mean(dim=1).double()
         if self.training:
-            self.means = means
+            self.means = torch.where(torch.isfinite(means).all(), means, self.means)  # all or nothing
         return means
 
     def forward(

@@ -87,6 +87,11 @@ class ImprovedBaselines(nn.Module):
         super().__init__()
         if image_ssl not in SSL_TERMS:
             raise ValueError(f"image_ssl is '{image_ssl}'; choose one of {', '.join(SSL_TERMS)}")
+        numbers = {"label_smoothing": label_smoothing, "ssl_weight": ssl_weight}
+        numbers |= {"ssl_temperature": ssl_temperature, "barlow_lambda": barlow_lambda}
+        for name, value in numbers.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise ValueError(f"{name} must be a number ≥ 0, got {value!r}")
         if not 0 <= label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         if ssl_temperature <= 0:

@@ -77,8 +77,14 @@ class HardNegativeContrast(nn.Module):
         left out (None: none is). `hard_negatives` K: the most similar K candidates are the negatives
         (None: all of them)."""
         super().__init__()
-        if hard_negatives is not None and (isinstance(hard_negatives, bool) or int(hard_negatives) < 1):
-            raise ValueError(f"hard_negatives must be a positive number or null, not {hard_negatives!r}")
+        if hard_negatives is not None and (
+            isinstance(hard_negatives, bool) or not isinstance(hard_negatives, int) or hard_negatives < 1
+        ):
+            raise ValueError(
+                f"hard_negatives must be a positive whole number or null, not {hard_negatives!r}"
+            )
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, int | float)):
+            raise ValueError(f"threshold must be a number or null, not {threshold!r}")
         self.threshold = None if threshold is None else float(threshold)
         self.hard_negatives = None if hard_negatives is None else int(hard_negatives)
 

@@ -56,10 +56,12 @@ class ReducedTokenInteraction(nn.Module):
         captions compared with the whole image batch at once (None: by memory budget)."""
         super().__init__()
         if image_tokens_kept is not None and (
-            isinstance(image_tokens_kept, bool) or int(image_tokens_kept) < 1
+            isinstance(image_tokens_kept, bool)
+            or not isinstance(image_tokens_kept, int)
+            or image_tokens_kept < 1
         ):
             raise ValueError(
-                f"image_tokens_kept must be a positive number or null, not {image_tokens_kept!r}"
+                f"image_tokens_kept must be a positive whole number or null, not {image_tokens_kept!r}"
             )
         self.image_tokens_kept = None if image_tokens_kept is None else int(image_tokens_kept)
         self.chunk_size = chunk_size

@@ -286,6 +286,10 @@ def _resume(trainer: Trainer, batches: Any, resume: Path, run_dir: Path) -> None
     trainer.last_checkpoint = resume
     _truncate_metrics(run_dir / "metrics.jsonl", trainer.step_count)
     console.print(f"resuming from {resume} (step {trainer.step_count})")
+    if trainer.objective.state_dict() and not any(k.startswith("objective.") for k in state[0]):
+        console.print(  # saved before this objective kept any state (e.g. ALIP before its moving means)
+            f"[yellow]{resume} holds no state of objective '{trainer.cfg.objective}'[/]: it starts afresh."
+        )
 
 
 def _print_summary(result: TrainResult, skipped: Any, last_checkpoint: Path | None, run_dir: Path) -> None:
