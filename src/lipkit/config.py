@@ -53,6 +53,9 @@ class DataConfig:
     caption_mix: dict[str, float] = field(default_factory=dict)
     # seeded word edits of each training caption, e.g. {drop: 0.1, swap: 0.1, mask: 0.1} (data/text_augment.py)
     text_augment: dict[str, float] = field(default_factory=dict)
+    split_sentences: bool = (
+        False  # each caption's sentences are the captions drawn from (DreamLIP; data/sentences.py)
+    )
     cache_images: bool = True  # decode every image once into memory (small datasets; not for shards)
     workers: int = 0  # DataLoader worker processes decoding images (shards: one stream each)
     samples_per_epoch: int = 0  # shards: samples in an epoch (0: count them once, cached beside them)

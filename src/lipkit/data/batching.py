@@ -20,6 +20,7 @@ import torch
 
 from lipkit.data.images import try_load_image
 from lipkit.data.records import REASONS, Record, describe
+from lipkit.data.sentences import sentence_pool
 from lipkit.data.text_augment import augment_caption
 from lipkit.errors import UserError
 
@@ -39,10 +40,14 @@ def choose_captions(
     policy: str,
     k: int,
     text_augment: Mapping[str, float] | None = None,
+    split_sentences: bool = False,
 ) -> list[str]:
     """`k` captions of a sample: the first ones, or a choice without replacement seeded by (seed, epoch,
-    key) (cycling when the sample has fewer than k); each then edited by `data.text_augment`
-    (data/text_augment.py), seeded by (seed, epoch, key, position)."""
+    key) (cycling when the sample has fewer than k) — out of the sentences of its captions with
+    `split_sentences` (data/sentences.py); each then edited by `data.text_augment` (data/text_augment.py),
+    seeded by (seed, epoch, key, position)."""
+    if split_sentences:
+        captions = sentence_pool(captions)
     if policy == "first" or len(captions) == 1:
         chosen = [captions[i % len(captions)] for i in range(k)]
     else:

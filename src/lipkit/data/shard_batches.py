@@ -92,17 +92,20 @@ class ShardBatches:
         world: int = 1,
         caption_mix: dict[str, float] | None = None,
         text_augment: dict[str, float] | None = None,
+        split_sentences: bool = False,
     ) -> None:
         check_meta_templates(meta_captions)
         check_mix(caption_mix or {})
         check_text_augment(text_augment or {})
-        self.mix, self.text_augment = dict(caption_mix or {}), dict(text_augment or {})
+        self.mix = dict(caption_mix or {})
         if world < 1 or not 0 <= rank < world:
             raise ValueError(f"rank {rank} of {world} ranks")
         self.urls = list(urls)
         self.select, self.meta = list(select), list(meta_captions)
         self.size, self.batch_size, self.seed, self.policy = size, batch_size, seed, caption_policy
         self.per_image, self.log, self.buffer = captions_per_image, log, max(1, shuffle_buffer)
+        # how a sample's captions are chosen (batching.choose_captions after the key, seed and epoch)
+        self.choice = (caption_policy, captions_per_image, dict(text_augment or {}), split_sentences)
         self.caption_column, self.langs = caption_column, list(langs)
         self.rank, self.world = rank, world
         self.counts = cached_counts(self.urls) if samples_per_epoch > 0 else shard_counts(self.urls)
@@ -329,9 +332,7 @@ class ShardBatches:
                     [
                         c
                         for key, caps, _ in rows
-                        for c in choose_captions(
-                            caps, key, self.seed, epoch, self.policy, self.per_image, self.text_augment
-                        )
+                        for c in choose_captions(caps, key, self.seed, epoch, *self.choice)
                     ],
                     [key for key, _, _ in rows],
                 )
@@ -383,6 +384,7 @@ class ShardSource:
             world=world,
             caption_mix=d.caption_mix,
             text_augment=d.text_augment,
+            split_sentences=d.split_sentences,
         )
 
 

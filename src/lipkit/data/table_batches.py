@@ -68,6 +68,7 @@ class TrainBatches:
         world: int = 1,
         caption_mix: dict[str, float] | None = None,  # data.caption_mix (data/caption_mix.py)
         text_augment: dict[str, float] | None = None,  # data.text_augment (data/text_augment.py)
+        split_sentences: bool = False,  # data.split_sentences (data/sentences.py)
         caption_column: str = "captions",
     ) -> None:
         if batch_size % world:
@@ -75,7 +76,7 @@ class TrainBatches:
         check_mix(caption_mix or {})
         check_text_augment(text_augment or {})
         self.mix, self.caption_column = dict(caption_mix or {}), caption_column
-        self.text_augment = dict(text_augment or {})
+        self.text_augment, self.split_sentences = dict(text_augment or {}), split_sentences
         self.rank, self.world, self.local = rank, world, batch_size // world
         self.batch_size, self.seed, self.policy = batch_size, seed, caption_policy
         self.per_image, self.log = captions_per_image, log
@@ -123,7 +124,16 @@ class TrainBatches:
         caps = r.captions
         if self.mix:
             caps = mixed_captions(caps, r.meta, r.key, self.seed, epoch, self.caption_column, self.mix)
-        return choose_captions(caps, r.key, self.seed, epoch, self.policy, self.per_image, self.text_augment)
+        return choose_captions(
+            caps,
+            r.key,
+            self.seed,
+            epoch,
+            self.policy,
+            self.per_image,
+            self.text_augment,
+            self.split_sentences,
+        )
 
     def state(self) -> dict[str, Any]:
         """This rank's position and skip counts (`merge_states` makes one of all ranks')."""
@@ -280,6 +290,7 @@ class RecordSource:
             caption_mix=d.caption_mix,
             caption_column=d.caption_column,
             text_augment=d.text_augment,
+            split_sentences=d.split_sentences,
         )
 
 

@@ -1,15 +1,18 @@
 """TCL-style triple contrast: cross-modal plus intra-modal InfoNCE (Yang et al., 2022,
 "Vision-Language Pre-Training with Triple Contrastive Learning").
 
-With L2-normalised image features x, text features y, and second augmented views x', y' of the same
-samples (`image_features_2`, `text_features_2`; a text view may be the caption with token dropout):
+With L2-normalised image features x, text features y, and second views x', y' of the same samples
+(`image_features_2`: a second random augmentation of the image; `text_features_2`: the sample's second
+caption — with `data.text_augment` on, each of the two is an independently edited copy):
 
     L = InfoNCE(x, y) + λ · [ InfoNCE(x, x') + InfoNCE(y, y') ]
 
 where InfoNCE is CLIP's symmetric loss (`lipkit.objectives.infonce`) with the same scale t, and the
-positives of the intra-modal terms are the two views of one sample. λ = `intra_weight`. TCL runs its
-intra-modal terms against momentum-encoder views and queues; here both views come from the training
-encoders and the negatives are the rest of the batch.
+positives of the intra-modal terms are the two views of one sample. λ = `intra_weight`.
+
+Not implemented of the paper: the momentum (EMA) encoders and their queues (here both views come from
+the training encoders and the negatives are the rest of the batch), and the local mutual-information
+term between global and local (patch / token) features.
 """
 
 from __future__ import annotations
