@@ -64,7 +64,8 @@ def test_filip_evaluation_scores_pairs_token_wise(table, keep):
     eval.image_tokens_kept, Wukong's: over each image's `keep` tokens most aligned with its mean token)."""
     from conftest import tiny_eval_setup
     from lipkit.config import EvalConfig
-    from lipkit.eval.evaluate import evaluate_records, resolve_similarity
+    from lipkit.eval.evaluate import evaluate_records
+    from lipkit.eval.similarity_choice import resolve_similarity
 
     records, tok, model = tiny_eval_setup(table)
     spec = model.spec
@@ -118,7 +119,7 @@ def test_filip_evaluation_scores_pairs_token_wise(table, keep):
 def test_wukong_models_are_scored_with_their_own_token_count():
     from lipkit.config import EvalConfig
     from lipkit.errors import UserError
-    from lipkit.eval.evaluate import resolve_tokens_kept
+    from lipkit.eval.similarity_choice import resolve_tokens_kept
 
     auto = EvalConfig()
     assert resolve_tokens_kept(auto, "wukong", {"image_tokens_kept": 5}).image_tokens_kept == 5
@@ -140,7 +141,8 @@ def test_lexical_evaluation_uses_the_lexicon_heads(table):
     from lipkit.data.images import load_image
     from lipkit.data.transforms import normalize
     from lipkit.errors import UserError
-    from lipkit.eval.evaluate import evaluate_records, resolve_similarity
+    from lipkit.eval.evaluate import evaluate_records
+    from lipkit.eval.similarity_choice import resolve_similarity
     from lipkit.models.dual_encoder import DualEncoder
     from lipkit.models.presets import get_spec
 
@@ -162,3 +164,44 @@ def test_lexical_evaluation_uses_the_lexicon_heads(table):
     plain = DualEncoder(get_spec("tiny", **TINY_MODEL, vocab_size=tok.vocab_size, eot_id=tok.eot_id)).eval()
     with pytest.raises(UserError, match="LexLIP heads"):
         evaluate_records(plain, tok, records, cfg, details=False, similarity="lexical")
+
+
+def test_retrieval_per_language_is_retrieval_among_each_languages_captions(table):
+    """eval.group_by=langs: for each language, the images with a caption in it against their first such
+    caption — the same numbers as an evaluation of that sub-table alone, by a naive loop over its rows."""
+    from dataclasses import replace
+
+    from conftest import tiny_eval_setup
+    from lipkit.config import EvalConfig
+    from lipkit.errors import UserError
+    from lipkit.eval.evaluate import embed_images, embed_texts, evaluate_records
+
+    records, tok, model = tiny_eval_setup(table, n=10)
+    langs = [["en", "de"] if i % 3 else ["de", "en"] for i in range(len(records))]
+    rows = [
+        replace(
+            r, captions=[f"{r.captions[0]}", f"ein {r.captions[0]}"][: len(ls)], meta={**r.meta, "langs": ls}
+        )
+        for r, ls in zip(records, langs, strict=True)
+    ]
+    rows[4] = replace(rows[4], captions=rows[4].captions[:1], meta={**rows[4].meta, "langs": ["fr"]})
+    cfg = EvalConfig(class_columns=[], group_by="langs")
+    got = evaluate_records(model, tok, rows, cfg, details=False)["metrics"]
+    from lipkit.data.image_store import ImageStore
+
+    img = embed_images(model, ImageStore(rows, model.spec.image_size, cache=True), 8)
+    for lang in ("en", "de", "fr"):
+        keep = [i for i, r in enumerate(rows) if lang in r.meta["langs"]]
+        caps = [rows[i].captions[rows[i].meta["langs"].index(lang)] for i in keep]
+        texts = sorted(set(caps))
+        rel = torch.tensor([[c == t for c in caps] for t in texts])
+        sims = embed_texts(model, tok, texts, 8) @ img[keep].t()
+        want = recall_at_k(sims, rel)
+        for k, v in want.items():
+            assert math.isclose(got[f"retrieval/langs={lang}/text_to_image/{k}"], v), (lang, k)
+        assert math.isclose(
+            got[f"retrieval/langs={lang}/image_to_text/R@1"], recall_at_k(sims.t(), rel.t())["R@1"]
+        )
+    rows[0] = replace(rows[0], meta={k: v for k, v in rows[0].meta.items() if k != "langs"})
+    with pytest.raises(UserError, match="eval.group_by=langs needs a 'langs' list"):
+        evaluate_records(model, tok, rows, cfg, details=False)

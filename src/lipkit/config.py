@@ -158,6 +158,8 @@ class EvalConfig:
         default_factory=lambda: ["{}", "an emoji of {}.", "a picture of {}.", "an icon of {}."]
     )
     retrieval_caption: int = 0  # which caption of each row is the text→image query
+    # also retrieval per value of this list column parallel to the captions, e.g. langs: per-language R@K
+    group_by: str = ""
     # how a pair is scored: "dense" (cosine of the pooled embeddings), "filip" (token-wise late
     # interaction), "lexical" (sparse dot product of LexLIP term weights), or "auto": filip / lexical for
     # checkpoints trained with the filip or wukong / lexlip objective, dense otherwise

@@ -19,9 +19,9 @@ from lipkit.errors import UserError
 from lipkit.eval import token_similarity
 from lipkit.eval.linear_probe import LinearProbe, fit_linear_probe
 from lipkit.eval.retrieval import retrieval_chance, retrieval_scores_metrics
+from lipkit.eval.similarity_choice import SIMILARITIES
 from lipkit.eval.zeroshot import class_embeddings, zeroshot_chance, zeroshot_scores_metrics
 from lipkit.models.dual_encoder import DualEncoder
-from lipkit.objectives.wukong import DEFAULT_KEPT
 from lipkit.text.tokenizer import TextTokenizer
 
 
@@ -56,9 +56,6 @@ def embed_texts(
     )
 
 
-SIMILARITIES = ("dense", "filip", "lexical")
-
-
 def image_style(cfg: EvalConfig) -> str:
     """How evaluation decodes images (data.images.load_image's style): OpenCLIP's way under
     `eval.protocol: clip_benchmark`, else lipkit's."""
@@ -82,27 +79,6 @@ def lexical_texts(
 ) -> torch.Tensor:
     """(T, V) LexLIP term weights of texts (the model's text lexicon head)."""
     return embed_texts(model, tokenizer, texts, batch_size, encode=model.encode_text_lexical)
-
-
-def resolve_similarity(setting: str, objective: str | None) -> str:
-    """eval.similarity → "dense", "filip" or "lexical" ("auto": filip for a model trained with the filip or
-    wukong objective, lexical — sparse dot products of the LexLIP heads — for lexlip, dense otherwise)."""
-    if setting == "auto":
-        return {"filip": "filip", "wukong": "filip", "lexlip": "lexical"}.get(objective or "", "dense")
-    if setting not in SIMILARITIES:
-        raise UserError(f"eval.similarity is '{setting}'; use auto, {', '.join(SIMILARITIES)}.")
-    return setting
-
-
-def resolve_tokens_kept(cfg: EvalConfig, objective: str | None, objective_args: dict[str, Any]) -> EvalConfig:
-    """`cfg` with eval.image_tokens_kept resolved: as set, else a wukong-trained model's own K (0: all)."""
-    if cfg.image_tokens_kept < 0:
-        raise UserError(
-            f"eval.image_tokens_kept is {cfg.image_tokens_kept}; use 0 (auto) or a positive count."
-        )
-    if cfg.image_tokens_kept or objective != "wukong":
-        return cfg
-    return replace(cfg, image_tokens_kept=int(objective_args.get("image_tokens_kept", DEFAULT_KEPT) or 0))
 
 
 def fit_probes(
@@ -187,6 +163,8 @@ def evaluate_records(
     if any(r.captions for r in records):
         texts = _RetrievalTexts.of(records, cfg.retrieval_caption, cfg.protocol == "clip_benchmark")
         sims = _retrieve(model, tokenizer, cfg.batch_size, images, texts, metrics, chance)
+        if cfg.group_by:
+            _retrieve_per_group(model, tokenizer, cfg, records, images, metrics, chance)
         result["n_texts"] = len(texts.texts)
         if details:
             result.update(_details(records, texts, sims))
@@ -306,6 +284,44 @@ class _RetrievalTexts:
         relevant = torch.zeros(len(texts), len(records), dtype=torch.bool)
         relevant[rows, torch.tensor(owners)] = True
         return cls(captions, texts, index, relevant)
+
+
+def _retrieve_per_group(
+    model: DualEncoder,
+    tokenizer: TextTokenizer,
+    cfg: EvalConfig,
+    records: Sequence[Record],
+    images: _Images,
+    metrics: dict[str, float],
+    chance: dict[str, float],
+) -> None:
+    """eval.group_by (e.g. langs): for each value v of the column, retrieval between the images that have
+    a caption of value v and their first such caption, as `retrieval/<column>=<v>/...` metrics."""
+    column = cfg.group_by
+    for r in records:
+        if not isinstance(r.meta.get(column), list) or len(r.meta[column]) != len(r.captions):
+            raise UserError(
+                f"eval.group_by={column} needs a '{column}' list parallel to the captions in every row "
+                f"(row {r.key} has none); unset eval.group_by or add the column."
+            )
+    for value in dict.fromkeys(v for r in records for v in r.meta[column]):
+        rows = [i for i, r in enumerate(records) if value in r.meta[column]]
+        subset = [
+            replace(records[i], captions=[records[i].captions[records[i].meta[column].index(value)]])
+            for i in rows
+        ]
+        index = torch.tensor(rows)
+        kept = _Images(
+            *(None if x is None else x[index] for x in (images.dense, images.tokens, images.lexical))
+        )
+        m: dict[str, float] = {}
+        c: dict[str, float] = {}
+        _retrieve(model, tokenizer, cfg.batch_size, kept, _RetrievalTexts.of(subset, 0), m, c)
+        prefix = f"retrieval/{column}={value}/"
+        metrics.update(
+            {prefix + k.removeprefix("retrieval/"): v for k, v in m.items() if k.startswith("retrieval/")}
+        )
+        chance.update({prefix + k.removeprefix("retrieval/"): v for k, v in c.items()})
 
 
 def _retrieve(

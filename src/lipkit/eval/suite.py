@@ -14,13 +14,8 @@ from lipkit.checkpoint import load_checkpoint
 from lipkit.config import Config
 from lipkit.data.sources.registry import eval_labels, read_table
 from lipkit.errors import UserError
-from lipkit.eval.evaluate import (
-    evaluate_records,
-    fit_probes,
-    image_style,
-    resolve_similarity,
-    resolve_tokens_kept,
-)
+from lipkit.eval.evaluate import evaluate_records, fit_probes, image_style
+from lipkit.eval.similarity_choice import resolve_similarity, resolve_tokens_kept
 from lipkit.malloc import keep_freed_memory
 
 

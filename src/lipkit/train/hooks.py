@@ -20,7 +20,8 @@ from lipkit.config import Config
 from lipkit.data.image_store import ImageStore
 from lipkit.data.records import Record
 from lipkit.data.sources.registry import eval_labels
-from lipkit.eval.evaluate import evaluate_records, resolve_similarity, resolve_tokens_kept
+from lipkit.eval.evaluate import evaluate_records
+from lipkit.eval.similarity_choice import resolve_similarity, resolve_tokens_kept
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.text.tokenizer import TextTokenizer
 from lipkit.train.distributed import gather_objects

@@ -1,0 +1,34 @@
+"""Which similarity scores a checkpoint's pairs in evaluation (eval.similarity, eval.image_tokens_kept),
+resolved from the settings and the objective the checkpoint was trained with."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from lipkit.config import EvalConfig
+from lipkit.errors import UserError
+from lipkit.objectives.wukong import DEFAULT_KEPT
+
+SIMILARITIES = ("dense", "filip", "lexical")
+
+
+def resolve_similarity(setting: str, objective: str | None) -> str:
+    """eval.similarity → "dense", "filip" or "lexical" ("auto": filip for a model trained with the filip or
+    wukong objective, lexical — sparse dot products of the LexLIP heads — for lexlip, dense otherwise)."""
+    if setting == "auto":
+        return {"filip": "filip", "wukong": "filip", "lexlip": "lexical"}.get(objective or "", "dense")
+    if setting not in SIMILARITIES:
+        raise UserError(f"eval.similarity is '{setting}'; use auto, {', '.join(SIMILARITIES)}.")
+    return setting
+
+
+def resolve_tokens_kept(cfg: EvalConfig, objective: str | None, objective_args: dict[str, Any]) -> EvalConfig:
+    """`cfg` with eval.image_tokens_kept resolved: as set, else a wukong-trained model's own K (0: all)."""
+    if cfg.image_tokens_kept < 0:
+        raise UserError(
+            f"eval.image_tokens_kept is {cfg.image_tokens_kept}; use 0 (auto) or a positive count."
+        )
+    if cfg.image_tokens_kept or objective != "wukong":
+        return cfg
+    return replace(cfg, image_tokens_kept=int(objective_args.get("image_tokens_kept", DEFAULT_KEPT) or 0))
