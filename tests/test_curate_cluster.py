@@ -58,7 +58,26 @@ def test_assignment_is_the_brute_force_nearest_centroid():
         assert dists[i] == pytest.approx(1.0 - float(x[i] @ c[labels[i]]), abs=1e-5)
         assert dists[i] == pytest.approx(min(d2) / 2, abs=1e-5)  # ‖x − c‖² = 2 − 2 x·c for unit vectors
     assert np.allclose(np.linalg.norm(c, axis=1), 1.0, atol=1e-5)
+    nearest, _ = assign(x, c, nearest=3)  # MLCD's labels: the 3 nearest, nearest first
+    for i in range(len(x)):
+        cos = [float(x[i] @ c[j]) for j in range(len(c))]
+        assert nearest[i].tolist() == sorted(range(len(c)), key=lambda j: -cos[j])[:3]
     assert np.array_equal(spherical_kmeans(x, 7, seed=3), c)  # seeded
+
+
+def test_labels_list_each_samples_nearest_clusters(ckpt, table, clustered, tmp_path):
+    out = tmp_path / "multi"
+    run_cluster(ckpt, table, out, 6, seed=1, labels_per_sample=3, embeddings=clustered / "embeddings")
+    rows, single = read_jsonl(out / "clusters.jsonl"), read_jsonl(clustered / "clusters.jsonl")
+    assert [r["cluster"] for r in rows] == [r["cluster"] for r in single]  # the same clustering
+    assert all(len(set(r["labels"])) == 3 and r["labels"][0] == r["cluster"] for r in rows)
+    assert (
+        "labels" not in single[0] and json.loads((out / "cluster.json").read_text())["labels_per_sample"] == 3
+    )
+    with pytest.raises(UserError, match="--labels must be between 1 and --k"):
+        run_cluster(
+            ckpt, table, tmp_path / "bad", 6, labels_per_sample=7, embeddings=clustered / "embeddings"
+        )
 
 
 def test_kmeans_finds_separated_directions():

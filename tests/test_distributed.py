@@ -27,6 +27,7 @@ from lipkit.train import fsdp
 from lipkit.train.distributed import Dist, sync_step
 from lipkit.train.inputs import INPUTS, objective_needs, requires
 from lipkit.train.launch import _build_model
+from lipkit.train.sample_labels import SampleLabels
 from lipkit.train.trainer import Trainer
 from test_local_losses import LOCAL_CASES
 from tiny_batch import BATCH, SPEC, WORDS, batch
@@ -49,6 +50,13 @@ def make_trainer(tmp: Path, rank: int, world: int, per_image: int = 1, **train) 
     )
     model = DualEncoder(spec)
     teacher = copy.deepcopy(model).requires_grad_(False) if requires(needs, "teacher") else None
+    labels = None
+    if requires(
+        needs, "clusters"
+    ):  # MLCD: 2 of 5 clusters per record (one record without any), as launch binds
+        rows = [[i % 5, (i + 2) % 5] if i != 5 else [] for i in range(BATCH)]
+        labels = SampleLabels([f"row-{i}" for i in range(BATCH)], rows, 5)
+        objective.bind(5, spec.embed_dim)
     return Trainer(
         model,
         objective,
@@ -60,6 +68,7 @@ def make_trainer(tmp: Path, rank: int, world: int, per_image: int = 1, **train) 
         captions_per_image=per_image,
         dist=Dist(rank, world),
         teacher=teacher,
+        sample_labels=labels,
     )
 
 

@@ -27,6 +27,11 @@ def test_sentences_are_cut_after_their_ends():
     assert sentences("3.5 kg of apples. Fresh.") == ["3.5 kg of apples.", "Fresh."]  # no space: no cut
     assert sentences("赤いリンゴ。光っている！") == ["赤いリンゴ。", "光っている！"]
     assert sentences("   ") == []
+    assert sentences("すごい！！次") == ["すごい！！", "次"]  # a run of ends is one end
+    assert sentences("「こんにちは。」と言った。") == ["「こんにちは。」", "と言った。"]  # closing quote kept
+    assert sentences('end."  Then') == ['end."', "Then"]
+    assert sentences("Wait . . . what") == ["Wait . . .", "what"]  # letterless pieces join the one before
+    assert sentences("1. Red 2. Blue") == ["1. Red 2.", "Blue"]  # ... or the next, when first
 
 
 def test_the_pool_is_every_distinct_sentence_in_order():

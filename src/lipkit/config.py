@@ -51,11 +51,12 @@ class DataConfig:
     # caption sources kept apart in columns, sampled per sample and epoch with these weights, e.g.
     # {captions: 0.7, captions_retrieved: 0.3} (data/caption_mix.py); empty: data.caption_column alone
     caption_mix: dict[str, float] = field(default_factory=dict)
-    # seeded word edits of each training caption, e.g. {drop: 0.1, swap: 0.1, mask: 0.1} (data/text_augment.py)
+    # seeded word edits of each training caption, e.g. {drop: 0.1, swap: 0.1} (data/text_augment.py); the
+    # sentences of a sample's captions as the captions it draws from (DreamLIP; data/sentences.py); per-sample
+    # labels from a `lipkit data cluster --labels L` folder (mlcd; train/sample_labels.py)
     text_augment: dict[str, float] = field(default_factory=dict)
-    split_sentences: bool = (
-        False  # each caption's sentences are the captions drawn from (DreamLIP; data/sentences.py)
-    )
+    split_sentences: bool = False
+    cluster_labels: str = ""
     cache_images: bool = True  # decode every image once into memory (small datasets; not for shards)
     workers: int = 0  # DataLoader worker processes decoding images (shards: one stream each)
     samples_per_epoch: int = 0  # shards: samples in an epoch (0: count them once, cached beside them)

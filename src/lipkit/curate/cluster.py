@@ -10,7 +10,8 @@ unit vectors the largest inner product is the smallest Euclidean distance.
 
 OUT holds:
   clusters.jsonl  one line per embedded sample, in source order: {"key", "cluster", "distance"}, with
-                  distance = 1 − x_i·c_{a(i)} (cosine distance to its centroid, 0 … 2)
+                  distance = 1 − x_i·c_{a(i)} (cosine distance to its centroid, 0 … 2); with `--labels L`
+                  > 1 also "labels": its L nearest clusters, nearest first (MLCD's multi-label targets)
   centroids.npy   float32 k×D, unit-norm
   cluster.json    k, sizes (samples per cluster), seed, niter, inertia = Σ_i ‖x_i − c_{a(i)}‖²
                   (= Σ 2·distance_i for unit vectors), the mean cosine to the centroid, and where the
@@ -162,20 +163,21 @@ def spherical_kmeans(x: np.ndarray, k: int, seed: int = 0, niter: int = 20) -> n
     return _unit(km.centroids)
 
 
-def assign(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(cluster, cosine distance 1 − x·c) of each row of `x` (normalised here): its nearest centroid."""
+def assign(x: np.ndarray, centroids: np.ndarray, nearest: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(cluster, cosine distance 1 − x·c) of each row of `x` (normalised here): its nearest centroid; with
+    `nearest` > 1 the clusters are (n, nearest), nearest first."""
     faiss = import_optional(
         "faiss", lambda e: f"Clustering needs FAISS ({e}); run `pip install 'lipkit[search]'`."
     )
 
     index = faiss.IndexFlatIP(centroids.shape[1])
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
-    labels, dists = np.empty(len(x), np.int64), np.empty(len(x), np.float64)
+    labels, dists = np.empty((len(x), nearest), np.int64), np.empty(len(x), np.float64)
     for s in range(0, len(x), ASSIGN_BATCH):
-        sim, ids = index.search(_unit(x[s : s + ASSIGN_BATCH]), 1)
-        labels[s : s + len(ids)] = ids[:, 0]
+        sim, ids = index.search(_unit(x[s : s + ASSIGN_BATCH]), nearest)
+        labels[s : s + len(ids)] = ids
         dists[s : s + len(ids)] = 1.0 - sim[:, 0].astype(np.float64)
-    return labels, np.clip(dists, 0.0, 2.0)
+    return (labels[:, 0] if nearest == 1 else labels), np.clip(dists, 0.0, 2.0)
 
 
 def check_out_dir(out: Path, ours: Sequence[str] = OUR_FILES, inputs: Sequence[str | Path] = ()) -> None:
@@ -210,11 +212,14 @@ def check_unique_keys(records: Sequence[Record], source: str | Path) -> None:
 
 
 def write_clusters(out: Path, keys: Sequence[str], labels: np.ndarray, dists: np.ndarray) -> None:
+    """One line per sample; `labels` (n,) or (n, L): with L nearest clusters each line lists them too."""
+
     def write(f: Any) -> None:
         for key, c, d in zip(keys, labels.tolist(), dists.tolist(), strict=True):
-            f.write(
-                json.dumps({"key": key, "cluster": c, "distance": round(d, 6)}, ensure_ascii=False) + "\n"
-            )
+            row = {"key": key, "cluster": c[0] if isinstance(c, list) else c, "distance": round(d, 6)}
+            if isinstance(c, list):
+                row["labels"] = c
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
     atomic_write(out / "clusters.jsonl", write, text=True)
 
@@ -228,6 +233,7 @@ def run_cluster(
     embeddings: str | Path | None = None,
     seed: int = 0,
     niter: int = 20,
+    labels_per_sample: int = 1,
     **embed_options: Any,
 ) -> dict[str, Any]:
     """`lipkit data cluster`: embed (or read) SOURCE's images, spherical k-means, write OUT (module doc);
@@ -241,6 +247,8 @@ def run_cluster(
     )
     if k > len(records):
         raise UserError(f"--k must be between 1 and the number of images ({len(records)}), got {k}.")
+    if not 1 <= labels_per_sample <= k:
+        raise UserError(f"--labels must be between 1 and --k ({k}), got {labels_per_sample}.")
     check_unique_keys(records, source)  # before the costly embedding
     out.mkdir(parents=True, exist_ok=True)
     emb = image_embeddings(
@@ -249,14 +257,16 @@ def run_cluster(
     from lipkit.curate.pairs_out import source_name
 
     centroids = spherical_kmeans(emb.x, k, seed, niter)
-    labels, dists = assign(emb.x, centroids)
+    nearest, dists = assign(emb.x, centroids, labels_per_sample)
+    labels = nearest if labels_per_sample == 1 else nearest[:, 0]
     keys = [emb.records[r].key for r in emb.rows]
     (out / "cluster.json").unlink(missing_ok=True)  # not finished until it is written again
-    write_clusters(out, keys, labels, dists)
+    write_clusters(out, keys, nearest, dists)
     save_npy_atomic(out / "centroids.npy", centroids.astype(np.float32))
     summary = {
         "format": "lipkit-clusters",
         "k": k,
+        "labels_per_sample": labels_per_sample,
         "sizes": np.bincount(labels, minlength=k).tolist(),
         "seed": seed,
         "niter": niter,

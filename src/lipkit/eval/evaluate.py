@@ -164,7 +164,7 @@ def evaluate_records(
         texts = _RetrievalTexts.of(records, cfg.retrieval_caption, cfg.protocol == "clip_benchmark")
         sims = _retrieve(model, tokenizer, cfg.batch_size, images, texts, metrics, chance)
         if cfg.group_by:
-            _retrieve_per_group(model, tokenizer, cfg, records, images, metrics, chance)
+            _retrieve_per_group(model, tokenizer, cfg, records, images, metrics, chance, split)
         result["n_texts"] = len(texts.texts)
         if details:
             result.update(_details(records, texts, sims))
@@ -294,23 +294,30 @@ def _retrieve_per_group(
     images: _Images,
     metrics: dict[str, float],
     chance: dict[str, float],
+    split: str = "",
 ) -> None:
     """eval.group_by (e.g. langs): for each value v of the column, retrieval between the images that have
-    a caption of value v and their first such caption, as `retrieval/<column>=<v>/...` metrics."""
+    a caption of value v and their first such caption, as `retrieval/<column>=<v>/...` metrics (a split
+    without the column has none; empty or non-text values count as missing)."""
     column = cfg.group_by
-    for r in records:
-        if not isinstance(r.meta.get(column), list) or len(r.meta[column]) != len(r.captions):
+    groups: dict[str, list[tuple[int, str]]] = {}
+    for i, r in enumerate(records):
+        values = r.meta.get(column)
+        if values is None or not r.captions:
+            continue
+        if not isinstance(values, list) or len(values) != len(r.captions):
             raise UserError(
-                f"eval.group_by={column} needs a '{column}' list parallel to the captions in every row "
-                f"(row {r.key} has none); unset eval.group_by or add the column."
+                f"eval.group_by={column}: in split '{split}', row {r.key} has no '{column}' list parallel to "
+                f"its {len(r.captions)} captions; fix the column or unset eval.group_by."
             )
-    for value in dict.fromkeys(v for r in records for v in r.meta[column]):
-        rows = [i for i, r in enumerate(records) if value in r.meta[column]]
-        subset = [
-            replace(records[i], captions=[records[i].captions[records[i].meta[column].index(value)]])
-            for i in rows
-        ]
-        index = torch.tensor(rows)
+        seen: set[str] = set()  # a row's first caption of each value
+        for value, caption in zip(values, r.captions, strict=True):
+            if isinstance(value, str) and value and value not in seen:
+                seen.add(value)
+                groups.setdefault(value, []).append((i, caption))
+    for value, members in groups.items():
+        index = torch.tensor([i for i, _ in members])
+        subset = [replace(records[i], captions=[c]) for i, c in members]
         kept = _Images(
             *(None if x is None else x[index] for x in (images.dense, images.tokens, images.lexical))
         )

@@ -15,6 +15,7 @@ from lipkit.objectives.improved_baselines import ImprovedBaselines
 from lipkit.objectives.infonce import InfoNCE
 from lipkit.objectives.intra_modal import TripleContrast
 from lipkit.objectives.lexlip import LexiconContrast
+from lipkit.objectives.mlcd import MultiLabelClusterDiscrimination
 from lipkit.objectives.multi_positive import MultiPositiveInfoNCE
 from lipkit.objectives.nevlp import NoiseAdaptiveContrast
 from lipkit.objectives.refine import CLIPRefine
@@ -36,6 +37,7 @@ OBJECTIVES: dict[str, type[nn.Module]] = {
     "unime": HardNegativeContrast,
     "wukong": ReducedTokenInteraction,
     "improved_baselines": ImprovedBaselines,
+    "mlcd": MultiLabelClusterDiscrimination,
 }
 
 

@@ -2,8 +2,9 @@
 "Vision-Language Pre-Training with Triple Contrastive Learning").
 
 With L2-normalised image features x, text features y, and second views x', y' of the same samples
-(`image_features_2`: a second random augmentation of the image; `text_features_2`: the sample's second
-caption — with `data.text_augment` on, each of the two is an independently edited copy):
+(`image_features_2`: a second random augmentation of the image; `text_features_2`: the second caption
+drawn for the sample (`data.caption_policy`) — the same text as the first when the row has one caption,
+unless `data.text_augment` edits each copy independently):
 
     L = InfoNCE(x, y) + λ · [ InfoNCE(x, x') + InfoNCE(y, y') ]
 

@@ -65,8 +65,10 @@ class BatchPass:
         pad_id: int,
         teacher: DualEncoder | None,
         keys: torch.Tensor | None = None,
+        labels: Any = None,
     ) -> None:
         self.model, self.images, self.ids, self.k, self.keys = model, images, ids, k, keys
+        self.labels = labels  # train.sample_labels.SampleLabels, or None
         self.second_view, self.pad_id, self.teacher = second_view, pad_id, teacher
         entries = [INPUTS[name] for name in needs]
         self.tokens = any(e.tokens for e in entries)
@@ -141,6 +143,11 @@ def _keys(p: BatchPass) -> torch.Tensor:
     return p.keys
 
 
+def _labels(p: BatchPass) -> torch.Tensor:
+    assert p.labels is not None, "check_inputs refuses a clusters input without cluster labels"
+    return p.labels.lookup(_keys(p))
+
+
 def _owners(p: BatchPass) -> torch.Tensor:
     return torch.arange(p.images.shape[0], device=p.ids.device).repeat_interleave(p.k)
 
@@ -192,7 +199,11 @@ INPUTS: dict[str, Input] = {
     "teacher_logit_scale": Input(lambda p: p.frozen[2], None, "batch", requires="teacher"),
     # each image's stable sample id (from its record key): per-sample state such as NEVLP's loss history
     "sample_key": Input(lambda p: _keys(p), "plain", "batch"),
+    # each image's cluster labels (B, L; −1: none) from data.cluster_labels (train.sample_labels)
+    "cluster_labels": Input(_labels, "plain", "batch", requires="clusters"),
 }
+
+KEYED = {"sample_key", "cluster_labels"}  # the inputs made from the records' keys (Trainer.step passes them)
 
 # what the run must provide, checked in this order: (is it there?, the rest of the one-sentence refusal)
 _REQUIREMENTS: dict[str, tuple[Callable[[dict[str, Any]], bool], str]] = {
@@ -212,6 +223,10 @@ _REQUIREMENTS: dict[str, tuple[Callable[[dict[str, Any]], bool], str]] = {
         "model.overrides.lexicon_vocab (e.g. the tokenizer's vocabulary size).",
     ),
     "bias": (lambda s: s["bias"], "needs a logit bias; set model.overrides.logit_bias=true."),
+    "clusters": (
+        lambda s: s["clusters"],
+        "needs cluster labels; set data.cluster_labels to a folder of `lipkit data cluster --labels L`.",
+    ),
 }
 
 
@@ -236,8 +251,10 @@ def check_inputs(
     objective: str,
     has_teacher: bool = False,
     has_lexicon: bool = False,
+    has_clusters: bool = False,
 ) -> None:
     setup = {"captions": captions_per_image, "bias": has_bias, "teacher": has_teacher, "lexicon": has_lexicon}
+    setup["clusters"] = has_clusters
     for what, (present, fix) in _REQUIREMENTS.items():
         if requires(needs, what) and not present(setup):
             raise UserError(f"Objective '{objective}' {fix}")
@@ -254,9 +271,10 @@ def objective_inputs(
     teacher: DualEncoder | None = None,
     only: set[str] | None = None,
     keys: torch.Tensor | None = None,
+    labels: Any = None,
 ) -> dict[str, torch.Tensor]:
     """images: (B, 3, H, W); ids: (B·k, L) image-major; keys: (B,) sample ids. Returns the named tensors the objective reads
     (`needs`; or only the names `only` of them, laid out as for all of `needs`), in registry order."""
-    p = BatchPass(model, needs, images, ids, captions_per_image, second_view, pad_id, teacher, keys)
+    p = BatchPass(model, needs, images, ids, captions_per_image, second_view, pad_id, teacher, keys, labels)
     wanted = needs if only is None else only
     return {name: entry.compute(p) for name, entry in INPUTS.items() if name in wanted}

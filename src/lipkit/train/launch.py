@@ -42,6 +42,7 @@ from lipkit.train.distributed import Dist, check_batch_split, gather_objects
 from lipkit.train.distributed import init as init_distributed
 from lipkit.train.hooks import CheckpointWriter, Evaluator
 from lipkit.train.inputs import objective_needs, requires
+from lipkit.train.sample_labels import SampleLabels
 from lipkit.train.tracking import Trackers, open_trackers
 from lipkit.train.trainer import Trainer, TrainResult
 
@@ -199,8 +200,21 @@ def _fit(
         check_has_images(name, store)
     if resume is not None:  # the weights go in before the trainer (FSDP) shards them
         model.load_state_dict(load_file(str(resume / "model.safetensors")))
+    labels = SampleLabels.from_clusters(d.cluster_labels) if d.cluster_labels else None
+    if labels is not None and hasattr(objective, "bind"):  # class centres: one per cluster, model-wide
+        objective.bind(labels.num_classes, model.spec.embed_dim)
     trainer = Trainer(
-        model, objective, tokenizer, t, cfg.augment, run_dir, device, d.captions_per_image, dist, teacher
+        model,
+        objective,
+        tokenizer,
+        t,
+        cfg.augment,
+        run_dir,
+        device,
+        d.captions_per_image,
+        dist,
+        teacher,
+        labels,
     )
     if log is not None:  # the trainer's log lines go to metrics.jsonl and the trackers alike
         trainer.log = log

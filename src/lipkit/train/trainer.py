@@ -5,10 +5,9 @@ It owns nothing else: data arrives as batches per epoch, evaluation and checkpoi
 callbacks. The whole loop state (`training_state`) is small enough to checkpoint every few steps,
 and resuming from it is bitwise exact on a CPU.
 
-Read top to bottom: the state (`training_state`), one optimiser step (`step`), then the loop (`fit`),
-which puts together the schedule (train.optim.Schedule), the clock (train.clock: training time, the
-ranks' shared clock, samples/s), the checkpoint policy (train.checkpoint_policy: cadence, preemption)
-and evaluation (`_evaluate`).
+Read top to bottom: the state (`training_state`), one optimiser step (`step`), then the loop (`fit`), which
+puts together the schedule (train.optim.Schedule), the clock (train.clock: training time, the ranks' shared
+clock, samples/s), the checkpoint policy (train.checkpoint_policy: cadence, preemption) and `_evaluate`.
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ from lipkit.train.checkpoint_policy import Preemption, on_save_cadence
 from lipkit.train.clock import Clock, Throughput
 from lipkit.train.distributed import Dist, all_true, check_scaling, gather_inputs, mean_over_ranks
 from lipkit.train.grad_cache import grad_cache_backward
-from lipkit.train.inputs import check_inputs, objective_inputs, objective_needs, sample_ids
+from lipkit.train.inputs import KEYED, check_inputs, objective_inputs, objective_needs, sample_ids
 from lipkit.train.local_losses import local_loss
 from lipkit.train.optim import Schedule, param_groups
 from lipkit.train.progress import TrainBar, train_bar
@@ -91,6 +90,7 @@ class Trainer:
         captions_per_image: int = 1,
         dist: Dist | None = None,
         teacher: DualEncoder | None = None,
+        sample_labels: Any = None,  # train.sample_labels.SampleLabels, for objectives that read labels
     ) -> None:
         self.model, self.objective, self.tokenizer = model.to(device), objective.to(device), tokenizer
         self.cfg, self.aug, self.run_dir, self.device = cfg, augment_cfg, run_dir, device
@@ -100,6 +100,7 @@ class Trainer:
         self.per_image, self.dist = captions_per_image, dist or Dist()
         self.local_batch = cfg.batch_size // self.dist.world
         self.teacher = teacher.to(device).eval() if teacher is not None else None
+        self.sample_labels = sample_labels
         check_inputs(
             self.needs,
             captions_per_image,
@@ -107,6 +108,7 @@ class Trainer:
             cfg.objective,
             teacher is not None,
             model.has_lexicon,
+            sample_labels is not None,
         )
         check_scaling(cfg, self.needs, self.dist)
         check_batch_statistics(model, self.dist.world, cfg.grad_cache_chunk, self.local_batch)  # BatchNorm
@@ -219,6 +221,7 @@ class Trainer:
                 self.teacher,
                 only,
                 keys,
+                self.sample_labels,
             )
 
     def _loss(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -257,7 +260,7 @@ class Trainer:
         images = self._augmented(images_u8)
         second = self._augmented(images_u8) if "image_features_2" in self.needs else None
         ids = self.tokenizer(captions).to(self.device)
-        sample = sample_ids(keys, self.device) if keys is not None and "sample_key" in self.needs else None
+        sample = sample_ids(keys, self.device) if keys is not None and self.needs & KEYED else None
         for group in self.opt.param_groups:
             group["lr"] = lr * group["lr_scale"]
         self.opt.zero_grad(set_to_none=True)
