@@ -72,8 +72,6 @@ def test_mlcd_neutral_weight_is_infonce_and_gradcheck():
     assert torch.autograd.gradcheck(
         lambda x, c: multi_label_loss(8.0 * x @ F.normalize(c, dim=-1).t(), LABELS), (img, centres)
     )
-    with pytest.raises(ValueError, match="class centres"):
-        neutral(img, txt, t.exp(), cluster_labels=LABELS + 5)
     with pytest.raises(ValueError, match="cluster_weight"):
         MultiLabelClusterDiscrimination(cluster_weight=-1)
 
@@ -94,8 +92,24 @@ def test_sample_labels_by_key(tmp_path):
     (tmp_path / "c" / "cluster.json").unlink()
     with pytest.raises(UserError, match="not a finished `lipkit data cluster` folder"):
         SampleLabels.from_clusters(tmp_path / "c")
-    with pytest.raises(UserError, match="one key twice"):
+    assert SampleLabels(["a", "a", "b"], [[0], [0], [1]], 2).lookup(sample_ids(["a"])).tolist() == [[0]]
+    with pytest.raises(UserError, match="key 'a' two different label lists"):
         SampleLabels(["a", "a"], [[0], [1]], 2)
+    write_clusters(tmp_path / "bad", [("a", [1, 5])], 3)
+    with pytest.raises(UserError, match="damaged .*line 1 has a cluster outside 0 … 2"):
+        SampleLabels.from_clusters(tmp_path / "bad")
+    (tmp_path / "bad" / "clusters.jsonl").write_text("{not json\n")
+    with pytest.raises(UserError, match="damaged"):
+        SampleLabels.from_clusters(tmp_path / "bad")
+    assert table.check_covers(["a", "zz"], "t") == 0.5
+    with pytest.raises(UserError, match="None of the 1 samples of t has cluster labels"):
+        table.check_covers(["zz"], "t")
+
+
+def test_resuming_with_other_clusters_is_refused():
+    saved = MultiLabelClusterDiscrimination(num_clusters=5, embed_dim=4).state_dict()
+    with pytest.raises(UserError, match="5 class centres of 4 dims do not fit this run's 6 clusters"):
+        MultiLabelClusterDiscrimination(num_clusters=6, embed_dim=4).load_state_dict(saved)
 
 
 def test_mlcd_trains_on_cluster_labels_and_keeps_its_centres_in_the_training_state(table, tmp_path):
@@ -126,7 +140,8 @@ def test_mlcd_trains_on_cluster_labels_and_keeps_its_centres_in_the_training_sta
     _, result = run_training(config(tmp_path / "run", 2))
     assert result.steps > 0 and math.isfinite(result.last_loss)
     losses = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert all("cluster_loss" in x for x in losses if x.get("kind") == "train")
+    steps = [x for x in losses if x.get("kind") == "train"]
+    assert steps and all(x["cluster_loss"] > 0 and x["labelled_share"] == 1.0 for x in steps)
     state = load_file(str(tmp_path / "run" / "checkpoint" / "model.safetensors"))
     assert not any("centres" in k for k in state)  # the class centres stay with the training state
     from lipkit.checkpoint import load_training_state
@@ -136,3 +151,6 @@ def test_mlcd_trains_on_cluster_labels_and_keeps_its_centres_in_the_training_sta
     assert tensors["objective.centres"].shape == (7, TINY_MODEL["embed_dim"])
     with pytest.raises(UserError, match="needs cluster labels; set data.cluster_labels"):
         run_training(config(tmp_path / "none", 1, cluster_labels=""))
+    write_clusters(tmp_path / "other", [("elsewhere/0.png", [0, 1])], 7)
+    with pytest.raises(UserError, match="has cluster labels: the keys differ"):
+        run_training(config(tmp_path / "other-run", 1, cluster_labels=str(tmp_path / "other")))

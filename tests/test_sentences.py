@@ -31,7 +31,8 @@ def test_sentences_are_cut_after_their_ends():
     assert sentences("「こんにちは。」と言った。") == ["「こんにちは。」", "と言った。"]  # closing quote kept
     assert sentences('end."  Then') == ['end."', "Then"]
     assert sentences("Wait . . . what") == ["Wait . . .", "what"]  # letterless pieces join the one before
-    assert sentences("1. Red 2. Blue") == ["1. Red 2.", "Blue"]  # ... or the next, when first
+    assert sentences("1. A dog 2. A cat") == ["1. A dog 2.", "A cat"]  # a marker inside a sentence stays
+    assert sentences("It ends 2.") == ["It ends 2."]
 
 
 def test_the_pool_is_every_distinct_sentence_in_order():

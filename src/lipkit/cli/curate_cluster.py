@@ -184,8 +184,62 @@ def associate(
     )
 
 
+def pseudo_caption(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint directory written by `lipkit train`."),
+    source: str = typer.Argument(..., help=SOURCE_HELP),
+    out: Path = typer.Argument(
+        ..., help="Output folder: pseudo.jsonl (or shards/), pseudo.json, embeddings/."
+    ),
+    attribute: list[str] = typer.Option(
+        ...,
+        "--attribute",
+        "-a",
+        help="NAME=V1,V2,... (or NAME=@FILE, one value a line): an attribute and the values it can take; repeat.",
+    ),
+    template: str = typer.Option(
+        ..., "--template", "-t", help="The caption, naming attributes as {NAME}, e.g. 'a {colour} {animal}'."
+    ),
+    prompt: list[str] = typer.Option(
+        ["{}"],
+        "--prompt",
+        help="Zero-shot prompt with {} for the value (repeat to ensemble), e.g. 'a photo of {}'.",
+    ),
+    embeddings: Path = typer.Option(
+        None,
+        "--embeddings",
+        help="SOURCE's image embeddings (a `lipkit embed` folder, reused), or where to write them.",
+    ),
+    batch_size: int = typer.Option(256, "--batch-size", "-b", help="Images or texts per forward pass."),
+    device: str = DEVICE,
+    image_column: str = IMAGE_COLUMN,
+    caption_column: str = CAPTION_COLUMN,
+) -> None:
+    """Caption every image of SOURCE from zero-shot attribute predictions (PLIP's pseudo-captions)."""
+    from lipkit.curate.pseudo_caption import parse_attributes, run_pseudo_caption
+
+    s = run_pseudo_caption(
+        checkpoint,
+        source,
+        out,
+        parse_attributes(attribute),
+        template,
+        prompts=prompt,
+        embeddings=embeddings,
+        image_column=image_column,
+        caption_column=caption_column,
+        device=device,
+        batch_size=batch_size,
+    )
+    if s["not_embedded"]:
+        console.print(f"[yellow]{s['not_embedded']} image(s) could not be decoded; left out[/]")
+    for name, share in s["agreement_with_source_columns"].items():
+        console.print(f"{name}: the prediction equals SOURCE's column for {share:.1%} of images")
+    console.print(f"[bold green]pseudo-captioned[/] {s['written']} images → {Path(out) / (s['table'] or '')}")
+
+
 def register(app: typer.Typer) -> None:
-    """Add cluster, reduce and associate to the `lipkit data` app."""
+    """Add cluster, reduce, associate and pseudo-caption to the `lipkit data` app."""
     app.command("cluster")(cluster)
     app.command("reduce")(reduce)
     app.command("associate")(associate)
+    app.command("pseudo-caption")(pseudo_caption)

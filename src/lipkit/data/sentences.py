@@ -3,8 +3,9 @@ Language-Image Pre-training with Long Captions") samples the sentences of a long
 
 A caption is cut after every sentence end — a run of ".", "!", "?" or ";" (with any closing quotes or
 brackets) followed by white space, or a run of the full-width "。", "！", "？", "；" (with any closing
-quotes or brackets) — each piece stripped, empty ones dropped, and a piece without a letter ("1.", ". . .")
-joined to the one before it (the next one when it comes first). A sample's pool of captions
+quotes or brackets) — each piece stripped, empty ones dropped; a piece without a letter joins the one
+before it when it is only punctuation (". . .") and the next one when it holds a digit (a leading list
+marker "1."; a marker after words — "a dog 2. a cat" — stays with the words before it). A sample's pool of captions
 becomes the sentences of all its captions, in order, each distinct sentence once; a caption without a
 sentence end is one sentence. The captions each step trains on are then drawn from that pool
 (`data.caption_policy`, `data.captions_per_image`), so with the multi-positive objective the image's
@@ -31,9 +32,9 @@ def sentences(caption: str) -> list[str]:
     pending = ""  # letterless pieces before the first sentence
     for piece in filter(None, pieces):
         if not any(c.isalpha() for c in piece):
-            if out:
+            if out and not any(c.isdigit() for c in piece):  # ". . ." ends the sentence before it
                 out[-1] = f"{out[-1]} {piece}"
-            else:
+            else:  # a list marker ("2.") opens the next one
                 pending = f"{pending} {piece}".strip()
             continue
         out.append(f"{pending} {piece}".strip() if pending else piece)

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lipkit.errors import UserError
 from lipkit.objectives.infonce import InfoNCE
 
 
@@ -92,6 +93,15 @@ class MultiLabelClusterDiscrimination(nn.Module):
         self.num_clusters, self.embed_dim = int(num_clusters), int(embed_dim)
         self.centres = nn.Parameter(F.normalize(torch.randn(num_clusters, embed_dim, generator=g), dim=-1))
 
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
+        saved = state_dict.get(prefix + "centres")
+        if saved is not None and saved.shape != self.centres.shape:
+            raise UserError(
+                f"The checkpoint's {saved.shape[0]} class centres of {saved.shape[1]} dims do not fit this run's "
+                f"{self.num_clusters} clusters of {self.embed_dim}; resume with the cluster labels it was started with."
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(
         self,
         image_features: torch.Tensor,
@@ -100,14 +110,13 @@ class MultiLabelClusterDiscrimination(nn.Module):
         cluster_labels: torch.Tensor,
         **_: object,
     ) -> torch.Tensor:
-        if self.centres.numel() == 0:  # not bound by a trainer (a direct call): size from the inputs
+        if self.centres.numel() == 0:  # not bound at launch (a direct call): sized from the inputs
             self.bind(max(int(cluster_labels.max()) + 1, 1), image_features.shape[1])
             self.centres.data = self.centres.data.to(image_features)
-        if int(cluster_labels.max()) >= self.num_clusters:
-            raise ValueError(f"a cluster label is ≥ the {self.num_clusters} class centres")
         centres = F.normalize(self.centres.to(image_features.dtype), dim=-1)
         cluster = multi_label_loss(self.scale * image_features @ centres.t(), cluster_labels)
-        self.last_stats = {"cluster_loss": cluster.detach()}
+        labelled = (cluster_labels >= 0).any(1).double().mean()
+        self.last_stats = {"cluster_loss": cluster.detach(), "labelled_share": labelled}
         loss = self.cluster_weight * cluster
         if self.contrastive_weight:
             loss = loss + self.contrastive_weight * self.infonce(image_features, text_features, logit_scale)

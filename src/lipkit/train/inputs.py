@@ -139,7 +139,9 @@ class Input:
 
 def _keys(p: BatchPass) -> torch.Tensor:
     if p.keys is None:  # a programming error: the trainer passes every batch's record keys
-        raise ValueError("this objective reads sample_key: pass the batch's record keys to Trainer.step")
+        raise ValueError(
+            "this objective reads the samples' keys: pass the batch's record keys to Trainer.step"
+        )
     return p.keys
 
 

@@ -201,6 +201,10 @@ def _fit(
     if resume is not None:  # the weights go in before the trainer (FSDP) shards them
         model.load_state_dict(load_file(str(resume / "model.safetensors")))
     labels = SampleLabels.from_clusters(d.cluster_labels) if d.cluster_labels else None
+    if labels is not None and hasattr(data, "records"):  # a table: its keys must meet the labels'
+        share = labels.check_covers([r.key for r in data.records], str(d.train))
+        if share < 1:
+            console.print(f"[yellow]{1 - share:.1%} of the training samples have no cluster labels[/]")
     if labels is not None and hasattr(objective, "bind"):  # class centres: one per cluster, model-wide
         objective.bind(labels.num_classes, model.spec.embed_dim)
     trainer = Trainer(

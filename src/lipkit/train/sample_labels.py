@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lipkit.errors import UserError
@@ -23,17 +24,22 @@ class SampleLabels:
     """Sorted sample ids and their (n, L) labels (−1 pads), `num_classes` classes."""
 
     def __init__(self, keys: list[str], labels: list[list[int]], num_classes: int) -> None:
-        width = max((len(x) for x in labels), default=1)
-        table = torch.full((len(labels), width), -1, dtype=torch.int64)
-        for i, row in enumerate(labels):
-            table[i, : len(row)] = torch.tensor(row, dtype=torch.int64)
-        ids = sample_ids(keys)
+        unique: dict[str, list[int]] = {}
+        for key, row in zip(keys, labels, strict=True):  # the same image listed twice: one entry
+            if unique.setdefault(key, row) != row:
+                raise UserError(
+                    f"The cluster labels give the key '{key}' two different label lists; give every row a unique "
+                    "`key` and run `lipkit data cluster` again."
+                )
+        width = max([1, *(len(x) for x in unique.values())])
+        table = np.full((len(unique), width), -1, dtype=np.int64)
+        for i, row in enumerate(unique.values()):
+            table[i, : len(row)] = row
+        ids = sample_ids(list(unique))
         order = ids.argsort()
-        self.ids, self.labels, self.num_classes = ids[order], table[order], num_classes
-        if len(self.ids) > 1 and bool((self.ids[1:] == self.ids[:-1]).any()):
-            raise UserError(
-                "The cluster labels list one key twice; write them again with `lipkit data cluster`."
-            )
+        self.ids, self.labels, self.num_classes = ids[order], torch.from_numpy(table)[order], num_classes
+        self.keys = set(unique)
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # copies per device, made once
 
     @classmethod
     def from_clusters(cls, folder: str | Path) -> SampleLabels:
@@ -44,21 +50,40 @@ class SampleLabels:
                 f"data.cluster_labels: '{folder}' is not a finished `lipkit data cluster` folder (no cluster.json); "
                 "run `lipkit data cluster CHECKPOINT SOURCE OUT -k K --labels L` first."
             )
-        k = int(json.loads((path / "cluster.json").read_text(encoding="utf-8"))["k"])
         keys, labels = [], []
-        with (path / "clusters.jsonl").open(encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    row = json.loads(line)
-                    keys.append(row["key"])
-                    labels.append([int(c) for c in row.get("labels", [row["cluster"]])])
+        try:
+            k = int(json.loads((path / "cluster.json").read_text(encoding="utf-8"))["k"])
+            with (path / "clusters.jsonl").open(encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        row = json.loads(line)
+                        keys.append(str(row["key"]))
+                        labels.append([int(c) for c in row.get("labels", [row["cluster"]])])
+                        if not all(0 <= c < k for c in labels[-1]):
+                            raise ValueError(f"line {n} has a cluster outside 0 … {k - 1}")
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(
+                f"data.cluster_labels: '{folder}' is damaged ({e}); run `lipkit data cluster` again."
+            ) from e
         return cls(keys, labels, k)
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, L) labels of these sample ids, −1 for ids the table does not hold."""
-        table_ids, labels = self.ids.to(ids.device), self.labels.to(ids.device)
+        if ids.device not in self._on:
+            self._on[ids.device] = (self.ids.to(ids.device), self.labels.to(ids.device))
+        table_ids, labels = self._on[ids.device]
         if table_ids.numel() == 0:
             return torch.full((len(ids), labels.shape[1]), -1, dtype=torch.int64, device=ids.device)
         pos = torch.searchsorted(table_ids, ids).clamp(max=len(table_ids) - 1)
         found = table_ids[pos] == ids
         return torch.where(found[:, None], labels[pos], torch.full_like(labels[pos], -1))
+
+    def check_covers(self, keys: list[str], where: str) -> float:
+        """The share of `keys` (a training table's) that have labels; none at all is refused."""
+        share = sum(k in self.keys for k in keys) / max(1, len(keys))
+        if keys and share == 0:
+            raise UserError(
+                f"None of the {len(keys)} samples of {where} has cluster labels: the keys differ (a table without a "
+                "`key` column is keyed by its image paths as written); cluster this same table, read the same way."
+            )
+        return share

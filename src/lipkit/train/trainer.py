@@ -90,7 +90,7 @@ class Trainer:
         captions_per_image: int = 1,
         dist: Dist | None = None,
         teacher: DualEncoder | None = None,
-        sample_labels: Any = None,  # train.sample_labels.SampleLabels, for objectives that read labels
+        sample_labels: Any = None,  # train.sample_labels.SampleLabels (objectives with centres bound first)
     ) -> None:
         self.model, self.objective, self.tokenizer = model.to(device), objective.to(device), tokenizer
         self.cfg, self.aug, self.run_dir, self.device = cfg, augment_cfg, run_dir, device
