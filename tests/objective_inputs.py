@@ -36,6 +36,7 @@ def _makers(b: int, d: int) -> dict[str, Callable[[], torch.Tensor]]:
         "text_key": lambda: torch.arange(b) * 31,
         "sample_key": lambda: torch.arange(b) * 7919,
         "cluster_labels": lambda: torch.tensor([[i % 3, (i + 1) % 3] if i else [-1, -1] for i in range(b)]),
+        "column_labels": lambda: torch.tensor([[i % 2, (i + 1) % 3] if i else [-1, 0] for i in range(b)]),
         "image_lexicon": lambda: torch.rand(b, 10, generator=g, dtype=F64).requires_grad_(),
         "text_lexicon": lambda: torch.rand(b, 10, generator=g, dtype=F64).requires_grad_(),
         "logit_scale": lambda: torch.tensor(10.0, dtype=F64),

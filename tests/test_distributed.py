@@ -50,13 +50,19 @@ def make_trainer(tmp: Path, rank: int, world: int, per_image: int = 1, **train) 
     )
     model = DualEncoder(spec)
     teacher = copy.deepcopy(model).requires_grad_(False) if requires(needs, "teacher") else None
-    labels = None
+    labels = {}
     if requires(
         needs, "clusters"
-    ):  # MLCD: 2 of 5 clusters per record (one record without any), as launch binds
+    ):  # MLCD: 2 of 5 clusters per record (one without any), bound as launch does
         rows = [[i % 5, (i + 2) % 5] if i != 5 else [] for i in range(BATCH)]
-        labels = SampleLabels([f"row-{i}" for i in range(BATCH)], rows, 5)
+        labels["clusters"] = SampleLabels([f"row-{i}" for i in range(BATCH)], rows, 5)
         objective.bind(5, spec.embed_dim)
+    if requires(
+        needs, "columns"
+    ):  # PLIP: identities shared across ranks, a 2-class attribute, one row without
+        rows = [[i % 3, i % 2] if i != 2 else [-1, -1] for i in range(BATCH)]
+        labels["columns"] = SampleLabels([f"row-{i}" for i in range(BATCH)], rows, 0)
+        objective.bind_columns([["a", "b", "c"], ["x", "y"]], spec.embed_dim)
     return Trainer(
         model,
         objective,
@@ -251,6 +257,7 @@ def cacheable(name: str) -> bool:
 
 UNICL = {"objective": "multi_positive", "objective_args": {"same_text_positive": True}, "per_image": 3}
 UNIME = {"objective": "unime", "objective_args": {"hard_negatives": 2}, "per_image": 3, "label_first": True}
+PLIP = {"objective": "plip", "objective_args": {"identity": "person", "attributes": ["colour"]}, "steps": 3}
 NEVLP = {"objective": "nevlp", "objective_args": {"warmup_steps": 1, "refit_every": 1}, "steps": 3}
 NEVLP_MULTI = {**NEVLP, "objective_args": {**NEVLP["objective_args"], "multi_positive": True}, "per_image": 3}
 # name → (the two-rank case, the one-process reference)
@@ -298,6 +305,11 @@ CASES: dict[str, tuple[dict, dict]] = {
     # caption keys) and top-2 hard negatives of the 8-image global batch
     **{
         f"unime-duplicates-top2{tail}": ({**UNIME, **extra}, UNIME)
+        for tail, extra in (("", {}), ("-grad-cache", {"grad_cache_chunk": 3}))
+    },
+    # PLIP: identity positives across ranks and an attribute head (the labels gathered with the features)
+    **{
+        f"plip-identity-attributes{tail}": ({**PLIP, **extra}, PLIP)
         for tail, extra in (("", {}), ("-grad-cache", {"grad_cache_chunk": 3}))
     },
     # self-supervised image terms on the gathered batch: Barlow Twins' batch statistics and SimCLR's

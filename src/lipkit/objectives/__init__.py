@@ -18,6 +18,7 @@ from lipkit.objectives.lexlip import LexiconContrast
 from lipkit.objectives.mlcd import MultiLabelClusterDiscrimination
 from lipkit.objectives.multi_positive import MultiPositiveInfoNCE
 from lipkit.objectives.nevlp import NoiseAdaptiveContrast
+from lipkit.objectives.plip import IdentityContrast
 from lipkit.objectives.refine import CLIPRefine
 from lipkit.objectives.sigmoid import SigmoidLoss
 from lipkit.objectives.unime import HardNegativeContrast
@@ -38,6 +39,7 @@ OBJECTIVES: dict[str, type[nn.Module]] = {
     "wukong": ReducedTokenInteraction,
     "improved_baselines": ImprovedBaselines,
     "mlcd": MultiLabelClusterDiscrimination,
+    "plip": IdentityContrast,
 }
 
 

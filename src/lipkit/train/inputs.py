@@ -68,7 +68,7 @@ class BatchPass:
         labels: Any = None,
     ) -> None:
         self.model, self.images, self.ids, self.k, self.keys = model, images, ids, k, keys
-        self.labels = labels  # train.sample_labels.SampleLabels, or None
+        self.labels = labels or {}  # kind ("clusters", "columns") → train.sample_labels.SampleLabels
         self.second_view, self.pad_id, self.teacher = second_view, pad_id, teacher
         entries = [INPUTS[name] for name in needs]
         self.tokens = any(e.tokens for e in entries)
@@ -145,9 +145,12 @@ def _keys(p: BatchPass) -> torch.Tensor:
     return p.keys
 
 
-def _labels(p: BatchPass) -> torch.Tensor:
-    assert p.labels is not None, "check_inputs refuses a clusters input without cluster labels"
-    return p.labels.lookup(_keys(p))
+def _labels(kind: str) -> Callable[[BatchPass], torch.Tensor]:
+    def compute(p: BatchPass) -> torch.Tensor:
+        assert kind in p.labels, "check_inputs refuses a labels input without those labels"
+        return p.labels[kind].lookup(_keys(p))
+
+    return compute
 
 
 def _owners(p: BatchPass) -> torch.Tensor:
@@ -202,10 +205,17 @@ INPUTS: dict[str, Input] = {
     # each image's stable sample id (from its record key): per-sample state such as NEVLP's loss history
     "sample_key": Input(lambda p: _keys(p), "plain", "batch"),
     # each image's cluster labels (B, L; −1: none) from data.cluster_labels (train.sample_labels)
-    "cluster_labels": Input(_labels, "plain", "batch", requires="clusters"),
+    "cluster_labels": Input(_labels("clusters"), "plain", "batch", requires="clusters"),
+    # each image's class index in each table column the objective names (B, C; −1: none): PLIP's identity and
+    # attributes (train.sample_labels.SampleLabels.from_records)
+    "column_labels": Input(_labels("columns"), "plain", "batch", requires="columns"),
 }
 
-KEYED = {"sample_key", "cluster_labels"}  # the inputs made from the records' keys (Trainer.step passes them)
+KEYED = {
+    "sample_key",
+    "cluster_labels",
+    "column_labels",
+}  # the inputs made from the records' keys (Trainer.step passes them)
 
 # what the run must provide, checked in this order: (is it there?, the rest of the one-sentence refusal)
 _REQUIREMENTS: dict[str, tuple[Callable[[dict[str, Any]], bool], str]] = {
@@ -226,8 +236,12 @@ _REQUIREMENTS: dict[str, tuple[Callable[[dict[str, Any]], bool], str]] = {
     ),
     "bias": (lambda s: s["bias"], "needs a logit bias; set model.overrides.logit_bias=true."),
     "clusters": (
-        lambda s: s["clusters"],
+        lambda s: "clusters" in s["labels"],
         "needs cluster labels; set data.cluster_labels to a folder of `lipkit data cluster --labels L`.",
+    ),
+    "columns": (
+        lambda s: "columns" in s["labels"],
+        "reads table columns per sample; train on a table (JSONL, CSV, parquet) that has them.",
     ),
 }
 
@@ -253,10 +267,10 @@ def check_inputs(
     objective: str,
     has_teacher: bool = False,
     has_lexicon: bool = False,
-    has_clusters: bool = False,
+    labels: Iterable[str] = (),
 ) -> None:
     setup = {"captions": captions_per_image, "bias": has_bias, "teacher": has_teacher, "lexicon": has_lexicon}
-    setup["clusters"] = has_clusters
+    setup["labels"] = set(labels)  # the kinds of per-sample labels the run has
     for what, (present, fix) in _REQUIREMENTS.items():
         if requires(needs, what) and not present(setup):
             raise UserError(f"Objective '{objective}' {fix}")

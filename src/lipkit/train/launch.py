@@ -200,13 +200,7 @@ def _fit(
         check_has_images(name, store)
     if resume is not None:  # the weights go in before the trainer (FSDP) shards them
         model.load_state_dict(load_file(str(resume / "model.safetensors")))
-    labels = SampleLabels.from_clusters(d.cluster_labels) if d.cluster_labels else None
-    if labels is not None and hasattr(data, "records"):  # a table: its keys must meet the labels'
-        share = labels.check_covers([r.key for r in data.records], str(d.train))
-        if share < 1:
-            console.print(f"[yellow]{1 - share:.1%} of the training samples have no cluster labels[/]")
-    if labels is not None and hasattr(objective, "bind"):  # class centres: one per cluster, model-wide
-        objective.bind(labels.num_classes, model.spec.embed_dim)
+    labels = _sample_labels(cfg, data, objective, model.spec.embed_dim)
     trainer = Trainer(
         model,
         objective,
@@ -236,6 +230,29 @@ def _fit(
     # writes checkpoints and logs
     result = trainer.fit(batches.epoch, len(batches), evaluate if eval_tables else None, checkpoint)
     return result, batches, trainer
+
+
+def _sample_labels(cfg: Config, data: Any, objective: Any, embed_dim: int) -> dict[str, SampleLabels]:
+    """The per-sample labels the objective reads (train.sample_labels), its heads sized to them."""
+    d, labels = cfg.data, {}
+    if d.cluster_labels:
+        labels["clusters"] = SampleLabels.from_clusters(d.cluster_labels)
+        if hasattr(data, "records"):  # a table: its keys must meet the labels'
+            share = labels["clusters"].check_covers([r.key for r in data.records], str(d.train))
+            if share < 1:
+                console.print(f"[yellow]{1 - share:.1%} of the training samples have no cluster labels[/]")
+        if hasattr(objective, "bind"):  # class centres: one per cluster, model-wide
+            objective.bind(labels["clusters"].num_classes, embed_dim)
+    columns = list(getattr(objective, "label_columns", ()))
+    if columns:
+        if not hasattr(data, "records"):
+            raise UserError(
+                f"Objective '{cfg.train.objective}' reads the columns {', '.join(columns)} of every row up front; "
+                "train on a table (JSONL, CSV, parquet), not on shards."
+            )
+        labels["columns"] = SampleLabels.from_records(data.records, columns, str(d.train))
+        objective.bind_columns(labels["columns"].classes, embed_dim)
+    return labels
 
 
 def _start_run_dir(cfg: Config, run_dir: Path) -> Path | None:

@@ -1,5 +1,6 @@
-"""Per-sample class labels by record key, for objectives that classify samples (MLCD's multi-label
-cluster discrimination): read from a `lipkit data cluster` folder (`data.cluster_labels`), looked up by
+"""Per-sample class labels by record key, for objectives that classify samples: MLCD's clusters, read from
+a `lipkit data cluster` folder (`data.cluster_labels`), or the table columns an objective names (PLIP's
+identity and attribute columns, `SampleLabels.from_records`); looked up by
 the stable sample ids the trainer makes from the batch's record keys (train.inputs.sample_ids), so tables
 and shards, every rank and every resume see the same labels for the same sample.
 
@@ -11,11 +12,13 @@ decoded then, or a key of another table) gets −1, which objectives read as "no
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from lipkit.data.records import Record
 from lipkit.errors import UserError
 from lipkit.train.inputs import sample_ids
 
@@ -39,6 +42,7 @@ class SampleLabels:
         order = ids.argsort()
         self.ids, self.labels, self.num_classes = ids[order], torch.from_numpy(table)[order], num_classes
         self.keys = set(unique)
+        self.classes: list[list[str]] = []  # from_records: each column's values
         self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # copies per device, made once
 
     @classmethod
@@ -66,6 +70,32 @@ class SampleLabels:
                 f"data.cluster_labels: '{folder}' is damaged ({e}); run `lipkit data cluster` again."
             ) from e
         return cls(keys, labels, k)
+
+    @classmethod
+    def from_records(cls, records: Sequence[Record], columns: Sequence[str], where: str) -> SampleLabels:
+        """(n, C) class indices of each record's value in each of `columns` (−1 where a row has none);
+        `classes[c]` lists column c's values, sorted (the index is the position there)."""
+        present = [c for c in columns if any(r.meta.get(c) not in (None, "") for r in records)]
+        if len(present) < len(columns):
+            missing = sorted(set(columns) - set(present))
+            raise UserError(
+                f"No row of {where} has the column(s) {', '.join(map(repr, missing))} the objective reads; "
+                "add them to the table or change the objective's options."
+            )
+        classes = [
+            sorted({str(r.meta[c]) for r in records if r.meta.get(c) not in (None, "")}) for c in columns
+        ]
+        index = [{v: i for i, v in enumerate(vs)} for vs in classes]
+        rows = [
+            [
+                index[j].get(str(r.meta.get(c)), -1) if r.meta.get(c) not in (None, "") else -1
+                for j, c in enumerate(columns)
+            ]
+            for r in records
+        ]
+        made = cls([r.key for r in records], rows, 0)
+        made.classes = classes
+        return made
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, L) labels of these sample ids, −1 for ids the table does not hold."""

@@ -90,7 +90,7 @@ class Trainer:
         captions_per_image: int = 1,
         dist: Dist | None = None,
         teacher: DualEncoder | None = None,
-        sample_labels: Any = None,  # train.sample_labels.SampleLabels (objectives with centres bound first)
+        sample_labels: Any = None,  # kind → train.sample_labels.SampleLabels (objectives' heads bound first)
     ) -> None:
         self.model, self.objective, self.tokenizer = model.to(device), objective.to(device), tokenizer
         self.cfg, self.aug, self.run_dir, self.device = cfg, augment_cfg, run_dir, device
@@ -108,7 +108,7 @@ class Trainer:
             cfg.objective,
             teacher is not None,
             model.has_lexicon,
-            sample_labels is not None,
+            set(sample_labels or {}),
         )
         check_scaling(cfg, self.needs, self.dist)
         check_batch_statistics(model, self.dist.world, cfg.grad_cache_chunk, self.local_batch)  # BatchNorm
