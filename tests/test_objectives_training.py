@@ -47,6 +47,7 @@ def cfg(table, out, objective, per_image=1, **extra):
         ("unime", 1, {"objective_args": {"hard_negatives": 3}}),
         ("wukong", 1, {"objective_args": {"image_tokens_kept": 4}}),
         ("improved_baselines", 1, {"objective_args": {"image_ssl": "barlow_twins"}}),
+        ("plip", 1, {"objective_args": {"identity": "concept", "attributes": ["category"]}}),
     ],
 )
 def test_each_objective_trains(table, tmp_path, objective, per_image, extra):

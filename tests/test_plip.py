@@ -76,6 +76,34 @@ def test_column_labels_from_records():
     assert got.tolist() == [[1, 1], [0, -1], [1, 0], [2, -1]]
     with pytest.raises(UserError, match="No row of t has the column\\(s\\) 'hair'"):
         SampleLabels.from_records(records, ["person", "hair"], "t")
+    again = records + [
+        Record(image="0.png", captions=["y"], meta={"person": "bob", "colour": None}, key="k0")
+    ]
+    assert SampleLabels.from_records(again, ["person", "colour"], "t").lookup(
+        sample_ids(["k0"])
+    ).tolist() == [[1, 1]]
+    clash = records + [
+        Record(image="0.png", captions=["y"], meta={"person": "amy", "colour": "red"}, key="k0")
+    ]
+    with pytest.raises(UserError, match="key 'k0' give column 'person' two values"):
+        SampleLabels.from_records(clash, ["person", "colour"], "t")
+    floats = [
+        Record(image=f"{i}.png", captions=["x"], meta={"n": v}, key=f"f{i}")
+        for i, v in enumerate([1.0, 1, float("nan")])
+    ]
+    assert SampleLabels.from_records(floats, ["n"], "t").classes == [["1"]]
+
+
+def test_resuming_on_other_attribute_values_is_refused():
+    saved = IdentityContrast(identity="p", attributes=["colour"])
+    saved.bind_columns([["a"], ["red", "blue"]], 4)
+    other = IdentityContrast(identity="p", attributes=["colour"])
+    other.bind_columns([["a"], ["red", "green"]], 4)
+    with pytest.raises(UserError, match="sized to other values of colour"):
+        other.load_state_dict(saved.state_dict())
+    same = IdentityContrast(identity="p", attributes=["colour"])
+    same.bind_columns([["b"], ["red", "blue"]], 4)  # identities may differ: they have no head
+    same.load_state_dict(saved.state_dict())
 
 
 def test_plip_trains_on_a_tables_columns(table, tmp_path):
@@ -101,7 +129,8 @@ def test_plip_trains_on_a_tables_columns(table, tmp_path):
     _, result = run_training(config(table, tmp_path / "run"))
     assert result.steps > 0 and math.isfinite(result.last_loss)
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert all(x["attribute_loss"] > 0 for x in lines if x.get("kind") == "train")
+    steps = [x for x in lines if x.get("kind") == "train"]
+    assert steps and all(x["attribute_loss"] > 0 for x in steps)
     from lipkit.data.convert import convert
 
     convert(table, tmp_path / "shards", 50, "image", "captions", "", False)

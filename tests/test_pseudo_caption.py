@@ -1,5 +1,5 @@
 """`lipkit data pseudo-caption`: captions from zero-shot attribute predictions, against a naive loop over
-the checkpoint's own embeddings; the table it writes trains through data.caption_mix; clear refusals."""
+the checkpoint's own embeddings; the agreement with a source column; clear refusals."""
 
 from __future__ import annotations
 
@@ -62,8 +62,9 @@ def test_predictions_are_the_naive_prompt_ensemble_argmax(ckpt, table, tmp_path)
         a = row["pseudo_attributes"]
         assert row["captions_pseudo"] == [f"a {a['mood']} {a['category']} emoji"]
         assert row["captions"]  # the row's own captions stay
-    agree = s["agreement_with_source_columns"]
-    assert set(agree) == {"category"} and 0 <= agree["category"] <= 1  # the table has a category column
+    agree = s["agreement_with_source_columns"]  # the table has a category column, not a mood one
+    want = sum(r["pseudo_attributes"]["category"] == r["category"] for r in rows) / len(rows)
+    assert set(agree) == {"category"} and agree["category"] == pytest.approx(want)
     assert sum(s["chosen"]["mood"].values()) == len(rows)
 
 
@@ -86,6 +87,9 @@ def test_the_cli_and_its_refusals(ckpt, table, tmp_path):
             parse_attributes(bad)
     with pytest.raises(UserError, match="names 'size'; use \\{colour\\}"):
         check_template("a {size} thing", {"colour": ["a", "b"]})
+    for bad in ("a {colour!r} thing", "a {colour:>5} thing"):
+        with pytest.raises(UserError, match="write plain"):
+            check_template(bad, {"colour": ["a", "b"]})
     result = runner.invoke(
         app, [*args, "-a", "tone=light,dark", "-t", "a {tone} emoji", "--prompt", "no slot"]
     )

@@ -33,6 +33,7 @@ def test_sentences_are_cut_after_their_ends():
     assert sentences("Wait . . . what") == ["Wait . . .", "what"]  # letterless pieces join the one before
     assert sentences("1. A dog 2. A cat") == ["1. A dog 2.", "A cat"]  # a marker inside a sentence stays
     assert sentences("It ends 2.") == ["It ends 2."]
+    assert sentences("A dog. 3.") == ["A dog. 3."]  # a trailing number stays with the sentence before it
 
 
 def test_the_pool_is_every_distinct_sentence_in_order():

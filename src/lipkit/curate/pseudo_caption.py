@@ -4,9 +4,10 @@ Representation Learning"), whose captions are built from attribute words, made h
 instead of annotations.
 
 For each attribute a with values V_a and prompt templates T (`--prompt`, "{}" by default), the value's
-text embedding is CLIP's prompt ensemble c_{a,v} = normalise(Σ_t normalise(text(t(v)))); with unit-norm
-image embeddings x_i, image i's value is v̂_a(i) = argmax_v <x_i, c_{a,v}> (ties to the earlier value), and
-its pseudo-caption is TEMPLATE with each {a} replaced by v̂_a(i):
+text embedding is CLIP's prompt ensemble c_{a,v} = normalise(Σ_t normalise(text(t(v)))) (prompts written as
+for evaluation: {} or {c} for the value); with unit-norm image embeddings x_i, image i's value is
+v̂_a(i) = argmax_v <x_i, c_{a,v}> (ties to the earlier value), and its pseudo-caption is TEMPLATE with each
+{a} replaced by v̂_a(i):
 
     --attribute colour=red,green,blue --attribute animal=cat,dog --template "a {colour} {animal}"
 
@@ -39,6 +40,7 @@ from lipkit.atomic import write_json_atomic
 from lipkit.curate.associate import embed_texts
 from lipkit.curate.cluster import check_out_dir, image_embeddings
 from lipkit.curate.pairs_out import write_pairs
+from lipkit.data.label_sets import fill_template
 from lipkit.errors import UserError
 from lipkit.search.embed import progress_bar
 
@@ -79,11 +81,16 @@ def parse_attributes(specs: Sequence[str]) -> dict[str, list[str]]:
 def check_template(template: str, attributes: dict[str, list[str]]) -> None:
     """The template names only known attributes, each as a plain {name}."""
     try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        parsed = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
     except ValueError as e:
         raise UserError(
             f"--template '{template}' is not a valid template ({e}); write fields as {{name}}."
         ) from e
+    if any(spec or conv for _, spec, conv in parsed):
+        raise UserError(
+            f"--template '{template}' formats a field ({{name:...}} or {{name!...}}); write plain {{name}}."
+        )
+    fields = [f for f, _, _ in parsed]
     unknown = sorted(set(fields) - set(attributes))
     if unknown or not fields:
         raise UserError(
@@ -96,7 +103,7 @@ def value_embeddings(
     checkpoint: str | Path, values: list[str], prompts: list[str], device: str, batch_size: int, bar: Any
 ) -> np.ndarray:
     """(V, D) unit-norm prompt ensembles: the normalised sum of each value's normalised prompt embeddings."""
-    texts = [p.replace("{}", v) for v in values for p in prompts]
+    texts = [fill_template(p, v) for v in values for p in prompts]
     emb = embed_texts(checkpoint, texts, device, batch_size, bar).reshape(len(values), len(prompts), -1)
     mean = emb.sum(1)
     return mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
@@ -107,6 +114,22 @@ def predict(x: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     sims = x @ classes.T
     best = sims.argmax(1)
     return best, sims[np.arange(len(x)), best]
+
+
+def _agreement(
+    rows: list, attributes: dict[str, list[str]], chosen: dict[str, np.ndarray]
+) -> dict[str, float]:
+    """Per attribute named like a column of SOURCE: the share of the rows with a value there that it predicts."""
+    out = {}
+    for a in attributes:
+        hits = [
+            str(r.meta[a]) == attributes[a][int(chosen[a][i])]
+            for i, r in enumerate(rows)
+            if r.meta.get(a) not in (None, "")
+        ]
+        if hits:
+            out[a] = float(np.mean(hits))
+    return out
 
 
 def run_pseudo_caption(
@@ -126,8 +149,8 @@ def run_pseudo_caption(
 ) -> dict[str, Any]:
     """`lipkit data pseudo-caption` (module doc); the summary written to pseudo.json."""
     check_template(template, attributes)
-    if not prompts or any("{}" not in p for p in prompts):
-        raise UserError("Every --prompt needs a {} where the value goes, e.g. 'a photo of {}'.")
+    if not prompts or any(fill_template(p, "\x00") == fill_template(p, "\x01") for p in prompts):
+        raise UserError("Every --prompt needs a {} (or {c}) where the value goes, e.g. 'a photo of {}'.")
     out = Path(out).expanduser()
     check_out_dir(out, OUR_FILES, [source])
     emb = image_embeddings(
@@ -162,13 +185,6 @@ def run_pseudo_caption(
     name, n, skipped = write_pairs(
         out, TABLE, ((r, fields(i)) for i, r in enumerate(rows)), image_column, caption_column
     )
-    agreement = {
-        a: float(
-            np.mean([str(r.meta.get(a)) == attributes[a][int(chosen[a][i])] for i, r in enumerate(rows)])
-        )
-        for a in attributes
-        if rows and all(a in r.meta for r in rows)
-    }
     summary = {
         "source": str(source),
         "attributes": attributes,
@@ -181,7 +197,7 @@ def run_pseudo_caption(
         "chosen": {
             a: dict(Counter(attributes[a][int(c)] for c in chosen[a]).most_common()) for a in attributes
         },
-        "agreement_with_source_columns": agreement,
+        "agreement_with_source_columns": _agreement(rows, attributes, chosen),
         "embeddings": str(emb.path),
         "table": name,
     }

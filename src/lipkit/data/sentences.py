@@ -39,6 +39,9 @@ def sentences(caption: str) -> list[str]:
             continue
         out.append(f"{pending} {piece}".strip() if pending else piece)
         pending = ""
+    if pending and out:  # a trailing number-only piece ("A dog. 3.") stays with the sentence before it
+        out[-1] = f"{out[-1]} {pending}"
+        pending = ""
     return out or ([pending] if pending else [])
 
 

@@ -26,9 +26,14 @@ What is not implemented of the paper:
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lipkit.errors import UserError
 
 
 def identity_targets(identity: torch.Tensor) -> torch.Tensor:
@@ -67,8 +72,13 @@ class IdentityContrast(nn.Module):
         self.heads = nn.ModuleList()
 
     def bind_columns(self, classes: list[list[str]], embed_dim: int) -> None:
-        """One linear head per attribute column, sized to its classes (seeded: the same on every rank)."""
+        """One linear head per attribute column, sized to its classes (seeded: the same on every rank); the
+        classes' fingerprint is kept with the heads, so a resume on other classes is refused."""
         g = torch.Generator().manual_seed(0)
+        digest = hashlib.blake2b(json.dumps(classes[1 if self.identity else 0 :]).encode(), digest_size=8)
+        self.register_buffer(
+            "vocabulary", torch.tensor(int.from_bytes(digest.digest(), "little", signed=True))
+        )
         self.heads = nn.ModuleList()
         for values in classes[1 if self.identity else 0 :]:
             head = nn.Linear(embed_dim, len(values))
@@ -76,6 +86,15 @@ class IdentityContrast(nn.Module):
                 head.weight.copy_(torch.randn(len(values), embed_dim, generator=g) / embed_dim**0.5)
                 head.bias.zero_()
             self.heads.append(head)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
+        saved = state_dict.get(prefix + "vocabulary")
+        if saved is not None and int(saved) != int(getattr(self, "vocabulary", torch.tensor(0))):
+            raise UserError(
+                f"The checkpoint's attribute heads were sized to other values of {', '.join(self.attributes)}; "
+                "resume on the table it was started with (or start a new run)."
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(
         self,

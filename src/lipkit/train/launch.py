@@ -187,6 +187,7 @@ def _fit(
     """Model, data stream, eval images and trainer, then training (a resumed run's from its checkpoint)."""
     d, t = cfg.data, cfg.train
     tokenizer, model, objective, teacher = _build_model(cfg, data, resume)
+    labels = _sample_labels(cfg, data, objective, model.spec.embed_dim)  # before any image is decoded
     device = pick_device("auto", dist.local_rank)
     log = trackers.tee(jsonl_log(run_dir / "metrics.jsonl")) if dist.main else None  # + the trackers
     # this rank's share of every global batch; skips logged as kind "data" (rank 0's)
@@ -200,7 +201,6 @@ def _fit(
         check_has_images(name, store)
     if resume is not None:  # the weights go in before the trainer (FSDP) shards them
         model.load_state_dict(load_file(str(resume / "model.safetensors")))
-    labels = _sample_labels(cfg, data, objective, model.spec.embed_dim)
     trainer = Trainer(
         model,
         objective,

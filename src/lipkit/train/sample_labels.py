@@ -12,6 +12,7 @@ decoded then, or a key of another table) gets −1, which objectives read as "no
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,8 +32,8 @@ class SampleLabels:
         for key, row in zip(keys, labels, strict=True):  # the same image listed twice: one entry
             if unique.setdefault(key, row) != row:
                 raise UserError(
-                    f"The cluster labels give the key '{key}' two different label lists; give every row a unique "
-                    "`key` and run `lipkit data cluster` again."
+                    f"The labels give the key '{key}' two different label lists; give every row a unique `key` "
+                    "(and with data.cluster_labels run `lipkit data cluster` again)."
                 )
         width = max([1, *(len(x) for x in unique.values())])
         table = np.full((len(unique), width), -1, dtype=np.int64)
@@ -73,27 +74,32 @@ class SampleLabels:
 
     @classmethod
     def from_records(cls, records: Sequence[Record], columns: Sequence[str], where: str) -> SampleLabels:
-        """(n, C) class indices of each record's value in each of `columns` (−1 where a row has none);
-        `classes[c]` lists column c's values, sorted (the index is the position there)."""
-        present = [c for c in columns if any(r.meta.get(c) not in (None, "") for r in records)]
-        if len(present) < len(columns):
-            missing = sorted(set(columns) - set(present))
+        """(n, C) class indices of each record's value in each of `columns` (−1 where a row has none: no
+        value, "", NaN); `classes[c]` lists column c's values, sorted. Rows repeating a key (one image, one
+        row per caption) merge; a column they disagree on is refused."""
+        values = [[_value(r.meta.get(c)) for c in columns] for r in records]
+        missing = [c for j, c in enumerate(columns) if all(v[j] is None for v in values)]
+        if missing:
             raise UserError(
                 f"No row of {where} has the column(s) {', '.join(map(repr, missing))} the objective reads; "
                 "add them to the table or change the objective's options."
             )
+        merged: dict[str, list[str | None]] = {}
+        for r, row in zip(records, values, strict=True):
+            have = merged.setdefault(r.key, list(row))
+            for j, v in enumerate(row):
+                if v is not None and have[j] not in (None, v):
+                    raise UserError(
+                        f"Rows of {where} with the key '{r.key}' give column '{columns[j]}' two values "
+                        f"({have[j]!r}, {v!r}); make them agree, or give the rows distinct keys."
+                    )
+                have[j] = have[j] if v is None else v
         classes = [
-            sorted({str(r.meta[c]) for r in records if r.meta.get(c) not in (None, "")}) for c in columns
+            sorted({row[j] for row in merged.values() if row[j] is not None}) for j in range(len(columns))
         ]
         index = [{v: i for i, v in enumerate(vs)} for vs in classes]
-        rows = [
-            [
-                index[j].get(str(r.meta.get(c)), -1) if r.meta.get(c) not in (None, "") else -1
-                for j, c in enumerate(columns)
-            ]
-            for r in records
-        ]
-        made = cls([r.key for r in records], rows, 0)
+        rows = [[-1 if v is None else index[j][v] for j, v in enumerate(row)] for row in merged.values()]
+        made = cls(list(merged), rows, 0)
         made.classes = classes
         return made
 
@@ -117,3 +123,12 @@ class SampleLabels:
                 "`key` column is keyed by its image paths as written); cluster this same table, read the same way."
             )
         return share
+
+
+def _value(v: object) -> str | None:
+    """A column value as a class name: None, "" and NaN are missing; 3.0 is "3"."""
+    if v is None or v == "" or (isinstance(v, float) and math.isnan(v)):
+        return None
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v)
