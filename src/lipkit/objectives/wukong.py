@@ -27,10 +27,9 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from lipkit.objectives.filip import filip_similarity
+from lipkit.objectives.filip import FILIPLoss
 
 DEFAULT_KEPT = 12  # Wukong ViT-B's reduced token count
 
@@ -65,6 +64,7 @@ class ReducedTokenInteraction(nn.Module):
             )
         self.image_tokens_kept = None if image_tokens_kept is None else int(image_tokens_kept)
         self.chunk_size = chunk_size
+        self.filip = FILIPLoss(chunk_size)  # FILIP's loss over the kept tokens
 
     def forward(
         self,
@@ -75,8 +75,4 @@ class ReducedTokenInteraction(nn.Module):
         **_: object,
     ) -> torch.Tensor:
         tokens = kept_tokens(image_tokens, self.image_tokens_kept)
-        s_image, s_text = filip_similarity(tokens, text_tokens, text_mask, self.chunk_size)
-        labels = torch.arange(s_image.shape[0], device=s_image.device)
-        return 0.5 * (
-            F.cross_entropy(logit_scale * s_image, labels) + F.cross_entropy(logit_scale * s_text.t(), labels)
-        )
+        return self.filip(tokens, text_tokens, logit_scale, text_mask)
