@@ -167,10 +167,14 @@ def run_pseudo_caption(
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     chosen: dict[str, np.ndarray] = {}
     scores: dict[str, np.ndarray] = {}
-    with progress_bar(progress) as bar:
-        for name, values in attributes.items():
-            classes = value_embeddings(checkpoint, values, list(prompts), device, batch_size, bar)
-            chosen[name], scores[name] = predict(x, classes)
+    with progress_bar(progress) as bar:  # every attribute's values in one pass: the text tower loads once
+        every = value_embeddings(
+            checkpoint, [v for vs in attributes.values() for v in vs], list(prompts), device, batch_size, bar
+        )
+    start = 0
+    for name, values in attributes.items():
+        chosen[name], scores[name] = predict(x, every[start : start + len(values)])
+        start += len(values)
     rows = [emb.records[r] for r in emb.rows]
 
     def fields(i: int) -> dict[str, Any]:
