@@ -31,6 +31,8 @@ from lipkit.errors import UserError
 from lipkit.objectives import OBJECTIVES
 from lipkit.train.inputs import INPUTS
 
+_JOINED_HERE = False  # whether init() created the process group (then finish() ends it)
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -52,14 +54,27 @@ def init() -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
+    global _JOINED_HERE
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
+        _JOINED_HERE = True
         if torch.cuda.is_available():  # nccl for CUDA tensors; the small CPU ones (flags, clock) by gloo
             torch.cuda.set_device(local)
             dist.init_process_group("cpu:gloo,cuda:nccl")
         else:
             dist.init_process_group("gloo")
     return Dist(rank, world, local)
+
+
+def finish() -> None:
+    """Leave the process group init() joined, together: a barrier (no rank still owes a collective),
+    then destroy it. A rank that exits with its gloo pairs and store threads alive can abort in their
+    destructors (`terminate called without an active exception`) while its peers are still closing."""
+    global _JOINED_HERE
+    if _JOINED_HERE and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    _JOINED_HERE = False
 
 
 class _GatherWithGrad(torch.autograd.Function):

@@ -39,6 +39,7 @@ from lipkit.models.presets import ModelSpec, get_spec
 from lipkit.objectives import build_objective
 from lipkit.text.tokenizer import TextTokenizer
 from lipkit.train.distributed import Dist, check_batch_split, gather_objects
+from lipkit.train.distributed import finish as finish_distributed
 from lipkit.train.distributed import init as init_distributed
 from lipkit.train.hooks import CheckpointWriter, Evaluator
 from lipkit.train.inputs import objective_needs, requires
@@ -172,6 +173,7 @@ def run_training(cfg: Config) -> tuple[Path, TrainResult]:
     if dist.enabled:  # each rank skipped in its own share: the run's are the sum
         skipped = sum((Counter(s) for s in gather_objects(dict(skipped))), Counter())
     _print_summary(result, skipped, trainer.last_checkpoint, run_dir)
+    finish_distributed()  # every rank got here: leave the group together (a failed rank leaves it open)
     return run_dir, result
 
 
