@@ -19,6 +19,7 @@ from lipkit.objectives.mlcd import MultiLabelClusterDiscrimination
 from lipkit.objectives.multi_positive import MultiPositiveInfoNCE
 from lipkit.objectives.nevlp import NoiseAdaptiveContrast
 from lipkit.objectives.plip import IdentityContrast
+from lipkit.objectives.priorclip import AffiliationContrast
 from lipkit.objectives.refine import CLIPRefine
 from lipkit.objectives.sigmoid import SigmoidLoss
 from lipkit.objectives.unime import HardNegativeContrast
@@ -40,6 +41,7 @@ OBJECTIVES: dict[str, type[nn.Module]] = {
     "improved_baselines": ImprovedBaselines,
     "mlcd": MultiLabelClusterDiscrimination,
     "plip": IdentityContrast,
+    "priorclip": AffiliationContrast,
 }
 
 
