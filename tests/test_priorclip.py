@@ -43,6 +43,7 @@ def naive_affiliation(img, txt, scale, classes):
 @pytest.mark.parametrize("weight", [1.0, 0.3])
 def test_priorclip_matches_naive_loop(weight):
     img, txt, t = unit(6, 4, seed=900), unit(6, 4, seed=901), log_scale()
+
     def slow():
         return InfoNCE()(img, txt, t.exp()) + weight * naive_affiliation(img, txt, t.exp(), CLASSES)
 
