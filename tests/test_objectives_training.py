@@ -40,6 +40,7 @@ def cfg(table, out, objective, per_image=1, **extra):
         ("siglip", 1, {"init_logit_scale": 10.0, "objective_args": {"chunk_size": 5}}),
         ("filip", 1, {}),
         ("multi_positive", 3, {}),
+        ("dreamlip", 3, {"objective_args": {"threshold": 0.2}}),
         ("alip", 2, {}),
         ("tcl", 2, {}),
         ("lexlip", 1, {}),

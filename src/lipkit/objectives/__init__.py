@@ -10,6 +10,7 @@ from torch import nn
 
 from lipkit.errors import UserError
 from lipkit.objectives.alip import ALIPLoss
+from lipkit.objectives.dreamlip import SubCaptionGrouping
 from lipkit.objectives.filip import FILIPLoss
 from lipkit.objectives.improved_baselines import ImprovedBaselines
 from lipkit.objectives.infonce import InfoNCE
@@ -42,6 +43,7 @@ OBJECTIVES: dict[str, type[nn.Module]] = {
     "mlcd": MultiLabelClusterDiscrimination,
     "plip": IdentityContrast,
     "priorclip": AffiliationContrast,
+    "dreamlip": SubCaptionGrouping,
 }
 
 
