@@ -44,6 +44,11 @@ def _makers(b: int, d: int) -> dict[str, Callable[[], torch.Tensor]]:
         "teacher_image_features": lambda: _unit(b, d, seed=134, grad=False),
         "teacher_text_features": lambda: _unit(b, d, seed=135, grad=False),
         "teacher_logit_scale": lambda: torch.tensor(20.0, dtype=F64),
+        "momentum_image_features_2": lambda: _unit(b, d, seed=136, grad=False),
+        "momentum_image_tokens_2": lambda: _unit(b, 4, d, seed=137, grad=False),
+        "momentum_text_features": lambda: _unit(b, d, seed=138, grad=False),
+        "momentum_text_tokens": lambda: _unit(b, 5, d, seed=139, grad=False),
+        "momentum_text_mask": lambda: torch.arange(5)[None, :] < torch.arange(2, 2 + b)[:, None].clamp(max=5),
     }
 
 

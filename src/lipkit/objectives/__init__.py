@@ -23,6 +23,7 @@ from lipkit.objectives.plip import IdentityContrast
 from lipkit.objectives.priorclip import AffiliationContrast
 from lipkit.objectives.refine import CLIPRefine
 from lipkit.objectives.sigmoid import SigmoidLoss
+from lipkit.objectives.tcl_momentum import MomentumTripleContrast
 from lipkit.objectives.unime import HardNegativeContrast
 from lipkit.objectives.wukong import ReducedTokenInteraction
 
@@ -44,6 +45,7 @@ OBJECTIVES: dict[str, type[nn.Module]] = {
     "plip": IdentityContrast,
     "priorclip": AffiliationContrast,
     "dreamlip": SubCaptionGrouping,
+    "tcl_momentum": MomentumTripleContrast,
 }
 
 

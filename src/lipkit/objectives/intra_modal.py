@@ -11,9 +11,9 @@ unless `data.text_augment` edits each copy independently):
 where InfoNCE is CLIP's symmetric loss (`lipkit.objectives.infonce`) with the same scale t, and the
 positives of the intra-modal terms are the two views of one sample. λ = `intra_weight`.
 
-Not implemented of the paper: the momentum (EMA) encoders and their queues (here both views come from
-the training encoders and the negatives are the rest of the batch), and the local mutual-information
-term between global and local (patch / token) features.
+This is the in-batch form: both views come from the training encoders and the negatives are the rest of
+the batch. The paper's momentum (EMA) encoders, queues, momentum distillation and local mutual-information
+terms are `tcl_momentum` (objectives/tcl_momentum.py, the preset configs/methods/tcl.yaml).
 """
 
 from __future__ import annotations

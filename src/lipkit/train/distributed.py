@@ -200,6 +200,11 @@ def check_scaling(cfg: Any, needs: set[str], d: Dist) -> None:
             f"train.local_loss needs an objective with a local form ({have}) and '{cfg.objective}' has "
             "none; unset train.local_loss or choose one of those."
         )
+    if d.enabled and cfg.strategy == "fsdp" and any(name.startswith("momentum_") for name in needs):
+        raise UserError(
+            f"Objective '{cfg.objective}' keeps a momentum copy of the model, which train.strategy=fsdp does "
+            "not shard; use train.strategy=ddp."
+        )
     uncached = sorted(name for name in needs if INPUTS[name].cache is None)
     if cfg.grad_cache_chunk and uncached:
         raise UserError(

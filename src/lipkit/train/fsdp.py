@@ -15,6 +15,7 @@ clipping, resuming — go through the helpers below, which are collectives: ever
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -118,3 +119,13 @@ def unsharded_copy(model: DualEncoder, keep: bool) -> DualEncoder | None:
     if isinstance(model.text, HFTextTower):
         plain.text._cache = copy.copy(model.text._cache)  # the locked tower's cached captions
     return plain.train(model.training)
+
+
+def shard_optimizer_state(opt: Any) -> None:
+    """Cut the full optimizer moments a checkpoint holds down to this rank's shards of their parameters."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            st = opt.state.get(p, {})
+            for name, value in st.items():
+                if torch.is_tensor(value):
+                    st[name] = like(value, p)

@@ -107,6 +107,16 @@ class BatchPass:
             text = F.normalize(self.teacher.text(self.text_ids[self.first]), dim=-1)
             return image, text, self.teacher.scale()
 
+    @functools.cached_property
+    def momentum(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The momentum (EMA) model's normalised (second-view image features, their tokens, first-caption
+        features, their tokens), without a graph; the objective keeps that model (e.g. TCL's)."""
+        assert self.teacher is not None, "the objective binds its momentum model before training"
+        with torch.no_grad():
+            img, img_tok = self.teacher.visual(self.second_view(), return_tokens=True)
+            txt, txt_tok = self.teacher.text(self.text_ids[self.first], return_tokens=True)
+            return tuple(F.normalize(x, dim=-1) for x in (img, img_tok, txt, txt_tok))
+
 
 Gather = Literal["grad", "plain", "owner"]
 Cache = Literal["chunk", "batch"]
@@ -125,6 +135,7 @@ class Input:
         once for the whole batch (parameters, token ids, the frozen teacher).
     tokens / every_caption / per_caption: it needs the towers' token outputs / every caption encoded /
         `text_features` to hold every caption instead of the first of each image.
+    second_view: it needs a second random augmentation of the images.
     requires: what the run must provide (a key of `_REQUIREMENTS`).
     """
 
@@ -135,6 +146,7 @@ class Input:
     every_caption: bool = False
     per_caption: bool = False
     requires: str | None = None
+    second_view: bool = False
 
 
 def _keys(p: BatchPass) -> torch.Tensor:
@@ -182,7 +194,7 @@ INPUTS: dict[str, Input] = {
         lambda p: p.text[0][1 :: p.k], "grad", "chunk", every_caption=True, requires="two"
     ),
     "image_features_2": Input(
-        lambda p: F.normalize(p.model.visual(p.second_view()), dim=-1), "grad", "chunk"
+        lambda p: F.normalize(p.model.visual(p.second_view()), dim=-1), "grad", "chunk", second_view=True
     ),
     "image_tokens": Input(lambda p: p.image[1], "grad", "chunk", tokens=True),
     "text_tokens": Input(lambda p: p.text[1], "grad", "chunk", tokens=True),
@@ -202,6 +214,13 @@ INPUTS: dict[str, Input] = {
     "teacher_image_features": Input(lambda p: p.frozen[0], "plain", "batch", requires="teacher"),
     "teacher_text_features": Input(lambda p: p.frozen[1], "plain", "batch", requires="teacher"),
     "teacher_logit_scale": Input(lambda p: p.frozen[2], None, "batch", requires="teacher"),
+    # the objective's momentum (EMA) model (TCL): the second image view's features and tokens, the first
+    # captions' features and tokens; no gradient, so gathered plainly and computed once
+    "momentum_image_features_2": Input(lambda p: p.momentum[0], "plain", "batch", second_view=True),
+    "momentum_image_tokens_2": Input(lambda p: p.momentum[1], "plain", "batch", second_view=True),
+    "momentum_text_features": Input(lambda p: p.momentum[2], "plain", "batch"),
+    "momentum_text_tokens": Input(lambda p: p.momentum[3], "plain", "batch"),
+    "momentum_text_mask": Input(lambda p: p.text_mask, "plain", "batch"),  # text_mask, without online tokens
     # each image's stable sample id (from its record key): per-sample state such as NEVLP's loss history
     "sample_key": Input(lambda p: _keys(p), "plain", "batch"),
     # each image's cluster labels (B, L; −1: none) from data.cluster_labels (train.sample_labels)
@@ -216,6 +235,13 @@ KEYED = {
     "cluster_labels",
     "column_labels",
 }  # the inputs made from the records' keys (Trainer.step passes them)
+SECOND_VIEW = {name for name, entry in INPUTS.items() if entry.second_view}  # a second augmentation
+
+
+def keyed_ids(keys: list[str] | None, needs: set[str], device: torch.device) -> torch.Tensor | None:
+    """The batch's sample ids (`sample_ids`) when one of `needs` is made from them, else None."""
+    return sample_ids(keys, device) if keys is not None and needs & KEYED else None
+
 
 # what the run must provide, checked in this order: (is it there?, the rest of the one-sentence refusal)
 _REQUIREMENTS: dict[str, tuple[Callable[[dict[str, Any]], bool], str]] = {

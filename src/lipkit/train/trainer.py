@@ -36,7 +36,7 @@ from lipkit.train.checkpoint_policy import Preemption, on_save_cadence
 from lipkit.train.clock import Clock, Throughput
 from lipkit.train.distributed import Dist, all_true, check_scaling, gather_inputs, mean_over_ranks
 from lipkit.train.grad_cache import grad_cache_backward
-from lipkit.train.inputs import KEYED, check_inputs, objective_inputs, objective_needs, sample_ids
+from lipkit.train.inputs import SECOND_VIEW, check_inputs, keyed_ids, objective_inputs, objective_needs
 from lipkit.train.local_losses import local_loss
 from lipkit.train.optim import Schedule, param_groups
 from lipkit.train.progress import TrainBar, train_bar
@@ -99,6 +99,8 @@ class Trainer:
         self.needs = objective_needs(objective)  # names in the registry train.inputs.INPUTS
         self.per_image, self.dist = captions_per_image, dist or Dist()
         self.local_batch = cfg.batch_size // self.dist.world
+        if hasattr(objective, "bind_model"):  # an objective's own momentum (EMA) copy of the model (TCL)
+            teacher = objective.bind_model(model)
         self.teacher = teacher.to(device).eval() if teacher is not None else None
         self.sample_labels = sample_labels
         check_inputs(
@@ -167,12 +169,7 @@ class Trainer:
         tensors, meta = state
         load_optimizer_state(self.opt, tensors, meta["optimizer"])
         if self.sharded:  # full moments from the file → this rank's shards
-            for group in self.opt.param_groups:
-                for p in group["params"]:
-                    st = self.opt.state.get(p, {})
-                    for name, value in st.items():
-                        if torch.is_tensor(value):
-                            st[name] = fsdp.like(value, p)
+            fsdp.shard_optimizer_state(self.opt)
         load_rng_state(self.gen, tensors, meta["rng"])
         prefix = "objective."
         own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -258,9 +255,9 @@ class Trainer:
             raise ValueError(f"expected this rank's {self.local_batch} images, got {images_u8.shape[0]}")
         b = self.local_batch
         images = self._augmented(images_u8)
-        second = self._augmented(images_u8) if "image_features_2" in self.needs else None
+        second = self._augmented(images_u8) if self.needs & SECOND_VIEW else None
         ids = self.tokenizer(captions).to(self.device)
-        sample = sample_ids(keys, self.device) if keys is not None and self.needs & KEYED else None
+        sample = keyed_ids(keys, self.needs, self.device)
         for group in self.opt.param_groups:
             group["lr"] = lr * group["lr_scale"]
         self.opt.zero_grad(set_to_none=True)
@@ -288,6 +285,8 @@ class Trainer:
         self.opt.step()
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, math.log(self.cfg.max_logit_scale))
+            if hasattr(self.objective, "after_step"):  # e.g. the momentum model's EMA update
+                self.objective.after_step(self.model)
         return loss.detach(), True
 
     # -- the loop ----------------------------------------------------------------------------------
