@@ -154,8 +154,9 @@ class LipkitRunner:
         from lipkit.train.adamw import adamw
         from lipkit.train.inputs import objective_inputs
         from lipkit.train.optim import param_groups
+        from lipkit.train.views import Views
 
-        self.torch, self.objective_inputs = torch, objective_inputs
+        self.torch, self.objective_inputs, self.no_views = torch, objective_inputs, Views()
         self.malloc_tuned = keep_freed_memory()  # as the Trainer does on a CPU (lipkit/malloc.py)
         self.precision, self.lr, self.clip = args.precision, args.lr, 1.0
         self.model = DualEncoder(ModelSpec.from_dict(spec_dict)).train()
@@ -173,7 +174,7 @@ class LipkitRunner:
     def forward_loss(self, images, ids):
         torch = self.torch
         with torch.profiler.record_function("bench:forward"), autocast_ctx(self.precision):
-            out = self.objective_inputs(self.model, self.needs, images, ids, 1, lambda: None, PAD_ID)
+            out = self.objective_inputs(self.model, self.needs, images, ids, 1, self.no_views, PAD_ID)
         with torch.profiler.record_function("bench:loss"):
             out = {k: v.float() if v.is_floating_point() else v for k, v in out.items()}
             return self.objective(**out)

@@ -74,13 +74,14 @@ def augment(
     blur_p: float = 0.0,
     colour: float = 0.0,
     rows: Rows | None = None,
+    scale_max: float = 1.0,
 ) -> torch.Tensor:
     """Random resized crop + rotation (+ mirror) of a float batch (B, 3, H, W) in one `grid_sample`,
     after an optional colour jitter (`jitter_colour`, strength `colour`) and blur (`blur_some`, blur_p);
     those two expect pixel values in [0, 1]. `rows` = (first row, global batch size) when `images` are
     rows of a larger global batch (see the module docstring).
 
-    A crop keeping area fraction a ∈ [scale_min, 1] is a zoom by 1/√a; its centre moves anywhere the
+    A crop keeping area fraction a ∈ [scale_min, scale_max] is a zoom by 1/√a; its centre moves anywhere the
     crop still fits. Pixels sampled from outside are filled from the border (white for emoji).
     """
     if colour > 0:
@@ -88,7 +89,7 @@ def augment(
     if blur_p > 0:
         images = blur_some(images, generator, blur_p, rows)
     b = images.shape[0]
-    area = scale_min + (1.0 - scale_min) * _draw((), generator, rows, b)
+    area = scale_min + (scale_max - scale_min) * _draw((), generator, rows, b)
     zoom = area.sqrt()  # the crop's side relative to the image
     room = 1.0 - zoom
     tx = (_draw((), generator, rows, b) * 2 - 1) * room

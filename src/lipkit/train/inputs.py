@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from lipkit.errors import UserError
 from lipkit.models.dual_encoder import DualEncoder
+from lipkit.train.views import Views
 
 DEFAULT_INPUTS = ("image_features", "text_features", "logit_scale")  # an objective without `inputs`
 
@@ -61,7 +62,7 @@ class BatchPass:
         images: torch.Tensor,
         ids: torch.Tensor,
         k: int,
-        second_view: Callable[[], torch.Tensor | None],
+        views: Views,
         pad_id: int,
         teacher: DualEncoder | None,
         keys: torch.Tensor | None = None,
@@ -69,7 +70,7 @@ class BatchPass:
     ) -> None:
         self.model, self.images, self.ids, self.k, self.keys = model, images, ids, k, keys
         self.labels = labels or {}  # kind ("clusters", "columns") → train.sample_labels.SampleLabels
-        self.second_view, self.pad_id, self.teacher = second_view, pad_id, teacher
+        self.views, self.pad_id, self.teacher = views, pad_id, teacher
         entries = [INPUTS[name] for name in needs]
         self.tokens = any(e.tokens for e in entries)
         encode_all = any(e.every_caption for e in entries)
@@ -108,14 +109,28 @@ class BatchPass:
             return image, text, self.teacher.scale()
 
     @functools.cached_property
-    def momentum(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The momentum (EMA) model's normalised (second-view image features, their tokens, first-caption
-        features, their tokens), without a graph; the objective keeps that model (e.g. TCL's)."""
+    def momentum_image(self) -> torch.Tensor:
+        """The momentum (EMA) model's normalised features of the first view, without a graph; the objective
+        keeps that model (TCL's, RS-M-CLIP's teacher)."""
         assert self.teacher is not None, "the objective binds its momentum model before training"
         with torch.no_grad():
-            img, img_tok = self.teacher.visual(self.second_view(), return_tokens=True)
-            txt, txt_tok = self.teacher.text(self.text_ids[self.first], return_tokens=True)
-            return tuple(F.normalize(x, dim=-1) for x in (img, img_tok, txt, txt_tok))
+            return F.normalize(self.teacher.visual(self.images), dim=-1)
+
+    @functools.cached_property
+    def momentum_image_2(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The momentum model's normalised features and tokens of the second view, without a graph."""
+        assert self.teacher is not None, "the objective binds its momentum model before training"
+        with torch.no_grad():
+            img, tok = self.teacher.visual(self.views.second, return_tokens=True)
+            return F.normalize(img, dim=-1), F.normalize(tok, dim=-1)
+
+    @functools.cached_property
+    def momentum_text(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The momentum model's normalised features and tokens of the first captions, without a graph."""
+        assert self.teacher is not None, "the objective binds its momentum model before training"
+        with torch.no_grad():
+            txt, tok = self.teacher.text(self.text_ids[self.first], return_tokens=True)
+            return F.normalize(txt, dim=-1), F.normalize(tok, dim=-1)
 
 
 Gather = Literal["grad", "plain", "owner"]
@@ -135,7 +150,8 @@ class Input:
         once for the whole batch (parameters, token ids, the frozen teacher).
     tokens / every_caption / per_caption: it needs the towers' token outputs / every caption encoded /
         `text_features` to hold every caption instead of the first of each image.
-    second_view: it needs a second random augmentation of the images.
+    view: the extra image view it needs: "second" (a second random augmentation of the images) or "local"
+        (small random crops, as many per image as the objective's `local_crops`; train.views).
     requires: what the run must provide (a key of `_REQUIREMENTS`).
     """
 
@@ -146,7 +162,7 @@ class Input:
     every_caption: bool = False
     per_caption: bool = False
     requires: str | None = None
-    second_view: bool = False
+    view: Literal["second", "local"] | None = None
 
 
 def _keys(p: BatchPass) -> torch.Tensor:
@@ -194,7 +210,14 @@ INPUTS: dict[str, Input] = {
         lambda p: p.text[0][1 :: p.k], "grad", "chunk", every_caption=True, requires="two"
     ),
     "image_features_2": Input(
-        lambda p: F.normalize(p.model.visual(p.second_view()), dim=-1), "grad", "chunk", second_view=True
+        lambda p: F.normalize(p.model.visual(p.views.second), dim=-1), "grad", "chunk", view="second"
+    ),
+    # the local crops' features (B·L, D), image-major: image i's L crops are rows i·L … i·L + L − 1
+    "image_features_local": Input(
+        lambda p: F.normalize(p.model.visual(p.views.local.flatten(0, 1)), dim=-1),
+        "grad",
+        "chunk",
+        view="local",
     ),
     "image_tokens": Input(lambda p: p.image[1], "grad", "chunk", tokens=True),
     "text_tokens": Input(lambda p: p.text[1], "grad", "chunk", tokens=True),
@@ -214,12 +237,13 @@ INPUTS: dict[str, Input] = {
     "teacher_image_features": Input(lambda p: p.frozen[0], "plain", "batch", requires="teacher"),
     "teacher_text_features": Input(lambda p: p.frozen[1], "plain", "batch", requires="teacher"),
     "teacher_logit_scale": Input(lambda p: p.frozen[2], None, "batch", requires="teacher"),
-    # the objective's momentum (EMA) model (TCL): the second image view's features and tokens, the first
-    # captions' features and tokens; no gradient, so gathered plainly and computed once
-    "momentum_image_features_2": Input(lambda p: p.momentum[0], "plain", "batch", second_view=True),
-    "momentum_image_tokens_2": Input(lambda p: p.momentum[1], "plain", "batch", second_view=True),
-    "momentum_text_features": Input(lambda p: p.momentum[2], "plain", "batch"),
-    "momentum_text_tokens": Input(lambda p: p.momentum[3], "plain", "batch"),
+    # the objective's momentum (EMA) model (TCL, RS-M-CLIP): the image views' features (and the second's
+    # tokens), the first captions' features and tokens; no gradient, so gathered plainly and computed once
+    "momentum_image_features": Input(lambda p: p.momentum_image, "plain", "batch"),
+    "momentum_image_features_2": Input(lambda p: p.momentum_image_2[0], "plain", "batch", view="second"),
+    "momentum_image_tokens_2": Input(lambda p: p.momentum_image_2[1], "plain", "batch", view="second"),
+    "momentum_text_features": Input(lambda p: p.momentum_text[0], "plain", "batch"),
+    "momentum_text_tokens": Input(lambda p: p.momentum_text[1], "plain", "batch"),
     "momentum_text_mask": Input(lambda p: p.text_mask, "plain", "batch"),  # text_mask, without online tokens
     # each image's stable sample id (from its record key): per-sample state such as NEVLP's loss history
     "sample_key": Input(lambda p: _keys(p), "plain", "batch"),
@@ -235,7 +259,8 @@ KEYED = {
     "cluster_labels",
     "column_labels",
 }  # the inputs made from the records' keys (Trainer.step passes them)
-SECOND_VIEW = {name for name, entry in INPUTS.items() if entry.second_view}  # a second augmentation
+SECOND_VIEW = {name for name, entry in INPUTS.items() if entry.view == "second"}  # train.views
+LOCAL_VIEW = {name for name, entry in INPUTS.items() if entry.view == "local"}
 
 
 def keyed_ids(keys: list[str] | None, needs: set[str], device: torch.device) -> torch.Tensor | None:
@@ -308,7 +333,7 @@ def objective_inputs(
     images: torch.Tensor,
     ids: torch.Tensor,
     captions_per_image: int,
-    second_view: Callable[[], torch.Tensor | None],
+    views: Views,
     pad_id: int,
     teacher: DualEncoder | None = None,
     only: set[str] | None = None,
@@ -317,6 +342,6 @@ def objective_inputs(
 ) -> dict[str, torch.Tensor]:
     """images: (B, 3, H, W); ids: (B·k, L) image-major; keys: (B,) sample ids. Returns the named tensors the objective reads
     (`needs`; or only the names `only` of them, laid out as for all of `needs`), in registry order."""
-    p = BatchPass(model, needs, images, ids, captions_per_image, second_view, pad_id, teacher, keys, labels)
+    p = BatchPass(model, needs, images, ids, captions_per_image, views, pad_id, teacher, keys, labels)
     wanted = needs if only is None else only
     return {name: entry.compute(p) for name, entry in INPUTS.items() if name in wanted}

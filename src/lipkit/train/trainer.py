@@ -24,7 +24,6 @@ from torch import nn
 from lipkit.checkpoint import TrainingState
 from lipkit.config import AugmentConfig, TrainConfig
 from lipkit.data.batching import jsonl_log
-from lipkit.data.transforms import augment, normalize
 from lipkit.errors import UserError
 from lipkit.malloc import keep_freed_memory
 from lipkit.models.batch_stats import check_batch_statistics
@@ -36,12 +35,20 @@ from lipkit.train.checkpoint_policy import Preemption, on_save_cadence
 from lipkit.train.clock import Clock, Throughput
 from lipkit.train.distributed import Dist, all_true, check_scaling, gather_inputs, mean_over_ranks
 from lipkit.train.grad_cache import grad_cache_backward
-from lipkit.train.inputs import SECOND_VIEW, check_inputs, keyed_ids, objective_inputs, objective_needs
+from lipkit.train.inputs import (
+    LOCAL_VIEW,
+    SECOND_VIEW,
+    check_inputs,
+    keyed_ids,
+    objective_inputs,
+    objective_needs,
+)
 from lipkit.train.local_losses import local_loss
 from lipkit.train.optim import Schedule, param_groups
 from lipkit.train.progress import TrainBar, train_bar
 from lipkit.train.reducer import BucketReducer
 from lipkit.train.state import load_optimizer_state, load_rng_state, optimizer_state, rng_state
+from lipkit.train.views import ViewMaker, Views
 
 Batch = tuple[torch.Tensor, list[str], list[str]]  # uint8 images, captions, keys
 Batches = Callable[[int, int], Iterator[Batch]]  # (epoch, start batch) -> batches
@@ -128,10 +135,12 @@ class Trainer:
         if self.dist.enabled and not self.sharded:
             self.reducer = BucketReducer(self.params, self.dist.world, cfg.bucket_cap_mb)
         self.gen = torch.Generator().manual_seed(cfg.seed)
-        a = augment_cfg
-        self.no_augmentation = a.scale_min >= 1 and not (a.rotate_deg or a.hflip or a.blur_p or a.colour)
+        window = (self.dist.rank * self.local_batch, cfg.batch_size) if self.dist.enabled else None
+        self.views = ViewMaker(model.spec, augment_cfg, self.gen, device, window)  # train.views
+        crops = getattr(objective, "local_crops", 0) if self.needs & LOCAL_VIEW else 0
+        self.view_plan = (bool(self.needs & SECOND_VIEW), crops, getattr(objective, "local_scale", (0, 1)))
         if hasattr(model.visual, "cache_features"):  # a locked timm trunk: each image's features once
-            model.visual.cache_features = cfg.cache_image_features and self.no_augmentation
+            model.visual.cache_features = cfg.cache_image_features and self.views.no_augmentation
         self.log = jsonl_log(run_dir / "metrics.jsonl")  # every log line; launch adds the trackers to it
         self.step_count = 0
         self.train_seconds = 0.0  # training wall time of earlier processes of this run (resume)
@@ -184,24 +193,11 @@ class Trainer:
             self.log(record)
 
     # -- one step ----------------------------------------------------------------------------------
-    def _augmented(self, images_u8: torch.Tensor) -> torch.Tensor:
-        """This rank's images augmented with its window of the global batch's random draws (the same
-        images one process makes of those rows) and normalised, on the device."""
-        spec, a, rows = self.model.spec, self.aug, None
-        if self.no_augmentation:
-            return normalize(images_u8, spec.image_mean, spec.image_std).to(self.device)
-        if self.dist.enabled:
-            rows = (self.dist.rank * self.local_batch, self.cfg.batch_size)
-        x = augment(
-            images_u8.float() / 255.0, self.gen, a.scale_min, a.rotate_deg, a.hflip, a.blur_p, a.colour, rows
-        )
-        return normalize(x * 255.0, spec.image_mean, spec.image_std).to(self.device)
-
     def _inputs(
         self,
         images: torch.Tensor,
         ids: torch.Tensor,
-        second: torch.Tensor | None,
+        views: Views,
         only: set[str] | None = None,
         keys: torch.Tensor | None = None,
     ) -> dict:
@@ -213,7 +209,7 @@ class Trainer:
                 images,
                 ids,
                 self.per_image,
-                lambda: second,
+                views,
                 self.tokenizer.pad_id,
                 self.teacher,
                 only,
@@ -230,15 +226,16 @@ class Trainer:
         return self.objective(**out)
 
     def _grad_cache_backward(
-        self, images: torch.Tensor, ids: torch.Tensor, second: torch.Tensor | None, keys: torch.Tensor | None
+        self, images: torch.Tensor, ids: torch.Tensor, views: Views, keys: torch.Tensor | None
     ) -> torch.Tensor:
         """The step's backward by gradient caching (train.grad_cache), see train.grad_cache."""
         k = self.per_image
 
         def embed(rows: slice, names: set[str]) -> dict[str, torch.Tensor]:
-            view = second[rows] if second is not None else None
             part = keys[rows] if keys is not None else None
-            return self._inputs(images[rows], ids[rows.start * k : rows.stop * k], view, names, keys=part)
+            return self._inputs(
+                images[rows], ids[rows.start * k : rows.stop * k], views[rows], names, keys=part
+            )
 
         arm = self.reducer.arm if self.reducer is not None else None  # buckets start in the last pass
         return grad_cache_backward(
@@ -254,17 +251,17 @@ class Trainer:
         if images_u8.shape[0] != self.local_batch:  # a programming error: the sources yield local batches
             raise ValueError(f"expected this rank's {self.local_batch} images, got {images_u8.shape[0]}")
         b = self.local_batch
-        images = self._augmented(images_u8)
-        second = self._augmented(images_u8) if self.needs & SECOND_VIEW else None
+        images = self.views.view(images_u8)
+        views = self.views.views(images_u8, *self.view_plan)
         ids = self.tokenizer(captions).to(self.device)
         sample = keyed_ids(keys, self.needs, self.device)
         for group in self.opt.param_groups:
             group["lr"] = lr * group["lr_scale"]
         self.opt.zero_grad(set_to_none=True)
         if self.cfg.grad_cache_chunk and self.cfg.grad_cache_chunk < b:
-            loss = self._grad_cache_backward(images, ids, second, sample)
+            loss = self._grad_cache_backward(images, ids, views, sample)
         else:
-            loss = self._loss(self._inputs(images, ids, second, keys=sample))
+            loss = self._loss(self._inputs(images, ids, views, keys=sample))
             if self.reducer is not None:
                 self.reducer.arm()
             loss.backward()

@@ -1,0 +1,68 @@
+"""The image views of one step: the first augmentation every objective sees, a second one (TCL, SimCLR and
+Barlow Twins terms, momentum models), and small local crops (self-distillation, RS-M-CLIP / SILC).
+
+Every view is drawn from the trainer's generator with this rank's window of the global batch's draws
+(data.transforms.augment's `rows`), in a fixed order — first, second, then the local crops one after the
+other — so two ranks draw exactly what one process draws, and a resume (which restores the generator)
+draws what the uninterrupted run drew.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lipkit.config import AugmentConfig
+from lipkit.data.transforms import augment, normalize
+from lipkit.models.presets import ModelSpec
+
+
+@dataclass(frozen=True)
+class Views:
+    """The views besides the first: `second` (B, 3, H, W) and `local` (B, L, 3, H, W), or None."""
+
+    second: torch.Tensor | None = None
+    local: torch.Tensor | None = None
+
+    def __getitem__(self, rows: slice) -> Views:
+        """The views of the images `rows` (gradient caching embeds a batch chunk by chunk)."""
+        return Views(*(None if v is None else v[rows] for v in (self.second, self.local)))
+
+
+class ViewMaker:
+    """Augmented, normalised views of this rank's uint8 images on the device. `rows`: (first row, global
+    batch) when the images are a rank's share of a larger global batch, else None."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        aug: AugmentConfig,
+        gen: torch.Generator,
+        device: torch.device,
+        rows: tuple[int, int] | None,
+    ) -> None:
+        self.spec, self.aug, self.gen, self.device, self.rows = spec, aug, gen, device, rows
+        a = aug
+        self.no_augmentation = a.scale_min >= 1 and not (a.rotate_deg or a.hflip or a.blur_p or a.colour)
+
+    def view(self, images_u8: torch.Tensor, scale: tuple[float, float] | None = None) -> torch.Tensor:
+        """One random augmentation (crop area fraction in `scale`, default [augment.scale_min, 1])."""
+        spec, a = self.spec, self.aug
+        if self.no_augmentation and scale is None:
+            return normalize(images_u8, spec.image_mean, spec.image_std).to(self.device)
+        lo, hi = scale if scale is not None else (a.scale_min, 1.0)
+        x = augment(
+            images_u8.float() / 255.0, self.gen, lo, a.rotate_deg, a.hflip, a.blur_p, a.colour, self.rows, hi
+        )
+        return normalize(x * 255.0, spec.image_mean, spec.image_std).to(self.device)
+
+    def views(
+        self, images_u8: torch.Tensor, second: bool, local_crops: int, local_scale: tuple[float, float]
+    ) -> Views:
+        """The second view when asked for, then `local_crops` crops of area fraction in `local_scale`."""
+        view2 = self.view(images_u8) if second else None
+        if not local_crops:
+            return Views(view2)
+        crops = [self.view(images_u8, local_scale) for _ in range(local_crops)]
+        return Views(view2, torch.stack(crops, dim=1))
