@@ -44,6 +44,8 @@ def _makers(b: int, d: int) -> dict[str, Callable[[], torch.Tensor]]:
         "teacher_image_features": lambda: _unit(b, d, seed=134, grad=False),
         "teacher_text_features": lambda: _unit(b, d, seed=135, grad=False),
         "teacher_logit_scale": lambda: torch.tensor(20.0, dtype=F64),
+        "image_features_local": lambda: _unit(b * 4, d, seed=141),  # 4 crops an image (rs_m_clip's default)
+        "momentum_image_features": lambda: _unit(b, d, seed=142, grad=False),
         "momentum_image_features_2": lambda: _unit(b, d, seed=136, grad=False),
         "momentum_image_tokens_2": lambda: _unit(b, 4, d, seed=137, grad=False),
         "momentum_text_features": lambda: _unit(b, d, seed=138, grad=False),

@@ -44,6 +44,7 @@ def cfg(table, out, objective, per_image=1, **extra):
         ("alip", 2, {}),
         ("tcl", 2, {}),
         ("tcl_momentum", 1, {"objective_args": {"queue_size": 32}}),
+        ("rs_m_clip", 1, {"objective_args": {"local_crops": 2, "prototypes": 64}}),
         ("lexlip", 1, {}),
         ("nevlp", 3, {"objective_args": {"multi_positive": True, "warmup_steps": 2, "refit_every": 2}}),
         ("unime", 1, {"objective_args": {"hard_negatives": 3}}),

@@ -22,6 +22,7 @@ from lipkit.objectives.nevlp import NoiseAdaptiveContrast
 from lipkit.objectives.plip import IdentityContrast
 from lipkit.objectives.priorclip import AffiliationContrast
 from lipkit.objectives.refine import CLIPRefine
+from lipkit.objectives.self_distill import LocalGlobalDistillation
 from lipkit.objectives.sigmoid import SigmoidLoss
 from lipkit.objectives.tcl_momentum import MomentumTripleContrast
 from lipkit.objectives.unime import HardNegativeContrast
@@ -46,6 +47,7 @@ OBJECTIVES: dict[str, type[nn.Module]] = {
     "priorclip": AffiliationContrast,
     "dreamlip": SubCaptionGrouping,
     "tcl_momentum": MomentumTripleContrast,
+    "rs_m_clip": LocalGlobalDistillation,
 }
 
 
