@@ -52,6 +52,7 @@ ROWS: dict[str, list[str]] = {  # the cheap rows first; clip_refine, mlcd, prior
     "multi_positive": [],
     "alip": [],
     "tcl": [],
+    "rs_m_clip": [],
     "siglip": [],
     "unime": [],
     "improved_baselines": [],
