@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lipkit.objectives.infonce import InfoNCE
+from lipkit.objectives.momentum import ema_update, momentum_copy
 
 
 class ProjectionHead(nn.Module):
@@ -128,20 +129,15 @@ class LocalGlobalDistillation(nn.Module):
 
     def bind_model(self, model: nn.Module) -> nn.Module:
         """The EMA teacher ξ of `model` (frozen, eval mode); the heads sized to its embedding width."""
-        self.momentum_model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.momentum_model = momentum_copy(model)
         self._heads(model.spec.embed_dim, next(model.parameters()).device)
         return self.momentum_model
 
-    @torch.no_grad()
     def after_step(self, model: nn.Module) -> None:
         """ξ ← m·ξ + (1−m)·θ for the model and the head; buffers (BatchNorm statistics) copied."""
         assert self.momentum_model is not None and self.student_head is not None, "bind_model comes first"
-        pairs = [(self.momentum_model, model), (self.teacher_head, self.student_head)]
-        for teacher, student in pairs:
-            for xi, theta in zip(teacher.parameters(), student.parameters(), strict=True):
-                xi.lerp_(theta.detach(), 1 - self.momentum)
-        for xi, theta in zip(self.momentum_model.buffers(), model.buffers(), strict=True):
-            xi.copy_(theta)
+        ema_update(self.momentum_model, model, self.momentum)
+        ema_update(self.teacher_head, self.student_head, self.momentum)
 
     def forward(
         self,

@@ -33,12 +33,13 @@ What is not implemented of the paper:
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lipkit.objectives.momentum import ema_update, momentum_copy
 
 
 def soft_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -122,7 +123,7 @@ class MomentumTripleContrast(nn.Module):
 
     def bind_model(self, model: nn.Module) -> nn.Module:
         """The EMA copy ξ of `model` (frozen, eval mode) and the queues sized to its embedding width."""
-        self.momentum_model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.momentum_model = momentum_copy(model)
         dim, device = model.spec.embed_dim, next(model.parameters()).device
         g = torch.Generator().manual_seed(self.seed)
         queues = F.normalize(torch.randn(2, self.queue_size, dim, generator=g), dim=-1).to(device)
@@ -131,14 +132,10 @@ class MomentumTripleContrast(nn.Module):
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.int64))
         return self.momentum_model
 
-    @torch.no_grad()
     def after_step(self, model: nn.Module) -> None:
         """ξ ← m·ξ + (1−m)·θ over the parameters; buffers (BatchNorm statistics) copied."""
         assert self.momentum_model is not None, "bind_model comes first"
-        for xi, theta in zip(self.momentum_model.parameters(), model.parameters(), strict=True):
-            xi.lerp_(theta.detach(), 1 - self.momentum)
-        for xi, theta in zip(self.momentum_model.buffers(), model.buffers(), strict=True):
-            xi.copy_(theta)
+        ema_update(self.momentum_model, model, self.momentum)
 
     @torch.no_grad()
     def _enqueue(self, image: torch.Tensor, text: torch.Tensor) -> None:
