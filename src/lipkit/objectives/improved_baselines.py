@@ -1,6 +1,7 @@
 """CLIP with the training-recipe terms of "Improved Baselines for Vision-Language Pre-training" (Fini et
 al., 2023): label smoothing of the contrastive targets, and optionally one of the self-supervised image
-terms that paper compares on top of CLIP (SLIP's SimCLR term, and Barlow Twins as in its "BarLIP").
+terms that paper compares on top of CLIP (SLIP's SimCLR term, Barlow Twins as in its "BarLIP", SimSiam's
+"SiamLIP" and BYOL's "BYOLIP").
 
 With L2-normalised image features x_i, text features y_j, a second augmented view x'_i of each image
 (`image_features_2`), B pairs and logits t·<x_i, y_j>:
@@ -13,6 +14,9 @@ With L2-normalised image features x_i, text features y_j, a second augmented vie
     Barlow Twins (λ = `barlow_lambda`): each feature standardised over the batch (mean 0, biased variance
         + 1e-5, as a BatchNorm without affine), C = x̃ᵀ x̃' / B (D × D),
         L_ssl = Σ_d (1 − C_dd)² + λ Σ_{d ≠ e} C_de²
+    SimSiam / BYOL: a predictor q on the embeddings, against the other view's embedding with a stop-gradient
+        (SimSiam) or the other view's embedding by an EMA copy of the model (BYOL, momentum `ssl_momentum`);
+        the formulas are in objectives/siamese.py
 
     L = L_clip + w · L_ssl        (w = `ssl_weight`; no L_ssl with image_ssl: none)
 
@@ -25,8 +29,8 @@ What is not implemented of the paper:
   replacement and random insertion need a thesaurus and are not there) and `augment.*`.
 - The SSL terms act on the shared (L2-normalised) image embedding and its second view; SLIP and the
   paper put them on a separate MLP projector (with its own width) over the backbone's output.
-- The other self-supervised terms the paper compares — SimSiam ("SiamLIP"), BYOL ("BYOLIP") and SwAV
-  ("SwALIP") — need predictors, momentum encoders or prototypes and are not here.
+- SwAV ("SwALIP": prototypes assigned by Sinkhorn-Knopp with swapped prediction), the paper's fifth
+  term, is not here. BYOL's momentum schedule (0.996 → 1 in the paper) is a fixed `ssl_momentum`.
 """
 
 from __future__ import annotations
@@ -35,7 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SSL_TERMS = ("none", "simclr", "barlow_twins")
+from lipkit.objectives.momentum import ema_update, momentum_copy
+from lipkit.objectives.siamese import Predictor, byol_loss, simsiam_loss
+
+SSL_TERMS = ("none", "simclr", "barlow_twins", "simsiam", "byol")
 BN_EPS = 1e-5
 
 
@@ -80,10 +87,13 @@ class ImprovedBaselines(nn.Module):
         ssl_weight: float = 1.0,
         ssl_temperature: float = 0.1,
         barlow_lambda: float = 0.0051,
+        ssl_hidden: int = 512,
+        ssl_momentum: float = 0.99,
     ) -> None:
         """`label_smoothing` ε of the contrastive targets (0: none). `image_ssl`: none, simclr or
         barlow_twins, weighted by `ssl_weight`; `ssl_temperature` is SimCLR's τ, `barlow_lambda` Barlow
-        Twins' off-diagonal weight λ."""
+        Twins' off-diagonal weight λ; `ssl_hidden` the SimSiam / BYOL predictor's width; `ssl_momentum` m of
+        BYOL's EMA model."""
         super().__init__()
         if image_ssl not in SSL_TERMS:
             raise ValueError(f"image_ssl is '{image_ssl}'; choose one of {', '.join(SSL_TERMS)}")
@@ -99,8 +109,34 @@ class ImprovedBaselines(nn.Module):
         self.label_smoothing, self.image_ssl = float(label_smoothing), image_ssl
         self.ssl_weight, self.ssl_temperature = float(ssl_weight), float(ssl_temperature)
         self.barlow_lambda = float(barlow_lambda)
+        if isinstance(ssl_hidden, bool) or not isinstance(ssl_hidden, int) or ssl_hidden < 1:
+            raise ValueError(f"ssl_hidden must be a whole number ≥ 1, got {ssl_hidden!r}")
+        if (
+            isinstance(ssl_momentum, bool)
+            or not isinstance(ssl_momentum, int | float)
+            or not 0 <= ssl_momentum < 1
+        ):
+            raise ValueError(f"ssl_momentum must be a number in [0, 1), got {ssl_momentum!r}")
+        self.ssl_hidden, self.ssl_momentum = ssl_hidden, float(ssl_momentum)
         second = ("image_features_2",) if image_ssl != "none" else ()
-        self.inputs = ("image_features", "text_features", "logit_scale", *second)
+        target = ("momentum_image_features", "momentum_image_features_2") if image_ssl == "byol" else ()
+        self.inputs = ("image_features", "text_features", "logit_scale", *second, *target)
+        self.predictor: Predictor | None = None
+        self.momentum_model: nn.Module | None = None
+
+    def bind_model(self, model: nn.Module) -> nn.Module | None:
+        """SimSiam's / BYOL's predictor sized to the embedding width; BYOL's EMA copy of the model."""
+        if self.image_ssl in ("simsiam", "byol"):
+            self.predictor = Predictor(model.spec.embed_dim, self.ssl_hidden).to(
+                next(model.parameters()).device
+            )
+        if self.image_ssl == "byol":
+            self.momentum_model = momentum_copy(model)
+        return self.momentum_model
+
+    def after_step(self, model: nn.Module) -> None:
+        if self.momentum_model is not None:
+            ema_update(self.momentum_model, model, self.ssl_momentum)
 
     def forward(
         self,
@@ -108,6 +144,8 @@ class ImprovedBaselines(nn.Module):
         text_features: torch.Tensor,
         logit_scale: torch.Tensor,
         image_features_2: torch.Tensor | None = None,
+        momentum_image_features: torch.Tensor | None = None,
+        momentum_image_features_2: torch.Tensor | None = None,
         **_: object,
     ) -> torch.Tensor:
         loss = smoothed_clip_loss(image_features, text_features, logit_scale, self.label_smoothing)
@@ -115,9 +153,24 @@ class ImprovedBaselines(nn.Module):
             return loss
         if image_features_2 is None:
             raise ValueError("image_ssl needs a second image view (the trainer passes image_features_2)")
-        if self.image_ssl == "simclr":
-            ssl = simclr_loss(image_features, image_features_2, self.ssl_temperature)
-        else:
-            ssl = barlow_twins_loss(image_features, image_features_2, self.barlow_lambda)
+        ssl = self._ssl(image_features, image_features_2, momentum_image_features, momentum_image_features_2)
         self.last_stats = {f"{self.image_ssl}_loss": ssl.detach()}
         return loss + self.ssl_weight * ssl
+
+    def _ssl(
+        self, z1: torch.Tensor, z2: torch.Tensor, t1: torch.Tensor | None, t2: torch.Tensor | None
+    ) -> torch.Tensor:
+        if self.image_ssl == "simclr":
+            return simclr_loss(z1, z2, self.ssl_temperature)
+        if self.image_ssl == "barlow_twins":
+            return barlow_twins_loss(z1, z2, self.barlow_lambda)
+        if self.predictor is None:  # used outside a trainer, which binds it to the model first
+            self.predictor = Predictor(z1.shape[1], self.ssl_hidden).to(z1.device)
+        q1, q2 = self.predictor(z1), self.predictor(z2)
+        if self.image_ssl == "simsiam":
+            return simsiam_loss(q1, q2, z1, z2)
+        if t1 is None or t2 is None:
+            raise ValueError(
+                "BYOL needs the momentum model's embeddings (the trainer passes momentum_image_features*)"
+            )
+        return byol_loss(q1, q2, t1, t2)
