@@ -73,6 +73,8 @@ def test_centre_ema_and_neutral_settings():
     obj = _objective(center_momentum=0.9)
     before = obj.center.clone()
     obj(x1, y, t.exp(), x2, local, xm1, xm2)
+    assert torch.equal(obj.center, before)  # the centre moves after the optimiser step, not before
+    obj.after_step(None)
     with torch.no_grad():
         mean = torch.cat([obj.teacher_head(xm1), obj.teacher_head(xm2)]).mean(0)
     assert torch.allclose(obj.center, 0.9 * before + 0.1 * mean, atol=1e-12)

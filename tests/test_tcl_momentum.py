@@ -80,7 +80,9 @@ def test_tcl_momentum_matches_naive_loop(queue, alpha, weight):
     loss.register_buffer("image_queue", qi.clone())
     loss.register_buffer("text_queue", qt.clone())
     loss.register_buffer("queue_ptr", torch.zeros((), dtype=torch.int64))
-    fast = loss(x, y, t.exp(), xm, xl, ym, yl, mask)
+    fast = loss(x, y, t.exp(), xm, ym, xl, yl, mask)
+    assert torch.equal(loss.image_queue, qi)  # the queues move after the optimiser step, not before
+    loss.after_step(None)
     slow = naive_tcl(x, y, t.exp(), xm, ym, xl, yl, mask, qi, qt, alpha, weight)
     assert_same_value_and_grads(fast, slow, (x, y, t))
     if queue:  # the batch's momentum features entered the queue, oldest rows first, wrapping

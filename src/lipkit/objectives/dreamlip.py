@@ -50,8 +50,6 @@ def grouped_patches(captions: torch.Tensor, tokens: torch.Tensor, threshold: flo
 
 
 class SubCaptionGrouping(nn.Module):
-    inputs = ("image_features", "text_features", "caption_owner", "logit_scale", "image_tokens")
-
     def __init__(self, grouping_weight: float = 1.0, threshold: float = 0.0) -> None:
         """`grouping_weight` λ of the grouping term; `threshold` δ ∈ [0, 1) below which a patch's
         normalised similarity counts as 0 (the reference's `sgl_delta`, default 0; the best patch's is
@@ -63,6 +61,9 @@ class SubCaptionGrouping(nn.Module):
         if threshold >= 1:
             raise ValueError(f"threshold must be below 1 (1 would drop every patch), got {threshold!r}")
         self.grouping_weight, self.threshold = float(grouping_weight), float(threshold)
+        # the image tokens only when the grouping term is on (λ = 0 reads exactly what multi_positive reads)
+        tokens = ("image_tokens",) if self.grouping_weight else ()
+        self.inputs = ("image_features", "text_features", "caption_owner", "logit_scale", *tokens)
         self.multi_positive = MultiPositiveInfoNCE()
         self.infonce = InfoNCE()
 
@@ -72,12 +73,14 @@ class SubCaptionGrouping(nn.Module):
         text_features: torch.Tensor,
         caption_owner: torch.Tensor,
         logit_scale: torch.Tensor,
-        image_tokens: torch.Tensor,
+        image_tokens: torch.Tensor | None = None,
         **_: object,
     ) -> torch.Tensor:
         loss = self.multi_positive(image_features, text_features, caption_owner, logit_scale)
         if not self.grouping_weight:
             return loss
+        if image_tokens is None:
+            raise ValueError("the grouping term reads image_tokens: pass the images' token features")
         tokens = image_tokens[caption_owner.long()].to(text_features.dtype)  # (T, M, D)
         grouped = grouped_patches(text_features, tokens, self.threshold)
         group = self.infonce(grouped, text_features, logit_scale)

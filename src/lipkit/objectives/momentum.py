@@ -22,9 +22,11 @@ def momentum_copy(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float, buffers: bool = True) -> None:
-    """ξ ← m·ξ + (1−m)·θ over the parameters; the buffers (BatchNorm statistics) copied when `buffers`."""
+    """ξ ← m·ξ + (1−m)·θ over the parameters; the buffers (BatchNorm statistics) copied when `buffers`.
+    Locked parameters (no gradient) are skipped: they never change, so the copy's stay equal to them."""
     for xi, theta in zip(teacher.parameters(), student.parameters(), strict=True):
-        xi.lerp_(theta.detach(), 1 - momentum)
+        if theta.requires_grad:
+            xi.lerp_(theta.detach(), 1 - momentum)
     if buffers:
         for xi, theta in zip(teacher.buffers(), student.buffers(), strict=True):
             xi.copy_(theta)

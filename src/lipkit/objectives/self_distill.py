@@ -13,7 +13,7 @@ embeddings x̂_g of the global views g ∈ {1, 2}, a centre c:
 
     q_g = softmax( (h_T(x̂_g) − c) / τ_t )          p_v = log_softmax( h_S(x_v) / τ_s )
     L_self = mean over the pairs (g, v ≠ g) of  −1/B Σ_i Σ_k q_g,ik p_v,ik
-    c ← μ·c + (1 − μ)·mean_{g, i} h_T(x̂_g,i)                       (after the loss; μ = `center_momentum`)
+    c ← μ·c + (1 − μ)·mean_{g, i} h_T(x̂_g,i)        (after the optimiser step; μ = `center_momentum`)
     L = ½ [InfoNCE(x_1, y) + InfoNCE(x_2, y)] + λ · L_self          (λ = `distill_weight`)
 
 (each global view is contrasted with the caption, as SILC does so the two objectives do not diverge;
@@ -116,6 +116,7 @@ class LocalGlobalDistillation(nn.Module):
         self.infonce = InfoNCE()
         self.momentum_model: nn.Module | None = None
         self.student_head: ProjectionHead | None = None
+        self._pending_center: torch.Tensor | None = None
 
     def _heads(self, dim: int, device: torch.device) -> None:
         """The student head (trained), its EMA copy and the centre, sized to the embedding width."""
@@ -134,10 +135,14 @@ class LocalGlobalDistillation(nn.Module):
         return self.momentum_model
 
     def after_step(self, model: nn.Module) -> None:
-        """ξ ← m·ξ + (1−m)·θ for the model and the head; buffers (BatchNorm statistics) copied."""
-        assert self.momentum_model is not None and self.student_head is not None, "bind_model comes first"
-        ema_update(self.momentum_model, model, self.momentum)
-        ema_update(self.teacher_head, self.student_head, self.momentum)
+        """After an optimiser step (never after a skipped, non-finite one): ξ ← m·ξ + (1−m)·θ for the
+        model and the head (buffers copied), and the centre moves towards the step's teacher mean."""
+        if self.momentum_model is not None and self.student_head is not None:
+            ema_update(self.momentum_model, model, self.momentum)
+            ema_update(self.teacher_head, self.student_head, self.momentum)
+        if self._pending_center is not None:
+            self.center.mul_(self.center_momentum).add_(self._pending_center, alpha=1 - self.center_momentum)
+            self._pending_center = None
 
     def forward(
         self,
@@ -165,9 +170,7 @@ class LocalGlobalDistillation(nn.Module):
         logs = [F.log_softmax(self.student_head(x) / self.student_temperature, dim=-1) for x in student]
         terms = [-(q * p).sum(-1).mean() for g, q in enumerate(targets) for v, p in enumerate(logs) if v != g]
         distill = torch.stack(terms).mean()
-        with torch.no_grad():
-            batch_center = torch.cat(teacher).mean(0)
-            self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+        self._pending_center = torch.cat(teacher).mean(0)  # applied by after_step, once the step is taken
         self.last_stats = {"self_distill_loss": distill.detach()}
         return loss + self.distill_weight * distill
 

@@ -7,19 +7,20 @@ The objective keeps an EMA copy ξ of the model: after every optimiser step ξ �
 copied), m = `momentum`. With the online model's L2-normalised image features x_i (first augmentation)
 and first-caption features y_i, the momentum model's x̂_i (a second augmentation of the image), ŷ_i (the
 same caption), their token features x̂_ik (the image's token grid, average-pooled to `local_grid`² when
-it is a larger square grid) and ŷ_ik (the caption's non-padding tokens), queues Q_I, Q_T of the last
+it is a square grid whose side is a larger multiple of `local_grid`, else left as it is) and ŷ_ik (the caption's non-padding tokens), queues Q_I, Q_T of the last
 `queue_size` momentum features of earlier batches, Â = [x̂; Q_I], T̂ = [ŷ; Q_T], t the logit scale,
 e_i the one-hot target of the sample's own column and α = `distill_alpha`:
 
-    CMA   L_i2t = CE( t·x_i Tᵀ,  α·softmax(t·x̂_i T̂ᵀ) + (1−α)·e_i )     L_t2i = CE( t·y_i Âᵀ, α·softmax(t·ŷ_i Âᵀ) + (1−α)·e_i )
+    CMA   L_i2t = CE( t·x_i T̂ᵀ,  α·softmax(t·x̂_i T̂ᵀ) + (1−α)·e_i )     L_t2i = CE( t·y_i Âᵀ, α·softmax(t·ŷ_i Âᵀ) + (1−α)·e_i )
     IMC   L_i2i = CE( t·x_i Âᵀ, e_i )                                L_t2t = CE( t·y_i T̂ᵀ, e_i )
     LMI   L_img = −mean_{i,k} log [ e^{t<x_i, x̂_ik>} / (e^{t<x_i, x̂_ik>} + Σ_{j≠i, k'} e^{t<x_i, x̂_jk'>}) ],
           L_txt the same over ŷ with padding left out (averaged per caption over its tokens)
     L = ( L_i2t + L_t2i + L_i2i + L_t2t + λ·(L_img + L_txt) ) / 6          (λ = `local_weight`)
 
 (with λ = 1 the reference's average of its six terms; CE(z, q) = −Σ_j q_j log softmax(z)_j, averaged over
-the batch). After the loss, the global batch's x̂ and ŷ enter the queues (first in, first out); they start
-as seeded random unit vectors, as in the reference. Every rank holds the same ξ and queues (features are
+the batch). After the optimiser step the global batch's x̂ and ŷ enter the queues (first in, first out; a
+step skipped for a non-finite loss leaves them unchanged); they start as seeded random unit vectors, as in
+the reference. Every rank holds the same ξ and queues (features are
 gathered before the loss), and both are saved with the training state (exact resume).
 
 What is not implemented of the paper:
@@ -73,17 +74,6 @@ def global_local_loss(
 
 
 class MomentumTripleContrast(nn.Module):
-    inputs = (
-        "image_features",
-        "text_features",
-        "logit_scale",
-        "momentum_image_features_2",
-        "momentum_image_tokens_2",
-        "momentum_text_features",
-        "momentum_text_tokens",
-        "momentum_text_mask",
-    )
-
     def __init__(
         self,
         momentum: float = 0.995,
@@ -119,7 +109,17 @@ class MomentumTripleContrast(nn.Module):
         self.momentum, self.distill_alpha = float(momentum), float(distill_alpha)
         self.local_weight = float(local_weight)
         self.queue_size, self.local_grid, self.seed = queue_size, local_grid, seed
+        local = ("momentum_image_tokens_2", "momentum_text_tokens", "momentum_text_mask")  # the LMI terms'
+        self.inputs = (
+            "image_features",
+            "text_features",
+            "logit_scale",
+            "momentum_image_features_2",
+            "momentum_text_features",
+            *(local if self.local_weight else ()),
+        )
         self.momentum_model: nn.Module | None = None
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's features, to queue
 
     def bind_model(self, model: nn.Module) -> nn.Module:
         """The EMA copy ξ of `model` (frozen, eval mode) and the queues sized to its embedding width."""
@@ -133,9 +133,13 @@ class MomentumTripleContrast(nn.Module):
         return self.momentum_model
 
     def after_step(self, model: nn.Module) -> None:
-        """ξ ← m·ξ + (1−m)·θ over the parameters; buffers (BatchNorm statistics) copied."""
-        assert self.momentum_model is not None, "bind_model comes first"
-        ema_update(self.momentum_model, model, self.momentum)
+        """After an optimiser step (never after a skipped, non-finite one): ξ ← m·ξ + (1−m)·θ over the
+        parameters (buffers copied), and the step's momentum features enter the queues."""
+        if self.momentum_model is not None:
+            ema_update(self.momentum_model, model, self.momentum)
+        if self._pending is not None:
+            self._enqueue(*self._pending)
+            self._pending = None
 
     @torch.no_grad()
     def _enqueue(self, image: torch.Tensor, text: torch.Tensor) -> None:
@@ -153,10 +157,10 @@ class MomentumTripleContrast(nn.Module):
         text_features: torch.Tensor,
         logit_scale: torch.Tensor,
         momentum_image_features_2: torch.Tensor,
-        momentum_image_tokens_2: torch.Tensor,
         momentum_text_features: torch.Tensor,
-        momentum_text_tokens: torch.Tensor,
-        momentum_text_mask: torch.Tensor,
+        momentum_image_tokens_2: torch.Tensor | None = None,
+        momentum_text_tokens: torch.Tensor | None = None,
+        momentum_text_mask: torch.Tensor | None = None,
         **_: object,
     ) -> torch.Tensor:
         x, y, t = image_features, text_features, logit_scale
@@ -180,6 +184,10 @@ class MomentumTripleContrast(nn.Module):
         }
         loss = sum(terms.values())
         if self.local_weight:
+            if momentum_image_tokens_2 is None or momentum_text_tokens is None:
+                raise ValueError(
+                    "the local MI terms read the momentum model's tokens: pass momentum_*_tokens"
+                )
             img_local = pool_grid(momentum_image_tokens_2.to(x.dtype), self.local_grid)
             txt_local = momentum_text_tokens.to(x.dtype)
             local = global_local_loss(img_local, x, t) + global_local_loss(
@@ -187,6 +195,6 @@ class MomentumTripleContrast(nn.Module):
             )
             terms["local"] = local
             loss = loss + self.local_weight * local
-        self._enqueue(x_m.detach(), y_m.detach())
+        self._pending = (x_m.detach(), y_m.detach())  # queued by after_step, once the step is taken
         self.last_stats = {f"tcl_{k}": v.detach() for k, v in terms.items()}
         return loss / 6

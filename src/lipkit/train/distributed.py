@@ -19,6 +19,7 @@ train/reducer.py (buckets started during the backward).
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +32,8 @@ from lipkit.errors import UserError
 from lipkit.objectives import OBJECTIVES
 from lipkit.train.inputs import INPUTS
 
-_JOINED_HERE = False  # whether init() created the process group (then finish() ends it)
+_JOINED_HERE = False  # whether init() created the process group (then it is left at exit)
+_RUN_ENDED = False  # the last training run of this process ended on every rank (see run_ended)
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ def init() -> Dist:
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         _JOINED_HERE = True
+        atexit.register(_leave)
         if torch.cuda.is_available():  # nccl for CUDA tensors; the small CPU ones (flags, clock) by gloo
             torch.cuda.set_device(local)
             dist.init_process_group("cpu:gloo,cuda:nccl")
@@ -66,15 +69,21 @@ def init() -> Dist:
     return Dist(rank, world, local)
 
 
-def finish() -> None:
-    """Leave the process group init() joined, together: a barrier (no rank still owes a collective),
-    then destroy it. A rank that exits with its gloo pairs and store threads alive can abort in their
-    destructors (`terminate called without an active exception`) while its peers are still closing."""
-    global _JOINED_HERE
-    if _JOINED_HERE and dist.is_initialized():
+def run_ended(ended: bool) -> None:
+    """Mark a training run as begun (False) or ended on this rank after its last collective (True)."""
+    global _RUN_ENDED
+    _RUN_ENDED = ended
+
+
+def _leave() -> None:
+    """At exit, leave the process group init() joined, together — a barrier (no rank still owes a
+    collective), then destroy it — when the last run ended normally (a rank that failed mid-run exits at
+    once, so that torchrun stops the others). A rank that exits with its gloo pairs and store threads
+    alive can abort in their destructors (`terminate called without an active exception`) while its peers
+    are still closing. The group lives until then, so several runs in one process (lipkit.fit) share it."""
+    if _JOINED_HERE and _RUN_ENDED and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-    _JOINED_HERE = False
 
 
 class _GatherWithGrad(torch.autograd.Function):

@@ -72,7 +72,8 @@ class BatchPass:
         self.labels = labels or {}  # kind ("clusters", "columns") → train.sample_labels.SampleLabels
         self.views, self.pad_id, self.teacher = views, pad_id, teacher
         entries = [INPUTS[name] for name in needs]
-        self.tokens = any(e.tokens for e in entries)
+        self.image_tokens = any(e.tokens == "image" for e in entries)  # a tower's tokens only when read
+        self.text_tokens = any(e.tokens == "text" for e in entries)
         encode_all = any(e.every_caption for e in entries)
         self.text_ids = ids if encode_all else ids[::k]
         self.first = slice(None, None, k) if encode_all else slice(None)  # the first caption of each image
@@ -82,7 +83,7 @@ class BatchPass:
     @functools.cached_property
     def image(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Normalised pooled features and (when asked for) token features of the images."""
-        if self.tokens:
+        if self.image_tokens:
             img, tok = self.model.visual(self.images, return_tokens=True)
             return F.normalize(img, dim=-1), F.normalize(tok, dim=-1)
         return F.normalize(self.model.visual(self.images), dim=-1), None
@@ -90,7 +91,7 @@ class BatchPass:
     @functools.cached_property
     def text(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Normalised pooled features of every encoded caption and the first captions' token features."""
-        if self.tokens:
+        if self.text_tokens:
             txt, tok = self.model.text(self.text_ids, return_tokens=True)
             return F.normalize(txt, dim=-1), F.normalize(tok[self.first], dim=-1)
         return F.normalize(self.model.text(self.text_ids), dim=-1), None
@@ -148,7 +149,7 @@ class Input:
     cache: how gradient caching handles it (None: it cannot) — "chunk": embedded chunk by chunk with its
         gradient cached (a float tensor with one or more rows per image, image-major); "batch": computed
         once for the whole batch (parameters, token ids, the frozen teacher).
-    tokens / every_caption / per_caption: it needs the towers' token outputs / every caption encoded /
+    tokens / every_caption / per_caption: it needs that tower's token outputs / every caption encoded /
         `text_features` to hold every caption instead of the first of each image.
     view: the extra image view it needs: "second" (a second random augmentation of the images) or "local"
         (small random crops, as many per image as the objective's `local_crops`; train.views).
@@ -158,7 +159,7 @@ class Input:
     compute: Callable[[BatchPass], torch.Tensor]
     gather: Gather | None
     cache: Cache | None
-    tokens: bool = False
+    tokens: Literal["image", "text"] | None = None
     every_caption: bool = False
     per_caption: bool = False
     requires: str | None = None
@@ -219,18 +220,18 @@ INPUTS: dict[str, Input] = {
         "chunk",
         view="local",
     ),
-    "image_tokens": Input(lambda p: p.image[1], "grad", "chunk", tokens=True),
-    "text_tokens": Input(lambda p: p.text[1], "grad", "chunk", tokens=True),
-    "text_mask": Input(lambda p: p.text_mask, "plain", "batch", tokens=True),
+    "image_tokens": Input(lambda p: p.image[1], "grad", "chunk", tokens="image"),
+    "text_tokens": Input(lambda p: p.text[1], "grad", "chunk", tokens="text"),
+    "text_mask": Input(lambda p: p.text_mask, "plain", "batch"),
     # the model's own LexLIP heads (see DualEncoder.encode_*_lexical)
     "image_lexicon": Input(
-        lambda p: p.model.image_lexicon(p.image[1]), "grad", "chunk", tokens=True, requires="lexicon"
+        lambda p: p.model.image_lexicon(p.image[1]), "grad", "chunk", tokens="image", requires="lexicon"
     ),
     "text_lexicon": Input(
         lambda p: p.model.text_lexicon(p.text[1], p.text_mask),
         "grad",
         "chunk",
-        tokens=True,
+        tokens="text",
         requires="lexicon",
     ),
     # the frozen starting model (CLIP-Refine): no gradient, so gathered plainly and computed once
@@ -244,7 +245,7 @@ INPUTS: dict[str, Input] = {
     "momentum_image_tokens_2": Input(lambda p: p.momentum_image_2[1], "plain", "batch", view="second"),
     "momentum_text_features": Input(lambda p: p.momentum_text[0], "plain", "batch"),
     "momentum_text_tokens": Input(lambda p: p.momentum_text[1], "plain", "batch"),
-    "momentum_text_mask": Input(lambda p: p.text_mask, "plain", "batch"),  # text_mask, without online tokens
+    "momentum_text_mask": Input(lambda p: p.text_mask, "plain", "batch"),  # = text_mask
     # each image's stable sample id (from its record key): per-sample state such as NEVLP's loss history
     "sample_key": Input(lambda p: _keys(p), "plain", "batch"),
     # each image's cluster labels (B, L; −1: none) from data.cluster_labels (train.sample_labels)

@@ -38,8 +38,7 @@ from lipkit.models.image_weights import image_tower_settings, load_trunk_weights
 from lipkit.models.presets import ModelSpec, get_spec
 from lipkit.objectives import build_objective
 from lipkit.text.tokenizer import TextTokenizer
-from lipkit.train.distributed import Dist, check_batch_split, gather_objects
-from lipkit.train.distributed import finish as finish_distributed
+from lipkit.train.distributed import Dist, check_batch_split, gather_objects, run_ended
 from lipkit.train.distributed import init as init_distributed
 from lipkit.train.hooks import CheckpointWriter, Evaluator
 from lipkit.train.inputs import objective_needs, requires
@@ -152,6 +151,7 @@ def _new_model(
 def run_training(cfg: Config) -> tuple[Path, TrainResult]:
     """Train as configured; returns the run directory and what happened."""
     dist = init_distributed()
+    run_ended(False)
     torch.manual_seed(cfg.train.seed)  # every rank builds the same initial model
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -173,7 +173,7 @@ def run_training(cfg: Config) -> tuple[Path, TrainResult]:
     if dist.enabled:  # each rank skipped in its own share: the run's are the sum
         skipped = sum((Counter(s) for s in gather_objects(dict(skipped))), Counter())
     _print_summary(result, skipped, trainer.last_checkpoint, run_dir)
-    finish_distributed()  # every rank got here: leave the group together (a failed rank leaves it open)
+    run_ended(True)  # every rank got here: at exit they leave the group together (train.distributed)
     return run_dir, result
 
 
