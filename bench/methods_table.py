@@ -1,6 +1,6 @@
 """The methods of docs/methods.md at equal budget, on a base that learns.
 
-    python bench/methods_table.py                          # every row, seed 0 (~6 min a row on 2 cores)
+    python bench/methods_table.py                          # every row, seed 0 (6–14 min a row on 2 cores)
     python bench/methods_table.py --rows infonce,alip --seeds 0,1,2
     python bench/methods_table.py --report                 # reprint the table from the saved JSON
 

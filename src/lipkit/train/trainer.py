@@ -107,6 +107,7 @@ class Trainer:
         self.per_image, self.dist = captions_per_image, dist or Dist()
         self.local_batch = cfg.batch_size // self.dist.world
         if hasattr(objective, "bind_model"):  # an objective's own momentum (EMA) copy of the model (TCL)
+            assert teacher is None, "an objective with its own momentum model takes no frozen teacher"
             teacher = objective.bind_model(model)
         self.teacher = teacher.to(device).eval() if teacher is not None else None
         self.sample_labels = sample_labels
