@@ -19,19 +19,21 @@ from torch import nn
 
 
 class Predictor(nn.Module):
-    """q: Linear(D, hidden) → BatchNorm → ReLU → Linear(hidden, D), seeded."""
+    """q: Linear(D, hidden, no bias: the BatchNorm after it removes any shift, as in SimSiam's code) →
+    BatchNorm → ReLU → Linear(hidden, D), seeded."""
 
     def __init__(self, dim: int, hidden: int, seed: int = 0) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, dim)
+            nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, dim)
         )
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for layer in (self.net[0], self.net[3]):
                 bound = 1 / layer.weight.shape[1] ** 0.5  # PyTorch's default range, from our generator
                 layer.weight.copy_((torch.rand(layer.weight.shape, generator=g) * 2 - 1) * bound)
-                layer.bias.copy_((torch.rand(layer.bias.shape, generator=g) * 2 - 1) * bound)
+                if layer.bias is not None:
+                    layer.bias.copy_((torch.rand(layer.bias.shape, generator=g) * 2 - 1) * bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x.to(self.net[0].weight.dtype))
