@@ -128,3 +128,39 @@ def test_local_crops_have_their_shape_and_are_drawn_like_one_process():
     assert torch.equal(torch.cat([h.local for h in halves]), whole.local)
     assert torch.equal(torch.cat([h.second for h in halves]), whole.second)
     assert whole[slice(1, 3)].local.shape[0] == 2
+
+
+@pytest.mark.parametrize(
+    "objective, args, tokens",
+    [
+        ("improved_baselines", {"image_ssl": "byol"}, False),
+        ("rs_m_clip", {"local_crops": 1}, False),
+        ("tcl_momentum", {"local_weight": 0.0}, False),
+        ("tcl_momentum", {}, True),
+    ],
+)
+def test_the_momentum_model_returns_tokens_only_when_they_are_read(objective, args, tokens):
+    """A timm tower whose tokens are not in the projection's space refuses token reads: an objective
+    that reads none must never ask the momentum model for them."""
+    import copy
+
+    from lipkit.train.inputs import objective_inputs, objective_needs
+    from lipkit.train.views import Views
+
+    torch.manual_seed(0)
+    model = DualEncoder(get_spec("tiny", **TINY_MODEL, vocab_size=50))
+    teacher, asked = copy.deepcopy(model), []
+    for name in ("visual", "text"):
+        tower = getattr(teacher, name)
+        tower.forward = lambda x, return_tokens=False, _f=tower.forward: (
+            asked.append(return_tokens) or _f(x, return_tokens=return_tokens)
+        )
+    size = model.spec.image_size
+    images = torch.randn(4, 3, size, size)
+    ids = torch.randint(1, 49, (4, 8))
+    needs = objective_needs(build_objective(objective, **args))
+    views = Views(second=images, local=images[:, None])
+    out = objective_inputs(model, needs, images, ids, 1, views, 0, teacher)
+    assert asked, "the momentum model ran"
+    assert any(asked) if tokens else not any(asked)
+    assert set(out) == needs

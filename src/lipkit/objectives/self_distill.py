@@ -24,8 +24,10 @@ rank (the teacher outputs are gathered before the centre update), not exported.
 What is not implemented of the papers:
 - The local crops keep the model's input size (SILC / DINO crop them at 96 px against 224 px global views:
   a ViT's position embeddings would need resizing); there are `local_crops` of them (SILC uses 8).
-- DINO's teacher-temperature warm-up (0.04 → 0.07) and momentum schedule (SILC keeps the momentum fixed,
-  as here), and its 65,536-prototype head (K = `prototypes`, 1,024 by default, and a smaller MLP).
+- DINO's teacher-temperature warm-up (0.04 → 0.07), its frozen last layer in the first epoch, its
+  momentum schedule (SILC keeps the momentum fixed, as here) and its 65,536-prototype head (K =
+  `prototypes`, 1,024 by default, and a smaller MLP). The teacher runs in eval mode: a BatchNorm trunk
+  uses the running statistics copied from the student, where DINO's teacher uses batch statistics.
 - The heads act on the joint embedding (L2-normalised, after the projection) rather than on the image
   tower's pooled output; RS-M-CLIP's multilingual XLM-R tower and translated data (lipkit's multilingual
   tables and `eval.group_by: langs` give the per-language evaluation).
@@ -34,6 +36,7 @@ What is not implemented of the papers:
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
@@ -70,16 +73,6 @@ class ProjectionHead(nn.Module):
 
 
 class LocalGlobalDistillation(nn.Module):
-    inputs = (
-        "image_features",
-        "text_features",
-        "logit_scale",
-        "image_features_2",
-        "image_features_local",
-        "momentum_image_features",
-        "momentum_image_features_2",
-    )
-
     def __init__(
         self,
         distill_weight: float = 1.0,
@@ -114,6 +107,17 @@ class LocalGlobalDistillation(nn.Module):
         )
         self.center_momentum, self.contrast_both_views = float(center_momentum), contrast_both_views
         self.infonce = InfoNCE()
+        # what it reads: the second view for its InfoNCE or the distillation; the crops and the teacher's
+        # views only with the distillation on (λ = 0 with one view reads, and draws, what InfoNCE does)
+        second = ("image_features_2",) if contrast_both_views or self.distill_weight else ()
+        distill = ("image_features_local", "momentum_image_features", "momentum_image_features_2")
+        self.inputs = (
+            "image_features",
+            "text_features",
+            "logit_scale",
+            *second,
+            *(distill if self.distill_weight else ()),
+        )
         self.momentum_model: nn.Module | None = None
         self.student_head: ProjectionHead | None = None
         self._pending_center: torch.Tensor | None = None
@@ -128,8 +132,11 @@ class LocalGlobalDistillation(nn.Module):
         self.teacher_head = copy.deepcopy(self.student_head).requires_grad_(False)
         self.register_buffer("center", torch.zeros(self.prototypes, device=device))
 
-    def bind_model(self, model: nn.Module) -> nn.Module:
-        """The EMA teacher ξ of `model` (frozen, eval mode); the heads sized to its embedding width."""
+    def bind_model(self, model: nn.Module) -> nn.Module | None:
+        """The EMA teacher ξ of `model` (frozen, eval mode); the heads sized to its embedding width (none of
+        them with the distillation off)."""
+        if not self.distill_weight:
+            return None
         self.momentum_model = momentum_copy(model)
         self._heads(model.spec.embed_dim, next(model.parameters()).device)
         return self.momentum_model
@@ -149,10 +156,10 @@ class LocalGlobalDistillation(nn.Module):
         image_features: torch.Tensor,
         text_features: torch.Tensor,
         logit_scale: torch.Tensor,
-        image_features_2: torch.Tensor,
-        image_features_local: torch.Tensor,
-        momentum_image_features: torch.Tensor,
-        momentum_image_features_2: torch.Tensor,
+        image_features_2: torch.Tensor | None = None,
+        image_features_local: torch.Tensor | None = None,
+        momentum_image_features: torch.Tensor | None = None,
+        momentum_image_features_2: torch.Tensor | None = None,
         **_: object,
     ) -> torch.Tensor:
         loss = self.infonce(image_features, text_features, logit_scale)
@@ -160,6 +167,12 @@ class LocalGlobalDistillation(nn.Module):
             loss = 0.5 * (loss + self.infonce(image_features_2, text_features, logit_scale))
         if not self.distill_weight:
             return loss
+        if (
+            image_features_local is None
+            or momentum_image_features is None
+            or momentum_image_features_2 is None
+        ):
+            raise ValueError("the distillation reads the local crops and the teacher's views: pass them")
         b, dim = image_features.shape
         self._heads(dim, image_features.device)
         with torch.no_grad():
@@ -177,14 +190,15 @@ class LocalGlobalDistillation(nn.Module):
 
 def _number(name: str, value: object, lo: float, hi: float, integer: bool = False) -> None:
     kind = int if integer else int | float
-    if isinstance(value, bool) or not isinstance(value, kind) or not lo <= value <= hi:
+    bad = isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value)
+    if bad or not lo <= value <= hi:
         raise ValueError(
             f"{name} must be a {'whole number' if integer else 'number'} in [{lo}, {hi}], got {value!r}"
         )
 
 
 def _check(weight: object, momentum: object, crops: object, scale: object, widths: tuple) -> None:
-    _number("distill_weight", weight, 0, float("inf"))
+    _number("distill_weight", weight, 0, 1e6)
     _number("momentum", momentum, 0, 0.999999)
     _number("local_crops", crops, 1, 64, integer=True)
     if not (isinstance(scale, list | tuple) and len(scale) == 2 and 0 < scale[0] < scale[1] <= 1):
@@ -194,8 +208,8 @@ def _check(weight: object, momentum: object, crops: object, scale: object, width
 
 
 def _check_rest(student_t: object, teacher_t: object, center: object, both: object) -> None:
-    _number("student_temperature", student_t, 1e-6, float("inf"))
-    _number("teacher_temperature", teacher_t, 1e-6, float("inf"))
+    _number("student_temperature", student_t, 1e-6, 1e6)
+    _number("teacher_temperature", teacher_t, 1e-6, 1e6)
     _number("center_momentum", center, 0, 1)
     if not isinstance(both, bool):
         raise ValueError(f"contrast_both_views must be true or false, got {both!r}")

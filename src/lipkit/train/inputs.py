@@ -69,6 +69,7 @@ class BatchPass:
         labels: Any = None,
     ) -> None:
         self.model, self.images, self.ids, self.k, self.keys = model, images, ids, k, keys
+        self.needs = needs
         self.labels = labels or {}  # kind ("clusters", "columns") → train.sample_labels.SampleLabels
         self.views, self.pad_id, self.teacher = views, pad_id, teacher
         entries = [INPUTS[name] for name in needs]
@@ -118,19 +119,24 @@ class BatchPass:
             return F.normalize(self.teacher.visual(self.images), dim=-1)
 
     @functools.cached_property
-    def momentum_image_2(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The momentum model's normalised features and tokens of the second view, without a graph."""
+    def momentum_image_2(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The momentum model's normalised features and (when read) tokens of the second view, no graph."""
         assert self.teacher is not None, "the objective binds its momentum model before training"
         with torch.no_grad():
+            if "momentum_image_tokens_2" not in self.needs:
+                return F.normalize(self.teacher.visual(self.views.second), dim=-1), None
             img, tok = self.teacher.visual(self.views.second, return_tokens=True)
             return F.normalize(img, dim=-1), F.normalize(tok, dim=-1)
 
     @functools.cached_property
-    def momentum_text(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The momentum model's normalised features and tokens of the first captions, without a graph."""
+    def momentum_text(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The momentum model's normalised features and (when read) tokens of the first captions, no graph."""
         assert self.teacher is not None, "the objective binds its momentum model before training"
         with torch.no_grad():
-            txt, tok = self.teacher.text(self.text_ids[self.first], return_tokens=True)
+            ids = self.text_ids[self.first]
+            if "momentum_text_tokens" not in self.needs:
+                return F.normalize(self.teacher.text(ids), dim=-1), None
+            txt, tok = self.teacher.text(ids, return_tokens=True)
             return F.normalize(txt, dim=-1), F.normalize(tok, dim=-1)
 
 

@@ -48,7 +48,7 @@ from lipkit.train.optim import Schedule, param_groups
 from lipkit.train.progress import TrainBar, train_bar
 from lipkit.train.reducer import BucketReducer
 from lipkit.train.state import load_optimizer_state, load_rng_state, optimizer_state, rng_state
-from lipkit.train.views import ViewMaker, Views
+from lipkit.train.views import ViewMaker, Views, view_plan
 
 Batch = tuple[torch.Tensor, list[str], list[str]]  # uint8 images, captions, keys
 Batches = Callable[[int, int], Iterator[Batch]]  # (epoch, start batch) -> batches
@@ -138,10 +138,10 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(cfg.seed)
         window = (self.dist.rank * self.local_batch, cfg.batch_size) if self.dist.enabled else None
         self.views = ViewMaker(model.spec, augment_cfg, self.gen, device, window)  # train.views
-        crops = getattr(objective, "local_crops", 0) if self.needs & LOCAL_VIEW else 0
-        self.view_plan = (bool(self.needs & SECOND_VIEW), crops, getattr(objective, "local_scale", (0, 1)))
+        self.view_plan = view_plan(bool(self.needs & SECOND_VIEW), bool(self.needs & LOCAL_VIEW), objective)
         if hasattr(model.visual, "cache_features"):  # a locked timm trunk: each image's features once
-            model.visual.cache_features = cfg.cache_image_features and self.views.no_augmentation
+            cached = self.views.no_augmentation and not self.view_plan[1]  # random crops: never again
+            model.visual.cache_features = cfg.cache_image_features and cached
         self.log = jsonl_log(run_dir / "metrics.jsonl")  # every log line; launch adds the trackers to it
         self.step_count = 0
         self.train_seconds = 0.0  # training wall time of earlier processes of this run (resume)

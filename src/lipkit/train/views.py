@@ -1,5 +1,6 @@
-"""The image views of one step: the first augmentation every objective sees, a second one (TCL, SimCLR and
-Barlow Twins terms, momentum models), and small local crops (self-distillation, RS-M-CLIP / SILC).
+"""The image views of one step: the first augmentation every objective sees, a second one (TCL, the
+improved baselines' SimCLR / Barlow Twins / SimSiam / BYOL terms, RS-M-CLIP's second global view), and
+small local crops (RS-M-CLIP / SILC's self-distillation).
 
 Every view is drawn from the trainer's generator with this rank's window of the global batch's draws
 (data.transforms.augment's `rows`), in a fixed order — first, second, then the local crops one after the
@@ -16,6 +17,16 @@ import torch
 from lipkit.config import AugmentConfig
 from lipkit.data.transforms import augment, normalize
 from lipkit.models.presets import ModelSpec
+
+
+def view_plan(second: bool, local: bool, objective: object) -> tuple[bool, int, tuple[float, float]]:
+    """What `ViewMaker.views` draws each step: the second view, and the objective's `local_crops` crops of
+    area fraction `local_scale` when an input reads local crops (an objective reading them must say how
+    many)."""
+    crops = getattr(objective, "local_crops", 0) if local else 0
+    if local and not crops:
+        raise ValueError(f"{type(objective).__name__} reads local crops: give it a `local_crops` count ≥ 1")
+    return second, crops, tuple(getattr(objective, "local_scale", (0.0, 1.0)))
 
 
 @dataclass(frozen=True)
