@@ -214,7 +214,8 @@ class TimmTower(nn.Module):
             raise UserError(
                 f"timm '{self.name}' pools its {tokens.shape[-1]}-channel feature map through a layer of its "
                 f"own into {self.width} features, so its tokens are not in the projection's space; use an "
-                "objective without image tokens (not FILIP, Wukong, LexLIP, DreamLIP or TCL's local terms) or another timm_model_name."
+                "objective without image tokens (not FILIP, Wukong, LexLIP, DreamLIP or TCL's local terms) "
+                "or another timm_model_name."
             )
         return tokens
 
