@@ -317,7 +317,7 @@ CASES: dict[str, tuple[dict, dict]] = {
     # negatives are the global batch's, as in one process
     **{
         f"improved_baselines-{ssl}": (case, case)
-        for ssl in ("simclr", "barlow_twins", "simsiam", "byol")
+        for ssl in ("simclr", "barlow_twins", "simsiam", "byol", "swav")
         for case in [{"objective": "improved_baselines", "objective_args": {"image_ssl": ssl}}]
     },
     # gradients averaged in many small buckets started during the backward, and in one after it

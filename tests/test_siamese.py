@@ -61,7 +61,7 @@ def test_byol_binds_an_ema_model_and_simsiam_none():
     assert torch.allclose(next(teacher.parameters()), next(model.parameters()) - 1.0, atol=1e-6)
 
 
-@pytest.mark.parametrize("ssl", ["simsiam", "byol"])
+@pytest.mark.parametrize("ssl", ["simsiam", "byol", "swav"])
 def test_siamese_terms_train(table, tmp_path, ssl):
     cfg = config_from_dict(
         {
@@ -82,3 +82,37 @@ def test_siamese_terms_train(table, tmp_path, ssl):
     )
     _, result = run_training(cfg)
     assert result.steps > 0 and math.isfinite(result.last_loss) and result.faults == 0
+
+
+def naive_sinkhorn(scores):
+    b, k = scores.shape
+    q = [[torch.exp(scores[i, j] / 0.05) for i in range(b)] for j in range(k)]  # (K, B)
+    total = sum(sum(row) for row in q)
+    q = [[v / total for v in row] for row in q]
+    for _ in range(3):
+        q = [[v / sum(row) / k for v in row] for row in q]
+        cols = [sum(q[j][i] for j in range(k)) for i in range(b)]
+        q = [[q[j][i] / cols[i] / b for i in range(b)] for j in range(k)]
+    return torch.stack([torch.stack([q[j][i] * b for j in range(k)]) for i in range(b)])
+
+
+def test_swav_term_matches_naive_loop():
+    x1, x2, y, t = unit(6, 4, seed=990), unit(6, 4, seed=991), unit(6, 4, seed=992), log_scale()
+    obj = ImprovedBaselines(
+        label_smoothing=0.0, image_ssl="swav", swav_prototypes=3, ssl_temperature=0.2
+    ).double()
+    obj(x1, y, t.exp(), x2)
+    obj.prototypes.double()
+    fast = obj(x1, y, t.exp(), x2)
+    c = obj.prototypes.weight / obj.prototypes.weight.norm(dim=1, keepdim=True)
+    s1, s2 = x1 @ c.t(), x2 @ c.t()
+    with torch.no_grad():
+        q1, q2 = naive_sinkhorn(s1), naive_sinkhorn(s2)
+    assert torch.allclose(q1.sum(1), torch.ones(6, dtype=torch.float64), atol=1e-12)  # codes per sample
+    n = x1.shape[0]
+    term = 0.0
+    for i in range(n):
+        term = term - sum(q2[i, k] * (s1[i, k] / 0.2 - torch.logsumexp(s1[i] / 0.2, 0)) for k in range(3))
+        term = term - sum(q1[i, k] * (s2[i, k] / 0.2 - torch.logsumexp(s2[i] / 0.2, 0)) for k in range(3))
+    slow = smoothed_clip_loss(x1, y, t.exp(), 0.0) + 0.5 * term / n
+    assert_same_value_and_grads(fast, slow, (x1, x2, y, t, obj.prototypes.weight))

@@ -1,7 +1,7 @@
 """CLIP with the training-recipe terms of "Improved Baselines for Vision-Language Pre-training" (Fini et
 al., 2023): label smoothing of the contrastive targets, and optionally one of the self-supervised image
 terms that paper compares on top of CLIP (SLIP's SimCLR term, Barlow Twins as in its "BarLIP", SimSiam's
-"SiamLIP" and BYOL's "BYOLIP").
+"SiamLIP", BYOL's "BYOLIP" and SwAV's "SwALIP").
 
 With L2-normalised image features x_i, text features y_j, a second augmented view x'_i of each image
 (`image_features_2`), B pairs and logits t·<x_i, y_j>:
@@ -16,7 +16,8 @@ With L2-normalised image features x_i, text features y_j, a second augmented vie
         L_ssl = Σ_d (1 − C_dd)² + λ Σ_{d ≠ e} C_de²
     SimSiam / BYOL: a predictor q on the embeddings, against the other view's embedding with a stop-gradient
         (SimSiam) or the other view's embedding by an EMA copy of the model (BYOL, momentum `ssl_momentum`);
-        the formulas are in objectives/siamese.py
+    SwAV: K prototypes, each view's scores predicting the other view's Sinkhorn-Knopp codes (τ =
+        `ssl_temperature`); the formulas are in objectives/siamese.py
 
     L = L_clip + w · L_ssl        (w = `ssl_weight`; no L_ssl with image_ssl: none)
 
@@ -29,8 +30,8 @@ What is not implemented of the paper:
   replacement and random insertion need a thesaurus and are not there) and `augment.*`.
 - The SSL terms act on the shared (L2-normalised) image embedding and its second view; SLIP and the
   paper put them on a separate MLP projector (with its own width) over the backbone's output.
-- SwAV ("SwALIP": prototypes assigned by Sinkhorn-Knopp with swapped prediction), the paper's fifth
-  term, is not here. BYOL's momentum schedule (0.996 → 1 in the paper) is a fixed `ssl_momentum`.
+- SwAV's queue, multi-crop and first-epoch frozen prototypes (objectives/siamese.py). BYOL's momentum
+  schedule (0.996 → 1 in the paper) is a fixed `ssl_momentum`.
 """
 
 from __future__ import annotations
@@ -40,9 +41,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lipkit.objectives.momentum import ema_update, momentum_copy
-from lipkit.objectives.siamese import Predictor, byol_loss, simsiam_loss
+from lipkit.objectives.siamese import Predictor, Prototypes, byol_loss, simsiam_loss, swav_loss
 
-SSL_TERMS = ("none", "simclr", "barlow_twins", "simsiam", "byol")
+SSL_TERMS = ("none", "simclr", "barlow_twins", "simsiam", "byol", "swav")
 BN_EPS = 1e-5
 
 
@@ -89,11 +90,12 @@ class ImprovedBaselines(nn.Module):
         barlow_lambda: float = 0.0051,
         ssl_hidden: int = 512,
         ssl_momentum: float = 0.99,
+        swav_prototypes: int = 256,
     ) -> None:
         """`label_smoothing` ε of the contrastive targets (0: none). `image_ssl`: none, simclr or
         barlow_twins, weighted by `ssl_weight`; `ssl_temperature` is SimCLR's τ, `barlow_lambda` Barlow
         Twins' off-diagonal weight λ; `ssl_hidden` the SimSiam / BYOL predictor's width; `ssl_momentum` m of
-        BYOL's EMA model."""
+        BYOL's EMA model; `swav_prototypes` K of SwAV (its τ is `ssl_temperature`)."""
         super().__init__()
         if image_ssl not in SSL_TERMS:
             raise ValueError(f"image_ssl is '{image_ssl}'; choose one of {', '.join(SSL_TERMS)}")
@@ -118,6 +120,10 @@ class ImprovedBaselines(nn.Module):
         ):
             raise ValueError(f"ssl_momentum must be a number in [0, 1), got {ssl_momentum!r}")
         self.ssl_hidden, self.ssl_momentum = ssl_hidden, float(ssl_momentum)
+        if isinstance(swav_prototypes, bool) or not isinstance(swav_prototypes, int) or swav_prototypes < 2:
+            raise ValueError(f"swav_prototypes must be a whole number ≥ 2, got {swav_prototypes!r}")
+        self.swav_prototypes = swav_prototypes
+        self.prototypes: Prototypes | None = None
         second = ("image_features_2",) if image_ssl != "none" else ()
         target = ("momentum_image_features", "momentum_image_features_2") if image_ssl == "byol" else ()
         self.inputs = ("image_features", "text_features", "logit_scale", *second, *target)
@@ -128,6 +134,10 @@ class ImprovedBaselines(nn.Module):
         """SimSiam's / BYOL's predictor sized to the embedding width; BYOL's EMA copy of the model."""
         if self.image_ssl in ("simsiam", "byol"):
             self.predictor = Predictor(model.spec.embed_dim, self.ssl_hidden).to(
+                next(model.parameters()).device
+            )
+        if self.image_ssl == "swav":
+            self.prototypes = Prototypes(model.spec.embed_dim, self.swav_prototypes).to(
                 next(model.parameters()).device
             )
         if self.image_ssl == "byol":
@@ -164,6 +174,10 @@ class ImprovedBaselines(nn.Module):
             return simclr_loss(z1, z2, self.ssl_temperature)
         if self.image_ssl == "barlow_twins":
             return barlow_twins_loss(z1, z2, self.barlow_lambda)
+        if self.image_ssl == "swav":
+            if self.prototypes is None:  # used outside a trainer, which binds them to the model first
+                self.prototypes = Prototypes(z1.shape[1], self.swav_prototypes).to(z1.device)
+            return swav_loss(self.prototypes, z1, z2, self.ssl_temperature)
         if self.predictor is None:  # used outside a trainer, which binds it to the model first
             self.predictor = Predictor(z1.shape[1], self.ssl_hidden).to(z1.device)
         q1, q2 = self.predictor(z1), self.predictor(z2)
