@@ -223,6 +223,8 @@ def assert_close(a: dict, b: dict, atol: float = 1e-5) -> dict[str, float]:
     for k in a:
         x, y = a[k], b[k]
         kind = "grad" if k.startswith(("grad.", "loss")) else "moment"
+        if k.startswith("objective."):  # an objective's own weights (heads, predictors) and state, moved by
+            kind = "param"  # AdamW like the model's: ~lr per step where a gradient is rounding noise
         if k.startswith(("param.", "unsharded.")):
             kind, name = "param", k.split(".", 1)[1]
             # AdamW moves a weight by ~lr·g/(|g| + ε) a step: ~lr wherever |g| ≫ ε, so a gradient that is
