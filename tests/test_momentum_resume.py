@@ -2,12 +2,9 @@
 centre, BYOL's target — resume bitwise: a real run SIGKILLed mid-way and resumed ends with the same weights
 and the same objective state (the EMA model included) as the run that was never stopped."""
 
-import signal
-
 import pytest
-from safetensors.torch import load_file
 
-from test_resume import assert_same, config, start, wait_for_step, weights
+from test_resume import assert_same, killed_and_resumed_objective_states
 
 CASES = {
     "tcl_momentum": {"queue_size": 32},
@@ -19,23 +16,6 @@ CASES = {
 @pytest.mark.parametrize("objective", list(CASES))
 def test_a_killed_run_resumes_bitwise_with_its_momentum_state(table, tmp_path, objective):
     args = {"objective": objective, "objective_args": CASES[objective]}
-    ref = tmp_path / "ref"
-    proc = start(config(table, ref, **args), tmp_path)
-    assert proc.wait() == 0, proc.stderr.read()[-2000:]
-    out = tmp_path / "run"
-    cfg = config(table, out, resume="auto", **args)
-    proc = start(cfg, tmp_path)
-    wait_for_step(proc, out / "metrics.jsonl", 9)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc = start(cfg, tmp_path)
-    assert proc.wait() == 0, proc.stderr.read()[-2000:]
-    assert_same(weights(out), weights(ref))
-    states = [sorted((run / "checkpoints").glob("step-*"))[-1] for run in (ref, out)]
-    assert states[0].name == states[1].name
-    saved = [
-        {k: v for k, v in load_file(str(next(s.glob("train*.safetensors")))).items() if "objective." in k}
-        for s in states
-    ]
-    assert any(k.startswith("objective.momentum_model.") for k in saved[0])
-    assert_same(saved[0], saved[1])
+    straight, resumed = killed_and_resumed_objective_states(table, tmp_path, **args)
+    assert any(k.startswith("objective.momentum_model.") for k in straight)
+    assert_same(straight, resumed)

@@ -5,12 +5,10 @@ and resumed too. Two gloo ranks against one process: tests/test_distributed.py."
 
 import math
 import random
-import signal
 
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from lipkit.errors import UserError
 from lipkit.objectives import build_objective
@@ -25,7 +23,10 @@ from lipkit.objectives.nevlp import (
     per_pair_losses,
 )
 from lipkit.train.inputs import sample_ids
-from test_resume import assert_same, config, start, wait_for_step, weights
+from test_resume import (
+    assert_same,
+    killed_and_resumed_objective_states,
+)
 
 F64 = torch.float64
 TOL = 1e-10
@@ -224,23 +225,6 @@ def test_a_killed_run_resumes_bitwise_with_its_noise_state(table, tmp_path):
     """The real trainer with record keys from the table: straight vs SIGKILLed and resumed — the same
     weights and the same bank and mixture in the last checkpoint's training state."""
     args = {"objective": "nevlp", "objective_args": {"warmup_steps": 2, "refit_every": 3}}
-    ref = tmp_path / "ref"
-    proc = start(config(table, ref, **args), tmp_path)
-    assert proc.wait() == 0, proc.stderr.read()[-2000:]
-    out = tmp_path / "run"
-    cfg = config(table, out, resume="auto", **args)
-    proc = start(cfg, tmp_path)
-    wait_for_step(proc, out / "metrics.jsonl", 9)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc = start(cfg, tmp_path)
-    assert proc.wait() == 0, proc.stderr.read()[-2000:]
-    assert_same(weights(out), weights(ref))
-    states = [sorted((run / "checkpoints").glob("step-*"))[-1] for run in (ref, out)]
-    assert states[0].name == states[1].name
-    saved = [
-        {k: v for k, v in load_file(str(next(s.glob("train*.safetensors")))).items() if "objective." in k}
-        for s in states
-    ]
+    saved = killed_and_resumed_objective_states(table, tmp_path, **args)
     assert saved[0]["objective.ids"].numel() > 50 and saved[0]["objective.mixture"].abs().sum() > 0
     assert_same(saved[0], saved[1])

@@ -80,6 +80,30 @@ def assert_same(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), k
 
 
+def killed_and_resumed_objective_states(table: Path, tmp: Path, **train) -> tuple[dict, dict]:
+    """A run straight through and one SIGKILLed after step 9 and resumed: asserts they end with the same
+    weights and newest checkpoint step, and returns each one's objective state from that checkpoint."""
+    ref = tmp / "ref"
+    proc = start(config(table, ref, **train), tmp)
+    assert proc.wait() == 0, proc.stderr.read()[-2000:]
+    out = tmp / "run"
+    cfg = config(table, out, resume="auto", **train)
+    proc = start(cfg, tmp)
+    wait_for_step(proc, out / "metrics.jsonl", 9)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc = start(cfg, tmp)
+    assert proc.wait() == 0, proc.stderr.read()[-2000:]
+    assert_same(weights(out), weights(ref))
+    states = [sorted((run / "checkpoints").glob("step-*"))[-1] for run in (ref, out)]
+    assert states[0].name == states[1].name
+    saved = [
+        {k: v for k, v in load_file(str(next(s.glob("train*.safetensors")))).items() if "objective." in k}
+        for s in states
+    ]
+    return saved[0], saved[1]
+
+
 @pytest.fixture(scope="module")
 def reference(table, tmp_path_factory) -> dict[str, torch.Tensor]:
     out = tmp_path_factory.mktemp("ref") / "run"
