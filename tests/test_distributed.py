@@ -20,7 +20,7 @@ from conftest import free_port
 from lipkit.config import AugmentConfig, TrainConfig, load_config
 from lipkit.errors import UserError
 from lipkit.models.dual_encoder import DualEncoder
-from lipkit.models.presets import get_spec
+from lipkit.models.presets import IMAGENET_MEAN, IMAGENET_STD, get_spec
 from lipkit.objectives import OBJECTIVES, build_objective
 from lipkit.text.tokenizer import TextTokenizer
 from lipkit.train import fsdp
@@ -50,6 +50,11 @@ def make_trainer(tmp: Path, rank: int, world: int, per_image: int = 1, **train) 
     )
     model = DualEncoder(spec)
     teacher = copy.deepcopy(model).requires_grad_(False) if requires(needs, "teacher") else None
+    if (
+        cfg.objective == "distill"
+    ):  # a teacher of another width, image size and normalisation than the student
+        wide = dataclasses.replace(spec, embed_dim=spec.embed_dim + 8, image_size=spec.image_size + 8)
+        teacher = DualEncoder(dataclasses.replace(wide, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD))
     labels = {}
     if requires(
         needs, "clusters"
@@ -263,6 +268,11 @@ UNIME = {"objective": "unime", "objective_args": {"hard_negatives": 2}, "per_ima
 PLIP = {"objective": "plip", "objective_args": {"identity": "person", "attributes": ["colour"]}, "steps": 3}
 NEVLP = {"objective": "nevlp", "objective_args": {"warmup_steps": 1, "refit_every": 1}, "steps": 3}
 NEVLP_MULTI = {**NEVLP, "objective_args": {**NEVLP["objective_args"], "multi_positive": True}, "per_image": 3}
+DISTILL = {
+    "objective": "distill",
+    "objective_args": {"feature_weight": 1.0, "affinity_weight": 1.0, "kd_temperature": 2.0},
+    "steps": 3,
+}
 # name → (the two-rank case, the one-process reference)
 CASES: dict[str, tuple[dict, dict]] = {
     **{
@@ -322,6 +332,10 @@ CASES: dict[str, tuple[dict, dict]] = {
         for ssl in ("simclr", "barlow_twins", "simsiam", "byol", "swav")
         for case in [{"objective": "improved_baselines", "objective_args": {"image_ssl": ssl}}]
     },
+    # distillation with every term: the teacher's features gathered plainly, its projections' gradients
+    # averaged like the model's
+    "distill-all-terms": (DISTILL, DISTILL),
+    "distill-all-terms-grad-cache": ({**DISTILL, "grad_cache_chunk": 3}, DISTILL),
     # gradients averaged in many small buckets started during the backward, and in one after it
     "infonce-small-buckets": ({"bucket_cap_mb": 0.002, "steps": 3}, {"steps": 3}),
     "lexlip-small-buckets": (

@@ -39,7 +39,7 @@ SUBSTITUTIONS = {
     "is a link to the emoji dataset built offline from the suite's fake packages (tests/emoji_fixture.py; "
     "100 concepts, enough rows for the docs' batch size of 256), so the docs' paths and the configs' "
     "defaults resolve to it unchanged",
-    "lipkit train|demo|refine, torchrun … -m lipkit train": "BUDGET appended: a short time budget",
+    "lipkit train|demo|refine|distill, torchrun … -m lipkit train": "BUDGET appended: a short time budget",
     "make demo": "`lipkit demo`, the Makefile's demo recipe (checked), with the time budget",
 }
 BUDGET = "--set train.max_minutes=0.02"  # 1.2 s of training: a step or two, then the final eval
@@ -128,7 +128,7 @@ def shell_line(cmd: Command) -> str:
         assert recipe and recipe.group(1).strip() == "lipkit demo", "the Makefile's demo recipe changed"
         text = "lipkit demo"
     code, hash_, comment = text.partition(" #")
-    trains = re.match(r"lipkit (train|demo|refine)\b", code) or re.search(r"-m lipkit train\b", code)
+    trains = re.match(r"lipkit (train|demo|refine|distill)\b", code) or re.search(r"-m lipkit train\b", code)
     if trains:
         code = f"{code.rstrip()} {BUDGET}"
     return code + (hash_ + comment if hash_ else "")

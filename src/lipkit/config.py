@@ -108,6 +108,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16
     objective: str = "infonce"  # a name of lipkit.objectives.OBJECTIVES (docs/methods.md lists them)
     objective_args: dict[str, Any] = field(default_factory=dict)  # constructor options of the objective
+    teacher: str = ""  # a lipkit checkpoint the `distill` objective learns from (frozen; lipkit distill)
     init_logit_bias: float = -10.0  # objectives with a learnable bias (siglip)
     local_loss: bool = False  # distributed: each rank computes only its own rows of the logits
     strategy: str = "ddp"  # distributed: ddp (replicated weights) | fsdp (weights, grads, moments sharded)
@@ -136,9 +137,7 @@ class TrainConfig:
     eval_every: int = 0  # steps between evaluations (0: only at the end)
     save_every: int = 0  # steps between resumable checkpoints in output/checkpoints (0: only at the end)
     keep_last: int = 2  # resumable checkpoints kept (plus the best one)
-    best_metric: str = (
-        ""  # e.g. "test-style/zeroshot/subcategory/top1": keep the checkpoint that maximises it
-    )
+    best_metric: str = ""  # e.g. "test-style/zeroshot/subcategory/top1": keep the checkpoint maximising it
     resume: str = ""  # "auto": newest valid checkpoint in output/checkpoints, or a checkpoint path
     max_faults: int = 3  # non-finite steps in a row before the run stops
     log_every: int = 10

@@ -42,6 +42,7 @@ def _root(
 
 app.command()(train_commands.train)
 app.command()(train_commands.refine)
+app.command()(train_commands.distill)
 app.command("eval")(eval_commands.eval_)
 app.command()(eval_commands.report)
 app.add_typer(data.app, name="data")

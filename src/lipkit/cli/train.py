@@ -1,4 +1,4 @@
-"""`lipkit train | refine | demo`: parse, load a config, call `lipkit.train.launch.run_training`."""
+"""`lipkit train | refine | distill | demo`: parse, load a config, call `lipkit.train.launch.run_training`."""
 
 from __future__ import annotations
 
@@ -57,6 +57,47 @@ def refine(
     preset = packaged_config("methods/clip_refine")
     fixed = [f"model.init_from={checkpoint}", f"data.train={data}", f"train.output={out}"]
     _, result = run_training(load_config([preset, *config], fixed + set_))
+    if result.interrupted:
+        raise typer.Exit(EXIT_PREEMPTED)
+
+
+def distill(
+    teacher: Path = typer.Argument(
+        ...,
+        help="Teacher checkpoint (written by `lipkit train`, or converted with `lipkit checkpoint convert`).",
+    ),
+    data: str = typer.Option(..., "--data", "-d", help="Training table (or shards) of image–caption pairs."),
+    student: str = typer.Option(
+        "micro",
+        "--student",
+        help="Model preset of the student (lipkit.models.presets: micro, tiny, small...).",
+    ),
+    out: Path = typer.Option(Path("runs/distill"), "--out", "-o", help="Run directory."),
+    config: list[Path] = typer.Option(
+        [],
+        "--config",
+        "-c",
+        help="Config under the preset (its data, augmentation and evaluation settings), e.g. -c configs/demo.yaml.",
+    ),
+    set_: list[str] = typer.Option(
+        [], "--set", "-s", help="Override a config key, e.g. --set train.objective_args.feature_weight=1."
+    ),
+) -> None:
+    """Distil a frozen teacher into a smaller student trained from scratch: its own InfoNCE plus the
+    teacher's image–text similarities (TinyCLIP's affinity mimicking), optionally its features through a
+    learned projection (CLIP-KD) and its intra-modal affinities. The student uses the teacher's tokenizer.
+    Preset: configs/methods/distill.yaml; docs/distill.md."""
+    from lipkit.config import load_config
+    from lipkit.train.launch import run_training
+
+    preset = packaged_config("methods/distill")
+    fixed = [
+        f"train.teacher={teacher}",
+        f"model.preset={student}",
+        f"data.train={data}",
+        f"train.output={out}",
+    ]
+    _, result = run_training(load_config([*config, preset], fixed + set_))
     if result.interrupted:
         raise typer.Exit(EXIT_PREEMPTED)
 

@@ -91,6 +91,20 @@ PRESETS: dict[str, ModelSpec] = {
         context_length=64,
         vocab_size=16384,
     ),
+    # A distillation student for the CPU (lipkit distill, docs/distill.md): 128 px like the demo's image
+    # tower, a conv-stem ViT of 4 layers and a 3-layer text transformer; with the demo's 30,522-term
+    # tokenizer ~6M parameters in all, under a quarter of the demo model's.
+    "micro": ModelSpec(
+        image_size=128,
+        patch_size=16,
+        vision_width=160,
+        vision_layers=4,
+        vision_heads=4,
+        vision_stem="conv",
+        text_width=128,
+        text_layers=3,
+        text_heads=2,
+    ),
     # The shape of OpenAI CLIP ViT-B/32.
     "base-32": ModelSpec(
         embed_dim=512,

@@ -10,6 +10,7 @@ from torch import nn
 
 from lipkit.errors import UserError
 from lipkit.objectives.alip import ALIPLoss
+from lipkit.objectives.distill import Distillation
 from lipkit.objectives.dreamlip import SubCaptionGrouping
 from lipkit.objectives.filip import FILIPLoss
 from lipkit.objectives.improved_baselines import ImprovedBaselines
@@ -48,6 +49,7 @@ OBJECTIVES: dict[str, type[nn.Module]] = {
     "dreamlip": SubCaptionGrouping,
     "tcl_momentum": MomentumTripleContrast,
     "rs_m_clip": LocalGlobalDistillation,
+    "distill": Distillation,
 }
 
 

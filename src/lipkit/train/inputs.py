@@ -1,7 +1,7 @@
 """What an objective reads, computed from one batch: the trainer asks the objective for its `inputs`
 and runs only the forward passes those need (token features for FILIP/LexLIP, a second image view for
 TCL, every caption for multi-positive, the second caption for ALIP, the bias for SigLIP, the frozen
-teacher for CLIP-Refine).
+teacher for distillation and CLIP-Refine).
 
 `INPUTS` is the one registry of those inputs: for each name, how it is computed from a batch, how it
 is made global across ranks (train.distributed.gather_inputs), how gradient caching handles it
@@ -103,12 +103,11 @@ class BatchPass:
 
     @functools.cached_property
     def frozen(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The teacher's (image features, first captions' features, logit scale), without a graph."""
+        """The frozen teacher's (image features, first captions' features, logit scale), without a graph;
+        cached per caption and (augmentation off) per image (train.teacher.FrozenTeacher)."""
         assert self.teacher is not None, "check_inputs refuses a teacher input without a teacher"
-        with torch.no_grad():
-            image = F.normalize(self.teacher.visual(self.images), dim=-1)
-            text = F.normalize(self.teacher.text(self.text_ids[self.first]), dim=-1)
-            return image, text, self.teacher.scale()
+        ids = self.text_ids[self.first]
+        return self.teacher.features(self.images, ids, caption_keys(ids))  # train.teacher
 
     @functools.cached_property
     def momentum_image(self) -> torch.Tensor:
@@ -240,7 +239,8 @@ INPUTS: dict[str, Input] = {
         tokens="text",
         requires="lexicon",
     ),
-    # the frozen starting model (CLIP-Refine): no gradient, so gathered plainly and computed once
+    # the frozen teacher (train.teacher; CLIP-Refine's starting model): no gradient, so gathered plainly and
+    # computed once
     "teacher_image_features": Input(lambda p: p.frozen[0], "plain", "batch", requires="teacher"),
     "teacher_text_features": Input(lambda p: p.frozen[1], "plain", "batch", requires="teacher"),
     "teacher_logit_scale": Input(lambda p: p.frozen[2], None, "batch", requires="teacher"),
@@ -284,8 +284,8 @@ _REQUIREMENTS: dict[str, tuple[Callable[[dict[str, Any]], bool], str]] = {
     ),
     "teacher": (
         lambda s: s["teacher"],
-        "distils from the starting model; set model.init_from to a checkpoint (or use `lipkit refine "
-        "CHECKPOINT`).",
+        "learns from a frozen teacher; set train.teacher to a checkpoint (`lipkit distill TEACHER`), or "
+        "model.init_from to distil from the starting model (`lipkit refine CHECKPOINT`).",
     ),
     "lexicon": (
         lambda s: s["lexicon"],

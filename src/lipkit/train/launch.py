@@ -43,6 +43,7 @@ from lipkit.train.distributed import init as init_distributed
 from lipkit.train.hooks import CheckpointWriter, Evaluator
 from lipkit.train.inputs import objective_needs, requires
 from lipkit.train.sample_labels import SampleLabels
+from lipkit.train.teacher import check_same_tokenizer, load_teacher
 from lipkit.train.tracking import Trackers, open_trackers
 from lipkit.train.trainer import Trainer, TrainResult
 
@@ -269,15 +270,22 @@ def _start_run_dir(cfg: Config, run_dir: Path) -> Path | None:
 
 
 def _tokenizer(
-    cfg: Config, data: Any, resume: Path | None, start: tuple | None, pretrained: Path | None
+    cfg: Config,
+    data: Any,
+    resume: Path | None,
+    start: tuple | None,
+    pretrained: Path | None,
+    teacher: TextTokenizer | None,
 ) -> TextTokenizer:
-    """The resumed run's, the starting checkpoint's, the pretrained text tower's, a file's, or one
-    trained on the captions."""
+    """The resumed run's, the starting checkpoint's, the teacher's, the pretrained text tower's, a file's,
+    or one trained on the captions."""
     tk = cfg.tokenizer
     if resume is not None:
         return TextTokenizer.load(resume, tk.context_length)
     if start is not None:
         return start[1]
+    if teacher is not None:
+        return teacher
     if pretrained is not None:
         return TextTokenizer.load(pretrained / "tokenizer.json", tk.context_length)
     if tk.path:
@@ -294,11 +302,20 @@ def _build_model(
     pretrained = resolve_pretrained(cfg.model.text_pretrained) if cfg.model.text_pretrained else None
     start = load_checkpoint(cfg.model.init_from) if cfg.model.init_from else None  # fine-tune / refine
     objective = build_objective(t.objective, **t.objective_args)
-    tokenizer = _tokenizer(cfg, data, resume, start, pretrained)
-    teacher = None
+    teacher, teacher_tokens = None, None
+    if t.teacher:  # distillation: a frozen teacher, whose tokenizer the student uses
+        teacher, teacher_tokens = load_teacher(
+            t.teacher, t.objective, objective_needs(objective), cfg.tokenizer.context_length
+        )
+    tokenizer = _tokenizer(cfg, data, resume, start, pretrained, teacher_tokens)
+    if teacher_tokens is not None and start is not None:
+        check_same_tokenizer(teacher_tokens, start[1], "model.init_from")
+    if teacher_tokens is not None and pretrained is not None:
+        own = TextTokenizer.load(pretrained / "tokenizer.json", cfg.tokenizer.context_length)
+        check_same_tokenizer(teacher_tokens, own, "model.text_pretrained")
     if start is not None:
         model = start[0].train()
-        if requires(objective_needs(objective), "teacher"):  # CLIP-Refine distils from it
+        if teacher is None and requires(objective_needs(objective), "teacher"):  # CLIP-Refine distils from it
             teacher = copy.deepcopy(model).eval().requires_grad_(False)  # the frozen starting model
     else:
         model = _new_model(cfg, tokenizer, objective, pretrained, resume)

@@ -48,6 +48,7 @@ from lipkit.train.optim import Schedule, param_groups
 from lipkit.train.progress import TrainBar, train_bar
 from lipkit.train.reducer import BucketReducer
 from lipkit.train.state import load_optimizer_state, load_rng_state, optimizer_state, rng_state
+from lipkit.train.teacher import FrozenTeacher, bound_teacher
 from lipkit.train.views import ViewMaker, Views, view_plan
 
 Batch = tuple[torch.Tensor, list[str], list[str]]  # uint8 images, captions, keys
@@ -106,9 +107,7 @@ class Trainer:
         self.needs = objective_needs(objective)  # names in the registry train.inputs.INPUTS
         self.per_image, self.dist = captions_per_image, dist or Dist()
         self.local_batch = cfg.batch_size // self.dist.world
-        if hasattr(objective, "bind_model"):  # an objective's own momentum (EMA) copy of the model (TCL)
-            assert teacher is None, "an objective with its own momentum model takes no frozen teacher"
-            teacher = objective.bind_model(model)
+        teacher = bound_teacher(objective, model, teacher)  # a momentum copy (TCL), or the frozen teacher
         self.teacher = teacher.to(device).eval() if teacher is not None else None
         self.sample_labels = sample_labels
         check_inputs(
@@ -142,6 +141,8 @@ class Trainer:
         if hasattr(model.visual, "cache_features"):  # a locked timm trunk: each image's features once
             cached = self.views.no_augmentation and not self.view_plan[1]  # random crops: never again
             model.visual.cache_features = cfg.cache_image_features and cached
+        if isinstance(self.teacher, FrozenTeacher):  # its features of each un-augmented image once
+            self.teacher.cache_images = cfg.cache_image_features and self.views.no_augmentation
         self.log = jsonl_log(run_dir / "metrics.jsonl")  # every log line; launch adds the trackers to it
         self.step_count = 0
         self.train_seconds = 0.0  # training wall time of earlier processes of this run (resume)
