@@ -19,6 +19,7 @@ Each run's result is kept in the JSON beside --out and not measured again (delet
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -68,7 +69,8 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace) -> dict:
         sets += [f"train.teacher={teacher}"]
     cfg = load_config([packaged_config(), packaged_config().parent / "methods" / "distill.yaml"], sets)
     t0 = time.perf_counter()
-    run_dir, result = run_training(cfg)
+    # evaluated once, below (with data.eval set the trainer would evaluate its last step too)
+    run_dir, result = run_training(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval={})))
     results = run_eval(run_dir / "checkpoint", cfg.data.eval, cfg, run_dir / "eval" / "results.json")
     return {
         "arm": arm,

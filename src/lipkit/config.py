@@ -109,6 +109,9 @@ class TrainConfig:
     objective: str = "infonce"  # a name of lipkit.objectives.OBJECTIVES (docs/methods.md lists them)
     objective_args: dict[str, Any] = field(default_factory=dict)  # constructor options of the objective
     teacher: str = ""  # a lipkit checkpoint the `distill` objective learns from (frozen; lipkit distill)
+    grow: list[dict[str, Any]] = field(
+        default_factory=list
+    )  # growth schedule (train/growth.py, docs/growth.md)
     init_logit_bias: float = -10.0  # objectives with a learnable bias (siglip)
     local_loss: bool = False  # distributed: each rank computes only its own rows of the logits
     strategy: str = "ddp"  # distributed: ddp (replicated weights) | fsdp (weights, grads, moments sharded)

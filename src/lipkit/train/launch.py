@@ -40,6 +40,7 @@ from lipkit.objectives import build_objective
 from lipkit.text.tokenizer import TextTokenizer
 from lipkit.train.distributed import Dist, check_batch_split, gather_objects, run_ended
 from lipkit.train.distributed import init as init_distributed
+from lipkit.train.growth import replay as replay_growth
 from lipkit.train.hooks import CheckpointWriter, Evaluator
 from lipkit.train.inputs import objective_needs, requires
 from lipkit.train.sample_labels import SampleLabels
@@ -203,6 +204,7 @@ def _fit(
     for name, store in stores.items():  # before training, on every rank: not after it, on rank 0 alone
         check_has_images(name, store)
     if resume is not None:  # the weights go in before the trainer (FSDP) shards them
+        replay_growth(model, cfg.train, resume)  # the architecture it saved (train.grow)
         model.load_state_dict(load_file(str(resume / "model.safetensors")))
     trainer = Trainer(
         model,

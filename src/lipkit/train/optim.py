@@ -7,9 +7,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from lipkit.config import TrainConfig
+from lipkit.train.adamw import adamw
+from lipkit.train.reducer import BucketReducer
 
 
 def param_groups(
@@ -27,6 +30,23 @@ def param_groups(
         {"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
         for (decay, scale), ps in sorted(groups.items())
     ]
+
+
+def build_optimizer(
+    model: nn.Module, objective: nn.Module, cfg: TrainConfig, device: torch.device, reduce_over: int
+) -> tuple[Any, list[nn.Parameter], BucketReducer | None]:
+    """(AdamW over the model's and the objective's trainable parameters, those parameters in order, the
+    DDP bucket reducer when `reduce_over` ranks average gradients, else None). The Trainer builds it at
+    the start and again after a growth (train.growth)."""
+    scales = {"text.encoder.": cfg.text_backbone_lr_scale, "visual.trunk.": cfg.image_backbone_lr_scale}
+    groups = [g for m in (model, objective) for g in param_groups(m, cfg.weight_decay, scales)]
+    # fused AdamW: one kernel per step (21 → 6 ms on the tiny model on 2 CPU cores); on a CPU without
+    # torch.optim, which would import torch._dynamo (+150 MB of RSS; train.adamw)
+    opt = adamw(groups, cfg.lr, device, betas=(0.9, 0.98), eps=1e-6)
+    params = [p for g in groups for p in g["params"]]
+    # DDP: gradients averaged in buckets during the backward (train.reducer)
+    reducer = BucketReducer(params, reduce_over, cfg.bucket_cap_mb) if reduce_over else None
+    return opt, params, reducer
 
 
 def lr_factor(step: int, progress: float, warmup: int, min_ratio: float) -> float:

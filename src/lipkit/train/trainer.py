@@ -30,11 +30,11 @@ from lipkit.models.batch_stats import check_batch_statistics
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.text.tokenizer import TextTokenizer
 from lipkit.train import fsdp
-from lipkit.train.adamw import adamw
 from lipkit.train.checkpoint_policy import Preemption, on_save_cadence
 from lipkit.train.clock import Clock, Throughput
 from lipkit.train.distributed import Dist, all_true, check_scaling, gather_inputs, mean_over_ranks
 from lipkit.train.grad_cache import grad_cache_backward
+from lipkit.train.growth import grow_trainer, growth_schedule
 from lipkit.train.inputs import (
     LOCAL_VIEW,
     SECOND_VIEW,
@@ -44,9 +44,8 @@ from lipkit.train.inputs import (
     objective_needs,
 )
 from lipkit.train.local_losses import local_loss
-from lipkit.train.optim import Schedule, param_groups
+from lipkit.train.optim import Schedule, build_optimizer
 from lipkit.train.progress import TrainBar, train_bar
-from lipkit.train.reducer import BucketReducer
 from lipkit.train.state import load_optimizer_state, load_rng_state, optimizer_state, rng_state
 from lipkit.train.teacher import FrozenTeacher, bound_teacher
 from lipkit.train.views import ViewMaker, Views, view_plan
@@ -125,15 +124,9 @@ class Trainer:
         if self.sharded:  # FSDP units replace the towers' parameters with shards (before the optimizer)
             fsdp.shard_model(model)
         # objectives may own parameters too (optimised and kept in the trainer state)
-        scales = {"text.encoder.": cfg.text_backbone_lr_scale, "visual.trunk.": cfg.image_backbone_lr_scale}
-        groups = [g for m in (model, objective) for g in param_groups(m, cfg.weight_decay, scales)]
-        # fused AdamW: one kernel per step (21 → 6 ms on the tiny model on 2 CPU cores); on a CPU without
-        # torch.optim, which would import torch._dynamo (+150 MB of RSS; train.adamw)
-        self.opt = adamw(groups, cfg.lr, device, betas=(0.9, 0.98), eps=1e-6)
-        self.params = [p for g in groups for p in g["params"]]
-        self.reducer = None  # DDP: gradients averaged in buckets during the backward (train.reducer)
-        if self.dist.enabled and not self.sharded:
-            self.reducer = BucketReducer(self.params, self.dist.world, cfg.bucket_cap_mb)
+        self.reduce_over = self.dist.world if self.dist.enabled and not self.sharded else 0  # DDP
+        self.opt, self.params, self.reducer = build_optimizer(model, objective, cfg, device, self.reduce_over)
+        self.growth = growth_schedule(cfg, self)  # train.grow: step → Growth
         self.gen = torch.Generator().manual_seed(cfg.seed)
         window = (self.dist.rank * self.local_batch, cfg.batch_size) if self.dist.enabled else None
         self.views = ViewMaker(model.spec, augment_cfg, self.gen, device, window)  # train.views
@@ -313,6 +306,8 @@ class Trainer:
                     lr = schedule.lr(step, schedule.progress(step, clock.now))
                     loss, finite = self.step(images, captions, lr, keys)
                     step = self.step_count = step + 1
+                    if step in self.growth:  # before this step's evaluation and checkpoint
+                        grow_trainer(self, self.growth[step], step)
                     if self.dist.enabled:  # every rank stops at the same step, follows the same schedule
                         stop.agreed = clock.sync(stop.pending)
                     bar.show(step)
