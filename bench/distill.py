@@ -42,9 +42,9 @@ from lipkit.train.launch import run_training
 SHOWN = [
     ("test-style", "zeroshot/subcategory/top1"),
     ("test-style", "zeroshot/category/top1"),
-    ("test-style", "retrieval/t2i/R@1"),
-    ("test-style", "retrieval/i2t/R@1"),
-    ("test-novel", "retrieval/t2i/R@1"),
+    ("test-style", "retrieval/text_to_image/R@1"),
+    ("test-style", "retrieval/image_to_text/R@1"),
+    ("test-novel", "retrieval/text_to_image/R@1"),
 ]
 BASE = ["eval.linear_probe=", "train.eval_every=0", "train.max_minutes=0"]
 ARMS = {"scratch": ["train.objective=infonce", "train.objective_args={}"], "distilled": []}

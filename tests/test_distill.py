@@ -86,7 +86,7 @@ def test_neutral_settings_reproduce_infonce_and_a_student_equal_to_its_teacher_p
     copy = Distillation(0.0, 1.0, 1.0, 1.0, kd_temperature=2.0)
     copy.bind_teacher(d, d)  # identity projections when the widths agree
     assert abs(float(copy.double()(x, y, s, x, y, s).detach())) < 1e-12
-    assert float(copy(x, y, s, xt, yt, s)) > 0.01
+    assert float(copy(x, y, s, xt, yt, s).detach()) > 0.01
     with pytest.raises(ValueError, match="weights"):
         Distillation(0.0, 0.0, 0.0, 0.0)
 

@@ -14,7 +14,8 @@ def recall_at_k(
     scores: torch.Tensor, relevant: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)
 ) -> dict[str, float]:
     """scores, relevant: (Q, N). Returns {"R@k": fraction of queries with a relevant item in the top k}."""
-    order = scores.argsort(dim=1, descending=True)
+    # stable: tied scores (a caption two images share has one embedding) rank by index on every CPU
+    order = scores.argsort(dim=1, descending=True, stable=True)
     hits = relevant.gather(1, order)  # (Q, N) relevance in ranked order
     first = torch.where(hits.any(1), hits.float().argmax(1), torch.full((hits.shape[0],), hits.shape[1]))
     return {f"R@{k}": (first < k).double().mean().item() for k in ks}

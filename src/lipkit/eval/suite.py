@@ -13,6 +13,7 @@ from lipkit.atomic import write_json_atomic
 from lipkit.checkpoint import load_checkpoint
 from lipkit.config import Config
 from lipkit.data.sources.registry import eval_labels, read_table
+from lipkit.device import use_bf16
 from lipkit.errors import UserError
 from lipkit.eval.evaluate import evaluate_records, fit_probes, image_style
 from lipkit.eval.similarity_choice import resolve_similarity, resolve_tokens_kept
@@ -31,7 +32,9 @@ def run_eval(checkpoint: str | Path, splits: dict[str, str], cfg: Config, out: P
     """Evaluate a checkpoint on `splits`, write the results to `out` and return them; under bf16 autocast
     with `eval.precision: bf16` (embeddings are returned in float32 either way)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.eval.precision == "bf16"):
+    with torch.autocast(
+        device, dtype=torch.bfloat16, enabled=use_bf16(cfg.eval.precision, torch.device(device).type)
+    ):
         return _run_eval(checkpoint, splits, cfg, out)
 
 

@@ -57,7 +57,8 @@ class Growth:
 @dataclass(frozen=True)
 class Source:
     """Where a grown parameter comes from: the old name, its input dims (split) and output dims
-    (repeated), or `fresh` (a zeroed residual output of an inserted block, which starts with no moments)."""
+    (repeated), `zero` (a residual output of an inserted block) and `fresh` (any parameter of an inserted
+    block: it starts with no moments)."""
 
     old: str
     inputs: tuple[int, ...] = ()
@@ -94,18 +95,40 @@ def check_growable(spec: ModelSpec, g: Growth) -> None:
             "Each train.grow entry needs towers image|text|both, width 1 or 2 and depth ≥ 0 (not both "
             "neutral), e.g. {at_step: 100, towers: both, width: 2, depth: 2}."
         )
-    if g.grows("image") and (spec.vision_tower != "vit" or spec.stem_norm != "group"):
+    if g.grows("image") and spec.vision_tower != "vit":
         raise UserError(
-            "Only lipkit's own ViT image tower with a GroupNorm stem grows; set train.grow's towers to text "
-            "or train that tower from model.preset without model.image_pretrained."
+            "Only lipkit's own ViT image tower grows, not a timm one; set train.grow's towers to text or train "
+            "without model.image_pretrained."
         )
+    if g.grows("image") and spec.vision_stem == "conv":
+        check_conv_stem(spec, g)
     if g.grows("text") and spec.text_tower != "transformer":
         raise UserError(
             "Only lipkit's own text transformer grows, not a pretrained Hugging Face one; set train.grow's "
             "towers to image or train without model.text_pretrained."
         )
-    if g.width == 2 and (spec.mlp_ratio * spec.vision_width) % 1 + (spec.mlp_ratio * spec.text_width) % 1:
-        raise UserError("Width growth needs model mlp_ratio × width to be whole numbers.")
+    widths = [w for tower, w in (("image", spec.vision_width), ("text", spec.text_width)) if g.grows(tower)]
+    if g.width == 2 and any((spec.mlp_ratio * w) % 1 for w in widths):
+        raise UserError(
+            "Width growth needs mlp_ratio × width to be whole numbers; set model.overrides.mlp_ratio to 4."
+        )
+
+
+def check_conv_stem(spec: ModelSpec, g: Growth) -> None:
+    """Every conv-stem layer's channels (max(width / 2^k, 16), vision.conv_stem) must stay or double."""
+    if spec.stem_norm != "group":
+        raise UserError(
+            "A conv stem with batch norm (a checkpoint saved before the GroupNorm stem) does not grow; leave "
+            "the image tower out of train.grow's towers."
+        )
+    n = spec.patch_size.bit_length() - 1
+    for k in range(n):
+        old, new = max(spec.vision_width >> k, 16), max((spec.vision_width * g.width) >> k, 16)
+        if new not in (old, 2 * old):
+            raise UserError(
+                f"The conv stem's {old}-channel layer would grow to {new}, not double; use a vision_width of "
+                "16·2^k (e.g. 128, 256) or model.overrides.vision_stem=patch."
+            )
 
 
 def layer_sources(old_layers: int, add: int) -> list[tuple[int, bool]]:
@@ -205,8 +228,12 @@ def grow_model(model: nn.Module, g: Growth, seed: int) -> dict[str, Source]:
         if not g.grows(attr if attr == "text" else "image"):
             sources.update({prefix + n: Source(prefix + n) for n, _ in tower.named_parameters()})
             continue
+        tower_name = "image" if attr == "visual" else "text"
         if any(not p.requires_grad for p in tower.parameters()) or list(tower.buffers()):
-            raise UserError(f"The {attr} tower is locked (train.lock_*): a locked tower does not grow.")
+            raise UserError(
+                f"The {tower_name} tower is locked and a locked tower does not grow; unlock it "
+                f"(train.lock_{tower_name}=none) or leave it out of train.grow's towers."
+            )
         ref = next(tower.parameters())
         fresh = build(spec).to(device=ref.device, dtype=ref.dtype)
         old = {prefix + n: p.detach() for n, p in tower.named_parameters()}

@@ -33,12 +33,20 @@ def parse_schedule(entries: list[dict[str, Any]]) -> dict[int, Growth]:
     """`train.grow` → {step: Growth}, refusing unknown keys, steps below 1 and repeated steps."""
     out: dict[int, Growth] = {}
     for entry in entries:
-        if not isinstance(entry, dict) or not set(entry) <= KEYS or "at_step" not in entry:
+        types = {"at_step": int, "towers": str, "width": int, "depth": int, "noise": (int, float)}
+        if (
+            not isinstance(entry, dict)
+            or not set(entry) <= KEYS
+            or "at_step" not in entry
+            or any(not isinstance(v, types[k]) or isinstance(v, bool) for k, v in entry.items())
+            or entry.get("noise", 0) < 0
+        ):
             raise UserError(
-                f"train.grow entries are mappings of {', '.join(sorted(KEYS))} with at_step, e.g. "
-                f"{{at_step: 100, towers: both, width: 2, depth: 2}}; got {entry!r}."
+                "train.grow entries are mappings with an integer at_step and optionally towers (image, text or "
+                f"both), integer width and depth, and noise ≥ 0, e.g. {{at_step: 100, towers: both, width: 2, "
+                f"depth: 2}}; got {entry!r}."
             )
-        step = int(entry["at_step"])
+        step = entry["at_step"]
         if step < 1 or step in out:
             raise UserError(f"train.grow's at_step values must be ≥ 1 and distinct; {step} is not.")
         out[step] = Growth(**{k: v for k, v in entry.items() if k != "at_step"})
@@ -53,7 +61,7 @@ def growth_schedule(cfg: TrainConfig, trainer: Any) -> dict[int, Growth]:
         return schedule
     if trainer.sharded or cfg.compile:
         raise UserError("train.grow does not combine with train.strategy=fsdp or train.compile; unset one.")
-    if hasattr(trainer.objective, "bind_model"):
+    if hasattr(trainer.objective, "bind_model") and trainer.teacher is not None:  # bound: its momentum model
         raise UserError(
             f"Objective '{cfg.objective}' keeps a momentum copy of the model, which would not grow with it; "
             "unset train.grow."
@@ -79,6 +87,8 @@ def grow_trainer(trainer: Any, g: Growth, step: int) -> None:
     before = sum(p.numel() for p in trainer.model.parameters())
     old_state = dict(trainer.opt.state)
     by_name = {names[id(p)]: st for p, st in old_state.items() if id(p) in names}
+    if trainer.reducer is not None:
+        trainer.reducer.close()
     sources = grow_model(trainer.model, g, seed=seed_of(trainer.cfg.seed, step))
     trainer.model.to(trainer.device)
     trainer.opt, trainer.params, trainer.reducer = build_optimizer(
@@ -116,3 +126,10 @@ def replay(model: torch.nn.Module, cfg: TrainConfig, checkpoint: Path) -> None:
     for at, g in parse_schedule(cfg.grow).items():
         if at <= step:
             grow_model(model, g, seed=seed_of(cfg.seed, at))
+    saved = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))["model"]
+    shape = ("vision_width", "vision_heads", "vision_layers", "text_width", "text_heads", "text_layers")
+    if any(saved.get(k, getattr(model.spec, k)) != getattr(model.spec, k) for k in shape):
+        raise UserError(
+            f"The checkpoint {checkpoint} was saved by a run that grew differently; resume with the "
+            "train.grow schedule (and model settings) it was trained with."
+        )

@@ -20,6 +20,7 @@ from lipkit.config import Config
 from lipkit.data.image_store import ImageStore
 from lipkit.data.records import Record
 from lipkit.data.sources.registry import eval_labels
+from lipkit.device import use_bf16
 from lipkit.eval.evaluate import evaluate_records
 from lipkit.eval.similarity_choice import resolve_similarity, resolve_tokens_kept
 from lipkit.models.dual_encoder import DualEncoder
@@ -49,7 +50,7 @@ class Evaluator:
         self.last: dict[str, float] = {}
 
     def __call__(self, m: DualEncoder, step: int) -> dict[str, dict[str, float]]:
-        bf16 = self.cfg.train.precision == "bf16"
+        bf16 = use_bf16(self.cfg.train.precision, self.device.type)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
             out = {
                 name: evaluate_records(

@@ -29,7 +29,7 @@ from lipkit.config import Config
 from lipkit.data.batching import jsonl_log, skip_summary
 from lipkit.data.image_store import ImageStore
 from lipkit.data.sources.registry import open_train_data, read_table
-from lipkit.device import pick_device
+from lipkit.device import pick_device, use_bf16
 from lipkit.errors import UserError
 from lipkit.eval.evaluate import check_has_images, image_style
 from lipkit.models.dual_encoder import DualEncoder
@@ -191,6 +191,11 @@ def _fit(
     """Model, data stream, eval images and trainer, then training (a resumed run's from its checkpoint)."""
     d, t = cfg.data, cfg.train
     tokenizer, model, objective, teacher = _build_model(cfg, data, resume)
+    if cfg.train.precision == "bf16" and not torch.cuda.is_available() and not use_bf16("bf16", "cpu"):
+        console.print(
+            "[yellow]this CPU has no native bf16 (AVX512-BF16, AMX): training and evaluation run in fp32[/] "
+            "(emulated bf16 is several times slower)"
+        )
     labels = _sample_labels(cfg, data, objective, model.spec.embed_dim)  # before any image is decoded
     device = pick_device("auto", dist.local_rank)
     log = trackers.tee(jsonl_log(run_dir / "metrics.jsonl")) if dist.main else None  # + the trackers

@@ -66,8 +66,13 @@ class BucketReducer:
         self._handles: dict[int, tuple[dist.Work, torch.Tensor, list[torch.Tensor]]] = {}
         self._pending: list[int] = []
         self._next = 0
-        for p in self.params:
-            p.register_post_accumulate_grad_hook(self._ready)
+        self.handles = [p.register_post_accumulate_grad_hook(self._ready) for p in self.params]
+
+    def close(self) -> None:
+        """Remove the hooks (a growth replaces the reducer: the old one must not outlive its parameters)."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles, self.params = [], []
 
     def _build(self, order: list[torch.Tensor]) -> None:
         self.buckets = _buckets(order, self.cap)

@@ -24,6 +24,7 @@ from torch import nn
 from lipkit.checkpoint import TrainingState
 from lipkit.config import AugmentConfig, TrainConfig
 from lipkit.data.batching import jsonl_log
+from lipkit.device import use_bf16
 from lipkit.errors import UserError
 from lipkit.malloc import keep_freed_memory
 from lipkit.models.batch_stats import check_batch_statistics
@@ -127,6 +128,7 @@ class Trainer:
         self.reduce_over = self.dist.world if self.dist.enabled and not self.sharded else 0  # DDP
         self.opt, self.params, self.reducer = build_optimizer(model, objective, cfg, device, self.reduce_over)
         self.growth = growth_schedule(cfg, self)  # train.grow: step → Growth
+        self.bf16 = use_bf16(cfg.precision, device.type)  # not on a CPU that would emulate it
         self.gen = torch.Generator().manual_seed(cfg.seed)
         window = (self.dist.rank * self.local_batch, cfg.batch_size) if self.dist.enabled else None
         self.views = ViewMaker(model.spec, augment_cfg, self.gen, device, window)  # train.views
@@ -197,7 +199,7 @@ class Trainer:
         keys: torch.Tensor | None = None,
     ) -> dict:
         """The objective's inputs (or only the names `only` of them) of these images and their captions."""
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             return objective_inputs(
                 self.model,
                 self.needs,
