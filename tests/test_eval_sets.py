@@ -191,6 +191,7 @@ def test_clip_benchmark_protocol_scores_every_caption_against_its_own_image(setu
 
     img = embed_images(model, ImageStore(records, 32, cache=True, style="open_clip"), 8)
     sims = embed_texts(model, tok, texts, 8) @ img.t()  # (T, N)
+
     def top(scores, k):  # ties (the shared caption's two copies) ranked by index, as recall_at_k does
         return scores.argsort(descending=True, stable=True)[:k].tolist()
 

@@ -147,7 +147,9 @@ def test_growth_refusals_name_the_fix():
     spec = get_spec("micro", vocab_size=300, vision_width=96)  # conv stem: 16 → 24 channels, not a doubling
     with pytest.raises(UserError, match="16·2\\^k"):
         grow_model(DualEncoder(spec), Growth("image", 2, 0), seed=0)
-    grow_model(DualEncoder(get_spec("micro", vocab_size=300, vision_width=128)), Growth("image", 2, 0), seed=0)
+    grow_model(
+        DualEncoder(get_spec("micro", vocab_size=300, vision_width=128)), Growth("image", 2, 0), seed=0
+    )
     for bad in ({"at_step": 2, "depth": "1"}, {"at_step": 2, "width": 2.0}, {"at_step": 2, "noise": -1.0}):
         with pytest.raises(UserError, match="integer at_step"):
             parse_schedule([bad])
