@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from recipes import mean_std  # bench/recipes.py, beside this file
 
 from lipkit.checkpoint import load_checkpoint
 from lipkit.config import load_config, packaged_config
@@ -108,11 +109,7 @@ def table(runs: list[dict], speeds: dict) -> str:
         rows = [r for r in runs if r["arm"] == arm]
         if not rows:
             continue
-        cells = []
-        for s, m in SHOWN:
-            vals = torch.tensor([r["metrics"][f"{s}/{m}"] * 100 for r in rows])
-            std = f" ± {vals.std().item():.1f}" if len(rows) > 1 else ""
-            cells.append(f"{vals.mean().item():.1f}{std}")
+        cells = [mean_std([r["metrics"][f"{s}/{m}"] * 100 for r in rows]) for s, m in SHOWN]
         lines.append(f"| {arm} | {len(rows)} | " + " | ".join(cells) + f" | {rows[0]['steps']} |")
     for name, sp in speeds.items():
         lines.append(

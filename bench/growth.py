@@ -28,7 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
+from recipes import cpu_seconds, mean_std  # bench/recipes.py, beside this file
 
 from lipkit.config import load_config
 from lipkit.data.emoji import build_emoji, default_root
@@ -45,13 +45,6 @@ LARGE = (
     "{vision_width: 192, vision_heads: 6, vision_layers: 6, text_width: 192, text_heads: 6, text_layers: 4}"
 )
 SMALL = "{vision_width: 96, vision_heads: 3, vision_layers: 4, text_width: 96, text_heads: 3, text_layers: 2}"
-
-
-def cpu_seconds() -> float:
-    import resource
-
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def train(arm: str, seed: int, steps: int, args: argparse.Namespace) -> dict:
@@ -93,12 +86,7 @@ def table(runs: list[dict]) -> str:
         rows = [r for r in runs if r["arm"] == arm]
         if not rows:
             continue
-        cells = []
-        for s, m in SHOWN:
-            vals = torch.tensor([r["metrics"][f"{s}/{m}"] * 100 for r in rows])
-            cells.append(
-                f"{vals.mean().item():.1f}" + (f" ± {vals.std().item():.1f}" if len(rows) > 1 else "")
-            )
+        cells = [mean_std([r["metrics"][f"{s}/{m}"] * 100 for r in rows]) for s, m in SHOWN]
         cpu = sum(r["cpu_minutes"] for r in rows) / len(rows)
         lines.append(f"| {arm} | {len(rows)} | {rows[0]['steps']} | {cpu:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

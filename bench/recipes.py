@@ -154,6 +154,12 @@ SHOWN = [
 ]
 
 
+def mean_std(values: list[float]) -> str:
+    """A table cell: the mean, ± the standard deviation when there are several values (1 decimal)."""
+    spread = f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else ""  # sample std, as torch.std
+    return f"{statistics.mean(values):.1f}{spread}"
+
+
 def cpu_seconds() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
