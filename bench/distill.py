@@ -11,7 +11,7 @@ configs/demo.yaml`: the `micro` student (--student) on the demo's data and augme
 (`train.max_minutes=0`: a busy machine changes the time, not the numbers). "scratch" trains InfoNCE
 alone; "distilled" adds the preset's teacher terms. Rows are evaluated on test-style and test-novel
 (zero-shot by the class columns, retrieval), without a linear probe. The table also gives each model's inference parameters (a locked tower counts) and images/s
-embedding test-style (the eval settings: bf16, batch 256), teacher and student in the same process.
+embedding test-style (the eval settings: bf16 where the CPU computes it, else fp32; batch 256), teacher and student in the same process.
 
 Each run's result is kept in the JSON beside --out and not measured again (delete its entry to remeasure).
 """
@@ -36,6 +36,7 @@ from lipkit.config import load_config, packaged_config
 from lipkit.data.emoji import build_emoji, default_root
 from lipkit.data.image_store import ImageStore
 from lipkit.data.sources.registry import read_table
+from lipkit.device import use_bf16
 from lipkit.eval.evaluate import embed_images
 from lipkit.eval.suite import run_eval
 from lipkit.train.launch import run_training
@@ -91,7 +92,7 @@ def speed(checkpoint: Path, images: int = 1024) -> dict:
         read_table(default_root() / "test-style.jsonl")[:images], model.spec.image_size, cache=True
     )
     best = float("inf")
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16("bf16", "cpu")):
         embed_images(model, store, 256)  # warm-up (and the decode)
         for _ in range(3):
             t0 = time.perf_counter()
