@@ -9,7 +9,7 @@ import sys
 import typer
 
 from lipkit import __version__
-from lipkit.cli import curate_cluster, curate_dedup, curate_score, data, interop, search
+from lipkit.cli import curate_cluster, curate_dedup, curate_score, data, data_build, interop, search
 from lipkit.cli import eval as eval_commands
 from lipkit.cli import train as train_commands
 from lipkit.cli.common import console
@@ -46,6 +46,7 @@ app.command()(train_commands.distill)
 app.command("eval")(eval_commands.eval_)
 app.command()(eval_commands.report)
 app.add_typer(data.app, name="data")
+data_build.register(data.app)  # data build emoji | noisy | canvases
 curate_cluster.register(data.app)  # data cluster, reduce, associate
 curate_score.register(data.app)  # data score, filter
 curate_dedup.register(data.app)  # data dedup

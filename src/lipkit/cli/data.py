@@ -80,38 +80,6 @@ def _print_inspection(src: str, report: dict) -> None:
         out.print(_skipped_table("unusable samples", report))
 
 
-@app.command("build")
-def data_build(
-    name: str = typer.Argument(..., help="Dataset to build; built in: emoji, noisy."),
-    out: Path = typer.Option(None, "--out", "-o", help="Output folder (default: the user cache dir)."),
-    force: bool = typer.Option(False, "--force", help="Rebuild even when a complete build exists."),
-    seed: int = typer.Option(0, help="Seed of the novel-concept split (emoji) or of the noise (noisy)."),
-    source: Path = typer.Option(
-        None, "--source", help="noisy: the captions table to copy (default: the emoji train table)."
-    ),
-    mispaired: float = typer.Option(
-        0.3, "--mispaired", help="noisy: share of rows given another's captions."
-    ),
-    duplicates: float = typer.Option(0.1, "--duplicates", help="noisy: share of rows copied once more."),
-    jpeg_quality: int = typer.Option(75, "--jpeg-quality", help="noisy: JPEG quality of re-encoded copies."),
-) -> None:
-    """Build a dataset. `emoji`: three artists' emoji sets from npm with captions in 9 languages; splits
-    train / test-style (the third artist) / test-novel (unseen concepts). `noisy`: a copy of a captions
-    table with mispaired captions and duplicate images injected, the truth in truth.jsonl beside it."""
-    from lipkit.data.emoji import build_emoji
-
-    if name == "noisy":
-        from lipkit.cli.curate_dedup import build_noisy
-
-        build_noisy(source, out, mispaired, duplicates, jpeg_quality, seed, force)
-        return
-    if name != "emoji":
-        raise UserError(
-            f"Unknown dataset '{name}'; the built-in ones are 'emoji' and 'noisy' (your own data needs no build)."
-        )
-    build_emoji(out, force=force, seed=seed)
-
-
 @app.command("convert")
 def convert(
     src: str = typer.Argument(..., help=SRC_HELP),

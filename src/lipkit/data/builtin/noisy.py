@@ -37,7 +37,6 @@ import io
 import json
 import random
 from collections.abc import Sequence
-from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,11 +45,11 @@ from platformdirs import user_cache_dir
 from rich.progress import Progress
 
 from lipkit.atomic import write_dir, write_json_atomic
+from lipkit.data.builtin.common import check_build_out, fingerprint, usable_records
 from lipkit.data.convert import image_bytes
 from lipkit.data.emoji import default_root
 from lipkit.data.images import open_image, upright_rgb
 from lipkit.data.records import Record, describe
-from lipkit.data.sources.registry import read_records
 from lipkit.errors import UserError
 
 FORMAT = "lipkit-noisy"
@@ -139,30 +138,6 @@ def _check_options(mispaired: float, duplicates: float, jpeg_quality: int) -> No
         raise UserError(f"--jpeg-quality must be in 1..95 (PIL's scale), got {jpeg_quality}; pass e.g. 75.")
 
 
-def _check_out(out: Path, source: Path) -> dict[str, Any] | None:
-    """The summary of the noisy build already in `out` (None for a new folder); refuse anything else."""
-    src, dest = source.resolve(), out.resolve()
-    if dest == src.parent or dest in src.parents:
-        raise UserError(f"--out '{out}' holds the source table '{source}'; choose a new folder.")
-    if not out.exists():
-        return None
-    summary = out / "summary.json"
-    if out.is_dir() and not any(out.iterdir()):
-        return None
-    with suppress(OSError, ValueError):
-        old = json.loads(summary.read_text(encoding="utf-8"))
-        if isinstance(old, dict) and old.get("format") == FORMAT:
-            return old
-    raise UserError(f"--out '{out}' exists and is not a noisy build; choose a new or empty folder.")
-
-
-def _fingerprint(records: Sequence[Record]) -> str:
-    h = hashlib.sha256()
-    for r in records:
-        h.update(f"{r.key}\0{json.dumps(r.captions, ensure_ascii=False)}\0".encode("utf-8", "surrogatepass"))
-    return h.hexdigest()[:32]
-
-
 def _jpeg(data: bytes, quality: int) -> bytes | None:
     """The image decoded as lipkit decodes it (EXIF upright, transparency on white), saved as JPEG."""
     try:
@@ -218,19 +193,6 @@ def _write(tmp: Path, plan: list[Planned], records: Sequence[Record], quality: i
     return reencoded
 
 
-def _usable(source: Path, image_column: str, caption_column: str) -> tuple[list[Record], dict[str, int]]:
-    """The source's rows whose image bytes can be read (what the table can show), and the skipped counts."""
-    records, skipped = read_records(source, image_column, caption_column)
-    usable = []
-    for r in records:
-        got = image_bytes(r)
-        if isinstance(got, tuple):
-            usable.append(r)
-        else:
-            skipped[got.reason] += 1
-    return usable, dict(skipped)
-
-
 def build_noisy(
     source: str | Path | None = None,
     out: str | Path | None = None,
@@ -253,10 +215,10 @@ def build_noisy(
             "--source TABLE."
         )
     dest = Path(out).expanduser() if out is not None else default_out()
-    old = _check_out(dest, src)
-    records, skipped = _usable(src, image_column, caption_column)
+    old = check_build_out(dest, [src], FORMAT, "noisy build")
+    records, skipped = usable_records(src, image_column, caption_column)
     options = {"mispaired": mispaired, "duplicates": duplicates, "jpeg_quality": jpeg_quality, "seed": seed}
-    fp = _fingerprint(records)
+    fp = fingerprint(records)
     if (
         old is not None
         and not force

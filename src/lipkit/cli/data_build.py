@@ -1,0 +1,101 @@
+"""`lipkit data build NAME` (registered on the `lipkit data` app by `register(app)`): the built-in datasets
+and benchmarks. Each parses its options, calls one library function and prints a summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from lipkit.errors import UserError
+
+console = Console(stderr=True)
+BUILT_IN = ("emoji", "noisy", "canvases")
+
+
+def build_canvases(
+    out: Path | None,
+    sources: dict[str, Path | None],
+    size: int,
+    objects: str,
+    scale: str,
+    max_overlap: float,
+    counts: tuple[int, int],
+    seed: int,
+    force: bool,
+) -> None:
+    """`lipkit data build canvases`."""
+    from lipkit.data.builtin.canvases import CanvasOptions, build_canvases, default_out, parse_range
+
+    lo, hi = parse_range(objects, "--objects")
+    smin, smax = parse_range(scale, "--scale", float)
+    options = CanvasOptions(size, lo, hi, smin, smax, max_overlap, counts[0], counts[1], seed)
+    s = build_canvases(out, sources, options, force=force)
+    where = Path(out) if out is not None else default_out()
+    console.print(
+        f"[bold green]canvases[/] {where}: {s['canvases']['train']} training canvases "
+        f"({s['objects']['train']} objects) in train.jsonl, {s['canvases']['test']} test canvases "
+        f"({s['objects']['test']} objects) in test.jsonl; {size}×{size} px, boxes, masks and one caption per object"
+    )
+
+
+def data_build(
+    name: str = typer.Argument(..., help=f"Dataset to build; built in: {', '.join(BUILT_IN)}."),
+    out: Path = typer.Option(None, "--out", "-o", help="Output folder (default: the user cache dir)."),
+    force: bool = typer.Option(False, "--force", help="Rebuild even when a complete build exists."),
+    seed: int = typer.Option(
+        0, help="Seed of the novel-concept split (emoji), of the noise (noisy) or of the layouts (canvases)."
+    ),
+    source: Path = typer.Option(
+        None,
+        "--source",
+        help="noisy: the captions table to copy (default: the emoji train table); canvases: the table of "
+        "objects for the training canvases (default: the emoji train table).",
+    ),
+    test_source: Path = typer.Option(
+        None, "--test-source", help="canvases: the objects of the test canvases (default: emoji test-style)."
+    ),
+    mispaired: float = typer.Option(
+        0.3, "--mispaired", help="noisy: share of rows given another's captions."
+    ),
+    duplicates: float = typer.Option(0.1, "--duplicates", help="noisy: share of rows copied once more."),
+    jpeg_quality: int = typer.Option(75, "--jpeg-quality", help="noisy: JPEG quality of re-encoded copies."),
+    size: int = typer.Option(256, "--size", help="canvases: side of each canvas in pixels."),
+    objects: str = typer.Option("2-4", "--objects", help="canvases: objects per canvas, MIN-MAX."),
+    scale: str = typer.Option(
+        "0.25-0.45", "--scale", help="canvases: an object's longer side as a fraction of the canvas, MIN-MAX."
+    ),
+    max_overlap: float = typer.Option(
+        0.2, "--max-overlap", help="canvases: the most of one object's box another may cover."
+    ),
+    train_canvases: int = typer.Option(4000, "--train-canvases", help="canvases: training canvases."),
+    test_canvases: int = typer.Option(1000, "--test-canvases", help="canvases: test canvases."),
+) -> None:
+    """Build a dataset. `emoji`: three artists' emoji sets from npm with captions in 9 languages; splits
+    train / test-style (the third artist) / test-novel (unseen concepts). `noisy`: a copy of a captions
+    table with mispaired captions and duplicate images injected, the truth in truth.jsonl beside it.
+    `canvases`: a localisation benchmark — several objects of a table of cut-outs pasted on each canvas,
+    with boxes, masks and one caption per object; train.jsonl from the training artists, test.jsonl from
+    the held-out one."""
+    if name == "noisy":
+        from lipkit.cli.curate_dedup import build_noisy
+
+        build_noisy(source, out, mispaired, duplicates, jpeg_quality, seed, force)
+    elif name == "canvases":
+        sources = {"train": source, "test": test_source}
+        counts = (train_canvases, test_canvases)
+        build_canvases(out, sources, size, objects, scale, max_overlap, counts, seed, force)
+    elif name == "emoji":
+        from lipkit.data.emoji import build_emoji
+
+        build_emoji(out, force=force, seed=seed)
+    else:
+        raise UserError(
+            f"Unknown dataset '{name}'; the built-in ones are {', '.join(repr(b) for b in BUILT_IN)} "
+            "(your own data needs no build)."
+        )
+
+
+def register(app: typer.Typer) -> None:
+    app.command("build")(data_build)
