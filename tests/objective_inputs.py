@@ -51,6 +51,14 @@ def _makers(b: int, d: int) -> dict[str, Callable[[], torch.Tensor]]:
         "momentum_text_features": lambda: _unit(b, d, seed=138, grad=False),
         "momentum_text_tokens": lambda: _unit(b, 5, d, seed=139, grad=False),
         "momentum_text_mask": lambda: torch.arange(5)[None, :] < torch.arange(2, 2 + b)[:, None].clamp(max=5),
+        # 3 region slots an image, the last image without regions, caption keys repeating across images
+        "region_features": lambda: _unit(b, 3, d, seed=143),
+        "region_text_features": lambda: _unit(b, 3, d, seed=144),
+        "region_valid": lambda: (
+            torch.arange(3)[None, :]
+            < (torch.arange(b)[:, None] % 4).clamp(max=3) + 1 - (torch.arange(b)[:, None] == b - 1).long() * 4
+        ),
+        "region_text_key": lambda: (torch.arange(b)[:, None] + torch.arange(3)[None, :]) % 4,
     }
 
 

@@ -46,6 +46,7 @@ def test_boxes_masks_and_captions_describe_what_was_pasted(table, canvases):
             names = [" ".join(r.captions[0].split()) for r in objs]
             assert row["object_captions"] == names and len({x.casefold() for x in names}) == n
             assert row["captions"] == [join_names(names)]
+            assert row["langs"] == [objs[0].meta["langs"][0]]  # the names' language (first captions)
             for col in ("label", "subcategory", "category"):  # text columns → one entry per object
                 assert row[col] == [r.meta[col] for r in objs]
             mask = np.array(Image.open(canvases / row["mask"]))

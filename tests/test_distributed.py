@@ -28,6 +28,7 @@ from lipkit.train.distributed import Dist, sync_step
 from lipkit.train.growth import grow_trainer
 from lipkit.train.inputs import INPUTS, objective_needs, requires
 from lipkit.train.launch import _build_model
+from lipkit.train.regions import RegionTable
 from lipkit.train.sample_labels import SampleLabels
 from lipkit.train.trainer import Trainer
 from test_local_losses import LOCAL_CASES
@@ -70,6 +71,12 @@ def make_trainer(tmp: Path, rank: int, world: int, per_image: int = 1, **train) 
         rows = [[i % 3, i % 2] if i != 2 else [-1, -1] for i in range(BATCH)]
         labels["columns"] = SampleLabels([f"row-{i}" for i in range(BATCH)], rows, 0)
         objective.bind_columns([["a", "b", "c"], ["x", "y"]], spec.embed_dim)
+    if requires(needs, "regions"):  # CLOC: 0–3 boxes per image, captions repeating across images and ranks
+        boxes = [
+            [[0.1 * j, 0.05 * i, 0.5 + 0.1 * j, 0.6 + 0.04 * i] for j in range(i % 4)] for i in range(BATCH)
+        ]
+        names = [[WORDS[(i + j) % 5] for j in range(i % 4)] for i in range(BATCH)]
+        labels["regions"] = RegionTable([f"row-{i}" for i in range(BATCH)], boxes, names, tok)
     return Trainer(
         model,
         objective,

@@ -60,6 +60,7 @@ def test_readme_train_line_gives_the_objective_what_it_needs(line):
         # per-sample labels from data.cluster_labels (mlcd) or the table's columns (plip) from launch
         labels = {"clusters"} if cfg.data.cluster_labels else set()
         labels |= {"columns"} if getattr(objective, "label_columns", ()) else set()
+        labels |= {"regions"} if getattr(objective, "region_columns", ()) else set()
         check_inputs(needs, cfg.data.captions_per_image, True, name, False, True, labels)
 
 

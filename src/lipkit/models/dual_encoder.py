@@ -14,6 +14,7 @@ from lipkit.models.hf_text import HFTextTower
 from lipkit.models.lexicon_head import LexiconHead
 from lipkit.models.locking import lock_tower
 from lipkit.models.presets import ModelSpec
+from lipkit.models.regions import as_rois, region_pool
 from lipkit.models.text import TextTransformer
 from lipkit.models.timm_vision import TimmTower
 from lipkit.models.vision import VisionTransformer
@@ -62,6 +63,14 @@ class DualEncoder(nn.Module):
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         feats = self.visual(images)
+        return F.normalize(feats, dim=-1) if normalize else feats
+
+    def encode_region(self, images: torch.Tensor, boxes, normalize: bool = True) -> torch.Tensor:
+        """Images (B, 3, S, S) and boxes — a list with each image's (n_i, 4) boxes (x0, y0, x1, y1 as
+        fractions of the side), or (R, 5) rows (image index, box) — → (R, D) region embeddings pooled
+        from the image tower's token grid (models.regions), image by image in order."""
+        _, tokens = self.visual(images, return_tokens=True)
+        feats = region_pool(tokens, as_rois(boxes, tokens.device))
         return F.normalize(feats, dim=-1) if normalize else feats
 
     def encode_text(self, ids: torch.Tensor, normalize: bool = True) -> torch.Tensor:

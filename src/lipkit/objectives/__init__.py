@@ -10,6 +10,7 @@ from torch import nn
 
 from lipkit.errors import UserError
 from lipkit.objectives.alip import ALIPLoss
+from lipkit.objectives.cloc import RegionContrast
 from lipkit.objectives.distill import Distillation
 from lipkit.objectives.dreamlip import SubCaptionGrouping
 from lipkit.objectives.filip import FILIPLoss
@@ -50,6 +51,7 @@ OBJECTIVES: dict[str, type[nn.Module]] = {
     "tcl_momentum": MomentumTripleContrast,
     "rs_m_clip": LocalGlobalDistillation,
     "distill": Distillation,
+    "cloc": RegionContrast,
 }
 
 

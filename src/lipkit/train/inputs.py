@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from lipkit.errors import UserError
 from lipkit.models.dual_encoder import DualEncoder
+from lipkit.models.regions import region_pool
 from lipkit.train.views import Views
 
 DEFAULT_INPUTS = ("image_features", "text_features", "logit_scale")  # an objective without `inputs`
@@ -70,7 +71,7 @@ class BatchPass:
     ) -> None:
         self.model, self.images, self.ids, self.k, self.keys = model, images, ids, k, keys
         self.needs = needs
-        self.labels = labels or {}  # kind ("clusters", "columns") → train.sample_labels.SampleLabels
+        self.labels = labels or {}  # kind ("clusters", "columns") → SampleLabels; "regions" → RegionTable
         self.views, self.pad_id, self.teacher = views, pad_id, teacher
         entries = [INPUTS[name] for name in needs]
         self.image_tokens = any(e.tokens == "image" for e in entries)  # a tower's tokens only when read
@@ -82,12 +83,38 @@ class BatchPass:
         self.text_rows = slice(None) if any(e.per_caption for e in entries) else self.first
 
     @functools.cached_property
+    def image_out(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The image tower's pooled features and (when asked for) token features, not normalised."""
+        if self.image_tokens:
+            return self.model.visual(self.images, return_tokens=True)
+        return self.model.visual(self.images), None
+
+    @functools.cached_property
     def image(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Normalised pooled features and (when asked for) token features of the images."""
-        if self.image_tokens:
-            img, tok = self.model.visual(self.images, return_tokens=True)
-            return F.normalize(img, dim=-1), F.normalize(tok, dim=-1)
-        return F.normalize(self.model.visual(self.images), dim=-1), None
+        img, tok = self.image_out
+        return F.normalize(img, dim=-1), None if tok is None else F.normalize(tok, dim=-1)
+
+    @functools.cached_property
+    def regions(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each image's regions (train.regions.RegionTable, padded to R): normalised region features pooled
+        from the image tokens (models.regions) and normalised features of their captions, (B, R, D) each,
+        zero where a region is padding; the (B, R) validity and (B, R) caption keys."""
+        assert "regions" in self.labels, "check_inputs refuses a regions input without regions"
+        boxes, ids, valid = self.labels["regions"].lookup(_keys(self))
+        (b, r), flat = valid.shape, valid.reshape(-1)
+        image_of = torch.arange(b, device=boxes.device).repeat_interleave(r)
+        rois = torch.cat([image_of[:, None].to(boxes.dtype), boxes.reshape(-1, 4)], dim=1)[flat]
+        tokens = self.image_out[1]
+        assert tokens is not None, "region inputs ask for the image tokens"
+        region = F.normalize(region_pool(tokens, rois), dim=-1)
+        ids = ids.reshape(b * r, -1)
+        text = F.normalize(self.model.text(ids[flat]), dim=-1)
+        out = []
+        for feats in (region, text):
+            full = feats.new_zeros(b * r, feats.shape[1])
+            out.append(full.index_put((flat,), feats).reshape(b, r, -1))
+        return out[0], out[1], valid, caption_keys(ids).reshape(b, r)
 
     @functools.cached_property
     def text(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -252,6 +279,12 @@ INPUTS: dict[str, Input] = {
     "momentum_text_features": Input(lambda p: p.momentum_text[0], "plain", "batch"),
     "momentum_text_tokens": Input(lambda p: p.momentum_text[1], "plain", "batch"),
     "momentum_text_mask": Input(lambda p: p.text_mask, "plain", "batch"),  # = text_mask
+    # each image's regions (train.regions, from two list columns of the table): region and region-caption
+    # features (B, R, D; zero rows are padding), their validity and caption keys (B, R)
+    "region_features": Input(lambda p: p.regions[0], "grad", None, tokens="image", requires="regions"),
+    "region_text_features": Input(lambda p: p.regions[1], "grad", None, tokens="image", requires="regions"),
+    "region_valid": Input(lambda p: p.regions[2], "plain", "batch", requires="regions"),
+    "region_text_key": Input(lambda p: p.regions[3], "plain", "batch", requires="regions"),
     # each image's stable sample id (from its record key): per-sample state such as NEVLP's loss history
     "sample_key": Input(lambda p: _keys(p), "plain", "batch"),
     # each image's cluster labels (B, L; −1: none) from data.cluster_labels (train.sample_labels)
@@ -265,6 +298,10 @@ KEYED = {
     "sample_key",
     "cluster_labels",
     "column_labels",
+    "region_features",
+    "region_text_features",
+    "region_valid",
+    "region_text_key",
 }  # the inputs made from the records' keys (Trainer.step passes them)
 SECOND_VIEW = {name for name, entry in INPUTS.items() if entry.view == "second"}  # train.views
 LOCAL_VIEW = {name for name, entry in INPUTS.items() if entry.view == "local"}
@@ -296,6 +333,11 @@ _REQUIREMENTS: dict[str, tuple[Callable[[dict[str, Any]], bool], str]] = {
     "clusters": (
         lambda s: "clusters" in s["labels"],
         "needs cluster labels; set data.cluster_labels to a folder of `lipkit data cluster --labels L`.",
+    ),
+    "regions": (
+        lambda s: "regions" in s["labels"],
+        "aligns regions with text; train on a table with box and region-caption columns "
+        "(`lipkit data build canvases` writes boxes and object_captions).",
     ),
     "columns": (
         lambda s: "columns" in s["labels"],

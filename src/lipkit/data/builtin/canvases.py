@@ -15,8 +15,10 @@ and scales. An object is one row of a source table: its image (transparency kept
 Per canvas: the image (RGB PNG), a mask (PNG, mode L: 0 background, k the k-th object, from the alpha
 channel — pixels with alpha ≥ 128 — and what later objects cover), each object's box (the tight box of
 its opaque pixels, x0 y0 x1 y1 as fractions of the side), one caption naming every object ("a, b and
-c", or "a; b; c" where a name holds a comma or an "and") and one caption per object (its name). Every text column of the source rows comes along as a list
-with one entry per object (a label column becomes a multi-label column).
+c", or "a; b; c" where a name holds a comma or an "and") and one caption per object (its name). Every
+text column of the source rows comes along as a list with one entry per object (a label column becomes a
+multi-label column); a `langs` column (the language of each caption) becomes the one language of the
+objects' names when they share it.
 
 Splits: `train` from the training table, `test` from the test table (by default the emoji training
 artists and the third, held-out artist). At the default 256 px and scales 0.25–0.45 an object spans
@@ -25,7 +27,8 @@ artists and the third, held-out artist). At the default 256 px and scales 0.25�
 OUT (written whole, atomically)::
 
     train.jsonl, test.jsonl   {"key", "image", "mask", "captions": [all objects], "boxes": [[x0,y0,x1,y1]],
-                               "object_captions": [...], "object_keys": [...], <text column>: [...]}
+                               "object_captions": [...], "object_keys": [...], <text column>: [...],
+                               "langs"?: [one language]}
     images/<split>/<key>.png, masks/<split>/<key>.png
     summary.json              options, counts, sources and their fingerprints; written last
 
@@ -54,7 +57,8 @@ from lipkit.data.records import Record
 from lipkit.errors import UserError
 
 FORMAT = "lipkit-canvases"
-SKIPPED_COLUMNS = ("langs",)  # per-caption lists of the source: they describe captions, not objects
+CAPTION_LANGS = "langs"  # a per-caption list of languages: it describes captions, not objects
+SKIPPED_COLUMNS = (CAPTION_LANGS,)
 ALPHA_OPAQUE = 128
 PLACE_TRIES = 100
 
@@ -230,6 +234,9 @@ def canvas_row(key: str, split: str, placed: Sequence[Placed], records: Sequence
     }
     for col in text_columns(records):
         row[col] = [r.meta[col] for r in objs]
+    langs = {str(r.meta[CAPTION_LANGS][0]) for r in objs if isinstance(r.meta.get(CAPTION_LANGS), list)}
+    if len(langs) == 1 and all(isinstance(r.meta.get(CAPTION_LANGS), list) for r in objs):
+        row[CAPTION_LANGS] = [langs.pop()]  # the names' one language (data.caption_langs reads it)
     return row
 
 
