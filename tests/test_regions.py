@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from lipkit.data.records import Record
 from lipkit.errors import UserError
+from lipkit.eval.regions import crops
 from lipkit.models.regions import BINS, SAMPLES, as_rois, region_pool
 from lipkit.objectives import build_objective
 from lipkit.objectives.cloc import region_contrast
@@ -218,3 +219,47 @@ def test_cloc_refuses_geometric_augmentation_and_tables_without_boxes(canvas_tab
         run_training(region_cfg(canvas_table, tmp_path / "a", scale_min=0.6))
     with pytest.raises(UserError, match="No row"):
         run_training(region_cfg(table, tmp_path / "b"))
+
+
+def test_region_retrieval_metrics_match_a_per_region_loop(canvas_table, tmp_path):
+    from lipkit.checkpoint import load_checkpoint
+    from lipkit.config import EvalConfig
+    from lipkit.data.image_store import ImageStore
+    from lipkit.data.sources.registry import read_table
+    from lipkit.data.transforms import normalize
+    from lipkit.eval.evaluate import evaluate_records
+    from lipkit.eval.regions import crops
+    from lipkit.train.launch import run_training
+
+    run_training(region_cfg(canvas_table, tmp_path / "run"))
+    model, tok, _ = load_checkpoint(tmp_path / "run" / "checkpoint")
+    records = read_table(canvas_table.parent / "test.jsonl")
+    cfg = EvalConfig(class_columns=["subcategory"], batch_size=3)  # list-valued: not classified
+    got = evaluate_records(model, tok, records, cfg, details=False)
+    m, chance = got["metrics"], got["chance"]
+    assert not any(k.startswith("zeroshot/") for k in m)
+    store = ImageStore(records, model.spec.image_size, cache=True)
+    names = sorted({" ".join(c.split()).casefold() for r in records for c in r.meta["object_captions"]})
+    with torch.no_grad():
+        text = torch.cat([model.encode_text(tok([n])) for n in names])
+        hits = {"region_to_text": [], "crop_to_text": []}
+        for i, r in enumerate(records):
+            image = store.get([i])
+            x = normalize(image, model.spec.image_mean, model.spec.image_std)
+            for box, cap in zip(r.meta["boxes"], r.meta["object_captions"], strict=True):
+                own = names.index(" ".join(cap.split()).casefold())
+                region = model.encode_region(x, [[box]])[0]
+                crop = model.embed_images_u8(crops(image, torch.tensor([[0.0, *box]])))[0]
+                for kind, e in (("region_to_text", region), ("crop_to_text", crop)):
+                    sims = (text @ e).tolist()
+                    hits[kind].append(max(range(len(names)), key=lambda j: (sims[j], -j)) == own)
+    for kind, h in hits.items():
+        assert m[f"regions/{kind}/R@1"] == pytest.approx(sum(h) / len(h), abs=1e-6), kind
+        assert chance[f"regions/{kind}/R@1"] == pytest.approx(1 / len(names))
+
+
+def test_crops_cut_the_box_and_fill_the_side():
+    image = torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
+    image[0, :, 2:6, 4:8] = 200  # a block: x 4–8, y 2–6
+    out = crops(image, torch.tensor([[0.0, 0.5, 0.25, 1.0, 0.75]]))
+    assert out.shape == (1, 3, 8, 8) and (out == 200).all()

@@ -18,6 +18,7 @@ from lipkit.data.records import Record, describe
 from lipkit.errors import UserError
 from lipkit.eval import token_similarity
 from lipkit.eval.linear_probe import LinearProbe, fit_linear_probe
+from lipkit.eval.regions import has_regions, region_metrics
 from lipkit.eval.retrieval import retrieval_chance, retrieval_scores_metrics
 from lipkit.eval.similarity_choice import SIMILARITIES
 from lipkit.eval.zeroshot import class_embeddings, zeroshot_chance, zeroshot_scores_metrics
@@ -168,6 +169,8 @@ def evaluate_records(
         result["n_texts"] = len(texts.texts)
         if details:
             result.update(_details(records, texts, sims))
+    if has_regions(records):  # boxes with one caption each: region → caption retrieval (eval.regions)
+        region_metrics(model, tokenizer, store, cfg.batch_size, metrics, chance)
     result.update(metrics=metrics, chance=chance)
     model.train(was_training)
     return result
@@ -235,8 +238,8 @@ def _classify(
     `chance`; a table without labels in that column is left out. The classes are the column's values,
     sorted, with `eval.templates` — or those of `label_set`, when the set names its own."""
     values = [r.meta.get(column) for r in records]
-    if any(v in (None, "") for v in values):
-        return  # this table has no such labels: nothing to classify
+    if any(v in (None, "") or isinstance(v, list) for v in values):
+        return  # this table has no such labels (or several per image): nothing to classify
     classes = label_set.classes if label_set else sorted(set(values))
     templates = (label_set.templates if label_set else None) or cfg.templates
     indices = [r.meta.get(column + INDEX_SUFFIX) for r in records] if label_set else [None]
