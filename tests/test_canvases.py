@@ -128,3 +128,27 @@ def test_cli_builds_and_names_what_it_wrote(table, tmp_path):
     assert "3 training canvases" in " ".join(r.output.split()) and len(rows(out / "test.jsonl")) == 2
     r = CliRunner().invoke(app, ["data", "build", "pictures"])
     assert isinstance(r.exception, UserError) and "'canvases'" in str(r.exception)  # main() prints it
+
+
+def test_source_columns_never_replace_the_canvas_fields_and_impossible_layouts_are_refused(table, tmp_path):
+    src = tmp_path / "keyed.jsonl"
+    lines = []
+    for i, row in enumerate(rows(table)):
+        row["image"] = str(table.parent / row["image"])  # absolute: the copy lives elsewhere
+        lines.append(json.dumps({**row, "key": f"k{i}", "mask": "m", "boxes": "b", "object_keys": "o"}))
+    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "c"
+    build_canvases(
+        out,
+        {"train": src, "test": src},
+        CanvasOptions(size=64, train_canvases=4, test_canvases=2),
+        progress=False,
+    )
+    for row in rows(out / "train.jsonl"):
+        assert row["key"].startswith("train-") and row["mask"].startswith("masks/")
+        assert isinstance(row["boxes"][0], list) and row["object_keys"][0].startswith("k")
+    crowded = CanvasOptions(
+        size=64, min_objects=8, max_objects=8, min_scale=0.9, max_scale=1.0, max_overlap=0.0
+    )
+    with pytest.raises(UserError, match="do not fit"):
+        build_canvases(tmp_path / "d", {"train": src, "test": src}, crowded, progress=False)

@@ -234,14 +234,18 @@ def test_region_retrieval_metrics_match_a_per_region_loop(canvas_table, tmp_path
     run_training(region_cfg(canvas_table, tmp_path / "run"))
     model, tok, _ = load_checkpoint(tmp_path / "run" / "checkpoint")
     records = read_table(canvas_table.parent / "test.jsonl")
-    cfg = EvalConfig(class_columns=["subcategory"], batch_size=3)  # list-valued: not classified
+    cfg = EvalConfig(class_columns=["subcategory"], batch_size=3)  # list-valued: multi-label mAP
     got = evaluate_records(model, tok, records, cfg, details=False)
     m, chance = got["metrics"], got["chance"]
-    assert not any(k.startswith("zeroshot/") for k in m)
+    assert [k for k in m if k.startswith("zeroshot/")] == ["zeroshot/subcategory/mAP"]
+    assert 0 < chance["zeroshot/subcategory/mAP"] < m["zeroshot/subcategory/mAP"] + 1
     store = ImageStore(records, model.spec.image_size, cache=True)
-    names = sorted({" ".join(c.split()).casefold() for r in records for c in r.meta["object_captions"]})
+    first: dict[str, str] = {}  # folded name → its first spelling, which the text tower reads
+    for c in (c for r in records for c in r.meta["object_captions"]):
+        first.setdefault(" ".join(c.split()).casefold(), c)
+    names = sorted(first)
     with torch.no_grad():
-        text = torch.cat([model.encode_text(tok([n])) for n in names])
+        text = torch.cat([model.encode_text(tok([first[n]])) for n in names])
         hits = {"region_to_text": [], "crop_to_text": []}
         for i, r in enumerate(records):
             image = store.get([i])
@@ -263,3 +267,40 @@ def test_crops_cut_the_box_and_fill_the_side():
     image[0, :, 2:6, 4:8] = 200  # a block: x 4–8, y 2–6
     out = crops(image, torch.tensor([[0.0, 0.5, 0.25, 1.0, 0.75]]))
     assert out.shape == (1, 3, 8, 8) and (out == 200).all()
+
+
+def test_region_pool_reads_the_right_image_of_a_large_bf16_batch():
+    value = (
+        torch.arange(301, dtype=torch.float32) % 7
+    )  # exact in bf16; images 300 and 256 differ from 299, 257
+    tokens = value[:, None, None].expand(301, 4, 2).contiguous()
+    rois = torch.tensor([[299, 0.0, 0.0, 1.0, 1.0], [257, 0.2, 0.2, 0.6, 0.7]])
+    got = region_pool(tokens.bfloat16(), rois)
+    assert got.dtype == torch.bfloat16 and got.float()[:, 0].tolist() == [299 % 7, 257 % 7]
+
+
+def test_evaluation_refuses_boxes_without_their_captions(canvas_table, tmp_path):
+    from lipkit.config import EvalConfig
+    from lipkit.data.sources.registry import read_table
+    from lipkit.eval.evaluate import evaluate_records
+    from lipkit.models.dual_encoder import DualEncoder
+    from lipkit.models.presets import get_spec
+
+    records = read_table(canvas_table.parent / "test.jsonl")[:2]
+    records[1].meta.pop("object_captions")
+    model = DualEncoder(
+        get_spec(
+            "tiny",
+            vision_width=32,
+            vision_layers=1,
+            vision_heads=2,
+            text_width=32,
+            text_layers=1,
+            text_heads=2,
+            vocab_size=256,
+            context_length=4,
+            eot_id=0,
+        )
+    )
+    with pytest.raises(UserError, match="object_captions"):
+        evaluate_records(model, Tok(), records, EvalConfig(class_columns=[]), details=False)

@@ -18,6 +18,7 @@ from lipkit.data.records import Record, describe
 from lipkit.errors import UserError
 from lipkit.eval import token_similarity
 from lipkit.eval.linear_probe import LinearProbe, fit_linear_probe
+from lipkit.eval.multilabel import multilabel_zeroshot
 from lipkit.eval.regions import has_regions, region_metrics
 from lipkit.eval.retrieval import retrieval_chance, retrieval_scores_metrics
 from lipkit.eval.similarity_choice import SIMILARITIES
@@ -238,8 +239,11 @@ def _classify(
     `chance`; a table without labels in that column is left out. The classes are the column's values,
     sorted, with `eval.templates` — or those of `label_set`, when the set names its own."""
     values = [r.meta.get(column) for r in records]
+    if all(isinstance(v, list) for v in values):  # several labels per image (eval.multilabel)
+        scores = lambda cs: _class_scores(model, tokenizer, cfg.batch_size, images, cs, cfg.templates)  # noqa: E731
+        return multilabel_zeroshot(scores, values, column, metrics, chance)
     if any(v in (None, "") or isinstance(v, list) for v in values):
-        return  # this table has no such labels (or several per image): nothing to classify
+        return  # this table has no such labels: nothing to classify
     classes = label_set.classes if label_set else sorted(set(values))
     templates = (label_set.templates if label_set else None) or cfg.templates
     indices = [r.meta.get(column + INDEX_SUFFIX) for r in records] if label_set else [None]

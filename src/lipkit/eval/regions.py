@@ -16,16 +16,17 @@ from rich.progress import Progress
 
 from lipkit.data.image_store import ImageStore
 from lipkit.data.records import Record
+from lipkit.data.regions import BOXES, CAPTIONS, row_regions
 from lipkit.data.transforms import normalize
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.text.tokenizer import TextTokenizer
 
-BOXES, CAPTIONS = "boxes", "object_captions"
 KS = (1, 5)
 
 
 def has_regions(records: Sequence[Record]) -> bool:
-    return any(isinstance(r.meta.get(BOXES), list) and r.meta.get(BOXES) for r in records)
+    """Whether any row has boxes (data.regions); a malformed row is refused when scored."""
+    return any(r.meta.get(BOXES) or r.meta.get(CAPTIONS) for r in records)
 
 
 def _name(text: str) -> str:
@@ -38,7 +39,7 @@ def crops(images_u8: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
     side = images_u8.shape[-1]
     out = []
     for i, *box in rois.tolist():
-        x0, y0 = int(box[0] * side), int(box[1] * side)
+        x0, y0 = min(side - 1, round(box[0] * side)), min(side - 1, round(box[1] * side))
         x1, y1 = max(x0 + 1, round(box[2] * side)), max(y0 + 1, round(box[3] * side))
         crop = images_u8[int(i), :, y0:y1, x0:x1].float()[None]
         out.append(
@@ -57,8 +58,9 @@ def _embed_regions(model: DualEncoder, store: ImageStore, rows: list[int], batch
             chunk = rows[s : s + batch_size]
             images = store.get(chunk)
             recs = [store.records[i] for i in chunk]
-            boxes = [r.meta[BOXES] for r in recs]
-            names += [_name(c) for r in recs for c in r.meta[CAPTIONS]]
+            regions_of = [row_regions(r, BOXES, CAPTIONS, "the evaluation table") for r in recs]
+            boxes = [b for b, _ in regions_of]
+            names += [c for _, caps in regions_of for c in caps]
             x = normalize(images, spec.image_mean, spec.image_std).to(model.device)
             regions.append(model.encode_region(x, boxes).float().cpu())
             rois = torch.tensor([[i, *b] for i, per in enumerate(boxes) for b in per], dtype=torch.float32)
@@ -77,9 +79,16 @@ def region_metrics(
     chance: dict[str, float],
 ) -> None:
     """Region→caption and crop→caption R@k of the store's rows with boxes, into `metrics` and `chance`."""
-    rows = [i for i, r in enumerate(store.records) if isinstance(r.meta.get(BOXES), list) and r.meta[BOXES]]
-    regions, cropped, names = _embed_regions(model, store, rows, batch_size)
-    texts = sorted(set(names))
+    rows = [i for i, r in enumerate(store.records) if r.meta.get(BOXES) or r.meta.get(CAPTIONS)]
+    regions, cropped, captions = _embed_regions(model, store, rows, batch_size)
+    if not captions:
+        return
+    spelling: dict[str, str] = {}  # folded name → its first spelling (what the text tower reads)
+    for c in captions:
+        spelling.setdefault(_name(c), c)
+    names = [_name(c) for c in captions]
+    folded = sorted(spelling)
+    texts = [spelling[n] for n in folded]
     with torch.no_grad():
         text_emb = torch.cat(
             [
@@ -87,7 +96,8 @@ def region_metrics(
                 for s in range(0, len(texts), batch_size)
             ]
         )
-    own = torch.tensor([texts.index(n) for n in names])
+    at = {n: i for i, n in enumerate(folded)}
+    own = torch.tensor([at[n] for n in names])
     for kind, emb in (("region_to_text", regions), ("crop_to_text", cropped)):
         ranked = (emb @ text_emb.t()).argsort(dim=1, descending=True, stable=True)
         for k in KS:

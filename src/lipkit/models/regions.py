@@ -50,8 +50,10 @@ def region_pool(tokens: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
     side = grid_side(tokens)
     b, _, d = tokens.shape
     grid = tokens.transpose(1, 2).reshape(b, d, side, side)
-    scaled = torch.cat([rois[:, :1], rois[:, 1:] * side], dim=1).to(grid.dtype)
+    # in float32 at least: a bf16 image index would be rounded (257 → 256) and read another image's grid
+    work = torch.promote_types(grid.dtype, torch.float32)
+    scaled = torch.cat([rois[:, :1], rois[:, 1:] * side], dim=1).to(work)
     pooled = roi_align(
-        grid, scaled, output_size=BINS, spatial_scale=1.0, sampling_ratio=SAMPLES, aligned=True
+        grid.to(work), scaled, output_size=BINS, spatial_scale=1.0, sampling_ratio=SAMPLES, aligned=True
     )
-    return pooled.mean(dim=(2, 3))
+    return pooled.mean(dim=(2, 3)).to(grid.dtype)

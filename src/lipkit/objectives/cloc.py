@@ -85,6 +85,7 @@ class RegionContrast(nn.Module):
             raise ValueError("the region term reads region_features, region_text_features and region_valid")
         valid = region_valid.reshape(-1)
         if not bool(valid.any()):  # no region in the whole batch: the term is 0 (and keeps the graph)
+            self.last_stats = {}
             return loss + 0.0 * region_features.sum()
         d = region_features.shape[-1]
         reg = region_contrast(

@@ -109,7 +109,7 @@ class BatchPass:
         assert tokens is not None, "region inputs ask for the image tokens"
         region = F.normalize(region_pool(tokens, rois), dim=-1)
         ids = ids.reshape(b * r, -1)
-        text = F.normalize(self.model.text(ids[flat]), dim=-1)
+        text = F.normalize(self.model.text(ids[flat]), dim=-1) if flat.any() else region  # none: (0, D)
         out = []
         for feats in (region, text):
             full = feats.new_zeros(b * r, feats.shape[1])

@@ -15,31 +15,9 @@ from typing import Any
 import torch
 
 from lipkit.data.records import Record
+from lipkit.data.regions import row_regions
 from lipkit.errors import UserError
 from lipkit.train.inputs import sample_ids
-
-
-def _row_regions(r: Record, boxes_column: str, captions_column: str, where: str) -> tuple[list, list[str]]:
-    boxes, captions = r.meta.get(boxes_column), r.meta.get(captions_column)
-    if boxes is None and captions is None:
-        return [], []
-    if not isinstance(boxes, list) or not isinstance(captions, list) or len(boxes) != len(captions):
-        raise UserError(
-            f"Row '{r.key}' of {where} needs '{boxes_column}' and '{captions_column}' as lists of equal length "
-            "(one caption per box); fix the row or drop the columns from it."
-        )
-    for box in boxes:
-        ok = isinstance(box, list) and len(box) == 4 and all(isinstance(v, int | float) for v in box)
-        if not ok or not (0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1):
-            raise UserError(
-                f"Row '{r.key}' of {where} has the box {box!r}; a box is [x0, y0, x1, y1], fractions of the image "
-                "side with x0 < x1 and y0 < y1 (lipkit data build canvases writes them so)."
-            )
-    if not all(isinstance(c, str) and c.strip() for c in captions):
-        raise UserError(
-            f"Row '{r.key}' of {where} has an empty region caption in '{captions_column}'; give each box one."
-        )
-    return boxes, captions
 
 
 class RegionTable:
@@ -76,7 +54,7 @@ class RegionTable:
         seen: dict[str, tuple[list, list[str]]] = {}
         for r in records:
             if r.key not in seen:
-                seen[r.key] = _row_regions(r, boxes_column, captions_column, where)
+                seen[r.key] = row_regions(r, boxes_column, captions_column, where)
         if not any(b for b, _ in seen.values()):
             raise UserError(
                 f"No row of {where} has regions in the columns '{boxes_column}' and '{captions_column}' the objective "

@@ -58,7 +58,19 @@ from lipkit.errors import UserError
 
 FORMAT = "lipkit-canvases"
 CAPTION_LANGS = "langs"  # a per-caption list of languages: it describes captions, not objects
-SKIPPED_COLUMNS = (CAPTION_LANGS,)
+# the builder's own fields, and a per-caption list: never copied from the objects' rows
+SKIPPED_COLUMNS = {
+    "key",
+    "image",
+    "mask",
+    "captions",
+    "boxes",
+    "object_captions",
+    "object_keys",
+    CAPTION_LANGS,
+}
+VERSION = 2  # of the row layout: a build of another version is made again
+CANVAS_TRIES = 200
 ALPHA_OPAQUE = 128
 PLACE_TRIES = 100
 
@@ -180,7 +192,7 @@ class Placed:
 
 def plan_canvas(rng: random.Random, names: Sequence[str], cutouts: Any, opt: CanvasOptions) -> list[Placed]:
     """The objects of one canvas: distinct names, sizes and non-overlapping places (see the module doc)."""
-    while True:
+    for _ in range(CANVAS_TRIES):
         n = rng.randint(opt.min_objects, opt.max_objects)
         rows: list[int] = []
         while len(rows) < n:
@@ -197,6 +209,10 @@ def plan_canvas(rng: random.Random, names: Sequence[str], cutouts: Any, opt: Can
             placed.append(Placed(r, box, im))
         if len(placed) == n:
             return placed
+    raise UserError(
+        f"{opt.max_objects} objects of scale {opt.min_scale}-{opt.max_scale} do not fit on a canvas with "
+        f"--max-overlap {opt.max_overlap}; lower --objects or --scale, or raise --max-overlap."
+    )
 
 
 def render(placed: Sequence[Placed], rng: random.Random, size: int) -> tuple[Image.Image, Image.Image]:
@@ -234,8 +250,9 @@ def canvas_row(key: str, split: str, placed: Sequence[Placed], records: Sequence
     }
     for col in text_columns(records):
         row[col] = [r.meta[col] for r in objs]
-    langs = {str(r.meta[CAPTION_LANGS][0]) for r in objs if isinstance(r.meta.get(CAPTION_LANGS), list)}
-    if len(langs) == 1 and all(isinstance(r.meta.get(CAPTION_LANGS), list) for r in objs):
+    listed = [r.meta.get(CAPTION_LANGS) for r in objs]
+    langs = {str(x[0]) for x in listed if isinstance(x, list) and x}
+    if len(langs) == 1 and all(isinstance(x, list) and x for x in listed):
         row[CAPTION_LANGS] = [langs.pop()]  # the names' one language (data.caption_langs reads it)
     return row
 
@@ -271,6 +288,15 @@ def write_split(
     return rows
 
 
+def _named(got: tuple[list[Record], dict[str, int]]) -> tuple[list[Record], dict[str, int]]:
+    """The usable rows that name their object (a first caption that is not blank); the others counted."""
+    records, skipped = got
+    named = [r for r in records if r.captions and r.captions[0].strip()]
+    if len(named) < len(records):
+        skipped = {**skipped, "no_caption": skipped.get("no_caption", 0) + len(records) - len(named)}
+    return named, skipped
+
+
 def _sources(sources: dict[str, str | Path] | None) -> dict[str, Path]:
     defaults = default_sources()
     got = {k: Path(v).expanduser() for k, v in (sources or {}).items() if v is not None}
@@ -298,12 +324,13 @@ def build_canvases(
     srcs = _sources(sources)
     dest = Path(out).expanduser() if out is not None else default_out()
     old = check_build_out(dest, list(srcs.values()), FORMAT, "canvases build")
-    records = {split: usable_records(path) for split, path in srcs.items()}
+    records = {split: _named(usable_records(path)) for split, path in srcs.items()}
     fps = {split: fingerprint(recs) for split, (recs, _) in records.items()}
     if (
         old is not None
         and not force
         and old.get("options") == asdict(opt)
+        and old.get("version") == VERSION
         and old.get("source_fingerprints") == fps
     ):
         return old
@@ -324,6 +351,7 @@ def build_canvases(
                 objects[split] = sum(len(r["boxes"]) for r in rows)
         summary = {
             "format": FORMAT,
+            "version": VERSION,
             "sources": {k: str(v.resolve()) for k, v in srcs.items()},
             "source_fingerprints": fps,
             "options": asdict(opt),
