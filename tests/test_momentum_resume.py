@@ -13,7 +13,10 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("objective", list(CASES))
+# tcl_momentum runs in every suite; the others (~25 s each on 2 cores) with `-m slow`
+@pytest.mark.parametrize(
+    "objective", [n if n == "tcl_momentum" else pytest.param(n, marks=pytest.mark.slow) for n in CASES]
+)
 def test_a_killed_run_resumes_bitwise_with_its_momentum_state(table, tmp_path, objective):
     args = {"objective": objective, "objective_args": CASES[objective]}
     straight, resumed = killed_and_resumed_objective_states(table, tmp_path, **args)

@@ -17,7 +17,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-from torchvision.ops import roi_align
 
 BINS, SAMPLES = 4, 2
 
@@ -47,6 +46,8 @@ def as_rois(boxes: torch.Tensor | Sequence[Sequence[Sequence[float]]], device=No
 
 def region_pool(tokens: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
     """(B, N, D) tokens and (R, 5) rois → (R, D) region features (see the module doc)."""
+    from torchvision.ops import roi_align  # here: importing torchvision.ops imports torch._dynamo (~150 MB)
+
     side = grid_side(tokens)
     b, _, d = tokens.shape
     grid = tokens.transpose(1, 2).reshape(b, d, side, side)

@@ -61,7 +61,8 @@ class RegionContrast(nn.Module):
             if not isinstance(col, str) or not col:
                 raise ValueError(f"{name} must be a column name, got {col!r}")
         self.region_weight = float(w)
-        self.region_columns = (boxes_column, captions_column)
+        self.boxes_column, self.captions_column = boxes_column, captions_column
+        self.region_columns = (boxes_column, captions_column)  # launch reads the regions of these columns
         self.inputs = ("image_features", "text_features", "logit_scale")
         if self.region_weight:
             self.inputs += ("region_features", "region_text_features", "region_valid", "region_text_key")
