@@ -304,7 +304,7 @@ def _sources(sources: dict[str, str | Path] | None) -> dict[str, Path]:
         if split not in got and not path.is_file():
             raise UserError(
                 f"The default {split} source '{path}' does not exist; build it with `lipkit data build emoji` "
-                f"or pass --{split}-source TABLE."
+                f"or pass {'--source' if split == 'train' else '--test-source'} TABLE."
             )
         got.setdefault(split, path)
     return got
