@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import TINY_MODEL
 from lipkit.data.records import Record
 from lipkit.errors import UserError
 from lipkit.eval.regions import crops
@@ -291,12 +292,7 @@ def test_evaluation_refuses_boxes_without_their_captions(canvas_table, tmp_path)
     model = DualEncoder(
         get_spec(
             "tiny",
-            vision_width=32,
-            vision_layers=1,
-            vision_heads=2,
-            text_width=32,
-            text_layers=1,
-            text_heads=2,
+            **TINY_MODEL,
             vocab_size=256,
             context_length=4,
             eot_id=0,

@@ -4,12 +4,11 @@ the report shows."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from rich.progress import Progress
 
 from lipkit.config import EvalConfig
 from lipkit.data.image_store import ImageStore
@@ -17,6 +16,7 @@ from lipkit.data.label_sets import INDEX_SUFFIX, LabelSet, fill_template
 from lipkit.data.records import Record, describe
 from lipkit.errors import UserError
 from lipkit.eval import token_similarity
+from lipkit.eval.embedding import embed_images, embed_texts
 from lipkit.eval.linear_probe import LinearProbe, fit_linear_probe
 from lipkit.eval.multilabel import multilabel_zeroshot
 from lipkit.eval.regions import has_regions, region_metrics
@@ -25,37 +25,6 @@ from lipkit.eval.similarity_choice import SIMILARITIES
 from lipkit.eval.zeroshot import class_embeddings, zeroshot_chance, zeroshot_scores_metrics
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.text.tokenizer import TextTokenizer
-
-
-@torch.no_grad()
-def embed_images(model: DualEncoder, store: ImageStore, batch_size: int) -> torch.Tensor:
-    n = len(store.records)
-    out = []
-    with Progress(transient=True) as bar:
-        task = bar.add_task("embedding images", total=n)
-        for s in range(0, n, batch_size):
-            out.append(model.embed_images_u8(store.get(range(s, min(n, s + batch_size)))))
-            bar.advance(task, out[-1].shape[0])
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def embed_texts(
-    model: DualEncoder,
-    tokenizer: TextTokenizer,
-    texts: Sequence[str],
-    batch_size: int,
-    encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Texts in batches through `encode` (default: the model's normalised text embedding) → float32 CPU."""
-    encode = encode or model.encode_text
-    dev = model.device
-    return torch.cat(
-        [
-            encode(tokenizer(texts[s : s + batch_size]).to(dev)).float().cpu()
-            for s in range(0, len(texts), batch_size)
-        ]
-    )
 
 
 def image_style(cfg: EvalConfig) -> str:

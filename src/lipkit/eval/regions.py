@@ -18,6 +18,7 @@ from lipkit.data.image_store import ImageStore
 from lipkit.data.records import Record
 from lipkit.data.regions import BOXES, CAPTIONS, row_regions
 from lipkit.data.transforms import normalize
+from lipkit.eval.embedding import embed_texts
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.text.tokenizer import TextTokenizer
 
@@ -89,13 +90,7 @@ def region_metrics(
     names = [_name(c) for c in captions]
     folded = sorted(spelling)
     texts = [spelling[n] for n in folded]
-    with torch.no_grad():
-        text_emb = torch.cat(
-            [
-                model.encode_text(tokenizer(texts[s : s + batch_size]).to(model.device)).float().cpu()
-                for s in range(0, len(texts), batch_size)
-            ]
-        )
+    text_emb = embed_texts(model, tokenizer, texts, batch_size)
     at = {n: i for i, n in enumerate(folded)}
     own = torch.tensor([at[n] for n in names])
     for kind, emb in (("region_to_text", regions), ("crop_to_text", cropped)):
