@@ -47,6 +47,18 @@ def table(tmp_path_factory) -> Path:
     return root / "emoji" / "train.jsonl"
 
 
+@pytest.fixture(scope="session")
+def canvas_table(table, tmp_path_factory) -> Path:
+    """A small canvases build (64 px, 24 training and 4 test canvases) from the fixture tables; its
+    training table (test.jsonl beside it)."""
+    from lipkit.data.builtin.canvases import CanvasOptions, build_canvases
+
+    out = tmp_path_factory.mktemp("regions") / "canvases"
+    options = CanvasOptions(size=64, train_canvases=24, test_canvases=4)
+    build_canvases(out, {"train": table, "test": table.parent / "test-style.jsonl"}, options, progress=False)
+    return out / "train.jsonl"
+
+
 def tiny_eval_setup(table: Path, n: int = 12, **spec_overrides):
     """(records, tokenizer, model in eval mode): the first `n` rows of the fixture table, a BPE tokenizer
     trained on their captions and a seeded TINY_MODEL dual encoder (extra spec keys in `spec_overrides`;

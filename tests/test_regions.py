@@ -182,16 +182,6 @@ def region_cfg(table, out, **augment):
     )
 
 
-@pytest.fixture(scope="module")
-def canvas_table(table, tmp_path_factory):
-    from lipkit.data.builtin.canvases import CanvasOptions, build_canvases
-
-    out = tmp_path_factory.mktemp("regions") / "canvases"
-    options = CanvasOptions(size=64, train_canvases=24, test_canvases=4)
-    build_canvases(out, {"train": table, "test": table.parent / "test-style.jsonl"}, options, progress=False)
-    return out / "train.jsonl"
-
-
 def test_cloc_trains_on_canvases_and_the_checkpoint_embeds_regions(canvas_table, tmp_path):
     import json
 

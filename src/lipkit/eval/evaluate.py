@@ -18,6 +18,7 @@ from lipkit.errors import UserError
 from lipkit.eval import token_similarity
 from lipkit.eval.embedding import embed_images, embed_texts
 from lipkit.eval.linear_probe import LinearProbe, fit_linear_probe
+from lipkit.eval.localization import localization_metrics
 from lipkit.eval.multilabel import multilabel_zeroshot
 from lipkit.eval.regions import has_regions, region_metrics
 from lipkit.eval.retrieval import retrieval_chance, retrieval_scores_metrics
@@ -139,8 +140,12 @@ def evaluate_records(
         result["n_texts"] = len(texts.texts)
         if details:
             result.update(_details(records, texts, sims))
-    if has_regions(records):  # boxes with one caption each: region → caption retrieval (eval.regions)
+    if has_regions(records):  # boxes with one caption each: region retrieval, pointing, segmentation
         region_metrics(model, tokenizer, store, cfg.batch_size, metrics, chance)
+        filip = similarity == "filip"
+        drawn = localization_metrics(model, tokenizer, store, cfg.batch_size, metrics, chance, filip)
+        if details and drawn:
+            result["localization"] = drawn
     result.update(metrics=metrics, chance=chance)
     model.train(was_training)
     return result

@@ -8,11 +8,8 @@ with every plot and image thumbnail embedded as a base64 data URI, so the page w
 
 from __future__ import annotations
 
-import base64
-import html
 import io
 import json
-import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -22,7 +19,8 @@ from matplotlib.figure import Figure
 from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 from PIL import Image
 
-from lipkit.data.images import open_image, to_rgb
+from lipkit.eval.report_figures import esc, load_image, mpl, png_uri, save, slug
+from lipkit.eval.report_maps import localization_figure
 
 __all__ = ["write_report"]
 
@@ -51,10 +49,6 @@ figure.ok img,figure.ok .ph{border-color:#23a559}figure.bad img,figure.bad .ph{b
 """
 
 
-def _esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
 def _read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Return (train rows, eval rows) from a metrics.jsonl file; malformed lines are skipped."""
     train: list[dict[str, Any]] = []
@@ -71,21 +65,6 @@ def _read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]
     return train, evals
 
 
-def _png_uri(data: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
-
-
-def _load_image(path: str | Path, max_side: int) -> Image.Image | None:
-    try:
-        with open_image(path) as im:
-            img = to_rgb(im)  # alpha on white, any mode to 8-bit RGB
-    except Exception:  # noqa: BLE001 - a missing, broken or oversized image gets no thumbnail
-        return None
-    if max(img.size) > max_side:
-        img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-    return img
-
-
 class _Thumbs:
     """Cache of base64 PNG thumbnails keyed by image path (None for unreadable / missing files)."""
 
@@ -94,31 +73,14 @@ class _Thumbs:
 
     def uri(self, path: str) -> str | None:
         if path not in self._cache:
-            img = _load_image(path, _THUMB_MAX)
+            img = load_image(path, _THUMB_MAX)
             if img is None:
                 self._cache[path] = None
             else:
                 buf = io.BytesIO()
                 img.save(buf, format="PNG")
-                self._cache[path] = _png_uri(buf.getvalue())
+                self._cache[path] = png_uri(buf.getvalue())
         return self._cache[path]
-
-
-def _save(fig: Figure, path: Path) -> str:
-    """Save ``fig`` to ``path`` and return an <img> tag embedding the same PNG."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    path.write_bytes(buf.getvalue())
-    return f'<img class="plot" alt="{_esc(path.stem)}" src="{_png_uri(buf.getvalue())}">'
-
-
-def _mpl(text: Any) -> str:
-    """Make text safe for matplotlib (a '$' would otherwise start mathtext)."""
-    return str(text).replace("$", r"\$")
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "split"
 
 
 def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
@@ -150,7 +112,7 @@ def _curves(train: list[dict[str, Any]], evals: list[dict[str, Any]], out_dir: P
         ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
         for ax in (ax_loss, ax_scale):
             ax.grid(alpha=0.3)
-        parts.append(_save(fig, out_dir / "training.png"))
+        parts.append(save(fig, out_dir / "training.png"))
     by_split: dict[str, list[dict[str, Any]]] = {}
     for row in evals:
         by_split.setdefault(str(row.get("split", "eval")), []).append(row)
@@ -163,12 +125,12 @@ def _curves(train: list[dict[str, Any]], evals: list[dict[str, Any]], out_dir: P
             headline = [k for k in keys if k.endswith(("/top1", "/R@1"))] or keys
             for key in headline:
                 steps, vals = _series(flat, key)
-                ax.plot(steps, [100 * v for v in vals], marker="o", ms=3, label=_mpl(key))
-            ax.set(title=_mpl(f"Eval: {split}"), xlabel="step", ylabel="%")
+                ax.plot(steps, [100 * v for v in vals], marker="o", ms=3, label=mpl(key))
+            ax.set(title=mpl(f"Eval: {split}"), xlabel="step", ylabel="%")
             ax.grid(alpha=0.3)
             if headline:
                 ax.legend(fontsize=7, loc="best")
-        parts.append(_save(fig, out_dir / "eval_curves.png"))
+        parts.append(save(fig, out_dir / "eval_curves.png"))
     if not parts:
         return '<p class="muted">No training metrics found (metrics.jsonl is missing or empty).</p>'
     return "\n".join(parts)
@@ -181,9 +143,9 @@ def _pct(value: Any) -> str:
 def _metrics_table(splits: dict[str, dict[str, Any]]) -> str:
     names = list(splits)
     keys = sorted({k for s in splits.values() for k in s.get("metrics", {})})
-    head = "".join(f"<th>{_esc(n)}</th>" for n in names)
+    head = "".join(f"<th>{esc(n)}</th>" for n in names)
     sizes = "".join(
-        f'<td class="muted">{_esc(s.get("n_images", "?"))} img / {_esc(s.get("n_texts", "?"))} txt</td>'
+        f'<td class="muted">{esc(s.get("n_images", "?"))} img / {esc(s.get("n_texts", "?"))} txt</td>'
         for s in splits.values()
     )
     rows = [f"<tr><td>size</td>{sizes}</tr>"]
@@ -194,12 +156,12 @@ def _metrics_table(splits: dict[str, dict[str, Any]]) -> str:
             extra = f' <span class="chance">(chance {_pct(chance)})</span>' if chance is not None else ""
             shown = _pct(val) if chance is not None or val is None else f"{val:.1f}"  # counts stay counts
             cells.append(f"<td>{shown}{extra}</td>")
-        rows.append(f"<tr><td>{_esc(key)}</td>{''.join(cells)}</tr>")
+        rows.append(f"<tr><td>{esc(key)}</td>{''.join(cells)}</tr>")
     return f"<table><thead><tr><th>metric</th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
 def _heat_thumb(path: str) -> np.ndarray:
-    img = _load_image(path, 4 * _HEAT_THUMB)
+    img = load_image(path, 4 * _HEAT_THUMB)
     if img is None:  # grey placeholder with a darker cross
         arr = np.full((_HEAT_THUMB, _HEAT_THUMB, 3), 210, dtype=np.uint8)
         idx = np.arange(_HEAT_THUMB)
@@ -221,11 +183,11 @@ def _heatmap(split: str, heat: dict[str, Any], out_dir: Path) -> str:
     thresh = (sim.max() + sim.min()) / 2
     for (r, c), v in np.ndenumerate(sim):
         ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=8, color="k" if v > thresh else "w")
-    labels = [_mpl(t if len(t) <= 38 else t[:36] + "…") for t in map(str, texts)]
+    labels = [mpl(t if len(t) <= 38 else t[:36] + "…") for t in map(str, texts)]
     ax.set_yticks(range(n_t), labels + [""] * (n_t - len(labels)))
     ax.set_xticks(range(n_i), [""] * n_i)
     ax.tick_params(axis="x", length=0)
-    ax.set_title(_mpl(f"Text–image similarity: {split}"))
+    ax.set_title(mpl(f"Text–image similarity: {split}"))
     for c, path in enumerate(images[:n_i]):
         box = OffsetImage(_heat_thumb(str(path)), zoom=0.8, resample=False)
         ax.add_artist(
@@ -239,7 +201,7 @@ def _heatmap(split: str, heat: dict[str, Any], out_dir: Path) -> str:
                 frameon=False,
             )
         )
-    return _save(fig, out_dir / f"heatmap_{_slug(split)}.png")
+    return save(fig, out_dir / f"heatmap_{slug(split)}.png")
 
 
 def _examples(examples: list[dict[str, Any]], thumbs: _Thumbs) -> str:
@@ -254,14 +216,14 @@ def _examples(examples: list[dict[str, Any]], thumbs: _Thumbs) -> str:
             cls = "ok" if correct is True else "bad" if correct is False else ""
             uri = thumbs.uri(path)
             pic = (
-                f'<img src="{uri}" alt="{_esc(Path(path).name)}" title="{_esc(path)}">'
+                f'<img src="{uri}" alt="{esc(Path(path).name)}" title="{esc(path)}">'
                 if uri
-                else f'<div class="ph" title="{_esc(path)}">missing</div>'
+                else f'<div class="ph" title="{esc(path)}">missing</div>'
             )
             score = hit.get("score")
             cap = f"{score:.3f}" if isinstance(score, (int, float)) else ""
             figs.append(f'<figure class="{cls}">{pic}<figcaption>{cap}</figcaption></figure>')
-        query = _esc(ex.get("query", ""))
+        query = esc(ex.get("query", ""))
         rows.append(f'<div class="query"><div class="qtext">{query}</div>{"".join(figs)}</div>')
     return "\n".join(rows)
 
@@ -291,7 +253,7 @@ def write_report(run_dir: Path, results: dict | None = None, out_dir: Path | Non
         "model": f"{model.get('preset', '?')} ({_params(model.get('params', '?'))} params)" if model else "–",
         "generated": datetime.now().strftime("%Y-%m-%d %H:%M"),
     }
-    header = "".join(f"<div><dt>{_esc(k)}</dt><dd>{_esc(v)}</dd></div>" for k, v in meta.items())
+    header = "".join(f"<div><dt>{esc(k)}</dt><dd>{esc(v)}</dd></div>" for k, v in meta.items())
     body = [
         f"<section><h2>Metrics</h2>{_metrics_table(splits)}</section>"
         if splits
@@ -300,14 +262,15 @@ def write_report(run_dir: Path, results: dict | None = None, out_dir: Path | Non
     ]
     for name, split in splits.items():
         heat = _heatmap(name, split["heatmap"], out_dir) if split.get("heatmap") else ""
+        heat += localization_figure(name, split.get("localization") or [], out_dir)
         body.append(
-            f"<section><h2>Split: {_esc(name)}</h2>{heat}"
+            f"<section><h2>Split: {esc(name)}</h2>{heat}"
             f"<h3>Text → image retrieval (top 5; green = correct)</h3>"
             f"{_examples(split.get('examples') or [], thumbs)}</section>"
         )
     page = (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>lipkit report: '
-        f"{_esc(run_dir.name)}</title><style>{_CSS}</style></head><body><header><h1>lipkit run report"
+        f"{esc(run_dir.name)}</title><style>{_CSS}</style></head><body><header><h1>lipkit run report"
         f"</h1><dl>{header}</dl></header><main>{''.join(body)}</main></body></html>\n"
     )
     index = out_dir / "index.html"

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lipkit.data.records import Record, Skip, caption_record, has_surrogates
+from lipkit.data.regions import MASK
 from lipkit.errors import UserError
 
 TABLE_EXTS = (".csv", ".tsv", ".jsonl", ".ndjson")
@@ -94,6 +95,8 @@ def scan_table(
             yield Skip("no_image", key or where, f"line {n} has no '{image_column}'")
             continue
         meta = {k: v for k, v in row.items() if k not in (image_column, caption_column)}
+        if isinstance(meta.get(MASK), str) and meta[MASK].strip():  # a label image, found like the image
+            meta[MASK] = str(root / meta[MASK].strip())
         yield caption_record(root / image.strip(), row.get(caption_column), meta, key)
     if not checked:
         raise UserError(f"Data table '{p}' has no rows; add (image, caption) rows to it.")
