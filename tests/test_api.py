@@ -260,3 +260,24 @@ def test_the_readme_python_snippet_runs_as_written(run_dir, table, tmp_path):
     first = json.loads((table.parent / "test-style.jsonl").read_text().splitlines()[0])
     assert f"{first['subcategory']} → predicted " in r.stdout
     assert "cosine with 'a red heart', with its label:" in r.stdout
+
+
+def test_heat_maps_and_regions_from_python(run_dir, images):
+    from lipkit.eval import heatmaps
+
+    model, preprocess, tokenizer = lipkit.load(run_dir)
+    path = sorted(images.glob("*.png"))[0]
+    got = lipkit.heatmap(model, tokenizer, path, "a red heart", kind="gradcam")
+    x = preprocess(path)[None]
+    with torch.no_grad():
+        text = model.encode_text(tokenizer(["a red heart"]))[None]
+    assert torch.allclose(torch.tensor(got["grid"]), heatmaps.gradcam_maps(model, x, text)[0, 0], atol=2e-4)
+    assert got["kind"] == "gradcam" and len(got["peak"]) == 2
+    with pytest.raises(UserError, match="kind must be one of similarity, gradcam, filip, not 'cam'"):
+        lipkit.heatmap(model, tokenizer, path, "a red heart", kind="cam")
+    fast, _, _ = lipkit.load(run_dir, precision="bf16")
+    with torch.no_grad():
+        regions = fast.encode_region(x, [[[0.0, 0.0, 0.5, 0.5], [0.25, 0.25, 1.0, 1.0]]])
+        full = model.encode_region(x, [[[0.0, 0.0, 0.5, 0.5], [0.25, 0.25, 1.0, 1.0]]])
+    assert regions.dtype == torch.float32 and torch.allclose(regions, full, atol=0.05)
+    assert lipkit.heatmap(fast, tokenizer, Image.open(path), "a red heart")["kind"] == "similarity"

@@ -109,3 +109,22 @@ def test_errors_show_on_the_page(page):
     page.wait_for_function("document.getElementById('status').textContent.includes('not an image')")
     assert page.locator("#status").evaluate("e => e.classList.contains('error')")
     assert not [e for e in page.errors if "400" not in e and "Failed to load resource" not in e]
+
+
+def test_heat_maps_show_over_the_results(page, tmp_path):
+    page.select_option("#where", "gradcam")
+    page.fill("#q", "a blue square")
+    page.press("#q", "Enter")
+    page.wait_for_function("document.getElementById('status').textContent.includes('a blue square')")
+    n = page.locator("#results .card img").count()
+    page.wait_for_function(f"document.querySelectorAll('#results canvas.heat').length === {n}")
+    kinds = {c.get_attribute("data-kind") for c in page.locator("#results canvas.heat").all()}
+    assert kinds == {"gradcam"}
+    drawn = page.evaluate(  # some pixel of every map has colour (a map drawn, not an empty canvas)
+        "[...document.querySelectorAll('canvas.heat')].every(c => c.getContext('2d')"
+        ".getImageData(0, 0, c.width, c.height).data.some((v, i) => i % 4 === 3 && v > 0))"
+    )
+    assert drawn
+    page.screenshot(path=str(tmp_path / "heat-maps.png"), full_page=True)
+    page.select_option("#where", "off")
+    page.wait_for_function("document.querySelectorAll('#results canvas.heat').length === 0")

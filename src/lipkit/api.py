@@ -34,14 +34,16 @@ from lipkit.data.transforms import normalize
 from lipkit.device import pick_device
 from lipkit.errors import UserError
 from lipkit.eval.evaluate import embed_texts
+from lipkit.eval.heatmaps import MAP_KINDS
 from lipkit.eval.suite import run_eval
 from lipkit.eval.zeroshot import class_embeddings
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.search.encode import PRECISIONS, prepare_for_inference
+from lipkit.search.heatmap import query_heatmap
 from lipkit.text.tokenizer import TextTokenizer
 from lipkit.train.launch import run_training
 
-__all__ = ["Preprocess", "evaluate", "fit", "load", "zero_shot_classifier"]
+__all__ = ["Preprocess", "evaluate", "fit", "heatmap", "load", "zero_shot_classifier"]
 
 ImageInput = Image.Image | str | Path | bytes
 
@@ -59,13 +61,17 @@ class Preprocess:
         self.image_size, self.mean, self.std = int(image_size), tuple(mean), tuple(std)
 
     def __call__(self, image: ImageInput) -> torch.Tensor:
+        return normalize(self.pixels(image)[None], self.mean, self.std)[0]
+
+    def pixels(self, image: ImageInput) -> torch.Tensor:
+        """The uint8 (3, S, S) pixels, before scaling and normalisation."""
         if isinstance(image, Image.Image):  # decoded already: the steps load_image applies after decoding
-            return normalize(image_pixels(image, self.image_size)[None], self.mean, self.std)[0]
+            return image_pixels(image, self.image_size)
         pixels, reason, detail = try_load_image(image, self.image_size, MAX_PIXELS)
         if pixels is None:
             what = f"image '{image}'" if isinstance(image, str | Path) else "these image bytes"
             raise UserError(f"Cannot use {what}: {IMAGE_REASONS[reason]} ({detail}); pass another one.")
-        return normalize(pixels[None], self.mean, self.std)[0]
+        return pixels
 
     def __repr__(self) -> str:
         return f"Preprocess(image_size={self.image_size}, mean={self.mean}, std={self.std})"
@@ -109,7 +115,8 @@ def load(
     Returns
         model: the `DualEncoder` in eval mode. `model.encode_image(x)` takes `preprocess` output stacked
             to (B, 3, S, S) and `model.encode_text(ids)` takes `tokenizer` output; both return
-            L2-normalised (B, D) embeddings (`normalize=False` for the raw projections). Wrap calls in
+            L2-normalised (B, D) embeddings (`normalize=False` for the raw projections);
+            `model.encode_region(x, boxes)` embeds boxes of each image (docs/localization.md). Wrap calls in
             `torch.no_grad()`. `model.scale()` is the learned logit scale (CLIP's 1/temperature).
         preprocess: image (PIL, path or bytes) → float32 (3, S, S); see `Preprocess`.
         tokenizer: `tokenizer(["a cat", ...])` (or one string) → int64 (B, context_length) token ids,
@@ -123,8 +130,24 @@ def load(
     if precision == "bf16":
         model.encode_image = _under_bf16(model.encode_image, dev.type)
         model.encode_text = _under_bf16(model.encode_text, dev.type)
+        model.encode_region = _under_bf16(model.encode_region, dev.type)
     spec = model.spec
     return model, Preprocess(spec.image_size, spec.image_mean, spec.image_std), tokenizer
+
+
+def heatmap(
+    model: DualEncoder, tokenizer: TextTokenizer, image: ImageInput, text: str, kind: str = "similarity"
+) -> dict[str, Any]:
+    """Where in `image` the words `text` match: {"kind", "grid", "peak"}, what `lipkit serve` answers on
+    GET /heatmap — `grid` h × w scores over the centre square the model sees, `peak` the centre (x, y) of
+    the highest cell as fractions of the side. kind: "similarity" (token–text cosine), "gradcam" (Grad-CAM,
+    any checkpoint) or "filip" (word–patch, FILIP checkpoints); the formulas: docs/localization.md."""
+    if kind not in MAP_KINDS:
+        raise UserError(f"kind must be one of {', '.join(MAP_KINDS)}, not '{kind}'.")
+    spec = model.spec
+    pixels = Preprocess(spec.image_size, spec.image_mean, spec.image_std).pixels(image)
+    precision = "bf16" if any(p.dtype == torch.bfloat16 for p in model.parameters()) else "fp32"
+    return query_heatmap(model, tokenizer, pixels, text, kind, precision)
 
 
 def zero_shot_classifier(

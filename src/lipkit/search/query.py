@@ -13,6 +13,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from lipkit.data.images import classify_failure, load_image, open_image
+from lipkit.data.transforms import normalize
 from lipkit.device import pick_device
 from lipkit.errors import UserError
 from lipkit.models.dual_encoder import DualEncoder
@@ -216,6 +217,14 @@ class Searcher:
             assert self.towers.lexical is not None  # checked just above
             return self.towers.lexical(images_u8)
         return self.towers.images(images_u8)
+
+    def region_embeddings(self, image_u8: torch.Tensor, boxes: list[list[float]]) -> np.ndarray:
+        """uint8 (3, S, S) and its boxes → (len(boxes), D) region embeddings (DualEncoder.encode_region,
+        the PyTorch model whatever answers other queries), float32."""
+        spec = self.model.spec
+        x = normalize(image_u8[None], spec.image_mean, spec.image_std).to(self.model.device)
+        with torch.inference_mode(), inference_precision(self.model, self.precision):
+            return self.model.encode_region(x, [boxes]).float().cpu().numpy()
 
     def image_file(self, path: str | Path) -> torch.Tensor:
         p = Path(path)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,3 +94,28 @@ def parse_int(value: Any, name: str, lo: int, hi: int) -> int:
     if not lo <= v <= hi:
         raise ApiError(400, f"{name} must be from {lo} to {hi}, got {v}; pick a number in that range.")
     return v
+
+
+MAX_BOXES = 64
+
+
+def parse_boxes(value: Any) -> list[list[float]]:
+    """Boxes for region embeddings: a JSON list (or its text) of [x0, y0, x1, y1], fractions of the
+    image side the model sees, 0 ≤ x0 < x1 ≤ 1 and 0 ≤ y0 < y1 ≤ 1, at most MAX_BOXES."""
+    example = "e.g. boxes=[[0, 0, 0.5, 0.5], [0.25, 0.25, 1, 1]]"
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ApiError(400, f"boxes must be a JSON list of [x0, y0, x1, y1] boxes, {example}.") from None
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_BOXES:
+        raise ApiError(400, f"boxes must be a list of 1 to {MAX_BOXES} boxes [x0, y0, x1, y1], {example}.")
+    for box in value:
+        ok = isinstance(box, list) and len(box) == 4
+        ok = ok and all(isinstance(v, int | float) and not isinstance(v, bool) for v in box)
+        if not ok or not (0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1):
+            raise ApiError(
+                400,
+                f"The box {box!r} is not [x0, y0, x1, y1] with 0 ≤ x0 < x1 ≤ 1 and 0 ≤ y0 < y1 ≤ 1 (fractions of the side).",
+            )
+    return [[float(v) for v in box] for box in value]

@@ -21,10 +21,12 @@ from fastapi.responses import FileResponse, HTMLResponse, Response
 
 from lipkit import __version__
 from lipkit.data.images import sniff_image_type
+from lipkit.eval.heatmaps import MAP_KINDS
 from lipkit.search.batcher import MicroBatcher
+from lipkit.search.heatmap import query_heatmap
 from lipkit.search.metrics import CONTENT_TYPE, ServerMetrics
 from lipkit.search.query import Searcher, decode_image_bytes
-from lipkit.search.request_guards import ApiError, Limits, parse_int
+from lipkit.search.request_guards import ApiError, Limits, parse_boxes, parse_int
 from lipkit.search.request_reading import check_text, read_input
 
 _BODY_DOC = {
@@ -38,6 +40,12 @@ _BODY_DOC = {
                         "file": {"type": "string", "format": "binary", "description": "An image file."},
                         "q": {"type": "string", "description": "A text query (instead of a file)."},
                         "k": {"type": "integer", "minimum": 1, "maximum": 100},
+                        "boxes": {
+                            "type": "string",
+                            "description": "/embed only, with a file: a JSON list of [x0, y0, x1, y1] boxes "
+                            "(fractions of the side of the centre square the model sees); one region "
+                            "embedding per box.",
+                        },
                     },
                 }
             },
@@ -110,14 +118,20 @@ class SearchState:
         image_u8 = await run_in_threadpool(decode_image_bytes, data, s.size, self.limits.max_pixels)
         return await self.image_vector(image_u8)
 
-    async def item_vector(self, i: int) -> np.ndarray:
+    async def item_image(self, i: int) -> torch.Tensor:
+        """The indexed item's image at the model's size: its file, or its bytes kept from a shard."""
         s = self.searcher
-        path = s.index.items[i].get("path")
-        if not path or not Path(path).is_file():
+        data = item_bytes(s.index.items[i])
+        if data is None:
             raise ApiError(
                 404, f"Item {i} has no image file on this server; search by text or upload an image."
             )
-        return await self.image_vector(await run_in_threadpool(s.image_file, path))
+        if isinstance(data, Path):
+            return await run_in_threadpool(s.image_file, data)
+        return await run_in_threadpool(decode_image_bytes, data, s.size, self.limits.max_pixels)
+
+    async def item_vector(self, i: int) -> np.ndarray:
+        return await self.image_vector(await self.item_image(i))
 
     def _timed_search(self, vector: np.ndarray, k: int) -> list[dict[str, Any]]:
         t0 = time.perf_counter()
@@ -134,6 +148,18 @@ class SearchState:
         if self.search_seconds < INLINE_SEARCH_S:
             return self._timed_search(vector, k)
         return await run_in_threadpool(self._timed_search, vector, k)
+
+
+def item_bytes(entry: dict[str, Any]) -> Path | bytes | None:
+    """Where an index entry's image is: its file, its bytes (a shard's, kept in images.bin), or None."""
+    path, blob = entry.get("path"), entry.get("blob")
+    if path and Path(path).is_file():
+        return Path(path)
+    if blob and Path(blob["file"]).is_file():
+        with open(blob["file"], "rb") as f:
+            f.seek(int(blob["offset"]))
+            return f.read(int(blob["size"]))
+    return None
 
 
 def _state(request: Request) -> SearchState:
@@ -223,9 +249,14 @@ async def search_post(request: Request) -> dict[str, Any]:
 
 
 async def embed(request: Request) -> dict[str, Any]:
-    """The embedding of a text (`q`) or an uploaded image (`file`) — the vector the index compares."""
+    """The embedding of a text (`q`) or an uploaded image (`file`) — the vector the index compares; with
+    `boxes` beside an image, one region embedding per box (DualEncoder.encode_region)."""
     st = _state(request)
-    text, image, _ = await read_input(request, st.limits)
+    text, image, fields = await read_input(request, st.limits)
+    if "boxes" in fields:
+        if image is None:
+            raise ApiError(400, "boxes go with an image: upload the image as 'file' beside the boxes field.")
+        return await _region_embeddings(st, image, parse_boxes(fields["boxes"]))
     if image is not None:
         vec, kind = await st.upload_vector(image), "image"
     else:
@@ -240,6 +271,39 @@ async def embed(request: Request) -> dict[str, Any]:
     }
 
 
+async def heatmap(
+    request: Request, q: str | None = None, id: str | None = None, kind: str = "similarity"
+) -> dict[str, Any]:
+    """Where in item `id`'s image the words `q` match: an h × w grid of scores over the centre square the
+    model sees, and its peak (x, y as fractions of the side). `kind`: similarity (token–text cosine),
+    gradcam (Grad-CAM, any checkpoint) or filip (word–patch, for FILIP checkpoints); docs/localization.md."""
+    st = _state(request)
+    if q is None or id is None:
+        raise ApiError(
+            400, "Send q (the words) and id (an item id) for a heat map, e.g. /heatmap?q=a+red+star&id=0."
+        )
+    if kind not in MAP_KINDS:
+        raise ApiError(400, f"kind must be one of {', '.join(MAP_KINDS)}, not '{kind}'.")
+    text, i = check_text(q, st.limits), st.item_id(id)
+    image_u8 = await st.item_image(i)
+    s = st.searcher
+    found = await run_in_threadpool(query_heatmap, s.model, s.tokenizer, image_u8, text, kind, s.precision)
+    return {"id": i, "query": text, **found}
+
+
+async def _region_embeddings(st: SearchState, image: bytes, boxes: list[list[float]]) -> dict[str, Any]:
+    s = st.searcher
+    image_u8 = await run_in_threadpool(decode_image_bytes, image, s.size, st.limits.max_pixels)
+    vectors = await run_in_threadpool(s.region_embeddings, image_u8, boxes)
+    return {
+        "type": "regions",
+        "dim": int(vectors.shape[1]),
+        "sparse": False,
+        "boxes": boxes,
+        "embeddings": vectors.astype(float).tolist(),
+    }
+
+
 def metrics(request: Request) -> Response:
     """Request counts, latency histogram, queue depth, batch sizes and cache hit rate (Prometheus text)."""
     return Response(_state(request).metrics.registry.render(), media_type=CONTENT_TYPE)
@@ -249,16 +313,12 @@ def image(request: Request, item: str) -> Response:
     """The image of an indexed item: its file, or its bytes from a shard (kept in images.bin by embed)."""
     st = _state(request)
     i = st.item_id(item)
-    entry = st.searcher.index.items[i]
-    path, blob = entry.get("path"), entry.get("blob")
+    data = item_bytes(st.searcher.index.items[i])
     cache = {"Cache-Control": f"{'private' if st.auth_required else 'public'}, max-age=3600"}
-    if path and Path(path).is_file():
-        media = mimetypes.guess_type(path)[0] or "application/octet-stream"
-        return FileResponse(path, media_type=media, headers=cache)
-    if blob and Path(blob["file"]).is_file():
-        with open(blob["file"], "rb") as f:
-            f.seek(int(blob["offset"]))
-            data = f.read(int(blob["size"]))
+    if isinstance(data, Path):
+        media = mimetypes.guess_type(data)[0] or "application/octet-stream"
+        return FileResponse(data, media_type=media, headers=cache)
+    if data is not None:
         media = sniff_image_type(data) or "application/octet-stream"
         return Response(data, media_type=media, headers=cache)
     raise ApiError(404, f"Item {i} has no image file on this server (it was moved or never had one).")
@@ -272,6 +332,7 @@ def add_routes(app: FastAPI) -> None:
     app.get("/search")(search_get)
     app.post("/search", openapi_extra=_BODY_DOC)(search_post)
     app.post("/embed", openapi_extra=_BODY_DOC)(embed)
+    app.get("/heatmap")(heatmap)
     app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})(metrics)
     app.get(
         "/image/{item}",

@@ -5,6 +5,7 @@
   POST /search        multipart/form-data (`file` = an image, or `q`), JSON {"q": ..., "k": ...},
                       a form, or a raw image/* body
   POST /embed         the same inputs → the embedding vector
+  GET  /heatmap       ?q=text&id=N&kind=similarity|gradcam|filip: where in item N's image the text matches
   GET  /image/{id}    the indexed item's image file
   GET  /health        status, index kind/size, model shape, serving settings
   GET  /metrics       Prometheus text: requests by route and status, latency histogram, queue depth,
