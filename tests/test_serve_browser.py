@@ -113,6 +113,7 @@ def test_errors_show_on_the_page(page):
 
 def test_heat_maps_show_over_the_results(page, tmp_path):
     page.select_option("#where", "gradcam")
+    page.select_option("#k", "10")
     page.fill("#q", "a blue square")
     page.press("#q", "Enter")
     page.wait_for_function("document.getElementById('status').textContent.includes('a blue square')")

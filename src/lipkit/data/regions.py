@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from lipkit.data.records import Record
 from lipkit.errors import UserError
@@ -44,14 +44,16 @@ def row_regions(r: Record, boxes_column: str, captions_column: str, where: str) 
 
 
 def mask_labels(r: Record, size: int) -> torch.Tensor:
-    """A row's mask as the model sees its image — (size, size) uint8 labels after lipkit's resize of the
-    short side and centre crop, nearest-neighbour so labels stay labels; a missing or unreadable file is
-    refused."""
+    """A row's mask as the model sees its image — (size, size) uint8 labels after the EXIF orientation,
+    lipkit's resize of the short side and centre crop, nearest-neighbour so labels stay labels; a missing or
+    unreadable file, or one that is not a single-channel 8-bit image, is refused."""
     path = Path(str(r.meta.get(MASK, "")))
     try:
         with Image.open(path) as im:
             im.load()
-            labels = im if im.mode in ("L", "P") else im.convert("L")
+            if im.mode not in ("L", "P"):
+                raise ValueError(f"mode {im.mode}; a mask is a single-channel 8-bit image (PNG mode L or P)")
+            labels = ImageOps.exif_transpose(im)
             w, h = labels.size
             s = size / min(w, h)
             if (w, h) != (size, size):

@@ -7,17 +7,18 @@
   pools its class token, they do only once a region or token loss (CLOC, FILIP) has trained them.
 - `gradcam`: Grad-CAM (Selvaraju et al., 2017) of s = <e(I), t>, the cosine of the pooled image embedding
   with the text: with A (N × C) the activations the pooled embedding is computed from and
-  α_c = 1/N Σ_n ∂s/∂A_nc, the map is ReLU(Σ_c α_c A_nc). It needs no trained tokens, so it works for any
-  checkpoint, in the spirit of GroundVLP's gradient-weighted maps (GroundVLP weights ALBEF's cross-attention
-  maps by their gradients; a dual encoder has no cross-attention, so the tower's own activations stand
-  in). A: a timm tower's last feature map; lipkit's ViT: the patch tokens entering its last block (the
-  class token reads them by attention there). A timm ViT that pools its class token has no gradient on its
-  last feature map and gives a zero map.
+  α_c = 1/N Σ_n ∂s/∂A_nc, the map is ReLU(Σ_c α_c A_nc). It needs no trained tokens, in the spirit of
+  GroundVLP's gradient-weighted maps (GroundVLP weights ALBEF's cross-attention maps by their gradients; a
+  dual encoder has no cross-attention, so the tower's own activations stand in). A: a timm tower's last
+  feature map; lipkit's ViT: the patch tokens entering its last block (the class token reads them by
+  attention there). A timm ViT that pools its class token has no gradient on its last feature map: its
+  maps are flat (all zero), and the pointing game counts flat maps as misses.
 - `filip`: FILIP's word–patch alignment (Yao et al., 2021) — each image token's best match among the
   text's real tokens, max_r <x_n, y_r> (normalised token features): the patch's share of FILIP's s^I.
 
-Every function takes normalised pixels (B, 3, S, S) and per-image text features padded to K texts, and
-returns (B, K, h, w); entries of padded texts are meaningless and left to the caller's mask.
+The map functions take normalised image tokens (`token_features`) or, for Grad-CAM, normalised pixels
+(B, 3, S, S), with per-image text features padded to K texts, and return (B, K, h, w); entries of padded
+texts are meaningless and left to the caller.
 """
 
 from __future__ import annotations
@@ -51,25 +52,22 @@ def similarity_maps(tokens: torch.Tensor, text_emb: torch.Tensor) -> torch.Tenso
 
 
 def _pooled_and_activations(model: DualEncoder, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pooled image features and (B, N, C) activations they are computed from, the activations a leaf
-    that receives gradients (see the module doc for which activations each tower gives)."""
+    """The pooled image features and the activations they are computed from (a leaf that receives
+    gradients; see the module doc for which activations each tower gives). Everything before the leaf runs
+    without autograd; nothing is attached to the model, so concurrent calls do not interfere."""
     visual = model.visual
     if isinstance(visual, TimmTower):
-        grid = visual.trunk.forward_features(images).detach().float().requires_grad_(True)
-        pooled = visual.head(visual.trunk.forward_head(grid.to(images.dtype), pre_logits=True))
-        return pooled, grid
-    held: dict[str, torch.Tensor] = {}
-
-    def leaf_input(_module, args):
-        held["x"] = args[0].detach().float().requires_grad_(True)
-        return (held["x"].to(args[0].dtype), *args[1:])
-
-    hook = visual.transformer.resblocks[-1].register_forward_pre_hook(leaf_input)
-    try:
-        pooled = visual(images)
-    finally:
-        hook.remove()
-    return pooled, held["x"]
+        with torch.no_grad():
+            grid = visual.trunk.forward_features(images)
+        leaf = grid.detach().float().requires_grad_(True)
+        return visual.head(visual.trunk.forward_head(leaf.to(grid.dtype), pre_logits=True)), leaf
+    with torch.no_grad():
+        x = visual.embed(images)
+        for block in visual.transformer.resblocks[:-1]:
+            x = block(x)
+    leaf = x.detach().float().requires_grad_(True)
+    out = visual.ln_post(visual.transformer.resblocks[-1](leaf.to(x.dtype)))
+    return out[:, 0] @ visual.proj, leaf
 
 
 def gradcam_maps(model: DualEncoder, images: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:

@@ -3,13 +3,15 @@
 
 - Pointing game (Zhang et al., 2016): each box's caption gets a heat map per kind (eval.heatmaps:
   `similarity`, `gradcam`, and `filip` for a checkpoint evaluated token-wise); the map points at the centre
-  of its highest token, a hit when that point lies inside the box: `localization/pointing/<kind>`. Chance:
-  the mean share of the image a box covers (where a uniformly random point lands inside).
+  of its highest token, a hit when that point lies inside the box (a flat map — every token equal — points
+  nowhere: a miss): `localization/pointing/<kind>`. Chance: the mean share of the image a box covers (where
+  a uniformly random point lands inside).
 - Zero-shot segmentation (DenseCLIP's dense prediction, without DenseCLIP's training): in a row with a
   mask, each pixel goes to the caption — among that image's own — whose similarity map, upsampled
   bilinearly, is highest there, and is foreground when that map, min–max normalised over the image, is
-  ≥ 0.5. IoU of each caption's predicted pixels with its object's mask pixels, intersections and unions
-  summed over the split per caption (case folded), averaged over captions: `localization/segmentation/mIoU`
+  ≥ 0.5. IoU of each caption's predicted pixels with its objects' mask pixels (boxes of one image with the
+  same caption, case folded, count as one class), intersections and unions summed over the split per
+  caption, averaged over captions: `localization/segmentation/mIoU`
   (background is not a class). The baseline in the chance column is all foreground: every object predicted
   on every pixel (IoU = the share of the image its mask covers).
 - Context-aware prompting (DenseCLIP's vision-to-language prompting, parameter-free here: eval.heatmaps.
@@ -87,19 +89,25 @@ class _Scores:
         self.iou = {"mIoU": _IoU(), "context_mIoU": _IoU(), "baseline": _IoU()}
         self.examples: list[dict[str, Any]] = []
 
-    def point(self, kind: str, peaks: torch.Tensor, boxes: list) -> None:
-        for (x, y), (x0, y0, x1, y1) in zip(peaks.tolist(), boxes, strict=False):
-            self.hits[kind].append(float(x0 <= x <= x1 and y0 <= y <= y1))
+    def point(self, kind: str, maps: torch.Tensor, boxes: list) -> None:
+        """(K, h, w) maps of one image's K boxes."""
+        peaks = heatmaps.peak_points(maps).tolist()
+        flat = (maps.amax((1, 2)) == maps.amin((1, 2))).tolist()
+        for (x, y), (x0, y0, x1, y1), nowhere in zip(peaks, boxes, flat, strict=True):
+            self.hits[kind].append(float(not nowhere and x0 <= x <= x1 and y0 <= y <= y1))
 
     def segment(self, names: list[str], maps: dict[str, torch.Tensor], truth: torch.Tensor) -> None:
         size = truth.shape[-1]
+        labels = {
+            n: torch.tensor([k + 1 for k, m in enumerate(names) if m == n]) for n in dict.fromkeys(names)
+        }
         for key, sim in (("mIoU", maps["similarity"]), ("context_mIoU", maps["context"])):
             pred = segment(sim, size)
-            for k, name in enumerate(names):
-                self.iou[key].add(name, pred == k + 1, truth == k + 1)
+            for name, ks in labels.items():
+                self.iou[key].add(name, torch.isin(pred, ks), torch.isin(truth, ks))
         everywhere = torch.ones_like(truth, dtype=torch.bool)
-        for k, name in enumerate(names):
-            self.iou["baseline"].add(name, everywhere, truth == k + 1)
+        for name, ks in labels.items():
+            self.iou["baseline"].add(name, everywhere, torch.isin(truth, ks))
 
 
 def _texts(model, tokenizer, store: ImageStore, rows: Sequence[int], batch_size: int, filip: bool):
@@ -125,7 +133,7 @@ def _maps(
     if tok is not None:
         feats, mask = tok
         maps["filip"] = heatmaps.filip_maps(tokens, _padded(per_image, feats), _padded(per_image, mask))
-    prompted = heatmaps.context_prompted(tokens, text, float(model.logit_scale.detach().exp()), GAMMA)
+    prompted = heatmaps.context_prompted(tokens, text, float(model.scale().detach()), GAMMA)
     maps["context"] = heatmaps.similarity_maps(tokens, prompted)
     return {k: m.float().cpu() for k, m in maps.items()}
 
@@ -136,13 +144,12 @@ def _score_batch(model, store: ImageStore, chunk: list[int], texts, scores: _Sco
     x = normalize(store.get(chunk), spec.image_mean, spec.image_std).to(model.device)
     maps = _maps(model, x, [[at[c] for c in regions[i][1]] for i in chunk], emb, tok)
     kinds = [k for k in maps if k != "context"]
-    peaks = {k: heatmaps.peak_points(maps[k]) for k in kinds}
     for b, i in enumerate(chunk):
         boxes, caps = regions[i]
         n = len(caps)
         scores.areas += [(x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in boxes]
         for kind in kinds:
-            scores.point(kind, peaks[kind][b, :n], boxes)
+            scores.point(kind, maps[kind][b, :n], boxes)
         record = store.records[i]
         if record.meta.get(MASK):
             truth = mask_labels(record, spec.image_size)

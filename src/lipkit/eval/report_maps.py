@@ -11,6 +11,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from PIL import Image
 
+from lipkit.data.images import image_pixels
 from lipkit.eval.report_figures import esc, load_image, mpl, save, slug
 
 _SIDE = 160  # pixels each panel's image is drawn at
@@ -37,9 +38,9 @@ def localization_figure(split: str, examples: list[dict[str, Any]], out_dir: Pat
     """HTML for the split's heat maps (one row per image and kind of map, one panel per box)."""
     rows = []
     for ex in examples:
-        img = load_image(str(ex.get("image", "")), _SIDE)
+        img = load_image(str(ex.get("image", "")), 4 * _SIDE)  # the centre square, as the model saw it
         pixels = (
-            np.asarray(img.resize((_SIDE, _SIDE)))
+            image_pixels(img, _SIDE).permute(1, 2, 0).numpy()
             if img is not None
             else np.full((_SIDE, _SIDE, 3), 210, np.uint8)
         )

@@ -82,12 +82,16 @@ class VisionTransformer(nn.Module):
         self.ln_post = nn.LayerNorm(w)
         self.proj = nn.Parameter(scale * torch.randn(w, spec.embed_dim))
 
-    def forward(self, images: torch.Tensor, return_tokens: bool = False):
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) → (B, 1 + N, W): the class token and the patch tokens with their positions, after
+        ln_pre — the first block's input."""
         x = self.conv1(images).flatten(2).transpose(1, 2)  # B, N, W
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
-        x = self.transformer(self.ln_pre(x))
-        x = self.ln_post(x)
+        return self.ln_pre(x)
+
+    def forward(self, images: torch.Tensor, return_tokens: bool = False):
+        x = self.ln_post(self.transformer(self.embed(images)))
         pooled = x[:, 0] @ self.proj
         if return_tokens:
             return pooled, x[:, 1:] @ self.proj

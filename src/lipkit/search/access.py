@@ -6,7 +6,7 @@ middleware that answers before any route runs — a refused request reads no bod
   The page, `/health` and the API docs stay open so a person can see what the server is and a load
   balancer can probe it.
 - Rate limits: a token bucket per client (its key when keys are on, else its IP address) charged by the
-  routes that spend model time (`/search`, `/embed`): `rate` requests per second on average, bursts up to
+  routes that spend model time (`/search`, `/embed`, `/heatmap`): `rate` requests per second on average, bursts up to
   `burst`. Over it → 429 with Retry-After. Thumbnails and metrics scrapes are not charged.
 """
 
@@ -26,7 +26,7 @@ from lipkit.errors import UserError
 from lipkit.search.request_guards import error_response
 
 OPEN_PATHS = ("/", "/health", "/docs", "/openapi.json", "/favicon.ico")
-CHARGED_PATHS = ("/search", "/embed")
+CHARGED_PATHS = ("/search", "/embed", "/heatmap")
 OPEN_PREFIXES = ("/docs-static/",)
 MAX_CLIENTS = 100_000  # buckets kept; the least recently seen client is forgotten first
 
