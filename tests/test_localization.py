@@ -219,3 +219,30 @@ def test_pointing_and_segmentation_metrics_match_a_per_row_loop(canvas_table, tm
 
     page = write_report(tmp_path, {"splits": {"canvases": got}}).read_text()
     assert "Heat maps" in page and (tmp_path / "report" / "localization_canvases.png").stat().st_size > 1000
+
+
+def test_a_tower_without_a_token_grid_skips_the_region_metrics(canvas_table):
+    """MobileNetV3 pools through a layer of its own (timm's head_hidden_size): its tokens are not in the
+    projection's space, so a split with boxes is scored on the whole images only, without an error."""
+    pytest.importorskip("timm")
+    from lipkit.config import EvalConfig
+    from lipkit.data.sources.registry import read_table
+    from lipkit.eval.evaluate import evaluate_records
+    from lipkit.text.tokenizer import TextTokenizer
+
+    records = read_table(canvas_table.parent / "test.jsonl")
+    tok = TextTokenizer.train([c for r in records for c in r.captions], vocab_size=300, context_length=16)
+    spec = get_spec(
+        "tiny",
+        **{**TINY_MODEL, "image_size": 64},
+        vision_tower="timm",
+        timm_model_name="mobilenetv3_small_050",
+        vocab_size=tok.vocab_size,
+        eot_id=tok.eot_id,
+        context_length=16,
+    )
+    model = DualEncoder(spec).eval()
+    assert not model.visual.has_token_grid
+    got = evaluate_records(model, tok, records, EvalConfig(class_columns=[], batch_size=4), details=False)
+    assert "retrieval/text_to_image/R@1" in got["metrics"]
+    assert not [k for k in got["metrics"] if k.startswith(("regions/", "localization/"))]

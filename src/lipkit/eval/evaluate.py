@@ -140,7 +140,8 @@ def evaluate_records(
         result["n_texts"] = len(texts.texts)
         if details:
             result.update(_details(records, texts, sims))
-    if has_regions(records):  # boxes with one caption each: region retrieval, pointing, segmentation
+    # boxes with one caption each: region retrieval, pointing, segmentation — for towers with a token grid
+    if has_regions(records) and getattr(model.visual, "has_token_grid", True):
         region_metrics(model, tokenizer, store, cfg.batch_size, metrics, chance)
         filip = similarity == "filip"
         drawn = localization_metrics(model, tokenizer, store, cfg.batch_size, metrics, chance, filip)

@@ -203,6 +203,11 @@ class TimmTower(nn.Module):
         pooled = self.head(self.trunk.forward_head(grid, pre_logits=True))
         return pooled, self.head(self.tokens(grid))
 
+    @property
+    def has_token_grid(self) -> bool:
+        """Whether its tokens are in the projection's space (see `tokens`)."""
+        return self.trunk.num_features == self.width
+
     def tokens(self, grid: torch.Tensor) -> torch.Tensor:
         """The trunk's last feature map as (B, N, C) tokens: a CNN's (B, C, H, W) or a channels-last
         trunk's (B, H, W, C) → (B, H·W, C); a timm ViT's (B, prefix + N, C) without its prefix tokens."""
@@ -213,9 +218,9 @@ class TimmTower(nn.Module):
         if tokens.shape[-1] != self.width:
             raise UserError(
                 f"timm '{self.name}' pools its {tokens.shape[-1]}-channel feature map through a layer of its "
-                f"own into {self.width} features, so its tokens are not in the projection's space; use an "
-                "objective without image tokens (not FILIP, Wukong, LexLIP, DreamLIP or TCL's local terms) "
-                "or another timm_model_name."
+                f"own into {self.width} features, so its tokens are not in the projection's space; what reads "
+                "image tokens (FILIP, Wukong, LexLIP, DreamLIP, TCL's local terms, CLOC, region embeddings, heat "
+                "maps) needs another timm_model_name."
             )
         return tokens
 
