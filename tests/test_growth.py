@@ -153,3 +153,29 @@ def test_growth_refusals_name_the_fix():
     for bad in ({"at_step": 2, "depth": "1"}, {"at_step": 2, "width": 2.0}, {"at_step": 2, "noise": -1.0}):
         with pytest.raises(UserError, match="integer at_step"):
             parse_schedule([bad])
+
+
+def test_parameter_inheriting_with_momentum_blends_in_the_fresh_initialisation():
+    import copy
+
+    from lipkit.models.growth import grown_spec
+    from lipkit.models.vision import VisionTransformer
+
+    model, _, _ = model_and_inputs(torch.float64, "patch")
+    grown = {}
+    for lam in (1.0, 0.7, 0.0):
+        m = copy.deepcopy(model)
+        rng = torch.get_rng_state()
+        grow_model(m, Growth("both", 2, 1, momentum=lam), seed=3)
+        assert torch.equal(torch.get_rng_state(), rng)  # the fresh initialisation leaves the global RNG alone
+        grown[lam] = dict(m.named_parameters())
+    for name, p in grown[0.7].items():
+        want = 0.7 * grown[1.0][name] + 0.3 * grown[0.0][name]
+        assert torch.allclose(p, want, atol=1e-12), name
+    torch.manual_seed(3)
+    init = VisionTransformer(grown_spec(model.spec, Growth("both", 2, 1)))
+    for name, p in init.named_parameters():  # λ = 0: the grown architecture's own seeded initialisation
+        assert torch.allclose(grown[0.0]["visual." + name], p.double()), name
+    assert not torch.equal(grown[0.7]["visual.proj"], grown[1.0]["visual.proj"])
+    with pytest.raises(UserError, match="momentum in \\[0, 1\\]"):
+        parse_schedule([{"at_step": 2, "momentum": 1.5}])

@@ -22,10 +22,17 @@ splits the weight) and a parameter reading a duplicated input with an unduplicat
 projections) the old gradient in each half — so the first moment is repeated and scaled by ½ or 1 and
 the second by ¼ or 1 (tests/test_growth.py checks the gradients). Inserted blocks start with no moments.
 
-Not implemented: GrowCLIP's data-aware search of what to grow (Deng et al., 2023: the criterion and its
-growth space are not available offline here, and it trains candidate architectures — growth here is the
-schedule the user writes), its parameter inheriting with momentum (PIM) and shared encoder; growth of
-timm or Hugging Face towers, of a BatchNorm stem, of locked towers, and width factors other than 2.
+Parameter inheriting with momentum (GrowCLIP's PIM, Deng et al., 2023, which inherits the old weights
+only in part to keep the grown model out of the old one's local minimum; as lipkit reads it): with
+`momentum` λ < 1, every parameter of a grown tower becomes θ = λ·θ_inherited + (1 − λ)·θ_init, θ_init the
+grown architecture's own fresh initialisation (seeded like the noise). λ = 1 (the default) is the
+function-preserving growth above; λ < 1 gives up function preservation by design, and the carried
+optimizer moments are those of the inherited part.
+
+Not implemented: GrowCLIP's data-aware search of what to grow (the criterion and its growth space are not
+available offline here, and it trains candidate architectures — growth here is the schedule the user
+writes) and its shared encoder; growth of timm or Hugging Face towers, of a BatchNorm stem, of locked
+towers, and width factors other than 2.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ class Growth:
     width: int = 1
     depth: int = 0
     noise: float = 0.01  # std of E relative to each split weight's std
+    momentum: float = 1.0  # PIM's λ: the share of the inherited weights (1: function-preserving)
 
     def grows(self, tower: str) -> bool:
         return self.towers in (tower, "both")
@@ -235,13 +243,20 @@ def grow_model(model: nn.Module, g: Growth, seed: int) -> dict[str, Source]:
                 f"(train.lock_{tower_name}=none) or leave it out of train.grow's towers."
             )
         ref = next(tower.parameters())
-        fresh = build(spec).to(device=ref.device, dtype=ref.dtype)
+        with torch.random.fork_rng(
+            devices=[]
+        ):  # the fresh initialisation PIM blends in: seeded, every rank alike
+            torch.manual_seed(seed)
+            fresh = build(spec).to(device=ref.device, dtype=ref.dtype)
         old = {prefix + n: p.detach() for n, p in tower.named_parameters()}
         new = {prefix + n: p for n, p in fresh.named_parameters()}
         mine = tower_sources(prefix, old, new, layers, g.depth)
         with torch.no_grad():
             for name, src in mine.items():
-                new[name].copy_(grow_weight(old[src.old], src, gen, g.noise))
+                inherited = grow_weight(old[src.old], src, gen, g.noise)
+                new[name].copy_(
+                    inherited if g.momentum == 1 else g.momentum * inherited + (1 - g.momentum) * new[name]
+                )
         fresh.transformer.checkpointing = tower.transformer.checkpointing
         fresh.train(tower.training)
         setattr(model, attr, fresh)

@@ -26,7 +26,7 @@ from lipkit.models.growth import Growth, grow_model, grow_moment, grown_spec
 from lipkit.train.optim import build_optimizer
 
 console = Console(stderr=True)
-KEYS = {"at_step", "towers", "width", "depth", "noise"}
+KEYS = {"at_step", "towers", "width", "depth", "noise", "momentum"}
 
 
 def parse_schedule(entries: list[dict[str, Any]]) -> dict[int, Growth]:
@@ -34,16 +34,18 @@ def parse_schedule(entries: list[dict[str, Any]]) -> dict[int, Growth]:
     out: dict[int, Growth] = {}
     for entry in entries:
         types = {"at_step": int, "towers": str, "width": int, "depth": int, "noise": (int, float)}
+        types["momentum"] = (int, float)
         if (
             not isinstance(entry, dict)
             or not set(entry) <= KEYS
             or "at_step" not in entry
             or any(not isinstance(v, types[k]) or isinstance(v, bool) for k, v in entry.items())
             or entry.get("noise", 0) < 0
+            or not 0 <= entry.get("momentum", 1) <= 1
         ):
             raise UserError(
                 "train.grow entries are mappings with an integer at_step and optionally towers (image, text or "
-                f"both), integer width and depth, and noise ≥ 0, e.g. {{at_step: 100, towers: both, width: 2, "
+                f"both), integer width and depth, noise ≥ 0 and momentum in [0, 1], e.g. {{at_step: 100, towers: both, width: 2, "
                 f"depth: 2}}; got {entry!r}."
             )
         step = entry["at_step"]
