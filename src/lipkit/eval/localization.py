@@ -33,6 +33,7 @@ from lipkit.data.regions import BOXES, CAPTIONS, MASK, mask_labels, row_regions
 from lipkit.data.transforms import normalize
 from lipkit.eval import heatmaps
 from lipkit.eval.embedding import embed_texts
+from lipkit.eval.regions import caption_name, region_rows
 from lipkit.eval.token_similarity import text_tokens
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.text.tokenizer import TextTokenizer
@@ -65,10 +66,6 @@ class _IoU:
 
     def mean(self) -> float:
         return sum(self.inter[n] / max(self.union[n], 1.0) for n in self.union) / max(len(self.union), 1)
-
-
-def _name(text: str) -> str:
-    return " ".join(str(text).split()).casefold()
 
 
 def _padded(per_image: list[list[int]], table: torch.Tensor) -> torch.Tensor:
@@ -153,7 +150,7 @@ def _score_batch(model, store: ImageStore, chunk: list[int], texts, scores: _Sco
         record = store.records[i]
         if record.meta.get(MASK):
             truth = mask_labels(record, spec.image_size)
-            scores.segment([_name(c) for c in caps], {k: m[b, :n] for k, m in maps.items()}, truth)
+            scores.segment([caption_name(c) for c in caps], {k: m[b, :n] for k, m in maps.items()}, truth)
         if i in shown:
             drawn = {k: (torch.round(maps[k][b, :n] * 1e4) / 1e4).tolist() for k in kinds}
             scores.examples.append(
@@ -172,7 +169,7 @@ def localization_metrics(
 ) -> list[dict[str, Any]]:
     """Pointing game and zero-shot segmentation of the store's rows with boxes (see the module doc) into
     `metrics` and `chance`; returns the heat maps of a few rows for the report."""
-    rows = [i for i, r in enumerate(store.records) if r.meta.get(BOXES) or r.meta.get(CAPTIONS)]
+    rows = region_rows(store.records)
     texts = _texts(model, tokenizer, store, rows, batch_size, filip)
     rows = [i for i in rows if texts[0][i][0]]
     if not rows:

@@ -30,7 +30,13 @@ def has_regions(records: Sequence[Record]) -> bool:
     return any(r.meta.get(BOXES) or r.meta.get(CAPTIONS) for r in records)
 
 
-def _name(text: str) -> str:
+def region_rows(records: Sequence[Record]) -> list[int]:
+    """The indices of the rows with boxes or region captions (what has_regions looks for)."""
+    return [i for i, r in enumerate(records) if r.meta.get(BOXES) or r.meta.get(CAPTIONS)]
+
+
+def caption_name(text: str) -> str:
+    """A region caption as compared: whitespace collapsed, case folded."""
     return " ".join(str(text).split()).casefold()
 
 
@@ -80,14 +86,14 @@ def region_metrics(
     chance: dict[str, float],
 ) -> None:
     """Region→caption and crop→caption R@k of the store's rows with boxes, into `metrics` and `chance`."""
-    rows = [i for i, r in enumerate(store.records) if r.meta.get(BOXES) or r.meta.get(CAPTIONS)]
+    rows = region_rows(store.records)
     regions, cropped, captions = _embed_regions(model, store, rows, batch_size)
     if not captions:
         return
     spelling: dict[str, str] = {}  # folded name → its first spelling (what the text tower reads)
     for c in captions:
-        spelling.setdefault(_name(c), c)
-    names = [_name(c) for c in captions]
+        spelling.setdefault(caption_name(c), c)
+    names = [caption_name(c) for c in captions]
     folded = sorted(spelling)
     texts = [spelling[n] for n in folded]
     text_emb = embed_texts(model, tokenizer, texts, batch_size)
