@@ -59,6 +59,11 @@ def _makers(b: int, d: int) -> dict[str, Callable[[], torch.Tensor]]:
             < (torch.arange(b)[:, None] % 4).clamp(max=3) + 1 - (torch.arange(b)[:, None] == b - 1).long() * 4
         ),
         "region_text_key": lambda: (torch.arange(b)[:, None] + torch.arange(3)[None, :]) % 4,
+        # 3 concept slots a caption: image i's first i % 3 + 1 valid, the last caption without any
+        "concept_features": lambda: _unit(b, 3, d, seed=145),
+        "concept_valid": lambda: (
+            (torch.arange(3)[None, :] <= torch.arange(b)[:, None] % 3) & (torch.arange(b)[:, None] < b - 1)
+        ),
     }
 
 

@@ -24,6 +24,7 @@ from lipkit.models.presets import IMAGENET_MEAN, IMAGENET_STD, get_spec
 from lipkit.objectives import OBJECTIVES, build_objective
 from lipkit.text.tokenizer import TextTokenizer
 from lipkit.train import fsdp
+from lipkit.train.concepts import ConceptTable
 from lipkit.train.distributed import Dist, sync_step
 from lipkit.train.growth import grow_trainer
 from lipkit.train.inputs import INPUTS, objective_needs, requires
@@ -77,6 +78,11 @@ def make_trainer(tmp: Path, rank: int, world: int, per_image: int = 1, **train) 
         ]
         names = [[WORDS[(i + j) % 5] for j in range(i % 4)] for i in range(BATCH)]
         labels["regions"] = RegionTable([f"row-{i}" for i in range(BATCH)], boxes, names, tok)
+    if requires(
+        needs, "concepts"
+    ):  # ConceptCLIP: the caption's two words, one it does not spell, a row without
+        rows = [[WORDS[i % 12], "zebra", WORDS[(i * 5 + 3) % 12]] if i != 5 else [] for i in range(BATCH)]
+        labels["concepts"] = ConceptTable([f"row-{i}" for i in range(BATCH)], rows, tok)
     return Trainer(
         model,
         objective,

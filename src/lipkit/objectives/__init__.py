@@ -11,6 +11,7 @@ from torch import nn
 from lipkit.errors import UserError
 from lipkit.objectives.alip import ALIPLoss
 from lipkit.objectives.cloc import RegionContrast
+from lipkit.objectives.conceptclip import ConceptAlignment
 from lipkit.objectives.distill import Distillation
 from lipkit.objectives.dreamlip import SubCaptionGrouping
 from lipkit.objectives.filip import FILIPLoss
@@ -52,6 +53,7 @@ OBJECTIVES: dict[str, type[nn.Module]] = {
     "rs_m_clip": LocalGlobalDistillation,
     "distill": Distillation,
     "cloc": RegionContrast,
+    "conceptclip": ConceptAlignment,
 }
 
 

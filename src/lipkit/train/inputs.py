@@ -10,8 +10,6 @@ is made global across ranks (train.distributed.gather_inputs), how gradient cach
 
 from __future__ import annotations
 
-import functools
-import hashlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -21,149 +19,10 @@ import torch.nn.functional as F
 
 from lipkit.errors import UserError
 from lipkit.models.dual_encoder import DualEncoder
-from lipkit.models.regions import region_pool
+from lipkit.train.batch_pass import BatchPass, caption_keys, sample_ids
 from lipkit.train.views import Views
 
 DEFAULT_INPUTS = ("image_features", "text_features", "logit_scale")  # an objective without `inputs`
-
-
-@functools.cache
-def _hash_coefficients(length: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(0x11F)
-    return torch.randint(-(2**62), 2**62, (length,), generator=gen, dtype=torch.int64)
-
-
-def caption_keys(ids: torch.Tensor) -> torch.Tensor:
-    """(T, L) token ids → (T,) int64 keys, equal for identical token sequences (a fixed random linear
-    hash, wrapping in int64; the same on every rank, so keys gathered across ranks compare)."""
-    return (ids.long() * _hash_coefficients(ids.shape[1]).to(ids.device)).sum(1)
-
-
-def sample_ids(keys: Iterable[str], device: torch.device | str = "cpu") -> torch.Tensor:
-    """The records' keys (strings, stable across epochs, resumes and ranks) → (B,) int64 sample ids: the
-    first 8 bytes of each key's BLAKE2b digest (a noise-robust objective keeps per-sample state by them)."""
-    ids = [
-        int.from_bytes(
-            hashlib.blake2b(k.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little", signed=True
-        )
-        for k in keys
-    ]
-    return torch.tensor(ids, dtype=torch.int64, device=device)
-
-
-class BatchPass:
-    """One batch's forward passes, each run at most once and only when an input asks for it.
-    images: (B, 3, H, W); ids: (B·k, L), the k captions of each image, image-major; keys: (B,) sample
-    ids (train.inputs.sample_ids) or None where the caller has none."""
-
-    def __init__(
-        self,
-        model: DualEncoder,
-        needs: set[str],
-        images: torch.Tensor,
-        ids: torch.Tensor,
-        k: int,
-        views: Views,
-        pad_id: int,
-        teacher: DualEncoder | None,
-        keys: torch.Tensor | None = None,
-        labels: Any = None,
-    ) -> None:
-        self.model, self.images, self.ids, self.k, self.keys = model, images, ids, k, keys
-        self.needs = needs
-        self.labels = labels or {}  # kind ("clusters", "columns") → SampleLabels; "regions" → RegionTable
-        self.views, self.pad_id, self.teacher = views, pad_id, teacher
-        entries = [INPUTS[name] for name in needs]
-        self.image_tokens = any(e.tokens == "image" for e in entries)  # a tower's tokens only when read
-        self.text_tokens = any(e.tokens == "text" for e in entries)
-        encode_all = any(e.every_caption for e in entries)
-        self.text_ids = ids if encode_all else ids[::k]
-        self.first = slice(None, None, k) if encode_all else slice(None)  # the first caption of each image
-        # text features of every caption (image-major) or of the first caption of each image
-        self.text_rows = slice(None) if any(e.per_caption for e in entries) else self.first
-
-    @functools.cached_property
-    def image_out(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The image tower's pooled features and (when asked for) token features, not normalised."""
-        if self.image_tokens:
-            return self.model.visual(self.images, return_tokens=True)
-        return self.model.visual(self.images), None
-
-    @functools.cached_property
-    def image(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Normalised pooled features and (when asked for) token features of the images."""
-        img, tok = self.image_out
-        return F.normalize(img, dim=-1), None if tok is None else F.normalize(tok, dim=-1)
-
-    @functools.cached_property
-    def regions(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Each image's regions (train.regions.RegionTable, padded to R): normalised region features pooled
-        from the image tokens (models.regions) and normalised features of their captions, (B, R, D) each,
-        zero where a region is padding; the (B, R) validity and (B, R) caption keys."""
-        assert "regions" in self.labels, "check_inputs refuses a regions input without regions"
-        boxes, ids, valid = self.labels["regions"].lookup(_keys(self))
-        (b, r), flat = valid.shape, valid.reshape(-1)
-        image_of = torch.arange(b, device=boxes.device).repeat_interleave(r)
-        rois = torch.cat([image_of[:, None].to(boxes.dtype), boxes.reshape(-1, 4)], dim=1)[flat]
-        tokens = self.image_out[1]
-        assert tokens is not None, "region inputs ask for the image tokens"
-        region = F.normalize(region_pool(tokens, rois), dim=-1)
-        ids = ids.reshape(b * r, -1)
-        text = F.normalize(self.model.text(ids[flat]), dim=-1) if flat.any() else region  # none: (0, D)
-        out = []
-        for feats in (region, text):
-            full = feats.new_zeros(b * r, feats.shape[1])
-            out.append(full.index_put((flat,), feats).reshape(b, r, -1))
-        return out[0], out[1], valid, caption_keys(ids).reshape(b, r)
-
-    @functools.cached_property
-    def text(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Normalised pooled features of every encoded caption and the first captions' token features."""
-        if self.text_tokens:
-            txt, tok = self.model.text(self.text_ids, return_tokens=True)
-            return F.normalize(txt, dim=-1), F.normalize(tok[self.first], dim=-1)
-        return F.normalize(self.model.text(self.text_ids), dim=-1), None
-
-    @functools.cached_property
-    def text_mask(self) -> torch.Tensor:
-        return (self.text_ids != self.pad_id)[self.first]
-
-    @functools.cached_property
-    def frozen(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The frozen teacher's (image features, first captions' features, logit scale), without a graph;
-        cached per caption and (augmentation off) per image (train.teacher.FrozenTeacher)."""
-        assert self.teacher is not None, "check_inputs refuses a teacher input without a teacher"
-        ids = self.text_ids[self.first]
-        return self.teacher.features(self.images, ids, caption_keys(ids))  # train.teacher
-
-    @functools.cached_property
-    def momentum_image(self) -> torch.Tensor:
-        """The momentum (EMA) model's normalised features of the first view, without a graph; the objective
-        keeps that model (TCL's, RS-M-CLIP's teacher)."""
-        assert self.teacher is not None, "the objective binds its momentum model before training"
-        with torch.no_grad():
-            return F.normalize(self.teacher.visual(self.images), dim=-1)
-
-    @functools.cached_property
-    def momentum_image_2(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The momentum model's normalised features and (when read) tokens of the second view, no graph."""
-        assert self.teacher is not None, "the objective binds its momentum model before training"
-        with torch.no_grad():
-            if "momentum_image_tokens_2" not in self.needs:
-                return F.normalize(self.teacher.visual(self.views.second), dim=-1), None
-            img, tok = self.teacher.visual(self.views.second, return_tokens=True)
-            return F.normalize(img, dim=-1), F.normalize(tok, dim=-1)
-
-    @functools.cached_property
-    def momentum_text(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The momentum model's normalised features and (when read) tokens of the first captions, no graph."""
-        assert self.teacher is not None, "the objective binds its momentum model before training"
-        with torch.no_grad():
-            ids = self.text_ids[self.first]
-            if "momentum_text_tokens" not in self.needs:
-                return F.normalize(self.teacher.text(ids), dim=-1), None
-            txt, tok = self.teacher.text(ids, return_tokens=True)
-            return F.normalize(txt, dim=-1), F.normalize(tok, dim=-1)
 
 
 Gather = Literal["grad", "plain", "owner"]
@@ -198,18 +57,10 @@ class Input:
     view: Literal["second", "local"] | None = None
 
 
-def _keys(p: BatchPass) -> torch.Tensor:
-    if p.keys is None:  # a programming error: the trainer passes every batch's record keys
-        raise ValueError(
-            "this objective reads the samples' keys: pass the batch's record keys to Trainer.step"
-        )
-    return p.keys
-
-
 def _labels(kind: str) -> Callable[[BatchPass], torch.Tensor]:
     def compute(p: BatchPass) -> torch.Tensor:
         assert kind in p.labels, "check_inputs refuses a labels input without those labels"
-        return p.labels[kind].lookup(_keys(p))
+        return p.labels[kind].lookup(p.key_ids())
 
     return compute
 
@@ -285,8 +136,12 @@ INPUTS: dict[str, Input] = {
     "region_text_features": Input(lambda p: p.regions[1], "grad", None, tokens="image", requires="regions"),
     "region_valid": Input(lambda p: p.regions[2], "plain", "batch", requires="regions"),
     "region_text_key": Input(lambda p: p.regions[3], "plain", "batch", requires="regions"),
+    # each image's concepts (train.concepts, from a list column of phrases of the caption): features pooled from
+    # the first caption's token features over each concept's tokens (B, K, D; zero rows invalid) and validity
+    "concept_features": Input(lambda p: p.concepts[0], "grad", None, tokens="text", requires="concepts"),
+    "concept_valid": Input(lambda p: p.concepts[1], "plain", "batch", tokens="text", requires="concepts"),
     # each image's stable sample id (from its record key): per-sample state such as NEVLP's loss history
-    "sample_key": Input(lambda p: _keys(p), "plain", "batch"),
+    "sample_key": Input(lambda p: p.key_ids(), "plain", "batch"),
     # each image's cluster labels (B, L; −1: none) from data.cluster_labels (train.sample_labels)
     "cluster_labels": Input(_labels("clusters"), "plain", "batch", requires="clusters"),
     # each image's class index in each table column the objective names (B, C; −1: none): PLIP's identity and
@@ -302,6 +157,8 @@ KEYED = {
     "region_text_features",
     "region_valid",
     "region_text_key",
+    "concept_features",
+    "concept_valid",
 }  # the inputs made from the records' keys (Trainer.step passes them)
 SECOND_VIEW = {name for name, entry in INPUTS.items() if entry.view == "second"}  # train.views
 LOCAL_VIEW = {name for name, entry in INPUTS.items() if entry.view == "local"}
@@ -338,6 +195,11 @@ _REQUIREMENTS: dict[str, tuple[Callable[[dict[str, Any]], bool], str]] = {
         lambda s: "regions" in s["labels"],
         "aligns regions with text; train on a table with box and region-caption columns "
         "(`lipkit data build canvases` writes boxes and object_captions).",
+    ),
+    "concepts": (
+        lambda s: "concepts" in s["labels"],
+        "aligns image patches with the concepts of each caption; train on a table with a column of caption "
+        "phrases per row (the objective's concepts_column).",
     ),
     "columns": (
         lambda s: "columns" in s["labels"],
@@ -391,6 +253,18 @@ def objective_inputs(
 ) -> dict[str, torch.Tensor]:
     """images: (B, 3, H, W); ids: (B·k, L) image-major; keys: (B,) sample ids. Returns the named tensors the objective reads
     (`needs`; or only the names `only` of them, laid out as for all of `needs`), in registry order."""
-    p = BatchPass(model, needs, images, ids, captions_per_image, views, pad_id, teacher, keys, labels)
+    p = BatchPass(
+        model,
+        needs,
+        [INPUTS[n] for n in needs],
+        images,
+        ids,
+        captions_per_image,
+        views,
+        pad_id,
+        teacher,
+        keys,
+        labels,
+    )
     wanted = needs if only is None else only
     return {name: entry.compute(p) for name, entry in INPUTS.items() if name in wanted}

@@ -43,8 +43,7 @@ from lipkit.train.distributed import init as init_distributed
 from lipkit.train.growth import replay as replay_growth
 from lipkit.train.hooks import CheckpointWriter, Evaluator
 from lipkit.train.inputs import objective_needs, requires
-from lipkit.train.regions import RegionTable
-from lipkit.train.sample_labels import SampleLabels
+from lipkit.train.objective_labels import objective_labels
 from lipkit.train.teacher import check_same_tokenizer, load_teacher
 from lipkit.train.tracking import Trackers, open_trackers
 from lipkit.train.trainer import Trainer, TrainResult
@@ -197,9 +196,9 @@ def _fit(
             "[yellow]this CPU has no native bf16 (AVX512-BF16, AMX): training and evaluation run in fp32[/] "
             "(emulated bf16 is several times slower)"
         )
-    labels = _sample_labels(cfg, data, objective, model.spec.embed_dim)  # before any image is decoded
-    if getattr(objective, "region_columns", None) and "region_features" in objective_needs(objective):
-        labels["regions"] = _regions(cfg, data, objective.region_columns, tokenizer)
+    labels = objective_labels(
+        cfg, data, objective, tokenizer, model.spec.embed_dim
+    )  # before any image is decoded
     device = pick_device("auto", dist.local_rank)
     log = trackers.tee(jsonl_log(run_dir / "metrics.jsonl")) if dist.main else None  # + the trackers
     # this rank's share of every global batch; skips logged as kind "data" (rank 0's)
@@ -243,45 +242,6 @@ def _fit(
     # writes checkpoints and logs
     result = trainer.fit(batches.epoch, len(batches), evaluate if eval_tables else None, checkpoint)
     return result, batches, trainer
-
-
-def _sample_labels(cfg: Config, data: Any, objective: Any, embed_dim: int) -> dict[str, SampleLabels]:
-    """The per-sample labels the objective reads (train.sample_labels), its heads sized to them."""
-    d, labels = cfg.data, {}
-    if d.cluster_labels:
-        labels["clusters"] = SampleLabels.from_clusters(d.cluster_labels)
-        if hasattr(data, "records"):  # a table: its keys must meet the labels'
-            share = labels["clusters"].check_covers([r.key for r in data.records], str(d.train))
-            if share < 1:
-                console.print(f"[yellow]{1 - share:.1%} of the training samples have no cluster labels[/]")
-        if hasattr(objective, "bind"):  # class centres: one per cluster, model-wide
-            objective.bind(labels["clusters"].num_classes, embed_dim)
-    columns = list(getattr(objective, "label_columns", ()))
-    if columns:
-        if not hasattr(data, "records"):
-            raise UserError(
-                f"Objective '{cfg.train.objective}' reads the columns {', '.join(columns)} of every row up front; "
-                "train on a table (JSONL, CSV, parquet), not on shards."
-            )
-        labels["columns"] = SampleLabels.from_records(data.records, columns, str(d.train))
-        objective.bind_columns(labels["columns"].classes, embed_dim)
-    return labels
-
-
-def _regions(cfg: Config, data: Any, columns: tuple[str, str], tokenizer: TextTokenizer) -> RegionTable:
-    """The table's boxes and region captions (train.regions); boxes cannot follow a geometric augmentation."""
-    a = cfg.augment
-    if a.scale_min < 1 or a.rotate_deg or a.hflip:
-        raise UserError(
-            f"Objective '{cfg.train.objective}' reads boxes of the image as the model sees it, which random crops, "
-            "rotation and mirroring move; set augment.scale_min=1 augment.rotate_deg=0 augment.hflip=false."
-        )
-    if not hasattr(data, "records"):
-        raise UserError(
-            f"Objective '{cfg.train.objective}' reads the box columns of every row up front; train on a table "
-            "(JSONL, CSV, parquet), not on shards."
-        )
-    return RegionTable.from_records(data.records, *columns, tokenizer, str(cfg.data.train))
 
 
 def _start_run_dir(cfg: Config, run_dir: Path) -> Path | None:
