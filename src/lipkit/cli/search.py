@@ -76,10 +76,17 @@ def embed(
 
 def index_build(
     emb_dir: Path = typer.Argument(
-        ..., help="Embeddings folder written by `lipkit embed` (lex.npy/npz for sparse)."
+        ...,
+        help="Embeddings folder written by `lipkit embed` (lex.npy/npz for sparse, image_tokens.npy for tokens).",
     ),
     out: Path = typer.Argument(..., help="Index folder to write."),
-    kind: str = typer.Option("flat", "--kind", "-k", help="flat (exact), hnsw, ivfpq, or sparse (lexical)."),
+    kind: str = typer.Option(
+        "flat",
+        "--kind",
+        "-k",
+        help="flat (exact), hnsw, ivfpq, sparse (lexical), or tokens (FILIP's late interaction, exact: how a "
+        "checkpoint trained with filip or wukong ranks in `lipkit eval`).",
+    ),
     nlist: int = typer.Option(None, min=1, help="IVF-PQ: inverted lists (default ≈ √N)."),
     m: int = typer.Option(
         None,
@@ -95,7 +102,8 @@ def index_build(
         None, min=1, help="IVF-PQ: lists visited per query (default max(8, nlist/8))."
     ),
 ) -> None:
-    """Build a FAISS inner-product index (flat, hnsw, ivfpq) or a sparse inverted index (sparse)."""
+    """Build a FAISS inner-product index (flat, hnsw, ivfpq), a sparse inverted index (sparse) or a token-wise
+    index (tokens)."""
     from lipkit.search.index_build import build_from_embeddings, check_build_params, index_input
 
     given = dict(nlist=nlist, m=m, nbits=nbits, ef=ef, ef_construction=ef_construction, nprobe=nprobe)
@@ -104,6 +112,11 @@ def index_build(
     with console.status(f"building {kind} index over {x.shape[0]:,} vectors…"):
         ix = build_from_embeddings(emb_dir, out, kind, x, items, params)
     console.print(f"[bold green]index[/] {kind}: {ix.ntotal:,} items → {out}")
+    if kind not in ("tokens", "sparse") and (emb_dir / "image_tokens.npy").is_file():
+        console.print(
+            "[yellow]these embeddings come from a checkpoint scored token-wise (filip, wukong), whose pooled "
+            "vectors its loss did not train; `--kind tokens` ranks text queries as `lipkit eval` does[/]"
+        )
 
 
 def index_add(

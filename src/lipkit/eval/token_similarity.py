@@ -31,14 +31,24 @@ def image_tokens(
 ) -> torch.Tensor:
     """(N_images, N_tokens, D) normalised image token features, float32 on the CPU; with `keep`, only the
     `keep` tokens of each image most aligned with its mean token (objectives.wukong.kept_tokens)."""
+    n = len(store.records)
+    return torch.cat(
+        [
+            image_token_batch(model, store.get(range(s, min(n, s + batch_size))), keep)
+            for s in range(0, n, batch_size)
+        ]
+    )
+
+
+@torch.no_grad()
+def image_token_batch(model: DualEncoder, images_u8: torch.Tensor, keep: int | None = None) -> torch.Tensor:
+    """uint8 (B, 3, S, S) at the model's size → (B, N_tokens, D) normalised token features, float32 on the
+    CPU (what evaluation, `lipkit embed` and a token-wise index compare)."""
     from lipkit.data.transforms import normalize
 
-    spec, n, out = model.spec, len(store.records), []
-    for s in range(0, n, batch_size):
-        x = normalize(store.get(range(s, min(n, s + batch_size))), spec.image_mean, spec.image_std)
-        _, tokens = model.visual(x.to(model.device), return_tokens=True)
-        out.append(kept_tokens(F.normalize(tokens.float(), dim=-1), keep).cpu())
-    return torch.cat(out)
+    x = normalize(images_u8, model.spec.image_mean, model.spec.image_std)
+    _, tokens = model.visual(x.to(model.device), return_tokens=True)
+    return kept_tokens(F.normalize(tokens.float(), dim=-1), keep).cpu()
 
 
 @torch.no_grad()

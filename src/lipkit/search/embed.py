@@ -7,6 +7,8 @@ An embeddings folder:
                   `lipkit quantize` wrote, with the precision of each tower
   image_emb.npy   float32 N×D, L2-normalised image embeddings, row i = item i
   text_emb.npy    float32 N×D embeddings of each item's first caption (tables only)
+  image_tokens.npy  float32 N×T×D L2-normalised image token features when the checkpoint is scored token-wise
+                  (FILIP, Wukong: eval's late interaction): what `lipkit index build --kind tokens` indexes
   lex.npz         N×V non-negative term weights (SciPy coo layout) when the model has LexLIP heads:
                   what `lipkit index build --kind sparse` indexes
   images.bin      the encoded bytes of images stored inside shards or parquet (items point into it with
@@ -51,6 +53,7 @@ OUR_FILES = (
     "image_emb.npy",
     "text_emb.npy",
     "lex.npz",
+    "image_tokens.npy",
     "images.bin",
     "ids.json",
     "skipped.json",
@@ -148,6 +151,8 @@ def _write_outputs(out: Path, records: Sequence[Record], merged: Merged, vocab: 
     """image_emb.npy, text_emb.npy, lex.npz, images.bin, ids.json and skipped.json; the items."""
     items = _items(records, merged.rows, out / "images.bin")
     save_npy_atomic(out / "image_emb.npy", merged.image)
+    if merged.tokens is not None:
+        save_npy_atomic(out / "image_tokens.npy", merged.tokens)
     if merged.text is not None:
         save_npy_atomic(out / "text_emb.npy", merged.text)
     if merged.lex is not None:  # SciPy's save_npz "coo" layout (read without SciPy by read_lexical)
@@ -210,6 +215,8 @@ def embed_towers(
         "has_text": has_text,
         "complete": False,
     }
+    if towers.image_tokens is not None:  # what a token-wise index and its queries must match
+        manifest["token_wise"] = {"tokens_kept": towers.tokens_kept}
     write_json_atomic(out / "manifest.json", manifest)
     files = [out / "chunks" / f"{c:05d}.npz" for c in range(n_chunks)]
     done = {c for c in range(n_chunks) if files[c].is_file() and chunk_ok(files[c])}
@@ -229,6 +236,11 @@ def embed_towers(
             )
             save_npz_atomic(files[c], **arrays)
     merged = merge_chunks(files, records, has_text, towers.has_lexicon)
+    if towers.image_tokens is not None and (merged.tokens is None or len(merged.tokens) != len(merged.rows)):
+        raise UserError(
+            f"Some chunks in '{out / 'chunks'}' were written without image tokens (by an older lipkit); pass "
+            "--overwrite to embed the collection again."
+        )
     items = _write_outputs(out, records, merged, towers.lexicon_vocab)
     manifest.update(complete=True, n_embedded=len(items), n_skipped=len(merged.skipped))
     write_json_atomic(out / "manifest.json", manifest)

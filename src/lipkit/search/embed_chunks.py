@@ -54,6 +54,9 @@ class _ChunkParts:
     kept: list[int] = field(default_factory=list)
     image: list[np.ndarray] = field(default_factory=list)
     text: list[np.ndarray] = field(default_factory=list)
+    tokens: list[np.ndarray] = field(
+        default_factory=list
+    )  # (n, T, D) image tokens of a token-wise checkpoint
     lex_rows: list[np.ndarray] = field(default_factory=list)  # non-zero (row, term, weight) of the
     lex_cols: list[np.ndarray] = field(default_factory=list)  # LexLIP image head
     lex_vals: list[np.ndarray] = field(default_factory=list)
@@ -73,6 +76,8 @@ class _ChunkParts:
         self.kept.extend(r for r, _ in good)
         batch_u8 = torch.stack([x for _, x in good])
         self.image.append(towers.images(batch_u8))
+        if towers.image_tokens is not None:
+            self.tokens.append(towers.image_tokens(batch_u8))
         if towers.lexical is not None:
             r_, c_ = np.nonzero(lex := towers.lexical(batch_u8))
             self.lex_rows.append(r_ + first)
@@ -90,6 +95,8 @@ class _ChunkParts:
         }
         if has_text:
             out["text"] = np.concatenate(self.text) if self.text else np.zeros((0, dim), np.float32)
+        if self.tokens:
+            out["tokens"] = np.concatenate(self.tokens)
         if has_lexicon:
             out["lex_row"] = np.concatenate([np.zeros(0, np.int64), *self.lex_rows]).astype(np.int64)
             out["lex_col"] = np.concatenate([np.zeros(0, np.int64), *self.lex_cols]).astype(np.int64)
@@ -131,12 +138,13 @@ class Merged:
     text: np.ndarray | None
     lex: tuple[np.ndarray, np.ndarray, np.ndarray] | None  # (row, term, weight) over `rows` positions
     skipped: list[dict[str, str]]
+    tokens: np.ndarray | None = None  # (n, T, D) image tokens of a token-wise checkpoint
 
 
 def merge_chunks(
     files: Sequence[Path], records: Sequence[Record], has_text: bool, has_lexicon: bool
 ) -> Merged:
-    rows_all, imgs, txts, skipped = [], [], [], []
+    rows_all, imgs, txts, skipped, tokens = [], [], [], [], []
     lex_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     for path in files:
         with np.load(path, allow_pickle=False) as z:
@@ -145,6 +153,8 @@ def merge_chunks(
                 lex_parts.append((z["lex_row"] + offset, z["lex_col"], z["lex_val"]))
             rows_all.append(z["rows"])
             imgs.append(z["image"])
+            if "tokens" in z.files:
+                tokens.append(z["tokens"])
             if has_text:
                 txts.append(z["text"])
             skipped.extend(
@@ -160,4 +170,5 @@ def merge_chunks(
         np.concatenate(txts).astype(np.float32) if has_text else None,
         lex,  # type: ignore[arg-type]
         skipped,
+        np.concatenate(tokens).astype(np.float32) if tokens else None,
     )

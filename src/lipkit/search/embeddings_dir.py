@@ -21,6 +21,11 @@ class Embeddings:
     def image(self) -> np.ndarray:
         return np.load(self.path / "image_emb.npy", mmap_mode="r", allow_pickle=False)
 
+    def image_tokens(self) -> np.ndarray | None:
+        """The N×T×D image token features of a token-wise checkpoint (memory-mapped), or None."""
+        path = self.path / "image_tokens.npy"
+        return np.load(path, mmap_mode="r", allow_pickle=False) if path.is_file() else None
+
     def lexical_file(self) -> Path | None:
         for name in ("lex.npy", "lex.npz"):
             if (self.path / name).is_file():

@@ -1,5 +1,6 @@
 """The model calls that turn images and texts into what an index compares: L2-normalised dense
-embeddings, and LexLIP term weights for sparse indexes. Used by `lipkit embed` and by queries."""
+embeddings, LexLIP term weights for sparse indexes, and token features for token-wise (FILIP) indexes.
+Used by `lipkit embed` and by queries."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lipkit.errors import UserError
+from lipkit.eval.token_similarity import image_token_batch
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.models.timm_vision import TimmTower
 from lipkit.search.onnx_encoder import OnnxEncoder
@@ -66,6 +69,30 @@ def encode_texts(model: DualEncoder, tokenizer: TextTokenizer, texts: Sequence[s
     return model.encode_text(tokenizer(list(texts)).to(model.device)).float().cpu().numpy()
 
 
+@torch.inference_mode()
+def encode_text_tokens(model: DualEncoder, tokenizer: TextTokenizer, texts: Sequence[str]) -> np.ndarray:
+    """Texts → float32 (B, context_length, D) normalised token features, zero rows at padding (a token-wise
+    index reads the real tokens as the non-zero rows; eval.token_similarity.text_tokens masks them alike)."""
+    ids = tokenizer(list(texts)).to(model.device)
+    _, tokens = model.text(ids, return_tokens=True)
+    tokens = F.normalize(tokens.float(), dim=-1) * (ids != model.spec.pad_id)[..., None]
+    return tokens.cpu().numpy()
+
+
+def token_wise_of(info: dict[str, Any]) -> int | None:
+    """A checkpoint's token-wise setting from its training info: None when its pairs are scored by pooled
+    embeddings; else the image tokens kept per image (0: all) — FILIP's and Wukong's late interaction, as
+    `lipkit eval` scores them (eval.similarity_choice, `auto`)."""
+    from lipkit.config import EvalConfig
+    from lipkit.eval.similarity_choice import resolve_similarity, resolve_tokens_kept
+
+    trained = info.get("train", {}) or {}
+    objective = trained.get("objective")
+    if resolve_similarity("auto", objective) != "filip":
+        return None
+    return resolve_tokens_kept(EvalConfig(), objective, trained.get("objective_args") or {}).image_tokens_kept
+
+
 @dataclass
 class Towers:
     """What images and texts are embedded with: a PyTorch model's calls (at `precision`), or an
@@ -77,9 +104,19 @@ class Towers:
     image_size: int
     dim: int
     lexicon_vocab: int = 0
+    image_tokens: Callable[[torch.Tensor], np.ndarray] | None = None  # uint8 images → (B, T, dim), token-wise
+    tokens_kept: int = 0  # image tokens kept per image for a token-wise index (0: all)
 
     @classmethod
-    def of_model(cls, model: DualEncoder, tokenizer: TextTokenizer, precision: str = "fp32") -> Towers:
+    def of_model(
+        cls,
+        model: DualEncoder,
+        tokenizer: TextTokenizer,
+        precision: str = "fp32",
+        token_wise: int | None = None,
+    ) -> Towers:
+        """`token_wise` (`token_wise_of` the checkpoint): also the image tokens, `token_wise` kept per image
+        (0: all), for a token-wise index."""
         spec = model.spec
 
         def at_precision(fn: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
@@ -96,21 +133,26 @@ class Towers:
             image_size=int(spec.image_size),
             dim=int(spec.embed_dim),
             lexicon_vocab=int(spec.lexicon_vocab) if model.has_lexicon else 0,
+            image_tokens=None
+            if token_wise is None
+            else at_precision(lambda m, images: image_token_batch(m, images, token_wise or None).numpy()),
+            tokens_kept=token_wise or 0,
         )
 
     @classmethod
     def of_checkpoint(cls, checkpoint: Any, device: str = "auto") -> Towers:
-        """The PyTorch towers of a lipkit checkpoint folder on `device` (auto, cpu, cuda, cuda:N); on a
-        CPU, freed memory is kept for the next batch (lipkit/malloc.py: no page fault per batch)."""
+        """The PyTorch towers of a lipkit checkpoint folder on `device` (auto, cpu, cuda, cuda:N), with image
+        tokens when it is scored token-wise (`token_wise_of`); on a CPU, freed memory is kept for the next
+        batch (lipkit/malloc.py: no page fault per batch)."""
         from lipkit.checkpoint import load_checkpoint
         from lipkit.device import pick_device
         from lipkit.malloc import keep_freed_memory
 
-        model, tokenizer, _ = load_checkpoint(checkpoint)
+        model, tokenizer, info = load_checkpoint(checkpoint)
         model.to(pick_device(device))
         if next(model.parameters()).device.type == "cpu":
             keep_freed_memory()
-        return cls.of_model(model, tokenizer)
+        return cls.of_model(model, tokenizer, token_wise=token_wise_of(info))
 
     @classmethod
     def of_onnx(cls, encoder: OnnxEncoder) -> Towers:

@@ -5,6 +5,7 @@ An index is a directory:
   items.json    one entry per vector, in id order: {"id", "path", "caption", "meta"} (what a hit shows)
   index.faiss   the FAISS index (dense kinds: flat, hnsw, ivfpq)
   postings.npz  the inverted lists (sparse kind): CSC arrays indptr/indices/data plus shape
+  tokens.npy    every item's image token features (tokens kind: FILIP's late interaction, search.token_index)
 
 Ids are positions: the i-th vector added has id i, across builds and `add`s. Dense vectors are
 L2-normalised CLIP embeddings, so inner product is cosine similarity. Sparse vectors are non-negative
@@ -28,9 +29,10 @@ from lipkit.atomic import write_dir
 from lipkit.errors import UserError
 from lipkit.search.index_format import FORMAT, as_queries, base_info, renumber, write_meta
 from lipkit.search.sparse_index import SparseIndex
+from lipkit.search.token_index import TokenIndex
 
 DENSE_KINDS = ("flat", "hnsw", "ivfpq")
-KINDS = (*DENSE_KINDS, "sparse")
+KINDS = (*DENSE_KINDS, "sparse", "tokens")
 
 
 def _faiss() -> Any:
@@ -183,7 +185,7 @@ class DenseIndex:
 # load / build
 
 
-def load_index(path: str | Path) -> DenseIndex | SparseIndex:
+def load_index(path: str | Path) -> DenseIndex | SparseIndex | TokenIndex:
     p = Path(path).expanduser()
     meta = p / "index.json"
     if not meta.is_file():
@@ -198,12 +200,13 @@ def load_index(path: str | Path) -> DenseIndex | SparseIndex:
     if info.get("format") != FORMAT:
         raise UserError(f"'{meta}' is not a lipkit index description; rebuild it with `lipkit index build`.")
     kind = info.get("kind")
-    if kind == "sparse":
+    index: DenseIndex | SparseIndex | TokenIndex
+    if kind == "tokens":
+        index = TokenIndex.load(p, info, items)
+    elif kind == "sparse":
         with np.load(p / "postings.npz", allow_pickle=False) as z:
             n_docs = int(z["shape"][0])
-            index: DenseIndex | SparseIndex = SparseIndex(
-                z["indptr"], z["indices"], z["data"], n_docs, info, items
-            )
+            index = SparseIndex(z["indptr"], z["indices"], z["data"], n_docs, info, items)
     elif kind in DENSE_KINDS:
         faiss = _faiss()
         try:
@@ -225,9 +228,11 @@ def build_index(
     kind: str,
     items: Sequence[dict[str, Any]] | None = None,
     **params: Any,
-) -> DenseIndex | SparseIndex:
+) -> DenseIndex | SparseIndex | TokenIndex:
     if kind == "sparse":
         return SparseIndex.build(vectors, items)
+    if kind == "tokens":
+        return TokenIndex.build(vectors, items)
     if kind not in DENSE_KINDS:
         raise UserError(f"Unknown index kind '{kind}'; choose one of {', '.join(KINDS)}.")
     return DenseIndex.build(vectors, kind, items, **params)

@@ -13,8 +13,9 @@ from lipkit.errors import UserError
 from lipkit.search.embeddings_dir import Embeddings, load_embeddings
 from lipkit.search.index import KINDS, DenseIndex, build_index
 from lipkit.search.sparse_index import SparseIndex, SparseMatrix, read_lexical
+from lipkit.search.token_index import TokenIndex
 
-# the build parameters each kind takes (flat and sparse take none)
+# the build parameters each kind takes (flat, sparse and tokens take none)
 KIND_PARAMS = {"hnsw": {"m", "ef", "ef_construction"}, "ivfpq": {"nlist", "m", "nbits", "nprobe"}}
 
 
@@ -53,6 +54,15 @@ def index_input(emb_dir: Path, kind: str) -> tuple[np.ndarray | SparseMatrix, li
             )
         matrix = read_lexical(lex)
         return matrix, _items_or_default(emb, matrix.shape[0])
+    if kind == "tokens":
+        emb = load_embeddings(emb_dir, need_dense=False)
+        tokens = emb.image_tokens()
+        if tokens is None:
+            raise UserError(
+                f"'{emb_dir}' has no image_tokens.npy; a tokens index needs the image tokens `lipkit embed` writes "
+                "for a checkpoint scored token-wise (trained with filip or wukong), or build a --kind flat index."
+            )
+        return tokens, _items_or_default(emb, tokens.shape[0])
     emb = load_embeddings(emb_dir)
     x = emb.image()
     return x, _items_or_default(emb, x.shape[0])
@@ -71,7 +81,7 @@ def source_entry(emb_dir: Path) -> dict[str, Any]:
 
 def build_from_embeddings(
     emb_dir: Path, out: Path, kind: str, data: Any, items: list[dict] | None, params: dict[str, Any]
-) -> DenseIndex | SparseIndex:
+) -> DenseIndex | SparseIndex | TokenIndex:
     """Build an index of `kind` over `data` (from `index_input(emb_dir, kind)`) and save it to `out`."""
     ix = build_index(data, kind, items, **params)
     ix.info["sources"] = [source_entry(emb_dir)]
@@ -79,7 +89,9 @@ def build_from_embeddings(
     return ix
 
 
-def new_source(ix: DenseIndex | SparseIndex, emb_dir: Path, allow_duplicates: bool) -> dict[str, Any]:
+def new_source(
+    ix: DenseIndex | SparseIndex | TokenIndex, emb_dir: Path, allow_duplicates: bool
+) -> dict[str, Any]:
     """The source entry of `emb_dir`, refusing a folder whose embeddings the index already holds."""
     entry = source_entry(emb_dir)
     seen = [
@@ -96,7 +108,11 @@ def new_source(ix: DenseIndex | SparseIndex, emb_dir: Path, allow_duplicates: bo
 
 
 def add_to_index(
-    ix: DenseIndex | SparseIndex, path: Path, data: Any, items: list[dict] | None, entry: dict[str, Any]
+    ix: DenseIndex | SparseIndex | TokenIndex,
+    path: Path,
+    data: Any,
+    items: list[dict] | None,
+    entry: dict[str, Any],
 ) -> None:
     """Append `data` (from `index_input`) and its source entry to `ix`, and save it to `path`."""
     ix.add(data, items)

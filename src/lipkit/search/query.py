@@ -17,7 +17,13 @@ from lipkit.data.transforms import normalize
 from lipkit.device import pick_device
 from lipkit.errors import UserError
 from lipkit.models.dual_encoder import DualEncoder
-from lipkit.search.encode import Towers, check_precision, inference_precision, prepare_for_inference
+from lipkit.search.encode import (
+    Towers,
+    check_precision,
+    encode_text_tokens,
+    inference_precision,
+    prepare_for_inference,
+)
 from lipkit.text.tokenizer import TextTokenizer
 
 
@@ -164,10 +170,11 @@ class Searcher:
     def _onnx_encoder(self, folder: Path, checkpoint: str | Path, threads: int):  # noqa: ANN202
         from lipkit.search.onnx_encoder import onnx_towers_of
 
-        if self.sparse:
+        if self.sparse or self.token_wise:
             raise UserError(
-                "A sparse (lexical) index is searched through the checkpoint's lexicon heads, which ONNX "
-                "folders do not carry; drop --int8 for this index."
+                f"A {self.index.kind} index is searched through the checkpoint's "
+                f"{'lexicon heads' if self.sparse else 'token features'}, which ONNX folders do not carry; drop "
+                "--int8 for this index."
             )
         enc = onnx_towers_of(checkpoint, folder, threads)  # refuses a folder of another checkpoint
         if (enc.image_size, enc.dim) != (self.size, self.dim):
@@ -188,6 +195,11 @@ class Searcher:
     def sparse(self) -> bool:
         return self.index.kind == "sparse"
 
+    @property
+    def token_wise(self) -> bool:
+        """A tokens index: text queries are token features, scored by FILIP's late interaction."""
+        return self.index.kind == "tokens"
+
     def text_query(self, text: str) -> np.ndarray:
         return self.text_queries([text])
 
@@ -196,10 +208,20 @@ class Searcher:
         if self.sparse:
             with inference_precision(self.model, self.precision):
                 return lexical_queries(self.model, self.tokenizer, texts, self.index.dim)
+        if self.token_wise:  # (len(texts), context_length, D), zero rows at padding
+            with inference_precision(self.model, self.precision):
+                return encode_text_tokens(self.model, self.tokenizer, texts)
         return self.towers.texts(texts)
 
     def check_image_queries(self) -> None:
         """Refuse image queries up front when this index cannot answer them."""
+        if self.token_wise:
+            raise ImageRejected(
+                "This index is token-wise (FILIP's late interaction of a text's words with each image's "
+                "patches), so it answers text queries only; build a --kind flat index from the same "
+                "embeddings to search by image.",
+                400,
+            )
         if self.sparse and not self.model.has_lexicon:
             raise ImageRejected(
                 "This index is sparse (lexical) and the checkpoint has no image lexicon head, so it "

@@ -249,8 +249,9 @@ async def search_post(request: Request) -> dict[str, Any]:
 
 
 async def embed(request: Request) -> dict[str, Any]:
-    """The embedding of a text (`q`) or an uploaded image (`file`) — the vector the index compares; with
-    `boxes` beside an image, one region embedding per box (DualEncoder.encode_region)."""
+    """The embedding of a text (`q`) or an uploaded image (`file`) — the vector the index compares (a tokens
+    index: a text's token features); with `boxes` beside an image, one region embedding per box
+    (DualEncoder.encode_region)."""
     st = _state(request)
     text, image, fields = await read_input(request, st.limits)
     if "boxes" in fields:
@@ -263,6 +264,14 @@ async def embed(request: Request) -> dict[str, Any]:
         assert text is not None
         vec, kind = await st.text_vector(text), "text"
     v = np.asarray(vec)[0]
+    if st.searcher.token_wise:  # a text's token features, the real tokens only (search.token_index)
+        real = v[np.abs(v).sum(1) > 0]
+        return {
+            "type": "text_tokens",
+            "dim": int(v.shape[1]),
+            "sparse": False,
+            "tokens": real.astype(float).tolist(),
+        }
     return {
         "type": kind,
         "dim": int(v.shape[0]),

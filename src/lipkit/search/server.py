@@ -35,6 +35,7 @@ from lipkit import __version__
 from lipkit.errors import UserError
 from lipkit.search.access import AccessControl, AccessSettings
 from lipkit.search.batcher import BatchSettings, MicroBatcher, Overloaded
+from lipkit.search.index import DENSE_KINDS
 from lipkit.search.metrics import RequestMetrics, ServerMetrics
 from lipkit.search.query import ImageRejected, Searcher
 from lipkit.search.query_kinds import query_kinds
@@ -177,7 +178,7 @@ def serve(
 
     torch.set_num_threads(max(1, threads))
     searcher = Searcher(checkpoint, index, device=device, precision=precision, onnx=onnx, threads=threads)
-    if searcher.index.kind != "sparse":
+    if searcher.index.kind in DENSE_KINDS:
         import faiss
 
         faiss.omp_set_num_threads(max(1, threads))
