@@ -18,7 +18,7 @@ from lipkit.data.sources.registry import read_table
 from lipkit.errors import UserError
 from lipkit.eval import token_similarity
 from lipkit.search.embed import run_embed
-from lipkit.search.encode import token_wise_of
+from lipkit.search.encode import Towers, token_wise_of
 from lipkit.search.index import build_index, load_index
 from lipkit.search.query import ImageRejected, Searcher
 from lipkit.search.token_index import TokenIndex, late_interaction
@@ -103,6 +103,9 @@ def test_search_ranks_text_queries_as_evaluation_does(filip_collection):
         assert [h["id"] for h in hits] == np.argsort(-want, kind="stable").tolist()
     with pytest.raises(ImageRejected, match="answers text queries only"):
         searcher.image_query(torch.zeros(3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(UserError, match="was not trained with filip"):
+        Searcher(root / "plain", root / "ix")
+    assert Towers.of_checkpoint(ckpt).images_and_tokens is None  # only `lipkit embed` asks for the tokens
 
 
 def test_tokens_need_a_token_wise_checkpoint_and_dense_builds_say_so(filip_collection, tmp_path):
@@ -138,3 +141,16 @@ def test_the_server_answers_text_searches_token_wise(filip_collection):
         assert by_image.status_code == 400 and "text queries only" in by_image.json()["error"]
         emb = client.post("/embed", data={"q": "a red star"}).json()
         assert emb["type"] == "text_tokens" and emb["dim"] == 16 and len(emb["tokens"]) >= 3
+
+
+def test_a_token_wise_collection_where_nothing_decodes_says_so(filip_collection, tmp_path):
+    root, ckpt, _ = filip_collection
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    table = tmp_path / "t.jsonl"
+    table.write_text(json.dumps({"image": "bad.png", "captions": ["a red star"]}) + "\n")
+    result = run_embed(ckpt, table, tmp_path / "emb", progress=False)
+    assert (
+        result.n_embedded == 0
+        and result.n_skipped == 1
+        and not (tmp_path / "emb" / "image_tokens.npy").exists()
+    )

@@ -120,6 +120,7 @@ def image_embeddings(
             emb_dir,
             image_column=image_column,
             caption_column=caption_column,
+            tokens=False,  # curation reads the pooled embeddings only
             **embed_options,
         )
     emb = load_embeddings(emb_dir)

@@ -40,15 +40,25 @@ def image_tokens(
     )
 
 
-@torch.no_grad()
 def image_token_batch(model: DualEncoder, images_u8: torch.Tensor, keep: int | None = None) -> torch.Tensor:
     """uint8 (B, 3, S, S) at the model's size → (B, N_tokens, D) normalised token features, float32 on the
     CPU (what evaluation, `lipkit embed` and a token-wise index compare)."""
+    return pooled_and_tokens(model, images_u8, keep)[1]
+
+
+@torch.no_grad()
+def pooled_and_tokens(
+    model: DualEncoder, images_u8: torch.Tensor, keep: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image-tower pass: (B, D) normalised pooled embeddings and (B, N_tokens, D) normalised token
+    features (`keep`: objectives.wukong.kept_tokens), float32 on the CPU."""
     from lipkit.data.transforms import normalize
 
     x = normalize(images_u8, model.spec.image_mean, model.spec.image_std)
-    _, tokens = model.visual(x.to(model.device), return_tokens=True)
-    return kept_tokens(F.normalize(tokens.float(), dim=-1), keep).cpu()
+    pooled, tokens = model.visual(x.to(model.device), return_tokens=True)
+    return F.normalize(pooled, dim=-1).float().cpu(), kept_tokens(
+        F.normalize(tokens.float(), dim=-1), keep
+    ).cpu()
 
 
 @torch.no_grad()

@@ -14,8 +14,8 @@ concept-level similarity of image i and caption j lets each concept find its bes
 
 with t_c = exp(concept_log_scale) (clamped at 100) and b_c the objective's own learned scale and bias,
 initialised like SigLIP's (t_c = 10, b_c = −10). s_ij is FILIP's text-to-image similarity over concepts
-instead of words (objectives.filip.filip_similarity). The image–text term needs the model's logit bias
-(model.overrides.logit_bias=true). α = 0 is SigLIP exactly.
+instead of words (objectives.filip.filip_similarity). The image–text term uses the model's logit bias,
+which training adds to the model for this objective. α = 0 is SigLIP exactly.
 
 What is not implemented of the paper:
 - Concept extraction: the paper links caption phrases to UMLS medical concepts with an entity linker and
@@ -51,10 +51,12 @@ def concept_similarity(
 def concept_alignment(
     similarity: torch.Tensor, has_concepts: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor
 ) -> torch.Tensor:
-    """(B, B) s_ij, (B,) whether caption j has a valid concept, scale t_c and bias b_c → L_RC."""
-    logits = (scale * similarity + bias)[:, has_concepts]
-    signs = 2 * torch.eye(similarity.shape[0], dtype=logits.dtype, device=logits.device)[:, has_concepts] - 1
-    return -F.logsigmoid(signs * logits).sum() / similarity.shape[0]
+    """(B, B) s_ij, (B,) whether caption j has a valid concept, scale t_c and bias b_c → L_RC (0, with its
+    graph, when no caption has one; no host sync)."""
+    logits = scale * similarity + bias
+    signs = 2 * torch.eye(similarity.shape[0], dtype=logits.dtype, device=logits.device) - 1
+    terms = -F.logsigmoid(signs * logits) * has_concepts[None, :].to(logits.dtype)
+    return terms.sum() / similarity.shape[0]
 
 
 class ConceptAlignment(nn.Module):
@@ -99,9 +101,6 @@ class ConceptAlignment(nn.Module):
         if image_tokens is None or concept_features is None or concept_valid is None:
             raise ValueError("the concept term reads image_tokens, concept_features and concept_valid")
         has = concept_valid.any(1)
-        if not bool(has.any()):  # no concept spelled in the whole batch: the term is 0 (and keeps the graph)
-            self.last_stats = {"concept_share": has.float().mean().detach()}
-            return loss + 0.0 * (concept_features.sum() + self.concept_log_scale + self.concept_bias)
         s = concept_similarity(image_tokens, concept_features, concept_valid)
         rc = concept_alignment(s, has, self.concept_scale().to(s.dtype), self.concept_bias.to(s.dtype))
         self.last_stats = {"concept_loss": rc.detach(), "concept_share": has.float().mean().detach()}

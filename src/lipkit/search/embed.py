@@ -42,7 +42,7 @@ from lipkit.data.records import Record
 from lipkit.errors import UserError
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.search.collection import checkpoint_fingerprint, collect, records_fingerprint
-from lipkit.search.embed_chunks import Merged, chunk_ok, compute_chunk, merge_chunks
+from lipkit.search.embed_chunks import Merged, chunk_ok, compute_chunk, merge_chunks, write_tokens
 from lipkit.search.encode import Towers
 from lipkit.search.onnx_encoder import onnx_towers_of
 from lipkit.text.tokenizer import TextTokenizer
@@ -151,8 +151,6 @@ def _write_outputs(out: Path, records: Sequence[Record], merged: Merged, vocab: 
     """image_emb.npy, text_emb.npy, lex.npz, images.bin, ids.json and skipped.json; the items."""
     items = _items(records, merged.rows, out / "images.bin")
     save_npy_atomic(out / "image_emb.npy", merged.image)
-    if merged.tokens is not None:
-        save_npy_atomic(out / "image_tokens.npy", merged.tokens)
     if merged.text is not None:
         save_npy_atomic(out / "text_emb.npy", merged.text)
     if merged.lex is not None:  # SciPy's save_npz "coo" layout (read without SciPy by read_lexical)
@@ -215,7 +213,7 @@ def embed_towers(
         "has_text": has_text,
         "complete": False,
     }
-    if towers.image_tokens is not None:  # what a token-wise index and its queries must match
+    if towers.images_and_tokens is not None:  # a token-wise index over them needs a token-wise checkpoint
         manifest["token_wise"] = {"tokens_kept": towers.tokens_kept}
     write_json_atomic(out / "manifest.json", manifest)
     files = [out / "chunks" / f"{c:05d}.npz" for c in range(n_chunks)]
@@ -236,11 +234,8 @@ def embed_towers(
             )
             save_npz_atomic(files[c], **arrays)
     merged = merge_chunks(files, records, has_text, towers.has_lexicon)
-    if towers.image_tokens is not None and (merged.tokens is None or len(merged.tokens) != len(merged.rows)):
-        raise UserError(
-            f"Some chunks in '{out / 'chunks'}' were written without image tokens (by an older lipkit); pass "
-            "--overwrite to embed the collection again."
-        )
+    if towers.images_and_tokens is not None and len(merged.rows):
+        write_tokens(files, len(merged.rows), out / "image_tokens.npy")
     items = _write_outputs(out, records, merged, towers.lexicon_vocab)
     manifest.update(complete=True, n_embedded=len(items), n_skipped=len(merged.skipped))
     write_json_atomic(out / "manifest.json", manifest)
@@ -260,17 +255,23 @@ def run_embed(
     device: str = "auto",
     int8: str | Path | None = None,
     threads: int = 0,
+    tokens: bool = True,
     **kwargs: Any,
 ) -> EmbedResult:
     """`lipkit embed`: the checkpoint's PyTorch towers, or with `int8` the ONNX folder `lipkit quantize`
-    wrote from it (onnxruntime, `threads` intra-op threads, 0: its default); the manifest says which."""
+    wrote from it (onnxruntime, `threads` intra-op threads, 0: its default); the manifest says which. `tokens`:
+    also the image tokens of a checkpoint scored token-wise (image_tokens.npy, for a tokens index)."""
     records = collect(source, image_column, caption_column)  # a bad source fails before the model loads
     if int8 is not None:
         encoder = onnx_towers_of(checkpoint, int8, threads)
         towers, used = Towers.of_onnx(encoder), {"onnx": encoder.fingerprint()}
         about: dict[str, Any] = {"runtime": "onnxruntime", **encoder.describe()}
     else:
-        towers, used, about = Towers.of_checkpoint(checkpoint, device), {}, {"runtime": "torch"}
+        towers, used, about = (
+            Towers.of_checkpoint(checkpoint, device, tokens=tokens),
+            {},
+            {"runtime": "torch"},
+        )
     return embed_towers(
         towers,
         records,

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lipkit.data.images import try_load_image
 from lipkit.data.records import Record
+from lipkit.errors import UserError
 from lipkit.search.encode import Towers
 
 
@@ -75,9 +76,12 @@ class _ChunkParts:
         first = len(self.kept)
         self.kept.extend(r for r, _ in good)
         batch_u8 = torch.stack([x for _, x in good])
-        self.image.append(towers.images(batch_u8))
-        if towers.image_tokens is not None:
-            self.tokens.append(towers.image_tokens(batch_u8))
+        if towers.images_and_tokens is not None:  # one image-tower pass for both
+            pooled, tokens = towers.images_and_tokens(batch_u8)
+            self.image.append(pooled)
+            self.tokens.append(tokens)
+        else:
+            self.image.append(towers.images(batch_u8))
         if towers.lexical is not None:
             r_, c_ = np.nonzero(lex := towers.lexical(batch_u8))
             self.lex_rows.append(r_ + first)
@@ -86,7 +90,7 @@ class _ChunkParts:
         if has_text:
             self.text.append(towers.texts([records[r].captions[0] for r, _ in good]))
 
-    def arrays(self, dim: int, has_text: bool, has_lexicon: bool) -> dict[str, np.ndarray]:
+    def arrays(self, dim: int, has_text: bool, has_lexicon: bool, has_tokens: bool) -> dict[str, np.ndarray]:
         out = {
             "rows": np.asarray(self.kept, dtype=np.int64),
             "image": np.concatenate(self.image) if self.image else np.zeros((0, dim), np.float32),
@@ -97,6 +101,8 @@ class _ChunkParts:
             out["text"] = np.concatenate(self.text) if self.text else np.zeros((0, dim), np.float32)
         if self.tokens:
             out["tokens"] = np.concatenate(self.tokens)
+        elif has_tokens:  # no image of the chunk decoded: an empty (0, 0, dim) array marks it as token-wise
+            out["tokens"] = np.zeros((0, 0, dim), np.float32)
         if has_lexicon:
             out["lex_row"] = np.concatenate([np.zeros(0, np.int64), *self.lex_rows]).astype(np.int64)
             out["lex_col"] = np.concatenate([np.zeros(0, np.int64), *self.lex_cols]).astype(np.int64)
@@ -126,7 +132,7 @@ def compute_chunk(
     for batch in loader:
         parts.add(towers, records, batch, has_text)
         advance(len(batch))
-    return parts.arrays(towers.dim, has_text, towers.has_lexicon)
+    return parts.arrays(towers.dim, has_text, towers.has_lexicon, towers.images_and_tokens is not None)
 
 
 @dataclass
@@ -138,13 +144,12 @@ class Merged:
     text: np.ndarray | None
     lex: tuple[np.ndarray, np.ndarray, np.ndarray] | None  # (row, term, weight) over `rows` positions
     skipped: list[dict[str, str]]
-    tokens: np.ndarray | None = None  # (n, T, D) image tokens of a token-wise checkpoint
 
 
 def merge_chunks(
     files: Sequence[Path], records: Sequence[Record], has_text: bool, has_lexicon: bool
 ) -> Merged:
-    rows_all, imgs, txts, skipped, tokens = [], [], [], [], []
+    rows_all, imgs, txts, skipped = [], [], [], []
     lex_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     for path in files:
         with np.load(path, allow_pickle=False) as z:
@@ -153,8 +158,6 @@ def merge_chunks(
                 lex_parts.append((z["lex_row"] + offset, z["lex_col"], z["lex_val"]))
             rows_all.append(z["rows"])
             imgs.append(z["image"])
-            if "tokens" in z.files:
-                tokens.append(z["tokens"])
             if has_text:
                 txts.append(z["text"])
             skipped.extend(
@@ -170,5 +173,32 @@ def merge_chunks(
         np.concatenate(txts).astype(np.float32) if has_text else None,
         lex,  # type: ignore[arg-type]
         skipped,
-        np.concatenate(tokens).astype(np.float32) if tokens else None,
     )
+
+
+def write_tokens(files: Sequence[Path], n_rows: int, path: Path) -> None:
+    """The chunks' image tokens, streamed into one float32 N×T×D .npy at `path` (through a temporary file
+    and a rename): never the whole array in memory. Chunks without tokens (an older lipkit's) are refused."""
+    tmp, at, out = path.with_name(path.name + ".tmp"), 0, None
+    try:
+        for f in files:
+            with np.load(f, allow_pickle=False) as z:
+                if "tokens" not in z.files:
+                    raise UserError(
+                        f"Chunk '{f}' was written without image tokens (by an older lipkit); pass --overwrite to "
+                        "embed the collection again."
+                    )
+                part = z["tokens"]
+            if not len(part):
+                continue
+            if out is None:
+                shape = (n_rows, *part.shape[1:])
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+            out[at : at + len(part)] = part
+            at += len(part)
+        assert out is not None and at == n_rows, "every embedded row has its tokens"
+        out.flush()
+        del out
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lipkit.errors import UserError
-from lipkit.eval.token_similarity import image_token_batch
+from lipkit.eval.token_similarity import pooled_and_tokens
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.models.timm_vision import TimmTower
 from lipkit.search.onnx_encoder import OnnxEncoder
@@ -104,7 +104,8 @@ class Towers:
     image_size: int
     dim: int
     lexicon_vocab: int = 0
-    image_tokens: Callable[[torch.Tensor], np.ndarray] | None = None  # uint8 images → (B, T, dim), token-wise
+    # uint8 images → ((B, dim) embeddings, (B, T, dim) tokens) in one pass, for a token-wise index
+    images_and_tokens: Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]] | None = None
     tokens_kept: int = 0  # image tokens kept per image for a token-wise index (0: all)
 
     @classmethod
@@ -133,17 +134,19 @@ class Towers:
             image_size=int(spec.image_size),
             dim=int(spec.embed_dim),
             lexicon_vocab=int(spec.lexicon_vocab) if model.has_lexicon else 0,
-            image_tokens=None
+            images_and_tokens=None
             if token_wise is None
-            else at_precision(lambda m, images: image_token_batch(m, images, token_wise or None).numpy()),
+            else at_precision(
+                lambda m, images: tuple(t.numpy() for t in pooled_and_tokens(m, images, token_wise or None))
+            ),
             tokens_kept=token_wise or 0,
         )
 
     @classmethod
-    def of_checkpoint(cls, checkpoint: Any, device: str = "auto") -> Towers:
+    def of_checkpoint(cls, checkpoint: Any, device: str = "auto", tokens: bool = False) -> Towers:
         """The PyTorch towers of a lipkit checkpoint folder on `device` (auto, cpu, cuda, cuda:N), with image
-        tokens when it is scored token-wise (`token_wise_of`); on a CPU, freed memory is kept for the next
-        batch (lipkit/malloc.py: no page fault per batch)."""
+        tokens too when `tokens` and it is scored token-wise (`token_wise_of`; `lipkit embed` asks); on a CPU,
+        freed memory is kept for the next batch (lipkit/malloc.py: no page fault per batch)."""
         from lipkit.checkpoint import load_checkpoint
         from lipkit.device import pick_device
         from lipkit.malloc import keep_freed_memory
@@ -152,7 +155,7 @@ class Towers:
         model.to(pick_device(device))
         if next(model.parameters()).device.type == "cpu":
             keep_freed_memory()
-        return cls.of_model(model, tokenizer, token_wise=token_wise_of(info))
+        return cls.of_model(model, tokenizer, token_wise=token_wise_of(info) if tokens else None)
 
     @classmethod
     def of_onnx(cls, encoder: OnnxEncoder) -> Towers:

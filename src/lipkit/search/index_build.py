@@ -59,8 +59,9 @@ def index_input(emb_dir: Path, kind: str) -> tuple[np.ndarray | SparseMatrix, li
         tokens = emb.image_tokens()
         if tokens is None:
             raise UserError(
-                f"'{emb_dir}' has no image_tokens.npy; a tokens index needs the image tokens `lipkit embed` writes "
-                "for a checkpoint scored token-wise (trained with filip or wukong), or build a --kind flat index."
+                f"'{emb_dir}' has no image_tokens.npy, which `lipkit embed` writes only for a checkpoint trained with "
+                "filip or wukong and without --int8; re-run `lipkit embed CHECKPOINT SOURCE DIR --overwrite` with such "
+                "a checkpoint, or build a --kind flat index."
             )
         return tokens, _items_or_default(emb, tokens.shape[0])
     emb = load_embeddings(emb_dir)

@@ -23,6 +23,7 @@ from lipkit.search.encode import (
     encode_text_tokens,
     inference_precision,
     prepare_for_inference,
+    token_wise_of,
 )
 from lipkit.text.tokenizer import TextTokenizer
 
@@ -159,6 +160,11 @@ class Searcher:
             raise UserError(
                 f"Index '{index_path}' holds {self.index.dim}-d vectors but checkpoint '{checkpoint}' makes "
                 f"{self.dim}-d embeddings; search with the checkpoint that embedded the collection."
+            )
+        if self.token_wise and token_wise_of(self.config) is None:
+            raise UserError(
+                f"Index '{index_path}' is token-wise but checkpoint '{checkpoint}' was not trained with filip or "
+                "wukong, so its token features were never trained to match; search with the checkpoint that embedded it."
             )
         self.onnx = None if onnx is None else self._onnx_encoder(Path(onnx), checkpoint, threads)
         self.towers = (

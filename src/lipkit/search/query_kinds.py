@@ -22,7 +22,8 @@ class TextQueries:
         return self.searcher.text_queries(items)
 
     def cache_key(self, item: str) -> Hashable | None:
-        return None if self.searcher.sparse else item  # sparse queries are vocabulary-sized: not kept
+        # sparse (vocabulary-sized) and token-wise (context × dim) queries are large: not kept
+        return None if self.searcher.sparse or self.searcher.token_wise else item
 
 
 class ImageQueries:

@@ -6,7 +6,8 @@ With an item's L2-normalised image tokens x_k (k = 1..T) and a text query's real
 
     score = 1/|R| Σ_{r ∈ R} max_k <x_k, y_r>          (each word finds its best patch: FILIP's s^T)
 
-so a text query ranks the items exactly as `lipkit eval`'s text → image retrieval does. The search is
+so a text query ranks the items as `lipkit eval`'s text → image retrieval does (exactly so at eval's default
+fp32 and its own image_tokens_kept, what `lipkit embed` uses). The search is
 exhaustive (every item scored, in blocks of items): exact, like the flat dense kind. Queries are
 (Q, L, D) token features whose padding rows are zero (search.encode.encode_text_tokens).
 
@@ -42,6 +43,9 @@ def late_interaction(items: torch.Tensor, queries: torch.Tensor) -> torch.Tensor
     """(N, T, D) item tokens, (Q, L, D) query tokens with zero rows at padding → (Q, N) scores: for each
     query, the mean over its real tokens of each token's best item token (FILIP's s^T)."""
     mask = queries.abs().sum(-1) > 0  # (Q, L) real tokens
+    real = mask.any(0).nonzero()
+    last = int(real.max()) + 1 if len(real) else 1
+    queries, mask = queries[:, :last], mask[:, :last]  # the padding after every query's last token: no work
     counts = mask.sum(1).clamp(min=1).to(items.dtype)
     q, length, d = queries.shape
     n, t, _ = items.shape

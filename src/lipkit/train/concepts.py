@@ -108,13 +108,15 @@ class ConceptTable:
     ) -> float:
         """The share of concepts spelled by at least one caption of their row."""
         keys = [k for k, c in seen.items() if c]
-        flat = [c for k in keys for c in captions[k]]
-        rows = tokenizer(flat).tolist() if flat else []
-        found, at = 0, 0
-        for key, sid in zip(keys, sample_ids(keys).tolist(), strict=True):
-            mine = rows[at : at + len(captions[key])]
-            at += len(captions[key])
-            found += sum(any(find_span(row, span) >= 0 for row in mine) for span in self.spans[sid])
+        found = 0
+        for s in range(0, len(keys), 4096):  # a block of rows at a time: token ids of a whole table are large
+            block = keys[s : s + 4096]
+            flat = [c for k in block for c in captions[k]]
+            rows, at = (tokenizer(flat).tolist() if flat else []), 0
+            for key, sid in zip(block, sample_ids(block).tolist(), strict=True):
+                mine = rows[at : at + len(captions[key])]
+                at += len(captions[key])
+                found += sum(any(find_span(row, span) >= 0 for row in mine) for span in self.spans[sid])
         return found / max(1, self.concepts)
 
     def pooling(self, ids: torch.Tensor, captions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
