@@ -59,6 +59,9 @@ def _makers(b: int, d: int) -> dict[str, Callable[[], torch.Tensor]]:
             < (torch.arange(b)[:, None] % 4).clamp(max=3) + 1 - (torch.arange(b)[:, None] == b - 1).long() * 4
         ),
         "region_text_key": lambda: (torch.arange(b)[:, None] + torch.arange(3)[None, :]) % 4,
+        # each caption's summed token NLL and its predicted-token count
+        "caption_nll": lambda: (torch.rand(b, generator=g, dtype=F64) * 5 + 1).requires_grad_(),
+        "caption_tokens": lambda: torch.arange(b) % 3 + 2,
         # 3 concept slots a caption: image i's first i % 3 + 1 valid, the last caption without any
         "concept_features": lambda: _unit(b, 3, d, seed=145),
         "concept_valid": lambda: (

@@ -48,8 +48,15 @@ def make_trainer(tmp: Path, rank: int, world: int, per_image: int = 1, **train) 
     needs = objective_needs(objective)
     lexicon = tok.vocab_size if requires(needs, "lexicon") else 0
     bias = requires(needs, "bias")
+    caption = 2 if requires(needs, "captioner") else 0  # CoCa's decoder
     spec = get_spec(
-        "tiny", **SPEC, vocab_size=tok.vocab_size, eot_id=tok.eot_id, lexicon_vocab=lexicon, logit_bias=bias
+        "tiny",
+        **SPEC,
+        vocab_size=tok.vocab_size,
+        eot_id=tok.eot_id,
+        lexicon_vocab=lexicon,
+        logit_bias=bias,
+        caption_layers=caption,
     )
     model = DualEncoder(spec)
     teacher = copy.deepcopy(model).requires_grad_(False) if requires(needs, "teacher") else None

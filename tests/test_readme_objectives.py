@@ -56,12 +56,14 @@ def test_readme_train_line_gives_the_objective_what_it_needs(line):
         cfg = load_config(configs, [*sets, f"train.objective={name}"])
         objective = build_objective(name, **cfg.train.objective_args)
         needs = objective_needs(objective)
-        # the model gets a logit bias (siglip) and lexicon heads (lexlip) from the trainer itself, and the
-        # per-sample labels from data.cluster_labels (mlcd) or the table's columns (plip) from launch
+        # the model gets a logit bias (siglip), lexicon heads (lexlip) and a caption decoder (coca) from the
+        # trainer itself, and the per-sample labels from data.cluster_labels (mlcd) or the table's columns
+        # (plip, cloc, conceptclip) from launch
         labels = {"clusters"} if cfg.data.cluster_labels else set()
         labels |= {"columns"} if getattr(objective, "label_columns", ()) else set()
         labels |= {"regions"} if getattr(objective, "region_columns", ()) else set()
-        check_inputs(needs, cfg.data.captions_per_image, True, name, False, True, labels)
+        labels |= {"concepts"} if getattr(objective, "concepts_column", None) else set()
+        check_inputs(needs, cfg.data.captions_per_image, True, name, False, True, labels, has_captioner=True)
 
 
 def test_alip_without_a_second_caption_names_the_fix():

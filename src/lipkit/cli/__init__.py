@@ -45,6 +45,7 @@ app.command()(train_commands.refine)
 app.command()(train_commands.distill)
 app.command("eval")(eval_commands.eval_)
 app.command()(eval_commands.report)
+app.command()(eval_commands.caption)
 app.add_typer(data.app, name="data")
 data_build.register(data.app)  # data build emoji | noisy | canvases
 curate_cluster.register(data.app)  # data cluster, reduce, associate

@@ -68,3 +68,32 @@ def report(
     index = write_report(run_dir)
     console.print(f"report: {index}")
     report_to_trackers(run_dir, index)
+
+
+def caption(
+    checkpoint: Path = typer.Argument(
+        ..., help="Checkpoint directory with a caption decoder (the coca objective)."
+    ),
+    images: list[Path] = typer.Argument(..., help="Image files to caption."),
+    beam: int = typer.Option(3, "--beam", "-b", min=1, max=64, help="Beam width (1: greedy decoding)."),
+    max_tokens: int = typer.Option(
+        0, "--max-tokens", min=0, help="Most tokens per caption (0: the context length)."
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="One JSON object per image: path, caption, log_prob, tokens."
+    ),
+) -> None:
+    """Caption images with a checkpoint's caption decoder, by beam search (deterministic: the same
+    checkpoint and images give the same captions). Train a decoder with `--set train.objective=coca`
+    (docs/captioning.md)."""
+    import json
+
+    from lipkit.checkpoint import load_checkpoint
+    from lipkit.eval.captioning import caption_files
+
+    model, tokenizer, _ = load_checkpoint(checkpoint)
+    for row in caption_files(model, tokenizer, [str(p) for p in images], beam, max_tokens):
+        if as_json:
+            print(json.dumps(row, ensure_ascii=False))
+        else:
+            print(f"{row['path']}\t{row['caption']}")

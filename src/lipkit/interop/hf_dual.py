@@ -90,8 +90,14 @@ def check_dual_exportable(spec: ModelSpec) -> None:
         )
     if spec.text_pool not in ("mean", "cls"):
         raise UserError(f"Text pooling '{spec.text_pool}' is not one lipkit exports; {onnx}.")
-    if spec.logit_bias or spec.lexicon_vocab:
-        what = "a learned logit bias (sigmoid loss)" if spec.logit_bias else "LexLIP lexicon heads"
+    if spec.logit_bias or spec.lexicon_vocab or spec.caption_layers:
+        what = (
+            "a learned logit bias (sigmoid loss)"
+            if spec.logit_bias
+            else "LexLIP lexicon heads"
+            if spec.lexicon_vocab
+            else "a caption decoder"
+        )
         raise UserError(f"This checkpoint has {what}, which VisionTextDualEncoderModel cannot hold; {onnx}.")
 
 

@@ -130,6 +130,11 @@ def _check_heads(spec: ModelSpec, target: str) -> None:
             f"This checkpoint has LexLIP lexicon heads, which {target} cannot hold and a conversion would "
             "drop; keep the lipkit checkpoint for sparse search, or export the towers with `lipkit export onnx`."
         )
+    if spec.caption_layers:
+        raise UserError(
+            f"This checkpoint has a caption decoder, which {target}'s CLIP model cannot hold and a conversion would "
+            "drop; keep the lipkit checkpoint for `lipkit caption`, or export the towers with `lipkit export onnx`."
+        )
 
 
 def open_clip_model_config(

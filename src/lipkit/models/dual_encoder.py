@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +11,7 @@ from torch import nn
 
 from lipkit.data.transforms import normalize as normalize_pixels
 from lipkit.errors import UserError
+from lipkit.models.caption_decoder import CaptionDecoder
 from lipkit.models.hf_text import HFTextTower
 from lipkit.models.lexicon_head import LexiconHead
 from lipkit.models.locking import lock_tower
@@ -43,6 +45,17 @@ class DualEncoder(nn.Module):
         if spec.lexicon_vocab:  # LexLIP heads on the projected token features of each tower
             self.image_lexicon = LexiconHead(spec.embed_dim, spec.lexicon_vocab)
             self.text_lexicon = LexiconHead(spec.embed_dim, spec.lexicon_vocab)
+        if spec.caption_layers:  # a caption decoder reading the image tower's projected tokens
+            self.captioner = caption_decoder_of(spec)
+
+    @property
+    def has_captioner(self) -> bool:
+        return self.spec.caption_layers > 0
+
+    def add_captioner(self, layers: int, width: int = 0, heads: int = 4) -> None:
+        """A fresh caption decoder on this model (a checkpoint trained without one: `model.init_from`)."""
+        self.spec = replace(self.spec, caption_layers=layers, caption_width=width, caption_heads=heads)
+        self.captioner = caption_decoder_of(self.spec).to(self.device)
 
     @property
     def device(self) -> torch.device:
@@ -149,3 +162,11 @@ def _frozen_to_eval(module: nn.Module) -> None:
         return
     for child in module.children():
         _frozen_to_eval(child)
+
+
+def caption_decoder_of(spec: ModelSpec) -> CaptionDecoder:
+    """The caption decoder `spec` asks for, over its tokenizer's vocabulary and context."""
+    width = spec.caption_width or spec.embed_dim
+    return CaptionDecoder(
+        spec.vocab_size, width, spec.caption_layers, spec.caption_heads, spec.context_length, spec.embed_dim
+    )

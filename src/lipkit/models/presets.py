@@ -55,6 +55,11 @@ class ModelSpec:
     # LexLIP: one lexicon head per tower over this many vocabulary terms (0: none; the lexlip objective
     # turns them on with the tokenizer's vocabulary size)
     lexicon_vocab: int = 0
+    # a caption decoder (models.caption_decoder, CoCa's captioning head): this many layers (0: none; the coca
+    # objective turns it on), its width (0: the embedding dimension) and heads
+    caption_layers: int = 0
+    caption_width: int = 0
+    caption_heads: int = 4
     image_mean: tuple[float, float, float] = OPENAI_MEAN
     image_std: tuple[float, float, float] = OPENAI_STD
 

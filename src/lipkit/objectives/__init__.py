@@ -11,6 +11,7 @@ from torch import nn
 from lipkit.errors import UserError
 from lipkit.objectives.alip import ALIPLoss
 from lipkit.objectives.cloc import RegionContrast
+from lipkit.objectives.coca import CaptionContrast
 from lipkit.objectives.conceptclip import ConceptAlignment
 from lipkit.objectives.distill import Distillation
 from lipkit.objectives.dreamlip import SubCaptionGrouping
@@ -54,6 +55,7 @@ OBJECTIVES: dict[str, type[nn.Module]] = {
     "distill": Distillation,
     "cloc": RegionContrast,
     "conceptclip": ConceptAlignment,
+    "coca": CaptionContrast,
 }
 
 

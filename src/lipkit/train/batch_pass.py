@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lipkit.models.caption_decoder import caption_nll
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.models.regions import region_pool
 from lipkit.train.views import Views
@@ -130,6 +131,14 @@ class BatchPass:
         assert tokens is not None, "concept inputs ask for the text tokens"
         pooled = F.normalize(weights.to(tokens.dtype) @ tokens, dim=-1)
         return pooled * valid[..., None].to(pooled.dtype), valid
+
+    @functools.cached_property
+    def caption(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The caption decoder's teacher-forced (B,) summed NLL of each first caption given its image's
+        normalised tokens, and (B,) its predicted-token counts (models.caption_decoder.caption_nll)."""
+        tokens = self.image[1]
+        assert tokens is not None, "caption inputs ask for the image tokens"
+        return caption_nll(self.model.captioner, self.text_ids[self.first], tokens, self.pad_id)
 
     @functools.cached_property
     def text(self) -> tuple[torch.Tensor, torch.Tensor | None]:

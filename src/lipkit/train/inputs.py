@@ -140,6 +140,9 @@ INPUTS: dict[str, Input] = {
     # the first caption's token features over each concept's tokens (B, K, D; zero rows invalid) and validity
     "concept_features": Input(lambda p: p.concepts[0], "grad", None, tokens="text", requires="concepts"),
     "concept_valid": Input(lambda p: p.concepts[1], "plain", "batch", tokens="text", requires="concepts"),
+    # the caption decoder's teacher-forced loss of each first caption (summed NLL, (B,)) and its token count
+    "caption_nll": Input(lambda p: p.caption[0], "grad", None, tokens="image", requires="captioner"),
+    "caption_tokens": Input(lambda p: p.caption[1], "plain", "batch", tokens="image", requires="captioner"),
     # each image's stable sample id (from its record key): per-sample state such as NEVLP's loss history
     "sample_key": Input(lambda p: p.key_ids(), "plain", "batch"),
     # each image's cluster labels (B, L; −1: none) from data.cluster_labels (train.sample_labels)
@@ -186,6 +189,11 @@ _REQUIREMENTS: dict[str, tuple[Callable[[dict[str, Any]], bool], str]] = {
         "trains lexicon heads and this model has none; start from a model without model.init_from, or set "
         "model.overrides.lexicon_vocab (e.g. the tokenizer's vocabulary size).",
     ),
+    "captioner": (
+        lambda s: s["captioner"],
+        "trains a caption decoder and this model has none; start it with `lipkit train` (which adds one), or "
+        "set model.overrides.caption_layers.",
+    ),
     "bias": (lambda s: s["bias"], "needs a logit bias; set model.overrides.logit_bias=true."),
     "clusters": (
         lambda s: "clusters" in s["labels"],
@@ -230,8 +238,10 @@ def check_inputs(
     has_teacher: bool = False,
     has_lexicon: bool = False,
     labels: Iterable[str] = (),
+    has_captioner: bool = False,
 ) -> None:
     setup = {"captions": captions_per_image, "bias": has_bias, "teacher": has_teacher, "lexicon": has_lexicon}
+    setup["captioner"] = has_captioner
     setup["labels"] = set(labels)  # the kinds of per-sample labels the run has
     for what, (present, fix) in _REQUIREMENTS.items():
         if requires(needs, what) and not present(setup):

@@ -48,6 +48,7 @@ from lipkit.train.teacher import check_same_tokenizer, load_teacher
 from lipkit.train.tracking import Trackers, open_trackers
 from lipkit.train.trainer import Trainer, TrainResult
 
+CAPTION_LAYERS = 2  # the caption decoder's depth when an objective needs one and the config names none
 console = Console(stderr=True, quiet=os.environ.get("RANK", "0") != "0")
 # model settings a resumed run takes from its checkpoint, not from the config: the image tower's shape,
 # input size and normalisation (the weights and the data pipeline must be those it was saved with)
@@ -123,6 +124,8 @@ def _new_model(
         fixed["logit_bias"] = True
     if requires(needs, "lexicon") and not cfg.model.overrides.get("lexicon_vocab"):
         fixed["lexicon_vocab"] = tokenizer.vocab_size  # LexLIP: one weight per tokenizer term
+    if requires(needs, "captioner") and not cfg.model.overrides.get("caption_layers"):
+        fixed["caption_layers"] = CAPTION_LAYERS  # CoCa: a caption decoder
     if pretrained is not None:
         hf_config = json.loads((pretrained / "config.json").read_text(encoding="utf-8"))
         fixed.update(text_tower="hf", text_hf_config=hf_config, text_pool=cfg.model.text_pool)
@@ -301,6 +304,13 @@ def _build_model(
         check_same_tokenizer(teacher_tokens, own, "model.text_pretrained")
     if start is not None:
         model = start[0].train()
+        if requires(objective_needs(objective), "captioner") and not model.has_captioner:
+            o = cfg.model.overrides  # a decoder for the starting model (its towers typically locked)
+            model.add_captioner(
+                o.get("caption_layers") or CAPTION_LAYERS,
+                o.get("caption_width", 0),
+                o.get("caption_heads", 4),
+            )
         if teacher is None and requires(objective_needs(objective), "teacher"):  # CLIP-Refine distils from it
             teacher = copy.deepcopy(model).eval().requires_grad_(False)  # the frozen starting model
     else:

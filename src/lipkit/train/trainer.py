@@ -118,6 +118,7 @@ class Trainer:
             teacher is not None,
             model.has_lexicon,
             set(sample_labels or {}),
+            model.has_captioner,
         )
         check_scaling(cfg, self.needs, self.dist)
         check_batch_statistics(model, self.dist.world, cfg.grad_cache_chunk, self.local_batch)  # BatchNorm

@@ -1,0 +1,85 @@
+"""A caption decoder on top of the two towers (CoCa's captioning head, Yu et al., 2022, "CoCa: Contrastive
+Captioners are Image-Text Foundation Models", as lipkit builds it).
+
+A causal transformer over the caption's tokens: each layer is a causal self-attention block followed by a
+cross-attention block whose keys and values are the image tower's projected token features (layer norms
+`ln_1` / `ln_1_kv` / `ln_2` and an MLP, named as OpenCLIP's CoCa decoder names them), then `ln_final`
+and a linear map to the vocabulary. It predicts token t + 1 from tokens ≤ t and the image:
+
+    p(w_{t+1} | w_≤t, image) = softmax(W_out · h_t),   L_cap = −1/T Σ_t log p(w_{t+1} | w_≤t, image)
+
+over the real target tokens (not padding) of the batch.
+
+What differs from CoCa: CoCa's multimodal decoder reads the outputs of its own unimodal (causal) text
+encoder; lipkit's decoder embeds the tokens itself, because lipkit's text towers may be bidirectional
+(the pretrained MiniLM), which would let the decoder see the word it predicts. The image side is the
+tower's token grid in the embedding space (no attentional pooler).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lipkit.models.transformer import Mlp, ResidualBlock
+
+
+class CrossAttentionBlock(nn.Module):
+    """x + attn(ln_1(x), ln_1_kv(image)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.ln_1_kv = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = Mlp(width, int(width * mlp_ratio), quick_gelu=False)
+
+    def forward(self, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        kv = self.ln_1_kv(image)
+        x = x + self.attn(self.ln_1(x), kv, kv, need_weights=False)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class CaptionDecoder(nn.Module):
+    """Token ids (B, L) and image tokens (B, N, image_dim) → next-token logits (B, L, vocab)."""
+
+    def __init__(
+        self, vocab: int, width: int, layers: int, heads: int, context_length: int, image_dim: int
+    ) -> None:
+        super().__init__()
+        self.context_length = context_length
+        self.token_embedding = nn.Embedding(vocab, width)
+        self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
+        self.image_proj = nn.Linear(image_dim, width)
+        self.resblocks = nn.ModuleList(ResidualBlock(width, heads, 4.0, False) for _ in range(layers))
+        self.cross_attn = nn.ModuleList(CrossAttentionBlock(width, heads, 4.0) for _ in range(layers))
+        self.ln_final = nn.LayerNorm(width)
+        self.text_projection = nn.Linear(width, vocab, bias=False)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.text_projection.weight, std=width**-0.5)
+
+    def forward(self, ids: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+        length = ids.shape[1]
+        if length > self.context_length:
+            raise ValueError(f"{length} tokens, more than the decoder's context of {self.context_length}")
+        x = self.token_embedding(ids) + self.positional_embedding[:length]
+        image = self.image_proj(image_tokens.to(x.dtype))
+        for block, cross in zip(self.resblocks, self.cross_attn, strict=True):
+            x = cross(block(x, causal=True), image)
+        return self.text_projection(self.ln_final(x))
+
+
+def caption_nll(
+    decoder: CaptionDecoder, ids: torch.Tensor, image_tokens: torch.Tensor, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher forcing: (B,) summed negative log-likelihood of each caption's real tokens after the first
+    (the start token is given), and (B,) how many such tokens each caption has."""
+    logits = decoder(ids[:, :-1], image_tokens)
+    target = ids[:, 1:]
+    real = target != pad_id
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits: the loss in fp32
+    nll = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # (B, L − 1)
+    return (nll * real).sum(1), real.sum(1)
