@@ -62,6 +62,8 @@ def _makers(b: int, d: int) -> dict[str, Callable[[], torch.Tensor]]:
         # each caption's summed token NLL and its predicted-token count
         "caption_nll": lambda: (torch.rand(b, generator=g, dtype=F64) * 5 + 1).requires_grad_(),
         "caption_tokens": lambda: torch.arange(b) % 3 + 2,
+        "text_caption_nll": lambda: (torch.rand(b, generator=g, dtype=F64) * 5 + 1).requires_grad_(),
+        "text_caption_tokens": lambda: torch.arange(b) % 4 + 1,
         # 3 concept slots a caption: image i's first i % 3 + 1 valid, the last caption without any
         "concept_features": lambda: _unit(b, 3, d, seed=145),
         "concept_valid": lambda: (

@@ -44,12 +44,12 @@ def test_the_decoder_is_causal_and_reads_the_image():
 def test_caption_nll_matches_a_per_token_loop_values_and_gradients():
     dec = decoder()
     image = torch.randn(2, 5, 8, dtype=F64, requires_grad=True)
-    ids = torch.tensor([[1, 3, 4, 2, 0, 0], [1, 5, 5, 6, 4, 2]])  # pad id 0
+    ids = torch.tensor([[1, 3, 4, 2, 0, 0, 0], [1, 5, 5, 6, 4, 2, 0]])  # pad id 0; the last column trimmed
     nll, count = caption_nll(dec, ids, image, pad_id=0)
     want_nll, want_count = [], []
     for b in range(2):
         total, n = image.new_zeros(()), 0
-        for t in range(1, 6):
+        for t in range(1, 7):
             if ids[b, t] == 0:
                 continue
             logits = dec(ids[b : b + 1, :t], image[b : b + 1])[0, -1]
@@ -95,6 +95,12 @@ class _LateEnd(torch.nn.Module):
         out[:, :2, 2] -= 8.0
         return out
 
+    def last_logits(self, ids, image):
+        out = self.dec.last_logits(ids, image).clone()
+        if ids.shape[1] <= 2:  # the last position is 0 or 1
+            out[:, 2] -= 8.0
+        return out
+
 
 @torch.no_grad()
 def test_beam_search_finds_what_brute_force_finds():
@@ -111,8 +117,14 @@ def test_beam_search_finds_what_brute_force_finds():
     assert len(best) >= 2
     got, logp = beam_search(_Model(dec), image, sot=1, eot=2, beam=200, max_tokens=4)
     assert got == best and math.isclose(logp, best_logp, rel_tol=1e-12)
-    greedy = beam_search(_Model(dec), image, sot=1, eot=2, beam=1, max_tokens=4)
-    assert greedy == beam_search(_Model(dec), image, sot=1, eot=2, beam=1, max_tokens=4)  # deterministic
+    seq, total = [1], 0.0  # greedy: the argmax chain, token by token, to the end token
+    while len(seq) < 5 and (len(seq) == 1 or seq[-1] != 2):
+        logp = torch.log_softmax(dec(torch.tensor([seq]), image[None])[0, -1], -1)
+        seq.append(int(logp.argmax()))
+        total += float(logp.max())
+    words = seq[1:-1] if seq[-1] == 2 else seq[1:]
+    got, logp = beam_search(_Model(dec), image, sot=1, eot=2, beam=1, max_tokens=4)
+    assert got == words and math.isclose(logp, total, rel_tol=1e-12)
 
 
 def coca_cfg(table, out, **train):
@@ -180,3 +192,60 @@ def test_a_decoder_trains_on_a_frozen_checkpoint(table, tmp_path):
     towers = [k for k in before if k.startswith(("visual.", "text."))]
     assert towers and all(torch.equal(before[k], after[k]) for k in towers)
     assert any(k.startswith("captioner.") for k in after)
+    evaluated_with_another_checkpoints_clip_score(
+        table, judge_of(base / "checkpoint", tmp_path), tmp_path / "cap"
+    )
+
+
+def judge_of(base, tmp_path):
+    """A checkpoint other than the captioner, at another image size: the base's shape at 16 px more, its
+    tokenizer, weights drawn afresh."""
+    import dataclasses
+
+    from lipkit.checkpoint import load_checkpoint, save_checkpoint
+    from lipkit.models.dual_encoder import DualEncoder
+
+    model, tokenizer, _ = load_checkpoint(base)
+    torch.manual_seed(1)
+    judge = DualEncoder(dataclasses.replace(model.spec, image_size=model.spec.image_size + 16))
+    return save_checkpoint(tmp_path / "judge", judge, tokenizer)
+
+
+def evaluated_with_another_checkpoints_clip_score(table, scorer_dir, run):
+    """`lipkit eval` on a captioning checkpoint: BLEU-4 / CIDEr-D of its captions against the English
+    references, CLIP-score by the other checkpoint (recomputed by hand), examples in the report."""
+    from lipkit.checkpoint import load_checkpoint
+    from lipkit.config import config_from_dict
+    from lipkit.data.image_store import ImageStore
+    from lipkit.data.sources.registry import read_table
+    from lipkit.eval.caption_metrics import bleu, cider_d
+    from lipkit.eval.report import write_report
+    from lipkit.eval.report_figures import esc
+    from lipkit.eval.suite import run_eval
+
+    ev = {"caption_max_images": 5, "caption_langs": ["en"], "caption_scorer": str(scorer_dir)}
+    cfg = config_from_dict({"eval": {**ev, "class_columns": ["category"], "caption_beam": 2}})
+    res = run_eval(run / "checkpoint", {"train": str(table)}, cfg, run / "eval" / "results.json")
+    split = res["splits"]["train"]
+    shown, m = split["captions"], split["metrics"]
+    records = read_table(table)
+    by_path = {str(r.image): r for r in records}
+    assert len(shown) == 5 and res["caption_scorer"] == str(scorer_dir.resolve())
+    for s in shown:  # each image's own English captions, in order
+        r = by_path[s["image"]]
+        assert s["references"] == [c for c, g in zip(r.captions, r.meta["langs"], strict=True) if g == "en"]
+    caps, refs = [s["caption"] for s in shown], [s["references"] for s in shown]
+    assert m["captions/BLEU-4"] == pytest.approx(100 * bleu(caps, refs, smooth=True), abs=1e-10)
+    assert m["captions/CIDEr-D"] == pytest.approx(100 * cider_d(caps, refs)[0], abs=1e-10)
+    scorer, tok, _ = load_checkpoint(scorer_dir)
+    captioner = load_checkpoint(run / "checkpoint")[0]
+    assert scorer.spec.image_size != captioner.spec.image_size  # decoded at the judge's own size
+    store = ImageStore([by_path[s["image"]] for s in shown], scorer.spec.image_size, cache=True)
+    with torch.no_grad():
+        cos = (scorer.embed_images_u8(store.get(range(5))) * scorer.encode_text(tok(caps))).sum(1)
+        mine = ImageStore(store.records, captioner.spec.image_size, cache=True).get(range(5))
+        own = (captioner.embed_images_u8(mine) * captioner.encode_text(tok(caps))).sum(1)
+    assert m["captions/CLIP-score"] == pytest.approx(250 * cos.clamp(min=0).mean().item(), abs=1e-3)
+    assert abs(250 * own.clamp(min=0).mean().item() - m["captions/CLIP-score"]) > 1e-2  # not the captioner's
+    page = write_report(run, res).read_text(encoding="utf-8")
+    assert "Captions (the decoder" in page and esc(shown[0]["caption"] or "references") in page

@@ -48,7 +48,8 @@ def make_trainer(tmp: Path, rank: int, world: int, per_image: int = 1, **train) 
     needs = objective_needs(objective)
     lexicon = tok.vocab_size if requires(needs, "lexicon") else 0
     bias = requires(needs, "bias")
-    caption = 2 if requires(needs, "captioner") else 0  # CoCa's decoder
+    text_only = requires(needs, "text_captioner")  # a decoder on noised text embeddings (capdec)
+    caption = 2 if requires(needs, "captioner") or text_only else 0  # CoCa's decoder
     spec = get_spec(
         "tiny",
         **SPEC,
@@ -57,8 +58,11 @@ def make_trainer(tmp: Path, rank: int, world: int, per_image: int = 1, **train) 
         lexicon_vocab=lexicon,
         logit_bias=bias,
         caption_layers=caption,
+        caption_input="embedding" if text_only else "tokens",
     )
     model = DualEncoder(spec)
+    if text_only:  # noise drawn per sample and step: the same rows on 1 or 2 ranks
+        model.captioner.noise_std.fill_(0.3)
     teacher = copy.deepcopy(model).requires_grad_(False) if requires(needs, "teacher") else None
     if (
         cfg.objective == "distill"

@@ -15,7 +15,7 @@ from lipkit.config import load_config
 from lipkit.errors import UserError
 from lipkit.objectives import build_objective
 from lipkit.objectives.lexlip import LexiconContrast
-from lipkit.train.inputs import check_inputs, objective_needs
+from lipkit.train.inputs import check_inputs, objective_needs, requires
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,14 +56,15 @@ def test_readme_train_line_gives_the_objective_what_it_needs(line):
         cfg = load_config(configs, [*sets, f"train.objective={name}"])
         objective = build_objective(name, **cfg.train.objective_args)
         needs = objective_needs(objective)
-        # the model gets a logit bias (siglip), lexicon heads (lexlip) and a caption decoder (coca) from the
+        # the model gets a logit bias (siglip), lexicon heads (lexlip) and a caption decoder (coca, capdec) from the
         # trainer itself, and the per-sample labels from data.cluster_labels (mlcd) or the table's columns
         # (plip, cloc, conceptclip) from launch
         labels = {"clusters"} if cfg.data.cluster_labels else set()
         labels |= {"columns"} if getattr(objective, "label_columns", ()) else set()
         labels |= {"regions"} if getattr(objective, "region_columns", ()) else set()
         labels |= {"concepts"} if getattr(objective, "concepts_column", None) else set()
-        check_inputs(needs, cfg.data.captions_per_image, True, name, False, True, labels, has_captioner=True)
+        captioner = "embedding" if requires(needs, "text_captioner") else "tokens"
+        check_inputs(needs, cfg.data.captions_per_image, True, name, False, True, labels, captioner=captioner)
 
 
 def test_alip_without_a_second_caption_names_the_fix():

@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from lipkit.config_eval import EvalConfig
 from lipkit.errors import UserError
 
 
@@ -152,38 +153,6 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=list)
     run_name: str = ""  # the run's name in W&B and MLflow ("": the name of train.output's folder)
     project: str = "lipkit"  # the W&B project and the MLflow experiment
-
-
-@dataclass
-class EvalConfig:
-    class_columns: list[str] = field(default_factory=lambda: ["subcategory", "category"])
-    templates: list[str] = field(
-        default_factory=lambda: ["{}", "an emoji of {}.", "a picture of {}.", "an icon of {}."]
-    )
-    retrieval_caption: int = 0  # which caption of each row is the text→image query
-    # also retrieval per value of this list column parallel to the captions, e.g. langs: per-language R@K
-    group_by: str = ""
-    # how a pair is scored: "dense" (cosine of the pooled embeddings), "filip" (token-wise late
-    # interaction), "lexical" (sparse dot product of LexLIP term weights), or "auto": filip / lexical for
-    # checkpoints trained with the filip or wukong / lexlip objective, dense otherwise
-    similarity: str = "auto"
-    # token-wise scoring keeps the K image tokens most aligned with each image's mean token (Wukong's
-    # reduced-token interaction); 0: a model trained with wukong keeps its own K, any other every token
-    image_tokens_kept: int = 0
-    batch_size: int = 256
-    # fp32, or bf16 autocast for the towers' forwards (about half the CPU time; what evaluation during a
-    # bf16 training run uses); embeddings, similarities and the probe stay float32
-    precision: str = "fp32"
-    max_images: int = 0  # evaluate this many images spread evenly over each split (0: all)
-    # linear probe (logistic regression on frozen image embeddings, λ picked on a held-out part) fit on
-    # this table's class columns and scored on every evaluation split: "" = off, "train" = data.train,
-    # or a table path. `lipkit eval` and the end of `lipkit demo` run it; evaluation during training not.
-    linear_probe: str = ""
-    # "lipkit", or "clip_benchmark": CLIP_benchmark's protocol — every caption of an image is a
-    # text→image query relevant to that image alone (lipkit: one caption per image, `retrieval_caption`,
-    # relevant to every image that has it), and images decoded as CLIP_benchmark feeds OpenCLIP's preprocess
-    # (RGB first: transparency dropped, no EXIF orientation; then torchvision's resize and crop rounding)
-    protocol: str = "lipkit"
 
 
 @dataclass
@@ -349,6 +318,8 @@ def validate(cfg: Config) -> None:
         (t.precision in ("fp32", "bf16"), "train.precision must be 'fp32' or 'bf16'."),
         (cfg.eval.precision in ("fp32", "bf16"), "eval.precision must be 'fp32' or 'bf16'."),
         (cfg.eval.max_images >= 0, "eval.max_images must be 0 (every image) or a positive number."),
+        (cfg.eval.caption_max_images >= 0, "eval.caption_max_images must be 0 (every image) or positive."),
+        (1 <= cfg.eval.caption_beam <= 64, "eval.caption_beam must be between 1 (greedy) and 64."),
         (
             cfg.eval.protocol in ("lipkit", "clip_benchmark"),
             "eval.protocol must be 'lipkit' or 'clip_benchmark'.",

@@ -82,6 +82,7 @@ def caption(
     as_json: bool = typer.Option(
         False, "--json", help="One JSON object per image: path, caption, log_prob, tokens."
     ),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
     """Caption images with a checkpoint's caption decoder, by beam search (deterministic: the same
     checkpoint and images give the same captions). Train a decoder with `--set train.objective=coca`
@@ -89,9 +90,11 @@ def caption(
     import json
 
     from lipkit.checkpoint import load_checkpoint
+    from lipkit.device import pick_device
     from lipkit.eval.captioning import caption_files
 
     model, tokenizer, _ = load_checkpoint(checkpoint)
+    model = model.to(pick_device(device))
     for row in caption_files(model, tokenizer, [str(p) for p in images], beam, max_tokens):
         if as_json:
             print(json.dumps(row, ensure_ascii=False))

@@ -1,5 +1,6 @@
 """Captions from a checkpoint's caption decoder (models.caption_decoder): beam search over its next-token
-distribution, given the image tower's normalised tokens — the input it was trained on (train.batch_pass).
+distribution, given the image tower's normalised tokens (CoCa) or, for a text-only decoder
+(objectives.capdec), the normalised image embedding in place of the text embedding it was trained on.
 
 A hypothesis starts with the start token; each step extends every live hypothesis by its `beam` most
 likely next tokens and keeps the `beam` best by total log-probability; one ending in the end token is
@@ -11,6 +12,7 @@ the same checkpoint and images give the same captions.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -31,7 +33,7 @@ def beam_search(
     finished: list[tuple[list[int], float]] = []
     for _ in range(max_tokens):
         ids = torch.tensor([seq for seq, _ in alive], device=image_tokens.device)
-        logits = decoder(ids, image_tokens[None].expand(len(alive), -1, -1))[:, -1]
+        logits = decoder.last_logits(ids, image_tokens[None].expand(len(alive), -1, -1))
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         logp = torch.log_softmax(logits, dim=-1).cpu()
         top = logp.topk(min(beam, logp.shape[1]), dim=1)
@@ -62,11 +64,13 @@ def caption_images(
             "This checkpoint has no caption decoder; train one with the coca objective (docs/captioning.md)."
         )
     if beam < 1:
-        raise UserError(f"--beam must be at least 1, got {beam}.")
+        raise UserError(f"The beam width must be at least 1, got {beam}.")
     limit = model.spec.context_length - 1
     steps = min(max_tokens, limit) if max_tokens > 0 else limit
     model.eval()
-    _, tokens = pooled_and_tokens(model, images_u8)
+    pooled, tokens = pooled_and_tokens(model, images_u8)
+    if model.spec.caption_input == "embedding":  # a text-only decoder reads the image embedding
+        tokens = pooled[:, None, :]
     out = []
     for image in tokens.to(model.device):
         ids, logp = beam_search(model, image, tokenizer.sot_id, tokenizer.eot_id, beam, steps)
@@ -77,18 +81,22 @@ def caption_images(
 def caption_files(
     model: DualEncoder, tokenizer: TextTokenizer, paths: Sequence[str], beam: int = 3, max_tokens: int = 0
 ) -> list[dict[str, object]]:
-    """Image files → their captions (`caption_images`), each with its path; an unreadable file is refused."""
+    """Image files → their captions (`caption_images`, 32 images at a time), each with its path; a missing
+    or unreadable file is refused before any is captioned."""
     from lipkit.data.images import load_image
 
-    images = []
     for p in paths:
-        try:
-            images.append(load_image(p, model.spec.image_size))
-        except FileNotFoundError:
-            raise UserError(f"Image '{p}' does not exist; pass the path of an image file.") from None
-        except (OSError, ValueError) as e:
-            raise UserError(
-                f"Image '{p}' cannot be decoded ({e}); pass a PNG, JPEG, WebP, GIF or BMP file."
-            ) from None
-    found = caption_images(model, tokenizer, torch.stack(images), beam, max_tokens)
+        if not Path(p).is_file():
+            raise UserError(f"Image '{p}' does not exist; pass the path of an image file.")
+    found: list[dict[str, object]] = []
+    for s in range(0, len(paths), 32):
+        images = []
+        for p in paths[s : s + 32]:
+            try:
+                images.append(load_image(p, model.spec.image_size))
+            except (OSError, ValueError) as e:
+                raise UserError(
+                    f"Image '{p}' cannot be decoded ({e}); pass a PNG, JPEG, WebP, GIF or BMP file."
+                ) from None
+        found += caption_images(model, tokenizer, torch.stack(images), beam, max_tokens)
     return [{"path": str(p), **c} for p, c in zip(paths, found, strict=True)]

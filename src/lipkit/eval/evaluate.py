@@ -16,6 +16,7 @@ from lipkit.data.label_sets import INDEX_SUFFIX, LabelSet, fill_template
 from lipkit.data.records import Record, describe
 from lipkit.errors import UserError
 from lipkit.eval import token_similarity
+from lipkit.eval.caption_eval import caption_split
 from lipkit.eval.embedding import embed_images, embed_texts
 from lipkit.eval.linear_probe import LinearProbe, fit_linear_probe
 from lipkit.eval.localization import localization_metrics
@@ -108,12 +109,15 @@ def evaluate_records(
     probes: dict[str, LinearProbe] | None = None,
     split: str = "",
     labels: dict[str, LabelSet] | None = None,
+    scorer: tuple[DualEncoder, TextTokenizer] | None = None,
 ) -> dict[str, Any]:
     """Metrics (and chance levels) for one split; with `details`, also retrieval examples and a heat map.
     `similarity`: "dense" (cosine of pooled embeddings) or "filip" (token-wise, see eval.token_similarity).
     `probes`: linear probes per class column (`fit_probes`) scored as `probe/<column>/...`. `labels`:
     the classes and templates of a set that names them itself (registry.eval_labels), by column; those
-    columns are classified too. Retrieval needs captions: a split without any has none. A split with
+    columns are classified too. A model with a caption decoder captions the split (eval.caption_eval;
+    `scorer`: the other checkpoint that gives CLIP-score). Retrieval needs captions: a split without any
+    has none. A split with
     no usable image (every one missing or corrupt, or none at all) is a UserError naming `split`."""
     if similarity not in SIMILARITIES:
         raise ValueError(f"similarity must be one of {SIMILARITIES}, not {similarity!r}")
@@ -147,6 +151,10 @@ def evaluate_records(
         drawn = localization_metrics(model, tokenizer, store, cfg.batch_size, metrics, chance, filip)
         if details and drawn:
             result["localization"] = drawn
+    if model.has_captioner and any(r.captions for r in records):
+        shown = caption_split(model, tokenizer, store, cfg, metrics, scorer)
+        if details and shown:
+            result["captions"] = shown
     result.update(metrics=metrics, chance=chance)
     model.train(was_training)
     return result

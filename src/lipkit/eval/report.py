@@ -228,6 +228,25 @@ def _examples(examples: list[dict[str, Any]], thumbs: _Thumbs) -> str:
     return "\n".join(rows)
 
 
+def _captions(shown: list[dict[str, Any]], thumbs: _Thumbs) -> str:
+    """The caption decoder's captions of a few images, beside the image's own captions."""
+    if not shown:
+        return ""
+    rows = []
+    for ex in shown:
+        path = str(ex.get("image", ""))
+        uri = thumbs.uri(path)
+        pic = f'<img src="{uri}" alt="{esc(Path(path).name)}">' if uri else '<div class="ph">missing</div>'
+        refs = " · ".join(esc(r) for r in ex.get("references", [])[:4])
+        score = ex.get("cider_d")
+        cider = f" (CIDEr-D {100 * score:.0f})" if isinstance(score, (int, float)) else ""
+        rows.append(
+            f'<div class="query"><figure>{pic}</figure><div class="qtext"><b>{esc(ex.get("caption", ""))}'
+            f'</b>{cider}<br><span class="muted">references: {refs}</span></div></div>'
+        )
+    return "<h3>Captions (the decoder's, beam search)</h3>" + "\n".join(rows)
+
+
 def _params(n: Any) -> str:
     if not isinstance(n, (int, float)):
         return str(n)
@@ -266,7 +285,8 @@ def write_report(run_dir: Path, results: dict | None = None, out_dir: Path | Non
         body.append(
             f"<section><h2>Split: {esc(name)}</h2>{heat}"
             f"<h3>Text → image retrieval (top 5; green = correct)</h3>"
-            f"{_examples(split.get('examples') or [], thumbs)}</section>"
+            f"{_examples(split.get('examples') or [], thumbs)}"
+            f"{_captions(split.get('captions') or [], thumbs)}</section>"
         )
     page = (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>lipkit report: '

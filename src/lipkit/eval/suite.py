@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import rich
 import torch
 
 from lipkit.atomic import write_json_atomic
@@ -82,6 +83,10 @@ def _run_eval(checkpoint: str | Path, splits: dict[str, str], cfg: Config, out: 
                 for c, p in probes.items()
             },
         }
+    scorer = None
+    if cfg.eval.caption_scorer and model.has_captioner:  # CLIP-score by another checkpoint
+        scorer = _caption_scorer(cfg.eval.caption_scorer, checkpoint, model.device)
+        results["caption_scorer"] = str(Path(cfg.eval.caption_scorer).expanduser().resolve())
     for name, path in splits.items():
         records = read_table(path, d.image_column, d.caption_column, d.image_root)
         records = spread_subset(records, cfg.eval.max_images)
@@ -94,7 +99,27 @@ def _run_eval(checkpoint: str | Path, splits: dict[str, str], cfg: Config, out: 
             probes=probes,
             split=name,
             labels=eval_labels(path),
+            scorer=scorer,
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out, results, indent=2)
     return results
+
+
+def _caption_scorer(path: str, checkpoint: str | Path, device: torch.device) -> tuple:
+    """The checkpoint that gives CLIP-score (eval.caption_scorer), refused when missing; a note when it is
+    the captioner itself."""
+    found = Path(path).expanduser()
+    if not found.is_dir():
+        raise UserError(
+            f"eval.caption_scorer '{path}' is not a checkpoint directory; name another model's checkpoint "
+            "(e.g. runs/demo/checkpoint) or unset it."
+        )
+    if found.resolve() == Path(checkpoint).expanduser().resolve():
+        rich.get_console().print(
+            "[yellow]eval:[/] eval.caption_scorer is the captioning checkpoint itself: its CLIP-score "
+            "favours its own captions; name another checkpoint",
+            highlight=False,
+        )
+    model, tokenizer, _ = load_checkpoint(found)
+    return model.to(device).eval(), tokenizer

@@ -57,11 +57,23 @@ class CaptionDecoder(nn.Module):
         self.cross_attn = nn.ModuleList(CrossAttentionBlock(width, heads, 4.0) for _ in range(layers))
         self.ln_final = nn.LayerNorm(width)
         self.text_projection = nn.Linear(width, vocab, bias=False)
+        # the std of the Gaussian noise a text-only decoder's training adds to text embeddings (−1: not
+        # measured yet; objectives.capdec), kept with the weights so that a resumed run reuses it
+        self.register_buffer("noise_std", torch.tensor(-1.0))
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
         nn.init.normal_(self.text_projection.weight, std=width**-0.5)
 
     def forward(self, ids: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+        return self.text_projection(self.hidden(ids, image_tokens))
+
+    def last_logits(self, ids: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, vocab) next-token logits after each sequence's last position (decoding: only that position
+        reaches the vocabulary projection)."""
+        return self.text_projection(self.hidden(ids, image_tokens)[:, -1])
+
+    def hidden(self, ids: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L, width) final-normed states; `forward` maps them to the vocabulary."""
         length = ids.shape[1]
         if length > self.context_length:
             raise ValueError(f"{length} tokens, more than the decoder's context of {self.context_length}")
@@ -69,17 +81,25 @@ class CaptionDecoder(nn.Module):
         image = self.image_proj(image_tokens.to(x.dtype))
         for block, cross in zip(self.resblocks, self.cross_attn, strict=True):
             x = cross(block(x, causal=True), image)
-        return self.text_projection(self.ln_final(x))
+        return self.ln_final(x)
 
 
 def caption_nll(
     decoder: CaptionDecoder, ids: torch.Tensor, image_tokens: torch.Tensor, pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher forcing: (B,) summed negative log-likelihood of each caption's real tokens after the first
-    (the start token is given), and (B,) how many such tokens each caption has."""
-    logits = decoder(ids[:, :-1], image_tokens)
+    (the start token is given), and (B,) how many such tokens each caption has. The columns after the
+    batch's longest caption are dropped and only real target positions reach the vocabulary projection
+    (padding is most of a batch of short captions; the projection and its softmax dominate the cost)."""
+    real_ids = ids != pad_id
+    longest = int(real_ids.any(0).nonzero().max()) + 1 if real_ids.any() else 1
+    ids = ids[:, : max(2, longest)]
     target = ids[:, 1:]
     real = target != pad_id
+    states = decoder.hidden(ids[:, :-1], image_tokens)[real]  # (T, width), the predicting positions
+    logits = decoder.text_projection(states)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits: the loss in fp32
-    nll = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # (B, L − 1)
-    return (nll * real).sum(1), real.sum(1)
+    nll = F.cross_entropy(logits, target[real], reduction="none")  # (T,)
+    rows = real.nonzero()[:, 0]
+    per_caption = torch.zeros(ids.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
+    return per_caption, real.sum(1)

@@ -46,15 +46,22 @@ class DualEncoder(nn.Module):
             self.image_lexicon = LexiconHead(spec.embed_dim, spec.lexicon_vocab)
             self.text_lexicon = LexiconHead(spec.embed_dim, spec.lexicon_vocab)
         if spec.caption_layers:  # a caption decoder reading the image tower's projected tokens
+            if spec.caption_input not in ("tokens", "embedding"):
+                raise UserError(
+                    f"model caption_input must be tokens or embedding, not {spec.caption_input!r}."
+                )
             self.captioner = caption_decoder_of(spec)
 
     @property
     def has_captioner(self) -> bool:
         return self.spec.caption_layers > 0
 
-    def add_captioner(self, layers: int, width: int = 0, heads: int = 4) -> None:
-        """A fresh caption decoder on this model (a checkpoint trained without one: `model.init_from`)."""
-        self.spec = replace(self.spec, caption_layers=layers, caption_width=width, caption_heads=heads)
+    def add_captioner(self, layers: int, width: int = 0, heads: int = 4, reads: str = "tokens") -> None:
+        """A fresh caption decoder on this model (a checkpoint trained without one: `model.init_from`),
+        reading the image tokens or (`reads="embedding"`) one embedding."""
+        self.spec = replace(
+            self.spec, caption_layers=layers, caption_width=width, caption_heads=heads, caption_input=reads
+        )
         self.captioner = caption_decoder_of(self.spec).to(self.device)
 
     @property

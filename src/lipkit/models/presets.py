@@ -60,6 +60,9 @@ class ModelSpec:
     caption_layers: int = 0
     caption_width: int = 0
     caption_heads: int = 4
+    # what the decoder reads: "tokens" (the image tower's token grid, CoCa) or "embedding" (one normalised
+    # embedding: a text-only decoder trained on noised text embeddings that captions image embeddings)
+    caption_input: str = "tokens"
     image_mean: tuple[float, float, float] = OPENAI_MEAN
     image_std: tuple[float, float, float] = OPENAI_STD
 

@@ -10,6 +10,7 @@ from torch import nn
 
 from lipkit.errors import UserError
 from lipkit.objectives.alip import ALIPLoss
+from lipkit.objectives.capdec import TextOnlyCaption
 from lipkit.objectives.cloc import RegionContrast
 from lipkit.objectives.coca import CaptionContrast
 from lipkit.objectives.conceptclip import ConceptAlignment
@@ -56,6 +57,7 @@ OBJECTIVES: dict[str, type[nn.Module]] = {
     "cloc": RegionContrast,
     "conceptclip": ConceptAlignment,
     "coca": CaptionContrast,
+    "capdec": TextOnlyCaption,
 }
 
 

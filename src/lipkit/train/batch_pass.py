@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from lipkit.models.caption_decoder import caption_nll
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.models.regions import region_pool
+from lipkit.objectives.capdec import sample_noise
 from lipkit.train.views import Views
 
 
@@ -63,8 +64,10 @@ class BatchPass:
         teacher: DualEncoder | None,
         keys: torch.Tensor | None = None,
         labels: Any = None,
+        step: int = 0,
     ) -> None:
         self.model, self.images, self.ids, self.k, self.keys = model, images, ids, k, keys
+        self.step = step  # the optimiser step (seeds per-sample noise: objectives.capdec)
         self.needs = needs
         self.labels = (
             labels or {}
@@ -139,6 +142,16 @@ class BatchPass:
         tokens = self.image[1]
         assert tokens is not None, "caption inputs ask for the image tokens"
         return caption_nll(self.model.captioner, self.text_ids[self.first], tokens, self.pad_id)
+
+    @functools.cached_property
+    def text_caption(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A text-only decoder's (objectives.capdec) teacher-forced (B,) summed NLL of each first caption
+        given its own normalised text embedding (detached) plus noise of the decoder's σ, and (B,) counts."""
+        decoder = self.model.captioner
+        feats = self.text[0][self.first].detach()
+        noise = sample_noise(self.key_ids(), self.step, feats.shape[1]).to(feats.device, feats.dtype)
+        cond = feats + decoder.noise_std.clamp(min=0).to(feats.dtype) * noise
+        return caption_nll(decoder, self.text_ids[self.first], cond[:, None, :], self.pad_id)
 
     @functools.cached_property
     def text(self) -> tuple[torch.Tensor, torch.Tensor | None]:

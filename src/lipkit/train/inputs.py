@@ -143,6 +143,9 @@ INPUTS: dict[str, Input] = {
     # the caption decoder's teacher-forced loss of each first caption (summed NLL, (B,)) and its token count
     "caption_nll": Input(lambda p: p.caption[0], "grad", None, tokens="image", requires="captioner"),
     "caption_tokens": Input(lambda p: p.caption[1], "plain", "batch", tokens="image", requires="captioner"),
+    # a text-only decoder's loss on each first caption's noised text embedding (objectives.capdec), its count
+    "text_caption_nll": Input(lambda p: p.text_caption[0], "grad", None, requires="text_captioner"),
+    "text_caption_tokens": Input(lambda p: p.text_caption[1], "plain", "batch", requires="text_captioner"),
     # each image's stable sample id (from its record key): per-sample state such as NEVLP's loss history
     "sample_key": Input(lambda p: p.key_ids(), "plain", "batch"),
     # each image's cluster labels (B, L; −1: none) from data.cluster_labels (train.sample_labels)
@@ -162,6 +165,7 @@ KEYED = {
     "region_text_key",
     "concept_features",
     "concept_valid",
+    "text_caption_nll",  # its noise is drawn per sample key (objectives.capdec)
 }  # the inputs made from the records' keys (Trainer.step passes them)
 SECOND_VIEW = {name for name, entry in INPUTS.items() if entry.view == "second"}  # train.views
 LOCAL_VIEW = {name for name, entry in INPUTS.items() if entry.view == "local"}
@@ -190,9 +194,14 @@ _REQUIREMENTS: dict[str, tuple[Callable[[dict[str, Any]], bool], str]] = {
         "model.overrides.lexicon_vocab (e.g. the tokenizer's vocabulary size).",
     ),
     "captioner": (
-        lambda s: s["captioner"],
-        "trains a caption decoder and this model has none; start it with `lipkit train` (which adds one), or "
-        "set model.overrides.caption_layers.",
+        lambda s: s["captioner"] == "tokens",
+        "trains a caption decoder reading image tokens and this model has none (or a text-only one); start "
+        "it with `lipkit train` (which adds one), or set model.overrides.caption_layers.",
+    ),
+    "text_captioner": (
+        lambda s: s["captioner"] == "embedding",
+        "trains a text-only caption decoder and this model has none (or one reading image tokens); start it "
+        "with `lipkit train` (which adds one) from a checkpoint without a decoder (model.init_from).",
     ),
     "bias": (lambda s: s["bias"], "needs a logit bias; set model.overrides.logit_bias=true."),
     "clusters": (
@@ -238,10 +247,12 @@ def check_inputs(
     has_teacher: bool = False,
     has_lexicon: bool = False,
     labels: Iterable[str] = (),
-    has_captioner: bool = False,
+    captioner: str = "",
 ) -> None:
+    """Refuse an objective whose inputs this run cannot give. captioner: what the model's caption decoder
+    reads ("tokens", "embedding"; "": none)."""
     setup = {"captions": captions_per_image, "bias": has_bias, "teacher": has_teacher, "lexicon": has_lexicon}
-    setup["captioner"] = has_captioner
+    setup["captioner"] = captioner
     setup["labels"] = set(labels)  # the kinds of per-sample labels the run has
     for what, (present, fix) in _REQUIREMENTS.items():
         if requires(needs, what) and not present(setup):
@@ -260,6 +271,7 @@ def objective_inputs(
     only: set[str] | None = None,
     keys: torch.Tensor | None = None,
     labels: Any = None,
+    step: int = 0,
 ) -> dict[str, torch.Tensor]:
     """images: (B, 3, H, W); ids: (B·k, L) image-major; keys: (B,) sample ids. Returns the named tensors the objective reads
     (`needs`; or only the names `only` of them, laid out as for all of `needs`), in registry order."""
@@ -275,6 +287,7 @@ def objective_inputs(
         teacher,
         keys,
         labels,
+        step,
     )
     wanted = needs if only is None else only
     return {name: entry.compute(p) for name, entry in INPUTS.items() if name in wanted}

@@ -38,6 +38,7 @@ from lipkit.models.image_weights import image_tower_settings, load_trunk_weights
 from lipkit.models.presets import ModelSpec, get_spec
 from lipkit.objectives import build_objective
 from lipkit.text.tokenizer import TextTokenizer
+from lipkit.train.captioner_setup import attach_captioner, new_model_settings, set_caption_noise
 from lipkit.train.distributed import Dist, check_batch_split, gather_objects, run_ended
 from lipkit.train.distributed import init as init_distributed
 from lipkit.train.growth import replay as replay_growth
@@ -48,7 +49,6 @@ from lipkit.train.teacher import check_same_tokenizer, load_teacher
 from lipkit.train.tracking import Trackers, open_trackers
 from lipkit.train.trainer import Trainer, TrainResult
 
-CAPTION_LAYERS = 2  # the caption decoder's depth when an objective needs one and the config names none
 console = Console(stderr=True, quiet=os.environ.get("RANK", "0") != "0")
 # model settings a resumed run takes from its checkpoint, not from the config: the image tower's shape,
 # input size and normalisation (the weights and the data pipeline must be those it was saved with)
@@ -124,8 +124,7 @@ def _new_model(
         fixed["logit_bias"] = True
     if requires(needs, "lexicon") and not cfg.model.overrides.get("lexicon_vocab"):
         fixed["lexicon_vocab"] = tokenizer.vocab_size  # LexLIP: one weight per tokenizer term
-    if requires(needs, "captioner") and not cfg.model.overrides.get("caption_layers"):
-        fixed["caption_layers"] = CAPTION_LAYERS  # CoCa: a caption decoder
+    fixed.update(new_model_settings(needs, cfg.model.overrides))  # CoCa's, a text-only caption decoder
     if pretrained is not None:
         hf_config = json.loads((pretrained / "config.json").read_text(encoding="utf-8"))
         fixed.update(text_tower="hf", text_hf_config=hf_config, text_pool=cfg.model.text_pool)
@@ -304,19 +303,14 @@ def _build_model(
         check_same_tokenizer(teacher_tokens, own, "model.text_pretrained")
     if start is not None:
         model = start[0].train()
-        if requires(objective_needs(objective), "captioner") and not model.has_captioner:
-            o = cfg.model.overrides  # a decoder for the starting model (its towers typically locked)
-            model.add_captioner(
-                o.get("caption_layers") or CAPTION_LAYERS,
-                o.get("caption_width", 0),
-                o.get("caption_heads", 4),
-            )
+        attach_captioner(model, objective_needs(objective), cfg.model.overrides)
         if teacher is None and requires(objective_needs(objective), "teacher"):  # CLIP-Refine distils from it
             teacher = copy.deepcopy(model).eval().requires_grad_(False)  # the frozen starting model
     else:
         model = _new_model(cfg, tokenizer, objective, pretrained, resume)
     model.lock("text", t.lock_text)
     model.lock("image", t.lock_image)
+    set_caption_noise(model, objective, tokenizer, data)  # a text-only decoder's σ (objectives.capdec)
     if hasattr(model.visual, "frozen_bn_stats"):  # a timm trunk: BatchNorm statistics (train.freeze_bn_stats)
         model.visual.frozen_bn_stats = t.freeze_bn_stats
         model.train(model.training)

@@ -118,7 +118,7 @@ class Trainer:
             teacher is not None,
             model.has_lexicon,
             set(sample_labels or {}),
-            model.has_captioner,
+            model.spec.caption_input if model.has_captioner else "",
         )
         check_scaling(cfg, self.needs, self.dist)
         check_batch_statistics(model, self.dist.world, cfg.grad_cache_chunk, self.local_batch)  # BatchNorm
@@ -213,6 +213,7 @@ class Trainer:
                 only,
                 keys,
                 self.sample_labels,
+                self.step_count,
             )
 
     def _loss(self, out: dict[str, torch.Tensor]) -> torch.Tensor:

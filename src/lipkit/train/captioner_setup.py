@@ -1,0 +1,92 @@
+"""A caption decoder for the objectives that train one (objectives.coca reads image tokens,
+objectives.capdec one embedding): its settings on a new model, a fresh one on a starting checkpoint
+(`model.init_from`), and a text-only decoder's noise level measured from the modality gap."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import rich
+import torch
+
+from lipkit.data.image_store import ImageStore
+from lipkit.errors import UserError
+from lipkit.eval.embedding import embed_texts
+from lipkit.models.dual_encoder import DualEncoder
+from lipkit.text.tokenizer import TextTokenizer
+from lipkit.train.inputs import requires
+
+CAPTION_LAYERS = 2  # the caption decoder's depth when an objective needs one and the config names none
+GAP_PAIRS = 1024  # training pairs the modality gap is measured on
+
+
+def caption_reads(needs: set[str]) -> str:
+    """What the decoder the objective trains reads: "tokens", "embedding", or "" (no decoder)."""
+    if requires(needs, "text_captioner"):
+        return "embedding"
+    return "tokens" if requires(needs, "captioner") else ""
+
+
+def new_model_settings(needs: set[str], overrides: dict[str, Any]) -> dict[str, Any]:
+    """The ModelSpec settings a new model gets for the objective's decoder (none when it trains none)."""
+    reads = caption_reads(needs)
+    if not reads:
+        return {}
+    fixed: dict[str, Any] = {"caption_input": reads}
+    if not overrides.get("caption_layers"):
+        fixed["caption_layers"] = CAPTION_LAYERS
+    return fixed
+
+
+def attach_captioner(model: DualEncoder, needs: set[str], overrides: dict[str, Any]) -> None:
+    """A fresh decoder on a starting model that has none (its towers typically locked)."""
+    reads = caption_reads(needs)
+    if reads and not model.has_captioner:
+        model.add_captioner(
+            overrides.get("caption_layers") or CAPTION_LAYERS,
+            overrides.get("caption_width", 0),
+            overrides.get("caption_heads", 4),
+            reads,
+        )
+
+
+@torch.no_grad()
+def modality_gap_std(model: DualEncoder, tokenizer: TextTokenizer, records: list) -> float:
+    """√(mean_i ‖x_i − t_i‖² / D) over up to GAP_PAIRS records spread over `records`: x the normalised image
+    embedding, t the normalised embedding of the record's first caption."""
+    k = min(GAP_PAIRS, len(records))
+    chosen = [r for r in (records[i * len(records) // k] for i in range(k)) if r.captions]
+    if not chosen:
+        raise UserError("The training data has no captions to measure the modality gap on.")
+    was_training = model.training
+    model.eval()
+    store = ImageStore(chosen, model.spec.image_size, cache=True, desc="modality-gap")
+    n = len(store.records)
+    img = torch.cat(
+        [model.embed_images_u8(store.get(range(s, min(n, s + 64)))).float().cpu() for s in range(0, n, 64)]
+    )
+    txt = embed_texts(model, tokenizer, [r.captions[0] for r in store.records], 256)
+    model.train(was_training)
+    return ((img - txt) ** 2).sum(1).mean().div(img.shape[1]).sqrt().item()
+
+
+def set_caption_noise(model: DualEncoder, objective: Any, tokenizer: TextTokenizer, data: Any) -> None:
+    """A text-only decoder's noise σ (objectives.capdec `noise_std`): the number given, or measured from the
+    modality gap on the training records when "gap" and not measured yet (a resumed run keeps its own)."""
+    if not model.has_captioner or model.spec.caption_input != "embedding":
+        return
+    std = getattr(objective, "noise_std", "gap")
+    if std != "gap":
+        model.captioner.noise_std.fill_(float(std))
+        return
+    if float(model.captioner.noise_std) >= 0:
+        return
+    records = getattr(data, "records", None)
+    if not records:
+        raise UserError(
+            "noise_std: gap measures the modality gap on the training table's pairs, and this source streams "
+            "shards; set train.objective_args.noise_std to a number (e.g. 0.1)."
+        )
+    measured = modality_gap_std(model, tokenizer, records)
+    model.captioner.noise_std.fill_(measured)
+    rich.get_console().print(f"capdec: the modality gap gives noise σ = {measured:.4f}", highlight=False)
