@@ -16,6 +16,14 @@ from lipkit.objectives.capdec import sample_noise
 from test_coca import coca_cfg
 
 
+def test_only_a_text_only_decoder_keeps_a_noise_level():
+    model, _ = _text_only_model(0.1)
+    assert "captioner.noise_std" in model.state_dict()
+    from lipkit.models.caption_decoder import CaptionDecoder
+
+    assert "noise_std" not in CaptionDecoder(9, 8, 1, 2, 6, 8).state_dict()  # CoCa's checkpoints unchanged
+
+
 def test_loss_is_the_token_mean_and_options_are_checked():
     obj = build_objective("capdec")
     nll = torch.tensor([3.0, 5.0, 1.0], dtype=torch.float64, requires_grad=True)
@@ -123,7 +131,21 @@ def test_trains_on_a_checkpoint_with_the_measured_gap_and_captions_images(table,
     image = str(read_table(table)[0].image)
     run = CliRunner().invoke(app, ["caption", str(tmp_path / "text-only" / "checkpoint"), image, "--json"])
     assert run.exit_code == 0, run.output
-    assert json.loads(run.output.splitlines()[0])["path"] == image
+    row = json.loads(run.output.splitlines()[0])
+    assert row["path"] == image
+    # it captions from the normalised image embedding, in place of the text embedding it trained on
+    from lipkit.data.images import load_image
+    from lipkit.eval.captioning import beam_search
+    from lipkit.eval.token_similarity import pooled_and_tokens
+
+    with torch.no_grad():
+        pooled, _ = pooled_and_tokens(model.eval(), load_image(image, model.spec.image_size)[None])
+    ids, logp = beam_search(model, pooled[0, None], tok.sot_id, tok.eot_id, 3, model.spec.context_length - 1)
+    assert row["caption"] == tok.decode(ids) and math.isclose(row["log_prob"], round(logp, 4), abs_tol=1e-4)
+    # without a starting checkpoint there are no trained embeddings to learn from: refused
+    cfg = coca_cfg(table, tmp_path / "scratch", objective="capdec")
+    with pytest.raises(Exception, match="model.init_from"):
+        run_training(cfg)
     # a token-reading objective refuses the text-only decoder
     cfg = coca_cfg(table, tmp_path / "coca", objective="coca")
     cfg.model.init_from = str(tmp_path / "text-only" / "checkpoint")

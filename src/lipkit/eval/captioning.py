@@ -61,7 +61,7 @@ def caption_images(
     at most this many generated tokens (0: up to the context length)."""
     if not model.has_captioner:
         raise UserError(
-            "This checkpoint has no caption decoder; train one with the coca objective (docs/captioning.md)."
+            "This checkpoint has no caption decoder; train one with the coca or capdec objective (docs/captioning.md)."
         )
     if beam < 1:
         raise UserError(f"The beam width must be at least 1, got {beam}.")

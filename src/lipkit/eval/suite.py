@@ -3,6 +3,7 @@ sets, ...) and write the results JSON."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,10 @@ def _run_eval(checkpoint: str | Path, splits: dict[str, str], cfg: Config, out: 
         }
     scorer = None
     if cfg.eval.caption_scorer and model.has_captioner:  # CLIP-score by another checkpoint
-        scorer = _caption_scorer(cfg.eval.caption_scorer, checkpoint, model.device)
+        run_config = Path(checkpoint).expanduser().parent / "config.json"  # the run's: its model.init_from
+        run = json.loads(run_config.read_text(encoding="utf-8")) if run_config.is_file() else {}
+        started = (run.get("model") or {}).get("init_from") or ""
+        scorer = _caption_scorer(cfg.eval.caption_scorer, checkpoint, model.device, started)
         results["caption_scorer"] = str(Path(cfg.eval.caption_scorer).expanduser().resolve())
     for name, path in splits.items():
         records = read_table(path, d.image_column, d.caption_column, d.image_root)
@@ -106,19 +110,22 @@ def _run_eval(checkpoint: str | Path, splits: dict[str, str], cfg: Config, out: 
     return results
 
 
-def _caption_scorer(path: str, checkpoint: str | Path, device: torch.device) -> tuple:
+def _caption_scorer(path: str, checkpoint: str | Path, device: torch.device, started: str = "") -> tuple:
     """The checkpoint that gives CLIP-score (eval.caption_scorer), refused when missing; a note when it is
-    the captioner itself."""
+    the captioner itself or the checkpoint the captioner started from (`started`: its model.init_from)."""
     found = Path(path).expanduser()
     if not found.is_dir():
         raise UserError(
             f"eval.caption_scorer '{path}' is not a checkpoint directory; name another model's checkpoint "
             "(e.g. runs/demo/checkpoint) or unset it."
         )
-    if found.resolve() == Path(checkpoint).expanduser().resolve():
+    own = {Path(checkpoint).expanduser().resolve()} | (
+        {Path(started).expanduser().resolve()} if started else set()
+    )
+    if found.resolve() in own:
         rich.get_console().print(
-            "[yellow]eval:[/] eval.caption_scorer is the captioning checkpoint itself: its CLIP-score "
-            "favours its own captions; name another checkpoint",
+            "[yellow]eval:[/] eval.caption_scorer is the captioning checkpoint or the one it started from: "
+            "its CLIP-score favours captions shaped by its own embedding; name another checkpoint",
             highlight=False,
         )
     model, tokenizer, _ = load_checkpoint(found)

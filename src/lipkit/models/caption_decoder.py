@@ -46,7 +46,14 @@ class CaptionDecoder(nn.Module):
     """Token ids (B, L) and image tokens (B, N, image_dim) → next-token logits (B, L, vocab)."""
 
     def __init__(
-        self, vocab: int, width: int, layers: int, heads: int, context_length: int, image_dim: int
+        self,
+        vocab: int,
+        width: int,
+        layers: int,
+        heads: int,
+        context_length: int,
+        image_dim: int,
+        text_only: bool = False,
     ) -> None:
         super().__init__()
         self.context_length = context_length
@@ -57,9 +64,9 @@ class CaptionDecoder(nn.Module):
         self.cross_attn = nn.ModuleList(CrossAttentionBlock(width, heads, 4.0) for _ in range(layers))
         self.ln_final = nn.LayerNorm(width)
         self.text_projection = nn.Linear(width, vocab, bias=False)
-        # the std of the Gaussian noise a text-only decoder's training adds to text embeddings (−1: not
-        # measured yet; objectives.capdec), kept with the weights so that a resumed run reuses it
-        self.register_buffer("noise_std", torch.tensor(-1.0))
+        if text_only:  # the std of the Gaussian noise its training adds to text embeddings (−1: not set
+            # yet; objectives.capdec), kept with the weights so that a resumed run reuses it
+            self.register_buffer("noise_std", torch.tensor(-1.0))
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
         nn.init.normal_(self.text_projection.weight, std=width**-0.5)

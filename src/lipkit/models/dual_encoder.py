@@ -175,5 +175,11 @@ def caption_decoder_of(spec: ModelSpec) -> CaptionDecoder:
     """The caption decoder `spec` asks for, over its tokenizer's vocabulary and context."""
     width = spec.caption_width or spec.embed_dim
     return CaptionDecoder(
-        spec.vocab_size, width, spec.caption_layers, spec.caption_heads, spec.context_length, spec.embed_dim
+        spec.vocab_size,
+        width,
+        spec.caption_layers,
+        spec.caption_heads,
+        spec.context_length,
+        spec.embed_dim,
+        text_only=spec.caption_input == "embedding",
     )

@@ -14,8 +14,10 @@ embedding instead (`lipkit caption`): the noise teaches it a neighbourhood of ea
 enough to hold the image embeddings across the modality gap. σ is `noise_std`: a number, or "gap" (the
 default) — measured before training on up to 1,024 training pairs by the starting model as the per-dimension
 RMS of the paired difference, σ² = mean_i ‖x_i − t_i‖² / D, the noise whose expected squared norm equals the
-measured gap's. ε_i is drawn from a generator seeded by the sample's key and the step, so 2 ranks draw what
-1 process draws and a resumed run draws what the uninterrupted one did. σ = 0 is the no-noise ablation.
+measured gap's (this estimate is lipkit's: CapDec fixes σ, MacCap models the gap as zero-mean Gaussian
+noise). ε_i is drawn from a generator seeded by the sample's key and the step (PyTorch keeps 32 bits of
+the seed), so 2 ranks draw what 1 process draws and a resumed run draws what the uninterrupted one did.
+σ = 0 is the no-noise ablation.
 
 Not implemented: CapDec's fixed σ² = 0.016 is not the default (pass `noise_std: 0.1265` for it); CapDec's
 prefix (ClipCap-style GPT-2 prefix) decoder — lipkit's decoder cross-attends to the single vector; MacCap's

@@ -4,6 +4,7 @@ objectives.capdec one embedding): its settings on a new model, a fresh one on a 
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import rich
@@ -70,23 +71,44 @@ def modality_gap_std(model: DualEncoder, tokenizer: TextTokenizer, records: list
     return ((img - txt) ** 2).sum(1).mean().div(img.shape[1]).sqrt().item()
 
 
-def set_caption_noise(model: DualEncoder, objective: Any, tokenizer: TextTokenizer, data: Any) -> None:
-    """A text-only decoder's noise σ (objectives.capdec `noise_std`): the number given, or measured from the
-    modality gap on the training records when "gap" and not measured yet (a resumed run keeps its own)."""
+def prepare_text_only(
+    model: DualEncoder, objective: Any, tokenizer: TextTokenizer, data: Any, cfg: Any, resume: Any
+) -> None:
+    """A text-only decoder's run (objectives.capdec): a trained starting model is required, both towers
+    are locked whole, and the noise σ is the number given or, for "gap", measured from the modality gap
+    on the training records (rank 0's value on every rank). A resumed run keeps its checkpoint's σ."""
     if not model.has_captioner or model.spec.caption_input != "embedding":
         return
-    std = getattr(objective, "noise_std", "gap")
-    if std != "gap":
-        model.captioner.noise_std.fill_(float(std))
-        return
-    if float(model.captioner.noise_std) >= 0:
-        return
-    records = getattr(data, "records", None)
-    if not records:
+    if not cfg.model.init_from:
         raise UserError(
-            "noise_std: gap measures the modality gap on the training table's pairs, and this source streams "
-            "shards; set train.objective_args.noise_std to a number (e.g. 0.1)."
+            f"Objective '{cfg.train.objective}' trains a decoder on a trained model's text embeddings; set "
+            "model.init_from to a checkpoint (e.g. runs/demo/checkpoint after `make demo`)."
         )
-    measured = modality_gap_std(model, tokenizer, records)
-    model.captioner.noise_std.fill_(measured)
-    rich.get_console().print(f"capdec: the modality gap gives noise σ = {measured:.4f}", highlight=False)
+    if (cfg.train.lock_image, cfg.train.lock_text) != ("all", "all"):
+        _note("capdec: both towers locked whole (train.lock_image=all, train.lock_text=all)")
+    model.lock("image", "all")
+    model.lock("text", "all")
+    if resume is not None:
+        return
+    std = getattr(objective, "noise_std", "gap")
+    if std == "gap":
+        records = getattr(data, "records", None)
+        if not records:
+            raise UserError(
+                "noise_std: gap measures the modality gap on the training table's pairs, and this source "
+                "streams shards; set train.objective_args.noise_std to a number (e.g. 0.1)."
+            )
+        std = modality_gap_std(model, tokenizer, records)
+    value = torch.tensor(float(std))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_backend() == "nccl":
+            value = value.to(model.device if model.device.type == "cuda" else "cuda")
+        torch.distributed.broadcast(value, src=0)  # every rank rank 0's σ, bit for bit
+    model.captioner.noise_std.fill_(value.item())
+    if getattr(objective, "noise_std", "gap") == "gap":
+        _note(f"capdec: the modality gap gives noise σ = {value.item():.4f}")
+
+
+def _note(text: str) -> None:
+    if os.environ.get("RANK", "0") == "0":
+        rich.get_console().print(f"[yellow]{text}[/]", highlight=False)

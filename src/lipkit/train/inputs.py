@@ -195,13 +195,13 @@ _REQUIREMENTS: dict[str, tuple[Callable[[dict[str, Any]], bool], str]] = {
     ),
     "captioner": (
         lambda s: s["captioner"] == "tokens",
-        "trains a caption decoder reading image tokens and this model has none (or a text-only one); start "
-        "it with `lipkit train` (which adds one), or set model.overrides.caption_layers.",
+        "trains a caption decoder reading image tokens and this model has none or a text-only one; with "
+        "model.init_from, name a checkpoint without a decoder (lipkit train adds one).",
     ),
     "text_captioner": (
         lambda s: s["captioner"] == "embedding",
-        "trains a text-only caption decoder and this model has none (or one reading image tokens); start it "
-        "with `lipkit train` (which adds one) from a checkpoint without a decoder (model.init_from).",
+        "trains a text-only caption decoder and this model has none or one reading image tokens; set "
+        "model.init_from to a trained checkpoint without a decoder (not a CoCa one).",
     ),
     "bias": (lambda s: s["bias"], "needs a logit bias; set model.overrides.logit_bias=true."),
     "clusters": (

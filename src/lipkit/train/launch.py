@@ -38,7 +38,7 @@ from lipkit.models.image_weights import image_tower_settings, load_trunk_weights
 from lipkit.models.presets import ModelSpec, get_spec
 from lipkit.objectives import build_objective
 from lipkit.text.tokenizer import TextTokenizer
-from lipkit.train.captioner_setup import attach_captioner, new_model_settings, set_caption_noise
+from lipkit.train.captioner_setup import attach_captioner, new_model_settings, prepare_text_only
 from lipkit.train.distributed import Dist, check_batch_split, gather_objects, run_ended
 from lipkit.train.distributed import init as init_distributed
 from lipkit.train.growth import replay as replay_growth
@@ -310,7 +310,7 @@ def _build_model(
         model = _new_model(cfg, tokenizer, objective, pretrained, resume)
     model.lock("text", t.lock_text)
     model.lock("image", t.lock_image)
-    set_caption_noise(model, objective, tokenizer, data)  # a text-only decoder's σ (objectives.capdec)
+    prepare_text_only(model, objective, tokenizer, data, cfg, resume)  # capdec: locks, noise σ
     if hasattr(model.visual, "frozen_bn_stats"):  # a timm trunk: BatchNorm statistics (train.freeze_bn_stats)
         model.visual.frozen_bn_stats = t.freeze_bn_stats
         model.train(model.training)
