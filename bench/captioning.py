@@ -39,10 +39,11 @@ from lipkit.checkpoint import load_checkpoint
 from lipkit.config import load_config, packaged_config
 from lipkit.data.emoji import build_emoji, default_root
 from lipkit.data.image_store import ImageStore
+from lipkit.data.records import spread_subset
 from lipkit.data.sources.registry import read_table
-from lipkit.eval.caption_eval import clip_score, references, spread
+from lipkit.eval.caption_eval import clip_score, references
 from lipkit.eval.caption_metrics import bleu, cider_d
-from lipkit.eval.embedding import embed_texts
+from lipkit.eval.embedding import embed_images, embed_texts
 from lipkit.eval.suite import run_eval
 from lipkit.train.launch import run_training
 
@@ -65,13 +66,10 @@ def baselines(checkpoint: Path, judge, n_images: int) -> dict[str, dict[str, flo
     model, tokenizer, _ = load_checkpoint(checkpoint)
     root = default_root()
     test = [r for r in read_table(root / "test-style.jsonl") if references(r, ["en"])]
-    chosen = [test[i] for i in spread(len(test), n_images)]
+    chosen = spread_subset(test, n_images)
     store = ImageStore(chosen, model.spec.image_size, cache=True, desc="test-style")
-    images = store.get(range(len(chosen)))
     pool = sorted({c for r in read_table(root / "train.jsonl") for c in references(r, ["en"])})
-    img = torch.cat(
-        [model.eval().embed_images_u8(images[s : s + 64]).float() for s in range(0, len(images), 64)]
-    )
+    img = embed_images(model.eval(), store, 64)
     txt = embed_texts(model, tokenizer, pool, 256)
     nearest = [pool[int(i)] for i in (img @ txt.t()).argmax(1)]
     refs = [references(r, ["en"]) for r in chosen]

@@ -22,6 +22,31 @@ TINY_MODEL = {
 }
 
 
+def tiny_run_cfg(table, out, objective: str, data=None, augment=None, **train):
+    """A 2-epoch fp32 run of `objective` on `table` with TINY_MODEL (batch 8, a log line a step), into
+    `out`; `data` / `augment` / `train` add to or replace those sections' keys."""
+    from lipkit.config import config_from_dict
+
+    return config_from_dict(
+        {
+            "data": {"train": str(table), **(data or {})},
+            "model": {"overrides": TINY_MODEL},
+            "tokenizer": {"vocab_size": 400},
+            "augment": augment or {},
+            "train": {
+                "output": str(out),
+                "batch_size": 8,
+                "epochs": 2,
+                "warmup_steps": 2,
+                "log_every": 1,
+                "precision": "fp32",
+                "objective": objective,
+                **train,
+            },
+        }
+    )
+
+
 _RESERVED: list[socket.socket] = []
 atexit.register(lambda: [s.close() for s in _RESERVED])
 

@@ -128,26 +128,9 @@ def test_beam_search_finds_what_brute_force_finds():
 
 
 def coca_cfg(table, out, **train):
-    from conftest import TINY_MODEL
-    from lipkit.config import config_from_dict
+    from conftest import tiny_run_cfg
 
-    return config_from_dict(
-        {
-            "data": {"train": str(table)},
-            "model": {"overrides": TINY_MODEL},
-            "tokenizer": {"vocab_size": 400},
-            "train": {
-                "output": str(out),
-                "batch_size": 8,
-                "epochs": 2,
-                "warmup_steps": 2,
-                "log_every": 1,
-                "precision": "fp32",
-                "objective": "coca",
-                **train,
-            },
-        }
-    )
+    return tiny_run_cfg(table, out, **{"objective": "coca", **train})
 
 
 def test_coca_trains_and_lipkit_caption_captions_deterministically(table, tmp_path):

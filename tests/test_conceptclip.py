@@ -132,25 +132,11 @@ def test_concept_table_refuses_bad_rows_and_tables_without_concepts():
 
 
 def concept_cfg(table, out):
-    from conftest import TINY_MODEL
-    from lipkit.config import config_from_dict
+    from conftest import tiny_run_cfg
 
-    return config_from_dict(
-        {
-            "data": {"train": str(table), "caption_select": [], "meta_captions": []},
-            "model": {"overrides": TINY_MODEL},
-            "tokenizer": {"vocab_size": 400},
-            "train": {
-                "output": str(out),
-                "batch_size": 8,
-                "epochs": 2,
-                "warmup_steps": 2,
-                "log_every": 1,
-                "precision": "fp32",
-                "objective": "conceptclip",
-                "objective_args": {"concepts_column": "object_captions"},
-            },
-        }
+    data = {"caption_select": [], "meta_captions": []}
+    return tiny_run_cfg(
+        table, out, "conceptclip", data, objective_args={"concepts_column": "object_captions"}
     )
 
 

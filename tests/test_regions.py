@@ -160,26 +160,9 @@ def test_region_table_looks_up_by_key_and_refuses_bad_rows():
 
 
 def region_cfg(table, out, **augment):
-    from conftest import TINY_MODEL
-    from lipkit.config import config_from_dict
+    from conftest import tiny_run_cfg
 
-    return config_from_dict(
-        {
-            "data": {"train": str(table)},
-            "model": {"overrides": TINY_MODEL},
-            "tokenizer": {"vocab_size": 400},
-            "augment": {"scale_min": 1.0, "rotate_deg": 0, **augment},
-            "train": {
-                "output": str(out),
-                "batch_size": 8,
-                "epochs": 2,
-                "warmup_steps": 2,
-                "log_every": 1,
-                "precision": "fp32",
-                "objective": "cloc",
-            },
-        }
-    )
+    return tiny_run_cfg(table, out, "cloc", augment={"scale_min": 1.0, "rotate_deg": 0, **augment})
 
 
 def test_cloc_trains_on_canvases_and_the_checkpoint_embeds_regions(canvas_table, tmp_path):

@@ -155,3 +155,11 @@ def collect(items: Iterable[Record | Skip]) -> tuple[list[Record], Counter[str]]
 def describe(skipped: Counter[str] | dict[str, int]) -> str:
     """'3 corrupt_image, 1 no_caption' (largest first)."""
     return ", ".join(f"{n} {r}" for r, n in sorted(skipped.items(), key=lambda x: (-x[1], x[0])) if n)
+
+
+def spread_subset(records: list, n: int) -> list:
+    """`n` of `records` spread evenly over them (every len/n-th row, in order; all of them for n = 0 or
+    n ≥ len): a capped evaluation still sees every part of a split that is sorted by class."""
+    if not n or n >= len(records):
+        return records
+    return [records[i * len(records) // n] for i in range(n)]

@@ -22,10 +22,10 @@ from rich.progress import Progress
 
 from lipkit.config import EvalConfig
 from lipkit.data.image_store import ImageStore
-from lipkit.data.records import Record
+from lipkit.data.records import Record, spread_subset
 from lipkit.eval.caption_metrics import bleu, cider_d
 from lipkit.eval.captioning import caption_images
-from lipkit.eval.embedding import embed_texts
+from lipkit.eval.embedding import embed_images, embed_texts
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.text.tokenizer import TextTokenizer
 
@@ -39,13 +39,6 @@ def references(record: Record, langs: Sequence[str]) -> list[str]:
     if not langs or not isinstance(tags, list) or len(tags) != len(record.captions):
         return list(record.captions)
     return [c for c, lang in zip(record.captions, tags, strict=True) if lang in langs]
-
-
-def spread(n: int, k: int) -> list[int]:
-    """`k` indices spread evenly over range(n) (all of them for k = 0 or k ≥ n)."""
-    if not k or k >= n:
-        return list(range(n))
-    return [i * n // k for i in range(k)]
 
 
 def generate(
@@ -72,11 +65,7 @@ def clip_score(
 ) -> float:
     """Mean of 2.5 · max(cos(image, caption), 0) under `scorer`, each record's image decoded at the
     scorer's own input size (not resized from another model's), 64 at a time."""
-    store = ImageStore(records, scorer.spec.image_size, cache=False, style=style)
-    n = len(records)
-    img = torch.cat(
-        [scorer.embed_images_u8(store.get(range(s, min(n, s + 64)))).float().cpu() for s in range(0, n, 64)]
-    )
+    img = embed_images(scorer, ImageStore(records, scorer.spec.image_size, cache=False, style=style), 64)
     txt = embed_texts(scorer, scorer_tokenizer, list(captions), 256)
     cos = (img * txt).sum(1)
     return CLIP_SCORE_W * cos.clamp(min=0).mean().item()
@@ -93,7 +82,7 @@ def caption_split(
     """Caption metrics of the store's images that have references, into `metrics` under captions/...;
     returns examples for the report (image, caption, references)."""
     have = [i for i, r in enumerate(store.records) if references(r, cfg.caption_langs)]
-    rows = [have[i] for i in spread(len(have), cfg.caption_max_images)]
+    rows = spread_subset(have, cfg.caption_max_images)
     if not rows:
         rich.get_console().print(
             f"[yellow]eval:[/] no image has a caption in eval.caption_langs {cfg.caption_langs}: "
@@ -109,13 +98,7 @@ def caption_split(
     if scorer is not None:
         chosen = [store.records[i] for i in rows]
         metrics["captions/CLIP-score"] = 100 * clip_score(*scorer, chosen, captions, store.style)
-    shown = spread(len(rows), EXAMPLES)
     return [
-        {
-            "image": str(store.records[rows[i]].image),
-            "caption": captions[i],
-            "references": refs[i],
-            "cider_d": round(each[i], 4),
-        }
-        for i in shown
+        {"image": str(store.records[row].image), "caption": c, "references": r, "cider_d": round(s, 4)}
+        for row, c, r, s in spread_subset(list(zip(rows, captions, refs, each, strict=True)), EXAMPLES)
     ]

@@ -14,20 +14,13 @@ import torch
 from lipkit.atomic import write_json_atomic
 from lipkit.checkpoint import load_checkpoint
 from lipkit.config import Config
+from lipkit.data.records import spread_subset
 from lipkit.data.sources.registry import eval_labels, read_table
 from lipkit.device import use_bf16
 from lipkit.errors import UserError
 from lipkit.eval.evaluate import evaluate_records, fit_probes, image_style
 from lipkit.eval.similarity_choice import resolve_similarity, resolve_tokens_kept
 from lipkit.malloc import keep_freed_memory
-
-
-def spread_subset(records: list, n: int) -> list:
-    """`n` of `records` spread evenly over them (every len/n-th row, in order; all of them for n = 0 or
-    n ≥ len): a capped evaluation still sees every part of a split that is sorted by class."""
-    if not n or n >= len(records):
-        return records
-    return [records[i * len(records) // n] for i in range(n)]
 
 
 def run_eval(checkpoint: str | Path, splits: dict[str, str], cfg: Config, out: Path) -> dict[str, Any]:

@@ -11,8 +11,9 @@ import rich
 import torch
 
 from lipkit.data.image_store import ImageStore
+from lipkit.data.records import spread_subset
 from lipkit.errors import UserError
-from lipkit.eval.embedding import embed_texts
+from lipkit.eval.embedding import embed_images, embed_texts
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.text.tokenizer import TextTokenizer
 from lipkit.train.inputs import requires
@@ -55,17 +56,13 @@ def attach_captioner(model: DualEncoder, needs: set[str], overrides: dict[str, A
 def modality_gap_std(model: DualEncoder, tokenizer: TextTokenizer, records: list) -> float:
     """√(mean_i ‖x_i − t_i‖² / D) over up to GAP_PAIRS records spread over `records`: x the normalised image
     embedding, t the normalised embedding of the record's first caption."""
-    k = min(GAP_PAIRS, len(records))
-    chosen = [r for r in (records[i * len(records) // k] for i in range(k)) if r.captions]
+    chosen = [r for r in spread_subset(records, GAP_PAIRS) if r.captions]
     if not chosen:
         raise UserError("The training data has no captions to measure the modality gap on.")
     was_training = model.training
     model.eval()
     store = ImageStore(chosen, model.spec.image_size, cache=True, desc="modality-gap")
-    n = len(store.records)
-    img = torch.cat(
-        [model.embed_images_u8(store.get(range(s, min(n, s + 64)))).float().cpu() for s in range(0, n, 64)]
-    )
+    img = embed_images(model, store, 64)
     txt = embed_texts(model, tokenizer, [r.captions[0] for r in store.records], 256)
     model.train(was_training)
     return ((img - txt) ** 2).sum(1).mean().div(img.shape[1]).sqrt().item()
