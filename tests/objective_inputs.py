@@ -64,12 +64,21 @@ def _makers(b: int, d: int) -> dict[str, Callable[[], torch.Tensor]]:
         "caption_tokens": lambda: torch.arange(b) % 3 + 2,
         "text_caption_nll": lambda: (torch.rand(b, generator=g, dtype=F64) * 5 + 1).requires_grad_(),
         "text_caption_tokens": lambda: torch.arange(b) % 4 + 1,
+        # a small image–text matching head over d-wide tokens (objectives.itm)
+        "match_head": lambda: _match_head(d),
         # 3 concept slots a caption: image i's first i % 3 + 1 valid, the last caption without any
         "concept_features": lambda: _unit(b, 3, d, seed=145),
         "concept_valid": lambda: (
             (torch.arange(3)[None, :] <= torch.arange(b)[:, None] % 3) & (torch.arange(b)[:, None] < b - 1)
         ),
     }
+
+
+def _match_head(d: int) -> nn.Module:
+    from lipkit.models.matching_head import MatchingHead
+
+    torch.manual_seed(146)
+    return MatchingHead(d, 8, 1, 2).double()
 
 
 def declared_inputs(objective: nn.Module) -> tuple[str, ...]:

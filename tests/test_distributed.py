@@ -59,6 +59,7 @@ def make_trainer(tmp: Path, rank: int, world: int, per_image: int = 1, **train) 
         logit_bias=bias,
         caption_layers=caption,
         caption_input="embedding" if text_only else "tokens",
+        match_layers=1 if requires(needs, "matcher") else 0,  # the itm objective's fusion head
     )
     model = DualEncoder(spec)
     if text_only:  # noise drawn per sample and step: the same rows on 1 or 2 ranks
@@ -304,6 +305,7 @@ DISTILL = {
     "objective_args": {"feature_weight": 1.0, "affinity_weight": 1.0, "kd_temperature": 2.0},
     "steps": 3,
 }
+ITM_OT = {"objective": "itm", "objective_args": {"ot_weight": 0.1}, "steps": 3}
 GROW = {"grow": [{"at_step": 1, "towers": "both", "width": 2, "depth": 1}], "steps": 3}
 # name → (the two-rank case, the one-process reference)
 CASES: dict[str, tuple[dict, dict]] = {
@@ -367,6 +369,10 @@ CASES: dict[str, tuple[dict, dict]] = {
     # distillation with every term: the teacher's features gathered plainly, its projections' gradients
     # averaged like the model's
     "distill-all-terms": (DISTILL, DISTILL),
+    # ITM with UNITER's word–patch OT term: hard negatives mined from the gathered batch, the (replicated)
+    # matching head scoring the same pairs on every rank; and under FSDP, where the head is not a unit
+    "itm-ot": (ITM_OT, ITM_OT),
+    "itm-ot-fsdp": ({**ITM_OT, "strategy": "fsdp"}, ITM_OT),
     "distill-all-terms-grad-cache": ({**DISTILL, "grad_cache_chunk": 3}, DISTILL),
     # growth after the first step (width ×2 and a block per tower): the grown model, its rebuilt DDP
     # buckets and its carried moments agree on both ranks with one process

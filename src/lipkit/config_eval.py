@@ -42,3 +42,6 @@ class EvalConfig:
     caption_beam: int = 3
     caption_langs: list[str] = field(default_factory=list)
     caption_scorer: str = ""
+    # checkpoints with an image–text matching head (itm) also re-rank each text query's top K images by it
+    # (retrieval/reranked/text_to_image/R@k); 0: off
+    rerank_top: int = 20

@@ -14,6 +14,10 @@ from lipkit.data.image_policy import MAX_PIXELS
 from lipkit.errors import UserError
 
 console = Console(stderr=True)
+RERANK_HELP = (
+    "Text queries: re-order the first N hits with the checkpoint's image–text matching head (train.objective=itm); "
+    "default 20 when it has one, 0: off."
+)
 index_app = typer.Typer(help="Build, extend and inspect search indexes.", no_args_is_help=True)
 
 
@@ -193,15 +197,21 @@ def search(
     int8: Path = typer.Option(
         None, "--int8", help="Folder from `lipkit quantize`: query with its ONNX towers."
     ),
+    rerank: int = typer.Option(None, "--rerank", help=RERANK_HELP),
 ) -> None:
     """Top-k items for a text query or an image (--image)."""
     from lipkit.search.query import Searcher, check_query_args
 
     check_query_args(query, image, k)
-    s = Searcher(checkpoint, index, device=device, precision=precision, onnx=int8)
+    if image is not None and rerank:
+        raise UserError("--rerank re-orders the hits of a text query; drop it when searching by --image.")
+    s = Searcher(checkpoint, index, device=device, precision=precision, onnx=int8, rerank=rerank)
     q = s.text_query(query.strip()) if query is not None else s.image_query(s.image_file(image))
     params = {k_: v for k_, v in {"ef": ef, "nprobe": nprobe}.items() if v is not None}
-    hits = s.search(q, k, **params)
+    if query is None:
+        hits = s.search(q, k, **params)
+    else:  # the matching head (when the checkpoint has one) re-orders the first --rerank hits
+        hits = s.rerank(query.strip(), s.search(q, max(k, s.rerank_top), **params))[:k]
     what = query if query is not None else str(image)
     if as_json:
         print(json.dumps({"query": what, "results": hits}, ensure_ascii=False))
@@ -244,6 +254,7 @@ def serve(
     int8: Path = typer.Option(
         None, "--int8", help="Folder from `lipkit quantize`: its (int8) ONNX towers answer the queries."
     ),
+    rerank: int = typer.Option(None, "--rerank", help=RERANK_HELP),
 ) -> None:
     """Serve search over HTTP: the page at /, the API at /search, /embed, /health, /metrics, docs at /docs."""
     from lipkit.search.access import AccessSettings, read_api_keys
@@ -274,6 +285,7 @@ def serve(
         access=AccessSettings(keys, rate_limit, burst),
         precision=precision,
         onnx=int8,
+        rerank=rerank,
     )
 
 

@@ -22,6 +22,7 @@ from lipkit.eval.linear_probe import LinearProbe, fit_linear_probe
 from lipkit.eval.localization import localization_metrics
 from lipkit.eval.multilabel import multilabel_zeroshot
 from lipkit.eval.regions import has_regions, region_metrics
+from lipkit.eval.rerank import rerank_metrics
 from lipkit.eval.retrieval import retrieval_chance, retrieval_scores_metrics
 from lipkit.eval.similarity_choice import SIMILARITIES
 from lipkit.eval.zeroshot import class_embeddings, zeroshot_chance, zeroshot_scores_metrics
@@ -139,6 +140,9 @@ def evaluate_records(
     if any(r.captions for r in records):
         texts = _RetrievalTexts.of(records, cfg.retrieval_caption, cfg.protocol == "clip_benchmark")
         sims = _retrieve(model, tokenizer, cfg.batch_size, images, texts, metrics, chance)
+        if getattr(model, "has_matcher", False) and cfg.rerank_top:  # ONNX models: none
+            rerank_metrics(model, tokenizer, store, texts.texts, texts.relevant, sims, cfg.rerank_top,
+                           cfg.batch_size, metrics, chance)  # fmt: skip
         if cfg.group_by:
             _retrieve_per_group(model, tokenizer, cfg, records, images, metrics, chance, split)
         result["n_texts"] = len(texts.texts)

@@ -90,13 +90,15 @@ def check_dual_exportable(spec: ModelSpec) -> None:
         )
     if spec.text_pool not in ("mean", "cls"):
         raise UserError(f"Text pooling '{spec.text_pool}' is not one lipkit exports; {onnx}.")
-    if spec.logit_bias or spec.lexicon_vocab or spec.caption_layers:
+    if spec.logit_bias or spec.lexicon_vocab or spec.caption_layers or spec.match_layers:
         what = (
             "a learned logit bias (sigmoid loss)"
             if spec.logit_bias
             else "LexLIP lexicon heads"
             if spec.lexicon_vocab
             else "a caption decoder"
+            if spec.caption_layers
+            else "an image–text matching head"
         )
         raise UserError(f"This checkpoint has {what}, which VisionTextDualEncoderModel cannot hold; {onnx}.")
 

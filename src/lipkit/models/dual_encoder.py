@@ -15,6 +15,7 @@ from lipkit.models.caption_decoder import CaptionDecoder
 from lipkit.models.hf_text import HFTextTower
 from lipkit.models.lexicon_head import LexiconHead
 from lipkit.models.locking import lock_tower
+from lipkit.models.matching_head import MatchingHead
 from lipkit.models.presets import ModelSpec
 from lipkit.models.regions import as_rois, region_pool
 from lipkit.models.text import TextTransformer
@@ -51,6 +52,8 @@ class DualEncoder(nn.Module):
                     f"model caption_input must be tokens or embedding, not {spec.caption_input!r}."
                 )
             self.captioner = caption_decoder_of(spec)
+        if spec.match_layers:  # an image–text matching head over both towers' projected tokens
+            self.matcher = matcher_of(spec)
 
     @property
     def has_captioner(self) -> bool:
@@ -63,6 +66,15 @@ class DualEncoder(nn.Module):
             self.spec, caption_layers=layers, caption_width=width, caption_heads=heads, caption_input=reads
         )
         self.captioner = caption_decoder_of(self.spec).to(self.device)
+
+    @property
+    def has_matcher(self) -> bool:
+        return self.spec.match_layers > 0
+
+    def add_matcher(self, layers: int, width: int = 0, heads: int = 4) -> None:
+        """A fresh image–text matching head on this model (a checkpoint trained without one)."""
+        self.spec = replace(self.spec, match_layers=layers, match_width=width, match_heads=heads)
+        self.matcher = matcher_of(self.spec).to(self.device)
 
     @property
     def device(self) -> torch.device:
@@ -182,4 +194,11 @@ def caption_decoder_of(spec: ModelSpec) -> CaptionDecoder:
         spec.context_length,
         spec.embed_dim,
         text_only=spec.caption_input == "embedding",
+    )
+
+
+def matcher_of(spec: ModelSpec) -> MatchingHead:
+    """The image–text matching head `spec` asks for, over the embedding space's token features."""
+    return MatchingHead(
+        spec.embed_dim, spec.match_width or spec.embed_dim, spec.match_layers, spec.match_heads
     )

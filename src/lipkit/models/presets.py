@@ -63,6 +63,11 @@ class ModelSpec:
     # what the decoder reads: "tokens" (the image tower's token grid, CoCa) or "embedding" (one normalised
     # embedding: a text-only decoder trained on noised text embeddings that captions image embeddings)
     caption_input: str = "tokens"
+    # an image–text matching head (models.matching_head, UNITER's ITM head re-ranking a shortlist): this many
+    # fusion layers (0: none; the itm objective turns it on), its width (0: the embedding dimension) and heads
+    match_layers: int = 0
+    match_width: int = 0
+    match_heads: int = 4
     image_mean: tuple[float, float, float] = OPENAI_MEAN
     image_std: tuple[float, float, float] = OPENAI_STD
 

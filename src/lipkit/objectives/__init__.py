@@ -20,6 +20,7 @@ from lipkit.objectives.filip import FILIPLoss
 from lipkit.objectives.improved_baselines import ImprovedBaselines
 from lipkit.objectives.infonce import InfoNCE
 from lipkit.objectives.intra_modal import TripleContrast
+from lipkit.objectives.itm import ImageTextMatching
 from lipkit.objectives.lexlip import LexiconContrast
 from lipkit.objectives.mlcd import MultiLabelClusterDiscrimination
 from lipkit.objectives.multi_positive import MultiPositiveInfoNCE
@@ -58,6 +59,7 @@ OBJECTIVES: dict[str, type[nn.Module]] = {
     "conceptclip": ConceptAlignment,
     "coca": CaptionContrast,
     "capdec": TextOnlyCaption,
+    "itm": ImageTextMatching,
 }
 
 

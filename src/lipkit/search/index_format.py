@@ -77,3 +77,15 @@ def write_meta(tmp: Path, info: dict[str, Any], items: list[dict[str, Any]]) -> 
     (tmp / "index.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
     with (tmp / "items.json").open("w", encoding="utf-8") as f:
         json.dump(items, f, ensure_ascii=False, separators=(",", ":"))
+
+
+def item_bytes(entry: dict[str, Any]) -> Path | bytes | None:
+    """Where an index entry's image is: its file, its bytes (a shard's, kept in images.bin), or None."""
+    path, blob = entry.get("path"), entry.get("blob")
+    if path and Path(path).is_file():
+        return Path(path)
+    if blob and Path(blob["file"]).is_file():
+        with open(blob["file"], "rb") as f:
+            f.seek(int(blob["offset"]))
+            return f.read(int(blob["size"]))
+    return None

@@ -25,6 +25,7 @@ from lipkit.search.encode import (
     prepare_for_inference,
     token_wise_of,
 )
+from lipkit.search.rerank import rerank_hits, resolve_rerank
 from lipkit.text.tokenizer import TextTokenizer
 
 
@@ -143,10 +144,12 @@ class Searcher:
         precision: str = "fp32",
         onnx: str | Path | None = None,
         threads: int = 1,
+        rerank: int | None = None,
     ) -> None:
         """`onnx`: a folder from `lipkit quantize` (or `lipkit export onnx`) of this checkpoint; its
         towers (int8 where the quality check kept them) answer dense queries instead of PyTorch's, with
-        `threads` onnxruntime threads per call."""
+        `threads` onnxruntime threads per call. `rerank`: how many hits of a text query the checkpoint's
+        matching head re-orders (search.rerank; None: 20 when it has one, else none)."""
         from lipkit.checkpoint import load_checkpoint
         from lipkit.search.index import load_index
 
@@ -154,6 +157,7 @@ class Searcher:
         self.model, self.tokenizer, self.config = load_checkpoint(checkpoint)
         prepare_for_inference(self.model.to(pick_device(device)), self.precision)
         self.index = load_index(index_path)
+        self.rerank_top = resolve_rerank(rerank, self.model, checkpoint)
         self.size = int(self.model.spec.image_size)
         self.dim = int(self.model.spec.embed_dim)
         if self.index.kind != "sparse" and self.index.dim != self.dim:
@@ -264,6 +268,13 @@ class Searcher:
             raise UserError(
                 f"Image '{p}' cannot be decoded ({e}); pass a PNG, JPEG, WebP, GIF or BMP file."
             ) from e
+
+    def rerank(self, text: str, hits: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """A text query's hits, the first `rerank_top` re-ordered by the matching head (search.rerank)."""
+        if not self.rerank_top:
+            return hits
+        with inference_precision(self.model, self.precision):
+            return rerank_hits(self.model, self.tokenizer, self.index.items, text, hits, self.rerank_top)
 
     def search(self, query: np.ndarray, k: int, **params: Any) -> list[dict[str, Any]]:
         scores, ids = self.index.search(query, k, **params)

@@ -24,6 +24,7 @@ from lipkit.data.images import sniff_image_type
 from lipkit.eval.heatmaps import MAP_KINDS
 from lipkit.search.batcher import MicroBatcher
 from lipkit.search.heatmap import query_heatmap
+from lipkit.search.index_format import item_bytes
 from lipkit.search.metrics import CONTENT_TYPE, ServerMetrics
 from lipkit.search.query import Searcher, decode_image_bytes
 from lipkit.search.request_guards import ApiError, Limits, parse_boxes, parse_int
@@ -142,24 +143,20 @@ class SearchState:
         )
         return hits
 
+    async def text_search(self, text: str, k: int) -> list[dict[str, Any]]:
+        """A text query's top k, its first hits re-ordered by the matching head when the server re-ranks."""
+        s = self.searcher
+        hits = await self.search(await self.text_vector(text), max(k, s.rerank_top))
+        if s.rerank_top:
+            hits = await run_in_threadpool(s.rerank, text, hits)
+        return hits[:k]
+
     async def search(self, vector: np.ndarray, k: int) -> list[dict[str, Any]]:
         """The index lookup: on the event loop while lookups take under INLINE_SEARCH_S on average (a
         thread hop costs more than an HNSW or small flat search), else on the thread pool."""
         if self.search_seconds < INLINE_SEARCH_S:
             return self._timed_search(vector, k)
         return await run_in_threadpool(self._timed_search, vector, k)
-
-
-def item_bytes(entry: dict[str, Any]) -> Path | bytes | None:
-    """Where an index entry's image is: its file, its bytes (a shard's, kept in images.bin), or None."""
-    path, blob = entry.get("path"), entry.get("blob")
-    if path and Path(path).is_file():
-        return Path(path)
-    if blob and Path(blob["file"]).is_file():
-        with open(blob["file"], "rb") as f:
-            f.seek(int(blob["offset"]))
-            return f.read(int(blob["size"]))
-    return None
 
 
 def _state(request: Request) -> SearchState:
@@ -233,7 +230,7 @@ async def search_get(
     if q is None:
         raise ApiError(400, "Nothing to search for; add ?q=some+words (or ?image_id=N, or POST an image).")
     text = check_text(q, st.limits)
-    return respond("text", text, await st.search(await st.text_vector(text), kk), t0)
+    return respond("text", text, await st.text_search(text, kk), t0)
 
 
 async def search_post(request: Request) -> dict[str, Any]:
@@ -245,7 +242,7 @@ async def search_post(request: Request) -> dict[str, Any]:
     if image is not None:
         return respond("image", None, await st.search(await st.upload_vector(image), kk), t0)
     assert text is not None
-    return respond("text", text, await st.search(await st.text_vector(text), kk), t0)
+    return respond("text", text, await st.text_search(text, kk), t0)
 
 
 async def embed(request: Request) -> dict[str, Any]:

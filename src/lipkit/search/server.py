@@ -164,8 +164,10 @@ def serve(
     access: AccessSettings | None = None,
     precision: str = "fp32",
     onnx: str | Path | None = None,
+    rerank: int | None = None,
 ) -> None:
-    """Run the app under uvicorn. `threads`: intra-op threads per model call for torch and FAISS; the
+    """Run the app under uvicorn. `rerank`: hits of a text query re-ordered by the checkpoint's matching
+    head (None: 20 when it has one). `threads`: intra-op threads per model call for torch and FAISS; the
     default 1 is the best throughput on a CPU, where text and image batches (or, without batching,
     concurrent requests) already run side by side on the cores."""
     try:
@@ -177,7 +179,9 @@ def serve(
     import torch
 
     torch.set_num_threads(max(1, threads))
-    searcher = Searcher(checkpoint, index, device=device, precision=precision, onnx=onnx, threads=threads)
+    searcher = Searcher(
+        checkpoint, index, device=device, precision=precision, onnx=onnx, threads=threads, rerank=rerank
+    )
     if searcher.index.kind in DENSE_KINDS:
         import faiss
 

@@ -146,6 +146,9 @@ INPUTS: dict[str, Input] = {
     # a text-only decoder's loss on each first caption's noised text embedding (objectives.capdec), its count
     "text_caption_nll": Input(lambda p: p.text_caption[0], "grad", None, requires="text_captioner"),
     "text_caption_tokens": Input(lambda p: p.text_caption[1], "plain", "batch", requires="text_captioner"),
+    # the model's image–text matching head itself (objectives.itm fuses the pairs it mines from the global
+    # batch's tokens): the same module on every rank, not gathered; gradient caching cannot chunk it
+    "match_head": Input(lambda p: p.model.matcher, None, None, requires="matcher"),
     # each image's stable sample id (from its record key): per-sample state such as NEVLP's loss history
     "sample_key": Input(lambda p: p.key_ids(), "plain", "batch"),
     # each image's cluster labels (B, L; −1: none) from data.cluster_labels (train.sample_labels)
@@ -203,6 +206,11 @@ _REQUIREMENTS: dict[str, tuple[Callable[[dict[str, Any]], bool], str]] = {
         "trains a text-only caption decoder and this model has none or one reading image tokens; set "
         "model.init_from to a trained checkpoint without a decoder (not a CoCa one).",
     ),
+    "matcher": (
+        lambda s: s["matcher"],
+        "trains an image–text matching head and this model has none; with model.init_from, lipkit train adds "
+        "one to the starting checkpoint.",
+    ),
     "bias": (lambda s: s["bias"], "needs a logit bias; set model.overrides.logit_bias=true."),
     "clusters": (
         lambda s: "clusters" in s["labels"],
@@ -248,11 +256,12 @@ def check_inputs(
     has_lexicon: bool = False,
     labels: Iterable[str] = (),
     captioner: str = "",
+    matcher: bool = False,
 ) -> None:
     """Refuse an objective whose inputs this run cannot give. captioner: what the model's caption decoder
-    reads ("tokens", "embedding"; "": none)."""
+    reads ("tokens", "embedding"; "": none); matcher: whether it has an image–text matching head."""
     setup = {"captions": captions_per_image, "bias": has_bias, "teacher": has_teacher, "lexicon": has_lexicon}
-    setup["captioner"] = captioner
+    setup["captioner"], setup["matcher"] = captioner, matcher
     setup["labels"] = set(labels)  # the kinds of per-sample labels the run has
     for what, (present, fix) in _REQUIREMENTS.items():
         if requires(needs, what) and not present(setup):

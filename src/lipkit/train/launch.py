@@ -44,6 +44,7 @@ from lipkit.train.distributed import init as init_distributed
 from lipkit.train.growth import replay as replay_growth
 from lipkit.train.hooks import CheckpointWriter, Evaluator
 from lipkit.train.inputs import objective_needs, requires
+from lipkit.train.matcher_setup import attach_matcher, matcher_settings
 from lipkit.train.objective_labels import objective_labels
 from lipkit.train.teacher import check_same_tokenizer, load_teacher
 from lipkit.train.tracking import Trackers, open_trackers
@@ -125,6 +126,7 @@ def _new_model(
     if requires(needs, "lexicon") and not cfg.model.overrides.get("lexicon_vocab"):
         fixed["lexicon_vocab"] = tokenizer.vocab_size  # LexLIP: one weight per tokenizer term
     fixed.update(new_model_settings(needs, cfg.model.overrides))  # CoCa's, a text-only caption decoder
+    fixed.update(matcher_settings(needs, cfg.model.overrides))  # an image–text matching head (itm)
     if pretrained is not None:
         hf_config = json.loads((pretrained / "config.json").read_text(encoding="utf-8"))
         fixed.update(text_tower="hf", text_hf_config=hf_config, text_pool=cfg.model.text_pool)
@@ -304,6 +306,7 @@ def _build_model(
     if start is not None:
         model = start[0].train()
         attach_captioner(model, objective_needs(objective), cfg.model.overrides)
+        attach_matcher(model, objective_needs(objective), cfg.model.overrides)
         if teacher is None and requires(objective_needs(objective), "teacher"):  # CLIP-Refine distils from it
             teacher = copy.deepcopy(model).eval().requires_grad_(False)  # the frozen starting model
     else:

@@ -119,6 +119,7 @@ class Trainer:
             model.has_lexicon,
             set(sample_labels or {}),
             model.spec.caption_input if model.has_captioner else "",
+            model.has_matcher,
         )
         check_scaling(cfg, self.needs, self.dist)
         check_batch_statistics(model, self.dist.world, cfg.grad_cache_chunk, self.local_batch)  # BatchNorm
@@ -217,7 +218,7 @@ class Trainer:
             )
 
     def _loss(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
-        out = {k: v.float() if v.is_floating_point() else v for k, v in out.items()}
+        out = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in out.items()}
         if self.dist.enabled and self.cfg.local_loss:
             return local_loss(self.objective, out, self.dist)
         if self.dist.enabled:

@@ -1,0 +1,100 @@
+"""Re-ranking a dual encoder's shortlist with its image–text matching head (models.matching_head, trained by
+the itm objective): each text query's top-K images by the dense (or token-wise) score are re-ordered by
+the head's score of (image, query) and keep the top K places; the images below keep their order.
+
+Used by `lipkit eval` (retrieval/reranked/text_to_image/R@k) and by `lipkit search` / `lipkit serve`
+(search.rerank), on the same normalised token features the head was trained on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from lipkit.data.image_store import ImageStore
+from lipkit.eval import token_similarity
+from lipkit.eval.retrieval import recall_at_k
+from lipkit.models.dual_encoder import DualEncoder
+from lipkit.models.matching_head import trim_text
+from lipkit.text.tokenizer import TextTokenizer
+
+PAIRS_PER_CALL = 256  # (image, query) pairs fused per head call
+LIFT = 1e6  # added to a re-ranked score: above every dense score (cosines, late interaction ≤ 1)
+
+
+@torch.no_grad()
+def match_scores(
+    model: DualEncoder, image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor
+) -> torch.Tensor:
+    """(P, N, D) image tokens and (P, L, D) caption tokens with their (P, L) mask, pair by pair → (P,)
+    matching logits (float32 on the CPU), PAIRS_PER_CALL pairs a call."""
+    out = []
+    for s in range(0, image_tokens.shape[0], PAIRS_PER_CALL):
+        tokens, mask = trim_text(text_tokens[s : s + PAIRS_PER_CALL], text_mask[s : s + PAIRS_PER_CALL])
+        img = image_tokens[s : s + PAIRS_PER_CALL]
+        device = model.device
+        out.append(model.matcher(img.to(device), tokens.to(device), mask.to(device)).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def shortlist(scores: torch.Tensor, top: int) -> torch.Tensor:
+    """(Q, N) scores → (Q, min(top, N)) indices of each query's best, best first (ties: the lower index,
+    as eval.retrieval.recall_at_k ranks)."""
+    return scores.argsort(dim=1, descending=True, stable=True)[:, : min(top, scores.shape[1])]
+
+
+def rerank_text_to_image(
+    model: DualEncoder,
+    image_tokens: torch.Tensor,
+    text_tokens: torch.Tensor,
+    text_mask: torch.Tensor,
+    scores: torch.Tensor,
+    top: int,
+) -> torch.Tensor:
+    """(N, T, D) image tokens, (Q, L, D) query tokens with (Q, L) mask, (Q, N) first-stage scores →
+    (Q, N) float64 scores whose ranking is the re-ranked one: each query's top `top` images score
+    LIFT + the head's logit, every other image its first-stage score."""
+    order = shortlist(scores, top)  # (Q, K)
+    q, k = order.shape
+    step = max(1, PAIRS_PER_CALL // max(1, k))  # queries per call: their K pairs each
+    logits = (
+        torch.cat(
+            [
+                match_scores(
+                    model,
+                    image_tokens[order[s : s + step].reshape(-1)],
+                    text_tokens[s : s + step].repeat_interleave(k, dim=0),
+                    text_mask[s : s + step].repeat_interleave(k, dim=0),
+                ).view(-1, k)
+                for s in range(0, q, step)
+            ]
+        )
+        if q
+        else torch.zeros(0, k)
+    )
+    out = scores.double().clone()
+    out.scatter_(1, order, LIFT + logits.double())
+    return out
+
+
+def rerank_metrics(
+    model: DualEncoder,
+    tokenizer: TextTokenizer,
+    store: ImageStore,
+    texts: Sequence[str],
+    relevant: torch.Tensor,
+    scores: torch.Tensor,
+    top: int,
+    batch_size: int,
+    metrics: dict[str, float],
+    chance: dict[str, float],
+) -> None:
+    """Text→image recall@k after re-ranking each query's top `top` of the (T, N) first-stage `scores` with
+    the matching head, as retrieval/reranked/text_to_image/R@k (chance: the first stage's)."""
+    img = token_similarity.image_tokens(model, store, batch_size)
+    tokens, mask = token_similarity.text_tokens(model, tokenizer, texts, batch_size)
+    ranked = rerank_text_to_image(model, img, tokens, mask, scores, top)
+    for k, v in recall_at_k(ranked, relevant).items():
+        metrics[f"retrieval/reranked/text_to_image/{k}"] = v
+        chance[f"retrieval/reranked/text_to_image/{k}"] = chance.get(f"retrieval/text_to_image/{k}", 0.0)

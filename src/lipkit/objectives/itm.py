@@ -1,0 +1,127 @@
+"""Image–text matching with in-batch hard negatives beside a contrastive loss (UNITER's ITM task, Chen et al.,
+2020, "UNITER: UNiversal Image-TExt Representation Learning"; hard negatives mined from the contrastive
+similarities as ALBEF, Li et al., 2021, "Align before Fuse", §3.2 does).
+
+The matching head (models.matching_head) scores a pair s(i, j) from image i's and caption j's token
+features. Over the global batch of B pairs (i, i), with c = <f_i, g_j> the contrastive cosines (no
+gradient) and j ≁ i when caption j is not word for word image i's caption:
+
+    n_t(i) = argmax_{j ≁ i} c_ij        (each image's hardest other caption)
+    n_v(j) = argmax_{i ≁ j} c_ij        (each caption's hardest other image)
+    L_itm  = 1/|P| Σ_{(i,j,y) ∈ P} BCE(σ(s(i, j)), y),
+             P = {(i, i, 1)} ∪ {(i, n_t(i), 0)} ∪ {(n_v(j), j, 0)}    (B positives, ≤ 2B negatives)
+    L      = w · InfoNCE(image, caption) + λ · L_itm + μ · L_wra
+             (w = `contrastive_weight`, λ = `match_weight`, μ = `ot_weight`)
+
+L_wra is UNITER's word–region alignment over the same pairs (objectives.optimal_transport): with D(i, j)
+the optimal-transport distance between caption j's words and image i's patches,
+
+    L_wra = 1/|P| ( Σ_{y = 1} D(i, j) − Σ_{y = 0} D(i, j) )      (UNITER's λ_ot = 0.1; lipkit's default 0)
+
+— true pairs pulled together word by patch, negatives pushed apart.
+
+A caption or image with no candidate (every caption of the batch identical) adds no negative.
+What differs from the papers: UNITER samples negatives at random and ALBEF samples them ∝ softmax(c);
+lipkit takes the hardest (argmax: deterministic, no random state); the logit is a binary score (ALBEF's
+two-way softmax over match/no-match is the same function of the logit difference). UNITER computes the
+OT distance on its fusion transformer's output states; lipkit on the towers' token features (the head's
+inputs), so the alignment shapes the shared embedding space that token-wise scoring and heat maps read.
+UNITER's MLM and MRM tasks are not part of this objective.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lipkit.models.matching_head import trim_text
+from lipkit.objectives.infonce import InfoNCE
+from lipkit.objectives.optimal_transport import ot_distance
+
+
+def hard_negatives(sims: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, B) image × caption similarities and (B,) caption keys (equal for identical captions) → for each
+    image its hardest non-matching caption and for each caption its hardest non-matching image, (B,) each,
+    −1 where there is none."""
+    other = keys[:, None] != keys[None, :]
+    masked = sims.detach().float().masked_fill(~other, float("-inf"))
+    text_neg, image_neg = masked.argmax(1), masked.argmax(0)
+    none_t, none_v = ~other.any(1), ~other.any(0)
+    return text_neg.masked_fill(none_t, -1), image_neg.masked_fill(none_v, -1)
+
+
+def matching_pairs(sims: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(image index, caption index, label) of every pair of P: positives first, then each image's hard
+    caption, then each caption's hard image."""
+    b = sims.shape[0]
+    own = torch.arange(b, device=sims.device)
+    text_neg, image_neg = hard_negatives(sims, keys)
+    t_ok, v_ok = text_neg >= 0, image_neg >= 0
+    images = torch.cat([own, own[t_ok], image_neg[v_ok]])
+    texts = torch.cat([own, text_neg[t_ok], own[v_ok]])
+    labels = torch.cat([sims.new_ones(b), sims.new_zeros(int(t_ok.sum()) + int(v_ok.sum()))])
+    return images, texts, labels
+
+
+class ImageTextMatching(nn.Module):
+    inputs = (
+        "image_features",
+        "text_features",
+        "logit_scale",
+        "image_tokens",
+        "text_tokens",
+        "text_mask",
+        "text_key",
+        "match_head",
+    )
+
+    def __init__(
+        self, match_weight: float = 1.0, contrastive_weight: float = 1.0, ot_weight: float = 0.0
+    ) -> None:
+        """λ of the matching loss, w of the contrastive one and μ of the word–patch OT term."""
+        super().__init__()
+        weights = {
+            "match_weight": match_weight,
+            "contrastive_weight": contrastive_weight,
+            "ot_weight": ot_weight,
+        }
+        for name, w in weights.items():
+            if isinstance(w, bool) or not isinstance(w, int | float) or w < 0:
+                raise ValueError(f"{name} must be a number ≥ 0, got {w!r}")
+        self.match_weight, self.contrastive_weight = float(match_weight), float(contrastive_weight)
+        self.ot_weight = float(ot_weight)
+        self.infonce = InfoNCE()
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        image_tokens: torch.Tensor | None = None,
+        text_tokens: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        text_key: torch.Tensor | None = None,
+        match_head: nn.Module | None = None,
+        **_: object,
+    ) -> torch.Tensor:
+        if image_tokens is None or text_tokens is None or text_mask is None or text_key is None:
+            raise ValueError("the matching term reads image_tokens, text_tokens, text_mask and text_key")
+        if match_head is None:
+            raise ValueError("the matching term reads the model's match_head")
+        images, texts, labels = matching_pairs(image_features @ text_features.t(), text_key)
+        tokens, mask = trim_text(text_tokens, text_mask)
+        logits = match_head(image_tokens[images], tokens[texts], mask[texts])
+        match = F.binary_cross_entropy_with_logits(logits, labels)
+        accuracy = ((logits > 0) == (labels > 0)).float().mean()
+        self.last_stats = {"match_loss": match.detach(), "match_accuracy": accuracy.detach()}
+        loss = self.match_weight * match
+        if self.ot_weight:
+            d = ot_distance(tokens[texts], mask[texts], image_tokens[images])
+            positive = labels > 0
+            loss = loss + self.ot_weight * (d[positive].sum() - d[~positive].sum()) / len(d)
+            negative = d[~positive].mean() if (~positive).any() else d.new_zeros(())  # all one caption: none
+            self.last_stats.update(ot_positive=d[positive].mean().detach(), ot_negative=negative.detach())
+        if self.contrastive_weight:
+            loss = loss + self.contrastive_weight * self.infonce(image_features, text_features, logit_scale)
+        return loss
