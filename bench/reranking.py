@@ -6,8 +6,8 @@
     python bench/reranking.py --report         # reprint the table from the saved JSON
 
 Arm "head": configs/methods/itm.yaml on runs/demo/checkpoint with both towers locked and the contrastive
-weight 0 — a 2-layer fusion head learning the demo's training pairs against each batch's hardest
-negatives for --head-steps steps; the towers, so the dense ranking, are the demo's own. Arm "joint":
+weight 0 — a 2-layer fusion head learning the demo's training pairs against negatives drawn from each
+batch by similarity (ALBEF) for --head-steps steps; the towers, so the dense ranking, are the demo's own. Arm "joint":
 configs/demo.yaml under configs/methods/itm.yaml from the start (the head beside InfoNCE) for --steps
 steps. Each is evaluated by `lipkit eval` on test-style (eval.rerank_top = 20): text→image R@1/R@5 of the
 dense ranking and of the re-ranked one (both from the same checkpoint).
@@ -144,7 +144,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--groups", default="head,joint")
-    ap.add_argument("--head-steps", type=int, default=150, help="steps of the head on the locked demo towers")
+    ap.add_argument("--head-steps", type=int, default=200, help="steps of the head on the locked demo towers")
     ap.add_argument("--steps", type=int, default=150, help="steps of the joint run")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--queries", type=int, default=100, help="text queries timed for the cost per query")

@@ -77,8 +77,9 @@ def _makers(b: int, d: int) -> dict[str, Callable[[], torch.Tensor]]:
 def _match_head(d: int) -> nn.Module:
     from lipkit.models.matching_head import MatchingHead
 
-    torch.manual_seed(146)
-    return MatchingHead(d, 8, 1, 2).double()
+    with torch.random.fork_rng():  # the head's weights, without touching the caller's random state
+        torch.manual_seed(146)
+        return MatchingHead(d, 8, 1, 2).double()
 
 
 def declared_inputs(objective: nn.Module) -> tuple[str, ...]:

@@ -151,3 +151,36 @@ def test_trains_on_a_checkpoint_with_the_measured_gap_and_captions_images(table,
     cfg.model.init_from = str(tmp_path / "text-only" / "checkpoint")
     with pytest.raises(Exception, match="reading image tokens"):
         run_training(cfg)
+
+
+def test_maccap_sampling_keeps_the_candidate_the_towers_match_best():
+    from lipkit.errors import UserError
+    from lipkit.eval.captioning import beam_search, caption_images
+    from lipkit.eval.token_similarity import pooled_and_tokens
+
+    model, tok = _text_only_model(0.5)
+    model = model.float().eval()
+    images = torch.randint(
+        0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(4)
+    )
+    got = caption_images(model, tok, images, beam=2, max_tokens=5, samples=4, seed=7)
+    assert got == caption_images(model, tok, images, beam=2, max_tokens=5, samples=4, seed=7)  # deterministic
+    alone = caption_images(model, tok, images[1:2], beam=2, max_tokens=5, samples=4, seed=7)
+    assert alone[0] == got[1]  # the same noise for every image: the batch does not matter
+    pooled, _ = pooled_and_tokens(model, images)
+    noise = 0.5 * torch.randn(4, 1, pooled.shape[1], generator=torch.Generator().manual_seed(7))
+    chosen_somewhere_else = False
+    with torch.no_grad():
+        for b in range(3):  # by hand: decode e and its 4 noised copies, keep the best cosine with e
+            inputs = [pooled[b, None]] + [pooled[b, None] + n for n in noise]
+            caps = [tok.decode(beam_search(model, x, tok.sot_id, tok.eot_id, 2, 5)[0]) for x in inputs]
+            sims = [float(model.encode_text(tok([c]))[0] @ pooled[b]) for c in caps]
+            best = max(range(5), key=lambda i: (sims[i], -i))
+            assert got[b]["caption"] == caps[best]
+            chosen_somewhere_else |= best > 0
+    plain = caption_images(model, tok, images, beam=2, max_tokens=5)
+    assert (
+        chosen_somewhere_else and plain != got
+    )  # a noised candidate won somewhere: sampling changed a caption
+    with pytest.raises(UserError, match="without noise"):
+        caption_images(_text_only_model(0.0)[0].float(), tok, images, samples=2)

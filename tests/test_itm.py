@@ -63,10 +63,14 @@ def test_hard_negatives_match_a_brute_force_search():
     assert hard_negatives(sims, torch.tensor([5] * 5))[0].tolist() == [-1] * 5  # all one caption: none
 
 
-def naive_loss(img_f, txt_f, scale, img_t, txt_t, mask, keys, h, lam, w):
-    """Per pair: the head on that pair alone (its caption cut to its length), BCE, mean over the pairs."""
+def naive_loss(img_f, txt_f, scale, img_t, txt_t, mask, keys, h, lam, w, sampled=False):
+    """Per pair: the head on that pair alone (its caption cut to its length), BCE, mean over the pairs;
+    the hardest negatives by brute force, or ALBEF's draw (checked on its own below)."""
     sims = img_f.detach() @ txt_f.detach().t()
-    text_neg, image_neg = brute_negatives(sims, keys.tolist())
+    if sampled:
+        text_neg, image_neg = (x.tolist() for x in hard_negatives(sims, keys, float(scale)))
+    else:
+        text_neg, image_neg = brute_negatives(sims, keys.tolist())
     pairs = [(i, i, 1.0) for i in range(len(keys))]
     pairs += [(i, j, 0.0) for i, j in enumerate(text_neg) if j >= 0]
     pairs += [(i, j, 0.0) for j, i in enumerate(image_neg) if i >= 0]
@@ -78,16 +82,17 @@ def naive_loss(img_f, txt_f, scale, img_t, txt_t, mask, keys, h, lam, w):
     return lam * total / len(pairs) + w * InfoNCE()(img_f, txt_f, scale)
 
 
+@pytest.mark.parametrize("negatives", ["hardest", "sampled"])
 @pytest.mark.parametrize("keys", [[0, 1, 2, 3, 4, 5], [3, 3, 1, 2, 3, 9]])
-def test_objective_matches_a_per_pair_loop_values_and_gradients(keys):
+def test_objective_matches_a_per_pair_loop_values_and_gradients(keys, negatives):
     h = head()
     img_f, txt_f = unit(6, 8, seed=5, grad=True), unit(6, 8, seed=6, grad=True)
     img_t, txt_t = unit(6, 4, 8, seed=7, grad=True), unit(6, 5, 8, seed=8, grad=True)
     mask = torch.arange(5)[None] < torch.tensor([[2], [5], [3], [4], [2], [3]])
     scale, keys = torch.tensor(10.0, dtype=F64), torch.tensor(keys)
-    obj = build_objective("itm", match_weight=1.5, contrastive_weight=0.5)
+    obj = build_objective("itm", match_weight=1.5, contrastive_weight=0.5, negatives=negatives)
     got = obj(img_f, txt_f, scale, img_t, txt_t, mask, keys, h)
-    want = naive_loss(img_f, txt_f, scale, img_t, txt_t, mask, keys, h, 1.5, 0.5)
+    want = naive_loss(img_f, txt_f, scale, img_t, txt_t, mask, keys, h, 1.5, 0.5, negatives == "sampled")
     assert math.isclose(float(got.detach()), float(want.detach()), rel_tol=1e-10)
     leaves = [img_f, txt_f, img_t, txt_t, *h.parameters()]
     g1 = torch.autograd.grad(got, leaves)
@@ -102,6 +107,11 @@ def test_objective_options_are_checked():
         build_objective("itm", match_weight=-1)
     with pytest.raises(UserError, match="contrastive_weight"):
         build_objective("itm", contrastive_weight="a lot")
+    with pytest.raises(UserError, match="ot_weight"):
+        build_objective("itm", ot_weight=float("nan"))
+    with pytest.raises(UserError, match="head_lr_scale"):
+        build_objective("itm", head_lr_scale=0)
+    assert build_objective("itm").lr_scales == {"matcher.": 0.1}
 
 
 def ipot_loop(cost, rows, cols, beta, iterations):
@@ -166,8 +176,8 @@ def test_the_ot_term_pulls_true_pairs_and_pushes_negatives_as_a_loop_says():
     img_t, txt_t = unit(5, 4, 8, seed=13, grad=True), unit(5, 5, 8, seed=14, grad=True)
     mask = torch.arange(5)[None] < torch.tensor([[2], [5], [3], [4], [1]])
     scale, keys = torch.tensor(10.0, dtype=F64), torch.arange(5)
-    base = build_objective("itm")(img_f, txt_f, scale, img_t, txt_t, mask, keys, h)
-    obj = build_objective("itm", ot_weight=0.1)
+    base = build_objective("itm", negatives="hardest")(img_f, txt_f, scale, img_t, txt_t, mask, keys, h)
+    obj = build_objective("itm", ot_weight=0.1, negatives="hardest")
     got = obj(img_f, txt_f, scale, img_t, txt_t, mask, keys, h)
     text_neg, image_neg = brute_negatives(img_f.detach() @ txt_f.detach().t(), keys.tolist())
     pairs = [(i, i, 1) for i in range(5)] + [(i, j, 0) for i, j in enumerate(text_neg)]
@@ -184,3 +194,45 @@ def test_the_ot_term_pulls_true_pairs_and_pushes_negatives_as_a_loop_says():
     g2 = torch.autograd.grad(want, [img_t, txt_t])
     assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(g1, g2, strict=True))
     assert set(obj.last_stats) >= {"ot_positive", "ot_negative"} and ipot_plan is not None
+
+
+def test_sampled_negatives_follow_the_softmax_of_the_scaled_cosines():
+    """ALBEF's draw: never an identical caption, the same draw for the same batch, and over many batches
+    (seeds from their keys) each candidate as often as exp(t·c) says."""
+    sims = torch.tensor(
+        [[0.9, 0.5, 0.2, 0.1], [0.3, 0.8, 0.6, 0.0], [0.1, 0.2, 0.7, 0.4], [0.2, 0.1, 0.3, 0.9]]
+    )
+    counts = torch.zeros(4, 4)
+    for trial in range(3000):
+        keys = torch.tensor(
+            [trial * 4 + 1, trial * 4 + 2, trial * 4 + 1, trial * 4 + 3]
+        )  # captions 0, 2 equal
+        text_neg, image_neg = hard_negatives(sims, keys, scale=3.0)
+        assert torch.equal(text_neg, hard_negatives(sims, keys, scale=3.0)[0])
+        assert all(keys[j] != keys[i] for i, j in enumerate(text_neg.tolist()))
+        assert all(keys[i] != keys[j] for j, i in enumerate(image_neg.tolist()))
+        counts[0, text_neg[0]] += 1
+    allowed = torch.tensor([1, 3])  # image 0's caption is caption 2's too: 1 and 3 remain
+    want = torch.softmax(3.0 * sims[0, allowed], 0)
+    assert torch.allclose(counts[0, allowed] / 3000, want, atol=0.03)
+    with pytest.raises(UserError, match="negatives"):
+        build_objective("itm", negatives="random")
+
+
+def test_the_head_learns_at_its_own_rate():
+    from lipkit.config import TrainConfig
+    from lipkit.models.dual_encoder import DualEncoder
+    from lipkit.models.presets import get_spec
+    from lipkit.train.optim import build_optimizer
+
+    model = DualEncoder(get_spec("tiny", vocab_size=50, eot_id=2, image_size=32, match_layers=1))
+    opt, _, _ = build_optimizer(
+        model, build_objective("itm", head_lr_scale=0.25), TrainConfig(), torch.device("cpu"), 0
+    )
+    head = {id(p) for p in model.matcher.parameters()}
+    for group in opt.param_groups:
+        in_head = {id(p) in head for p in group["params"]}
+        assert len(in_head) == 1 and group["lr_scale"] == (0.25 if in_head == {True} else 1.0)
+    assert any(
+        id(p) in head for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]
+    )  # cls, types

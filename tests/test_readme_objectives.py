@@ -56,7 +56,8 @@ def test_readme_train_line_gives_the_objective_what_it_needs(line):
         cfg = load_config(configs, [*sets, f"train.objective={name}"])
         objective = build_objective(name, **cfg.train.objective_args)
         needs = objective_needs(objective)
-        # the model gets a logit bias (siglip), lexicon heads (lexlip) and a caption decoder (coca, capdec) from the
+        # the model gets a logit bias (siglip), lexicon heads (lexlip), a caption decoder (coca, capdec) and a
+        # matching head (itm) from the
         # trainer itself, and the per-sample labels from data.cluster_labels (mlcd) or the table's columns
         # (plip, cloc, conceptclip) from launch
         labels = {"clusters"} if cfg.data.cluster_labels else set()
@@ -64,7 +65,17 @@ def test_readme_train_line_gives_the_objective_what_it_needs(line):
         labels |= {"regions"} if getattr(objective, "region_columns", ()) else set()
         labels |= {"concepts"} if getattr(objective, "concepts_column", None) else set()
         captioner = "embedding" if requires(needs, "text_captioner") else "tokens"
-        check_inputs(needs, cfg.data.captions_per_image, True, name, False, True, labels, captioner=captioner)
+        check_inputs(
+            needs,
+            cfg.data.captions_per_image,
+            True,
+            name,
+            False,
+            True,
+            labels,
+            captioner=captioner,
+            matcher=True,
+        )
 
 
 def test_alip_without_a_second_caption_names_the_fix():

@@ -19,47 +19,46 @@ from lipkit.search.encode import encode_text_tokens
 from test_search_index import image_collection, search_cli, tiny_checkpoint
 
 
-def test_reranked_scores_order_the_shortlist_by_the_head_and_keep_the_rest():
-    model, _, _ = load_checkpoint(tiny_checkpoint_with_head_path())
+def test_reranked_scores_order_the_shortlist_by_the_head_and_keep_the_rest(head_checkpoint):
+    model, _, _ = load_checkpoint(head_checkpoint)
     g = torch.Generator().manual_seed(1)
     img = torch.nn.functional.normalize(torch.randn(9, 5, 16, generator=g), dim=-1)
     txt = torch.nn.functional.normalize(torch.randn(3, 6, 16, generator=g), dim=-1)
     mask = torch.arange(6)[None] < torch.tensor([[3], [6], [2]])
-    dense = torch.randn(3, 9, generator=g)
-    ranked = rerank_text_to_image(model, img, txt, mask, dense, top=4)
-    for q in range(3):
-        first = dense[q].argsort(descending=True, stable=True).tolist()
-        with torch.no_grad():
-            n = int(mask[q].sum())
-            head = {
-                i: float(model.matcher(img[i : i + 1], txt[q : q + 1, :n], mask[q : q + 1, :n]))
-                for i in first[:4]
-            }
-        want = sorted(first[:4], key=lambda i: -head[i]) + first[4:]
-        assert ranked[q].argsort(descending=True, stable=True).tolist() == want
-
-
-_HEAD: dict = {}
-
-
-def tiny_checkpoint_with_head_path():
-    if "path" not in _HEAD:
-        import tempfile
-        from pathlib import Path
-
-        root = Path(tempfile.mkdtemp())
-        model, tok, _ = load_checkpoint(tiny_checkpoint(root / "plain"))
-        torch.manual_seed(3)
-        model.add_matcher(1, heads=2)
-        _HEAD["path"] = save_checkpoint(root / "head", model.eval(), tok, {"preset": "tiny"})
-    return _HEAD["path"]
+    for dense in (
+        torch.randn(3, 9, generator=g),
+        50 * torch.rand(3, 9, generator=g),
+    ):  # cosines, or unbounded
+        ranked = rerank_text_to_image(model, lambda idx: img[idx], txt, mask, dense, top=4)
+        for q in range(3):
+            first = dense[q].argsort(descending=True, stable=True).tolist()
+            with torch.no_grad():
+                n = int(mask[q].sum())
+                head = {
+                    i: float(model.matcher(img[i : i + 1], txt[q : q + 1, :n], mask[q : q + 1, :n]))
+                    for i in first[:4]
+                }
+            want = sorted(first[:4], key=lambda i: -head[i]) + first[4:]
+            assert ranked[q].argsort(descending=True, stable=True).tolist() == want
 
 
 @pytest.fixture(scope="module")
-def headed_collection(tmp_path_factory):
+def head_checkpoint(tmp_path_factory):
+    """A random-weight tiny checkpoint with a one-layer matching head, recorded as trained with itm."""
+    root = tmp_path_factory.mktemp("head")
+    model, tok, _ = load_checkpoint(tiny_checkpoint(root / "plain"))
+    torch.manual_seed(3)
+    model.add_matcher(1, heads=2)
+    return save_checkpoint(
+        root / "head", model.eval(), tok, {"preset": "tiny", "train": {"objective": "itm"}}
+    )
+
+
+@pytest.fixture(scope="module")
+def headed_collection(tmp_path_factory, head_checkpoint):
     root = tmp_path_factory.mktemp("rerank")
     table = image_collection(root, n=14)
-    ckpt = tiny_checkpoint_with_head_path()
+    ckpt = head_checkpoint
     run_embed(ckpt, table, root / "emb", batch_size=8, progress=False)
     built = CliRunner().invoke(search_cli(), ["index", "build", str(root / "emb"), str(root / "ix")])
     assert built.exit_code == 0, built.output
@@ -93,6 +92,26 @@ def test_lipkit_search_reranks_a_text_querys_first_hits(headed_collection):
         root, ckpt, "a red star", "-k", "8", "--rerank", "20"
     )
     assert [h["match"] for h in default] == sorted((h["match"] for h in default), reverse=True)
+
+
+def test_hits_whose_image_cannot_be_read_keep_their_places(headed_collection, tmp_path):
+    import copy
+
+    from lipkit.search.query import Searcher
+    from lipkit.search.rerank import rerank_hits
+
+    root, ckpt = headed_collection
+    s = Searcher(ckpt, root / "ix")
+    hits = s.search(s.text_query("a red star"), 8)
+    items = copy.deepcopy(s.index.items)
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    items[hits[1]["id"]] = {"path": str(tmp_path / "missing.png")}
+    items[hits[3]["id"]] = {"path": str(tmp_path / "bad.png")}
+    out = rerank_hits(s.model, s.tokenizer, items, "a red star", hits, top=5)
+    assert out[1] == hits[1] and out[3] == hits[3] and out[5:] == hits[5:]  # unreadable, or after the top 5
+    moved = [out[n] for n in (0, 2, 4)]
+    assert {h["id"] for h in moved} == {hits[n]["id"] for n in (0, 2, 4)}
+    assert [h["match"] for h in moved] == sorted((h["match"] for h in moved), reverse=True)
 
 
 def test_rerank_refusals_name_the_fix(headed_collection, tmp_path):
@@ -157,17 +176,21 @@ def test_a_head_trains_alone_on_a_frozen_checkpoint(table, tmp_path):
 
     base = tmp_path / "base"
     run_training(itm_cfg(table, base, objective="infonce"))
-    cfg = itm_cfg(
-        table,
-        tmp_path / "head",
-        lock_image="all",
-        lock_text="all",
-        objective_args={"contrastive_weight": 0.0},
-    )
-    cfg.model.init_from = str(base / "checkpoint")
-    run_training(cfg)
-    before = load_checkpoint(base / "checkpoint")[0].state_dict()
-    after = load_checkpoint(tmp_path / "head" / "checkpoint")[0].state_dict()
-    towers = [k for k in before if k.startswith(("visual.", "text."))]
-    assert towers and all(torch.equal(before[k], after[k]) for k in towers)
-    assert any(k.startswith("matcher.") for k in after)
+    heads = []
+    for epochs in (1, 2):  # the same seeded head, trained for more steps: it moved
+        cfg = itm_cfg(
+            table,
+            tmp_path / f"head{epochs}",
+            epochs=epochs,
+            lock_image="all",
+            lock_text="all",
+            objective_args={"contrastive_weight": 0.0},
+        )
+        cfg.model.init_from = str(base / "checkpoint")
+        run_training(cfg)
+        before = load_checkpoint(base / "checkpoint")[0].state_dict()
+        after = load_checkpoint(tmp_path / f"head{epochs}" / "checkpoint")[0].state_dict()
+        towers = [k for k in before if k.startswith(("visual.", "text."))]
+        assert towers and all(torch.equal(before[k], after[k]) for k in towers)
+        heads.append({k: v for k, v in after.items() if k.startswith("matcher.")})
+    assert heads[0] and any(not torch.equal(heads[0][k], heads[1][k]) for k in heads[0])

@@ -321,6 +321,7 @@ def validate(cfg: Config) -> None:
         (cfg.eval.caption_max_images >= 0, "eval.caption_max_images must be 0 (every image) or positive."),
         (1 <= cfg.eval.caption_beam <= 64, "eval.caption_beam must be between 1 (greedy) and 64."),
         (0 <= cfg.eval.rerank_top <= 1000, "eval.rerank_top must be between 0 (off) and 1000."),
+        (0 <= cfg.eval.caption_samples <= 64, "eval.caption_samples must be between 0 (off) and 64."),
         (
             cfg.eval.protocol in ("lipkit", "clip_benchmark"),
             "eval.protocol must be 'lipkit' or 'clip_benchmark'.",

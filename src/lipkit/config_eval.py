@@ -42,6 +42,9 @@ class EvalConfig:
     caption_beam: int = 3
     caption_langs: list[str] = field(default_factory=list)
     caption_scorer: str = ""
-    # checkpoints with an image–text matching head (itm) also re-rank each text query's top K images by it
-    # (retrieval/reranked/text_to_image/R@k); 0: off
+    # text-only decoders (capdec) also decode this many noised copies of each image embedding and keep the
+    # caption the towers match best (MacCap's sampling and CLIP re-ranking; eval.captioning); 0: off
+    caption_samples: int = 0
+    # checkpoints trained with the itm objective also re-rank each text query's top K images by their
+    # matching head (retrieval/reranked/text_to_image/R@k); 0: off
     rerank_top: int = 20

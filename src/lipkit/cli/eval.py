@@ -82,6 +82,14 @@ def caption(
     as_json: bool = typer.Option(
         False, "--json", help="One JSON object per image: path, caption, log_prob, tokens."
     ),
+    samples: int = typer.Option(
+        0,
+        "--samples",
+        min=0,
+        max=64,
+        help="Text-only decoders: also decode N noised copies of the image embedding and keep the caption the "
+        "towers match best with the image (MacCap's sampling and CLIP re-ranking).",
+    ),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
     """Caption images with a checkpoint's caption decoder, by beam search (deterministic: the same
@@ -95,7 +103,7 @@ def caption(
 
     model, tokenizer, _ = load_checkpoint(checkpoint)
     model = model.to(pick_device(device))
-    for row in caption_files(model, tokenizer, [str(p) for p in images], beam, max_tokens):
+    for row in caption_files(model, tokenizer, [str(p) for p in images], beam, max_tokens, samples):
         if as_json:
             print(json.dumps(row, ensure_ascii=False))
         else:

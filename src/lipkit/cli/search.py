@@ -169,17 +169,19 @@ def index_info(index: Path = typer.Argument(..., help="Index folder.")) -> None:
 
 
 def _print_hits(title: str, hits: list[dict]) -> None:
+    """The hits as a table; re-ranked hits (`--rerank`) also show the matching head's logit."""
     t = Table(title=title)
-    for col, just in (
-        ("#", "right"),
-        ("id", "right"),
-        ("score", "right"),
-        ("caption", "left"),
-        ("path", "left"),
-    ):
+    matched = any("match" in h for h in hits)
+    columns = [("#", "right"), ("id", "right"), ("score", "right")] + (
+        [("match", "right")] if matched else []
+    )
+    for col, just in columns + [("caption", "left"), ("path", "left")]:
         t.add_column(col, justify=just)  # type: ignore[arg-type]
     for r, h in enumerate(hits, 1):
-        t.add_row(str(r), str(h["id"]), f"{h['score']:.4f}", h.get("caption") or "", h.get("path") or "")
+        match = [f"{h['match']:.3f}" if "match" in h else ""] if matched else []
+        t.add_row(
+            str(r), str(h["id"]), f"{h['score']:.4f}", *match, h.get("caption") or "", h.get("path") or ""
+        )
     Console().print(t)
 
 

@@ -42,15 +42,27 @@ def references(record: Record, langs: Sequence[str]) -> list[str]:
 
 
 def generate(
-    model: DualEncoder, tokenizer: TextTokenizer, store: ImageStore, rows: Sequence[int], beam: int
+    model: DualEncoder,
+    tokenizer: TextTokenizer,
+    store: ImageStore,
+    rows: Sequence[int],
+    beam: int,
+    samples: int = 0,
 ) -> list[str]:
-    """Captions of the store's images `rows`, with a progress bar."""
+    """Captions of the store's images `rows`, with a progress bar (`samples`: eval.captioning's MacCap
+    candidates, for a text-only decoder trained with noise; ignored for any other)."""
+    text_only = (
+        model.spec.caption_input == "embedding" and float(getattr(model.captioner, "noise_std", 0)) > 0
+    )
+    samples = samples if text_only else 0
     out: list[str] = []
     with Progress(transient=True) as bar:
         task = bar.add_task("captioning images", total=len(rows))
         for s in range(0, len(rows), 16):
             chunk = list(rows[s : s + 16])
-            out += [c["caption"] for c in caption_images(model, tokenizer, store.get(chunk), beam)]
+            out += [
+                c["caption"] for c in caption_images(model, tokenizer, store.get(chunk), beam, 0, samples)
+            ]
             bar.advance(task, len(chunk))
     return out
 
@@ -91,7 +103,7 @@ def caption_split(
         )
         return []
     refs = [references(store.records[i], cfg.caption_langs) for i in rows]
-    captions = generate(model, tokenizer, store, rows, cfg.caption_beam)
+    captions = generate(model, tokenizer, store, rows, cfg.caption_beam, cfg.caption_samples)
     corpus, each = cider_d(captions, refs)
     metrics["captions/BLEU-4"] = 100 * bleu(captions, refs, smooth=True)
     metrics["captions/CIDEr-D"] = 100 * corpus

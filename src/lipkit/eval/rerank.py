@@ -8,7 +8,7 @@ Used by `lipkit eval` (retrieval/reranked/text_to_image/R@k) and by `lipkit sear
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -20,7 +20,6 @@ from lipkit.models.matching_head import trim_text
 from lipkit.text.tokenizer import TextTokenizer
 
 PAIRS_PER_CALL = 256  # (image, query) pairs fused per head call
-LIFT = 1e6  # added to a re-ranked score: above every dense score (cosines, late interaction ≤ 1)
 
 
 @torch.no_grad()
@@ -46,35 +45,32 @@ def shortlist(scores: torch.Tensor, top: int) -> torch.Tensor:
 
 def rerank_text_to_image(
     model: DualEncoder,
-    image_tokens: torch.Tensor,
+    image_tokens: Callable[[torch.Tensor], torch.Tensor],
     text_tokens: torch.Tensor,
     text_mask: torch.Tensor,
     scores: torch.Tensor,
     top: int,
 ) -> torch.Tensor:
-    """(N, T, D) image tokens, (Q, L, D) query tokens with (Q, L) mask, (Q, N) first-stage scores →
-    (Q, N) float64 scores whose ranking is the re-ranked one: each query's top `top` images score
-    LIFT + the head's logit, every other image its first-stage score."""
+    """`image_tokens(indices)`: those images' (n, T, D) tokens; (Q, L, D) query tokens with (Q, L) mask and
+    (Q, N) first-stage scores → (Q, N) float64 scores whose ranking is the re-ranked one: each query's top
+    `top` images score above every other image (by the head's logit, in its order), every other image its
+    first-stage score."""
     order = shortlist(scores, top)  # (Q, K)
     q, k = order.shape
     step = max(1, PAIRS_PER_CALL // max(1, k))  # queries per call: their K pairs each
-    logits = (
-        torch.cat(
-            [
-                match_scores(
-                    model,
-                    image_tokens[order[s : s + step].reshape(-1)],
-                    text_tokens[s : s + step].repeat_interleave(k, dim=0),
-                    text_mask[s : s + step].repeat_interleave(k, dim=0),
-                ).view(-1, k)
-                for s in range(0, q, step)
-            ]
-        )
-        if q
-        else torch.zeros(0, k)
-    )
+    parts = [
+        match_scores(
+            model,
+            image_tokens(order[s : s + step].reshape(-1)),
+            text_tokens[s : s + step].repeat_interleave(k, dim=0),
+            text_mask[s : s + step].repeat_interleave(k, dim=0),
+        ).view(-1, k)
+        for s in range(0, q, step)
+    ]
+    logits = torch.cat(parts).double() if parts else torch.zeros(0, k, dtype=torch.float64)
     out = scores.double().clone()
-    out.scatter_(1, order, LIFT + logits.double())
+    if logits.numel():  # lifted above the best first-stage score, whatever its range
+        out.scatter_(1, order, logits + (out.max() + 1 - logits.min()))
     return out
 
 
@@ -91,10 +87,21 @@ def rerank_metrics(
     chance: dict[str, float],
 ) -> None:
     """Text→image recall@k after re-ranking each query's top `top` of the (T, N) first-stage `scores` with
-    the matching head, as retrieval/reranked/text_to_image/R@k (chance: the first stage's)."""
-    img = token_similarity.image_tokens(model, store, batch_size)
-    tokens, mask = token_similarity.text_tokens(model, tokenizer, texts, batch_size)
-    ranked = rerank_text_to_image(model, img, tokens, mask, scores, top)
+    the matching head, as retrieval/reranked/text_to_image/R@k (chance: the first stage's). Only the images
+    on some shortlist are encoded again for their tokens."""
+    needed = shortlist(scores, top).unique()  # sorted
+    if not len(needed):
+        return
+    tokens = torch.cat(
+        [
+            token_similarity.image_token_batch(model, store.get(needed[s : s + batch_size].tolist()))
+            for s in range(0, len(needed), batch_size)
+        ]
+    )
+    row = torch.full((scores.shape[1],), -1, dtype=torch.long)
+    row[needed] = torch.arange(len(needed))
+    words, mask = token_similarity.text_tokens(model, tokenizer, texts, batch_size)
+    ranked = rerank_text_to_image(model, lambda idx: tokens[row[idx]], words, mask, scores, top)
     for k, v in recall_at_k(ranked, relevant).items():
         metrics[f"retrieval/reranked/text_to_image/{k}"] = v
         chance[f"retrieval/reranked/text_to_image/{k}"] = chance.get(f"retrieval/text_to_image/{k}", 0.0)

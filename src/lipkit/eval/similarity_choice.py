@@ -32,3 +32,9 @@ def resolve_tokens_kept(cfg: EvalConfig, objective: str | None, objective_args: 
     if cfg.image_tokens_kept or objective != "wukong":
         return cfg
     return replace(cfg, image_tokens_kept=int(objective_args.get("image_tokens_kept", DEFAULT_KEPT) or 0))
+
+
+def resolve_rerank(cfg: EvalConfig, objective: str | None) -> EvalConfig:
+    """`cfg` with eval.rerank_top kept for a model trained with the itm objective and 0 otherwise: a matching
+    head that a later run (another objective) did not train no longer matches its towers."""
+    return cfg if objective == "itm" else replace(cfg, rerank_top=0)

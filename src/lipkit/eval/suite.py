@@ -19,7 +19,7 @@ from lipkit.data.sources.registry import eval_labels, read_table
 from lipkit.device import use_bf16
 from lipkit.errors import UserError
 from lipkit.eval.evaluate import evaluate_records, fit_probes, image_style
-from lipkit.eval.similarity_choice import resolve_similarity, resolve_tokens_kept
+from lipkit.eval.similarity_choice import resolve_rerank, resolve_similarity, resolve_tokens_kept
 from lipkit.malloc import keep_freed_memory
 
 
@@ -43,6 +43,7 @@ def _run_eval(checkpoint: str | Path, splits: dict[str, str], cfg: Config, out: 
     trained = info.get("train", {})
     similarity = resolve_similarity(cfg.eval.similarity, trained.get("objective"))
     eval_cfg = resolve_tokens_kept(cfg.eval, trained.get("objective"), trained.get("objective_args") or {})
+    eval_cfg = resolve_rerank(eval_cfg, trained.get("objective"))
     results: dict[str, Any] = {
         "checkpoint": str(Path(checkpoint).resolve()),
         "model": {"preset": info.get("preset", "custom"), "params": model.num_params()},

@@ -52,6 +52,10 @@ class DualEncoder(nn.Module):
                     f"model caption_input must be tokens or embedding, not {spec.caption_input!r}."
                 )
             self.captioner = caption_decoder_of(spec)
+        if spec.match_layers < 0:
+            raise UserError(
+                f"model match_layers must be 0 (no matching head) or more, not {spec.match_layers}."
+            )
         if spec.match_layers:  # an image–text matching head over both towers' projected tokens
             self.matcher = matcher_of(spec)
 
@@ -199,6 +203,10 @@ def caption_decoder_of(spec: ModelSpec) -> CaptionDecoder:
 
 def matcher_of(spec: ModelSpec) -> MatchingHead:
     """The image–text matching head `spec` asks for, over the embedding space's token features."""
-    return MatchingHead(
-        spec.embed_dim, spec.match_width or spec.embed_dim, spec.match_layers, spec.match_heads
-    )
+    width = spec.match_width or spec.embed_dim
+    if spec.match_heads < 1 or width % spec.match_heads:
+        raise UserError(
+            f"The matching head's width {width} must divide into model match_heads={spec.match_heads} heads; "
+            "set model.overrides.match_heads (or match_width) so that it does."
+        )
+    return MatchingHead(spec.embed_dim, width, spec.match_layers, spec.match_heads)

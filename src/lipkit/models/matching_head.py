@@ -48,14 +48,14 @@ class MatchingHead(nn.Module):
         super().__init__()
         if layers < 1:
             raise ValueError(f"a matching head needs at least one layer, got {layers}")
-        self.cls = nn.Parameter(torch.zeros(1, 1, width))
+        self.cls_embedding = nn.Parameter(torch.zeros(1, 1, width))  # no weight decay (train.optim)
         self.text_in = nn.Linear(dim, width)
         self.image_in = nn.Linear(dim, width)
         self.type_embedding = nn.Parameter(torch.zeros(3, width))  # [CLS], caption, image
         self.blocks = nn.ModuleList(FusionBlock(width, heads) for _ in range(layers))
         self.ln_final = nn.LayerNorm(width)
         self.score = nn.Linear(width, 1)
-        nn.init.normal_(self.cls, std=0.02)
+        nn.init.normal_(self.cls_embedding, std=0.02)
         nn.init.normal_(self.type_embedding, std=0.02)
 
     def forward(
@@ -65,7 +65,9 @@ class MatchingHead(nn.Module):
         dtype = self.text_in.weight.dtype
         t = self.text_in(text_tokens.to(dtype)) + self.type_embedding[1]
         v = self.image_in(image_tokens.to(dtype)) + self.type_embedding[2]
-        x = torch.cat([(self.cls + self.type_embedding[0]).expand(p, 1, -1).to(t.dtype), t, v], dim=1)
+        x = torch.cat(
+            [(self.cls_embedding + self.type_embedding[0]).expand(p, 1, -1).to(t.dtype), t, v], dim=1
+        )
         real = torch.cat([text_mask.new_ones(p, 1), text_mask.bool(), text_mask.new_ones(p, n)], dim=1).bool()
         for block in self.blocks:
             x = block(x, ~real)

@@ -30,8 +30,9 @@ def ipot_plan(
     iterations: int = 50,
     inner: int = 1,
 ) -> torch.Tensor:
-    """(P, M, N) costs and the (P, M) / (P, N) real rows and columns → (P, M, N) transport plans with row sums
-    1/|rows| and column sums 1/|cols| (zero on padding)."""
+    """(P, M, N) costs and the (P, M) / (P, N) real rows and columns → (P, M, N) transport plans, zero on
+    padding, with row sums 1/|rows| (the last scaling's, exact) and column sums → 1/|cols| as the
+    iterations grow."""
     real = rows[:, :, None] & cols[:, None, :]
     a = rows.to(cost.dtype) / rows.sum(1, keepdim=True).clamp(min=1)
     b = cols.to(cost.dtype) / cols.sum(1, keepdim=True).clamp(min=1)

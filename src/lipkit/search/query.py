@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from lipkit.data.image_policy import MAX_PIXELS
 from lipkit.data.images import classify_failure, load_image, open_image
 from lipkit.data.transforms import normalize
 from lipkit.device import pick_device
@@ -157,7 +158,8 @@ class Searcher:
         self.model, self.tokenizer, self.config = load_checkpoint(checkpoint)
         prepare_for_inference(self.model.to(pick_device(device)), self.precision)
         self.index = load_index(index_path)
-        self.rerank_top = resolve_rerank(rerank, self.model, checkpoint)
+        objective = (self.config.get("train") or {}).get("objective")
+        self.rerank_top = resolve_rerank(rerank, self.model, checkpoint, objective)
         self.size = int(self.model.spec.image_size)
         self.dim = int(self.model.spec.embed_dim)
         if self.index.kind != "sparse" and self.index.dim != self.dim:
@@ -269,12 +271,15 @@ class Searcher:
                 f"Image '{p}' cannot be decoded ({e}); pass a PNG, JPEG, WebP, GIF or BMP file."
             ) from e
 
-    def rerank(self, text: str, hits: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def rerank(
+        self, text: str, hits: list[dict[str, Any]], max_pixels: int = MAX_PIXELS
+    ) -> list[dict[str, Any]]:
         """A text query's hits, the first `rerank_top` re-ordered by the matching head (search.rerank)."""
         if not self.rerank_top:
             return hits
         with inference_precision(self.model, self.precision):
-            return rerank_hits(self.model, self.tokenizer, self.index.items, text, hits, self.rerank_top)
+            items = self.index.items
+            return rerank_hits(self.model, self.tokenizer, items, text, hits, self.rerank_top, max_pixels)
 
     def search(self, query: np.ndarray, k: int, **params: Any) -> list[dict[str, Any]]:
         scores, ids = self.index.search(query, k, **params)

@@ -148,7 +148,7 @@ class SearchState:
         s = self.searcher
         hits = await self.search(await self.text_vector(text), max(k, s.rerank_top))
         if s.rerank_top:
-            hits = await run_in_threadpool(s.rerank, text, hits)
+            hits = await run_in_threadpool(s.rerank, text, hits, self.limits.max_pixels)
         return hits[:k]
 
     async def search(self, vector: np.ndarray, k: int) -> list[dict[str, Any]]:
@@ -211,6 +211,7 @@ def health(request: Request) -> dict[str, Any]:
             "batching": st.batcher is not None,
             **({} if st.batcher is None else dataclasses.asdict(st.batcher.settings)),
             "auth": st.auth_required,
+            "rerank": s.rerank_top,  # text queries' hits re-ordered by the matching head (0: off)
         },
     }
 
