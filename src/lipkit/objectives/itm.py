@@ -116,7 +116,7 @@ class ImageTextMatching(nn.Module):
             or not 0 < head_lr_scale <= 10
         ):
             raise ValueError(f"head_lr_scale must be a number in (0, 10], got {head_lr_scale!r}")
-        self.negatives = negatives
+        self.negatives, self.head_lr_scale = negatives, float(head_lr_scale)
         self.lr_scales = {"matcher.": float(head_lr_scale)}  # train.optim: the head's parameter group
         weights = {
             "match_weight": match_weight,
