@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from lipkit.errors import UserError
+from lipkit.eval.embedding import embed_texts
 from lipkit.eval.token_similarity import pooled_and_tokens
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.text.tokenizer import TextTokenizer
@@ -126,7 +127,8 @@ def _most_similar(
     """The index of the candidate caption whose text embedding is most similar to the image's (the first on
     ties: the caption of the image embedding itself)."""
     texts = [tokenizer.decode(ids) for ids, _ in found]
-    feats = model.encode_text(tokenizer(texts).to(model.device)).float().cpu()
+    with torch.no_grad():
+        feats = embed_texts(model, tokenizer, texts, len(texts))
     return int((feats @ embedding.float()).argmax())
 
 

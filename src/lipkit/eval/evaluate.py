@@ -141,8 +141,18 @@ def evaluate_records(
         texts = _RetrievalTexts.of(records, cfg.retrieval_caption, cfg.protocol == "clip_benchmark")
         sims = _retrieve(model, tokenizer, cfg.batch_size, images, texts, metrics, chance)
         if getattr(model, "has_matcher", False) and cfg.rerank_top:  # ONNX models: none
-            rerank_metrics(model, tokenizer, store, texts.texts, texts.relevant, sims, cfg.rerank_top,
-                           cfg.batch_size, metrics, chance)  # fmt: skip
+            rerank_metrics(
+                model,
+                tokenizer,
+                store,
+                texts.texts,
+                texts.relevant,
+                sims,
+                cfg.rerank_top,
+                cfg.batch_size,
+                metrics,
+                chance,
+            )
         if cfg.group_by:
             _retrieve_per_group(model, tokenizer, cfg, records, images, metrics, chance, split)
         result["n_texts"] = len(texts.texts)
