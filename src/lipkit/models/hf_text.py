@@ -149,6 +149,12 @@ class HFTextTower(nn.Module):
             self._cache.update(fresh)
         return torch.stack([self._cache.get(k, fresh.get(k)) for k in keys]).to(ids.device)
 
+    def word_embeddings(self) -> torch.Tensor:
+        """The encoder's input word-embedding table (vocab, hidden), whole and without gradient (a sharded
+        table under FSDP is gathered: LexLIP's bottleneck stage reads it outside the tower's forward)."""
+        weight = self.encoder.get_input_embeddings().weight.detach()
+        return weight.full_tensor() if hasattr(weight, "full_tensor") else weight
+
     def forward(self, ids: torch.Tensor, return_tokens: bool = False):
         if self.locked and not return_tokens:
             pooled = self._pooled_cached(ids)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from lipkit.models.dual_encoder import DualEncoder
@@ -57,6 +57,13 @@ def shard_model(model: DualEncoder) -> None:
             if _trainable(block):
                 _shard(block)
         _shard(unit)
+    if (
+        model.has_lexicon
+    ):  # LexLIP's masked stage calls these directly: they gather the weights as forward does
+        for head in (model.image_lexicon, model.text_lexicon):
+            if _trainable(head):
+                register_fsdp_forward_method(head, "token_logits")
+                register_fsdp_forward_method(head, "pooled_logits")
 
 
 def is_sharded(p: torch.Tensor) -> bool:

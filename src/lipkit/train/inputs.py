@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from lipkit.errors import UserError
 from lipkit.models.dual_encoder import DualEncoder
+from lipkit.models.matching_head import trim_text
 from lipkit.train.batch_pass import BatchPass, caption_keys, sample_ids
 from lipkit.train.views import Views
 
@@ -110,13 +111,17 @@ INPUTS: dict[str, Input] = {
     "image_lexicon": Input(
         lambda p: p.model.image_lexicon(p.image[1]), "grad", "chunk", tokens="image", requires="lexicon"
     ),
-    "text_lexicon": Input(
-        lambda p: p.model.text_lexicon(p.text[1], p.text_mask),
+    "text_lexicon": Input(  # padding columns after the longest caption dropped first: exact, ~2.5× less work
+        lambda p: p.model.text_lexicon(*trim_text(p.text[1], p.text_mask)),
         "grad",
         "chunk",
         tokens="text",
         requires="lexicon",
     ),
+    # the first captions' token ids, and the model itself: LexLIP's masked stage (objectives.lexicon_bottleneck)
+    # re-encodes masked copies of the global batch's captions on every rank and reads the heads' raw logits
+    "text_ids": Input(lambda p: p.text_ids[p.first], "plain", "batch"),
+    "lexicon_model": Input(lambda p: p.model, None, None, requires="lexicon"),
     # the frozen teacher (train.teacher; CLIP-Refine's starting model): no gradient, so gathered plainly and
     # computed once
     "teacher_image_features": Input(lambda p: p.frozen[0], "plain", "batch", requires="teacher"),

@@ -314,6 +314,8 @@ def _build_model(
     model.lock("text", t.lock_text)
     model.lock("image", t.lock_image)
     prepare_text_only(model, objective, tokenizer, data, cfg, resume)  # capdec: locks, noise σ
+    if hasattr(objective, "bind_tokenizer"):  # LexLIP's masked stage: [MASK], special and word pieces
+        objective.bind_tokenizer(tokenizer)
     if hasattr(model.visual, "frozen_bn_stats"):  # a timm trunk: BatchNorm statistics (train.freeze_bn_stats)
         model.visual.frozen_bn_stats = t.freeze_bn_stats
         model.train(model.training)
