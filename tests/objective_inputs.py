@@ -68,7 +68,7 @@ def _makers(b: int, d: int) -> dict[str, Callable[[], torch.Tensor]]:
         # a small image–text matching head over d-wide tokens (objectives.itm)
         "match_head": lambda: _match_head(d),
         # LexLIP's masked stage: a tiny BERT-style model over MiniLM's vocabulary, and b of its token-id rows
-        "lexicon_model": lambda: _lexicon_model(d),
+        "model": lambda: _lexicon_model(d),
         "text_ids": lambda: _minilm_tokenizer()(CAPTIONS[:b]),
         # 3 concept slots a caption: image i's first i % 3 + 1 valid, the last caption without any
         "concept_features": lambda: _unit(b, 3, d, seed=145),
@@ -130,9 +130,9 @@ def _lexicon_model(d: int) -> nn.Module:
 def bind_for_inputs(objective: nn.Module, inputs: dict) -> None:
     """Bind an objective that reads the model itself (LexLIP's masked stage) to the made model, as the
     trainer does before the first step."""
-    if "lexicon_model" in inputs and hasattr(objective, "bind_tokenizer"):
+    if "model" in inputs and hasattr(objective, "bind_tokenizer"):
         objective.bind_tokenizer(_minilm_tokenizer())
-        objective.bind_model(inputs["lexicon_model"])
+        objective.bind_model(inputs["model"])
         objective.double()
 
 

@@ -307,6 +307,13 @@ DISTILL = {
     "steps": 3,
 }
 ITM_OT = {"objective": "itm", "objective_args": {"ot_weight": 0.1}, "steps": 3}
+ITM_MLM = {
+    "demo": True,
+    "per_image": 3,
+    "steps": 3,
+    "objective": "itm",
+    "objective_args": {"mlm_weight": 1.0},
+}
 # LexLIP's masked stage for 2 steps then its contrastive stage, on the demo's towers (a bidirectional MiniLM)
 LEXLIP_STAGES = {
     "demo": True,
@@ -387,6 +394,8 @@ CASES: dict[str, tuple[dict, dict]] = {
     "lexlip-two-stages": (LEXLIP_STAGES, LEXLIP_STAGES),
     # under FSDP, where the sharded lexicon heads' raw logits are read outside their forward
     "lexlip-two-stages-fsdp": ({**LEXLIP_STAGES, "strategy": "fsdp"}, LEXLIP_STAGES),
+    # UNITER's MLM through the matching head, on the demo's towers: the same masks on every rank
+    "itm-mlm": (ITM_MLM, ITM_MLM),
     "distill-all-terms-grad-cache": ({**DISTILL, "grad_cache_chunk": 3}, DISTILL),
     # growth after the first step (width ×2 and a block per tower): the grown model, its rebuilt DDP
     # buckets and its carried moments agree on both ranks with one process

@@ -2,8 +2,6 @@
 the three losses against a per-caption loop (values and gradients, float64), the switch to the contrastive
 stage, the refusals, and a real run with the stage (through `lipkit train`'s code path)."""
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +12,7 @@ from lipkit.models.hf_text import resolve_pretrained
 from lipkit.models.lexicon_head import LexiconHead
 from lipkit.models.presets import get_spec
 from lipkit.objectives import build_objective
-from lipkit.objectives.lexicon_bottleneck import mask_seed, mask_words, words_of
+from lipkit.objectives.word_masking import mask_seed, mask_words, words_of
 from lipkit.text.tokenizer import TextTokenizer
 
 pytest.importorskip("transformers", reason="needs transformers (a lipkit dependency)")
@@ -85,7 +83,7 @@ def test_pooled_logits_give_the_per_token_pooled_weights():
 
 def test_whole_word_masking(tok):
     objective = bound(tok, tiny_model(tok))
-    stage = objective.bottleneck
+    stage = objective.bottleneck.masker
     ids = tok(CAPTIONS)
     counts = torch.zeros(3)
     for step in range(60):
@@ -115,13 +113,15 @@ def test_whole_word_masking(tok):
 
 
 def naive_losses(stage, model, image_tokens, ids, step):
-    """The three losses caption by caption: each caption's masked copies (the same draws) through the
-    tower alone (no batch, no trimming), per-token cross-entropies summed, divided by the token counts."""
+    """The three losses caption by caption: each caption's masked copies (the same draws, on the ids cut to
+    the batch's longest caption as the batch's are) through the tower alone, per-token cross-entropies
+    summed, divided by the token counts."""
     real = ids != model.spec.pad_id
     n = int(real.any(0).nonzero().max()) + 1
     gen = torch.Generator().manual_seed(mask_seed(ids[:, :n], step))
-    enc, enc_y = mask_words(ids[:, :n], 0.3, gen, stage.special, stage.continuation, stage.mask_id)
-    dec, dec_y = mask_words(ids[:, :n], 0.5, gen, stage.special, stage.continuation, stage.mask_id)
+    m = stage.masker
+    enc, enc_y = mask_words(ids[:, :n], 0.3, gen, m.special, m.continuation, m.mask_id)
+    dec, dec_y = mask_words(ids[:, :n], 0.5, gen, m.special, m.continuation, m.mask_id)
     words = model.text.encoder.get_input_embeddings().weight.detach()
     sums, counts = {"self": 0.0, "i2t": 0.0, "t2t": 0.0}, {"self": 0, "dec": 0}
     for b in range(ids.shape[0]):
@@ -185,7 +185,7 @@ def test_the_stage_runs_first_then_the_contrastive_one(tok):
         "text_lexicon": model.text_lexicon(text_tokens, ids != tok.pad_id),
         "image_features": model.encode_image(images),
         "text_features": model.encode_text(ids),
-        "lexicon_model": model,
+        "model": model,
         "text_ids": ids,
         "image_tokens": image_tokens,
     }
@@ -225,5 +225,16 @@ def test_refusals_name_the_fix(tok):
         build_objective("lexlip", bottleneck_steps=-1)
     with pytest.raises(UserError, match="encoder_mask must be"):
         build_objective("lexlip", bottleneck_steps=1, encoder_mask=1.5)
+    with pytest.raises(UserError, match="decoder_mask must be"):
+        build_objective("lexlip", decoder_mask=0.0)  # checked without the stage too
     assert build_objective("lexlip").inputs == build_objective("lexlip", bottleneck_steps=0).inputs
-    assert json.dumps(BERT)  # the tiny tower is plain data
+
+
+def test_a_batch_without_a_word_to_mask_adds_nothing():
+    """Captions of special tokens only have no word to mask: the term is 0 (with a graph), not NaN."""
+    from lipkit.objectives.word_masking import masked_word_loss
+
+    logits = torch.randn(0, 7, requires_grad=True)
+    loss = masked_word_loss(logits, torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0.0 and logits.grad is not None

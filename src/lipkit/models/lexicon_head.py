@@ -38,7 +38,11 @@ class LexiconHead(nn.Module):
         """max_k (W h_k + b): the raw vocabulary logits max-pooled over the tokens that count, (B, V) —
         LexLIP's bottleneck stage reads their softmax (objectives.lexicon_bottleneck). `mask` (B, N): true
         (or non-zero) for tokens that count; None counts every token."""
-        logits = self.proj(tokens)  # (B, N, V); not token_logits, which FSDP hooks on its own
+        return self._pooled(tokens, mask)
+
+    def _pooled(self, tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """pooled_logits without FSDP's hooks (forward has them already; train.fsdp hooks the public one)."""
+        logits = self.proj(tokens)  # (B, N, V)
         if mask is not None:
             logits = logits.masked_fill(~mask.bool()[..., None], float("-inf"))
         # max with indices, not amax: its backward scatters into the argmax positions (amax's compares every
@@ -49,7 +53,7 @@ class LexiconHead(nn.Module):
         """w_v = log(1 + relu(max_k (W h_k + b)_v)): the max of the raw logits taken first, which gives the
         same weights as pooling log(1 + relu(·)) of each token (both maps are non-decreasing) on a (B, V)
         tensor instead of (B, N, V). A row whose tokens all fail `mask` gets zeros."""
-        return torch.log1p(torch.relu(self.pooled_logits(tokens, mask)))
+        return torch.log1p(torch.relu(self._pooled(tokens, mask)))
 
 
 def nonzero_terms(weights: torch.Tensor) -> torch.Tensor:

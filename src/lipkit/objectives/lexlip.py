@@ -88,11 +88,12 @@ class LexiconContrast(nn.Module):
         self.inputs = ("image_lexicon", "text_lexicon", "logit_scale") + (
             ("image_features", "text_features") if dense_weight else ()
         )
-        self.bottleneck = (
-            LexiconBottleneck(encoder_mask, decoder_mask, decoder_layers) if bottleneck_steps else None
-        )
+        stage = LexiconBottleneck(
+            encoder_mask, decoder_mask, decoder_layers
+        )  # its options checked either way
+        self.bottleneck = stage if bottleneck_steps else None
         if bottleneck_steps:
-            self.inputs += ("lexicon_model", "text_ids", "image_tokens")
+            self.inputs += ("model", "text_ids", "image_tokens")
         self.infonce = InfoNCE()
         self.register_buffer("steps_seen", torch.zeros((), dtype=torch.long))
         self.last_stats: dict[str, torch.Tensor] = {}
@@ -123,14 +124,14 @@ class LexiconContrast(nn.Module):
         text_lexicon: torch.Tensor,
         image_features: torch.Tensor | None = None,
         text_features: torch.Tensor | None = None,
-        lexicon_model: nn.Module | None = None,
+        model: nn.Module | None = None,
         text_ids: torch.Tensor | None = None,
         image_tokens: torch.Tensor | None = None,
         **_: object,
     ) -> torch.Tensor:
         if self.bottleneck is not None and self.in_bottleneck_stage():
-            assert lexicon_model is not None and text_ids is not None and image_tokens is not None
-            loss = self.bottleneck(lexicon_model, image_tokens, text_ids, int(self.steps_seen))
+            assert model is not None and text_ids is not None and image_tokens is not None
+            loss = self.bottleneck(model, image_tokens, text_ids, int(self.steps_seen))
             if torch.is_grad_enabled():
                 self.steps_seen += 1
                 self.last_stats = dict(self.bottleneck.last_stats)

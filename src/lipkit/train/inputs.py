@@ -118,10 +118,11 @@ INPUTS: dict[str, Input] = {
         tokens="text",
         requires="lexicon",
     ),
-    # the first captions' token ids, and the model itself: LexLIP's masked stage (objectives.lexicon_bottleneck)
-    # re-encodes masked copies of the global batch's captions on every rank and reads the heads' raw logits
+    # the first captions' token ids, and the model itself: the masked-language objectives (LexLIP's stage,
+    # objectives.lexicon_bottleneck; UNITER's MLM in objectives.itm) re-encode masked copies of the global
+    # batch's captions on every rank and read its heads; the same module everywhere, not gathered or cached
     "text_ids": Input(lambda p: p.text_ids[p.first], "plain", "batch"),
-    "lexicon_model": Input(lambda p: p.model, None, None, requires="lexicon"),
+    "model": Input(lambda p: p.model, None, None),
     # the frozen teacher (train.teacher; CLIP-Refine's starting model): no gradient, so gathered plainly and
     # computed once
     "teacher_image_features": Input(lambda p: p.frozen[0], "plain", "batch", requires="teacher"),

@@ -330,7 +330,14 @@ def _build_model(
 def _resume(trainer: Trainer, batches: Any, resume: Path, run_dir: Path) -> None:
     """The loop state, the data stream position and skip counts; the log cut back to the checkpoint."""
     state = load_training_state(resume)
-    trainer.load_training_state(state)
+    try:
+        trainer.load_training_state(state)
+    except (ValueError, RuntimeError, KeyError) as e:  # optimizer groups or objective state of other settings
+        raise UserError(
+            f"The training state in {resume} does not fit this run's model and objective (a setting such as "
+            "train.objective_args changed since it was saved); resume with the settings it was saved with, or "
+            "start a new run (another train.output)."
+        ) from e
     batches.load_state(state[1].get("data"))  # the stream position (shards) and skip counts
     trainer.last_checkpoint = resume
     _truncate_metrics(run_dir / "metrics.jsonl", trainer.step_count)
