@@ -7,7 +7,8 @@
 
 Arm "head": configs/methods/itm.yaml on runs/demo/checkpoint with both towers locked and the contrastive
 weight 0 — a 2-layer fusion head learning the demo's training pairs against negatives drawn from each
-batch by similarity (ALBEF) for --head-steps steps; the towers, so the dense ranking, are the demo's own. Arm "joint":
+batch by similarity (ALBEF) for --head-steps steps; the towers, so the dense ranking, are the demo's own. Arm
+"head-mlm": the same with UNITER's masked language modelling through the head (mlm_weight 1). Arm "joint":
 configs/demo.yaml under configs/methods/itm.yaml from the start (the head beside InfoNCE) for --steps
 steps. Each is evaluated by `lipkit eval` on test-style (eval.rerank_top = 20): text→image R@1/R@5 of the
 dense ranking and of the re-ranked one (both from the same checkpoint).
@@ -107,17 +108,23 @@ def query_cost(checkpoint: Path, work: Path, n_queries: int) -> dict[str, float]
     return {"dense ms": 1000 * dense / len(queries), "re-rank ms": 1000 * rerank / len(queries)}
 
 
-def run_head(seed: int, args) -> list[dict]:
-    out = args.runs / f"head-s{seed}"
+def run_head(seed: int, args, name: str = "head", more: tuple[str, ...] = ()) -> list[dict]:
+    out = args.runs / f"{name}-s{seed}"
     extra = [
         f"model.init_from={args.base}",
         "train.lock_image=all",
         "train.lock_text=all",
         "train.objective_args.contrastive_weight=0",
+        *more,
     ]
-    row = {"row": "head", **train_and_eval(out, seed, args.head_steps, args, extra)}
+    row = {"row": name, **train_and_eval(out, seed, args.head_steps, args, extra)}
     row["cost"] = query_cost(out / "checkpoint", out / "search", args.queries)
     return [row]
+
+
+def run_head_mlm(seed: int, args) -> list[dict]:
+    """The "head" arm with UNITER's masked language modelling through the head beside matching."""
+    return run_head(seed, args, "head-mlm", ("train.objective_args.mlm_weight=1",))
 
 
 def run_joint(seed: int, args) -> list[dict]:
@@ -127,7 +134,7 @@ def run_joint(seed: int, args) -> list[dict]:
 def table(runs: list[dict]) -> str:
     head = "| arm | seeds | steps | " + " | ".join(METRICS) + " | dense ms/query | + re-rank ms/query |"
     lines = [head, "|---" * (5 + len(METRICS)) + "|"]
-    for name in ("head", "joint"):
+    for name in ("head", "head-mlm", "joint"):
         rows = [r for r in runs if r["row"] == name]
         if not rows:
             continue
@@ -143,7 +150,7 @@ def table(runs: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0")
-    ap.add_argument("--groups", default="head,joint")
+    ap.add_argument("--groups", default="head,joint", help="of head, head-mlm, joint")
     ap.add_argument("--head-steps", type=int, default=200, help="steps of the head on the locked demo towers")
     ap.add_argument("--steps", type=int, default=150, help="steps of the joint run")
     ap.add_argument("--batch", type=int, default=256)
@@ -165,7 +172,7 @@ def main() -> None:
         for group in args.groups.split(","):
             if any(r["seed"] == seed and r["row"] == group for r in saved):
                 continue
-            saved += {"head": run_head, "joint": run_joint}[group](seed, args)
+            saved += {"head": run_head, "head-mlm": run_head_mlm, "joint": run_joint}[group](seed, args)
             raw.write_text(json.dumps(saved, indent=2, ensure_ascii=False))
             args.out.write_text(table(saved) + "\n")
             print(table(saved), flush=True)

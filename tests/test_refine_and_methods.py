@@ -72,9 +72,11 @@ def test_method_preset_objective_builds_with_its_args_and_trains(path):
     inputs = objective_inputs(objective)
     leaves = [x for x in inputs.values() if torch.is_tensor(x) and x.requires_grad]  # itm's head is a module
     assert leaves
-    # a staged objective (LexLIP: masked-language steps, then contrastive ones) reads some inputs only in a
-    # later stage: steps until its last stage, the gradients accumulated
-    for _ in range(getattr(objective, "bottleneck_steps", 0) + 1):
+    # a staged objective (LexLIP: masked-language steps, then contrastive ones) reads some inputs only in its
+    # later stage: a step of each stage (its step count moved to the switch), the gradients accumulated
+    for stage in range(2 if getattr(objective, "bottleneck_steps", 0) else 1):
+        if stage:
+            objective.steps_seen.fill_(objective.bottleneck_steps)
         loss = objective(**inputs)
         assert loss.ndim == 0 and torch.isfinite(loss)
         loss.backward()
