@@ -52,26 +52,28 @@ def mask_words(
     caption of special tokens only has none); each chosen token becomes [MASK] (80 %), a random vocabulary
     token (10 %) or stays (10 %)."""
     rows = ids.detach().cpu()
-    masked, labels = rows.clone(), torch.full_like(rows, -100)
-    is_special, continues = special.tolist(), continuation.tolist()  # list lookups: ~10× faster than tensors
+    priority = torch.rand(rows.shape, generator=gen).tolist()  # a word's draw: its first token's
+    draw = torch.rand(rows.shape, generator=gen)  # [MASK] / random / kept, per token
+    swap = torch.randint(len(special), rows.shape, generator=gen)  # the random replacements
+    is_special, continues = special.tolist(), continuation.tolist()  # list lookups: faster than tensors
+    chosen = [[False] * rows.shape[1] for _ in range(rows.shape[0])]
     for b, row in enumerate(rows.tolist()):
         words = words_of(row, is_special, continues)
         if not words:
             continue
         target = max(1, round(sum(len(w) for w in words) * rate))
-        chosen: list[int] = []
-        for w in torch.randperm(len(words), generator=gen).tolist():
-            if len(chosen) + len(words[w]) <= target:
-                chosen += words[w]
-            if len(chosen) >= target:
+        picked: list[int] = []
+        for word in sorted(words, key=lambda w: priority[b][w[0]]):  # the words in a random order
+            if len(picked) + len(word) <= target:
+                picked += word
+            if len(picked) >= target:
                 break
-        if not chosen:  # every word longer than the target: the shortest one
-            chosen = min(words, key=len)
-        pos = torch.tensor(chosen)
-        labels[b, pos] = rows[b, pos]
-        draw = torch.rand(len(chosen), generator=gen)
-        swap = torch.randint(len(special), (len(chosen),), generator=gen)
-        masked[b, pos] = torch.where(draw < 0.8, mask_id, torch.where(draw < 0.9, swap, rows[b, pos]))
+        for pos in picked or min(words, key=len):  # every word longer than the target: the shortest one
+            chosen[b][pos] = True
+    picks = torch.tensor(chosen, dtype=torch.bool)
+    replaced = torch.where(draw < 0.8, mask_id, torch.where(draw < 0.9, swap, rows))
+    masked = torch.where(picks, replaced, rows)
+    labels = torch.where(picks, rows, torch.full_like(rows, -100))
     return masked.to(ids.device), labels.to(ids.device)
 
 
