@@ -57,9 +57,8 @@ def shard_model(model: DualEncoder) -> None:
             if _trainable(block):
                 _shard(block)
         _shard(unit)
-    if (
-        model.has_lexicon
-    ):  # LexLIP's masked stage calls these directly: they gather the weights as forward does
+    # LexLIP's masked stage calls these directly: they gather the weights as forward does
+    if model.has_lexicon:
         for head in (model.image_lexicon, model.text_lexicon):
             if _trainable(head):
                 register_fsdp_forward_method(head, "token_logits")
