@@ -192,6 +192,8 @@ def test_the_stage_runs_first_then_the_contrastive_one(tok):
     first = objective(**inputs)
     assert first.item() == pytest.approx(objective.bottleneck(model, image_tokens, ids, 0).item())
     assert set(objective.last_stats) >= {"lexicon/mlm_self", "lexicon/mlm_i2t", "lexicon/mlm_t2t"}
+    for side in ("text", "image"):  # fresh heads: nearly uniform bags of words (entropy ≈ ln V)
+        assert 0.9 < objective.last_stats[f"lexicon/{side}_bottleneck_entropy"] <= 1.0
     objective(**inputs)
     assert not objective.in_bottleneck_stage() and objective.flops_factor() == 0.0  # its warm-up starts now
     plain = build_objective("lexlip", flops_warmup=4)

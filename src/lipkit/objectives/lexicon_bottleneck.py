@@ -34,6 +34,7 @@ gathered): exact against one process, redundant on many ranks; no local form yet
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -151,8 +152,9 @@ class LexiconBottleneck(nn.Module):
         head = model.text_lexicon
         enc_chosen, dec_chosen = enc_labels >= 0, dec_labels >= 0
         self_logits = _fp32(head.token_logits(tokens[enc_chosen]))
-        text_b = torch.softmax(_fp32(head.pooled_logits(tokens, real)), -1) @ _fp32(words)
-        image_b = torch.softmax(_fp32(model.image_lexicon.pooled_logits(image_tokens)), -1) @ _fp32(words)
+        text_a = torch.softmax(_fp32(head.pooled_logits(tokens, real)), -1)
+        image_a = torch.softmax(_fp32(model.image_lexicon.pooled_logits(image_tokens)), -1)
+        text_b, image_b = text_a @ _fp32(words), image_a @ _fp32(words)
         i2t = _fp32(self.decoder(image_b, dec_ids, real, words, dec_chosen))
         t2t = _fp32(self.decoder(text_b, dec_ids, real, words, dec_chosen))
         losses = {
@@ -165,4 +167,8 @@ class LexiconBottleneck(nn.Module):
             self.last_stats["lexicon/mlm_i2t_accuracy"] = (
                 (i2t.argmax(1) == dec_labels[dec_chosen]).float().mean()
             )
+            # how much the bottlenecks can say: the mean entropy of a_t and a_i over ln V (1: uniform, nothing)
+            for side, a in (("text", text_a), ("image", image_a)):
+                entropy = -(a * a.clamp(min=1e-30).log()).sum(-1).mean() / math.log(a.shape[-1])
+                self.last_stats[f"lexicon/{side}_bottleneck_entropy"] = entropy.detach()
         return losses["self"] + losses["i2t"] + losses["t2t"]
