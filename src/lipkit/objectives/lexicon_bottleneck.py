@@ -164,8 +164,9 @@ class LexiconBottleneck(nn.Module):
         }
         if torch.is_grad_enabled():
             self.last_stats = {f"lexicon/mlm_{k}": v.detach() for k, v in losses.items()}
+            hits = i2t.argmax(1) == dec_labels[dec_chosen]  # none masked (special tokens only): 0, not NaN
             self.last_stats["lexicon/mlm_i2t_accuracy"] = (
-                (i2t.argmax(1) == dec_labels[dec_chosen]).float().mean()
+                hits.float().mean() if len(hits) else i2t.new_zeros(())
             )
             # how much the bottlenecks can say: the mean entropy of a_t and a_i over ln V (1: uniform, nothing)
             for side, a in (("text", text_a), ("image", image_a)):
