@@ -247,3 +247,20 @@ def test_a_run_saved_before_the_groupnorm_stem_resumes_with_its_batch_norm(table
     _, result = run_training(config_from_dict(again))
     final = ckpt.load_checkpoint(tmp_path / "run" / "checkpoint")[0]
     assert result.steps > 0 and final.spec.stem_norm == "batch"
+
+
+def test_resuming_with_other_objective_settings_is_one_sentence(table, tmp_path):
+    """A training state whose optimizer groups or objective state do not fit the run (here an objective with
+    parameters of its own, SimSiam's predictor, resumed from a plain InfoNCE run) is refused in one sentence."""
+    out = tmp_path / "run"
+    run_training(config_from_dict(config(table, out, epochs=1)))
+    other = config(
+        table,
+        out,
+        epochs=2,
+        resume="auto",
+        objective="improved_baselines",
+        objective_args={"image_ssl": "simsiam"},
+    )
+    with pytest.raises(UserError, match="does not fit this run's model and objective"):
+        run_training(config_from_dict(other))
