@@ -49,7 +49,8 @@ def make_trainer(tmp: Path, rank: int, world: int, per_image: int = 1, **train) 
     lexicon = tok.vocab_size if requires(needs, "lexicon") else 0
     bias = requires(needs, "bias")
     text_only = requires(needs, "text_captioner")  # a decoder on noised text embeddings (capdec)
-    caption = 2 if requires(needs, "captioner") or text_only else 0  # CoCa's decoder
+    prefix = requires(needs, "prefix_captioner")  # a language model reading soft prompts (text_lm, connector)
+    caption = 2 if requires(needs, "captioner") or text_only or prefix else 0  # CoCa's decoder
     spec = get_spec(
         "tiny",
         **SPEC,
@@ -58,7 +59,7 @@ def make_trainer(tmp: Path, rank: int, world: int, per_image: int = 1, **train) 
         lexicon_vocab=lexicon,
         logit_bias=bias,
         caption_layers=caption,
-        caption_input="embedding" if text_only else "tokens",
+        caption_input="embedding" if text_only else "prefix" if prefix else "tokens",
         match_layers=1 if requires(needs, "matcher") else 0,  # the itm objective's fusion head
     )
     model = DualEncoder(spec)
@@ -186,7 +187,9 @@ def one_step(
             grow_trainer(trainer, trainer.growth[i + 1], i + 1)
     model = trainer.model
     if cfg.strategy == "fsdp" and world > 1:  # each rank really holds about half of the trained weights
-        trained = [p for p in model.parameters() if p.requires_grad]  # (a locked tower stays replicated)
+        # (a locked tower stays replicated, and so do the heads that are not FSDP units: decoder, matcher)
+        heads = ("captioner.", "matcher.")
+        trained = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(heads)]
         local = sum(p.to_local().numel() if fsdp.is_sharded(p) else p.numel() for p in trained)
         assert local < 0.55 * sum(p.numel() for p in trained)
     assert len(grads) > (4 if cfg.lock_text else 20)  # the demo's locked text tower has few
@@ -385,6 +388,9 @@ CASES: dict[str, tuple[dict, dict]] = {
     "lexlip-two-stages-fsdp": ({**LEXLIP_STAGES, "strategy": "fsdp"}, LEXLIP_STAGES),
     # UNITER's MLM through the matching head, on the demo's towers: the same masks on every rank
     "itm-mlm": (ITM_MLM, ITM_MLM),
+    # a caption decoder under FSDP: the sharded image tower's tokens feed the replicated decoder, whose
+    # parameters AdamW updates apart from the shards (one fused call cannot mix them: train.optim)
+    "coca-fsdp": ({**objective_case("coca"), "strategy": "fsdp"}, objective_case("coca")),
     "distill-all-terms-grad-cache": ({**DISTILL, "grad_cache_chunk": 3}, DISTILL),
     # growth after the first step (width ×2 and a block per tower): the grown model, its rebuilt DDP
     # buckets and its carried moments agree on both ranks with one process

@@ -5,9 +5,9 @@ wrapped in `torch._disable_dynamo`, and `Adam.step` calls `torch._dynamo.graph_b
 ~150 MB of resident memory in every training process: 40 % of the tiny preset's saved activations at
 batch 128 in bf16 (docs/benchmarks.md, "Issue 20: training memory"). `FusedAdamW` makes the calls
 `torch.optim.AdamW(..., fused=True).step()` makes — `torch._foreach_add_` on the step counts, then
-`torch._fused_adamw_` per device and dtype — so the parameters and moments are bitwise the same
-(tests/test_adamw.py), and it
-keeps the state in the same layout: `state_dict()` and `load_state_dict()` read and write
+`torch._fused_adamw_` per device and dtype (under FSDP, shards apart from replicated parameters) — so
+the parameters and moments are bitwise the same (tests/test_adamw.py), and it keeps the state in the
+same layout: `state_dict()` and `load_state_dict()` read and write
 `torch.optim.AdamW`'s format, so checkpoints move between the two either way.
 
 What it leaves out (the Trainer uses none of it): AMSGrad, `maximize`, gradient scaling and inf
@@ -83,12 +83,16 @@ class FusedAdamW:
     @torch.no_grad()
     def step(self) -> None:
         for group in self.param_groups:
-            by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+            by_kind: dict[tuple[torch.device, torch.dtype, bool], list[torch.Tensor]] = {}
             for p in group["params"]:
                 if p.grad is not None:
                     if p.grad.is_sparse:
                         raise RuntimeError("FusedAdamW does not support sparse gradients")
-                    by_kind.setdefault((p.device, p.dtype), []).append(p)
+                    # under FSDP, shards (DTensors) apart from replicated parameters (a caption decoder
+                    # beside sharded towers): one fused call cannot mix them (named, not imported: importing
+                    # torch.distributed.tensor costs memory in every process); without FSDP, torch's calls
+                    sharded = type(p).__name__ == "DTensor"
+                    by_kind.setdefault((p.device, p.dtype, sharded), []).append(p)
             beta1, beta2 = group["betas"]
             for params in by_kind.values():
                 states = [self._moments(p) for p in params]
