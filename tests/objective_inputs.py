@@ -65,6 +65,10 @@ def _makers(b: int, d: int) -> dict[str, Callable[[], torch.Tensor]]:
         "caption_tokens": lambda: torch.arange(b) % 3 + 2,
         "text_caption_nll": lambda: (torch.rand(b, generator=g, dtype=F64) * 5 + 1).requires_grad_(),
         "text_caption_tokens": lambda: torch.arange(b) % 4 + 1,
+        "lm_nll": lambda: (torch.rand(b, generator=g, dtype=F64) * 5 + 1).requires_grad_(),
+        "lm_tokens": lambda: torch.arange(b) % 5 + 1,
+        "prefix_caption_nll": lambda: (torch.rand(b, generator=g, dtype=F64) * 5 + 1).requires_grad_(),
+        "prefix_caption_tokens": lambda: torch.arange(b) % 3 + 1,
         # a small image–text matching head over d-wide tokens (objectives.itm)
         "match_head": lambda: _match_head(d),
         # LexLIP's masked stage: a tiny BERT-style model over MiniLM's vocabulary, and b of its token-id rows

@@ -65,6 +65,7 @@ def test_readme_train_line_gives_the_objective_what_it_needs(line):
         labels |= {"regions"} if getattr(objective, "region_columns", ()) else set()
         labels |= {"concepts"} if getattr(objective, "concepts_column", None) else set()
         captioner = "embedding" if requires(needs, "text_captioner") else "tokens"
+        captioner = "prefix" if requires(needs, "prefix_captioner") else captioner
         check_inputs(
             needs,
             cfg.data.captions_per_image,

@@ -92,12 +92,14 @@ class CaptionDecoder(nn.Module):
 
 
 def caption_nll(
-    decoder: CaptionDecoder, ids: torch.Tensor, image_tokens: torch.Tensor, pad_id: int
+    decoder: nn.Module, ids: torch.Tensor, image_tokens: torch.Tensor | None, pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher forcing: (B,) summed negative log-likelihood of each caption's real tokens after the first
-    (the start token is given), and (B,) how many such tokens each caption has. The columns after the
-    batch's longest caption are dropped and only real target positions reach the vocabulary projection
-    (padding is most of a batch of short captions; the projection and its softmax dominate the cost)."""
+    (the start token is given), and (B,) how many such tokens each caption has. `decoder`: this module's
+    CaptionDecoder or a models.prefix_decoder.PrefixDecoder (whose `image_tokens` may be None: text
+    alone). The columns after the batch's longest caption are dropped and only real target positions
+    reach the vocabulary projection (padding is most of a batch of short captions; the projection and its
+    softmax dominate the cost)."""
     real_ids = ids != pad_id
     longest = int(real_ids.any(0).nonzero().max()) + 1 if real_ids.any() else 1
     ids = ids[:, : max(2, longest)]

@@ -16,6 +16,7 @@ from lipkit.models.hf_text import HFTextTower
 from lipkit.models.lexicon_head import LexiconHead
 from lipkit.models.locking import lock_tower
 from lipkit.models.matching_head import MatchingHead
+from lipkit.models.prefix_decoder import PrefixDecoder
 from lipkit.models.presets import ModelSpec
 from lipkit.models.regions import as_rois, region_pool
 from lipkit.models.text import TextTransformer
@@ -47,9 +48,9 @@ class DualEncoder(nn.Module):
             self.image_lexicon = LexiconHead(spec.embed_dim, spec.lexicon_vocab)
             self.text_lexicon = LexiconHead(spec.embed_dim, spec.lexicon_vocab)
         if spec.caption_layers:  # a caption decoder reading the image tower's projected tokens
-            if spec.caption_input not in ("tokens", "embedding"):
+            if spec.caption_input not in ("tokens", "embedding", "prefix"):
                 raise UserError(
-                    f"model caption_input must be tokens or embedding, not {spec.caption_input!r}."
+                    f"model caption_input must be tokens, embedding or prefix, not {spec.caption_input!r}."
                 )
             self.captioner = caption_decoder_of(spec)
         if spec.match_layers < 0:
@@ -63,11 +64,18 @@ class DualEncoder(nn.Module):
     def has_captioner(self) -> bool:
         return self.spec.caption_layers > 0
 
-    def add_captioner(self, layers: int, width: int = 0, heads: int = 4, reads: str = "tokens") -> None:
+    def add_captioner(
+        self, layers: int, width: int = 0, heads: int = 4, reads: str = "tokens", queries: int = 8
+    ) -> None:
         """A fresh caption decoder on this model (a checkpoint trained without one: `model.init_from`),
-        reading the image tokens or (`reads="embedding"`) one embedding."""
+        reading the image tokens, (`reads="embedding"`) one embedding or (`"prefix"`) `queries` soft prompts."""
         self.spec = replace(
-            self.spec, caption_layers=layers, caption_width=width, caption_heads=heads, caption_input=reads
+            self.spec,
+            caption_layers=layers,
+            caption_width=width,
+            caption_heads=heads,
+            caption_input=reads,
+            caption_queries=queries,
         )
         self.captioner = caption_decoder_of(self.spec).to(self.device)
 
@@ -187,9 +195,25 @@ def _frozen_to_eval(module: nn.Module) -> None:
         _frozen_to_eval(child)
 
 
-def caption_decoder_of(spec: ModelSpec) -> CaptionDecoder:
+def caption_decoder_of(spec: ModelSpec) -> CaptionDecoder | PrefixDecoder:
     """The caption decoder `spec` asks for, over its tokenizer's vocabulary and context."""
     width = spec.caption_width or spec.embed_dim
+    if spec.caption_input == "prefix":  # a language model reading the image as soft prompts
+        for w in (width, spec.embed_dim):
+            if spec.caption_heads < 1 or w % spec.caption_heads:
+                raise UserError(
+                    f"The decoder's width {w} must divide into model caption_heads={spec.caption_heads} "
+                    "heads; set model.overrides.caption_heads (or caption_width) so that it does."
+                )
+        return PrefixDecoder(
+            spec.vocab_size,
+            width,
+            spec.caption_layers,
+            spec.caption_heads,
+            spec.context_length,
+            spec.embed_dim,
+            spec.caption_queries,
+        )
     return CaptionDecoder(
         spec.vocab_size,
         width,

@@ -60,9 +60,11 @@ class ModelSpec:
     caption_layers: int = 0
     caption_width: int = 0
     caption_heads: int = 4
-    # what the decoder reads: "tokens" (the image tower's token grid, CoCa) or "embedding" (one normalised
-    # embedding: a text-only decoder trained on noised text embeddings that captions image embeddings)
+    # what the decoder reads: "tokens" (the image tower's token grid, CoCa), "embedding" (one normalised
+    # embedding: a text-only decoder trained on noised text embeddings that captions image embeddings) or
+    # "prefix" (a causal language model reading the image as soft prompts from a connector, models.prefix_decoder)
     caption_input: str = "tokens"
+    caption_queries: int = 8  # the soft prompts a prefix decoder's connector makes of each image
     # an image–text matching head (models.matching_head, UNITER's ITM head re-ranking a shortlist): this many
     # fusion layers (0: none; the itm objective turns it on), its width (0: the embedding dimension) and heads
     match_layers: int = 0

@@ -32,6 +32,7 @@ from lipkit.objectives.self_distill import LocalGlobalDistillation
 from lipkit.objectives.sigmoid import SigmoidLoss
 from lipkit.objectives.tcl_momentum import MomentumTripleContrast
 from lipkit.objectives.unime import HardNegativeContrast
+from lipkit.objectives.vpgtrans import ConnectorCaption, TextLanguageModel
 from lipkit.objectives.wukong import ReducedTokenInteraction
 
 OBJECTIVES: dict[str, type[nn.Module]] = {
@@ -60,6 +61,8 @@ OBJECTIVES: dict[str, type[nn.Module]] = {
     "coca": CaptionContrast,
     "capdec": TextOnlyCaption,
     "itm": ImageTextMatching,
+    "text_lm": TextLanguageModel,
+    "connector": ConnectorCaption,
 }
 
 

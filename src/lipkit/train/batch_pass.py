@@ -144,6 +144,12 @@ class BatchPass:
         return caption_nll(self.model.captioner, self.text_ids[self.first], tokens, self.pad_id)
 
     @functools.cached_property
+    def language_model(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A prefix decoder's (models.prefix_decoder) teacher-forced (B,) summed NLL of each first caption
+        with no image, and (B,) counts: its language model alone (objectives.vpgtrans text_lm)."""
+        return caption_nll(self.model.captioner, self.text_ids[self.first], None, self.pad_id)
+
+    @functools.cached_property
     def text_caption(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A text-only decoder's (objectives.capdec) teacher-forced (B,) summed NLL of each first caption
         given its own normalised text embedding (detached) plus noise of the decoder's σ, and (B,) counts."""

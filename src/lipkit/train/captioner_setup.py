@@ -1,6 +1,7 @@
 """A caption decoder for the objectives that train one (objectives.coca reads image tokens,
-objectives.capdec one embedding): its settings on a new model, a fresh one on a starting checkpoint
-(`model.init_from`), and a text-only decoder's noise level measured from the modality gap."""
+objectives.capdec one embedding, objectives.vpgtrans soft prompts): its settings on a new model, a fresh
+one on a starting checkpoint (`model.init_from`), and a text-only decoder's noise level measured from the
+modality gap (the prefix decoder's stages: train.connector_setup)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ def caption_reads(needs: set[str]) -> str:
     """What the decoder the objective trains reads: "tokens", "embedding", or "" (no decoder)."""
     if requires(needs, "text_captioner"):
         return "embedding"
+    if requires(needs, "prefix_captioner"):
+        return "prefix"
     return "tokens" if requires(needs, "captioner") else ""
 
 
@@ -40,16 +43,19 @@ def new_model_settings(needs: set[str], overrides: dict[str, Any]) -> dict[str, 
     return fixed
 
 
-def attach_captioner(model: DualEncoder, needs: set[str], overrides: dict[str, Any]) -> None:
-    """A fresh decoder on a starting model that has none (its towers typically locked)."""
+def attach_captioner(model: DualEncoder, needs: set[str], overrides: dict[str, Any]) -> bool:
+    """A fresh decoder on a starting model that has none (its towers typically locked); whether it added one."""
     reads = caption_reads(needs)
-    if reads and not model.has_captioner:
-        model.add_captioner(
-            overrides.get("caption_layers") or CAPTION_LAYERS,
-            overrides.get("caption_width", 0),
-            overrides.get("caption_heads", 4),
-            reads,
-        )
+    if not reads or model.has_captioner:
+        return False
+    model.add_captioner(
+        overrides.get("caption_layers") or CAPTION_LAYERS,
+        overrides.get("caption_width", 0),
+        overrides.get("caption_heads", 4),
+        reads,
+        overrides.get("caption_queries", 8),
+    )
+    return True
 
 
 @torch.no_grad()

@@ -152,6 +152,16 @@ INPUTS: dict[str, Input] = {
     # a text-only decoder's loss on each first caption's noised text embedding (objectives.capdec), its count
     "text_caption_nll": Input(lambda p: p.text_caption[0], "grad", None, requires="text_captioner"),
     "text_caption_tokens": Input(lambda p: p.text_caption[1], "plain", "batch", requires="text_captioner"),
+    # a prefix decoder's (models.prefix_decoder) loss on each first caption: alone, no image (objectives.vpgtrans
+    # text_lm pre-trains its language model), and given its image's soft prompts (the connector trains); counts
+    "lm_nll": Input(lambda p: p.language_model[0], "grad", None, requires="prefix_captioner"),
+    "lm_tokens": Input(lambda p: p.language_model[1], "plain", "batch", requires="prefix_captioner"),
+    "prefix_caption_nll": Input(
+        lambda p: p.caption[0], "grad", None, tokens="image", requires="prefix_captioner"
+    ),
+    "prefix_caption_tokens": Input(
+        lambda p: p.caption[1], "plain", "batch", tokens="image", requires="prefix_captioner"
+    ),
     # the model's image–text matching head itself (objectives.itm fuses the pairs it mines from the global
     # batch's tokens): the same module on every rank, not gathered; gradient caching cannot chunk it
     "match_head": Input(lambda p: p.model.matcher, None, None, requires="matcher"),
@@ -212,6 +222,11 @@ _REQUIREMENTS: dict[str, tuple[Callable[[dict[str, Any]], bool], str]] = {
         "trains a text-only caption decoder and this model has none or one reading image tokens; set "
         "model.init_from to a trained checkpoint without a decoder (not a CoCa one).",
     ),
+    "prefix_captioner": (
+        lambda s: s["captioner"] == "prefix",
+        "trains a language model that reads images as soft prompts and this model has another decoder; set "
+        "model.init_from to a trained checkpoint without one (text_lm) or to a text_lm run's (connector).",
+    ),
     "matcher": (
         lambda s: s["matcher"],
         "trains an image–text matching head and this model has none; with model.init_from, lipkit train adds "
@@ -265,7 +280,7 @@ def check_inputs(
     matcher: bool = False,
 ) -> None:
     """Refuse an objective whose inputs this run cannot give. captioner: what the model's caption decoder
-    reads ("tokens", "embedding"; "": none); matcher: whether it has an image–text matching head."""
+    reads ("tokens", "embedding", "prefix"; "": none); matcher: whether it has an image–text matching head."""
     setup = {"captions": captions_per_image, "bias": has_bias, "teacher": has_teacher, "lexicon": has_lexicon}
     setup["captioner"], setup["matcher"] = captioner, matcher
     setup["labels"] = set(labels)  # the kinds of per-sample labels the run has

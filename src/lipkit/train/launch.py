@@ -39,6 +39,7 @@ from lipkit.models.presets import ModelSpec, get_spec
 from lipkit.objectives import build_objective
 from lipkit.text.tokenizer import TextTokenizer
 from lipkit.train.captioner_setup import attach_captioner, new_model_settings, prepare_text_only
+from lipkit.train.connector_setup import prepare_prefix
 from lipkit.train.distributed import Dist, check_batch_split, gather_objects, run_ended
 from lipkit.train.distributed import init as init_distributed
 from lipkit.train.growth import replay as replay_growth
@@ -305,15 +306,16 @@ def _build_model(
         check_same_tokenizer(teacher_tokens, own, "model.text_pretrained")
     if start is not None:
         model = start[0].train()
-        attach_captioner(model, objective_needs(objective), cfg.model.overrides)
+        fresh_decoder = attach_captioner(model, objective_needs(objective), cfg.model.overrides)
         attach_matcher(model, objective_needs(objective), cfg.model.overrides)
         if teacher is None and requires(objective_needs(objective), "teacher"):  # CLIP-Refine distils from it
             teacher = copy.deepcopy(model).eval().requires_grad_(False)  # the frozen starting model
     else:
-        model = _new_model(cfg, tokenizer, objective, pretrained, resume)
+        model, fresh_decoder = _new_model(cfg, tokenizer, objective, pretrained, resume), True
     model.lock("text", t.lock_text)
     model.lock("image", t.lock_image)
     prepare_text_only(model, objective, tokenizer, data, cfg, resume)  # capdec: locks, noise σ
+    prepare_prefix(model, objective, tokenizer, data, cfg, resume, fresh_decoder)  # text_lm, connector
     if hasattr(objective, "bind_tokenizer"):  # LexLIP's masked stage: [MASK], special and word pieces
         objective.bind_tokenizer(tokenizer)
     if hasattr(model.visual, "frozen_bn_stats"):  # a timm trunk: BatchNorm statistics (train.freeze_bn_stats)
