@@ -56,3 +56,16 @@ def test_a_dotted_override_sets_one_key_of_a_mapping_field():
     assert load_config(presets, ["train.objective_args={strength: 0.5}"]).train.objective_args == {
         "strength": 0.5
     }
+
+
+def test_layered_configs_merge_sections_and_replace_keys(tmp_path):
+    """A later config's mapping key replaces the earlier one whole, even one named like a section
+    (data.eval): `data.eval: {}` turns the recipe's evaluation splits off."""
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text("data:\n  eval: {a: x.jsonl, b: y.jsonl}\n  captions_per_image: 2\ntrain:\n  lr: 0.5\n")
+    second.write_text("data:\n  eval: {}\ntrain:\n  epochs: 3\n")
+    cfg = load_config([first, second])
+    assert cfg.data.eval == {} and cfg.data.captions_per_image == 2
+    assert cfg.train.lr == 0.5 and cfg.train.epochs == 3
+    second.write_text("data:\n  eval: {c: z.jsonl}\n")
+    assert load_config([first, second]).data.eval == {"c": "z.jsonl"}

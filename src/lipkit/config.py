@@ -283,12 +283,14 @@ def _read_yaml(p: Path) -> dict[str, Any]:
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """Sections merge, keys replace: a later config's `data.eval: {}` empties the map (it is a key of the
+    data section, not the eval section)."""
     out = dict(base)
     for key, value in top.items():
         both = (
             isinstance(value, dict) and isinstance(out.get(key), dict) and key in Config.__dataclass_fields__
         )
-        out[key] = _merge(out[key], value) if both else value
+        out[key] = {**out[key], **value} if both else value
     return out
 
 
