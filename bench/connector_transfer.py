@@ -14,8 +14,8 @@ On the demo checkpoint's locked towers, two language models are pre-trained on t
 - vpgtrans: the small model's connector transferred (its VPG copied, its projector merged with the word
   converter between the two models' word embeddings), --warmup steps of projector warm-up at 5× the
   learning rate (configs/methods/vpgtrans.yaml), then N − warmup steps of fine-tuning of the whole connector;
-- vpgtrans, no training: the transferred connector as initialised (0 steps), to show what the transfer
-  alone carries.
+- vpgtrans at 0 steps: the transferred connector as initialised (one step at lr 1e-12, which moves no
+  weight measurably), to show what the transfer alone carries.
 
 Every target run uses the demo recipe's learning rate with no learning-rate warm-up (the budgets are short);
 `train.max_minutes=0` (a busy machine changes the time, not the numbers). Each connector captions --images
@@ -58,6 +58,8 @@ def train(preset: str, out: Path, seed: int, steps: int, args, extra=()) -> int:
     ]
     cfg = load_config([packaged_config(), packaged_config().parent / "methods" / preset], sets)
     _, result = run_training(cfg)
+    if result.steps != steps:  # the arms compare at equal steps
+        raise SystemExit(f"{out} ran {result.steps} steps, not {steps}")
     return result.steps
 
 
@@ -91,8 +93,8 @@ def run_seed(seed: int, args: argparse.Namespace) -> list[dict]:
     )
     target = [f"model.init_from={wide / 'checkpoint'}", "train.warmup_steps=0"]
     transfer = [f"train.objective_args.transfer_from={source / 'checkpoint'}"]
-    untrained = runs / "vpgtrans-0"  # the transferred connector as initialised: a warm-up run with lr 0
-    train("vpgtrans.yaml", untrained, seed, 1, args, target + transfer + ["train.lr=0"])
+    untrained = runs / "vpgtrans-0"  # the transferred connector as initialised: one step at lr 1e-12
+    train("vpgtrans.yaml", untrained, seed, 1, args, target + transfer + ["train.lr=1e-12"])
     rows.append({"row": "vpgtrans", "seed": seed, "steps": 0, **caption_scores(untrained, args)})
     for n in (int(b) for b in args.budgets.split(",")):
         scratch = runs / f"scratch-{n}"

@@ -1,6 +1,7 @@
 """The objectives that add a head to the model — ITM's matching head (with UNITER's OT term and ALBEF's
-seeded draws), CoCa's caption decoder — and LexLIP's masked stage with its own decoder resume bitwise: a real run SIGKILLed mid-way and resumed ends with
-the same weights, head included, as the run that was never stopped."""
+seeded draws), CoCa's caption decoder, a connector transferred to another language model (VPGTrans) — and
+LexLIP's masked stage with its own decoder resume bitwise: a real run SIGKILLed mid-way and resumed ends
+with the same weights, head included, as the run that was never stopped."""
 
 import json
 
@@ -41,3 +42,26 @@ def test_a_killed_lexlip_run_resumes_bitwise_across_its_two_stages(table, tmp_pa
     assert int(ref["objective.steps_seen"]) > 12  # it reached the contrastive stage
     log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("lexicon/mlm_i2t" in r for r in log) and any("lexicon/text_nonzero_terms" in r for r in log)
+
+
+@pytest.mark.slow  # ~90 s on 2 cores; `-m slow`
+def test_a_killed_transferred_connector_run_resumes_bitwise(table, tmp_path):
+    """VPGTrans's warm-up on a second language model (the transfer at its start, the VPG locked), killed
+    after step 9 and resumed, ends as the run that never stopped."""
+    from conftest import TINY_MODEL
+    from lipkit.train.launch import run_training
+    from test_vpgtrans import _cfg
+
+    run_training(_cfg(table, tmp_path / "base", "infonce"))
+    for name, width in (("lm", 0), ("wide", 48)):
+        run_training(_cfg(table, tmp_path / name, "text_lm", tmp_path / "base" / "checkpoint", width))
+    run_training(_cfg(table, tmp_path / "conn", "connector", tmp_path / "lm" / "checkpoint"))
+    model = {
+        "init_from": str(tmp_path / "wide" / "checkpoint"),
+        "overrides": {**TINY_MODEL, "caption_width": 48},
+    }
+    args = {"transfer_from": str(tmp_path / "conn" / "checkpoint"), "train_vpg": False}
+    killed_and_resumed_objective_states(
+        table, tmp_path, model, objective="connector", objective_args=args, lock_image="all", lock_text="all"
+    )
+    assert any(k.startswith("captioner.connector.projector.") for k in weights(tmp_path / "run"))

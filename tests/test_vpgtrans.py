@@ -96,6 +96,10 @@ def test_word_converter_is_the_least_squares_affine_map_and_the_projector_merges
     normal = torch.linalg.solve(a.t() @ a, a.t() @ noisy)  # the normal equations, written out
     c_w, c = word_converter(source, noisy)
     assert torch.allclose(torch.cat([c_w, c[None]]), normal, atol=1e-10)
+    few = source[:4]  # fewer words than dimensions + 1: the minimum-norm fit, as the pseudo-inverse gives
+    c_w4, c4 = word_converter(few, noisy[:4])
+    pinv = torch.linalg.pinv(torch.cat([few, torch.ones(4, 1, dtype=F64)], 1)) @ noisy[:4]
+    assert torch.allclose(torch.cat([c_w4, c4[None]]), pinv, atol=1e-10)
     weight, bias = torch.randn(6, 8, generator=g, dtype=F64), torch.randn(6, generator=g, dtype=F64)
     new_w, new_b = transferred_projector(weight, bias, (c_w, c))
     x = torch.randn(3, 8, generator=g, dtype=F64)
@@ -132,8 +136,11 @@ def stages(table, tmp_path_factory):
 
 
 def test_stages_train_what_they_say_and_a_transferred_connector_captions(table, stages, tmp_path):
+    from lipkit.checkpoint import load_checkpoint
     from lipkit.cli import app
     from lipkit.data.sources.registry import read_table
+    from lipkit.errors import UserError
+    from lipkit.train.connector_setup import transfer_connector
     from lipkit.train.launch import run_training
 
     base, lm, wide, conn = (stages[k] for k in ("base", "lm", "lm-wide", "conn"))
@@ -152,17 +159,29 @@ def test_stages_train_what_they_say_and_a_transferred_connector_captions(table, 
     assert all(
         torch.equal(v, lm_wide[k]) for k, v in _params(warm, "captioner.").items() if ".connector." not in k
     )
+    merged = load_checkpoint(wide)[0]  # the warm-up's start: the merged projector, which then trained
+    transfer_connector(
+        merged, conn, load_checkpoint(wide)[1], type("Data", (), {"records": read_table(table)})()
+    )
+    start = merged.captioner.connector.projector.weight
+    assert start.shape == (48, 32) and not torch.equal(start, got["captioner.connector.projector.weight"])
+    # VPGTrans's stage 2 from the warm-up's checkpoint: the whole connector trains
+    run_training(_cfg(table, tmp_path / "tuned", "connector", warm))
+    tuned = _params(tmp_path / "tuned" / "checkpoint", "captioner.connector.vpg.")
+    assert all(not torch.equal(v, got[k]) for k, v in tuned.items() if k.endswith("queries"))
     image = str(read_table(table)[0].image)
     runs = [CliRunner().invoke(app, ["caption", str(warm), image, "--json"]) for _ in range(2)]
     assert runs[0].exit_code == 0, runs[0].output
     assert runs[0].output == runs[1].output and "caption" in json.loads(runs[0].output.splitlines()[0])
     # refused: a connector without a pre-trained language model, a transfer from a checkpoint without one
-    with pytest.raises(Exception, match="text_lm objective"):
+    with pytest.raises(UserError, match="text_lm objective"):
         run_training(_cfg(table, tmp_path / "no-lm", "connector", base))
-    with pytest.raises(Exception, match="has no connector"):
+    with pytest.raises(UserError, match="has no connector"):
         run_training(_cfg(table, tmp_path / "bad", "connector", wide, transfer_from=str(base)))
-    with pytest.raises(Exception, match="model.init_from"):
+    with pytest.raises(UserError, match="trains on a trained model's towers; set model.init_from"):
         run_training(_cfg(table, tmp_path / "scratch", "text_lm"))
+    with pytest.raises(UserError, match="reading image tokens and this model has none or another kind"):
+        run_training(_cfg(table, tmp_path / "coca", "coca", conn))
 
 
 def test_the_transferred_projector_is_the_source_merged_with_the_fitted_converter(table, stages):
@@ -173,7 +192,7 @@ def test_the_transferred_projector_is_the_source_merged_with_the_fitted_converte
     src = load_checkpoint(stages["conn"])[0].captioner
     model, tok, _ = load_checkpoint(stages["lm-wide"])
     data = type("Data", (), {"records": read_table(table)})()
-    transfer_connector(model.captioner, stages["conn"], tok, data)
+    transfer_connector(model, stages["conn"], tok, data)
     ids = caption_token_ids(tok, data)
     assert tok.pad_id not in ids.tolist() and len(ids) > 10
     e_src, e_tgt = (
@@ -181,7 +200,7 @@ def test_the_transferred_projector_is_the_source_merged_with_the_fitted_converte
         model.captioner.token_embedding.weight[ids].double(),
     )
     a = torch.cat([e_src, torch.ones(len(ids), 1, dtype=F64)], 1)
-    conv = torch.linalg.solve(a.t() @ a, a.t() @ e_tgt)  # the normal equations
+    conv = torch.linalg.pinv(a) @ e_tgt  # the minimum-norm least-squares fit (fewer tokens than W + 1 here)
     got = model.captioner.connector.projector
     want = (src.connector.projector.weight.double().t() @ conv[:-1]).t()
     assert torch.allclose(got.weight.double(), want, atol=1e-5)

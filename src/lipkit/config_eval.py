@@ -35,7 +35,7 @@ class EvalConfig:
     # relevant to every image that has it), and images decoded as CLIP_benchmark feeds OpenCLIP's preprocess
     # (RGB first: transparency dropped, no EXIF orientation; then torchvision's resize and crop rounding)
     protocol: str = "lipkit"
-    # checkpoints with a caption decoder (coca, capdec) caption this many images spread over each
+    # checkpoints with a caption decoder (coca, capdec, connector) caption this many images spread over each
     # split (0: all) by beam search of this width, scored by BLEU-4 and CIDEr-D against the captions in
     # caption_langs ([]: all; a langs column names them) and, given a checkpoint, CLIP-score by it
     caption_max_images: int = 500

@@ -72,7 +72,7 @@ def report(
 
 def caption(
     checkpoint: Path = typer.Argument(
-        ..., help="Checkpoint directory with a caption decoder (the coca or capdec objective)."
+        ..., help="Checkpoint directory with a caption decoder (the coca, capdec or connector objective)."
     ),
     images: list[Path] = typer.Argument(..., help="Image files to caption."),
     beam: int = typer.Option(3, "--beam", "-b", min=1, max=64, help="Beam width (1: greedy decoding)."),
@@ -94,7 +94,8 @@ def caption(
 ) -> None:
     """Caption images with a checkpoint's caption decoder, by beam search (deterministic: the same
     checkpoint and images give the same captions). Train a decoder with -c configs/methods/coca.yaml,
-    or a text-only one on a trained checkpoint with -c configs/methods/capdec.yaml (docs/captioning.md)."""
+    a text-only one on a trained checkpoint with -c configs/methods/capdec.yaml, or a connector into a
+    small language model with configs/methods/text_lm.yaml then connector.yaml (docs/captioning.md)."""
     import json
 
     from lipkit.checkpoint import load_checkpoint

@@ -92,7 +92,8 @@ def caption_images(
 def _check_decoding(model: DualEncoder, beam: int, samples: int) -> None:
     if not model.has_captioner:
         raise UserError(
-            "This checkpoint has no caption decoder; train one with the coca or capdec objective (docs/captioning.md)."
+            "This checkpoint has no caption decoder; train one with the coca, capdec or connector objective "
+            "(docs/captioning.md)."
         )
     if beam < 1:
         raise UserError(f"The beam width must be at least 1, got {beam}.")

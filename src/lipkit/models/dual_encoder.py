@@ -199,12 +199,11 @@ def caption_decoder_of(spec: ModelSpec) -> CaptionDecoder | PrefixDecoder:
     """The caption decoder `spec` asks for, over its tokenizer's vocabulary and context."""
     width = spec.caption_width or spec.embed_dim
     if spec.caption_input == "prefix":  # a language model reading the image as soft prompts
-        for w in (width, spec.embed_dim):
-            if spec.caption_heads < 1 or w % spec.caption_heads:
-                raise UserError(
-                    f"The decoder's width {w} must divide into model caption_heads={spec.caption_heads} "
-                    "heads; set model.overrides.caption_heads (or caption_width) so that it does."
-                )
+        if spec.caption_heads < 1 or width % spec.caption_heads:
+            raise UserError(
+                f"The language model's width {width} must divide into model caption_heads={spec.caption_heads} "
+                "heads; set model.overrides.caption_heads (or caption_width) so that it does."
+            )
         return PrefixDecoder(
             spec.vocab_size,
             width,

@@ -9,7 +9,8 @@ Visual Prompt Generator across LLMs") names them:
 
 - the visual prompt generator (VPG): Q learnable queries, one block of self-attention among them, one of
   cross-attention to the image tokens and an MLP — a one-layer Q-Former (BLIP-2's VPG) at the image
-  tower's embedding width, so it does not depend on the language model it feeds;
+  tower's embedding width with heads set by that width (`vpg_heads`), so its shape does not depend on the
+  language model it feeds;
 - the projector: a linear map from that width to the language model's width.
 
 The prompts are prepended to the caption's token embeddings and the whole sequence runs causally, as a
@@ -46,12 +47,18 @@ class PromptGenerator(nn.Module):
         return self.cross(self.self_attn(q), image_tokens)
 
 
+def vpg_heads(image_dim: int) -> int:
+    """The VPG's attention heads: about one per 64 dimensions of the image embedding, a divisor of it —
+    set by the image side alone, so that a VPG fits every language model on the same image tower."""
+    return next(h for h in range(max(1, image_dim // 64), 0, -1) if image_dim % h == 0)
+
+
 class Connector(nn.Module):
     """The VPG and the linear projector into a language model of width `width`."""
 
-    def __init__(self, image_dim: int, width: int, queries: int, heads: int) -> None:
+    def __init__(self, image_dim: int, width: int, queries: int) -> None:
         super().__init__()
-        self.vpg = PromptGenerator(image_dim, queries, heads)
+        self.vpg = PromptGenerator(image_dim, queries, vpg_heads(image_dim))
         self.projector = nn.Linear(image_dim, width)
 
     def forward(self, image_tokens: torch.Tensor) -> torch.Tensor:
@@ -81,7 +88,7 @@ class PrefixDecoder(nn.Module):
         self.resblocks = nn.ModuleList(ResidualBlock(width, heads, 4.0, False) for _ in range(layers))
         self.ln_final = nn.LayerNorm(width)
         self.text_projection = nn.Linear(width, vocab, bias=False)
-        self.connector = Connector(image_dim, width, queries, heads)
+        self.connector = Connector(image_dim, width, queries)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
         nn.init.normal_(self.text_projection.weight, std=width**-0.5)

@@ -1,6 +1,6 @@
 """The connector recipe of the LLaVA / visual-prompt-generator line at small scale, and VPGTrans's transfer
 of a connector to another language model (Zhang et al., 2023, "Transfer Visual Prompt Generator across
-LLMs"; the recipe is BLIP-2's / LLaVA's first stage).
+LLMs"; the recipe is LLaVA's first stage, BLIP-2's second, generative one).
 
 Two objectives train a prefix decoder (models.prefix_decoder: a causal language model reading an image as
 Q soft prompts made by a connector = a visual prompt generator (VPG) + a linear projector), with NLL_i the
@@ -23,14 +23,16 @@ target LM's, fitted by least squares over the tokens of the training captions:
 
 so a prompt the source LM read as a mix of its words reaches the target LM as the same mix of its words.
 The paper's stage 1, projector warm-up (the VPG frozen, the projector trained at 5× the learning rate), is
-`train_vpg: false` with the learning rate raised; its stage 2, vanilla fine-tuning, is a second run from
-the first's checkpoint with `train_vpg: true` (configs/methods/vpgtrans-warmup.yaml, docs/captioning.md).
+`train_vpg: false` with the learning rate raised (configs/methods/vpgtrans.yaml); its stage 2, vanilla
+fine-tuning, is a second run from the first's checkpoint with `train_vpg: true` (docs/captioning.md). The
+transfer is computed on rank 0 and sent to every rank; a resumed run keeps its own connector.
 
 What is not implemented: the paper's language models are pre-trained LLMs (OPT 125M–6.7B, FlanT5) and its
 VPG BLIP-2's Q-Former; here both LMs are small transformers pre-trained on the training captions and the
 VPG one layer. The paper trains its converter by gradient descent on a cosine loss over the whole
-vocabulary; lipkit fits it in closed form over the tokens the training captions use (the rest of a small
-LM's vocabulary never left its random initialisation). Its transfer across LLM types (OPT → FlanT5) is
+vocabulary; lipkit fits it in closed form over the tokens of the captions the language models learned
+(each record's first caption when they learn one; the rest of a small LM's vocabulary never left its
+random initialisation). Its transfer across LLM types (OPT → FlanT5) is
 not reproduced: both LMs here are the same architecture in two sizes.
 """
 
@@ -67,9 +69,13 @@ class ConnectorCaption(nn.Module):
         train_vpg: false trains the projector alone (VPGTrans's warm-up)."""
         super().__init__()
         if transfer_from is not None and not isinstance(transfer_from, str):
-            raise ValueError(f"transfer_from must be a checkpoint path, got {transfer_from!r}")
+            raise ValueError(
+                f"transfer_from must be a checkpoint directory (e.g. runs/connector/checkpoint), got {transfer_from!r}"
+            )
         if not isinstance(train_vpg, bool):
-            raise ValueError(f"train_vpg must be true or false, got {train_vpg!r}")
+            raise ValueError(
+                f"train_vpg must be true or false (false: the projector alone), got {train_vpg!r}"
+            )
         self.transfer_from, self.train_vpg = transfer_from or None, train_vpg
 
     def forward(

@@ -13,10 +13,9 @@ import torch
 from lipkit.checkpoint import load_checkpoint
 from lipkit.errors import UserError
 from lipkit.models.dual_encoder import DualEncoder
-from lipkit.models.prefix_decoder import PrefixDecoder
 from lipkit.objectives.vpgtrans import transferred_projector, word_converter
 from lipkit.text.tokenizer import TextTokenizer
-from lipkit.train.inputs import objective_needs
+from lipkit.train.inputs import objective_needs, requires
 
 
 def prepare_prefix(
@@ -32,7 +31,10 @@ def prepare_prefix(
     (or, `train_vpg: false`, its projector alone) trains on a language model pre-trained by text_lm, which
     stays locked with the towers. Both start from a trained checkpoint (`model.init_from`: its image tower
     feeds the connector). `fresh`: this run added the decoder (the starting checkpoint had none)."""
-    if not model.has_captioner or model.spec.caption_input != "prefix":
+    needs = objective_needs(objective)
+    if not requires(needs, "prefix_captioner") or not model.has_captioner:
+        return  # another objective on such a checkpoint: check_inputs refuses it in one sentence
+    if model.spec.caption_input != "prefix":
         return
     name = cfg.train.objective
     if not cfg.model.init_from:
@@ -40,11 +42,11 @@ def prepare_prefix(
             f"Objective '{name}' trains on a trained model's towers; set model.init_from to a checkpoint "
             "(e.g. runs/demo/checkpoint after `make demo`)."
         )
-    lm_stage = "lm_nll" in objective_needs(objective)
+    lm_stage = "lm_nll" in needs
     if fresh and not lm_stage:
         raise UserError(
             f"Objective '{name}' trains a connector into a pre-trained language model and {cfg.model.init_from} "
-            "has none; pre-train one with the text_lm objective (configs/methods/text-lm.yaml) and set "
+            "has none; pre-train one with the text_lm objective (configs/methods/text_lm.yaml) and set "
             "model.init_from to its checkpoint."
         )
     model.lock("image", "all")
@@ -60,14 +62,19 @@ def prepare_prefix(
     trains = "connector" if objective.train_vpg else "connector's projector (the VPG locked)"
     _note(f"{name}: the towers and the language model locked; the {trains} trains")
     if objective.transfer_from and resume is None:  # a resumed run has its own connector already
-        transfer_connector(decoder, Path(objective.transfer_from), tokenizer, data)
+        first_only = cfg.data.caption_policy == "first" and cfg.data.captions_per_image == 1
+        transfer_connector(model, Path(objective.transfer_from), tokenizer, data, first_only)
 
 
 @torch.no_grad()
-def transfer_connector(decoder: PrefixDecoder, source: Path, tokenizer: TextTokenizer, data: Any) -> None:
+def transfer_connector(
+    model: DualEncoder, source: Path, tokenizer: TextTokenizer, data: Any, first_only: bool = True
+) -> None:
     """VPGTrans's start (objectives.vpgtrans): the source checkpoint's VPG, and its projector merged with the
     word converter fitted from the source language model's word embeddings to this one's, over the tokens
-    of the training captions."""
+    of the training captions (`first_only`: each record's first caption, the one the language models
+    learned). Computed on rank 0 and sent to every rank."""
+    decoder = model.captioner
     if not source.expanduser().is_dir():
         raise UserError(
             f"transfer_from {source} does not exist; name the checkpoint of a connector run on another "
@@ -79,6 +86,12 @@ def transfer_connector(decoder: PrefixDecoder, source: Path, tokenizer: TextToke
             f"transfer_from {source} has no connector; name the checkpoint of a run of the connector objective."
         )
     src = other.captioner
+    own, theirs = model.visual.state_dict(), other.visual.state_dict()
+    if own.keys() != theirs.keys() or any(not torch.equal(own[k], theirs[k].to(own[k])) for k in own):
+        raise UserError(
+            f"transfer_from {source} reads another image tower than this model; transfer a connector between "
+            "language models started from the same checkpoint (model.init_from of both text_lm runs)."
+        )
     if src.token_embedding.weight.shape[0] != decoder.token_embedding.weight.shape[0] or (
         other_tokenizer.tok.get_vocab() != tokenizer.tok.get_vocab()
     ):
@@ -90,32 +103,38 @@ def transfer_connector(decoder: PrefixDecoder, source: Path, tokenizer: TextToke
         decoder.connector.vpg.load_state_dict(src.connector.vpg.state_dict())
     except RuntimeError as e:
         raise UserError(
-            f"transfer_from {source}'s connector reads another image width or makes another number of prompts "
-            "(model caption_queries, caption_heads); transfer between decoders on the same image tower."
+            f"transfer_from {source}'s connector makes another number of prompts than this model's; set "
+            f"model.overrides.caption_queries={other.spec.caption_queries} for the language model's text_lm run."
         ) from e
-    ids = caption_token_ids(tokenizer, data)
-    target = decoder.token_embedding.weight
-    converter = word_converter(src.token_embedding.weight[ids].cpu(), target[ids].cpu())
+    ids = caption_token_ids(tokenizer, data, first_only)
+    source_rows, target_rows = (
+        src.token_embedding.weight[ids].cpu(),
+        decoder.token_embedding.weight[ids].cpu(),
+    )
+    converter = word_converter(source_rows, target_rows)
     weight, bias = transferred_projector(
         src.connector.projector.weight.cpu(), src.connector.projector.bias.cpu(), converter
     )
-    decoder.connector.projector.weight.copy_(weight)
-    decoder.connector.projector.bias.copy_(bias)
+    projector = decoder.connector.projector
+    projector.weight.copy_(weight)
+    projector.bias.copy_(bias)
+    _from_rank_0([projector.weight, projector.bias])
     _note(
         f"connector: the VPG of {source}, its projector through a word converter fitted on {len(ids)} tokens "
-        f"(R² {fit_r2(src.token_embedding.weight[ids].cpu(), target[ids].cpu(), converter):.3f})"
+        f"(R² {fit_r2(source_rows, target_rows, converter):.3f})"
     )
 
 
-def caption_token_ids(tokenizer: TextTokenizer, data: Any) -> torch.Tensor:
-    """The distinct token ids (padding excluded) of every caption of the training table's records."""
+def caption_token_ids(tokenizer: TextTokenizer, data: Any, first_only: bool = True) -> torch.Tensor:
+    """The distinct token ids (padding excluded) of the training table's captions: each record's first
+    caption (`first_only`) or all of them."""
     records = getattr(data, "records", None)
     if not records:
         raise UserError(
             "transfer_from fits its word converter on the training table's captions, and this source streams "
             "shards; train the transferred connector on a table (JSONL, CSV, parquet)."
         )
-    captions = sorted({c for r in records for c in r.captions})
+    captions = sorted({c for r in records for c in (r.captions[:1] if first_only else r.captions)})
     ids = torch.cat([tokenizer(captions[i : i + 4096]).flatten() for i in range(0, len(captions), 4096)])
     ids = ids.unique()
     return ids[ids != tokenizer.pad_id]
@@ -127,6 +146,19 @@ def fit_r2(source: torch.Tensor, target: torch.Tensor, converter: tuple[torch.Te
     residual = target.double() - (source.double() @ c_w + c)
     spread = target.double() - target.double().mean(0)
     return 1 - float(residual.pow(2).sum() / spread.pow(2).sum().clamp(min=1e-30))
+
+
+def _from_rank_0(tensors: list[torch.Tensor]) -> None:
+    """Every rank gets rank 0's values, bit for bit (a least-squares fit may round otherwise elsewhere)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    for t in tensors:
+        on_gpu = dist.get_backend() == "nccl" and t.device.type != "cuda"
+        buffer = t.data.to("cuda") if on_gpu else t.data
+        dist.broadcast(buffer, src=0)
+        if on_gpu:
+            t.data.copy_(buffer.to(t.device))
 
 
 def _note(text: str) -> None:

@@ -214,7 +214,7 @@ _REQUIREMENTS: dict[str, tuple[Callable[[dict[str, Any]], bool], str]] = {
     ),
     "captioner": (
         lambda s: s["captioner"] == "tokens",
-        "trains a caption decoder reading image tokens and this model has none or a text-only one; with "
+        "trains a caption decoder reading image tokens and this model has none or another kind; with "
         "model.init_from, name a checkpoint without a decoder (lipkit train adds one).",
     ),
     "text_captioner": (
