@@ -43,7 +43,10 @@ METRICS = ("captions/BLEU-4", "captions/CIDEr-D")
 
 
 def train(preset: str, out: Path, seed: int, steps: int, args, extra=()) -> int:
-    """configs/demo.yaml under configs/methods/`preset` for `steps` optimiser steps into `out`; steps run."""
+    """configs/demo.yaml under configs/methods/`preset` for `steps` optimiser steps into `out`; steps run.
+    With --reuse, a finished run of that many steps already in `out` is kept."""
+    if args.reuse and (out / "checkpoint").is_dir() and _steps_logged(out) == steps:
+        return steps
     per_epoch = len(read_table(default_root() / "train.jsonl")) // args.batch
     sets = [
         f"train.output={out}",
@@ -61,6 +64,11 @@ def train(preset: str, out: Path, seed: int, steps: int, args, extra=()) -> int:
     if result.steps != steps:  # the arms compare at equal steps
         raise SystemExit(f"{out} ran {result.steps} steps, not {steps}")
     return result.steps
+
+
+def _steps_logged(run: Path) -> int:
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return max((int(r.get("step", 0)) for r in lines), default=0)
 
 
 def caption_scores(run: Path, args) -> dict:
@@ -136,6 +144,7 @@ def main() -> None:
     ap.add_argument("--runs", type=Path, default=Path("runs/connector-bench"))
     ap.add_argument("--out", type=Path, default=Path("docs/connector-bench.md"))
     ap.add_argument("--report", action="store_true")
+    ap.add_argument("--reuse", action="store_true", help="keep finished runs already in --runs")
     args = ap.parse_args()
     raw = args.out.with_suffix(".json")
     saved = json.loads(raw.read_text()) if raw.is_file() else []
