@@ -2,7 +2,7 @@
 connector trained from scratch on the wider one, at equal steps (docs/captioning.md).
 
     make demo                                          # runs/demo/checkpoint: the towers every run reads
-    python bench/connector_transfer.py --seeds 0       # ~40 min a seed on 2 cores
+    python bench/connector_transfer.py --seeds 0       # ~75 min a seed on 2 cores
     python bench/connector_transfer.py --report        # reprint the table from the saved JSON
 
 On the demo checkpoint's locked towers, two language models are pre-trained on the training captions alone
@@ -119,7 +119,8 @@ def run_seed(seed: int, args: argparse.Namespace) -> list[dict]:
 
 
 def table(saved: list[dict]) -> str:
-    lines = ["| connector on the wide LM | steps | seeds | BLEU-4 | CIDEr-D |", "|---|---|---|---|---|"]
+    lines = ["| connector (on the wide LM unless named) | steps | seeds | BLEU-4 | CIDEr-D |"]
+    lines.append("|---|---|---|---|---|")
     keys = sorted(
         {(r["row"], r["steps"]) for r in saved}, key=lambda k: (k[0] != "source: small LM", k[1], k[0])
     )
@@ -136,11 +137,11 @@ def main() -> None:
     ap.add_argument("--base", type=Path, default=Path("runs/demo/checkpoint"), help="the towers (make demo)")
     ap.add_argument("--lm-steps", type=int, default=100, help="pre-training steps of each language model")
     ap.add_argument("--wide-width", type=int, default=384, help="the second language model's width")
-    ap.add_argument("--source-steps", type=int, default=100, help="steps of the small model's connector")
-    ap.add_argument("--budgets", default="10,30", help="steps on the wide model, comma-separated")
+    ap.add_argument("--source-steps", type=int, default=120, help="steps of the small model's connector")
+    ap.add_argument("--budgets", default="10,40", help="steps on the wide model, comma-separated")
     ap.add_argument("--warmup", type=int, default=3, help="of which VPGTrans's projector warm-up")
     ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--images", type=int, default=300, help="test-style images captioned")
+    ap.add_argument("--images", type=int, default=200, help="test-style images captioned")
     ap.add_argument("--runs", type=Path, default=Path("runs/connector-bench"))
     ap.add_argument("--out", type=Path, default=Path("docs/connector-bench.md"))
     ap.add_argument("--report", action="store_true")
