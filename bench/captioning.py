@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import torch
-from recipes import mean_std  # bench/recipes.py, beside this file
+from recipes import fixed_steps, mean_std  # bench/recipes.py, beside this file
 
 from lipkit.checkpoint import load_checkpoint
 from lipkit.config import load_config, packaged_config
@@ -84,18 +84,7 @@ def train_and_caption(preset: str, out: Path, seed: int, steps: int, args, extra
     """Train configs/demo.yaml under configs/methods/`preset` for `steps` steps, then caption and score
     --images test-style images (lipkit eval); (metrics, the run's summary)."""
     root = default_root()
-    per_epoch = len(read_table(root / "train.jsonl")) // args.batch
-    sets = [
-        f"train.output={out}",
-        f"train.seed={seed}",
-        f"train.batch_size={args.batch}",
-        f"train.epochs={steps / per_epoch + 1e-6}",
-        "train.max_minutes=0",
-        "train.eval_every=0",
-        "eval.linear_probe=",
-        "data.eval={}",  # evaluated once, below
-        *extra,
-    ]
+    sets = [*fixed_steps(out, seed, steps, args.batch, root / "train.jsonl"), *extra]  # evaluated once, below
     configs = [packaged_config()] + ([packaged_config().parent / "methods" / preset] if preset else [])
     cfg = load_config(configs, sets)
     t0 = time.perf_counter()

@@ -31,11 +31,10 @@ import json
 import time
 from pathlib import Path
 
-from recipes import mean_std  # bench/recipes.py, beside this file
+from recipes import fixed_steps, mean_std  # bench/recipes.py, beside this file
 
 from lipkit.config import load_config, packaged_config
 from lipkit.data.emoji import build_emoji, default_root
-from lipkit.data.sources.registry import read_table
 from lipkit.eval.suite import run_eval
 from lipkit.train.launch import run_training
 
@@ -47,18 +46,7 @@ def train(preset: str, out: Path, seed: int, steps: int, args, extra=()) -> int:
     With --reuse, a finished run of that many steps already in `out` is kept."""
     if args.reuse and (out / "checkpoint").is_dir() and _steps_logged(out) == steps:
         return steps
-    per_epoch = len(read_table(default_root() / "train.jsonl")) // args.batch
-    sets = [
-        f"train.output={out}",
-        f"train.seed={seed}",
-        f"train.batch_size={args.batch}",
-        f"train.epochs={steps / per_epoch + 1e-6}",
-        "train.max_minutes=0",
-        "train.eval_every=0",
-        "eval.linear_probe=",
-        "data.eval={}",
-        *extra,
-    ]
+    sets = [*fixed_steps(out, seed, steps, args.batch, default_root() / "train.jsonl"), *extra]
     cfg = load_config([packaged_config(), packaged_config().parent / "methods" / preset], sets)
     _, result = run_training(cfg)
     if result.steps != steps:  # the arms compare at equal steps

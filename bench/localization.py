@@ -29,12 +29,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from recipes import mean_std  # bench/recipes.py, beside this file
+from recipes import fixed_steps, mean_std  # bench/recipes.py, beside this file
 
 from lipkit.config import load_config, packaged_config
 from lipkit.data.builtin.canvases import default_out
 from lipkit.data.emoji import build_emoji, default_root
-from lipkit.data.sources.registry import read_table
 from lipkit.eval.suite import run_eval
 from lipkit.train.launch import run_training
 
@@ -55,19 +54,8 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace) -> dict:
     canvases, emoji = default_out(), default_root()
     out = args.runs / f"{arm}-s{seed}"
     shutil.rmtree(out, ignore_errors=True)
-    per_epoch = len(read_table(canvases / "train.jsonl")) // args.batch
     splits = {"canvases": str(canvases / "test.jsonl"), "test-style": str(emoji / "test-style.jsonl")}
-    sets = [
-        f"train.output={out}",
-        f"train.seed={seed}",
-        f"train.batch_size={args.batch}",
-        f"train.epochs={args.steps / per_epoch + 1e-6}",
-        "train.max_minutes=0",
-        "train.eval_every=0",
-        "eval.linear_probe=",
-        "data.eval={}",  # evaluated once, below
-        *ARMS[arm],
-    ]
+    sets = [*fixed_steps(out, seed, args.steps, args.batch, canvases / "train.jsonl"), *ARMS[arm]]
     cfg = load_config([packaged_config(), packaged_config().parent / "methods" / "cloc.yaml"], sets)
     t0 = time.perf_counter()
     run_dir, result = run_training(cfg)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from lipkit.config import load_config, packaged_config
 from lipkit.data.emoji import build_emoji, default_root
+from lipkit.data.sources.registry import read_table
 from lipkit.eval.suite import run_eval
 from lipkit.train.launch import run_training
 
@@ -152,6 +153,23 @@ SHOWN = [
     ("test-novel", "retrieval/text_to_image/R@1"),
     ("test-novel", "retrieval/image_to_text/R@1"),
 ]
+
+
+def fixed_steps(out: Path, seed: int, steps: int, batch: int, table: Path) -> list[str]:
+    """Overrides that train exactly `steps` optimiser steps of `batch` pairs of `table` into `out`, with no
+    time budget (a busy machine changes the time, not the numbers) and no evaluation in training: the
+    benches evaluate once, themselves."""
+    per_epoch = len(read_table(table)) // batch
+    return [
+        f"train.output={out}",
+        f"train.seed={seed}",
+        f"train.batch_size={batch}",
+        f"train.epochs={steps / per_epoch + 1e-6}",
+        "train.max_minutes=0",
+        "train.eval_every=0",
+        "eval.linear_probe=",
+        "data.eval={}",
+    ]
 
 
 def mean_std(values: list[float]) -> str:

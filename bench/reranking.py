@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from recipes import mean_std  # bench/recipes.py, beside this file
+from recipes import fixed_steps, mean_std  # bench/recipes.py, beside this file
 
 from lipkit.config import load_config, packaged_config
 from lipkit.data.emoji import build_emoji, default_root
@@ -51,18 +51,7 @@ METRICS = {
 def train_and_eval(out: Path, seed: int, steps: int, args, extra=(), presets=("itm.yaml",)) -> dict:
     """Train configs/demo.yaml under the method presets for `steps` steps, then `lipkit eval` test-style."""
     root = default_root()
-    per_epoch = len(read_table(root / "train.jsonl")) // args.batch
-    sets = [
-        f"train.output={out}",
-        f"train.seed={seed}",
-        f"train.batch_size={args.batch}",
-        f"train.epochs={steps / per_epoch + 1e-6}",
-        "train.max_minutes=0",
-        "train.eval_every=0",
-        "eval.linear_probe=",
-        "data.eval={}",
-        *extra,
-    ]
+    sets = [*fixed_steps(out, seed, steps, args.batch, root / "train.jsonl"), *extra]
     methods = packaged_config().parent / "methods"
     cfg = load_config([packaged_config(), *(methods / p for p in presets)], sets)
     t0 = time.perf_counter()
