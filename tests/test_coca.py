@@ -232,3 +232,20 @@ def evaluated_with_another_checkpoints_clip_score(table, scorer_dir, run):
     assert abs(250 * own.clamp(min=0).mean().item() - m["captions/CLIP-score"]) > 1e-2  # not the captioner's
     page = write_report(run, res).read_text(encoding="utf-8")
     assert "Captions (the decoder" in page and esc(shown[0]["caption"] or "references") in page
+
+
+@pytest.mark.parametrize(
+    "settings, named",
+    [
+        ({"caption_layers": 1, "caption_width": 30}, "caption_heads=4"),  # CoCa's decoder
+        ({"caption_layers": 1, "caption_width": 30, "caption_input": "prefix"}, "caption_heads=4"),
+        ({"match_layers": 1, "match_width": 30}, "match_heads=4"),
+    ],
+)
+def test_a_head_count_that_does_not_divide_the_width_is_one_sentence(settings, named):
+    from lipkit.errors import UserError
+    from lipkit.models.dual_encoder import DualEncoder
+    from lipkit.models.presets import get_spec
+
+    with pytest.raises(UserError, match=f"width 30 must divide into model {named} heads"):
+        DualEncoder(get_spec("tiny", image_size=32, **settings))

@@ -198,12 +198,8 @@ def _frozen_to_eval(module: nn.Module) -> None:
 def caption_decoder_of(spec: ModelSpec) -> CaptionDecoder | PrefixDecoder:
     """The caption decoder `spec` asks for, over its tokenizer's vocabulary and context."""
     width = spec.caption_width or spec.embed_dim
+    _check_heads("caption decoder", width, spec.caption_heads, "caption")
     if spec.caption_input == "prefix":  # a language model reading the image as soft prompts
-        if spec.caption_heads < 1 or width % spec.caption_heads:
-            raise UserError(
-                f"The language model's width {width} must divide into model caption_heads={spec.caption_heads} "
-                "heads; set model.overrides.caption_heads (or caption_width) so that it does."
-            )
         return PrefixDecoder(
             spec.vocab_size,
             width,
@@ -227,9 +223,14 @@ def caption_decoder_of(spec: ModelSpec) -> CaptionDecoder | PrefixDecoder:
 def matcher_of(spec: ModelSpec) -> MatchingHead:
     """The image–text matching head `spec` asks for, over the embedding space's token features."""
     width = spec.match_width or spec.embed_dim
-    if spec.match_heads < 1 or width % spec.match_heads:
-        raise UserError(
-            f"The matching head's width {width} must divide into model match_heads={spec.match_heads} heads; "
-            "set model.overrides.match_heads (or match_width) so that it does."
-        )
+    _check_heads("matching head", width, spec.match_heads, "match")
     return MatchingHead(spec.embed_dim, width, spec.match_layers, spec.match_heads)
+
+
+def _check_heads(what: str, width: int, heads: int, prefix: str) -> None:
+    """Refuse a head count that does not divide the head's width, in one sentence naming the settings."""
+    if heads < 1 or width % heads:
+        raise UserError(
+            f"The {what}'s width {width} must divide into model {prefix}_heads={heads} heads; "
+            f"set model.overrides.{prefix}_heads (or {prefix}_width) so that it does."
+        )
