@@ -80,7 +80,7 @@ def test_objective_weighs_the_token_mean_against_infonce():
 
 class _Model:
     def __init__(self, dec):
-        self.captioner = dec
+        self.captioner = self.caption_reader = dec
 
 
 class _LateEnd(torch.nn.Module):

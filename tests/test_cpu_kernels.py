@@ -37,6 +37,22 @@ def test_explicit_attention_matches_sdpa_with_gradients(causal):
         torch.testing.assert_close(explicit_attention(probe, 2, True)[:, :-1], ours.detach()[:, :-1])
 
 
+def test_explicit_attention_with_a_key_mask_matches_sdpa_with_gradients():
+    """A boolean mask (OpenCLIP CoCa's [cls] text tower: causal, some keys hidden) as SDPA applies it."""
+    torch.manual_seed(2)
+    b, n, heads, d = 3, 9, 2, 24
+    qkv = (2 * torch.randn(b, n, 3 * d, dtype=torch.float64)).requires_grad_()
+    mask = (torch.rand(b, 1, n, n) > 0.4) & torch.ones(n, n, dtype=torch.bool).tril()
+    mask[..., 0] = True  # every query sees some key
+    ours = explicit_attention(qkv, heads, False, mask)
+    q, k, v = qkv.view(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4).unbind(0)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, n, d)
+    weight = torch.randn(b, n, d, dtype=torch.float64)
+    grads = [torch.autograd.grad((out * weight).sum(), qkv)[0] for out in (ours, ref)]
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_attention_module_in_cpu_bf16_is_close_to_fp32(causal, monkeypatch):
     """The bf16 autocast path takes the explicit attention and stays within bf16 rounding of the fp32

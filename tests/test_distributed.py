@@ -41,6 +41,8 @@ def make_trainer(tmp: Path, rank: int, world: int, per_image: int = 1, **train) 
     bias, lexicon heads, or a teacher (the frozen starting model, as `lipkit refine` makes it)."""
     if train.pop("demo", False):
         return demo_trainer(tmp, rank, world, per_image, **train)
+    # OpenCLIP's CoCa layout: an attentional pooler, a [cls] text token, the decoder reading the text states
+    layout = dict(OPEN_CLIP_COCA) if train.pop("open_clip_coca", False) else {}
     torch.manual_seed(0)
     tok = TextTokenizer.train(WORDS * 3, vocab_size=300, context_length=12)
     cfg = TrainConfig(batch_size=BATCH, **{"grad_clip": 0.0, **train})
@@ -51,9 +53,8 @@ def make_trainer(tmp: Path, rank: int, world: int, per_image: int = 1, **train) 
     text_only = requires(needs, "text_captioner")  # a decoder on noised text embeddings (capdec)
     prefix = requires(needs, "prefix_captioner")  # a language model reading soft prompts (text_lm, connector)
     caption = 2 if requires(needs, "captioner") or text_only or prefix else 0  # CoCa's decoder
-    spec = get_spec(
-        "tiny",
-        **SPEC,
+    settings = dict(
+        SPEC,
         vocab_size=tok.vocab_size,
         eot_id=tok.eot_id,
         lexicon_vocab=lexicon,
@@ -62,6 +63,7 @@ def make_trainer(tmp: Path, rank: int, world: int, per_image: int = 1, **train) 
         caption_input="embedding" if text_only else "prefix" if prefix else "tokens",
         match_layers=1 if requires(needs, "matcher") else 0,  # the itm objective's fusion head
     )
+    spec = get_spec("tiny", **{**settings, **layout})
     model = DualEncoder(spec)
     if text_only:  # noise drawn per sample and step: the same rows on 1 or 2 ranks
         model.captioner.noise_std.fill_(0.3)
@@ -313,6 +315,15 @@ DISTILL = {
     "steps": 3,
 }
 ITM_OT = {"objective": "itm", "objective_args": {"ot_weight": 0.1}, "steps": 3}
+OPEN_CLIP_COCA = {
+    "text_width": 16,
+    "text_embed_cls": True,
+    "vision_attn_pool": 5,
+    "vision_attn_pool_heads": 2,
+    "caption_input": "text",
+    "caption_heads": 2,
+}
+COCA_OC = {**objective_case("coca"), "open_clip_coca": True}
 DEMO_CASE = {"demo": True, "steps": 3, "per_image": 3}  # the demo recipe's towers (a bidirectional MiniLM)
 ITM_MLM = {**DEMO_CASE, "objective": "itm", "objective_args": {"mlm_weight": 1.0}}
 # LexLIP's masked stage for 2 steps then its contrastive stage
@@ -394,6 +405,9 @@ CASES: dict[str, tuple[dict, dict]] = {
     # a caption decoder under FSDP: the sharded image tower's tokens feed the replicated decoder, whose
     # parameters AdamW updates apart from the shards (one fused call cannot mix them: train.optim)
     "coca-fsdp": ({**objective_case("coca"), "strategy": "fsdp"}, objective_case("coca")),
+    # OpenCLIP's CoCa layout: the decoder runs the text tower again (its states) inside the caption term
+    "coca-open-clip": (COCA_OC, COCA_OC),
+    "coca-open-clip-fsdp": ({**COCA_OC, "strategy": "fsdp"}, COCA_OC),
     "distill-all-terms-grad-cache": ({**DISTILL, "grad_cache_chunk": 3}, DISTILL),
     # growth after the first step (width ×2 and a block per tower): the grown model, its rebuilt DDP
     # buckets and its carried moments agree on both ranks with one process

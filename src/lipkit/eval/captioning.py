@@ -32,9 +32,9 @@ from lipkit.text.tokenizer import TextTokenizer
 def beam_search(
     model: DualEncoder, image_tokens: torch.Tensor, sot: int, eot: int, beam: int, max_tokens: int
 ) -> tuple[list[int], float]:
-    """One image's (N, D) normalised tokens → (the best token ids after the start token, up to and without
-    the end token; its total log-probability)."""
-    decoder = model.captioner
+    """One image's (N, D) tokens (normalised; as the tower gives them for OpenCLIP's CoCa layout) → (the best
+    token ids after the start token, up to and without the end token; its total log-probability)."""
+    decoder = model.caption_reader
     alive: list[tuple[list[int], float]] = [([sot], 0.0)]
     finished: list[tuple[list[int], float]] = []
     for _ in range(max_tokens):
@@ -76,7 +76,7 @@ def caption_images(
     limit = model.spec.context_length - 1
     steps = min(max_tokens, limit) if max_tokens > 0 else limit
     model.eval()
-    pooled, tokens = pooled_and_tokens(model, images_u8)
+    pooled, tokens = pooled_and_tokens(model, images_u8, normalize_tokens=model.spec.caption_input != "text")
     if model.spec.caption_input == "embedding":  # a text-only decoder reads the image embedding
         tokens = pooled[:, None, :]
     noise = _noise(model, samples, seed, pooled.shape[1])

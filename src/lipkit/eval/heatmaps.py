@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from lipkit.models.dual_encoder import DualEncoder
-from lipkit.models.regions import grid_side
+from lipkit.models.regions import grid_side, require_patch_grid
 from lipkit.models.timm_vision import TimmTower
 
 MAP_KINDS = ("similarity", "gradcam", "filip")
@@ -42,6 +42,7 @@ def _as_grid(per_token: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def token_features(model: DualEncoder, images: torch.Tensor) -> torch.Tensor:
     """Images → (B, N, D) L2-normalised projected image tokens, float32."""
+    require_patch_grid(model.spec, "A heat map")
     _, tokens = model.visual(images, return_tokens=True)
     return F.normalize(tokens.float(), dim=-1)
 
@@ -56,6 +57,7 @@ def _pooled_and_activations(model: DualEncoder, images: torch.Tensor) -> tuple[t
     gradients; see the module doc for which activations each tower gives). Everything before the leaf runs
     without autograd; nothing is attached to the model, so concurrent calls do not interfere."""
     visual = model.visual
+    require_patch_grid(model.spec, "A Grad-CAM map")
     if isinstance(visual, TimmTower):
         with torch.no_grad():
             grid = visual.trunk.forward_features(images)

@@ -48,17 +48,17 @@ def image_token_batch(model: DualEncoder, images_u8: torch.Tensor, keep: int | N
 
 @torch.no_grad()
 def pooled_and_tokens(
-    model: DualEncoder, images_u8: torch.Tensor, keep: int | None = None
+    model: DualEncoder, images_u8: torch.Tensor, keep: int | None = None, normalize_tokens: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One image-tower pass: (B, D) normalised pooled embeddings and (B, N_tokens, D) normalised token
-    features (`keep`: objectives.wukong.kept_tokens), float32 on the CPU."""
+    """One image-tower pass: (B, D) normalised pooled embeddings and (B, N_tokens, D) normalised (or, with
+    `normalize_tokens` off, as the tower gives them) token features (`keep`: objectives.wukong.kept_tokens),
+    float32 on the CPU."""
     from lipkit.data.transforms import normalize
 
     x = normalize(images_u8, model.spec.image_mean, model.spec.image_std)
     pooled, tokens = model.visual(x.to(model.device), return_tokens=True)
-    return F.normalize(pooled, dim=-1).float().cpu(), kept_tokens(
-        F.normalize(tokens.float(), dim=-1), keep
-    ).cpu()
+    tokens = F.normalize(tokens.float(), dim=-1) if normalize_tokens else tokens.float()
+    return F.normalize(pooled, dim=-1).float().cpu(), kept_tokens(tokens, keep).cpu()
 
 
 @torch.no_grad()

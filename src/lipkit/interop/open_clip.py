@@ -12,9 +12,11 @@ lipkit's parameter names follow OpenCLIP, so the state dict is a rename: OpenCLI
 text tower at the top level (`token_embedding`, `transformer.resblocks...`, `ln_final`,
 `text_projection`) where lipkit nests it under `text.`. The architecture comes from an OpenCLIP
 model-config JSON (`embed_dim`, `vision_cfg`, `text_cfg`, `quick_gelu`), read by open_clip_spec.py,
-which refuses settings lipkit's towers do not implement (layer scale, attentional pooling, ResNets,
+which refuses settings lipkit's towers do not implement (layer scale, the pooler's CoCa variants, ResNets,
 BERT's `cls_pooler`, MLP text projections, ...) with the setting's name rather than converting them
 wrongly. Export refuses a convolutional ViT stem and LexLIP lexicon heads, which OpenCLIP cannot hold.
+OpenCLIP's CoCa (`multimodal_cfg`) converts both ways with its decoder (open_clip_coca.py); lipkit's other
+caption decoders and its matching head have no OpenCLIP counterpart and are refused on export.
 
 Reading and writing need only safetensors (and torch for .pt files; timm and transformers for those
 towers); `open_clip` itself is used to look architectures up by name and, in tests, to check parity.
@@ -36,6 +38,7 @@ from lipkit.atomic import write_dir
 from lipkit.errors import UserError
 from lipkit.interop import refuse_existing
 from lipkit.interop.clip_bpe import CLIP_VOCAB_SIZE, clip_tokenizer
+from lipkit.interop.open_clip_coca import PREFIX_IN, coca_config, decoder_state_in, state_to_coca
 from lipkit.interop.open_clip_custom import (
     TEXT_DIR,
     check_timm_trunk,
@@ -105,6 +108,11 @@ def read_arch(arch: str) -> tuple[dict[str, Any], dict[str, Any], str]:
 
 def check_exportable(spec: ModelSpec, target: str) -> None:
     """Only lipkit's own ViT and transformer text towers have a counterpart in HF's CLIPModel (`target`)."""
+    if spec.vision_attn_pool or spec.text_embed_cls:
+        raise UserError(
+            f"This checkpoint has OpenCLIP CoCa's towers (an attentional pooler, a [cls] text token), which "
+            f"{target} cannot hold; export it with `--to open_clip` instead."
+        )
     if spec.text_tower != "transformer":
         raise UserError(
             f"This checkpoint's text tower is a Hugging Face encoder (text_tower='{spec.text_tower}'), which "
@@ -130,7 +138,7 @@ def _check_heads(spec: ModelSpec, target: str) -> None:
             f"This checkpoint has LexLIP lexicon heads, which {target} cannot hold and a conversion would "
             "drop; keep the lipkit checkpoint for sparse search, or export the towers with `lipkit export onnx`."
         )
-    if spec.caption_layers:
+    if spec.caption_layers and not (target == "OpenCLIP" and spec.caption_input == "text"):
         raise UserError(
             f"This checkpoint has a caption decoder, which {target}'s CLIP model cannot hold and a conversion would "
             "drop; keep the lipkit checkpoint for `lipkit caption`, or export the towers with `lipkit export onnx`."
@@ -183,7 +191,7 @@ def open_clip_model_config(
         cfg["quick_gelu"] = True
     if spec.logit_bias:
         cfg["init_logit_bias"] = -10.0 if logit_bias is None else logit_bias
-    return cfg
+    return coca_config(spec, cfg)
 
 
 def state_from_open_clip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -194,6 +202,9 @@ def state_from_open_clip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
             continue  # buffers and metadata of old/OpenAI checkpoints
         if k in ("logit_scale", "logit_bias"):
             out[k] = v.reshape(())
+        elif k.startswith(PREFIX_IN):  # CoCa's multimodal decoder
+            name, value = decoder_state_in(k, v)
+            out[name] = value
         elif k.startswith(("visual.", "text.")):
             out[k] = v
         else:
@@ -201,8 +212,11 @@ def state_from_open_clip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
-def state_to_open_clip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename a lipkit state dict to OpenCLIP `CLIP` names."""
+def state_to_open_clip(state: dict[str, torch.Tensor], custom_text: bool = False) -> dict[str, torch.Tensor]:
+    """Rename a lipkit state dict to OpenCLIP `CLIP` names, or (`custom_text`) to CoCa's / a custom-text
+    model's, which keep the text tower under `text.`."""
+    if custom_text:
+        return state_to_coca(state)
     return {k.removeprefix("text."): v.detach().cpu().clone().contiguous() for k, v in state.items()}
 
 
@@ -321,7 +335,9 @@ def to_open_clip(
     return (
         cfg,
         preprocess,
-        hf_state_to_open_clip(state) if spec.text_tower == "hf" else state_to_open_clip(state),
+        hf_state_to_open_clip(state)
+        if spec.text_tower == "hf"
+        else state_to_open_clip(state, spec.text_embed_cls),
     )
 
 

@@ -2,9 +2,9 @@
 ModelSpec: a ViT or timm image tower (`timm_model_name`, avg/max/avgmax pooling, linear/mlp/no
 projection) and CLIP's text tower or a Hugging Face encoder (`hf_model_name`; mean or first-token
 pooling, linear projection — `hf_fields`, from the text model's own config). Settings lipkit's towers do
-not implement (layer scale, attentional pooling, ResNets, attention-pooled timm towers, BERT's
-`cls_pooler`, MLP text projections, encoder-decoder text models, ...) are refused with the setting's
-name rather than converted wrongly."""
+not implement (layer scale, ResNets, attention-pooled timm towers, BERT's `cls_pooler`, MLP text
+projections, encoder-decoder text models, ...) are refused with the setting's name rather than converted
+wrongly. OpenCLIP CoCa's attentional pooler, [cls] text token and decoder are read too (open_clip_coca.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 
 from lipkit.errors import UserError
 from lipkit.interop.clip_bpe import CLIP_VOCAB_SIZE
+from lipkit.interop.open_clip_coca import coca_fields, is_coca
 from lipkit.interop.open_clip_custom import hf_pad_token_id
 from lipkit.interop.peer_weights import require
 from lipkit.models.presets import OPENAI_MEAN, OPENAI_STD, ModelSpec
@@ -35,9 +36,6 @@ _BLOCK_INERT: dict[str, Any] = {
 _VISION_INERT: dict[str, Any] = {
     "ls_init_value": None,
     "patch_dropout": _ANY,
-    "attentional_pool": False,
-    "attn_pooler_queries": _ANY,
-    "attn_pooler_heads": _ANY,
     "no_ln_pre": False,
     "pos_embed_type": "learnable",
     "final_ln_after_pool": False,
@@ -58,7 +56,6 @@ _TEXT_INERT: dict[str, Any] = {
     "tokenizer_mode": None,
     "tokenizer_kwargs": None,
     "ls_init_value": None,
-    "embed_cls": False,
     "pad_id": _ANY,
     "eos_id": _ANY,
     "no_causal_mask": False,
@@ -78,7 +75,6 @@ _TOP_INERT: dict[str, Any] = {
     "nonscalar_logit_scale": _ANY,
     "cast_dtype": _ANY,
     "output_dict": _ANY,
-    "multimodal_cfg": None,
 }
 
 
@@ -126,7 +122,8 @@ def _check_text_pooling(text: dict[str, Any], vocab_size: int, eot_id: int, arch
 
 
 _VIT_KEYS = {"layers", "width", "head_width", "mlp_ratio", "patch_size", "image_size"}
-_TEXT_KEYS = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"}
+_VIT_KEYS |= {"attentional_pool", "attn_pooler_queries", "attn_pooler_heads"}
+_TEXT_KEYS = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio", "embed_cls"}
 _TIMM_KEYS = {"timm_model_name", "timm_pool", "timm_proj", "timm_proj_bias", "image_size"}
 _HF_KEYS = {"hf_model_name", "hf_tokenizer_name", "hf_proj_type", "hf_pooler_type", "context_length"}
 # settings OpenCLIP ignores when the tower is a timm / Hugging Face model (and the tokenizer ones that
@@ -148,7 +145,18 @@ def _vit_fields(vision: dict[str, Any], arch: str) -> dict[str, Any]:
             f"OpenCLIP config '{arch}' has a ResNet image tower; lipkit converts ViT and timm towers only."
         )
     width, head_width = int(vision.get("width", 768)), int(vision.get("head_width", 64))
+    pool = vision.get("attentional_pool", False)
+    if pool not in (False, True):
+        raise UserError(
+            f"OpenCLIP config '{arch}' sets vision_cfg.attentional_pool={pool!r}, a pooler variant lipkit's ViT "
+            "does not implement; lipkit converts attentional_pool true (OpenCLIP's CoCa) or false."
+        )
+    pooler = {}
+    if pool:  # OpenCLIP's CoCa pooler: the first query pooled, the others the image tokens
+        queries, heads = int(vision.get("attn_pooler_queries", 256)), int(vision.get("attn_pooler_heads", 8))
+        pooler = {"vision_attn_pool": queries, "vision_attn_pool_heads": heads}
     return {
+        **pooler,
         "image_size": _square_size(vision.get("image_size", 224), arch),
         "patch_size": int(vision.get("patch_size", 16)),
         "vision_width": width,
@@ -196,11 +204,22 @@ def _timm_fields(vision: dict[str, Any], arch: str) -> dict[str, Any]:
 
 def _text_fields(text: dict[str, Any], eot_id: int | None, pad_id: int | None, arch: str) -> dict[str, Any]:
     """lipkit's causal transformer text tower (OpenCLIP's TextTransformer)."""
-    _check_inert(text, _TEXT_KEYS, _TEXT_INERT, "text_cfg.", arch)
+    inert = (
+        {**_TEXT_INERT, "pool_type": _ANY} if text.get("embed_cls") else _TEXT_INERT
+    )  # [cls]: pooled there
+    _check_inert(text, _TEXT_KEYS, inert, "text_cfg.", arch)
     vocab_size = int(text.get("vocab_size", CLIP_VOCAB_SIZE))
     eot_id = vocab_size - 1 if eot_id is None else eot_id
-    _check_text_pooling(text, vocab_size, eot_id, arch)
+    cls = bool(text.get("embed_cls", False))
+    if not cls:  # a [cls] tower pools at the [cls] token, whatever pool_type says
+        _check_text_pooling(text, vocab_size, eot_id, arch)
+    elif pad_id is not None and int(text.get("pad_id", 0)) != pad_id:
+        raise UserError(
+            f"OpenCLIP config '{arch}' masks text_cfg.pad_id={text.get('pad_id', 0)} but the tokenizer pads with "
+            f"{pad_id}; pass the tokenizer the model was trained with."
+        )
     return {
+        "text_embed_cls": cls,
         "text_width": int(text.get("width", 512)),
         "text_layers": int(text.get("layers", 12)),
         "text_heads": int(text.get("heads", 8)),
@@ -270,7 +289,7 @@ def spec_from_open_clip(
     """The lipkit ModelSpec of an OpenCLIP model config: a ViT or timm image tower, and CLIP's text
     tower — or, given `text_fields` (`hf_fields` of the Hugging Face text tower), that one."""
     vision, text = dict(cfg.get("vision_cfg") or {}), dict(cfg.get("text_cfg") or {})
-    top = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_bias"}
+    top = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_bias", "multimodal_cfg"}
     _check_inert(cfg, top, _TOP_INERT, "", arch)
     timm = bool(vision.get("timm_model_name"))
     fields = _timm_fields(vision, arch) if timm else _vit_fields(vision, arch)
@@ -291,6 +310,7 @@ def spec_from_open_clip(
                 f"OpenCLIP config '{arch}' uses different MLP ratios ({fields['mlp_ratio']} vs {t_ratio}) in "
                 "its towers; lipkit's ModelSpec has one mlp_ratio for both."
             )
+    decoder = coca_fields(cfg, arch) if is_coca(cfg) else {}  # after the towers' own refusals
     prep = dict(preprocess or {})
     mean = prep.get("mean") or vision.get("image_mean") or OPENAI_MEAN
     std = prep.get("std") or vision.get("image_std") or OPENAI_STD
@@ -301,4 +321,5 @@ def spec_from_open_clip(
         image_mean=tuple(float(x) for x in mean),  # type: ignore[arg-type]
         image_std=tuple(float(x) for x in std),  # type: ignore[arg-type]
         **fields,
+        **decoder,
     )

@@ -11,14 +11,14 @@ from torch import nn
 
 from lipkit.data.transforms import normalize as normalize_pixels
 from lipkit.errors import UserError
-from lipkit.models.caption_decoder import CaptionDecoder
+from lipkit.models.caption_decoder import CaptionDecoder, TextReading
 from lipkit.models.hf_text import HFTextTower
 from lipkit.models.lexicon_head import LexiconHead
 from lipkit.models.locking import lock_tower
 from lipkit.models.matching_head import MatchingHead
 from lipkit.models.prefix_decoder import PrefixDecoder
 from lipkit.models.presets import ModelSpec
-from lipkit.models.regions import as_rois, region_pool
+from lipkit.models.regions import as_rois, region_pool, require_patch_grid
 from lipkit.models.text import TextTransformer
 from lipkit.models.timm_vision import TimmTower
 from lipkit.models.vision import VisionTransformer
@@ -38,6 +38,13 @@ class DualEncoder(nn.Module):
                 f"model vision_tower must be 'vit' (lipkit's ViT) or 'timm' (the timm network named by "
                 f"timm_model_name), not '{spec.vision_tower}'."
             )
+        if (spec.vision_attn_pool and spec.vision_tower != "vit") or (
+            spec.text_embed_cls and spec.text_tower != "transformer"
+        ):
+            raise UserError(
+                "model vision_attn_pool and text_embed_cls (OpenCLIP CoCa's towers) apply to lipkit's own ViT and "
+                "text transformer; unset them for a timm image tower or a Hugging Face text tower."
+            )
         self.spec = spec
         self.max_logit_scale = max_logit_scale
         self.visual = TimmTower(spec) if spec.vision_tower == "timm" else VisionTransformer(spec)
@@ -48,9 +55,9 @@ class DualEncoder(nn.Module):
             self.image_lexicon = LexiconHead(spec.embed_dim, spec.lexicon_vocab)
             self.text_lexicon = LexiconHead(spec.embed_dim, spec.lexicon_vocab)
         if spec.caption_layers:  # a caption decoder reading the image tower's projected tokens
-            if spec.caption_input not in ("tokens", "embedding", "prefix"):
+            if spec.caption_input not in ("tokens", "embedding", "prefix", "text"):
                 raise UserError(
-                    f"model caption_input must be tokens, embedding or prefix, not {spec.caption_input!r}."
+                    f"model caption_input must be tokens, embedding, prefix or text, not {spec.caption_input!r}."
                 )
             self.captioner = caption_decoder_of(spec)
         if spec.match_layers < 0:
@@ -69,7 +76,7 @@ class DualEncoder(nn.Module):
     ) -> None:
         """A fresh caption decoder on this model (a checkpoint trained without one: `model.init_from`),
         reading the image tokens, (`reads="embedding"`) one embedding or (`"prefix"`) `queries` soft prompts."""
-        self.spec = replace(
+        spec = replace(
             self.spec,
             caption_layers=layers,
             caption_width=width,
@@ -77,7 +84,13 @@ class DualEncoder(nn.Module):
             caption_input=reads,
             caption_queries=queries,
         )
-        self.captioner = caption_decoder_of(self.spec).to(self.device)
+        self.captioner = caption_decoder_of(spec).to(self.device)  # refusals first: the spec stays consistent
+        self.spec = spec
+
+    @property
+    def caption_reader(self) -> CaptionDecoder | PrefixDecoder | TextReading:
+        """What caption_nll and beam search drive: the decoder, or a text-reading decoder with the text tower."""
+        return TextReading(self.captioner, self.text) if self.spec.caption_input == "text" else self.captioner
 
     @property
     def has_matcher(self) -> bool:
@@ -113,6 +126,7 @@ class DualEncoder(nn.Module):
         """Images (B, 3, S, S) and boxes — a list with each image's (n_i, 4) boxes (x0, y0, x1, y1 as
         fractions of the side), or (R, 5) rows (image index, box) — → (R, D) region embeddings pooled
         from the image tower's token grid (models.regions), image by image in order."""
+        require_patch_grid(self.spec, "Region embedding")
         _, tokens = self.visual(images, return_tokens=True)
         feats = region_pool(tokens, as_rois(boxes, tokens.device))
         return F.normalize(feats, dim=-1) if normalize else feats
@@ -209,6 +223,18 @@ def caption_decoder_of(spec: ModelSpec) -> CaptionDecoder | PrefixDecoder:
             spec.embed_dim,
             spec.caption_queries,
         )
+    reads_text = spec.caption_input == "text"
+    if reads_text and (spec.text_tower != "transformer" or not spec.text_embed_cls):
+        raise UserError(
+            "A caption decoder reading the text tower's states (caption_input 'text', OpenCLIP's CoCa) needs "
+            "lipkit's causal text tower with a [cls] token; set model text_embed_cls=true, or caption_input tokens."
+        )
+    if reads_text and not width == spec.text_width == spec.embed_dim:
+        raise UserError(
+            f"A caption decoder reading the text tower's states (caption_input 'text') must be as wide as the "
+            f"text tower and the image tokens; set caption_width, text_width and embed_dim equal (now {width}, "
+            f"{spec.text_width}, {spec.embed_dim})."
+        )
     return CaptionDecoder(
         spec.vocab_size,
         width,
@@ -217,6 +243,8 @@ def caption_decoder_of(spec: ModelSpec) -> CaptionDecoder | PrefixDecoder:
         spec.context_length,
         spec.embed_dim,
         text_only=spec.caption_input == "embedding",
+        reads_text=reads_text,
+        quick_gelu=spec.quick_gelu and reads_text,
     )
 
 

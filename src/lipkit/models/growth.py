@@ -108,6 +108,11 @@ def check_growable(spec: ModelSpec, g: Growth) -> None:
             "Only lipkit's own ViT image tower grows, not a timm one; set train.grow's towers to text or train "
             "without model.image_pretrained."
         )
+    if (g.grows("image") and spec.vision_attn_pool) or (g.grows("text") and spec.caption_input == "text"):
+        raise UserError(
+            "OpenCLIP CoCa's towers (an attentional pooler on the image tower, a decoder reading the text "
+            "tower's states) do not grow; leave that tower out of train.grow's towers."
+        )
     if g.grows("image") and spec.vision_stem == "conv":
         check_conv_stem(spec, g)
     if g.grows("text") and spec.text_tower != "transformer":

@@ -29,6 +29,11 @@ class ModelSpec:
     # gradient-caching chunks and a locked tower all compute the same thing); "batch" (BatchNorm2d) only for
     # checkpoints written before this setting existed (a saved config without it loads as "batch")
     stem_norm: str = "group"
+    # OpenCLIP CoCa's attentional pooler (models.vision.AttentionalPooler): this many learned queries attend
+    # to the ViT's tokens (0: none, pooled at the class token); the first query's output, projected, is the
+    # pooled feature and the others are the image tokens (embed_dim wide) a decoder reads
+    vision_attn_pool: int = 0
+    vision_attn_pool_heads: int = 8
     # "vit": the tower above; "timm": a timm network (models.timm_vision, like OpenCLIP's timm_model_name /
     # timm_pool / timm_proj), usually with pretrained weights (model.image_pretrained)
     vision_tower: str = "vit"
@@ -44,6 +49,9 @@ class ModelSpec:
     vocab_size: int = 8192
     eot_id: int = 2  # the text tower pools at the first end-of-text token (set from the tokenizer)
     pad_id: int = 0
+    # OpenCLIP CoCa's text tower (models.text): a learned [cls] token after the caption padded to the context,
+    # whose final state is the pooled feature; keys are masked as OpenCLIP masks them (see models.text)
+    text_embed_cls: bool = False
     # "transformer": the tower above, trained from scratch; "hf": a Hugging Face encoder (e.g. the pretrained
     # all-MiniLM-L6-v2) built from `text_hf_config`, pooled by `text_pool` ("mean" or "cls"), then projected.
     text_tower: str = "transformer"
@@ -63,6 +71,8 @@ class ModelSpec:
     # what the decoder reads: "tokens" (the image tower's token grid, CoCa), "embedding" (one normalised
     # embedding: a text-only decoder trained on noised text embeddings that captions image embeddings) or
     # "prefix" (a causal language model reading the image as soft prompts from a connector, models.prefix_decoder)
+    # or "text" (OpenCLIP's CoCa layout: the decoder reads the text tower's token states, not its own
+    # embeddings, and the image tower's unnormalised tokens; needs text_embed_cls and caption_width = text_width)
     caption_input: str = "tokens"
     caption_queries: int = 8  # the soft prompts a prefix decoder's connector makes of each image
     # an image–text matching head (models.matching_head, UNITER's ITM head re-ranking a shortlist): this many

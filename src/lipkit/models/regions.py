@@ -18,7 +18,19 @@ from collections.abc import Sequence
 
 import torch
 
+from lipkit.errors import UserError
+
 BINS, SAMPLES = 4, 2
+
+
+def require_patch_grid(spec, what: str) -> None:
+    """Refuse, in one sentence, `what` on an image tower whose tokens are an attentional pooler's queries."""
+    if getattr(spec, "vision_attn_pool", 0):
+        raise UserError(
+            f"{what} reads the image tower's patch grid, and this checkpoint's tower ends in an attentional "
+            "pooler (model vision_attn_pool, OpenCLIP's CoCa) whose tokens are queries, not patches; use a "
+            "checkpoint without one."
+        )
 
 
 def grid_side(tokens: torch.Tensor) -> int:

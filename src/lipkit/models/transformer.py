@@ -38,10 +38,13 @@ def activation_backward(kind: str, grad: torch.Tensor, x: torch.Tensor) -> torch
     return torch.ops.aten.gelu_backward.grad_input(grad, x, grad_input=grad)  # elementwise: in place is safe
 
 
-def explicit_attention(qkv: torch.Tensor, heads: int, causal: bool) -> torch.Tensor:
+def explicit_attention(
+    qkv: torch.Tensor, heads: int, causal: bool, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """softmax(q kᵀ / √d_head + M) v for packed (batch, tokens, 3·width) projections → (batch, tokens, width).
 
-    M = −∞ above the diagonal when causal, else 0. Written out as two batched matmuls (the scale and
+    M = −∞ above the diagonal when causal, else 0; or −∞ where the (batch, 1, tokens, tokens) boolean `mask`
+    is false. Written out as two batched matmuls (the scale and
     the mask folded into the first, `baddbmm`) and a softmax. Used on a CPU in bf16, where PyTorch's
     fused kernels are slow: the flash kernel's bf16 backward, and the math kernel, which upcasts
     q, k, v to fp32. Per tiny-preset vision layer (batch 128) on 2 cores, forward+backward: flash 62,
@@ -55,9 +58,14 @@ def explicit_attention(qkv: torch.Tensor, heads: int, causal: bool) -> torch.Ten
     d = three_d // (3 * heads)
     # one copy into (3, batch·heads, tokens, d_head): q, k, v contiguous for the batched matmuls
     q, k, v = qkv.view(b, n, 3, heads, d).permute(2, 0, 3, 1, 4).reshape(3, b * heads, n, d).unbind(0)
-    if causal:
-        mask = torch.full((n, n), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
-        scores = torch.baddbmm(mask, q, k.transpose(1, 2), alpha=d**-0.5)
+    if mask is not None:
+        add = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+        scores = torch.baddbmm(
+            add.expand(b, heads, n, n).reshape(b * heads, n, n), q, k.transpose(1, 2), alpha=d**-0.5
+        )
+    elif causal:
+        causal_mask = torch.full((n, n), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
+        scores = torch.baddbmm(causal_mask, q, k.transpose(1, 2), alpha=d**-0.5)
     else:
         scores = torch.baddbmm(q.new_zeros(()), q, k.transpose(1, 2), beta=0, alpha=d**-0.5)
     out = torch.bmm(torch.softmax(scores, dim=-1), v)
@@ -76,13 +84,19 @@ class Attention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, causal: bool = False, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`mask`: (B, 1, N, N) booleans, true where a query may attend a key (it replaces `causal`)."""
         b, n, d = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         if qkv.device.type == "cpu" and qkv.dtype == torch.bfloat16:
-            return self.out_proj(explicit_attention(qkv, self.heads, causal))
+            return self.out_proj(explicit_attention(qkv, self.heads, causal, mask))
         q, k, v = qkv.view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        if mask is not None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -142,8 +156,10 @@ class ResidualBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = Mlp(width, int(width * mlp_ratio), quick_gelu)
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), causal=causal)
+    def forward(
+        self, x: torch.Tensor, causal: bool = False, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), causal=causal, mask=mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -162,10 +178,12 @@ class Transformer(nn.Module):
         # recompute the block in the backward — activation memory of one block instead of all of them
         self.checkpointing = False
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, causal: bool = False, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         for block in self.resblocks:
             if self.checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, causal, use_reentrant=False)
+                x = checkpoint(block, x, causal, mask, use_reentrant=False)
             else:
-                x = block(x, causal=causal)
+                x = block(x, causal=causal, mask=mask)
         return x

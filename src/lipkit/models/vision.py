@@ -12,7 +12,12 @@ depends on the rest of its batch, so two ranks (each with its own half-batch sta
 like one process, gradient caching normalises each chunk differently from the whole batch (and moves the
 running statistics once per chunk), and a locked tower's statistics move. `stem_norm="batch"` keeps
 batch norm for checkpoints saved before the change; the trainer refuses to train those batch
-statistics on several ranks or with gradient caching (models.batch_stats)."""
+statistics on several ranks or with gradient caching (models.batch_stats).
+
+With `spec.vision_attn_pool` = Q (OpenCLIP's CoCa towers, `attentional_pool: true`), Q learned queries attend
+to the transformer's output (`AttentionalPooler`), then ln_post: the first query's output times `proj` is
+the pooled feature and the other Q − 1 are the image tokens, unprojected (embed_dim wide), as OpenCLIP's
+VisionTransformer pools them. Those tokens are not a patch grid (no region pooling or heatmaps from them)."""
 
 from __future__ import annotations
 
@@ -52,6 +57,23 @@ def conv_stem(width: int, patch_size: int, norm: str = "group") -> nn.Sequential
     return nn.Sequential(*layers)
 
 
+class AttentionalPooler(nn.Module):
+    """Q learned queries → cross-attention to the (B, N, context_dim) tokens: (B, Q, dim) (OpenCLIP's
+    AttentionalPooler and parameter names: `query`, `attn`, `ln_q`, `ln_k`)."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int, queries: int) -> None:
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(queries, dim))
+        self.attn = nn.MultiheadAttention(dim, heads, kdim=context_dim, vdim=context_dim, batch_first=True)
+        self.ln_q = nn.LayerNorm(dim)
+        self.ln_k = nn.LayerNorm(context_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.ln_k(x)
+        q = self.ln_q(self.query).to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+        return self.attn(q, x, x, need_weights=False)[0]
+
+
 class VisionTransformer(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
@@ -79,8 +101,21 @@ class VisionTransformer(nn.Module):
         self.transformer = Transformer(
             w, spec.vision_layers, spec.vision_heads, spec.mlp_ratio, spec.quick_gelu
         )
-        self.ln_post = nn.LayerNorm(w)
-        self.proj = nn.Parameter(scale * torch.randn(w, spec.embed_dim))
+        pool_dim = w
+        if spec.vision_attn_pool:
+            heads = spec.vision_attn_pool_heads
+            if spec.vision_attn_pool < 2 or heads < 1 or spec.embed_dim % heads:
+                raise UserError(
+                    f"model vision_attn_pool={spec.vision_attn_pool} needs 2 or more queries (the first is pooled, "
+                    f"the rest are the tokens) and vision_attn_pool_heads={spec.vision_attn_pool_heads} must "
+                    f"divide embed_dim {spec.embed_dim}; change them."
+                )
+            pool_dim = spec.embed_dim
+            self.attn_pool = AttentionalPooler(
+                pool_dim, w, spec.vision_attn_pool_heads, spec.vision_attn_pool
+            )
+        self.ln_post = nn.LayerNorm(pool_dim)
+        self.proj = nn.Parameter(scale * torch.randn(pool_dim, spec.embed_dim))
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) → (B, 1 + N, W): the class token and the patch tokens with their positions, after
@@ -91,8 +126,17 @@ class VisionTransformer(nn.Module):
         return self.ln_pre(x)
 
     def forward(self, images: torch.Tensor, return_tokens: bool = False):
-        x = self.ln_post(self.transformer(self.embed(images)))
+        x = self.transformer(self.embed(images))
+        if hasattr(self, "attn_pool"):
+            x = self.attn_pool(x)
+        x = self.ln_post(x)
         pooled = x[:, 0] @ self.proj
+        # the patch tokens in the embedding space, or the pooler's other queries as they are
         if return_tokens:
-            return pooled, x[:, 1:] @ self.proj
+            return pooled, x[:, 1:] if hasattr(self, "attn_pool") else x[:, 1:] @ self.proj
         return pooled
+
+    @property
+    def has_token_grid(self) -> bool:
+        """Whether the tokens are a patch grid (regions, heat maps): not an attentional pooler's queries."""
+        return not hasattr(self, "attn_pool")

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from lipkit.models.caption_decoder import caption_nll
 from lipkit.models.dual_encoder import DualEncoder
-from lipkit.models.regions import region_pool
+from lipkit.models.regions import region_pool, require_patch_grid
 from lipkit.objectives.capdec import sample_noise
 from lipkit.train.views import Views
 
@@ -108,6 +108,7 @@ class BatchPass:
         from the image tokens (models.regions) and normalised features of their captions, (B, R, D) each,
         zero where a region is padding; the (B, R) validity and (B, R) caption keys."""
         assert "regions" in self.labels, "check_inputs refuses a regions input without regions"
+        require_patch_grid(self.model.spec, "Training on regions")
         boxes, ids, valid = self.labels["regions"].lookup(self.key_ids())
         (b, r), flat = valid.shape, valid.reshape(-1)
         image_of = torch.arange(b, device=boxes.device).repeat_interleave(r)
@@ -138,10 +139,11 @@ class BatchPass:
     @functools.cached_property
     def caption(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The caption decoder's teacher-forced (B,) summed NLL of each first caption given its image's
-        normalised tokens, and (B,) its predicted-token counts (models.caption_decoder.caption_nll)."""
-        tokens = self.image[1]
+        normalised tokens (unnormalised for OpenCLIP's CoCa layout, `caption_input: text`), and (B,) its
+        predicted-token counts (models.caption_decoder.caption_nll)."""
+        tokens = self.image_out[1] if self.model.spec.caption_input == "text" else self.image[1]
         assert tokens is not None, "caption inputs ask for the image tokens"
-        return caption_nll(self.model.captioner, self.text_ids[self.first], tokens, self.pad_id)
+        return caption_nll(self.model.caption_reader, self.text_ids[self.first], tokens, self.pad_id)
 
     @functools.cached_property
     def language_model(self) -> tuple[torch.Tensor, torch.Tensor]:

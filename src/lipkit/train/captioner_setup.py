@@ -23,18 +23,21 @@ CAPTION_LAYERS = 2  # the caption decoder's depth when an objective needs one an
 GAP_PAIRS = 1024  # training pairs the modality gap is measured on
 
 
-def caption_reads(needs: set[str]) -> str:
-    """What the decoder the objective trains reads: "tokens", "embedding", or "" (no decoder)."""
+def caption_reads(needs: set[str], overrides: dict[str, Any]) -> str:
+    """What the decoder the objective trains reads: "tokens" (or, asked for, OpenCLIP CoCa's "text"),
+    "embedding", "prefix", or "" (no decoder)."""
     if requires(needs, "text_captioner"):
         return "embedding"
     if requires(needs, "prefix_captioner"):
         return "prefix"
-    return "tokens" if requires(needs, "captioner") else ""
+    if not requires(needs, "captioner"):
+        return ""
+    return "text" if overrides.get("caption_input") == "text" else "tokens"
 
 
 def new_model_settings(needs: set[str], overrides: dict[str, Any]) -> dict[str, Any]:
     """The ModelSpec settings a new model gets for the objective's decoder (none when it trains none)."""
-    reads = caption_reads(needs)
+    reads = caption_reads(needs, overrides)
     if not reads:
         return {}
     fixed: dict[str, Any] = {"caption_input": reads}
@@ -45,7 +48,7 @@ def new_model_settings(needs: set[str], overrides: dict[str, Any]) -> dict[str, 
 
 def attach_captioner(model: DualEncoder, needs: set[str], overrides: dict[str, Any]) -> bool:
     """A fresh decoder on a starting model that has none (its towers typically locked); whether it added one."""
-    reads = caption_reads(needs)
+    reads = caption_reads(needs, overrides)
     if not reads or model.has_captioner:
         return False
     model.add_captioner(

@@ -213,7 +213,7 @@ _REQUIREMENTS: dict[str, tuple[Callable[[dict[str, Any]], bool], str]] = {
         "model.overrides.lexicon_vocab (e.g. the tokenizer's vocabulary size).",
     ),
     "captioner": (
-        lambda s: s["captioner"] == "tokens",
+        lambda s: s["captioner"] in ("tokens", "text"),
         "trains a caption decoder reading image tokens and this model has none or another kind; with "
         "model.init_from, name a checkpoint without a decoder (lipkit train adds one).",
     ),
@@ -287,6 +287,18 @@ def check_inputs(
     for what, (present, fix) in _REQUIREMENTS.items():
         if requires(needs, what) and not present(setup):
             raise UserError(f"Objective '{objective}' {fix}")
+
+
+def check_patch_tokens(needs: set[str], has_grid: bool, objective: str) -> None:
+    """Refuse an objective reading the image tower's tokens as patches when they are an attentional pooler's
+    queries (OpenCLIP's CoCa towers): only a caption decoder reads those."""
+    readers = sorted(n for n in needs if INPUTS[n].tokens == "image" and "caption" not in n)
+    if readers and not has_grid:
+        raise UserError(
+            f"Objective '{objective}' reads the image tower's patch tokens ({', '.join(readers)}), and this model's "
+            "tower ends in an attentional pooler (model vision_attn_pool, OpenCLIP's CoCa) whose tokens are "
+            "queries; use another objective or a model without the pooler."
+        )
 
 
 def objective_inputs(

@@ -44,7 +44,7 @@ from lipkit.train.distributed import Dist, check_batch_split, gather_objects, ru
 from lipkit.train.distributed import init as init_distributed
 from lipkit.train.growth import replay as replay_growth
 from lipkit.train.hooks import CheckpointWriter, Evaluator
-from lipkit.train.inputs import objective_needs, requires
+from lipkit.train.inputs import check_patch_tokens, objective_needs, requires
 from lipkit.train.matcher_setup import attach_matcher, matcher_settings
 from lipkit.train.objective_labels import objective_labels
 from lipkit.train.teacher import check_same_tokenizer, load_teacher
@@ -312,6 +312,7 @@ def _build_model(
             teacher = copy.deepcopy(model).eval().requires_grad_(False)  # the frozen starting model
     else:
         model, fresh_decoder = _new_model(cfg, tokenizer, objective, pretrained, resume), True
+    check_patch_tokens(objective_needs(objective), getattr(model.visual, "has_token_grid", True), t.objective)
     model.lock("text", t.lock_text)
     model.lock("image", t.lock_image)
     prepare_text_only(model, objective, tokenizer, data, cfg, resume)  # capdec: locks, noise σ
