@@ -274,7 +274,9 @@ def test_coca_towers_export_to_onnx_and_refuse_growth_and_patch_readers(arches, 
     _, diffs = write_onnx(model.eval(), tok, tmp_path / "onnx")
     assert diffs is not None and max(diffs.values()) < 1e-4, diffs
     short = tok(TEXTS)[:, :5]
-    got = ort.InferenceSession(str(tmp_path / "onnx" / "text.onnx")).run(None, {"input_ids": short.numpy()})[0]
+    got = ort.InferenceSession(str(tmp_path / "onnx" / "text.onnx")).run(None, {"input_ids": short.numpy()})[
+        0
+    ]
     with torch.no_grad():
         assert torch.allclose(torch.from_numpy(got), model.encode_text(short), atol=1e-5)
     assert not model.visual.has_token_grid
