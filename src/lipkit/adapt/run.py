@@ -32,6 +32,7 @@ from lipkit.config_eval import EvalConfig
 from lipkit.data.image_store import ImageStore
 from lipkit.data.sources.registry import read_table
 from lipkit.errors import UserError
+from lipkit.eval.zeroshot import class_embeddings
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.text.tokenizer import TextTokenizer
 
@@ -47,8 +48,7 @@ def class_features(
     """(C, D) normalised class embeddings: each class's prompt embeddings averaged (with the graph when
     the text tower trains)."""
     ids = tokenizer([t.format(c) for c in classes for t in templates]).to(model.device)
-    feats = F.normalize(model.text(ids), dim=-1).view(len(classes), len(templates), -1)
-    return F.normalize(feats.mean(1), dim=-1)
+    return class_embeddings(F.normalize(model.text(ids), dim=-1), len(classes), len(templates))
 
 
 def image_features(model: DualEncoder, store: ImageStore) -> torch.Tensor:

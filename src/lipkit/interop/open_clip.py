@@ -38,7 +38,7 @@ from lipkit.atomic import write_dir
 from lipkit.errors import UserError
 from lipkit.interop import refuse_existing
 from lipkit.interop.clip_bpe import CLIP_VOCAB_SIZE, clip_tokenizer
-from lipkit.interop.open_clip_coca import PREFIX_IN, coca_config, decoder_state_in, state_to_coca
+from lipkit.interop.open_clip_coca import PREFIX_IN, coca_config, decoder_state_in, decoder_state_out
 from lipkit.interop.open_clip_custom import (
     TEXT_DIR,
     check_timm_trunk,
@@ -215,9 +215,11 @@ def state_from_open_clip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 def state_to_open_clip(state: dict[str, torch.Tensor], custom_text: bool = False) -> dict[str, torch.Tensor]:
     """Rename a lipkit state dict to OpenCLIP `CLIP` names, or (`custom_text`) to CoCa's / a custom-text
     model's, which keep the text tower under `text.`."""
-    if custom_text:
-        return state_to_coca(state)
-    return {k.removeprefix("text."): v.detach().cpu().clone().contiguous() for k, v in state.items()}
+    out = {
+        (k if custom_text else k.removeprefix("text.")): v.detach().cpu().clone().contiguous()
+        for k, v in state.items()
+    }
+    return decoder_state_out(out) if custom_text else out
 
 
 def _adjacent_tokenizer(*places: Path) -> Tokenizer | None:

@@ -110,11 +110,11 @@ def decoder_state_in(key: str, value: torch.Tensor) -> tuple[str, torch.Tensor]:
     return name, value
 
 
-def state_to_coca(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A lipkit state dict (text-reading decoder) with OpenCLIP CoCa's names."""
+def decoder_state_out(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with lipkit's `captioner.*` entries under OpenCLIP CoCa's `text_decoder.*` names (the
+    projection transposed); the rest as it is."""
     out = {}
     for k, v in state.items():
-        v = v.detach().cpu().clone().contiguous()
         if k == PREFIX_OUT + PROJECTION + ".weight":
             out[PREFIX_IN + PROJECTION] = v.t().contiguous()
         elif k.startswith(PREFIX_OUT):

@@ -312,7 +312,7 @@ def _build_model(
             teacher = copy.deepcopy(model).eval().requires_grad_(False)  # the frozen starting model
     else:
         model, fresh_decoder = _new_model(cfg, tokenizer, objective, pretrained, resume), True
-    check_patch_tokens(objective_needs(objective), getattr(model.visual, "has_token_grid", True), t.objective)
+    check_patch_tokens(objective_needs(objective), not model.spec.vision_attn_pool, t.objective)
     model.lock("text", t.lock_text)
     model.lock("image", t.lock_image)
     prepare_text_only(model, objective, tokenizer, data, cfg, resume)  # capdec: locks, noise σ
