@@ -1,23 +1,26 @@
 """`lipkit adapt`: few-shot adaptation of a trained checkpoint to a labelled column of a table.
 
 The classes are the column's values (or its base or novel half, adapt.few_shot); K images per class
-(`shots`, drawn with `seed`) are the training set. Each class c is the mean of its prompts' normalised text
-embeddings over the templates, re-normalised (zero-shot CLIP's classifier, eval.zeroshot), and an image x
-is classified by softmax(t · x̂ · ĉᵀ) with the checkpoint's own logit scale t, so the loss is
+(`shots`, drawn with `seed`) are the training set. Each method (adapt.learners) gives logits over the classes
+for each shot, with the checkpoint's own logit scale t; the zero-shot classifier they start from has each
+class c the mean of its prompts' normalised text embeddings over the templates, re-normalised (eval.zeroshot).
+What trains minimises
 
-    L = −1/N Σ_i log softmax_c(t · x̂_i · ĉ_c)_{y_i}
+    L = −1/N Σ_i log softmax_c(logits_i)_{y_i}
 
-over the N = K·C shots: CoOp's objective (Zhou et al., 2022), here with LoRA (adapt.lora) in the chosen
-towers as the only trainable parameters. Full-batch AdamW for `steps` steps; a tower that is not adapted
-runs once (the image features, or the class features). The LoRA branches are then merged and the model
-saved as an ordinary checkpoint in OUT/checkpoint, its config.json keeping the source's training record
-(so eval scores it as the source is scored) plus `adapted` (method, column, classes, shots, seed, steps,
-trainable parameters, the shots' loss and top-1 before and after). Checkpoints scored token-wise or
-lexically (FILIP, Wukong, LexLIP) are refused: this loss trains the pooled similarity.
+over the N = K·C shots — CoOp's objective (Zhou et al., 2022) — by full-batch AdamW for `steps` steps
+(Tip-Adapter trains nothing). A tower that does not train runs once. The result is saved as an ordinary
+checkpoint in OUT/checkpoint: LoRA merged into the weights, or the method's module beside the towers
+(ModelSpec.adapter: CoOp's context, CLIP-Adapter's MLP, Tip-Adapter's cache), which eval, embed and serve
+read. Its config.json keeps the source's training record (so eval scores it as the source is scored) plus
+`adapted` (method, column, classes, shots, seed, steps, the method's settings, trainable parameters, the
+shots' loss and top-1 before and after). Checkpoints scored token-wise or lexically (FILIP, Wukong, LexLIP)
+are refused: these methods train the pooled similarity.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,80 +29,55 @@ import torch.nn.functional as F
 from rich.progress import track
 
 from lipkit.adapt.few_shot import class_split, few_shot
-from lipkit.adapt.lora import add_lora, merge
+from lipkit.adapt.learners import (
+    TOWERS,
+    ClipAdapterLearner,
+    CoopLearner,
+    LoraLearner,
+    Shots,
+    TipLearner,
+    template_class_features,
+)
 from lipkit.checkpoint import load_checkpoint, save_checkpoint
 from lipkit.config_eval import EvalConfig
 from lipkit.data.image_store import ImageStore
 from lipkit.data.sources.registry import read_table
+from lipkit.data.transforms import normalize
 from lipkit.errors import UserError
-from lipkit.eval.zeroshot import class_embeddings
 from lipkit.models.dual_encoder import DualEncoder
-from lipkit.text.tokenizer import TextTokenizer
 
-TOWERS = {"text": ("text",), "image": ("visual",), "both": ("visual", "text")}
+METHODS = ("lora", "coop", "clip-adapter", "tip", "tip-f")
 TOKEN_SCORED = {"filip": "token-wise", "wukong": "token-wise", "lexlip": "lexically"}
 # config.json keys save_checkpoint writes itself (the rest of the source's config is carried over)
 SAVED_BY_CHECKPOINT = ("lipkit_version", "model", "max_logit_scale", "context_length", "adapted")
 
 
-def class_features(
-    model: DualEncoder, tokenizer: TextTokenizer, classes: list[str], templates: list[str]
-) -> torch.Tensor:
-    """(C, D) normalised class embeddings: each class's prompt embeddings averaged (with the graph when
-    the text tower trains)."""
-    ids = tokenizer([t.format(c) for c in classes for t in templates]).to(model.device)
-    return class_embeddings(F.normalize(model.text(ids), dim=-1), len(classes), len(templates))
+@dataclass
+class AdaptSettings:
+    """What `lipkit adapt` does; each method reads its own group (docs/adapt.md)."""
+
+    method: str = "lora"
+    shots: int = 16
+    seed: int = 0
+    split: str = "all"  # all | base | novel (CoOp's split of the sorted classes)
+    steps: int = 100
+    lr: float = 1e-3
+    templates: list[str] = field(default_factory=lambda: list(EvalConfig().templates))
+    towers: str = "text"  # lora: text | image | both
+    rank: int = 4
+    alpha: float = 8.0
+    context: int = 0  # coop: context vectors (0: as many as --context-init has tokens)
+    context_init: str = "a photo of a"  # coop: "" draws them from N(0, 0.02²)
+    class_specific: bool = False  # coop: one context per class (CSC)
+    reduction: int = 4  # clip-adapter
+    ratio: float = 0.2
+    tip_alpha: float = 1.0  # tip, tip-f
+    tip_beta: float = 1.0
 
 
-def image_features(model: DualEncoder, store: ImageStore) -> torch.Tensor:
-    """The shots' (N, D) normalised image embeddings (with the graph when the image tower trains)."""
-    from lipkit.data.transforms import normalize
-
-    if not len(store.records):
-        raise UserError("None of the shots' images can be read; check the table's image paths.")
-    pixels = store.get(range(len(store.records)))
-    x = normalize(pixels, model.spec.image_mean, model.spec.image_std).to(model.device)
-    return F.normalize(model.visual(x), dim=-1)
-
-
-class Shots:
-    """The shots and class prompts; a tower that does not train is run once and its features kept."""
-
-    def __init__(self, model, tokenizer, store, classes, templates, labels, adapted: tuple[str, ...]) -> None:
-        self.model, self.tokenizer, self.store = model, tokenizer, store
-        self.classes, self.templates, self.labels = classes, templates, labels
-        with torch.no_grad():
-            self.image = None if "visual" in adapted else image_features(model, store)
-            self.text = None if "text" in adapted else class_features(model, tokenizer, classes, templates)
-
-    def loss(self) -> tuple[torch.Tensor, float]:
-        """The cross-entropy of the shots and their top-1."""
-        img = self.image if self.image is not None else image_features(self.model, self.store)
-        cls = self.text
-        if cls is None:
-            cls = class_features(self.model, self.tokenizer, self.classes, self.templates)
-        logits = self.model.scale().detach() * img @ cls.t()
-        return F.cross_entropy(logits, self.labels), (logits.argmax(1) == self.labels).float().mean().item()
-
-
-def _fit(
-    shots: Shots, params: list, steps: int, lr: float
-) -> tuple[tuple[float, float], tuple[float, float]]:
-    """Full-batch AdamW on the LoRA parameters; the shots' (loss, top-1) before and after."""
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    with torch.no_grad():
-        start = shots.loss()
-    for _ in track(range(steps), description="adapt"):
-        loss, _ = shots.loss()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        end = shots.loss()
-    return (start[0].item(), start[1]), (end[0].item(), end[1])
-
-
-def _check(checkpoint: Path, out: Path, overwrite: bool, towers: str, model: DualEncoder, info: dict) -> None:
+def _check(
+    checkpoint: Path, out: Path, overwrite: bool, s: AdaptSettings, model: DualEncoder, info: dict
+) -> None:
     """Refuse, in one sentence each, what this adaptation cannot do."""
     if out.exists() and not out.is_dir():
         raise UserError(f"Output '{out}' is a file; choose a directory path.")
@@ -107,11 +85,20 @@ def _check(checkpoint: Path, out: Path, overwrite: bool, towers: str, model: Dua
         raise UserError(f"Output '{out}' already exists; choose a new path or pass --overwrite.")
     if (out / "checkpoint").resolve() == checkpoint.resolve():
         raise UserError(f"Output '{out}' would overwrite the checkpoint being adapted; choose another path.")
-    if towers not in TOWERS:
-        raise UserError(f"The towers to adapt must be one of {', '.join(TOWERS)}, not '{towers}'.")
-    if "visual" in TOWERS[towers] and model.spec.vision_tower != "vit":
+    if s.method not in METHODS:
+        raise UserError(
+            f"Adaptation method '{s.method}' is not one of {', '.join(METHODS)}; pick one of them."
+        )
+    if s.towers not in TOWERS:
+        raise UserError(f"The towers to adapt must be one of {', '.join(TOWERS)}, not '{s.towers}'.")
+    if s.method == "lora" and "visual" in TOWERS[s.towers] and model.spec.vision_tower != "vit":
         raise UserError(
             "LoRA on a timm image tower is not supported yet; adapt the text tower (--towers text)."
+        )
+    if model.spec.adapter:
+        raise UserError(
+            f"'{checkpoint}' already holds a {model.spec.adapter.get('method')} adapter; adapt the checkpoint it "
+            "was adapted from (its config.json `adapted.from`)."
         )
     objective = (info.get("train") or {}).get("objective", "")
     if objective in TOKEN_SCORED:
@@ -132,60 +119,98 @@ def _classes(records, column: str, split: str) -> list[str]:
     return classes
 
 
+def _shots(model, tokenizer, store: ImageStore, column: str, classes, s: AdaptSettings) -> Shots:
+    """The shots' pixels, labels, and the features of every tower that does not train, computed once."""
+    if not len(store.records):
+        raise UserError("None of the shots' images can be read; check the table's image paths.")
+    # (the store drops unreadable images from its records: the labels follow what is left)
+    labels = torch.tensor([classes.index(str(r.meta[column])) for r in store.records], device=model.device)
+    trains = TOWERS[s.towers] if s.method == "lora" else ()
+    mean, std, dev = model.spec.image_mean, model.spec.image_std, model.device
+    pixels = None
+    if "visual" in trains:  # the tower trains: all shots at once, every step
+        pixels = normalize(store.get(range(len(store.records))), mean, std).to(dev)
+    with torch.no_grad():
+        raw = None
+        if pixels is None:  # once, in chunks
+            chunks = [range(i, min(i + 256, len(store.records))) for i in range(0, len(store.records), 256)]
+            raw = torch.cat([model.visual(normalize(store.get(c), mean, std).to(dev)) for c in chunks])
+        text = None if "text" in trains else template_class_features(model, tokenizer, classes, s.templates)
+    return Shots(model, tokenizer, column, classes, raw, text, labels, pixels, s.templates)
+
+
+def _learner(model, tokenizer, shots: Shots, s: AdaptSettings):
+    if s.method == "lora":
+        return LoraLearner(model, s.towers, s.rank, s.alpha)
+    if s.method == "coop":
+        return CoopLearner(model, tokenizer, shots.names, s.context, s.context_init, s.class_specific)
+    if s.method == "clip-adapter":
+        return ClipAdapterLearner(model, s.reduction, s.ratio)
+    return TipLearner(model, shots, s.tip_alpha, s.tip_beta, fine_tune=s.method == "tip-f")
+
+
+def _fit(shots: Shots, learner, steps: int, lr: float) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Full-batch AdamW on the learner's parameters; the shots' (loss, top-1) before and after."""
+
+    def measure() -> tuple[torch.Tensor, float]:
+        logits = learner.logits(shots)
+        return F.cross_entropy(logits, shots.labels), (logits.argmax(1) == shots.labels).float().mean().item()
+
+    with torch.no_grad():
+        start = measure()
+    if learner.params and steps:
+        opt = torch.optim.AdamW(learner.params, lr=lr, weight_decay=0.0)
+        for _ in track(range(steps), description=f"adapt ({learner.method})"):
+            loss, _ = measure()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        end = measure()
+    return (start[0].item(), start[1]), (end[0].item(), end[1])
+
+
 def adapt_checkpoint(
     checkpoint: str | Path,
     data: str | Path,
     column: str,
     out: str | Path,
-    shots: int = 16,
-    seed: int = 0,
-    split: str = "all",
-    towers: str = "text",
-    rank: int = 4,
-    alpha: float = 8.0,
-    steps: int = 100,
-    lr: float = 1e-3,
-    templates: list[str] | None = None,
     overwrite: bool = False,
+    **settings,
 ) -> dict[str, Any]:
-    """Adapt `checkpoint` to `column` of the table `data` with LoRA (module docstring); write the merged
-    checkpoint to `out`/checkpoint (a run directory: `lipkit eval` then writes `out`/eval) and return what
-    its config.json records under `adapted`."""
+    """Adapt `checkpoint` to `column` of the table `data` (module docstring; `settings` are AdaptSettings'
+    fields); write the adapted checkpoint to `out`/checkpoint (a run directory: `lipkit eval` then writes
+    `out`/eval) and return what its config.json records under `adapted`."""
+    s = AdaptSettings(**settings)
     checkpoint, out = Path(checkpoint).expanduser(), Path(out).expanduser()
     model, tokenizer, source = load_checkpoint(checkpoint)
-    _check(checkpoint, out, overwrite, towers, model, source)
+    _check(checkpoint, out, overwrite, s, model, source)
     records = read_table(data)
-    classes = _classes(records, column, split)
-    shot_records, _ = few_shot(records, column, shots, seed, classes)
-    model.requires_grad_(False)  # only the LoRA branches train
-    torch.manual_seed(seed)
-    adapted = [getattr(model, name) for name in TOWERS[towers]]
-    params = add_lora(adapted, rank, alpha)
+    classes = _classes(records, column, s.split)
+    shot_records, _ = few_shot(records, column, s.shots, s.seed, classes)
+    model.requires_grad_(False)  # only the method's parameters train
     model.eval()  # no dropout; frozen statistics
     store = ImageStore(shot_records, model.spec.image_size, cache=True, desc="shots")
-    # (the store drops unreadable images from its records: the labels follow what is left)
-    labels = torch.tensor([classes.index(str(r.meta[column])) for r in store.records], device=model.device)
-    batch = Shots(
-        model, tokenizer, store, classes, templates or EvalConfig().templates, labels, TOWERS[towers]
-    )
-    (start_loss, start_acc), (end_loss, end_acc) = _fit(batch, params, steps, lr)
-    merged = merge(adapted)
+    shots = _shots(model, tokenizer, store, column, classes, s)
+    torch.manual_seed(s.seed)
+    learner = _learner(model, tokenizer, shots, s)
+    steps = 0 if s.method == "tip" else s.steps  # Tip-Adapter is training-free
+    (start_loss, start_acc), (end_loss, end_acc) = _fit(shots, learner, steps, s.lr)
+    trainable = sum(p.numel() for p in learner.params)
+    extra = learner.finish(model, column)
     model.requires_grad_(True)
     info = {
-        "method": "lora",
+        "method": s.method,
         "from": str(checkpoint.resolve()),
         "column": column,
-        "split": split,
+        "split": s.split,
         "classes": len(classes),
-        "shots": shots,
-        "seed": seed,
-        "towers": towers,
-        "rank": rank,
-        "alpha": alpha,
+        "shots": s.shots,
+        "seed": s.seed,
+        **extra,
         "steps": steps,
-        "lr": lr,
-        "weights_adapted": merged,
-        "trainable_parameters": sum(p.numel() for p in params),
+        "lr": s.lr,
+        "trainable_parameters": trainable,
         "shot_loss": [round(start_loss, 4), round(end_loss, 4)],
         "shot_top1": [round(start_acc, 4), round(end_acc, 4)],
     }

@@ -26,24 +26,67 @@ def adapt(
     split: str = typer.Option(
         "all", "--classes", help="all, base (the first half of the sorted classes, as CoOp) or novel."
     ),
-    method: str = typer.Option("lora", "--method", help="lora (the only method so far)."),
-    towers: str = typer.Option("text", "--towers", help="text, image (lipkit's ViT only) or both."),
-    rank: int = typer.Option(4, "--rank", min=1, help="LoRA rank r."),
-    alpha: float = typer.Option(8.0, "--alpha", help="LoRA scale α (the branch is multiplied by α / r)."),
-    steps: int = typer.Option(100, "--steps", min=0, help="Full-batch AdamW steps."),
+    method: str = typer.Option(
+        "lora",
+        "--method",
+        help="lora (low-rank branches merged into a tower), coop (learned prompt context), clip-adapter "
+        "(residual MLP on image features), tip (Tip-Adapter's training-free cache of the shots) or tip-f "
+        "(the cache's keys fine-tuned).",
+    ),
+    steps: int = typer.Option(100, "--steps", min=0, help="Full-batch AdamW steps (tip trains nothing)."),
     lr: float = typer.Option(1e-3, "--lr", help="Learning rate."),
+    towers: str = typer.Option("text", "--towers", help="lora: text, image (lipkit's ViT only) or both."),
+    rank: int = typer.Option(4, "--rank", min=1, help="lora: rank r."),
+    alpha: float = typer.Option(8.0, "--alpha", help="lora: scale α (the branch is multiplied by α / r)."),
+    context: int = typer.Option(
+        0, "--context", min=0, help="coop: context vectors M (0: as many as --context-init has tokens)."
+    ),
+    context_init: str = typer.Option(
+        "a photo of a",
+        "--context-init",
+        help="coop: phrase whose word embeddings start the context ('' = random).",
+    ),
+    class_specific: bool = typer.Option(
+        False, "--class-specific", help="coop: one context per class (CoOp's CSC) instead of one shared."
+    ),
+    reduction: int = typer.Option(4, "--reduction", min=1, help="clip-adapter: bottleneck reduction."),
+    ratio: float = typer.Option(
+        0.2, "--ratio", help="clip-adapter: residual ratio α of the adapted feature."
+    ),
+    tip_alpha: float = typer.Option(1.0, "--tip-alpha", help="tip, tip-f: weight α of the cache's logits."),
+    tip_beta: float = typer.Option(
+        1.0, "--tip-beta", help="tip, tip-f: sharpness β of the cache's affinity."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty OUT."),
 ) -> None:
-    """Adapt a checkpoint to a labelled column with K images per class: LoRA on the chosen towers, trained
-    with the zero-shot classifier's cross-entropy over the class prompts, then merged into the weights. OUT
-    is an ordinary checkpoint: `lipkit eval`, `embed`, `serve` and every export read it."""
+    """Adapt a checkpoint to a labelled column with K images per class: LoRA merged into a tower, CoOp's
+    learned prompt context, CLIP-Adapter or Tip-Adapter(-F), trained with the zero-shot classifier's
+    cross-entropy. OUT/checkpoint is a lipkit checkpoint that `lipkit eval`, `embed` and `serve` read
+    (docs/adapt.md says what each method's export carries)."""
     from lipkit.adapt.run import adapt_checkpoint
-    from lipkit.errors import UserError
 
-    if method != "lora":
-        raise UserError(f"Adaptation method '{method}' is not implemented; use --method lora.")
     info = adapt_checkpoint(
-        checkpoint, data, column, out, shots, seed, split, towers, rank, alpha, steps, lr, overwrite=overwrite
+        checkpoint,
+        data,
+        column,
+        out,
+        overwrite,
+        method=method,
+        shots=shots,
+        seed=seed,
+        split=split,
+        steps=steps,
+        lr=lr,
+        towers=towers,
+        rank=rank,
+        alpha=alpha,
+        context=context,
+        context_init=context_init,
+        class_specific=class_specific,
+        reduction=reduction,
+        ratio=ratio,
+        tip_alpha=tip_alpha,
+        tip_beta=tip_beta,
     )
     print(json.dumps(info))
     console.print(f"adapted checkpoint: {out / 'checkpoint'}")

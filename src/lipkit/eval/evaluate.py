@@ -16,6 +16,7 @@ from lipkit.data.label_sets import INDEX_SUFFIX, LabelSet, fill_template
 from lipkit.data.records import Record, describe
 from lipkit.errors import UserError
 from lipkit.eval import token_similarity
+from lipkit.eval.adapted_classes import adapted_class_scores
 from lipkit.eval.caption_eval import caption_split
 from lipkit.eval.embedding import embed_images, embed_texts
 from lipkit.eval.linear_probe import LinearProbe, fit_linear_probe
@@ -206,9 +207,10 @@ def _class_scores(
     images: _Images,
     classes: list,
     templates: list[str],
+    column: str = "",
 ) -> torch.Tensor:
     """(N, C) zero-shot scores of the images against each class's prompts (`templates`, with `{}` or
-    `{c}` for the class name)."""
+    `{c}` for the class name), or the class head `lipkit adapt` trained for `column`."""
     prompts = [fill_template(t, str(c)) for c in classes for t in templates]
     if images.tokens is not None:
         tok, mask = token_similarity.text_tokens(model, tokenizer, prompts, batch_size)
@@ -217,7 +219,8 @@ def _class_scores(
         lex = lexical_texts(model, tokenizer, prompts, batch_size)
         return images.lexical @ lex.view(len(classes), len(templates), -1).mean(1).t()
     cls = class_embeddings(embed_texts(model, tokenizer, prompts, batch_size), len(classes), len(templates))
-    return images.dense @ cls.t()
+    adapted = adapted_class_scores(model, tokenizer, images.dense, classes, column, cls, batch_size)
+    return images.dense @ cls.t() if adapted is None else adapted  # a class head from `lipkit adapt`, or not
 
 
 def _classify(
@@ -248,7 +251,7 @@ def _classify(
         index = {c: i for i, c in enumerate(classes)}
         indices = [index[v] for v in values]
     labels = torch.tensor(indices)
-    scores = _class_scores(model, tokenizer, cfg.batch_size, images, classes, templates)
+    scores = _class_scores(model, tokenizer, cfg.batch_size, images, classes, templates, column)
     for name, v in zeroshot_scores_metrics(scores, labels).items():
         metrics[f"zeroshot/{column}/{name}"] = v
     for name, v in zeroshot_chance(labels, len(classes)).items():

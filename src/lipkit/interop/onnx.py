@@ -37,9 +37,11 @@ class ImageTower(nn.Module):
     def __init__(self, model: DualEncoder) -> None:
         super().__init__()
         self.visual = model.visual
+        self.adapter = model.image_adapter  # CLIP-Adapter's residual MLP (lipkit adapt), or None
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.visual(pixel_values), dim=-1)
+        feats = self.visual(pixel_values)
+        return F.normalize(feats if self.adapter is None else self.adapter(feats), dim=-1)
 
 
 class TextTower(nn.Module):
@@ -103,7 +105,7 @@ def verify(model: DualEncoder, out_dir: Path, batch: int = 3, seed: int = 0) -> 
     ids = torch.randint(0, spec.vocab_size, (batch, spec.context_length), generator=g)
     ids[:, -1] = spec.eot_id
     with torch.no_grad():
-        ref_i = F.normalize(model.visual(images), dim=-1).numpy()
+        ref_i = model.encode_image(images).numpy()
         ref_t = F.normalize(model.text(ids), dim=-1).numpy()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3

@@ -143,6 +143,12 @@ def _check_heads(spec: ModelSpec, target: str) -> None:
             f"This checkpoint has a caption decoder, which {target}'s CLIP model cannot hold and a conversion would "
             "drop; keep the lipkit checkpoint for `lipkit caption`, or export the towers with `lipkit export onnx`."
         )
+    if spec.adapter:
+        raise UserError(
+            f"This checkpoint holds a {spec.adapter.get('method')} adapter from `lipkit adapt`, which {target} "
+            "cannot hold and a conversion would drop; export the checkpoint it was adapted from (the same "
+            "towers), or this one with `lipkit export onnx`."
+        )
     if spec.match_layers:
         raise UserError(
             f"This checkpoint has an image–text matching head, which {target}'s CLIP model cannot hold and a "

@@ -11,8 +11,10 @@ from torch import nn
 
 from lipkit.data.transforms import normalize as normalize_pixels
 from lipkit.errors import UserError
+from lipkit.models.adapters import adapter_of
 from lipkit.models.caption_decoder import CaptionDecoder, TextReading
 from lipkit.models.hf_text import HFTextTower
+from lipkit.models.image_adapter import ImageAdapter
 from lipkit.models.lexicon_head import LexiconHead
 from lipkit.models.locking import lock_tower
 from lipkit.models.matching_head import MatchingHead
@@ -66,6 +68,19 @@ class DualEncoder(nn.Module):
             )
         if spec.match_layers:  # an image–text matching head over both towers' projected tokens
             self.matcher = matcher_of(spec)
+        if spec.adapter:  # what `lipkit adapt` added (models.adapters)
+            self.adapter = adapter_of(spec.adapter, spec.embed_dim, self.text)
+
+    def add_adapter(self, settings: dict, module: nn.Module) -> None:
+        """Attach what `lipkit adapt` trained (`module`, described by `settings`) so checkpoints restore it."""
+        self.spec = replace(self.spec, adapter=dict(settings))
+        self.adapter = module
+
+    @property
+    def image_adapter(self) -> ImageAdapter | None:
+        """CLIP-Adapter's residual MLP on the image features, when this model has one."""
+        adapter = getattr(self, "adapter", None)
+        return adapter if isinstance(adapter, ImageAdapter) else None
 
     @property
     def has_captioner(self) -> bool:
@@ -120,6 +135,8 @@ class DualEncoder(nn.Module):
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         feats = self.visual(images)
+        if self.image_adapter is not None:  # CLIP-Adapter (models.image_adapter)
+            feats = self.image_adapter(feats)
         return F.normalize(feats, dim=-1) if normalize else feats
 
     def encode_region(self, images: torch.Tensor, boxes, normalize: bool = True) -> torch.Tensor:

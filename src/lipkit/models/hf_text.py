@@ -121,13 +121,17 @@ class HFTextTower(nn.Module):
             self.encoder.eval()  # a locked tower keeps dropout off, as LiT does
         return self
 
-    def _encode(self, ids: torch.Tensor, trim: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode(
+        self, ids: torch.Tensor, trim: bool = False, embeds: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         mask = ids != self.pad_id
         if trim and not tracing():  # drop the columns after every row's last token: exact, captions are short
             used = mask.any(0).nonzero()
             n = int(used.max()) + 1 if used.numel() else ids.shape[1]
             ids, mask = ids[:, :n], mask[:, :n]
-        hidden = self.encoder(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+            embeds = None if embeds is None else embeds[:, :n]
+        inputs = {"input_ids": ids} if embeds is None else {"inputs_embeds": embeds}
+        hidden = self.encoder(**inputs, attention_mask=mask.long()).last_hidden_state
         if self.pool == "cls":
             return hidden[:, 0], hidden
         m = mask.unsqueeze(-1).to(hidden.dtype)
@@ -154,6 +158,24 @@ class HFTextTower(nn.Module):
         table under FSDP is gathered: LexLIP's bottleneck stage reads it outside the tower's forward)."""
         weight = self.encoder.get_input_embeddings().weight.detach()
         return weight.full_tensor() if hasattr(weight, "full_tensor") else weight
+
+    @property
+    def max_positions(self) -> int:
+        return self.encoder.config.max_position_embeddings
+
+    @property
+    def word_width(self) -> int:
+        return self.encoder.get_input_embeddings().embedding_dim
+
+    def word_embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, L, hidden) input word embeddings of `ids` (what a learned prompt context sits among)."""
+        return self.encoder.get_input_embeddings()(ids)
+
+    def forward_embeds(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """(B, D) pooled features of input word embeddings `x` (B, L, hidden), `ids` (B, L) telling where
+        the padding is (models.prompt_context). Never the feature cache: `x` is not what the ids say."""
+        pooled, _ = self._encode(ids, trim=False, embeds=x)
+        return pooled @ self.text_projection.to(pooled.dtype)
 
     def forward(self, ids: torch.Tensor, return_tokens: bool = False):
         if self.locked and not return_tokens:

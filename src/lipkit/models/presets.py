@@ -80,6 +80,9 @@ class ModelSpec:
     match_layers: int = 0
     match_width: int = 0
     match_heads: int = 4
+    # what `lipkit adapt` added beside the towers (models.adapters): {"method": "coop" | "clip-adapter" |
+    # "tip", ...its settings}; None for a model that is not adapted (LoRA merges into the weights: None too)
+    adapter: dict[str, Any] | None = None
     image_mean: tuple[float, float, float] = OPENAI_MEAN
     image_std: tuple[float, float, float] = OPENAI_STD
 

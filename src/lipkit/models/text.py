@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lipkit.errors import UserError
 from lipkit.models.presets import ModelSpec
 from lipkit.models.transformer import Transformer
 
@@ -70,8 +71,33 @@ class TextTransformer(nn.Module):
             raise ValueError("token states are read from a text tower with a [cls] token (text_embed_cls)")
         if not (self.training or return_tokens):
             ids = trim_after_end(ids, self.eot_id)
+        return self._from_embeddings(self.token_embedding(ids), ids, return_tokens)
+
+    @property
+    def max_positions(self) -> int:
+        return self.context_length
+
+    @property
+    def word_width(self) -> int:
+        return self.token_embedding.embedding_dim
+
+    def word_embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, L, width) input word embeddings of `ids` (what a learned prompt context sits among)."""
+        return self.token_embedding(ids)
+
+    def forward_embeds(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """(B, D) pooled features of input word embeddings `x` (B, L, width), `ids` (B, L) telling where
+        the end token and padding are (models.prompt_context); no token-id cache is read."""
+        if hasattr(self, "cls_emb"):
+            raise UserError(
+                "A learned prompt context needs a text tower pooled at its end token; this one is OpenCLIP "
+                "CoCa's [cls] tower (model text_embed_cls): adapt it with --method lora instead."
+            )
+        return self._from_embeddings(x, ids, False)
+
+    def _from_embeddings(self, x: torch.Tensor, ids: torch.Tensor, return_tokens: bool):
         n = ids.shape[1]
-        x = self.token_embedding(ids) + self.positional_embedding[:n].to(self.token_embedding.weight.dtype)
+        x = x + self.positional_embedding[:n].to(x.dtype)
         x = self.ln_final(self.transformer(x, causal=True))
         is_eot = ids == self.eot_id
         last = torch.full_like(

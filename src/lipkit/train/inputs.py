@@ -301,6 +301,16 @@ def check_patch_tokens(needs: set[str], has_grid: bool, objective: str) -> None:
         )
 
 
+def check_not_adapted(model: DualEncoder | None, setting: str) -> None:
+    """Refuse to train from (or distil from) a checkpoint holding a `lipkit adapt` adapter: training runs
+    the towers alone and would silently drop it."""
+    if model is not None and model.spec.adapter:
+        raise UserError(
+            f"{setting} holds a {model.spec.adapter.get('method')} adapter from `lipkit adapt`, which training "
+            "would drop; name the checkpoint it was adapted from (its config.json `adapted.from`) instead."
+        )
+
+
 def objective_inputs(
     model: DualEncoder,
     needs: set[str],

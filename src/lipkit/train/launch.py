@@ -44,7 +44,7 @@ from lipkit.train.distributed import Dist, check_batch_split, gather_objects, ru
 from lipkit.train.distributed import init as init_distributed
 from lipkit.train.growth import replay as replay_growth
 from lipkit.train.hooks import CheckpointWriter, Evaluator
-from lipkit.train.inputs import check_patch_tokens, objective_needs, requires
+from lipkit.train.inputs import check_not_adapted, check_patch_tokens, objective_needs, requires
 from lipkit.train.matcher_setup import attach_matcher, matcher_settings
 from lipkit.train.objective_labels import objective_labels
 from lipkit.train.teacher import check_same_tokenizer, load_teacher
@@ -298,6 +298,8 @@ def _build_model(
         teacher, teacher_tokens = load_teacher(
             t.teacher, t.objective, objective_needs(objective), cfg.tokenizer.context_length
         )
+    check_not_adapted(start and start[0], "model.init_from")
+    check_not_adapted(teacher, "train.teacher")
     tokenizer = _tokenizer(cfg, data, resume, start, pretrained, teacher_tokens)
     if teacher_tokens is not None and start is not None:
         check_same_tokenizer(teacher_tokens, start[1], "model.init_from")
