@@ -8,8 +8,8 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import tiny_eval_setup
-from lipkit.adapt.few_shot import class_split, few_shot
 from lipkit.adapt.lora import add_lora, lora_targets, merge
+from lipkit.data.few_shot import class_split, few_shot
 from lipkit.data.records import Record
 from lipkit.errors import UserError
 from lipkit.models.dual_encoder import DualEncoder

@@ -206,8 +206,8 @@ def _adapt(table, tmp_path, method, **extra):
 def test_each_method_writes_a_checkpoint_eval_reads(table, tmp_path, method, extra):
     """The CLI end to end: the adapted checkpoint loads, eval's zero-shot scores of the adapted column go
     through the method (and equal what training last saw on the shots), exports refuse what they would drop."""
-    from lipkit.adapt.few_shot import few_shot
     from lipkit.config_eval import EvalConfig
+    from lipkit.data.few_shot import few_shot
     from lipkit.data.sources.registry import read_table
     from lipkit.eval.evaluate import evaluate_records
     from lipkit.interop.open_clip import to_open_clip
@@ -257,13 +257,80 @@ def test_adapted_checkpoints_refuse_what_would_drop_their_adapter(table, tmp_pat
         adapt_checkpoint(path, table, "category", tmp_path / "again", method="tip")
     with pytest.raises(UserError, match="adapter from `lipkit adapt`"):
         to_hf(model, tok)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # every pooled image embedding passes through the MLP
+        expected = F.normalize(model.image_adapter(model.visual(images)), dim=-1)
+        assert (model.encode_image(images) - expected).abs().max() < 1e-6
+        assert (expected - F.normalize(model.visual(images), dim=-1)).abs().max() > 1e-4
     pytest.importorskip("onnx", reason="ONNX export needs onnx (pip install 'lipkit[interop]')")
     pytest.importorskip("onnxruntime", reason="checking the export needs onnxruntime")
     from lipkit.interop.onnx import write_onnx
 
-    _, diffs = write_onnx(model, tok, tmp_path / "onnx")
+    _, diffs = write_onnx(model, tok, tmp_path / "onnx")  # checked against encode_image: with the MLP
     assert diffs is not None and max(diffs.values()) < 1e-5
-    images = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():  # and what it carries is the adapter's output, not the tower's alone
-        plain = F.normalize(model.visual(images), dim=-1)
-        assert (model.encode_image(images) - plain).abs().max() > 1e-4
+
+
+def test_prompt_context_keeps_a_pad_id_that_is_a_real_token():
+    """CLIP's BPE pads with id 0, an ordinary token ("!"): the prompt runs to its last real column, not to
+    the count of non-pad ids (a class name holding that token keeps its tail and end token)."""
+    seen = {}
+
+    class Tower(torch.nn.Module):
+        pad_id, max_positions, word_width = 0, 16, 4
+
+        def word_embedding(self, ids):
+            return torch.nn.functional.one_hot(ids % 4, 4).float()
+
+        def forward_embeds(self, x, ids):
+            seen["ids"] = ids
+            return x.sum(1)
+
+    ctx = PromptContext(4, 2)
+    ids = torch.tensor(
+        [[5, 7, 0, 9, 6, 0, 0], [5, 8, 6, 0, 0, 0, 0]]
+    )  # row 0 holds a real 0 before its end 6
+    ctx.features(Tower(), ids, [0, 0])
+    assert seen["ids"].shape[1] == 7 and seen["ids"][0, -1] == 6
+
+
+def test_eval_few_shot_protocol_matches_a_hand_computed_tip_adapter(table, tmp_path):
+    """`eval.few_shot`: per K and seed the shots are each class's first K (the same as drawing K), base
+    images among base classes, novel among novel; one value recomputed by hand (Tip-Adapter as a loop)."""
+    from lipkit.config import config_from_dict
+    from lipkit.data.few_shot import class_split, few_shot
+    from lipkit.data.image_store import ImageStore
+    from lipkit.data.sources.registry import read_table
+    from lipkit.eval.embedding import embed_images, embed_texts
+    from lipkit.eval.suite import run_eval
+
+    tok, model = _tiny(table)
+    save_checkpoint(tmp_path / "ck", model, tok, {"train": {"objective": "infonce"}})
+    eval_cfg = {"class_columns": ["category"], "few_shot": [1, 2], "few_shot_seeds": 2}
+    cfg = config_from_dict({"data": {"train": str(table)}, "eval": eval_cfg})
+    split = run_eval(tmp_path / "ck", {"t": str(table)}, cfg, tmp_path / "r.json")["splits"]["t"]
+    m, key = split["metrics"], "fewshot/category/2shot/tip/base"
+    assert {"fewshot/category/zeroshot/base", "fewshot/category/zeroshot/novel", key} <= set(m)
+    assert "fewshot/category/1shot/probe/base" in m and len(split["few_shot"][key]["seeds"]) == 2
+    assert m[key] == pytest.approx(sum(split["few_shot"][key]["seeds"]) / 2)
+    records = read_table(table)
+    names = sorted({r.meta["category"] for r in records if r.meta.get("category")})
+    base = class_split(names, "base")
+    shots, labels = few_shot(records, "category", 2, 1, base)  # seed 1, K = 2, drawn directly
+    model = load_checkpoint(tmp_path / "ck")[0]
+    with torch.no_grad():
+        keys = embed_images(model, ImageStore(shots, 32, cache=False), 64)
+        test = [r for r in records if r.meta.get("category") in base]
+        x = embed_images(model, ImageStore(test, 32, cache=False), 64)
+        templates = cfg.eval.templates
+        w = embed_texts(model, tok, [t.format(c) for c in base for t in templates], 64)
+        w = F.normalize(w.view(len(base), len(templates), -1).mean(1), dim=-1)
+        t = model.scale().item()
+    hits = 0
+    for i, r in enumerate(test):
+        logits = [
+            t * float(x[i] @ w[c])
+            + sum(float(torch.exp(-(1 - x[i] @ keys[n]))) for n, y in enumerate(labels) if y == name)
+            for c, name in enumerate(base)
+        ]
+        hits += base[max(range(len(base)), key=logits.__getitem__)] == r.meta["category"]
+    assert split["few_shot"][key]["seeds"][1] == pytest.approx(hits / len(test))

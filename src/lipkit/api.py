@@ -160,7 +160,9 @@ def zero_shot_classifier(
     """Class embeddings for zero-shot classification, as CLIP builds them: float32 (C, D) on the model's
     device, row c the mean of the normalised embeddings of class c's prompts, re-normalised. Score
     images with `image_emb @ classifier.T` (cosine similarities; × `model.scale()` and softmax for
-    probabilities); the argmax is the predicted class — what `lipkit eval` scores as zero-shot top-1.
+    probabilities); the argmax is the predicted class — what `lipkit eval` scores as zero-shot top-1
+    (for a checkpoint that `lipkit adapt --method coop|tip|tip-f` gave a class head, eval scores the adapted
+    column through that head instead: `lipkit.eval.adapted_classes.adapted_class_scores`).
 
     classnames: the C class names, e.g. ["face smiling", "animal mammal"].
     templates: prompt templates; `{}` (or `{c}`) is replaced by the class name. Default: the

@@ -30,6 +30,14 @@ class EvalConfig:
     # this table's class columns and scored on every evaluation split: "" = off, "train" = data.train,
     # or a table path. `lipkit eval` and the end of `lipkit demo` run it; evaluation during training not.
     linear_probe: str = ""
+    # the few-shot protocol (eval.few_shot_protocol): K images per class of each class column drawn from
+    # `few_shot_table` ("train" = data.train, or a path) for each K here (e.g. [1, 2, 4, 8, 16]; []: off)
+    # and each of `few_shot_seeds` seeds; a K-shot linear probe and Tip-Adapter scored on every split, on
+    # CoOp's base/novel split of the classes (`few_shot_classes: base`) or on all of them (`all`)
+    few_shot: list[int] = field(default_factory=list)
+    few_shot_seeds: int = 3
+    few_shot_classes: str = "base"
+    few_shot_table: str = "train"
     # "lipkit", or "clip_benchmark": CLIP_benchmark's protocol — every caption of an image is a
     # text→image query relevant to that image alone (lipkit: one caption per image, `retrieval_caption`,
     # relevant to every image that has it), and images decoded as CLIP_benchmark feeds OpenCLIP's preprocess

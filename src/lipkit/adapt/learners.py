@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from lipkit.adapt.lora import add_lora, merge
 from lipkit.errors import UserError
@@ -46,7 +45,6 @@ def template_class_features(
 class Shots:
     model: DualEncoder
     tokenizer: TextTokenizer
-    column: str
     names: list[str]  # the class names, in label order
     raw: torch.Tensor | None  # (N, D) image features before normalisation (None: the image tower trains)
     classes: torch.Tensor | None  # (C, D) template class embeddings (None: the text tower trains)
@@ -91,7 +89,8 @@ class CoopLearner:
     def __init__(self, model, tokenizer, names: list[str], length: int, init: str, class_specific: bool):
         words = tokenizer(init).to(model.device)[0] if init else None
         if words is not None:  # the phrase's own word pieces, without its start and end tokens
-            pieces = words[1 : int((words != tokenizer.pad_id).sum()) - 1]
+            ends = (words == tokenizer.eot_id).nonzero()
+            pieces = words[1 : int(ends[0]) if ends.numel() else len(words)]
             if length and length != len(pieces):
                 raise UserError(
                     f"--context {length} does not match the {len(pieces)} tokens of --context-init {init!r}; "
@@ -170,7 +169,3 @@ class TipLearner:
         }
         model.add_adapter(settings, c)
         return {"alpha": c.alpha, "beta": c.beta, "keys": settings["keys"]}
-
-
-def trainable(learner: Any) -> list[nn.Parameter]:
-    return [p for p in learner.params if p.requires_grad]

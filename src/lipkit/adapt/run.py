@@ -1,6 +1,6 @@
 """`lipkit adapt`: few-shot adaptation of a trained checkpoint to a labelled column of a table.
 
-The classes are the column's values (or its base or novel half, adapt.few_shot); K images per class
+The classes are the column's values (or its base or novel half, data.few_shot); K images per class
 (`shots`, drawn with `seed`) are the training set. Each method (adapt.learners) gives logits over the classes
 for each shot, with the checkpoint's own logit scale t; the zero-shot classifier they start from has each
 class c the mean of its prompts' normalised text embeddings over the templates, re-normalised (eval.zeroshot).
@@ -11,8 +11,8 @@ What trains minimises
 over the N = K·C shots — CoOp's objective (Zhou et al., 2022) — by full-batch AdamW for `steps` steps
 (Tip-Adapter trains nothing). A tower that does not train runs once. The result is saved as an ordinary
 checkpoint in OUT/checkpoint: LoRA merged into the weights, or the method's module beside the towers
-(ModelSpec.adapter: CoOp's context, CLIP-Adapter's MLP, Tip-Adapter's cache), which eval, embed and serve
-read. Its config.json keeps the source's training record (so eval scores it as the source is scored) plus
+(ModelSpec.adapter: CoOp's context and Tip-Adapter's cache, which eval's zero-shot of the adapted column
+reads; CLIP-Adapter's MLP, which every pooled image embedding passes through). Its config.json keeps the source's training record (so eval scores it as the source is scored) plus
 `adapted` (method, column, classes, shots, seed, steps, the method's settings, trainable parameters, the
 shots' loss and top-1 before and after). Checkpoints scored token-wise or lexically (FILIP, Wukong, LexLIP)
 are refused: these methods train the pooled similarity.
@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from rich.progress import track
 
-from lipkit.adapt.few_shot import class_split, few_shot
 from lipkit.adapt.learners import (
     TOWERS,
     ClipAdapterLearner,
@@ -40,6 +39,7 @@ from lipkit.adapt.learners import (
 )
 from lipkit.checkpoint import load_checkpoint, save_checkpoint
 from lipkit.config_eval import EvalConfig
+from lipkit.data.few_shot import class_split, few_shot
 from lipkit.data.image_store import ImageStore
 from lipkit.data.sources.registry import read_table
 from lipkit.data.transforms import normalize
@@ -95,6 +95,11 @@ def _check(
         raise UserError(
             "LoRA on a timm image tower is not supported yet; adapt the text tower (--towers text)."
         )
+    if s.method == "coop" and model.spec.text_embed_cls:
+        raise UserError(
+            "A learned prompt context needs a text tower pooled at its end token; this one is OpenCLIP CoCa's "
+            "[cls] tower (model text_embed_cls): adapt it with --method lora instead."
+        )
     if model.spec.adapter:
         raise UserError(
             f"'{checkpoint}' already holds a {model.spec.adapter.get('method')} adapter; adapt the checkpoint it "
@@ -110,6 +115,11 @@ def _check(
 
 def _classes(records, column: str, split: str) -> list[str]:
     values = [r.meta.get(column) for r in records if r.meta.get(column) not in (None, "")]
+    if any(isinstance(v, list) for v in values):
+        raise UserError(
+            f"Column '{column}' holds several labels per image, and adapting learns one class per image; pass a "
+            "single-label --column."
+        )
     classes = class_split([str(v) for v in values], split) if values else []
     if len(classes) < 2:
         raise UserError(
@@ -136,7 +146,7 @@ def _shots(model, tokenizer, store: ImageStore, column: str, classes, s: AdaptSe
             chunks = [range(i, min(i + 256, len(store.records))) for i in range(0, len(store.records), 256)]
             raw = torch.cat([model.visual(normalize(store.get(c), mean, std).to(dev)) for c in chunks])
         text = None if "text" in trains else template_class_features(model, tokenizer, classes, s.templates)
-    return Shots(model, tokenizer, column, classes, raw, text, labels, pixels, s.templates)
+    return Shots(model, tokenizer, classes, raw, text, labels, pixels, s.templates)
 
 
 def _learner(model, tokenizer, shots: Shots, s: AdaptSettings):

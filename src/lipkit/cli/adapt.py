@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from pathlib import Path
 
 import typer
@@ -22,7 +23,11 @@ def adapt(
     ),
     column: str = typer.Option(..., "--column", help="The class column of the table (e.g. subcategory)."),
     shots: int = typer.Option(16, "--shots", "-k", min=1, help="Images per class (K)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the shots drawn and of the LoRA initialisation."),
+    seed: int = typer.Option(
+        0,
+        "--seed",
+        help="Seed of the shots drawn and of the initialisation (LoRA's A, a random CoOp context, CLIP-Adapter).",
+    ),
     split: str = typer.Option(
         "all", "--classes", help="all, base (the first half of the sorted classes, as CoOp) or novel."
     ),
@@ -63,30 +68,10 @@ def adapt(
     learned prompt context, CLIP-Adapter or Tip-Adapter(-F), trained with the zero-shot classifier's
     cross-entropy. OUT/checkpoint is a lipkit checkpoint that `lipkit eval`, `embed` and `serve` read
     (docs/adapt.md says what each method's export carries)."""
-    from lipkit.adapt.run import adapt_checkpoint
+    from lipkit.adapt.run import AdaptSettings, adapt_checkpoint
 
-    info = adapt_checkpoint(
-        checkpoint,
-        data,
-        column,
-        out,
-        overwrite,
-        method=method,
-        shots=shots,
-        seed=seed,
-        split=split,
-        steps=steps,
-        lr=lr,
-        towers=towers,
-        rank=rank,
-        alpha=alpha,
-        context=context,
-        context_init=context_init,
-        class_specific=class_specific,
-        reduction=reduction,
-        ratio=ratio,
-        tip_alpha=tip_alpha,
-        tip_beta=tip_beta,
-    )
+    given = locals()
+    settings = {f.name: given[f.name] for f in fields(AdaptSettings) if f.name in given}
+    info = adapt_checkpoint(checkpoint, data, column, out, overwrite, **settings)
     print(json.dumps(info))
     console.print(f"adapted checkpoint: {out / 'checkpoint'}")

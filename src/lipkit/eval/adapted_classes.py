@@ -46,7 +46,9 @@ def adapted_class_scores(
     when it has none for `column`. `template_classes` (C, D) is the zero-shot classifier of eval's
     templates: CoOp's class-specific context replaces the rows of the classes it holds, Tip-Adapter adds
     its cache to those logits (divided by the logit scale: the same ranking, on the cosine's scale)."""
-    if not applies_to(model.spec.adapter, column):
+    if not applies_to(
+        getattr(getattr(model, "spec", None), "adapter", None), column
+    ):  # (an ONNX stand-in has no spec.adapter)
         return None
     adapter = model.adapter
     if isinstance(adapter, PromptContext):

@@ -19,6 +19,7 @@ from lipkit.data.sources.registry import eval_labels, read_table
 from lipkit.device import use_bf16
 from lipkit.errors import UserError
 from lipkit.eval.evaluate import evaluate_records, fit_probes, image_style
+from lipkit.eval.few_shot_protocol import few_shot_metrics
 from lipkit.eval.similarity_choice import resolve_rerank, resolve_similarity, resolve_tokens_kept
 from lipkit.malloc import keep_freed_memory
 
@@ -85,6 +86,7 @@ def _run_eval(checkpoint: str | Path, splits: dict[str, str], cfg: Config, out: 
         started = (run.get("model") or {}).get("init_from") or ""
         scorer = _caption_scorer(cfg.eval.caption_scorer, checkpoint, model.device, started)
         results["caption_scorer"] = str(Path(cfg.eval.caption_scorer).expanduser().resolve())
+    shot_records = _shot_table(cfg) if cfg.eval.few_shot else None
     for name, path in splits.items():
         records = read_table(path, d.image_column, d.caption_column, d.image_root)
         records = spread_subset(records, cfg.eval.max_images)
@@ -99,9 +101,31 @@ def _run_eval(checkpoint: str | Path, splits: dict[str, str], cfg: Config, out: 
             labels=eval_labels(path),
             scorer=scorer,
         )
+        if shot_records is not None:  # the few-shot protocol (eval.few_shot)
+            split = results["splits"][name]
+            metrics, chance, details = few_shot_metrics(model, tokenizer, records, shot_records, cfg.eval)
+            split["metrics"].update(metrics)
+            split["chance"].update(chance)
+            split["few_shot"] = details
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out, results, indent=2)
     return results
+
+
+def _shot_table(cfg: Config) -> list:
+    """The table the few-shot protocol draws its shots from (eval.few_shot_table)."""
+    d, table = cfg.data, cfg.eval.few_shot_table
+    table = d.train if table == "train" else table
+    if not table:
+        raise UserError(
+            "eval.few_shot draws its shots from the training table: add --set data.train=PATH (or --set "
+            "eval.few_shot_table=PATH)."
+        )
+    if cfg.eval.few_shot_classes not in ("base", "all"):
+        raise UserError(
+            f"eval.few_shot_classes must be base (CoOp's base/novel split) or all, not '{cfg.eval.few_shot_classes}'."
+        )
+    return read_table(table, d.image_column, d.caption_column, d.image_root)
 
 
 def _caption_scorer(path: str, checkpoint: str | Path, device: torch.device, started: str = "") -> tuple:

@@ -21,3 +21,19 @@ def refuse_existing(out: Path, overwrite: bool) -> None:
     `overwrite`."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise UserError(f"Output '{out}' already exists; choose a new path or pass --overwrite.")
+
+
+def check_not_adapted(spec, target: str) -> None:
+    """Refuse what `lipkit adapt` put beside the towers: a conversion would drop it."""
+    if not spec.adapter:
+        return
+    method = spec.adapter.get("method")
+    onnx = (
+        " or this one with `lipkit export onnx` (its image graph carries the MLP)"
+        if method == "clip-adapter"
+        else ""
+    )
+    raise UserError(
+        f"This checkpoint holds a {method} adapter from `lipkit adapt`, which {target} cannot hold and a "
+        f"conversion would drop; export the checkpoint it was adapted from (the same towers){onnx}."
+    )

@@ -41,7 +41,7 @@ from safetensors.torch import save_file
 
 from lipkit.atomic import write_dir
 from lipkit.errors import UserError
-from lipkit.interop import refuse_existing
+from lipkit.interop import check_not_adapted, refuse_existing
 from lipkit.interop.peer_weights import (
     build_model,
     image_processor_config,
@@ -64,6 +64,7 @@ _REEXPORT = "re-export it with `lipkit checkpoint convert --to hf`"
 
 def check_dual_exportable(spec: ModelSpec) -> None:
     """Refuse, in one sentence, what a VisionTextDualEncoderModel folder cannot hold."""
+    check_not_adapted(spec, "a VisionTextDualEncoderModel folder")
     onnx = "export it with `lipkit export onnx` instead"
     pair = "a pair that neither CLIPModel nor lipkit's VisionTextDualEncoderModel folders hold"
     open_clip = "export it with `--to open_clip` (OpenCLIP holds this pair) or `lipkit export onnx` instead"

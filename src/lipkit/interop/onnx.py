@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import rich
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -135,6 +136,13 @@ def write_onnx(
     out = Path(out).expanduser()
     refuse_existing(out, overwrite)
     diffs: dict[str, float] | None = None
+    head = (model.spec.adapter or {}).get("method")
+    if head in ("coop", "tip"):
+        rich.get_console().print(
+            f"[yellow]export:[/] the ONNX towers do not carry this checkpoint's {head} class head from "
+            "`lipkit adapt` (its zero-shot of the adapted column); they are the towers it was adapted from",
+            highlight=False,
+        )
 
     def write(tmp: Path) -> None:
         nonlocal diffs

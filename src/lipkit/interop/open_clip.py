@@ -36,7 +36,7 @@ from tokenizers import Tokenizer
 
 from lipkit.atomic import write_dir
 from lipkit.errors import UserError
-from lipkit.interop import refuse_existing
+from lipkit.interop import check_not_adapted, refuse_existing
 from lipkit.interop.clip_bpe import CLIP_VOCAB_SIZE, clip_tokenizer
 from lipkit.interop.open_clip_coca import PREFIX_IN, coca_config, decoder_state_in, decoder_state_out
 from lipkit.interop.open_clip_custom import (
@@ -143,12 +143,7 @@ def _check_heads(spec: ModelSpec, target: str) -> None:
             f"This checkpoint has a caption decoder, which {target}'s CLIP model cannot hold and a conversion would "
             "drop; keep the lipkit checkpoint for `lipkit caption`, or export the towers with `lipkit export onnx`."
         )
-    if spec.adapter:
-        raise UserError(
-            f"This checkpoint holds a {spec.adapter.get('method')} adapter from `lipkit adapt`, which {target} "
-            "cannot hold and a conversion would drop; export the checkpoint it was adapted from (the same "
-            "towers), or this one with `lipkit export onnx`."
-        )
+    check_not_adapted(spec, target)
     if spec.match_layers:
         raise UserError(
             f"This checkpoint has an image–text matching head, which {target}'s CLIP model cannot hold and a "

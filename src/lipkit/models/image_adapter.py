@@ -8,8 +8,10 @@ A bottleneck MLP on the image tower's output feature f (before normalisation), b
 
 with reduction r = 4 and residual ratio α = 0.2, the paper's choices for the visual adapter. Only W₁ and W₂
 train (lipkit adapt, CoOp's cross-entropy against the frozen zero-shot classifier); the towers stay as they
-are. Applied by `DualEncoder.encode_image`, so eval, embed, search and serve all see f′; the ONNX image
-graph carries it, OpenCLIP and Hugging Face exports refuse it.
+are. Applied by `DualEncoder.encode_image`, so every pooled image embedding has it (eval's zero-shot,
+retrieval and linear probe, embed, search, serve) and the ONNX image graph carries it; OpenCLIP and Hugging
+Face exports refuse it. Paths that read the tower's tokens (region embeddings, heat maps, token-wise
+scoring, caption decoders) see the tower without it.
 
 Not implemented: the paper's textual adapter (and the two combined), its SGD schedule (lipkit adapt uses
 full-batch AdamW) and data augmentation of the shots.

@@ -54,7 +54,10 @@ class PromptContext(nn.Module):
         x = torch.cat([words[:, :1], ctx, words[:, 1:]], dim=1)
         # the context's places hold the start id in the id view: neither padding nor an end token
         shown = torch.cat([ids[:, :1], ids[:, :1].expand(-1, m), ids[:, 1:]], dim=1)
-        used = int((shown != tower.pad_id).sum(1).max())
+        real = (
+            (shown != tower.pad_id).any(0).nonzero()
+        )  # up to the last real column (a pad id may be a token)
+        used = int(real.max()) + 1 if real.numel() else shown.shape[1]
         if used > tower.max_positions:
             raise UserError(
                 f"A class prompt with {m} context vectors is {used} tokens long, more than the text tower's "

@@ -7,7 +7,7 @@ A test image's normalised feature x is scored against the classes by
     logits = t · x·Wᵀ + α · exp(−β · (1 − x·Fᵀ)) · L
 
 where W holds the zero-shot classifier's class embeddings and t is the model's logit scale (the paper
-writes 100, CLIP's). α = 1 and β = 1 by default (the starting values of the authors' configs). Tip-Adapter itself trains nothing; Tip-Adapter-F
+writes 100, CLIP's). α = β = 1 by default; the paper searches both per dataset on a validation split. Tip-Adapter itself trains nothing; Tip-Adapter-F
 (lipkit adapt --method tip-f) fine-tunes the keys F with the cross-entropy of these logits on the shots,
 the values and both towers frozen.
 

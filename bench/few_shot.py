@@ -1,0 +1,170 @@
+"""Few-shot adaptation of the demo checkpoint, CoOp's base-to-novel protocol on test-style (docs/adapt.md).
+
+    make demo                                   # runs/demo/checkpoint, the model adapted
+    python bench/few_shot.py --shots 1,4,16 --seeds 0,1,2
+    python bench/few_shot.py --report           # reprint the table from docs/few-shot-bench.json
+
+The subcategories are split CoOp's way (the first half of the sorted names are "base", the rest "novel",
+data.few_shot). For each K and seed, K shots of each base class are drawn from the training table and
+each method adapts the checkpoint through `lipkit adapt`'s own function (adapt_checkpoint, which writes the
+checkpoint); the adapted checkpoint is loaded back and test-style is scored as `lipkit eval` scores it
+(eval.evaluate's class scoring, so CoOp's context, Tip-Adapter's cache and CLIP-Adapter's MLP act as they
+do there): images of base classes among the base classes, images of novel classes among the novel classes,
+zero-shot subcategory top-1 and their harmonic mean H. The image tower is the checkpoint's for every method
+(none of them adapts it), so test-style's image features are computed once and each adapted model's image
+adapter, if any, is applied to them. "zero-shot" is the checkpoint itself; "probe" a linear probe
+(eval.linear_probe) fitted on the same shots' embeddings, base classes only (a probe cannot name a class it
+never saw). Steps and learning rates per method are the --steps / --lr below, untuned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lipkit.adapt.run import AdaptSettings, adapt_checkpoint
+from lipkit.checkpoint import load_checkpoint
+from lipkit.data.emoji import default_root
+from lipkit.data.few_shot import class_split, few_shot
+from lipkit.data.image_store import ImageStore
+from lipkit.data.sources.registry import read_table
+from lipkit.data.transforms import normalize
+from lipkit.eval.evaluate import _class_scores, _Images
+from lipkit.eval.linear_probe import fit_linear_probe
+
+COLUMN = "subcategory"
+METHODS = {  # method → adapt settings beyond K and seed
+    "tip": {},
+    "tip-f": {"steps": 50, "lr": 1e-3},
+    "clip-adapter": {"steps": 100, "lr": 1e-3},
+    "coop": {"steps": 50, "lr": 2e-3},
+    "lora": {"steps": 50, "lr": 1e-3},
+}
+
+
+def raw_features(model, records, batch: int = 128) -> torch.Tensor:
+    """(N, D) the image tower's output for `records` (before any adapter and normalisation)."""
+    store = ImageStore(records, model.spec.image_size, cache=True, desc="test-style")
+    assert len(store.records) == len(records), "every test-style image must be readable"
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(records), batch):
+            pixels = store.get(range(i, min(i + batch, len(records))))
+            out.append(model.visual(normalize(pixels, model.spec.image_mean, model.spec.image_std)).float())
+    return torch.cat(out)
+
+
+def top1(model, tok, raw: torch.Tensor, labels: list[str], classes: list[str], templates) -> float:
+    """Zero-shot top-1 of these images among `classes`, through eval's scoring of the adapted column."""
+    with torch.no_grad():
+        feats = model.image_adapter(raw) if model.image_adapter is not None else raw
+        images = _Images(F.normalize(feats, dim=-1), None, None)
+        scores = _class_scores(model, tok, 256, images, classes, templates, COLUMN)
+    index = {c: i for i, c in enumerate(classes)}
+    target = torch.tensor([index[y] for y in labels])
+    return (scores.argmax(1) == target).double().mean().item()
+
+
+def harmonic(base: float, novel: float | None) -> float | None:
+    return None if novel is None or base + novel == 0 else 2 * base * novel / (base + novel)
+
+
+def run(args) -> list[dict]:
+    root = default_root()
+    train, test = read_table(root / "train.jsonl"), read_table(root / "test-style.jsonl")
+    names = sorted({str(r.meta[COLUMN]) for r in train if r.meta.get(COLUMN)})
+    base, novel = class_split(names, "base"), class_split(names, "novel")
+    model, tok, _ = load_checkpoint(args.checkpoint)
+    templates = AdaptSettings().templates
+    split = {"base": [r for r in test if r.meta.get(COLUMN) in base]}
+    split["novel"] = [r for r in test if r.meta.get(COLUMN) in novel]
+    raw = {k: raw_features(model, v) for k, v in split.items()}
+    labels = {k: [str(r.meta[COLUMN]) for r in v] for k, v in split.items()}
+    classes = {"base": base, "novel": novel}
+
+    def score(m) -> dict[str, float]:
+        return {k: top1(m, tok, raw[k], labels[k], classes[k], templates) for k in split}
+
+    rows = [{"method": "zero-shot", "shots": 0, "seed": 0, "trainable": 0, **score(model)}]
+    print(json.dumps(rows[-1]), flush=True)
+    for k in args.shots:
+        for seed in args.seeds:
+            shots, shot_labels = few_shot(train, COLUMN, k, seed, base)
+            probe = fit_linear_probe(F.normalize(raw_features(model, shots), dim=-1), shot_labels)
+            scores, target, _ = probe.classify(F.normalize(raw["base"], dim=-1), labels["base"])
+            acc = (scores.argmax(1) == target).double().mean().item()
+            trainable = probe.weight.numel() + probe.bias.numel()
+            rows.append({"method": "probe", "shots": k, "seed": seed, "trainable": trainable, "base": acc})
+            print(json.dumps(rows[-1]), flush=True)
+            for method in args.methods:
+                settings = {"method": method, "shots": k, "seed": seed, "split": "base", **METHODS[method]}
+                with tempfile.TemporaryDirectory() as out:
+                    start = time.perf_counter()
+                    info = adapt_checkpoint(args.checkpoint, root / "train.jsonl", COLUMN, out, **settings)
+                    seconds = time.perf_counter() - start
+                    adapted, _, _ = load_checkpoint(Path(out) / "checkpoint")
+                    row = {
+                        "method": method,
+                        "shots": k,
+                        "seed": seed,
+                        "trainable": info["trainable_parameters"],
+                    }
+                    rows.append({**row, **score(adapted), "adapt_s": round(seconds, 1)})
+                print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: mean ± std over seeds of base, novel and H, per method and K."""
+
+    def cell(values: list[float]) -> str:
+        if not values:
+            return "—"
+        mean = 100 * statistics.mean(values)
+        return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}"
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["shots"]), []).append(r)
+    lines = [
+        "| method | K | trainable parameters | seeds | base | novel | H |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (method, k), rs in sorted(groups.items(), key=lambda g: (g[0][1], g[0][0])):
+        b = [r["base"] for r in rs]
+        n = [r["novel"] for r in rs if r.get("novel") is not None]
+        h = [harmonic(r["base"], r.get("novel")) for r in rs]
+        h = [x for x in h if x is not None]
+        lines.append(
+            f"| {method} | {k} | {rs[0]['trainable']:,} | {len(rs)} | {cell(b)} | {cell(n)} | {cell(h)} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--checkpoint", default="runs/demo/checkpoint")
+    parser.add_argument("--shots", default="1,4,16", type=lambda s: [int(x) for x in s.split(",")])
+    parser.add_argument("--seeds", default="0,1,2", type=lambda s: [int(x) for x in s.split(",")])
+    parser.add_argument("--methods", default=",".join(METHODS), type=lambda s: s.split(","))
+    parser.add_argument("--out", default="docs/few-shot-bench.json")
+    parser.add_argument("--report", action="store_true", help="reprint the table from --out")
+    args = parser.parse_args()
+    out = Path(args.out)
+    if not args.report:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(run(args), indent=1))
+    print(table(json.loads(out.read_text())))
+
+
+if __name__ == "__main__":
+    main()
