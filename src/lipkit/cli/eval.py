@@ -24,7 +24,7 @@ def eval_(
         None,
         "--config",
         "-c",
-        help="Config whose eval: section (and data.eval splits, when no --data is given) to use.",
+        help="Config whose eval: section (and its data.eval splits, beside any --data) to use.",
     ),
     set_: list[str] = typer.Option(
         [], "--set", "-s", help="Override a config key, e.g. --set eval.templates=['{}']."
@@ -36,7 +36,9 @@ def eval_(
         help="Where to write results JSON (default: eval/results.json beside the checkpoint).",
     ),
 ) -> None:
-    """Zero-shot classification (top-1/top-5/mean recall) and image↔text retrieval (R@1/5/10)."""
+    """Zero-shot classification (top-1/top-5/mean recall) and image↔text retrieval (R@1/5/10); with
+    --set eval.linear_probe=train a linear probe, with --set 'eval.few_shot=[1,4,16]' the few-shot protocol
+    (K-shot probe and Tip-Adapter on CoOp's base/novel split, mean over seeds; docs/adapt.md)."""
     from lipkit.config import load_config
     from lipkit.eval.suite import run_eval
 
