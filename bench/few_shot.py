@@ -14,7 +14,9 @@ zero-shot subcategory top-1 and their harmonic mean H. The image tower is the ch
 (none of them adapts it), so test-style's image features are computed once and each adapted model's image
 adapter, if any, is applied to them. "zero-shot" is the checkpoint itself; "probe" a linear probe
 (eval.linear_probe) fitted on the same shots' embeddings, base classes only (a probe cannot name a class it
-never saw). Steps and learning rates per method are the --steps / --lr below, untuned.
+never saw). "coop" starts from "a photo of a", "coop-random" from N(0, 0.02²) with M = 4 (CoOp's random
+initialisation), "coop-csc" has one context per class. Steps and learning rates per method are METHODS
+below, untuned. `--append` keeps the rows already in --out for other methods, K and seeds.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ METHODS = {  # method → adapt settings beyond K and seed
     "tip-f": {"steps": 50, "lr": 1e-3},
     "clip-adapter": {"steps": 100, "lr": 1e-3},
     "coop": {"steps": 50, "lr": 2e-3},
+    "coop-random": {"method": "coop", "steps": 50, "lr": 2e-3, "context_init": "", "context": 4},
+    "coop-csc": {"method": "coop", "steps": 50, "lr": 2e-3, "class_specific": True},
     "lora": {"steps": 50, "lr": 1e-3},
 }
 
@@ -158,11 +162,18 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS), type=lambda s: s.split(","))
     parser.add_argument("--out", default="docs/few-shot-bench.json")
     parser.add_argument("--report", action="store_true", help="reprint the table from --out")
+    parser.add_argument("--append", action="store_true", help="keep --out's rows of other methods, K, seeds")
     args = parser.parse_args()
     out = Path(args.out)
     if not args.report:
+        rows = run(args)
+        if args.append and out.is_file():
+            new = {(r["method"], r["shots"], r["seed"]) for r in rows}
+            rows = [
+                r for r in json.loads(out.read_text()) if (r["method"], r["shots"], r["seed"]) not in new
+            ] + rows
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(run(args), indent=1))
+        out.write_text(json.dumps(rows, indent=1))
     print(table(json.loads(out.read_text())))
 
 
