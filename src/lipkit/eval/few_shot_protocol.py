@@ -36,6 +36,7 @@ from lipkit.data.label_sets import fill_template
 from lipkit.data.records import Record
 from lipkit.errors import UserError
 from lipkit.eval.embedding import embed_images, embed_texts
+from lipkit.eval.evaluate import image_style
 from lipkit.eval.linear_probe import fit_linear_probe
 from lipkit.eval.zeroshot import class_embeddings
 from lipkit.models.dual_encoder import DualEncoder
@@ -103,11 +104,12 @@ def _score_shots(model, column: _Column, feats: torch.Tensor, labels: list[str])
 def few_shot_metrics(
     model: DualEncoder,
     tokenizer: TextTokenizer,
-    records: Sequence[Record],
+    store: ImageStore,
     shot_records: Sequence[Record],
     cfg: EvalConfig,
 ) -> tuple[dict[str, float], dict[str, float], dict[str, Any]]:
-    """(metrics, chance, per-seed details) of the protocol above for the split `records`."""
+    """(metrics, chance, per-seed details) of the protocol above for the split whose images `store` holds
+    (the store `evaluate_records` scored: decoded once, in eval's image style)."""
     if any(k < 1 for k in cfg.few_shot) or cfg.few_shot_seeds < 1:
         raise UserError(
             f"eval.few_shot needs K values of 1 or more and eval.few_shot_seeds 1 or more, not "
@@ -116,7 +118,6 @@ def few_shot_metrics(
     metrics: dict[str, float] = {}
     chance: dict[str, float] = {}
     details: dict[str, Any] = {}
-    store = ImageStore(records, model.spec.image_size, cache=False, desc="few-shot split")
     images = embed_images(model, store, cfg.batch_size)
     for col in cfg.class_columns:
         labels = [r.meta.get(col) for r in store.records]
@@ -130,7 +131,9 @@ def few_shot_metrics(
         runs: dict[str, list[float]] = {}
         for seed in range(cfg.few_shot_seeds):
             drawn, _ = few_shot(shot_records, col, max(cfg.few_shot), seed, column.trained)
-            shot_store = ImageStore(drawn, model.spec.image_size, cache=False, desc=f"shots (seed {seed})")
+            shot_store = ImageStore(
+                drawn, model.spec.image_size, cache=False, desc=f"shots (seed {seed})", style=image_style(cfg)
+            )
             feats = embed_images(model, shot_store, cfg.batch_size)
             shot_labels = [str(r.meta[col]) for r in shot_store.records]
             for k in cfg.few_shot:

@@ -14,6 +14,8 @@ import torch
 from lipkit.atomic import write_json_atomic
 from lipkit.checkpoint import load_checkpoint
 from lipkit.config import Config
+from lipkit.config_eval import EvalConfig
+from lipkit.data.image_store import ImageStore
 from lipkit.data.records import spread_subset
 from lipkit.data.sources.registry import eval_labels, read_table
 from lipkit.device import use_bf16
@@ -90,11 +92,14 @@ def _run_eval(checkpoint: str | Path, splits: dict[str, str], cfg: Config, out: 
     for name, path in splits.items():
         records = read_table(path, d.image_column, d.caption_column, d.image_root)
         records = spread_subset(records, cfg.eval.max_images)
+        # evaluate_records decodes the split; the few-shot protocol reads the same store
+        store = _split_store(model, records, eval_cfg) if shot_records is not None else None
         results["splits"][name] = evaluate_records(
             model,
             tokenizer,
             records,
             eval_cfg,
+            store=store,
             similarity=similarity,
             probes=probes,
             split=name,
@@ -102,14 +107,23 @@ def _run_eval(checkpoint: str | Path, splits: dict[str, str], cfg: Config, out: 
             scorer=scorer,
         )
         if shot_records is not None:  # the few-shot protocol (eval.few_shot)
-            split = results["splits"][name]
-            metrics, chance, details = few_shot_metrics(model, tokenizer, records, shot_records, cfg.eval)
-            split["metrics"].update(metrics)
-            split["chance"].update(chance)
-            split["few_shot"] = details
+            _add_few_shot(results["splits"][name], model, tokenizer, store, shot_records, cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out, results, indent=2)
     return results
+
+
+def _split_store(model, records: list, cfg: EvalConfig) -> ImageStore:
+    """A split's images decoded once, as evaluate_records would decode them itself."""
+    return ImageStore(records, model.spec.image_size, cache=True, desc="evaluation", style=image_style(cfg))
+
+
+def _add_few_shot(split: dict, model, tokenizer, store: ImageStore, shot_records: list, cfg: Config) -> None:
+    """The few-shot protocol's metrics, chance and per-seed details into a split's results."""
+    metrics, chance, details = few_shot_metrics(model, tokenizer, store, shot_records, cfg.eval)
+    split["metrics"].update(metrics)
+    split["chance"].update(chance)
+    split["few_shot"] = details
 
 
 def _shot_table(cfg: Config) -> list:
