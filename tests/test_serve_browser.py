@@ -129,3 +129,34 @@ def test_heat_maps_show_over_the_results(page, tmp_path):
     page.screenshot(path=str(tmp_path / "heat-maps.png"), full_page=True)
     page.select_option("#where", "off")
     page.wait_for_function("document.querySelectorAll('#results canvas.heat').length === 0")
+
+
+def test_composed_query_from_a_result_and_words(page, tmp_path):
+    """Click a result, then "+ words" and type: the image changed by the words is searched (a composed
+    query), the URL keeps both; "✕" goes back to plain text search."""
+    page.select_option("#where", "off")
+    page.select_option("#k", "10")
+    page.fill("#q", "a red star")
+    page.press("#q", "Enter")
+    cards = page.locator("#results .card")
+    page.wait_for_function("document.getElementById('status').textContent.includes('a red star')")
+    assert page.locator("#ref").is_hidden()  # a text search offers no image to change
+    clicked = int(cards.nth(2).get_attribute("data-id"))
+    cards.nth(2).click()
+    page.wait_for_function(
+        f"document.getElementById('status').textContent.includes('Images like #{clicked}')"
+    )
+    assert page.locator("#ref").is_visible()
+    page.click("#compose")
+    page.fill("#q", "a blue square")
+    page.press("#q", "Enter")
+    page.wait_for_function(
+        f"document.getElementById('status').textContent.includes('#{clicked} + “a blue square”')"
+    )
+    assert cards.count() == 10 and "image_id=" in page.url and "q=a+blue+square" in page.url
+    page.screenshot(path=str(tmp_path / "composed-search.png"), full_page=True)
+    page.click("#unref")
+    page.fill("#q", "a green circle")
+    page.press("#q", "Enter")
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('“a green circle”')")
+    assert page.locator("#ref").is_hidden()

@@ -218,9 +218,11 @@ BAD = {
     ),
     "json not an object": dict(method="POST", url="/search", json=["cat"]),
     "json q not text": dict(method="POST", url="/embed", json={"q": 5}),
-    "text and image": dict(
-        method="POST", url="/search", files={"file": ("x.png", png_bytes(), "image/png")}, data={"q": "cat"}
+    "text and image to embed": dict(
+        method="POST", url="/embed", files={"file": ("x.png", png_bytes(), "image/png")}, data={"q": "cat"}
     ),
+    "composed with empty words": dict(method="GET", url="/search", params={"q": "  ", "image_id": 1}),
+    "composed on an unknown item": dict(method="GET", url="/search", params={"q": "cat", "image_id": 4000}),
     "file as text field": dict(method="POST", url="/search", data={"file": "cat.png"}),
     "broken multipart": dict(
         method="POST",
@@ -245,6 +247,7 @@ EXPECTED = {
     "item not a number": 404,
     "path traversal": 404,
     "search unknown item": 404,
+    "composed on an unknown item": 404,
     "unknown path": 404,
     "wrong method": 405,
 }

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from rich.progress import track
 
+from lipkit.adapt.composed import COMPOSERS, DEFAULTS, ComposeSettings, train_composer
 from lipkit.adapt.learners import (
     TOWERS,
     ClipAdapterLearner,
@@ -46,7 +47,7 @@ from lipkit.data.transforms import normalize
 from lipkit.errors import UserError
 from lipkit.models.dual_encoder import DualEncoder
 
-METHODS = ("lora", "coop", "clip-adapter", "tip", "tip-f")
+METHODS = ("lora", "coop", "clip-adapter", "tip", "tip-f", *COMPOSERS)
 TOKEN_SCORED = {"filip": "token-wise", "wukong": "token-wise", "lexlip": "lexically"}
 # config.json keys save_checkpoint writes itself (the rest of the source's config is carried over)
 SAVED_BY_CHECKPOINT = ("lipkit_version", "model", "max_logit_scale", "context_length", "adapted")
@@ -60,8 +61,8 @@ class AdaptSettings:
     shots: int = 16
     seed: int = 0
     split: str = "all"  # all | base | novel (CoOp's split of the sorted classes)
-    steps: int = 100
-    lr: float = 1e-3
+    steps: int | None = None  # None: the method's default (100; pic2word 300, rtd 200)
+    lr: float | None = None  # None: the method's default (1e-3; pic2word 1e-4, rtd 1e-5)
     templates: list[str] = field(default_factory=lambda: list(EvalConfig().templates))
     towers: str = "text"  # lora: text | image | both
     rank: int = 4
@@ -73,6 +74,15 @@ class AdaptSettings:
     ratio: float = 0.2
     tip_alpha: float = 1.0  # tip, tip-f
     tip_beta: float = 1.0
+    batch_size: int = 256  # pic2word: images per step; rtd: text triplets per step
+    prompt: str = "a photo of * that {}"  # pic2word, rtd: the composed query's wording
+    noise: float = 0.5  # rtd: ε of the noised reference caption
+    tau: float = 0.07  # rtd: temperature
+
+    def __post_init__(self) -> None:
+        defaults = DEFAULTS.get(self.method, {"steps": 100, "lr": 1e-3})
+        self.steps = defaults["steps"] if self.steps is None else self.steps
+        self.lr = defaults["lr"] if self.lr is None else self.lr
 
 
 def _check(
@@ -95,12 +105,15 @@ def _check(
         raise UserError(
             "LoRA on a timm image tower is not supported yet; adapt the text tower (--towers text)."
         )
-    if s.method == "coop" and model.spec.text_embed_cls:
+    if s.method in ("coop", *COMPOSERS) and model.spec.text_embed_cls:
         raise UserError(
-            "A learned prompt context needs a text tower pooled at its end token; this one is OpenCLIP CoCa's "
-            "[cls] tower (model text_embed_cls): adapt it with --method lora instead."
+            f"--method {s.method} puts learned word vectors in prompts, which needs a text tower pooled at its end "
+            "token; this one is OpenCLIP CoCa's [cls] tower (model text_embed_cls): adapt it with --method lora."
         )
-    if model.spec.adapter:
+    held = (model.spec.adapter or {}).get("method")
+    if s.method == "rtd" and held == "pic2word":
+        pass  # RTD tunes the text tower of a Pic2Word checkpoint
+    elif held:
         raise UserError(
             f"'{checkpoint}' already holds a {model.spec.adapter.get('method')} adapter; adapt the checkpoint it "
             "was adapted from (its config.json `adapted.from`)."
@@ -195,6 +208,12 @@ def adapt_checkpoint(
     checkpoint, out = Path(checkpoint).expanduser(), Path(out).expanduser()
     model, tokenizer, source = load_checkpoint(checkpoint)
     _check(checkpoint, out, overwrite, s, model, source)
+    if s.method in COMPOSERS:
+        return _compose(checkpoint, Path(data), out, s, (model, tokenizer, source))
+    if not column:
+        raise UserError(
+            f"--method {s.method} adapts to a class column; name it with --column (e.g. subcategory)."
+        )
     records = read_table(data)
     classes = _classes(records, column, s.split)
     shot_records, _ = few_shot(records, column, s.shots, s.seed, classes)
@@ -223,6 +242,29 @@ def adapt_checkpoint(
         "trainable_parameters": trainable,
         "shot_loss": [round(start_loss, 4), round(end_loss, 4)],
         "shot_top1": [round(start_acc, 4), round(end_acc, 4)],
+    }
+    kept = {k: v for k, v in source.items() if k not in SAVED_BY_CHECKPOINT}
+    save_checkpoint(out / "checkpoint", model, tokenizer, {**kept, "adapted": info})
+    return info
+
+
+def _compose(checkpoint: Path, data: Path, out: Path, s: AdaptSettings, loaded: tuple) -> dict[str, Any]:
+    """pic2word / rtd (adapt.composed): train, attach the mapping network, save like any adaptation."""
+    model, tokenizer, source = loaded
+    model.requires_grad_(False)
+    model.eval()
+    names = ("method", "steps", "lr", "batch_size", "seed", "prompt", "noise", "tau")
+    settings, word, trained = train_composer(
+        model, tokenizer, data, ComposeSettings(**{k: getattr(s, k) for k in names})
+    )
+    model.add_adapter(settings, word)
+    model.requires_grad_(True)
+    info = {
+        "method": s.method,
+        "from": str(checkpoint.resolve()),
+        "data": str(data),
+        "seed": s.seed,
+        **trained,
     }
     kept = {k: v for k, v in source.items() if k not in SAVED_BY_CHECKPOINT}
     save_checkpoint(out / "checkpoint", model, tokenizer, {**kept, "adapted": info})

@@ -10,6 +10,18 @@ import typer
 
 from lipkit.cli.common import console
 
+# composed image retrieval's options (pic2word, rtd)
+BATCH_SIZE = typer.Option(
+    256, "--batch-size", min=2, help="pic2word: images per step; rtd: text triplets per step."
+)
+PROMPT = typer.Option(
+    "a photo of * that {}",
+    "--prompt",
+    help="pic2word, rtd: the composed query's wording ('*' the reference image's word, '{}' the words).",
+)
+NOISE = typer.Option(0.5, "--noise", help="rtd: scale ε of the noise on the reference caption.")
+TAU = typer.Option(0.07, "--tau", help="rtd: temperature of the contrastive loss.")
+
 
 def adapt(
     checkpoint: Path = typer.Argument(
@@ -19,9 +31,14 @@ def adapt(
         ..., help="Run directory for the adapted checkpoint: OUT/checkpoint, an ordinary lipkit checkpoint."
     ),
     data: Path = typer.Option(
-        ..., "--data", help="Labelled table the shots are drawn from (e.g. the training table)."
+        ...,
+        "--data",
+        help="Labelled table the shots are drawn from (e.g. the training table); pic2word: any table (its "
+        "images); rtd: a table naming composed queries (`lipkit data build composed`'s train.jsonl).",
     ),
-    column: str = typer.Option(..., "--column", help="The class column of the table (e.g. subcategory)."),
+    column: str = typer.Option(
+        None, "--column", help="The class column of the table (e.g. subcategory); not for pic2word / rtd."
+    ),
     shots: int = typer.Option(16, "--shots", "-k", min=1, help="Images per class (K)."),
     seed: int = typer.Option(
         0,
@@ -36,10 +53,14 @@ def adapt(
         "--method",
         help="lora (low-rank branches merged into a tower), coop (learned prompt context), clip-adapter "
         "(residual MLP on image features), tip (Tip-Adapter's training-free cache of the shots) or tip-f "
-        "(the cache's keys fine-tuned).",
+        "(the cache's keys fine-tuned); for composed image retrieval, pic2word (a mapping network turning "
+        "an image into a word, trained on images alone) or rtd (RTD: the text tower of a pic2word checkpoint "
+        "tuned on text triplets).",
     ),
-    steps: int = typer.Option(100, "--steps", min=0, help="Full-batch AdamW steps (tip trains nothing)."),
-    lr: float = typer.Option(1e-3, "--lr", help="Learning rate."),
+    steps: int = typer.Option(
+        None, "--steps", min=0, help="AdamW steps (default 100, full-batch; pic2word 300, rtd 200; tip none)."
+    ),
+    lr: float = typer.Option(None, "--lr", help="Learning rate (default 1e-3; pic2word 1e-4, rtd 1e-5)."),
     towers: str = typer.Option("text", "--towers", help="lora: text, image (lipkit's ViT only) or both."),
     rank: int = typer.Option(4, "--rank", min=1, help="lora: rank r."),
     alpha: float = typer.Option(8.0, "--alpha", help="lora: scale α (the branch is multiplied by α / r)."),
@@ -62,11 +83,16 @@ def adapt(
     tip_beta: float = typer.Option(
         1.0, "--tip-beta", help="tip, tip-f: sharpness β of the cache's affinity."
     ),
+    batch_size: int = BATCH_SIZE,
+    prompt: str = PROMPT,
+    noise: float = NOISE,
+    tau: float = TAU,
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty OUT."),
 ) -> None:
     """Adapt a checkpoint to a labelled column with K images per class: LoRA merged into a tower, CoOp's
     learned prompt context, CLIP-Adapter or Tip-Adapter(-F), trained with the zero-shot classifier's
-    cross-entropy. OUT/checkpoint is a lipkit checkpoint that `lipkit eval`, `embed` and `serve` read
+    cross-entropy; or teach it composed image retrieval (search with an image plus words) with Pic2Word,
+    then RTD. OUT/checkpoint is a lipkit checkpoint that `lipkit eval`, `embed` and `serve` read
     (docs/adapt.md says what each method's export carries)."""
     from lipkit.adapt.run import AdaptSettings, adapt_checkpoint
 

@@ -11,7 +11,7 @@ from rich.console import Console
 from lipkit.errors import UserError
 
 console = Console(stderr=True)
-BUILT_IN = ("emoji", "noisy", "canvases")
+BUILT_IN = ("emoji", "noisy", "canvases", "composed")
 
 
 def build_canvases(
@@ -40,6 +40,18 @@ def build_canvases(
     )
 
 
+def build_composed_benchmark(out: Path | None, source: Path | None, force: bool) -> None:
+    """`lipkit data build composed`."""
+    from lipkit.data.builtin.composed import build_composed, default_out
+
+    s = build_composed(out, source, force=force)
+    where = Path(out) if out is not None else default_out()
+    shown = ", ".join(
+        f"{k}.jsonl {v['images']} images / {v['queries']} queries" for k, v in s["splits"].items()
+    )
+    console.print(f"[bold green]composed[/] {where}: {shown}")
+
+
 def data_build(
     name: str = typer.Argument(..., help=f"Dataset to build; built in: {', '.join(BUILT_IN)}."),
     out: Path = typer.Option(None, "--out", "-o", help="Output folder (default: the user cache dir)."),
@@ -51,7 +63,8 @@ def data_build(
         None,
         "--source",
         help="noisy: the captions table to copy (default: the emoji train table); canvases: the table of "
-        "objects for the training canvases (default: the emoji train table).",
+        "objects for the training canvases (default: the emoji train table); composed: the folder of the "
+        "emoji tables (default: the emoji build).",
     ),
     test_source: Path = typer.Option(
         None, "--test-source", help="canvases: the objects of the test canvases (default: emoji test-style)."
@@ -77,7 +90,8 @@ def data_build(
     table with mispaired captions and duplicate images injected, the truth in truth.jsonl beside it.
     `canvases`: a localisation benchmark — several objects of a table of cut-outs pasted on each canvas,
     with boxes, masks and one caption per object; train.jsonl from the training artists, test.jsonl from
-    the held-out one."""
+    the held-out one. `composed`: composed image retrieval — the emoji tables as galleries whose rows name
+    the queries they answer (a reference variant of the same concept + "with dark skin tone")."""
     if name == "noisy":
         from lipkit.cli.curate_dedup import build_noisy
 
@@ -86,6 +100,8 @@ def data_build(
         sources = {"train": source, "test": test_source}
         counts = (train_canvases, test_canvases)
         build_canvases(out, sources, size, objects, scale, max_overlap, counts, seed, force)
+    elif name == "composed":
+        build_composed_benchmark(out, source, force)
     elif name == "emoji":
         from lipkit.data.emoji import build_emoji
 

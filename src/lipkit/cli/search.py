@@ -189,7 +189,13 @@ def search(
     checkpoint: Path = typer.Argument(..., help="Checkpoint that embedded the collection."),
     index: Path = typer.Argument(..., help="Index folder written by `lipkit index build`."),
     query: str = typer.Argument(None, help='Text query, e.g. "a red heart".'),
-    image: Path = typer.Option(None, "--image", "-i", help="Search with this image instead of text."),
+    image: Path = typer.Option(
+        None,
+        "--image",
+        "-i",
+        help="Search with this image; with a QUERY too, for images like it changed by the words (a composed "
+        "query: the checkpoint's pic2word/rtd mapping, else the sum of the two embeddings).",
+    ),
     k: int = typer.Option(10, "-k", "--k", help="Number of results (1..1000)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     ef: int = typer.Option(None, min=1, help="HNSW: override efSearch for this query."),
@@ -201,24 +207,28 @@ def search(
     ),
     rerank: int = typer.Option(None, "--rerank", help=RERANK_HELP),
 ) -> None:
-    """Top-k items for a text query or an image (--image)."""
+    """Top-k items for a text query, an image (--image), or an image changed by words (both)."""
     from lipkit.search.query import Searcher, check_query_args
 
     check_query_args(query, image, k)
     if image is not None and rerank:
         raise UserError("--rerank re-orders the hits of a text query; drop it when searching by --image.")
     s = Searcher(checkpoint, index, device=device, precision=precision, onnx=int8, rerank=rerank)
-    q = s.text_query(query.strip()) if query is not None else s.image_query(s.image_file(image))
     params = {k_: v for k_, v in {"ef": ef, "nprobe": nprobe}.items() if v is not None}
-    if query is None:
-        hits = s.search(q, k, **params)
+    if image is not None and query is not None:
+        hits = s.search(s.composed_query(s.image_file(image), query.strip()), k, **params)
+        what = {"image": str(image), "text": query.strip(), "composed": s.composed_way}
+    elif image is not None:
+        hits, what = s.search(s.image_query(s.image_file(image)), k, **params), str(image)
     else:  # the matching head (when the checkpoint has one) re-orders the first --rerank hits
-        hits = s.rerank(query.strip(), s.search(q, max(k, s.rerank_top), **params))[:k]
-    what = query if query is not None else str(image)
+        text = query.strip()
+        hits, what = s.rerank(text, s.search(s.text_query(text), max(k, s.rerank_top), **params))[:k], query
     if as_json:
         print(json.dumps({"query": what, "results": hits}, ensure_ascii=False))
         return
-    _print_hits(f"top {k} for " + (f'"{query}"' if query is not None else str(image)), hits)
+    title = f'"{query.strip()}"' if query is not None else ""
+    title = f"{image} + {title}" if image is not None and query is not None else title or str(image)
+    _print_hits(f"top {k} for {title}", hits)
 
 
 def serve(

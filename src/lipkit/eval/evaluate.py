@@ -1,6 +1,5 @@
 """Evaluate a dual encoder on captioned image tables: zero-shot classification over metadata columns,
-image↔text retrieval, optionally a linear probe per column, plus the examples and similarity heat map
-the report shows."""
+image↔text retrieval, optionally a linear probe per column, plus the examples the report shows."""
 
 from __future__ import annotations
 
@@ -18,6 +17,7 @@ from lipkit.errors import UserError
 from lipkit.eval import token_similarity
 from lipkit.eval.adapted_classes import adapted_class_scores
 from lipkit.eval.caption_eval import caption_split
+from lipkit.eval.composed_retrieval import composed_metrics
 from lipkit.eval.embedding import embed_images, embed_texts
 from lipkit.eval.linear_probe import LinearProbe, fit_linear_probe
 from lipkit.eval.localization import localization_metrics
@@ -119,8 +119,8 @@ def evaluate_records(
     the classes and templates of a set that names them itself (registry.eval_labels), by column; those
     columns are classified too. A model with a caption decoder captions the split (eval.caption_eval;
     `scorer`: the other checkpoint that gives CLIP-score). Retrieval needs captions: a split without any
-    has none. A split with
-    no usable image (every one missing or corrupt, or none at all) is a UserError naming `split`."""
+    has none; rows naming composed queries: eval.composed_retrieval. A split with no usable image (every
+    one missing or corrupt, or none at all) is a UserError naming `split`."""
     if similarity not in SIMILARITIES:
         raise ValueError(f"similarity must be one of {SIMILARITIES}, not {similarity!r}")
     if similarity == "lexical" and not model.has_lexicon:
@@ -166,6 +166,9 @@ def evaluate_records(
         drawn = localization_metrics(model, tokenizer, store, cfg.batch_size, metrics, chance, filip)
         if details and drawn:
             result["localization"] = drawn
+    shown = composed_metrics(model, tokenizer, store, images.dense, cfg.batch_size, metrics, chance)
+    if details and shown:  # rows naming composed queries (reference image + words → target)
+        result["composed"] = shown
     if getattr(model, "has_captioner", False) and any(r.captions for r in records):  # ONNX models: none
         shown = caption_split(model, tokenizer, store, cfg, metrics, scorer)
         if details and shown:

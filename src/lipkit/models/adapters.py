@@ -1,6 +1,8 @@
 """What `lipkit adapt` adds beside a model's towers, built from `ModelSpec.adapter` so a checkpoint restores
-it: CoOp's prompt context (models.prompt_context), CLIP-Adapter's image adapter (models.image_adapter) or
-Tip-Adapter's cache (models.tip_cache). LoRA is not here: it is merged into the towers' weights."""
+it: CoOp's prompt context (models.prompt_context), CLIP-Adapter's image adapter (models.image_adapter),
+Tip-Adapter's cache (models.tip_cache) or Pic2Word's mapping network for composed queries (models.pseudo_word;
+`rtd` is the same network beside a text tower RTD tuned). LoRA is not here: it is merged into the towers'
+weights."""
 
 from __future__ import annotations
 
@@ -11,9 +13,11 @@ from torch import nn
 from lipkit.errors import UserError
 from lipkit.models.image_adapter import ImageAdapter
 from lipkit.models.prompt_context import PromptContext
+from lipkit.models.pseudo_word import PseudoWord
 from lipkit.models.tip_cache import TipCache
 
-METHODS = ("coop", "clip-adapter", "tip")
+METHODS = ("coop", "clip-adapter", "tip", "pic2word", "rtd")
+COMPOSERS = ("pic2word", "rtd")  # adapters that build composed queries
 
 
 def adapter_of(settings: dict[str, Any], embed_dim: int, text: nn.Module) -> nn.Module:
@@ -30,6 +34,8 @@ def adapter_of(settings: dict[str, Any], embed_dim: int, text: nn.Module) -> nn.
             return TipCache(
                 embed_dim, labels, settings["classes"], float(settings["alpha"]), float(settings["beta"])
             )
+        if method in COMPOSERS:
+            return PseudoWord(embed_dim, text.word_width, int(settings["hidden"]), float(settings["dropout"]))
     except KeyError as e:
         raise UserError(f"model adapter {settings!r} lacks the setting {e}; re-run `lipkit adapt`.") from e
     raise UserError(f"model adapter method must be one of {', '.join(METHODS)}, not {method!r}.")

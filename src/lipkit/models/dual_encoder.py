@@ -20,6 +20,7 @@ from lipkit.models.locking import lock_tower
 from lipkit.models.matching_head import MatchingHead
 from lipkit.models.prefix_decoder import PrefixDecoder
 from lipkit.models.presets import ModelSpec
+from lipkit.models.pseudo_word import PseudoWord
 from lipkit.models.regions import as_rois, region_pool, require_patch_grid
 from lipkit.models.text import TextTransformer
 from lipkit.models.timm_vision import TimmTower
@@ -81,6 +82,12 @@ class DualEncoder(nn.Module):
         """CLIP-Adapter's residual MLP on the image features, when this model has one."""
         adapter = getattr(self, "adapter", None)
         return adapter if isinstance(adapter, ImageAdapter) else None
+
+    @property
+    def pseudo_word(self) -> PseudoWord | None:
+        """Pic2Word's mapping network (composed queries, models.pseudo_word), when this model has one."""
+        adapter = getattr(self, "adapter", None)
+        return adapter if isinstance(adapter, PseudoWord) else None
 
     @property
     def has_captioner(self) -> bool:

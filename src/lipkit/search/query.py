@@ -17,6 +17,7 @@ from lipkit.data.images import classify_failure, load_image, open_image
 from lipkit.data.transforms import normalize
 from lipkit.device import pick_device
 from lipkit.errors import UserError
+from lipkit.eval.composed_retrieval import composed_queries
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.search.encode import (
     Towers,
@@ -123,10 +124,11 @@ def lexical_queries(
 
 
 def check_query_args(query: str | None, image: Path | None, k: int) -> None:
-    """`lipkit search` takes exactly one of a non-empty text or an image, and 1..1000 results."""
-    if (query is None) == (image is None):
+    """`lipkit search` takes a non-empty text, an image, or both (a composed query), and 1..1000 results."""
+    if query is None and image is None:
         raise UserError(
-            'Give exactly one of a text QUERY or --image PATH, e.g. lipkit search CKPT INDEX "a red heart".'
+            "Give a text QUERY, an --image PATH, or both (the image changed by the words), e.g. lipkit search "
+            'CKPT INDEX "a red heart".'
         )
     if not 1 <= k <= 1000:
         raise UserError(f"-k must be from 1 to 1000, got {k}.")
@@ -251,6 +253,29 @@ class Searcher:
             assert self.towers.lexical is not None  # checked just above
             return self.towers.lexical(images_u8)
         return self.towers.images(images_u8)
+
+    @property
+    def composed_way(self) -> str:
+        """How a reference image and words make one query: the checkpoint's pseudo-word (pic2word, rtd;
+        models.pseudo_word) on PyTorch, else the normalised sum of the two embeddings."""
+        word = self.model.pseudo_word is not None and self.onnx is None
+        return self.model.spec.adapter["method"] if word else "sum"
+
+    def composed_query(self, image_u8: torch.Tensor, text: str) -> np.ndarray:
+        """uint8 (3, S, S) reference image and the words that change it → (1, D) query vector."""
+        if self.sparse or self.token_wise:
+            raise ImageRejected(
+                f"This index is {self.index.kind}; an image plus words is searched in a dense index (--kind "
+                "flat, hnsw or ivfpq) of the same embeddings.",
+                400,
+            )
+        v = self.image_queries(image_u8[None])
+        if self.composed_way == "sum":
+            q = v + self.text_queries([text])
+            return (q / np.linalg.norm(q, axis=1, keepdims=True).clip(min=1e-12)).astype(np.float32)
+        with torch.inference_mode(), inference_precision(self.model, self.precision):
+            ref = torch.from_numpy(np.ascontiguousarray(v))
+            return composed_queries(self.model, self.tokenizer, ref, [text], 1).numpy().astype(np.float32)
 
     def region_embeddings(self, image_u8: torch.Tensor, boxes: list[list[float]]) -> np.ndarray:
         """uint8 (3, S, S) and its boxes → (len(boxes), D) region embeddings (DualEncoder.encode_region,

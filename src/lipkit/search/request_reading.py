@@ -62,11 +62,7 @@ async def _read_form(
                 fields[key] = value
     finally:
         await form.close()
-    if "q" in fields and image is None:
-        return fields.pop("q"), None
-    if "q" in fields:
-        raise ApiError(400, "Send either a text query q or an image file, not both.")
-    return None, image
+    return fields.pop("q", None), image  # both: a composed query (an image changed by words)
 
 
 async def _read_json(request: Request, fields: dict[str, Any]) -> Any:
@@ -90,8 +86,8 @@ async def _read_json(request: Request, fields: dict[str, Any]) -> Any:
 
 
 async def read_input(request: Request, lim: Limits) -> tuple[str | None, bytes | None, dict[str, Any]]:
-    """(checked text, image bytes, other fields) from any accepted body type; exactly one of text and
-    image is set."""
+    """(checked text, image bytes, other fields) from any accepted body type; text, image or both (a form
+    with a file and q: a composed query) are set."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     fields: dict[str, Any] = dict(request.query_params)
     text: str | None = None

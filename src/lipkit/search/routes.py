@@ -39,7 +39,11 @@ _BODY_DOC = {
                     "type": "object",
                     "properties": {
                         "file": {"type": "string", "format": "binary", "description": "An image file."},
-                        "q": {"type": "string", "description": "A text query (instead of a file)."},
+                        "q": {
+                            "type": "string",
+                            "description": "A text query; beside a file (/search), the words that change "
+                            "the image (a composed query).",
+                        },
                         "k": {"type": "integer", "minimum": 1, "maximum": 100},
                         "boxes": {
                             "type": "string",
@@ -134,6 +138,10 @@ class SearchState:
     async def item_vector(self, i: int) -> np.ndarray:
         return await self.image_vector(await self.item_image(i))
 
+    async def composed_vector(self, image_u8: torch.Tensor, text: str) -> np.ndarray:
+        """(1, D): a reference image changed by words (Searcher.composed_query)."""
+        return await run_in_threadpool(self.searcher.composed_query, image_u8, text)
+
     def _timed_search(self, vector: np.ndarray, k: int) -> list[dict[str, Any]]:
         t0 = time.perf_counter()
         hits = self.searcher.search(vector, k)
@@ -219,12 +227,15 @@ def health(request: Request) -> dict[str, Any]:
 async def search_get(
     request: Request, q: str | None = None, k: str | None = None, image_id: str | None = None
 ) -> dict[str, Any]:
-    """Search by text (`q`) or by the image of an indexed item (`image_id`)."""
+    """Search by text (`q`), by the image of an indexed item (`image_id`), or by that image changed by the
+    words (both: a composed query)."""
     t0 = time.perf_counter()
     st = _state(request)
     kk = st.get_k({"k": k} if k is not None else {})
     if image_id is not None and q is not None:
-        raise ApiError(400, "Send either q or image_id, not both.")
+        i, text = st.item_id(image_id), check_text(q, st.limits)
+        vector = await st.composed_vector(await st.item_image(i), text)
+        return respond("composed", {"image_id": i, "text": text}, await st.search(vector, kk), t0)
     if image_id is not None:
         i = st.item_id(image_id)
         return respond("image_id", i, await st.search(await st.item_vector(i), kk), t0)
@@ -235,11 +246,17 @@ async def search_get(
 
 
 async def search_post(request: Request) -> dict[str, Any]:
-    """Search by an uploaded image (`file`) or a text query (`q`); `k` results (1..100)."""
+    """Search by an uploaded image (`file`), a text query (`q`) or both (the image changed by the words);
+    `k` results (1..100)."""
     t0 = time.perf_counter()
     st = _state(request)
     text, image, fields = await read_input(request, st.limits)
     kk = st.get_k(fields)
+    if image is not None and text is not None:
+        s = st.searcher
+        image_u8 = await run_in_threadpool(decode_image_bytes, image, s.size, st.limits.max_pixels)
+        vector = await st.composed_vector(image_u8, text)
+        return respond("composed", {"text": text}, await st.search(vector, kk), t0)
     if image is not None:
         return respond("image", None, await st.search(await st.upload_vector(image), kk), t0)
     assert text is not None
@@ -256,6 +273,10 @@ async def embed(request: Request) -> dict[str, Any]:
         if image is None:
             raise ApiError(400, "boxes go with an image: upload the image as 'file' beside the boxes field.")
         return await _region_embeddings(st, image, parse_boxes(fields["boxes"]))
+    if image is not None and text is not None:
+        raise ApiError(
+            400, "Send either a text query q or an image file to /embed, not both (/search takes both)."
+        )
     if image is not None:
         vec, kind = await st.upload_vector(image), "image"
     else:

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from lipkit.data.composed import resolve_references
 from lipkit.data.records import Record, Skip, caption_record, has_surrogates
 from lipkit.data.regions import MASK
 from lipkit.errors import UserError
@@ -97,6 +98,7 @@ def scan_table(
         meta = {k: v for k, v in row.items() if k not in (image_column, caption_column)}
         if isinstance(meta.get(MASK), str) and meta[MASK].strip():  # a label image, found like the image
             meta[MASK] = str(root / meta[MASK].strip())
+        resolve_references(meta, root)  # composed-retrieval queries name their reference like an image
         yield caption_record(root / image.strip(), row.get(caption_column), meta, key)
     if not checked:
         raise UserError(f"Data table '{p}' has no rows; add (image, caption) rows to it.")
