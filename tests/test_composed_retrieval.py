@@ -92,6 +92,11 @@ def test_build_composed_on_the_fixture_and_eval_recall_against_a_loop(table, tmp
             for k, h in hits.items():
                 assert m[f"composed/{way}/R@{k}"] == pytest.approx(h / len(found), abs=1e-9)
     assert result["chance"]["composed/sum/R@5"] == pytest.approx(5 / (len(records) - 1))
+    from lipkit.eval.report import write_report
+
+    html = write_report(tmp_path / "run", {"splits": {"test": result}}).read_text()
+    shown = result["composed"]["examples"]
+    assert "Composed queries" in html and html.count('<span class="muted">sum</span>') == len(shown) > 0
 
 
 @pytest.mark.parametrize("tower", ["transformer", "hf"])
@@ -104,7 +109,8 @@ def test_pseudo_word_of_a_real_words_vector_is_that_words_sentence(tower, table)
     tok, model = _parts(tower, table)
     mods = ["red", "heart"]
     ids, at = prompt_ids(tok, "a photo of * that {}", mods)
-    for word in ("cat", "heart", "face", "red", "a", "x"):  # one the tokenizer spells in one token, there
+    vocab = [t[1:] for t in tok.tok.get_vocab() if t.startswith("Ġ") and t[1:].isalpha()]  # byte-level BPE
+    for word in ("red", "heart", "face", "cat", *sorted(vocab)):  # one the tokenizer spells in one token
         spelled = tok([f"a photo of {word} that {m}" for m in mods])
         if all((spelled[i] != ids[i]).sum() == 1 for i in range(len(mods))):
             break
@@ -141,6 +147,19 @@ def test_rtd_loss_is_its_formula_written_out():
     ga = torch.autograd.grad(got, (a, q))
     gb = torch.autograd.grad(expected, (a, q))
     assert all((x - y).abs().max() < 1e-10 for x, y in zip(ga, gb, strict=True))
+    # captions repeated in the batch: distinct ids change nothing; a shared id leaves the vectors paired
+    # with that caption out of each other's denominators
+    assert abs(nt_xent(a, q, tau, torch.arange(5)).item() - expected.item()) < 1e-10
+    ids = torch.tensor([0, 1, 0, 2, 1])
+    group = torch.cat([ids, ids])
+    terms = []
+    for i in range(10):
+        p = (i + 5) % 10
+        den = sum(
+            torch.exp(z[i] @ z[j] / tau) for j in range(10) if j != i and (j == p or group[j] != group[i])
+        )
+        terms.append(torch.log(torch.exp(z[i] @ z[p] / tau) / den))
+    assert abs(nt_xent(a, q, tau, ids).item() + torch.stack(terms).mean().item()) < 1e-10
 
 
 def test_pic2word_then_rtd_end_to_end(table, tmp_path):

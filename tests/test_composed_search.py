@@ -100,3 +100,25 @@ def test_http_composed_query_by_upload_and_by_item(collection):
         assert r.status_code == 200, r.text
         assert r.json()["query"] == {"type": "composed", "value": {"image_id": 3, "text": WORDS}}
         assert r.json()["results"][0]["score"] == pytest.approx(expected, abs=1e-5)
+        with open(path, "rb") as f:  # a raw image body with ?q=: the same composed query
+            r = c.post(
+                "/search",
+                params={"q": WORDS, "k": 2},
+                content=f.read(),
+                headers={"content-type": "image/png"},
+            )
+        assert r.json()["query"]["type"] == "composed"
+        assert r.json()["results"][0]["score"] == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("which", ["plain", "mapped"])
+def test_python_api_composed_query_is_the_same_vector(collection, which):
+    import lipkit
+
+    root, plain, mapped = collection
+    ckpt = plain if which == "plain" else mapped
+    path = load_index(root / "index").items[5]["path"]
+    model, _, tok = lipkit.load(ckpt)
+    got = lipkit.composed_query(model, tok, path, WORDS)
+    assert got.shape == (model.spec.embed_dim,)
+    assert np.abs(got.numpy() - expected_query(ckpt, path)).max() < 1e-5

@@ -73,6 +73,7 @@ ALLOWED_NOT_RUN = {
 DEFAULT_PREFIXES = (
     "lipkit --help",
     "lipkit data build emoji",
+    "lipkit data build composed",
     "make demo",
     "lipkit eval runs/demo/checkpoint",
     "lipkit report runs/demo",

@@ -16,11 +16,21 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Preprocess", "__version__", "evaluate", "fit", "heatmap", "load", "train", "zero_shot_classifier"]
+__all__ = [
+    "Preprocess",
+    "__version__",
+    "composed_query",
+    "evaluate",
+    "fit",
+    "heatmap",
+    "load",
+    "train",
+    "zero_shot_classifier",
+]
 _API = frozenset(__all__) - {"__version__", "train"}
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ forwards on first use
-    from lipkit.api import Preprocess, evaluate, fit, heatmap, load, zero_shot_classifier
+    from lipkit.api import Preprocess, composed_query, evaluate, fit, heatmap, load, zero_shot_classifier
 
 
 def __getattr__(name: str) -> Any:  # PEP 562: called only for names not found in this module

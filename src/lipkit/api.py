@@ -33,6 +33,7 @@ from lipkit.data.label_sets import fill_template
 from lipkit.data.transforms import normalize
 from lipkit.device import pick_device
 from lipkit.errors import UserError
+from lipkit.eval.composed_retrieval import composed_queries
 from lipkit.eval.evaluate import embed_texts
 from lipkit.eval.heatmaps import MAP_KINDS
 from lipkit.eval.suite import run_eval
@@ -43,7 +44,7 @@ from lipkit.search.heatmap import query_heatmap
 from lipkit.text.tokenizer import TextTokenizer
 from lipkit.train.launch import run_training
 
-__all__ = ["Preprocess", "evaluate", "fit", "heatmap", "load", "zero_shot_classifier"]
+__all__ = ["Preprocess", "composed_query", "evaluate", "fit", "heatmap", "load", "zero_shot_classifier"]
 
 ImageInput = Image.Image | str | Path | bytes
 
@@ -148,6 +149,29 @@ def heatmap(
     pixels = Preprocess(spec.image_size, spec.image_mean, spec.image_std).pixels(image)
     precision = "bf16" if any(p.dtype == torch.bfloat16 for p in model.parameters()) else "fp32"
     return query_heatmap(model, tokenizer, pixels, text, kind, precision)
+
+
+def composed_query(
+    model: DualEncoder, tokenizer: TextTokenizer, image: ImageInput, text: str
+) -> torch.Tensor:
+    """A reference image changed by words ("with dark skin tone") as one float32 (D,) unit-length query, to
+    score against image embeddings: the checkpoint's Pic2Word/RTD pseudo-word sentence "a photo of [φ(v̂)]
+    that {text}" when `lipkit adapt --method pic2word|rtd` gave it a mapping network, else the normalised sum
+    of the image's and the text's embeddings — what `lipkit search TEXT --image IMAGE` and `lipkit eval`'s
+    composed queries compute (docs/adapt.md)."""
+    spec = model.spec
+    pixels = Preprocess(spec.image_size, spec.image_mean, spec.image_std)(image)[None].to(model.device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            v = model.encode_image(pixels).float()
+            if model.pseudo_word is None:
+                q = v + model.encode_text(tokenizer([text]).to(model.device)).float()
+                return torch.nn.functional.normalize(q, dim=-1)[0]
+            return composed_queries(model, tokenizer, v.cpu(), [text], 1)[0].to(model.device)
+    finally:
+        model.train(was_training)
 
 
 def zero_shot_classifier(

@@ -20,14 +20,15 @@ Over the 2M normalised vectors z of the M = 2B pairs (anchors and queries),
 
     L = −1/2M Σ_i log [ exp(z_i·z_{p(i)}/τ) / Σ_{j≠i} exp(z_i·z_j/τ) ]           (τ = 0.07)
 
-p(i) the other member of i's pair (RTD's contrastive loss, NT-Xent). All of g trains (AdamW, RTD's lr 1e-5,
+p(i) the other member of i's pair (RTD's contrastive loss, NT-Xent); a table repeats captions across its
+triplets (RTD's LLM-written ones rarely do), so vectors paired with the same caption as i's pair are left out
+of i's denominator rather than counted as negatives. All of g trains (AdamW, RTD's lr 1e-5,
 weight decay 0.01); the checkpoint keeps the tuned g as its text tower, so plain text search uses it too
 (docs/adapt.md measures what that costs).
 
 Not implemented: Pic2Word's CC3M-scale training and its prompt ensembles; RTD's LLM-written triplets
 (the table's own composed queries are used), its choice among projection methods (SEARLE, LinCIR: φ is
-Pic2Word's here) and its learning-rate schedule; in a batch, triplets sharing a target are not masked as
-positives of each other.
+Pic2Word's here) and its learning-rate schedule.
 """
 
 from __future__ import annotations
@@ -66,22 +67,32 @@ class ComposeSettings:
     dropout: float = 0.1  # pic2word: φ's dropout
 
 
-def nt_xent(anchors: torch.Tensor, queries: torch.Tensor, tau: float) -> torch.Tensor:
-    """RTD's contrastive loss over the joint set of (M, D) anchors and queries (module docstring)."""
+def nt_xent(
+    anchors: torch.Tensor, queries: torch.Tensor, tau: float, ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """RTD's contrastive loss over the joint set of (M, D) anchors and queries (module docstring). `ids`:
+    (M,) an id per anchor (its caption); vectors paired with the same caption as i's pair are left out of
+    i's denominator instead of counted as negatives (all ids distinct: RTD's loss exactly)."""
     z = torch.cat([anchors, queries])
     z = F.normalize(z.to(torch.promote_types(z.dtype, torch.float32)), dim=-1)
     m = anchors.shape[0]
     sim = (z @ z.t() / tau).fill_diagonal_(float("-inf"))
     pair = torch.cat([torch.arange(m, 2 * m), torch.arange(m)]).to(z.device)
+    if ids is not None:  # the same caption elsewhere in the batch is no negative
+        group = torch.cat([ids, ids]).to(z.device)
+        same = group[:, None] == group[None, :]
+        same[torch.arange(2 * m, device=z.device), pair] = False
+        sim = sim.masked_fill(same, float("-inf"))
     return F.cross_entropy(sim, pair)
 
 
 def _batches(n: int, size: int, steps: int, gen: torch.Generator):
-    """`steps` index batches of `size`, epoch after epoch of seeded permutations."""
-    order: list[int] = []
+    """`steps` index batches of min(size, n) distinct items: slices of seeded permutations, a new one
+    when the rest of the last is too short (the rest is dropped, so no batch repeats an item)."""
+    size, order = min(size, n), []
     for _ in range(steps):
-        while len(order) < min(size, n):
-            order += torch.randperm(n, generator=gen).tolist()
+        if len(order) < size:
+            order = torch.randperm(n, generator=gen).tolist()
         yield torch.tensor(order[:size])
         order = order[size:]
 
@@ -95,7 +106,7 @@ def _pic2word(model, tokenizer, data: Path, s: ComposeSettings) -> tuple[PseudoW
         )
     v = embed_images(model, store, 256).to(model.device)
     word = PseudoWord(model.spec.embed_dim, model.text.word_width, s.hidden, s.dropout).to(model.device)
-    scale = model.logit_scale.exp().detach()
+    scale = model.scale().detach()
     opt = torch.optim.AdamW(word.parameters(), lr=s.lr, weight_decay=0.0)
     gen, losses = torch.Generator().manual_seed(s.seed), []
     word.train()
@@ -149,12 +160,14 @@ def _rtd(model, tokenizer, data: Path, s: ComposeSettings) -> tuple[PseudoWord, 
         mods = [found[i][1] for i in idx.tolist()]
         with_mod = composed_features(tower, None, tokenizer, w, mods, s.prompt)
         alone = composed_features(tower, None, tokenizer, w, [""] * len(mods), TRAIN_PROMPT)
-        loss = nt_xent(torch.cat([anchors[t], x]), torch.cat([with_mod, alone]), s.tau)
+        loss = nt_xent(torch.cat([anchors[t], x]), torch.cat([with_mod, alone]), s.tau, torch.cat([t, r]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         losses.append(loss.item())
     tower.eval().requires_grad_(False)
+    if hasattr(tower, "_cache"):  # a Hugging Face tower's pooled features by token ids: stale now
+        tower._cache.clear()
     return word, losses
 
 

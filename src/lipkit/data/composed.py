@@ -63,7 +63,7 @@ def triplets(records: Sequence) -> tuple[list[Triplet], int]:
     for target, r in enumerate(records):
         for q in r.meta.get(COMPOSED) or ():
             reference = row_of.get(str(q["reference"]))
-            if reference is None or reference == target:
+            if reference is None or str(q["reference"]) == str(r.image):  # not a row, or the target itself
                 missing += 1
                 continue
             found.append(Triplet(reference, q["text"], target))

@@ -1,5 +1,5 @@
 """Evaluate a dual encoder on captioned image tables: zero-shot classification over metadata columns,
-image↔text retrieval, optionally a linear probe per column, plus the examples the report shows."""
+image↔text retrieval, optionally a linear probe per column, plus the examples and heat map the report shows."""
 
 from __future__ import annotations
 

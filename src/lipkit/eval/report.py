@@ -247,6 +247,31 @@ def _captions(shown: list[dict[str, Any]], thumbs: _Thumbs) -> str:
     return "<h3>Captions (the decoder's, beam search)</h3>" + "\n".join(rows)
 
 
+def _composed(shown: dict[str, Any] | None, thumbs: _Thumbs) -> str:
+    """A few composed queries: the reference and the words, then each way's top 5 (green: the target)."""
+    if not shown or not shown.get("examples"):
+        return ""
+
+    def fig(path: str, cls: str = "") -> str:
+        uri = thumbs.uri(path)
+        pic = f'<img src="{uri}" alt="{esc(Path(path).name)}">' if uri else '<div class="ph">missing</div>'
+        return f'<figure class="{cls}">{pic}</figure>'
+
+    rows = []
+    for ex in shown["examples"]:
+        for way, top in ex["top"].items():
+            hits = "".join(fig(p, "ok" if p == ex["target"] else "") for p in top)
+            words = f'+ “{esc(ex["text"])}”<br><span class="muted">{esc(way)}</span>'
+            rows.append(
+                f'<div class="query">{fig(ex["reference"])}<div class="qtext">{words}</div>{hits}</div>'
+            )
+    n = shown.get("queries", 0)
+    return (
+        f"<h3>Composed queries (reference + words → top 5; green = the target; {n} queries)</h3>"
+        + "\n".join(rows)
+    )
+
+
 def _params(n: Any) -> str:
     if not isinstance(n, (int, float)):
         return str(n)
@@ -286,7 +311,7 @@ def write_report(run_dir: Path, results: dict | None = None, out_dir: Path | Non
             f"<section><h2>Split: {esc(name)}</h2>{heat}"
             f"<h3>Text → image retrieval (top 5; green = correct)</h3>"
             f"{_examples(split.get('examples') or [], thumbs)}"
-            f"{_captions(split.get('captions') or [], thumbs)}</section>"
+            f"{_captions(split.get('captions') or [], thumbs)}{_composed(split.get('composed'), thumbs)}</section>"
         )
     page = (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>lipkit report: '

@@ -28,12 +28,12 @@ def check_not_adapted(spec, target: str) -> None:
     if not spec.adapter:
         return
     method = spec.adapter.get("method")
-    onnx = (
-        " or this one with `lipkit export onnx` (its image graph carries the MLP)"
-        if method == "clip-adapter"
-        else ""
-    )
+    onnx = {
+        "clip-adapter": " or this one with `lipkit export onnx` (its image graph carries the MLP)",
+        "rtd": " (whose text tower RTD has since tuned), or this one's towers with `lipkit export onnx`",
+    }.get(method, "")
+    same = "" if method == "rtd" else " (the same towers)"
     raise UserError(
         f"This checkpoint holds a {method} adapter from `lipkit adapt`, which {target} cannot hold and a "
-        f"conversion would drop; export the checkpoint it was adapted from (the same towers){onnx}."
+        f"conversion would drop; export the checkpoint it was adapted from{same}{onnx}."
     )

@@ -143,6 +143,12 @@ def write_onnx(
             "`lipkit adapt` (its zero-shot of the adapted column); they are the towers it was adapted from",
             highlight=False,
         )
+    if head in ("pic2word", "rtd"):
+        rich.get_console().print(
+            f"[yellow]export:[/] the ONNX towers do not carry this checkpoint's {head} mapping network from "
+            "`lipkit adapt`: `lipkit search --int8` answers an image plus words by the sum of their embeddings",
+            highlight=False,
+        )
 
     def write(tmp: Path) -> None:
         nonlocal diffs

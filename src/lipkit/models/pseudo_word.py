@@ -62,9 +62,11 @@ def check_prompt(prompt: str, composed: bool = True) -> None:
 def prompt_ids(tokenizer, prompt: str, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, L) ids of the prompts, the modification put in "{}" (or none), and each row's placeholder
     position: the prompt's words before and after "*" are tokenised apart (so the placeholder is one slot
-    whatever the tokenizer makes of "*"), the slot holding the start id (neither padding nor an end
-    token; its word vector is replaced). Truncated to the context, the end token kept."""
+    whatever the tokenizer makes of "*"; the words after it as if a space preceded them), the slot holding
+    the start id (neither padding nor an end token; its word vector is replaced). Truncated to the
+    context, the end token kept."""
     head, tail = prompt.split(PLACEHOLDER, 1)
+    head = head.rstrip()  # a byte-level BPE would make the space before "*" a token of its own
     tails = [tail.replace("{}", t) for t in texts] if "{}" in tail else [tail] * len(texts)
     encoded = tokenizer.tok.encode_batch([head, *tails], add_special_tokens=False)
 

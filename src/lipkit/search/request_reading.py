@@ -98,6 +98,7 @@ async def read_input(request: Request, lim: Limits) -> tuple[str | None, bytes |
         text = await _read_json(request, fields)
     elif ctype.startswith("image/"):
         image = await request.body()
+        text = fields.pop("q", None)  # ?q= beside a raw image body: a composed query
     elif not ctype:
         raise ApiError(415, f"The request has no Content-Type; send {_ACCEPTED}")
     else:
