@@ -109,6 +109,21 @@ def test_http_composed_query_by_upload_and_by_item(collection):
             )
         assert r.json()["query"]["type"] == "composed"
         assert r.json()["results"][0]["score"] == pytest.approx(expected, abs=1e-5)
+        # concurrent composed queries are encoded together by the micro-batcher: same answers
+        from concurrent.futures import ThreadPoolExecutor
+
+        words = ["a red star", "a blue square", "a green circle", "a red star"]
+        alone = [c.get("/search", params={"image_id": 3, "q": w, "k": 3}).json()["results"] for w in words]
+        with ThreadPoolExecutor(4) as pool:
+            together = list(
+                pool.map(
+                    lambda w: c.get("/search", params={"image_id": 3, "q": w, "k": 3}).json()["results"],
+                    words,
+                )
+            )
+        for x, y in zip(alone, together, strict=True):
+            assert [h["id"] for h in x] == [h["id"] for h in y]
+            assert [h["score"] for h in x] == pytest.approx([h["score"] for h in y], abs=1e-5)
 
 
 @pytest.mark.parametrize("which", ["plain", "mapped"])

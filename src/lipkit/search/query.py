@@ -261,21 +261,33 @@ class Searcher:
         word = self.model.pseudo_word is not None and self.onnx is None
         return self.model.spec.adapter["method"] if word else "sum"
 
-    def composed_query(self, image_u8: torch.Tensor, text: str) -> np.ndarray:
-        """uint8 (3, S, S) reference image and the words that change it → (1, D) query vector."""
+    def check_composed_queries(self) -> None:
+        """Refuse composed queries up front when this index cannot answer them."""
         if self.sparse or self.token_wise:
             raise ImageRejected(
                 f"This index is {self.index.kind}; an image plus words is searched in a dense index (--kind "
                 "flat, hnsw or ivfpq) of the same embeddings.",
                 400,
             )
-        v = self.image_queries(image_u8[None])
+
+    def composed_query(self, image_u8: torch.Tensor, text: str) -> np.ndarray:
+        """uint8 (3, S, S) reference image and the words that change it → (1, D) query vector."""
+        return self.composed_queries(image_u8[None], [text])
+
+    def composed_queries(self, images_u8: torch.Tensor, texts: list[str]) -> np.ndarray:
+        """uint8 (B, 3, S, S) reference images and the words that change each → (B, D), one batch."""
+        self.check_composed_queries()
+        v = self.image_queries(images_u8)
         if self.composed_way == "sum":
-            q = v + self.text_queries([text])
+            q = v + self.text_queries(texts)
             return (q / np.linalg.norm(q, axis=1, keepdims=True).clip(min=1e-12)).astype(np.float32)
         with torch.inference_mode(), inference_precision(self.model, self.precision):
             ref = torch.from_numpy(np.ascontiguousarray(v))
-            return composed_queries(self.model, self.tokenizer, ref, [text], 1).numpy().astype(np.float32)
+            return (
+                composed_queries(self.model, self.tokenizer, ref, texts, len(texts))
+                .numpy()
+                .astype(np.float32)
+            )
 
     def region_embeddings(self, image_u8: torch.Tensor, boxes: list[list[float]]) -> np.ndarray:
         """uint8 (3, S, S) and its boxes → (len(boxes), D) region embeddings (DualEncoder.encode_region,

@@ -1,6 +1,7 @@
 """The server's query kinds for `MicroBatcher`: texts (cached by their exact text) and decoded images
-(never cached), each encoded as one batch by the searcher's model. A new kind — token-wise, region,
-composed image+text, video — is one more class with `name`, `encode(items)` and `cache_key(item)`."""
+(never cached) and composed (a reference image and words, never cached), each encoded as one batch by the
+searcher's model. A new kind — token-wise, region, video — is one more class with `name`, `encode(items)`
+and `cache_key(item)`."""
 
 from __future__ import annotations
 
@@ -41,5 +42,20 @@ class ImageQueries:
         return None
 
 
-def query_kinds(searcher: Searcher) -> list[TextQueries | ImageQueries]:
-    return [TextQueries(searcher), ImageQueries(searcher)]
+class ComposedQueries:
+    """(uint8 (3,S,S) reference image, words) pairs: the image changed by the words (Searcher.composed_queries)."""
+
+    name = "composed"
+
+    def __init__(self, searcher: Searcher) -> None:
+        self.searcher = searcher
+
+    def encode(self, items: list[tuple[torch.Tensor, str]]) -> np.ndarray:
+        return self.searcher.composed_queries(torch.stack([i for i, _ in items]), [t for _, t in items])
+
+    def cache_key(self, item: tuple[torch.Tensor, str]) -> Hashable | None:
+        return None
+
+
+def query_kinds(searcher: Searcher) -> list[TextQueries | ImageQueries | ComposedQueries]:
+    return [TextQueries(searcher), ImageQueries(searcher), ComposedQueries(searcher)]

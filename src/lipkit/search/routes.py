@@ -139,8 +139,12 @@ class SearchState:
         return await self.image_vector(await self.item_image(i))
 
     async def composed_vector(self, image_u8: torch.Tensor, text: str) -> np.ndarray:
-        """(1, D): a reference image changed by words (Searcher.composed_query)."""
-        return await run_in_threadpool(self.searcher.composed_query, image_u8, text)
+        """(1, D): a reference image changed by words (Searcher.composed_query), batched with other
+        composed queries when batching is on."""
+        self.searcher.check_composed_queries()
+        if self.batcher is None:
+            return await run_in_threadpool(self.searcher.composed_query, image_u8, text)
+        return (await self.batcher.encode("composed", (image_u8, text)))[None]
 
     def _timed_search(self, vector: np.ndarray, k: int) -> list[dict[str, Any]]:
         t0 = time.perf_counter()
