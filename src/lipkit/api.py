@@ -33,7 +33,7 @@ from lipkit.data.label_sets import fill_template
 from lipkit.data.transforms import normalize
 from lipkit.device import pick_device
 from lipkit.errors import UserError
-from lipkit.eval.composed_retrieval import composed_queries
+from lipkit.eval.composed_retrieval import model_queries
 from lipkit.eval.evaluate import embed_texts
 from lipkit.eval.heatmaps import MAP_KINDS
 from lipkit.eval.suite import run_eval
@@ -165,11 +165,8 @@ def composed_query(
     model.eval()
     try:
         with torch.no_grad():
-            v = model.encode_image(pixels).float()
-            if model.pseudo_word is None:
-                q = v + model.encode_text(tokenizer([text]).to(model.device)).float()
-                return torch.nn.functional.normalize(q, dim=-1)[0]
-            return composed_queries(model, tokenizer, v.cpu(), [text], 1)[0].to(model.device)
+            v = model.encode_image(pixels).float().cpu()
+            return model_queries(model, tokenizer, v, [text], 1)[0].to(model.device)
     finally:
         model.train(was_training)
 

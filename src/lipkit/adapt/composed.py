@@ -49,7 +49,6 @@ from lipkit.errors import UserError
 from lipkit.eval.embedding import embed_images, embed_texts
 from lipkit.models.pseudo_word import PROMPT, TRAIN_PROMPT, PseudoWord, check_prompt, composed_features
 
-COMPOSERS = ("pic2word", "rtd")
 DEFAULTS = {"pic2word": {"steps": 300, "lr": 1e-4}, "rtd": {"steps": 200, "lr": 1e-5}}
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from rich.progress import track
 
-from lipkit.adapt.composed import COMPOSERS, DEFAULTS, ComposeSettings, train_composer
+from lipkit.adapt.composed import DEFAULTS, ComposeSettings, train_composer
 from lipkit.adapt.learners import (
     TOWERS,
     ClipAdapterLearner,
@@ -45,7 +45,9 @@ from lipkit.data.image_store import ImageStore
 from lipkit.data.sources.registry import read_table
 from lipkit.data.transforms import normalize
 from lipkit.errors import UserError
+from lipkit.models.adapters import COMPOSERS
 from lipkit.models.dual_encoder import DualEncoder
+from lipkit.models.pseudo_word import PROMPT
 
 METHODS = ("lora", "coop", "clip-adapter", "tip", "tip-f", *COMPOSERS)
 TOKEN_SCORED = {"filip": "token-wise", "wukong": "token-wise", "lexlip": "lexically"}
@@ -75,7 +77,7 @@ class AdaptSettings:
     tip_alpha: float = 1.0  # tip, tip-f
     tip_beta: float = 1.0
     batch_size: int = 256  # pic2word: images per step; rtd: text triplets per step
-    prompt: str = "a photo of * that {}"  # pic2word, rtd: the composed query's wording
+    prompt: str = PROMPT  # pic2word, rtd: the composed query's wording
     noise: float = 0.5  # rtd: ε of the noised reference caption
     tau: float = 0.07  # rtd: temperature
 
@@ -111,11 +113,9 @@ def _check(
             "token; this one is OpenCLIP CoCa's [cls] tower (model text_embed_cls): adapt it with --method lora."
         )
     held = (model.spec.adapter or {}).get("method")
-    if s.method == "rtd" and held == "pic2word":
-        pass  # RTD tunes the text tower of a Pic2Word checkpoint
-    elif held:
+    if held and (s.method, held) != ("rtd", "pic2word"):  # RTD tunes the text tower of a Pic2Word checkpoint
         raise UserError(
-            f"'{checkpoint}' already holds a {model.spec.adapter.get('method')} adapter; adapt the checkpoint it "
+            f"'{checkpoint}' already holds a {held} adapter; adapt the checkpoint it "
             "was adapted from (its config.json `adapted.from`)."
         )
     objective = (info.get("train") or {}).get("objective", "")

@@ -215,19 +215,19 @@ def search(
         raise UserError("--rerank re-orders the hits of a text query; drop it when searching by --image.")
     s = Searcher(checkpoint, index, device=device, precision=precision, onnx=int8, rerank=rerank)
     params = {k_: v for k_, v in {"ef": ef, "nprobe": nprobe}.items() if v is not None}
-    if image is not None and query is not None:
-        hits = s.search(s.composed_query(s.image_file(image), query.strip()), k, **params)
-        what = {"image": str(image), "text": query.strip(), "composed": s.composed_way}
+    text = query.strip() if query is not None else None
+    if image is not None and text is not None:
+        hits = s.search(s.composed_query(s.image_file(image), text), k, **params)
+        what, title = {"image": str(image), "text": text, "composed": s.composed_way}, f'{image} + "{text}"'
     elif image is not None:
-        hits, what = s.search(s.image_query(s.image_file(image)), k, **params), str(image)
+        hits = s.search(s.image_query(s.image_file(image)), k, **params)
+        what, title = str(image), str(image)
     else:  # the matching head (when the checkpoint has one) re-orders the first --rerank hits
-        text = query.strip()
-        hits, what = s.rerank(text, s.search(s.text_query(text), max(k, s.rerank_top), **params))[:k], query
+        hits = s.rerank(text, s.search(s.text_query(text), max(k, s.rerank_top), **params))[:k]
+        what, title = query, f'"{text}"'
     if as_json:
         print(json.dumps({"query": what, "results": hits}, ensure_ascii=False))
         return
-    title = f'"{query.strip()}"' if query is not None else ""
-    title = f"{image} + {title}" if image is not None and query is not None else title or str(image)
     _print_hits(f"top {k} for {title}", hits)
 
 

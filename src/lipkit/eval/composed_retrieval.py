@@ -42,6 +42,14 @@ def composed_queries(model, tokenizer, references: torch.Tensor, texts: Sequence
     return torch.cat(out) if out else references.new_zeros(0, references.shape[1])
 
 
+def model_queries(model, tokenizer, references: torch.Tensor, texts: Sequence[str], batch_size: int):
+    """(Q, D) the checkpoint's own composed queries: its mapping network's when it has one, else the
+    normalised sum of each reference and its words' embedding."""
+    if model.pseudo_word is not None:
+        return composed_queries(model, tokenizer, references, texts, batch_size)
+    return F.normalize(references + embed_texts(model, tokenizer, texts, batch_size), dim=-1)
+
+
 def composed_metrics(
     model, tokenizer, store, images: torch.Tensor | None, batch_size: int, metrics: dict, chance: dict
 ) -> dict | None:
@@ -61,7 +69,6 @@ def composed_metrics(
     t = embed_texts(model, tokenizer, words, batch_size)
     ways = {"image": v, "text": t, "sum": F.normalize(v + t, dim=-1)}
     if getattr(model, "pseudo_word", None) is not None:  # ONNX models (quantize's check): none
-        model.eval()
         ways[model.spec.adapter["method"]] = composed_queries(model, tokenizer, v, words, batch_size)
     n = images.shape[0]
     # a table may hold an image in several rows: every row of the target's image is an answer, and no

@@ -283,11 +283,7 @@ class Searcher:
             return (q / np.linalg.norm(q, axis=1, keepdims=True).clip(min=1e-12)).astype(np.float32)
         with torch.inference_mode(), inference_precision(self.model, self.precision):
             ref = torch.from_numpy(np.ascontiguousarray(v))
-            return (
-                composed_queries(self.model, self.tokenizer, ref, texts, len(texts))
-                .numpy()
-                .astype(np.float32)
-            )
+            return composed_queries(self.model, self.tokenizer, ref, texts, len(texts)).numpy()
 
     def region_embeddings(self, image_u8: torch.Tensor, boxes: list[list[float]]) -> np.ndarray:
         """uint8 (3, S, S) and its boxes → (len(boxes), D) region embeddings (DualEncoder.encode_region,
