@@ -3,6 +3,9 @@
 
     lora          LoRA branches in the chosen towers (adapt.lora), merged afterwards
     coop          CoOp's prompt context (models.prompt_context), class-shared or class-specific
+    gram          CoOp's class-shared context started from GRAM's meta-learned one (adapt.gram) and, with
+                  --regulate, stepped by θ ← θ − lr·ψ(∇θ L) with the meta-learned regulator ψ
+                  (models.gradient_regulator; lr defaults to the meta-training's α), else AdamW at 1e-3
     clip-adapter  CLIP-Adapter's residual MLP on the image features (models.image_adapter)
     tip, tip-f    Tip-Adapter's cache of the shots (models.tip_cache); tip-f trains its keys
 
@@ -19,11 +22,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lipkit.adapt.gram import load_meta
 from lipkit.adapt.lora import add_lora, merge
 from lipkit.errors import UserError
 from lipkit.eval.adapted_classes import prompt_class_features
 from lipkit.eval.zeroshot import class_embeddings
 from lipkit.models.dual_encoder import DualEncoder
+from lipkit.models.gradient_regulator import RegulatedSGD
 from lipkit.models.image_adapter import ImageAdapter
 from lipkit.models.prompt_context import PromptContext
 from lipkit.models.tip_cache import TipCache
@@ -125,6 +130,28 @@ class CoopLearner:
             "context_init": self.init,
             "class_specific": bool(settings["classes"]),
         }
+
+
+class GramLearner(CoopLearner):
+    method = "gram"
+
+    def __init__(self, model: DualEncoder, meta: str, regulate: bool) -> None:
+        context, regulator, info = load_meta(meta, model.text.word_width)
+        self.context = PromptContext(model.text.word_width, context.shape[1]).to(model.device)
+        with torch.no_grad():
+            self.context.context.copy_(context)
+        self.regulator = regulator.to(model.device) if regulate else None
+        self.meta, self.init, self.params = str(meta), "", list(self.context.parameters())
+        self.default_lr = float(info["inner_lr"]) if regulate else 1e-3
+
+    def optimizer(self, lr: float) -> torch.optim.Optimizer:
+        if self.regulator is None:
+            return torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
+        return RegulatedSGD(self.context.context, self.regulator, lr)
+
+    def finish(self, model: DualEncoder, column: str) -> dict[str, Any]:
+        extra = super().finish(model, column)
+        return {"context": extra["context"], "meta": self.meta, "regulate": self.regulator is not None}
 
 
 class ClipAdapterLearner:

@@ -16,6 +16,11 @@ reads; CLIP-Adapter's MLP, which every pooled image embedding passes through). I
 `adapted` (method, column, classes, shots, seed, steps, the method's settings, trainable parameters, the
 shots' loss and top-1 before and after). Checkpoints scored token-wise or lexically (FILIP, Wukong, LexLIP)
 are refused: these methods train the pooled similarity.
+
+Three methods differ: `gram-meta` (adapt.gram) trains no checkpoint but GRAM's meta-learned context and
+gradient regulator on any image-text table, into OUT/gram.pt; `gram` is CoOp started from it (regulated
+steps, adapt.learners); `omniview` (adapt.omniview) trains CLIP-Adapter's MLP on the views of objects
+grouped by --column, not on shots of classes.
 """
 
 from __future__ import annotations
@@ -29,15 +34,18 @@ import torch.nn.functional as F
 from rich.progress import track
 
 from lipkit.adapt.composed import DEFAULTS, ComposeSettings, train_composer
+from lipkit.adapt.gram import MetaSettings, run_meta
 from lipkit.adapt.learners import (
     TOWERS,
     ClipAdapterLearner,
     CoopLearner,
+    GramLearner,
     LoraLearner,
     Shots,
     TipLearner,
     template_class_features,
 )
+from lipkit.adapt.omniview import ViewSettings, train_views
 from lipkit.checkpoint import load_checkpoint, save_checkpoint
 from lipkit.config_eval import EvalConfig
 from lipkit.data.few_shot import class_split, few_shot
@@ -49,7 +57,14 @@ from lipkit.models.adapters import COMPOSERS
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.models.pseudo_word import PROMPT
 
-METHODS = ("lora", "coop", "clip-adapter", "tip", "tip-f", *COMPOSERS)
+METHODS = ("lora", "coop", "clip-adapter", "tip", "tip-f", "gram-meta", "gram", "omniview", *COMPOSERS)
+PROMPTED = ("coop", "gram-meta", "gram", *COMPOSERS)  # methods that put learned word vectors in prompts
+# steps and learning rates beside composed's; gram's lr (None) is the learner's: α regulated, else 1e-3
+OWN_DEFAULTS = {
+    "gram-meta": {"steps": 200, "lr": 1e-3},
+    "gram": {"steps": 100, "lr": None},
+    "omniview": {"steps": 200, "lr": 1e-3},
+}
 TOKEN_SCORED = {"filip": "token-wise", "wukong": "token-wise", "lexlip": "lexically"}
 # config.json keys save_checkpoint writes itself (the rest of the source's config is carried over)
 SAVED_BY_CHECKPOINT = ("lipkit_version", "model", "max_logit_scale", "context_length", "adapted")
@@ -80,9 +95,17 @@ class AdaptSettings:
     prompt: str = PROMPT  # pic2word, rtd: the composed query's wording
     noise: float = 0.5  # rtd: ε of the noised reference caption
     tau: float = 0.07  # rtd: temperature
+    meta: str = ""  # gram: the gram-meta run directory
+    regulate: bool = True  # gram: step with the meta-trained gradient regulator
+    inner_lr: float = 1.0  # gram-meta: α
+    inner_steps: int = 1  # gram-meta
+    tasks: int = 4  # gram-meta: task pairs per meta-step
+    ways: int = 16  # gram-meta: concepts per task (its shots are --shots)
+    domains: int = 8  # gram-meta
+    view_weight: float = 1.0  # omniview: λ
 
     def __post_init__(self) -> None:
-        defaults = DEFAULTS.get(self.method, {"steps": 100, "lr": 1e-3})
+        defaults = {**DEFAULTS, **OWN_DEFAULTS}.get(self.method, {"steps": 100, "lr": 1e-3})
         self.steps = defaults["steps"] if self.steps is None else self.steps
         self.lr = defaults["lr"] if self.lr is None else self.lr
 
@@ -107,7 +130,7 @@ def _check(
         raise UserError(
             "LoRA on a timm image tower is not supported yet; adapt the text tower (--towers text)."
         )
-    if s.method in ("coop", *COMPOSERS) and model.spec.text_embed_cls:
+    if s.method in PROMPTED and model.spec.text_embed_cls:
         raise UserError(
             f"--method {s.method} puts learned word vectors in prompts, which needs a text tower pooled at its end "
             "token; this one is OpenCLIP CoCa's [cls] tower (model text_embed_cls): adapt it with --method lora."
@@ -117,6 +140,11 @@ def _check(
         raise UserError(
             f"'{checkpoint}' already holds a {held} adapter; adapt the checkpoint it "
             "was adapted from (its config.json `adapted.from`)."
+        )
+    if s.method == "gram" and (s.class_specific or not s.meta):
+        raise UserError(
+            "--method gram fine-tunes GRAM's class-shared meta-learned context: pass --meta DIR (a gram-meta run) "
+            "and leave out --class-specific."
         )
     objective = (info.get("train") or {}).get("objective", "")
     if objective in TOKEN_SCORED:
@@ -169,6 +197,8 @@ def _learner(model, tokenizer, shots: Shots, s: AdaptSettings):
         return CoopLearner(model, tokenizer, shots.names, s.context, s.context_init, s.class_specific)
     if s.method == "clip-adapter":
         return ClipAdapterLearner(model, s.reduction, s.ratio)
+    if s.method == "gram":
+        return GramLearner(model, s.meta, s.regulate)
     return TipLearner(model, shots, s.tip_alpha, s.tip_beta, fine_tune=s.method == "tip-f")
 
 
@@ -182,7 +212,8 @@ def _fit(shots: Shots, learner, steps: int, lr: float) -> tuple[tuple[float, flo
     with torch.no_grad():
         start = measure()
     if learner.params and steps:
-        opt = torch.optim.AdamW(learner.params, lr=lr, weight_decay=0.0)
+        opt = learner.optimizer(lr) if hasattr(learner, "optimizer") else None
+        opt = opt or torch.optim.AdamW(learner.params, lr=lr, weight_decay=0.0)
         for _ in track(range(steps), description=f"adapt ({learner.method})"):
             loss, _ = measure()
             opt.zero_grad(set_to_none=True)
@@ -210,11 +241,15 @@ def adapt_checkpoint(
     _check(checkpoint, out, overwrite, s, model, source)
     if s.method in COMPOSERS:
         return _compose(checkpoint, Path(data), out, s, (model, tokenizer, source))
+    if s.method == "gram-meta":
+        return _meta(checkpoint, Path(data), out, s, (model, tokenizer))
     if not column:
         raise UserError(
             f"--method {s.method} adapts to a class column; name it with --column (e.g. subcategory)."
         )
     records = read_table(data)
+    if s.method == "omniview":
+        return _views(checkpoint, records, column, out, s, (model, tokenizer, source))
     classes = _classes(records, column, s.split)
     shot_records, _ = few_shot(records, column, s.shots, s.seed, classes)
     model.requires_grad_(False)  # only the method's parameters train
@@ -224,7 +259,8 @@ def adapt_checkpoint(
     torch.manual_seed(s.seed)
     learner = _learner(model, tokenizer, shots, s)
     steps = 0 if s.method == "tip" else s.steps  # Tip-Adapter is training-free
-    (start_loss, start_acc), (end_loss, end_acc) = _fit(shots, learner, steps, s.lr)
+    lr = s.lr if s.lr is not None else learner.default_lr
+    (start_loss, start_acc), (end_loss, end_acc) = _fit(shots, learner, steps, lr)
     trainable = sum(p.numel() for p in learner.params)
     extra = learner.finish(model, column)
     model.requires_grad_(True)
@@ -238,13 +274,49 @@ def adapt_checkpoint(
         "seed": s.seed,
         **extra,
         "steps": steps,
-        "lr": s.lr,
+        "lr": lr,
         "trainable_parameters": trainable,
         "shot_loss": [round(start_loss, 4), round(end_loss, 4)],
         "shot_top1": [round(start_acc, 4), round(end_acc, 4)],
     }
+    _save(out, (model, tokenizer, source), info)
+    return info
+
+
+def _save(out: Path, loaded: tuple, info: dict[str, Any]) -> None:
+    """OUT/checkpoint: the model as adapted, the source's config kept, `adapted` = info."""
+    model, tokenizer, source = loaded
     kept = {k: v for k, v in source.items() if k not in SAVED_BY_CHECKPOINT}
     save_checkpoint(out / "checkpoint", model, tokenizer, {**kept, "adapted": info})
+
+
+def _meta(checkpoint: Path, data: Path, out: Path, s: AdaptSettings, loaded: tuple) -> dict[str, Any]:
+    """gram-meta (adapt.gram): meta-train a context from --context / --context-init and a regulator."""
+    model, tokenizer = loaded
+    model.requires_grad_(False)
+    model.eval()
+    start = CoopLearner(model, tokenizer, [], s.context, s.context_init, False).context.context
+    names = ("steps", "lr", "inner_lr", "inner_steps", "tasks", "ways", "shots", "domains", "seed")
+    settings = MetaSettings(**{k: getattr(s, k) for k in names})
+    info = run_meta(model, tokenizer, data, out, start.detach().clone(), settings, str(checkpoint.resolve()))
+    return {**info, "context_init": s.context_init}
+
+
+def _views(checkpoint: Path, records, column: str, out: Path, s: AdaptSettings, loaded: tuple) -> dict:
+    """omniview (adapt.omniview): train the image adapter across views, save it as CLIP-Adapter's."""
+    model, tokenizer, _ = loaded
+    if not column:
+        raise UserError("--method omniview groups views by a column; name it with --column (e.g. concept).")
+    model.requires_grad_(False)
+    model.eval()
+    names = ("steps", "lr", "batch_size", "view_weight", "reduction", "ratio", "seed")
+    adapter, trained = train_views(
+        model, tokenizer, records, column, ViewSettings(**{k: getattr(s, k) for k in names})
+    )
+    model.add_adapter({"method": "clip-adapter", "reduction": s.reduction, "ratio": s.ratio}, adapter)
+    model.requires_grad_(True)
+    info = {"method": "omniview", "from": str(checkpoint.resolve()), "seed": s.seed, **trained}
+    _save(out, loaded, info)
     return info
 
 
@@ -266,6 +338,5 @@ def _compose(checkpoint: Path, data: Path, out: Path, s: AdaptSettings, loaded: 
         "seed": s.seed,
         **trained,
     }
-    kept = {k: v for k, v in source.items() if k not in SAVED_BY_CHECKPOINT}
-    save_checkpoint(out / "checkpoint", model, tokenizer, {**kept, "adapted": info})
+    _save(out, loaded, info)
     return info

@@ -48,19 +48,23 @@ class PromptContext(nn.Module):
     def features(self, tower: nn.Module, ids: torch.Tensor, rows: list[int]) -> torch.Tensor:
         """(B, D) unnormalised text features of the prompts `ids` (tokenised "{class}.", start token
         first) with context row `rows[b]` inserted after the start token."""
-        words = tower.word_embedding(ids)
-        ctx = self.context[torch.tensor(rows, device=ids.device)].to(words.dtype)
-        m = ctx.shape[1]
-        x = torch.cat([words[:, :1], ctx, words[:, 1:]], dim=1)
-        # the context's places hold the start id in the id view: neither padding nor an end token
-        shown = torch.cat([ids[:, :1], ids[:, :1].expand(-1, m), ids[:, 1:]], dim=1)
-        real = (
-            (shown != tower.pad_id).any(0).nonzero()
-        )  # up to the last real column (a pad id may be a token)
-        used = int(real.max()) + 1 if real.numel() else shown.shape[1]
-        if used > tower.max_positions:
-            raise UserError(
-                f"A class prompt with {m} context vectors is {used} tokens long, more than the text tower's "
-                f"{tower.max_positions} positions; use a shorter context (--context) or shorter class names."
-            )
-        return tower.forward_embeds(x[:, :used], shown[:, :used])
+        return prompted_features(tower, ids, self.context[torch.tensor(rows, device=ids.device)])
+
+
+def prompted_features(tower: nn.Module, ids: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """(B, D) unnormalised text features of the prompts `ids` (start token first) with the (B, M, width)
+    `context` inserted after the start token; any tensor (GRAM steps along a context that is no Parameter)."""
+    words = tower.word_embedding(ids)
+    ctx = context.to(words.dtype)
+    m = ctx.shape[1]
+    x = torch.cat([words[:, :1], ctx, words[:, 1:]], dim=1)
+    # the context's places hold the start id in the id view: neither padding nor an end token
+    shown = torch.cat([ids[:, :1], ids[:, :1].expand(-1, m), ids[:, 1:]], dim=1)
+    real = (shown != tower.pad_id).any(0).nonzero()  # up to the last real column (a pad id may be a token)
+    used = int(real.max()) + 1 if real.numel() else shown.shape[1]
+    if used > tower.max_positions:
+        raise UserError(
+            f"A class prompt with {m} context vectors is {used} tokens long, more than the text tower's "
+            f"{tower.max_positions} positions; use a shorter context (--context) or shorter class names."
+        )
+    return tower.forward_embeds(x[:, :used], shown[:, :used])
