@@ -199,6 +199,12 @@ def test_gram_meta_then_gram_then_eval_end_to_end(table, tmp_path):
         [tmp_path / "base", tmp_path / "gram", "--method", "gram", "--meta", tmp_path / "meta", *common]
     )
     assert info["method"] == "gram" and info["regulate"] and info["lr"] == 1.0 and info["context"] == 3
+    steps_at = common.index("--steps")
+    as_meta = [*common[:steps_at], *common[steps_at + 2 :]]
+    inner = _adapt(
+        [tmp_path / "base", tmp_path / "g1", "--method", "gram", "--meta", tmp_path / "meta", *as_meta]
+    )
+    assert inner["steps"] == 1 and inner["lr"] == 1.0  # the meta-training's inner loop by default
     adapted, _, config = load_checkpoint(tmp_path / "gram" / "checkpoint")
     assert config["model"]["adapter"]["method"] == "coop"
     start = torch.load(tmp_path / "meta" / "gram.pt", weights_only=True)["context"]

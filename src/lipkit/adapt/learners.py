@@ -5,7 +5,8 @@
     coop          CoOp's prompt context (models.prompt_context), class-shared or class-specific
     gram          CoOp's class-shared context started from GRAM's meta-learned one (adapt.gram) and, with
                   --regulate, stepped by θ ← θ − lr·ψ(∇θ L) with the meta-learned regulator ψ
-                  (models.gradient_regulator; lr defaults to the meta-training's α), else AdamW at 1e-3
+                  (models.gradient_regulator; by default the meta-training's inner loop: its inner steps
+                  at its α), else AdamW (100 steps at 1e-3 by default)
     clip-adapter  CLIP-Adapter's residual MLP on the image features (models.image_adapter)
     tip, tip-f    Tip-Adapter's cache of the shots (models.tip_cache); tip-f trains its keys
 
@@ -142,7 +143,9 @@ class GramLearner(CoopLearner):
             self.context.context.copy_(context)
         self.regulator = regulator.to(model.device) if regulate else None
         self.meta, self.init, self.params = str(meta), "", list(self.context.parameters())
+        # regulated: the meta-training's inner loop (MAML adapts at test time as it meta-trained)
         self.default_lr = float(info["inner_lr"]) if regulate else 1e-3
+        self.default_steps = int(info["inner_steps"]) if regulate else 100
 
     def optimizer(self, lr: float) -> torch.optim.Optimizer:
         if self.regulator is None:

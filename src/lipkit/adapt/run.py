@@ -59,10 +59,11 @@ from lipkit.models.pseudo_word import PROMPT
 
 METHODS = ("lora", "coop", "clip-adapter", "tip", "tip-f", "gram-meta", "gram", "omniview", *COMPOSERS)
 PROMPTED = ("coop", "gram-meta", "gram", *COMPOSERS)  # methods that put learned word vectors in prompts
-# steps and learning rates beside composed's; gram's lr (None) is the learner's: α regulated, else 1e-3
+# steps and learning rates beside composed's; gram's (None) are the learner's: regulated, the meta-training's
+# inner loop (its inner_steps at α, as MAML adapts at test time), else 100 AdamW steps at 1e-3
 OWN_DEFAULTS = {
     "gram-meta": {"steps": 200, "lr": 1e-3},
-    "gram": {"steps": 100, "lr": None},
+    "gram": {"steps": None, "lr": None},
     "omniview": {"steps": 200, "lr": 1e-3},
 }
 TOKEN_SCORED = {"filip": "token-wise", "wukong": "token-wise", "lexlip": "lexically"}
@@ -259,6 +260,7 @@ def adapt_checkpoint(
     torch.manual_seed(s.seed)
     learner = _learner(model, tokenizer, shots, s)
     steps = 0 if s.method == "tip" else s.steps  # Tip-Adapter is training-free
+    steps = steps if steps is not None else learner.default_steps
     lr = s.lr if s.lr is not None else learner.default_lr
     (start_loss, start_acc), (end_loss, end_acc) = _fit(shots, learner, steps, lr)
     trainable = sum(p.numel() for p in learner.params)

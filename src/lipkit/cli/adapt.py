@@ -84,7 +84,7 @@ STEPS_OPTION = typer.Option(
     None,
     "--steps",
     min=0,
-    help="Steps (default 100, full-batch; pic2word 300, rtd 200, gram-meta and omniview 200; tip none).",
+    help="Steps (default 100, full-batch; pic2word 300, rtd 200, gram-meta and omniview 200; gram with --regulate: the meta-training's inner steps; tip none).",
 )
 LR_OPTION = typer.Option(
     None,
