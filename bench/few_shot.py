@@ -17,6 +17,17 @@ adapter, if any, is applied to them. "zero-shot" is the checkpoint itself; "prob
 never saw). "coop" starts from "a photo of a", "coop-random" from N(0, 0.02²) with M = 4 (CoOp's random
 initialisation), "coop-csc" has one context per class. Steps and learning rates per method are METHODS
 below, untuned. `--append` keeps the rows already in --out for other methods, K and seeds.
+
+GRAM: the meta-training (`lipkit adapt --method gram-meta`, its defaults, from a random M = 4 context as
+coop-random's) runs once on the training table's rows of *base* classes only, into --meta (kept; reused
+when it exists), so novel classes are never seen before scoring. "gram-start" is that meta-learned context
+untuned (K only picks the classes' shots it is not trained on), "gram-init" fine-tunes it as coop-random
+is fine-tuned (AdamW, 50 steps, 2e-3: GRAM's initialisation against a random one), "gram" adapts as it
+was meta-trained (one regulated step at α = 1), "gram-50" takes 50 such steps. The GRAM rows and their
+comparators run on one checkpoint into their own file:
+
+    python bench/few_shot.py --methods coop,coop-random,gram,gram-50,gram-init --out docs/gram-bench.json
+    python bench/few_shot.py --methods gram-start --shots 1 --seeds 0 --out docs/gram-bench.json --append
 """
 
 from __future__ import annotations
@@ -50,7 +61,36 @@ METHODS = {  # method → adapt settings beyond K and seed
     "coop-random": {"method": "coop", "steps": 50, "lr": 2e-3, "context_init": "", "context": 4},
     "coop-csc": {"method": "coop", "steps": 50, "lr": 2e-3, "class_specific": True},
     "lora": {"steps": 50, "lr": 1e-3},
+    "gram": {},  # as meta-trained: its inner steps (1) at its α (1.0), regulated
+    "gram-50": {"method": "gram", "steps": 50},
+    "gram-init": {"method": "gram", "steps": 50, "lr": 2e-3, "regulate": False},
+    "gram-start": {"method": "gram", "steps": 0, "regulate": False},
 }
+
+
+def meta_trained(args, train, base: list[str]) -> str:
+    """--meta, meta-trained first on the base classes' training rows when it holds no gram.pt."""
+    if (Path(args.meta) / "gram.pt").is_file():
+        return str(args.meta)
+    with tempfile.TemporaryDirectory() as tmp:
+        table = Path(tmp) / "base.jsonl"
+        rows = [r for r in train if r.meta.get(COLUMN) in set(base)]
+        root = default_root()
+        with table.open("w") as f:
+            for r in rows:  # the image paths made absolute: the table lives elsewhere
+                f.write(json.dumps({"image": str(root / r.image), "captions": r.captions, **r.meta}) + "\n")
+        info = adapt_checkpoint(
+            args.checkpoint,
+            table,
+            None,
+            args.meta,
+            overwrite=True,
+            method="gram-meta",
+            context_init="",
+            context=4,
+        )
+    print(json.dumps({k: v for k, v in info.items() if k != "data"}), flush=True)
+    return str(args.meta)
 
 
 def raw_features(model, records, batch: int = 128) -> torch.Tensor:
@@ -98,6 +138,7 @@ def run(args) -> list[dict]:
 
     rows = [{"method": "zero-shot", "shots": 0, "seed": 0, "trainable": 0, **score(model)}]
     print(json.dumps(rows[-1]), flush=True)
+    meta = meta_trained(args, train, base) if any(m.startswith("gram") for m in args.methods) else ""
     for k in args.shots:
         for seed in args.seeds:
             shots, shot_labels = few_shot(train, COLUMN, k, seed, base)
@@ -109,6 +150,8 @@ def run(args) -> list[dict]:
             print(json.dumps(rows[-1]), flush=True)
             for method in args.methods:
                 settings = {"method": method, "shots": k, "seed": seed, "split": "base", **METHODS[method]}
+                if settings["method"] == "gram":
+                    settings["meta"] = meta
                 with tempfile.TemporaryDirectory() as out:
                     start = time.perf_counter()
                     info = adapt_checkpoint(args.checkpoint, root / "train.jsonl", COLUMN, out, **settings)
@@ -161,6 +204,9 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--methods", default=",".join(METHODS), type=lambda s: s.split(","))
     parser.add_argument("--out", default="docs/few-shot-bench.json")
+    parser.add_argument(
+        "--meta", default="runs/gram-meta-base", help="GRAM's meta-training run (made if absent)"
+    )
     parser.add_argument("--report", action="store_true", help="reprint the table from --out")
     parser.add_argument("--append", action="store_true", help="keep --out's rows of other methods, K, seeds")
     args = parser.parse_args()
