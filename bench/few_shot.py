@@ -70,8 +70,9 @@ METHODS = {  # method → adapt settings beyond K and seed
 
 def meta_trained(args, train, base: list[str]) -> str:
     """--meta, meta-trained first on the base classes' training rows when it holds no gram.pt."""
-    if (Path(args.meta) / "gram.pt").is_file():
-        return str(args.meta)
+    saved = Path(args.meta) / "gram.json"
+    if saved.is_file() and json.loads(saved.read_text()).get("from") == str(Path(args.checkpoint).resolve()):
+        return str(args.meta)  # meta-trained on this checkpoint already
     with tempfile.TemporaryDirectory() as tmp:
         table = Path(tmp) / "base.jsonl"
         rows = [r for r in train if r.meta.get(COLUMN) in set(base)]
@@ -96,7 +97,7 @@ def meta_trained(args, train, base: list[str]) -> str:
 def raw_features(model, records, batch: int = 128) -> torch.Tensor:
     """(N, D) the image tower's output for `records` (before any adapter and normalisation)."""
     store = ImageStore(records, model.spec.image_size, cache=True, desc="test-style")
-    assert len(store.records) == len(records), "every test-style image must be readable"
+    assert not store.problems, "every image must be readable (the rows must stay aligned)"
     out = []
     with torch.no_grad():
         for i in range(0, len(records), batch):

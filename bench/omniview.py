@@ -43,7 +43,7 @@ HELD_OUT = "facebook"  # test-novel's artist that queries the other two
 def raw_features(model, records, batch: int = 128) -> torch.Tensor:
     """(N, D) the image tower's output (before any adapter and normalisation)."""
     store = ImageStore(records, model.spec.image_size, cache=True, desc="images")
-    assert len(store.records) == len(records), "every image must be readable"
+    assert not store.problems, "every image must be readable (the rows must stay aligned)"
     with torch.no_grad():
         return torch.cat(
             [

@@ -1,6 +1,7 @@
 """GRAM (adapt.gram, models.gradient_regulator, adapt.meta_tasks) and Omniview (adapt.omniview): the
 regulator against its formula, the first-order meta-gradient against finite differences, the tasks, the
-neutral settings against CoOp, and both methods end to end through `lipkit adapt` and `lipkit eval`."""
+neutral settings against CoOp, and both methods through `lipkit adapt` into checkpoints that load back with
+their adapter (eval's reading of coop and clip-adapter checkpoints: tests/test_adapt_methods.py)."""
 
 import json
 
@@ -92,6 +93,7 @@ def test_tasks_come_from_two_domains_with_their_own_images(table):
     support, query = sample_pair(concepts, ways=3, shots=2, g=torch.Generator().manual_seed(0))
     assert set(concepts.domain[support.concepts].tolist()) != set(concepts.domain[query.concepts].tolist())
     for task in (support, query):
+        assert len(set(concepts.domain[task.concepts].tolist())) == 1  # one domain per task
         assert len(task.concepts) == 3 and len(task.images) == 6
         assert torch.equal(concepts.owner[task.images], task.concepts[task.labels])
 
@@ -148,7 +150,12 @@ def test_first_order_meta_gradient_matches_finite_differences_with_the_support_g
 def test_meta_file_errors_are_one_sentence(tmp_path):
     with pytest.raises(UserError, match="holds no gram.pt"):
         load_meta(tmp_path, 8)
-    save_meta(tmp_path, torch.zeros(1, 2, 8), GradientRegulator(16, 2), {"rank": 2, "inner_lr": 1.0})
+    save_meta(
+        tmp_path,
+        torch.zeros(1, 2, 8),
+        GradientRegulator(16, 2),
+        {"rank": 2, "inner_lr": 1.0, "inner_steps": 1},
+    )
     with pytest.raises(UserError, match="16-wide|8-wide"):
         load_meta(tmp_path, 16)
     (tmp_path / "gram.pt").write_text("not a tensor file")
@@ -164,7 +171,7 @@ def _adapt(args):
     return json.loads(next(line for line in r.output.splitlines() if line.startswith("{")))
 
 
-def test_gram_meta_then_gram_then_eval_end_to_end(table, tmp_path):
+def test_gram_meta_then_gram_through_the_cli(table, tmp_path):
     from lipkit.checkpoint import load_checkpoint, save_checkpoint
     from lipkit.cli import app
 
@@ -213,6 +220,18 @@ def test_gram_meta_then_gram_then_eval_end_to_end(table, tmp_path):
         app, ["adapt", str(tmp_path / "base"), str(tmp_path / "x"), "--method", "gram", *map(str, common)]
     )
     assert r.exit_code != 0 and "--meta DIR" in str(r.exception)
+    save_checkpoint(tmp_path / "other", model, tok)  # the same weights elsewhere: another checkpoint
+    other = [
+        str(tmp_path / "other"),
+        str(tmp_path / "y"),
+        "--method",
+        "gram",
+        "--meta",
+        str(tmp_path / "meta"),
+    ]
+    r = CliRunner().invoke(app, ["adapt", *other, *map(str, common)])
+    assert r.exit_code != 0 and "was meta-trained on the checkpoint" in str(r.exception)
+    assert not (tmp_path / "y").exists()
 
 
 def test_gram_unregulated_from_a_phrase_is_coop(table, tmp_path):
@@ -225,7 +244,12 @@ def test_gram_unregulated_from_a_phrase_is_coop(table, tmp_path):
     _, tok, model = _tiny(table)
     save_checkpoint(tmp_path / "base", model, tok)
     phrase = CoopLearner(model, tok, [], 0, "a", False).context.context.detach()
-    save_meta(tmp_path / "meta", phrase, GradientRegulator(phrase.numel(), 2), {"rank": 2, "inner_lr": 1.0})
+    save_meta(
+        tmp_path / "meta",
+        phrase,
+        GradientRegulator(phrase.numel(), 2),
+        {"rank": 2, "inner_lr": 1.0, "inner_steps": 1},
+    )
     common = {"shots": 2, "steps": 4, "lr": 1e-2, "split": "base", "context_init": "a"}
     adapt_checkpoint(tmp_path / "base", table, "category", tmp_path / "coop", method="coop", **common)
     info = adapt_checkpoint(
@@ -287,7 +311,7 @@ def test_omniview_terms_against_a_loop_over_objects_with_gradients():
     assert all(torch.allclose(a, p.grad, atol=1e-12) for a, p in zip(got, adapter.parameters(), strict=True))
 
 
-def test_omniview_adapts_end_to_end_into_a_clip_adapter_checkpoint(table, tmp_path):
+def test_omniview_adapts_into_a_clip_adapter_checkpoint(table, tmp_path):
     from lipkit.checkpoint import load_checkpoint, save_checkpoint
 
     _, tok, model = _tiny(table)
@@ -314,7 +338,38 @@ def test_omniview_adapts_end_to_end_into_a_clip_adapter_checkpoint(table, tmp_pa
     assert info["worst_view_distance"][1] < info["worst_view_distance"][0]
     adapted, _, config = load_checkpoint(tmp_path / "ov" / "checkpoint")
     assert config["model"]["adapter"]["method"] == "clip-adapter" and adapted.image_adapter is not None
-    with pytest.raises(UserError, match="fewer than 2 objects"):
-        from lipkit.adapt.run import adapt_checkpoint
+    from lipkit.adapt.run import adapt_checkpoint
 
-        adapt_checkpoint(tmp_path / "base", table, "image", tmp_path / "bad", method="omniview")
+    rows = [json.loads(line) for line in table.read_text().splitlines()[:6]]
+    single = tmp_path / "single.jsonl"  # every object shown once: no views to align
+    single.write_text(
+        "".join(
+            json.dumps({**r, "image": str(table.parent / r["image"]), "obj": i}) + "\n"
+            for i, r in enumerate(rows)
+        )
+    )
+    with pytest.raises(UserError, match="fewer than 2 objects with 2 or more rows"):
+        adapt_checkpoint(tmp_path / "base", single, "obj", tmp_path / "bad", method="omniview")
+    with pytest.raises(UserError, match="e.g. concept"):
+        adapt_checkpoint(tmp_path / "base", single, None, tmp_path / "bad", method="omniview")
+
+
+def test_concepts_are_the_distinct_first_captions_with_their_own_images(table):
+    """Each concept's images are exactly its rows' (embedded in row order), every kept caption fits beside
+    the context, and the rows left out are counted."""
+    from lipkit.adapt.meta_tasks import concepts_of
+    from lipkit.data.image_store import ImageStore
+    from lipkit.eval.embedding import embed_images
+
+    records, tok, model = _tiny(table, context_length=12)
+    records = records[:60]
+    concepts = concepts_of(model, tok, list(records), context=4, domains=3, seed=0)
+    kept = [r for r in records if r.captions and r.captions[0] in set(concepts.captions)]
+    assert concepts.dropped == len(records) - len(kept) and len(set(concepts.captions)) == len(
+        concepts.captions
+    )
+    assert all(int((row == tok.eot_id).nonzero()[0]) + 1 <= 12 - 4 for row in concepts.ids)
+    expected = embed_images(model, ImageStore(kept, model.spec.image_size, cache=True), 64).float()
+    assert torch.allclose(concepts.images, expected, atol=1e-6)
+    assert [concepts.captions[o] for o in concepts.owner.tolist()] == [r.captions[0] for r in kept]
+    assert int(concepts.domain.max()) < 3

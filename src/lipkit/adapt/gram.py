@@ -83,7 +83,8 @@ def meta_objective(model, concepts, pairs, context, regulator, s: MetaSettings) 
 
 
 def meta_train(model, tokenizer, records, context: torch.Tensor, s: MetaSettings) -> dict[str, Any]:
-    """Meta-train the (1, M, width) `context` in place and a regulator for it; (regulator, summary)."""
+    """Meta-train the (1, M, width) `context` in place and a regulator for it; the summary, with the
+    regulator under "regulator"."""
     concepts = concepts_of(model, tokenizer, records, context.shape[1], s.domains, s.seed)
     g = torch.Generator().manual_seed(s.seed)
     probe = [sample_pair(concepts, s.ways, s.shots, g) for _ in range(s.probe)]
@@ -106,7 +107,7 @@ def meta_train(model, tokenizer, records, context: torch.Tensor, s: MetaSettings
         "concepts": len(concepts.captions),
         "images": len(concepts.images),
         "rows_left_out": concepts.dropped,
-        "domains": int(concepts.domain.max()) + 1,
+        "domains": int((torch.bincount(concepts.domain) >= 2).sum()),  # those tasks are drawn from
         "meta_objective": [start, probed()],
     }
     return {"regulator": regulator, **summary}
@@ -120,8 +121,12 @@ def save_meta(out: Path, context, regulator: GradientRegulator, info: dict[str, 
     return out / META_FILE
 
 
-def load_meta(where: str | Path, width: int) -> tuple[torch.Tensor, GradientRegulator, dict[str, Any]]:
-    """(θ₀ (1, M, width), ψ_φ, the meta-training record) from a gram-meta run directory (or its gram.pt)."""
+def load_meta(
+    where: str | Path, width: int, checkpoint: Path | None = None
+) -> tuple[torch.Tensor, GradientRegulator, dict[str, Any]]:
+    """(θ₀ (1, M, width), ψ_φ, the meta-training record) from a gram-meta run directory (or its gram.pt),
+    refused when it was meta-trained on another checkpoint than `checkpoint` (a context means nothing in
+    another model's word-embedding space)."""
     path = Path(where).expanduser()
     path = path / META_FILE if path.is_dir() else path
     if not path.is_file():
@@ -134,6 +139,7 @@ def load_meta(where: str | Path, width: int) -> tuple[torch.Tensor, GradientRegu
         context, info = state["context"], state["info"]
         regulator = GradientRegulator(context.numel(), int(info["rank"]))
         regulator.load_state_dict(state["regulator"])
+        info["inner_lr"], info["inner_steps"] = float(info["inner_lr"]), int(info["inner_steps"])
     except Exception as e:  # a foreign or damaged file
         raise UserError(f"'{path}' is not a GRAM meta-training file ({e}); re-run --method gram-meta.") from e
     if context.shape[-1] != width:
@@ -141,21 +147,23 @@ def load_meta(where: str | Path, width: int) -> tuple[torch.Tensor, GradientRegu
             f"'{path}' was meta-trained for a text tower with {context.shape[-1]}-wide word embeddings, and this "
             f"checkpoint's are {width}; meta-train on this checkpoint."
         )
+    source = info.get("from")
+    if checkpoint is not None and source and Path(source) != Path(checkpoint).resolve():
+        raise UserError(
+            f"'{path}' was meta-trained on the checkpoint '{source}', not '{checkpoint}'; meta-train on this "
+            "checkpoint (--method gram-meta) and pass that run as --meta."
+        )
     return context, regulator, info
 
 
-def run_meta(model, tokenizer, data: Path, out: Path, context: torch.Tensor, s: MetaSettings, source: str):
-    """Meta-train on the table `data` and write OUT/gram.pt; the record it keeps."""
+def run_meta(model, tokenizer, data: Path, out: Path, context, s: MetaSettings, source: str, init: str):
+    """Meta-train on the table `data` from `context` (drawn, or spelled by the phrase `init`) and write
+    OUT/gram.pt; the record it keeps."""
     records = read_table(data)
     trained = meta_train(model, tokenizer, records, context, s)
     regulator = trained.pop("regulator")
-    info = {
-        "method": "gram-meta",
-        "from": source,
-        "data": str(data),
-        "context": context.shape[1],
-        **asdict(s),
-    }
+    info = {"method": "gram-meta", "from": source, "data": str(data), "context": context.shape[1]}
+    info.update({"context_init": init, **asdict(s)})
     info.update(trained)
     info["trainable_parameters"] = context.numel() + sum(p.numel() for p in regulator.parameters())
     save_meta(out, context, regulator, info)

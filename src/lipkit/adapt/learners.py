@@ -136,16 +136,17 @@ class CoopLearner:
 class GramLearner(CoopLearner):
     method = "gram"
 
-    def __init__(self, model: DualEncoder, meta: str, regulate: bool) -> None:
-        context, regulator, info = load_meta(meta, model.text.word_width)
+    def __init__(self, model: DualEncoder, meta: str, regulate: bool, checkpoint=None) -> None:
+        context, regulator, info = load_meta(meta, model.text.word_width, checkpoint)
         self.context = PromptContext(model.text.word_width, context.shape[1]).to(model.device)
         with torch.no_grad():
             self.context.context.copy_(context)
         self.regulator = regulator.to(model.device) if regulate else None
         self.meta, self.init, self.params = str(meta), "", list(self.context.parameters())
+        self.meta_from = info.get("from")
         # regulated: the meta-training's inner loop (MAML adapts at test time as it meta-trained)
-        self.default_lr = float(info["inner_lr"]) if regulate else 1e-3
-        self.default_steps = int(info["inner_steps"]) if regulate else 100
+        self.default_lr = info["inner_lr"] if regulate else 1e-3
+        self.default_steps = info["inner_steps"] if regulate else 100
 
     def optimizer(self, lr: float) -> torch.optim.Optimizer:
         if self.regulator is None:
@@ -154,7 +155,12 @@ class GramLearner(CoopLearner):
 
     def finish(self, model: DualEncoder, column: str) -> dict[str, Any]:
         extra = super().finish(model, column)
-        return {"context": extra["context"], "meta": self.meta, "regulate": self.regulator is not None}
+        return {
+            "context": extra["context"],
+            "meta": self.meta,
+            "meta_from": self.meta_from,
+            "regulate": self.regulator is not None,
+        }
 
 
 class ClipAdapterLearner:

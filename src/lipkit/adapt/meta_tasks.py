@@ -7,8 +7,8 @@ spherical k-means over their joint embedding [v̄_c ; t_c]/√2 (v̄_c the norma
 normalised image embeddings, t_c its caption's normalised text embedding), and each meta-step pairs a
 support task from one domain with a query task from another (GRAM's cross-domain task sampling).
 
-A concept's caption is the first caption of its rows; rows whose caption plus the prompt context would not
-fit the text tower's positions are left out and counted.
+A concept's caption is the first caption of its rows; rows without a caption, whose caption plus the prompt
+context would not fit the text tower's positions, or whose image cannot be read are left out and counted.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from lipkit.data.image_store import ImageStore
 from lipkit.data.records import Record
 from lipkit.errors import UserError
+from lipkit.eval.adapted_classes import (
+    PROMPT,
+)  # a concept's prompt around its caption, as CoOp's around a class
 from lipkit.eval.embedding import embed_images, embed_texts
-
-PROMPT = "{}."  # a concept's prompt around its caption, as CoOp's around a class name
 
 
 @dataclass
@@ -33,7 +34,7 @@ class Concepts:
     images: torch.Tensor  # (N, D) normalised image embeddings
     owner: torch.Tensor  # (N,) each image's concept
     domain: torch.Tensor  # (C,) each concept's domain
-    dropped: int  # rows left out: their caption does not fit beside the context
+    dropped: int  # rows left out: no caption, a caption that does not fit, or an unreadable image
 
 
 @dataclass
@@ -75,24 +76,25 @@ def concepts_of(model, tokenizer, records: list[Record], context: int, domains: 
     """The concepts of `records`, their images embedded once and their domains clustered (module doc)."""
     first = [r.captions[0] if r.captions else "" for r in records]
     names = sorted({c for c in first if c})
-    ids, fits = _fits(tokenizer, names, model.text.max_positions - context)
-    keep = [i for i, ok in enumerate(fits) if ok]
-    index = {names[i]: j for j, i in enumerate(keep)}
-    rows = [r for r, c in zip(records, first, strict=True) if c in index]
-    if len(index) < 4:
-        raise UserError(
-            f"The table has {len(index)} distinct captions that fit the text tower beside the context; GRAM's "
-            "meta-training needs 4 or more: use a bigger table or a shorter --context."
-        )
+    _, fits = _fits(tokenizer, names, model.text.max_positions - context)
+    fitting = {n for n, ok in zip(names, fits, strict=True) if ok}
+    rows = [r for r, c in zip(records, first, strict=True) if c in fitting]
     store = ImageStore(rows, model.spec.image_size, cache=True, desc="meta-training images")
+    captions = sorted({r.captions[0] for r in store.records})  # those with a readable image
+    if len(captions) < 4:
+        raise UserError(
+            f"The table has {len(captions)} distinct captions with a readable image that fit the text tower "
+            "beside the context; GRAM's meta-training needs 4 or more: use a bigger table or a shorter --context."
+        )
     images = embed_images(model, store, 128).float().cpu()
+    index = {c: i for i, c in enumerate(captions)}
     owner = torch.tensor([index[r.captions[0]] for r in store.records])
-    captions = [names[i] for i in keep]
+    ids, _ = _fits(tokenizer, captions, 0)
     text = embed_texts(model, tokenizer, captions, 256)
     mean = F.normalize(torch.zeros(len(captions), images.shape[1]).index_add_(0, owner, images), dim=-1)
     joint = torch.cat([mean, text], dim=1) / 2**0.5
     domain = spherical_kmeans(joint, min(domains, len(captions)), seed)
-    return Concepts(captions, ids[keep], images, owner, domain, len(records) - len(store.records))
+    return Concepts(captions, ids, images, owner, domain, len(records) - len(store.records))
 
 
 def sample_task(concepts: Concepts, domain: int, ways: int, shots: int, g: torch.Generator) -> Task:

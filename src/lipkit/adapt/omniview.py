@@ -21,6 +21,7 @@ mean of the object's adapted views, lipkit's reading.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,17 +69,24 @@ def views_of(model, tokenizer, records: list[Record], column: str) -> Views:
             f"Column '{column}' groups fewer than 2 objects with 2 or more rows (views); pass the column that "
             "names the object each row shows (e.g. concept)."
         )
-    rows = [r for n in names for r in groups[n]]
-    store = ImageStore(rows, model.spec.image_size, cache=True, desc="views")
+    store = ImageStore([r for n in names for r in groups[n]], model.spec.image_size, cache=True, desc="views")
+    seen = Counter(str(r.meta[column]) for r in store.records)  # the views whose image could be read
+    names = [n for n in names if seen[n] >= 2]
+    if len(names) < 2:
+        raise UserError(
+            f"Fewer than 2 objects of column '{column}' have 2 or more readable images; check the table's "
+            "image paths."
+        )
     mean, std = model.spec.image_mean, model.spec.image_std
     raw = []
     for s in range(0, len(store.records), 128):
         pixels = store.get(range(s, min(s + 128, len(store.records))))
         raw.append(model.visual(normalize(pixels, mean, std).to(model.device)).float())
-    index = {n: i for i, n in enumerate(names)}
-    owner = torch.tensor([index[str(r.meta[column])] for r in store.records], device=model.device)
+    index = {n: i for i, n in enumerate(names)}  # an object left with one readable view is dropped
+    kept = [i for i, r in enumerate(store.records) if str(r.meta[column]) in index]
+    owner = torch.tensor([index[str(store.records[i].meta[column])] for i in kept], device=model.device)
     text = embed_texts(model, tokenizer, [groups[n][0].captions[0] for n in names], 256).to(model.device)
-    return Views(torch.cat(raw), owner, text, names)
+    return Views(torch.cat(raw)[kept], owner, text, names)
 
 
 def view_losses(adapter, views: Views, objects: torch.Tensor, scale: torch.Tensor) -> tuple:

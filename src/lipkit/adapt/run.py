@@ -8,7 +8,8 @@ What trains minimises
 
     L = −1/N Σ_i log softmax_c(logits_i)_{y_i}
 
-over the N = K·C shots — CoOp's objective (Zhou et al., 2022) — by full-batch AdamW for `steps` steps
+over the N = K·C shots — CoOp's objective (Zhou et al., 2022) — by full-batch AdamW for `steps` steps (GRAM's
+regulated steps: the learner's own optimiser)
 (Tip-Adapter trains nothing). A tower that does not train runs once. The result is saved as an ordinary
 checkpoint in OUT/checkpoint: LoRA merged into the weights, or the method's module beside the towers
 (ModelSpec.adapter: CoOp's context and Tip-Adapter's cache, which eval's zero-shot of the adapted column
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from rich.progress import track
 
 from lipkit.adapt.composed import DEFAULTS, ComposeSettings, train_composer
-from lipkit.adapt.gram import MetaSettings, run_meta
+from lipkit.adapt.gram import MetaSettings, load_meta, run_meta
 from lipkit.adapt.learners import (
     TOWERS,
     ClipAdapterLearner,
@@ -147,6 +148,8 @@ def _check(
             "--method gram fine-tunes GRAM's class-shared meta-learned context: pass --meta DIR (a gram-meta run) "
             "and leave out --class-specific."
         )
+    if s.method == "gram":  # before any image is read: a wrong --meta fails at once
+        load_meta(s.meta, model.text.word_width, checkpoint)
     objective = (info.get("train") or {}).get("objective", "")
     if objective in TOKEN_SCORED:
         raise UserError(
@@ -191,7 +194,7 @@ def _shots(model, tokenizer, store: ImageStore, column: str, classes, s: AdaptSe
     return Shots(model, tokenizer, classes, raw, text, labels, pixels, s.templates)
 
 
-def _learner(model, tokenizer, shots: Shots, s: AdaptSettings):
+def _learner(model, tokenizer, shots: Shots, s: AdaptSettings, checkpoint: Path):
     if s.method == "lora":
         return LoraLearner(model, s.towers, s.rank, s.alpha)
     if s.method == "coop":
@@ -199,12 +202,13 @@ def _learner(model, tokenizer, shots: Shots, s: AdaptSettings):
     if s.method == "clip-adapter":
         return ClipAdapterLearner(model, s.reduction, s.ratio)
     if s.method == "gram":
-        return GramLearner(model, s.meta, s.regulate)
+        return GramLearner(model, s.meta, s.regulate, checkpoint)
     return TipLearner(model, shots, s.tip_alpha, s.tip_beta, fine_tune=s.method == "tip-f")
 
 
 def _fit(shots: Shots, learner, steps: int, lr: float) -> tuple[tuple[float, float], tuple[float, float]]:
-    """Full-batch AdamW on the learner's parameters; the shots' (loss, top-1) before and after."""
+    """Full-batch steps on the learner's parameters (AdamW, or the learner's `optimizer`); the shots'
+    (loss, top-1) before and after."""
 
     def measure() -> tuple[torch.Tensor, float]:
         logits = learner.logits(shots)
@@ -245,8 +249,10 @@ def adapt_checkpoint(
     if s.method == "gram-meta":
         return _meta(checkpoint, Path(data), out, s, (model, tokenizer))
     if not column:
+        hint = "the column naming the object each row is a view of (e.g. concept)"
         raise UserError(
-            f"--method {s.method} adapts to a class column; name it with --column (e.g. subcategory)."
+            f"--method {s.method} needs a column; name it with --column: "
+            + (hint if s.method == "omniview" else "the class column (e.g. subcategory).")
         )
     records = read_table(data)
     if s.method == "omniview":
@@ -258,7 +264,7 @@ def adapt_checkpoint(
     store = ImageStore(shot_records, model.spec.image_size, cache=True, desc="shots")
     shots = _shots(model, tokenizer, store, column, classes, s)
     torch.manual_seed(s.seed)
-    learner = _learner(model, tokenizer, shots, s)
+    learner = _learner(model, tokenizer, shots, s, checkpoint)
     steps = 0 if s.method == "tip" else s.steps  # Tip-Adapter is training-free
     steps = steps if steps is not None else learner.default_steps
     lr = s.lr if s.lr is not None else learner.default_lr
@@ -297,18 +303,17 @@ def _meta(checkpoint: Path, data: Path, out: Path, s: AdaptSettings, loaded: tup
     model, tokenizer = loaded
     model.requires_grad_(False)
     model.eval()
+    torch.manual_seed(s.seed)  # a random start context (--context-init "") is drawn with the seed
     start = CoopLearner(model, tokenizer, [], s.context, s.context_init, False).context.context
     names = ("steps", "lr", "inner_lr", "inner_steps", "tasks", "ways", "shots", "domains", "seed")
     settings = MetaSettings(**{k: getattr(s, k) for k in names})
-    info = run_meta(model, tokenizer, data, out, start.detach().clone(), settings, str(checkpoint.resolve()))
-    return {**info, "context_init": s.context_init}
+    source = str(checkpoint.resolve())
+    return run_meta(model, tokenizer, data, out, start.detach().clone(), settings, source, s.context_init)
 
 
 def _views(checkpoint: Path, records, column: str, out: Path, s: AdaptSettings, loaded: tuple) -> dict:
     """omniview (adapt.omniview): train the image adapter across views, save it as CLIP-Adapter's."""
     model, tokenizer, _ = loaded
-    if not column:
-        raise UserError("--method omniview groups views by a column; name it with --column (e.g. concept).")
     model.requires_grad_(False)
     model.eval()
     names = ("steps", "lr", "batch_size", "view_weight", "reduction", "ratio", "seed")

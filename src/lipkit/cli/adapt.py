@@ -12,7 +12,10 @@ from lipkit.cli.common import console
 
 # composed image retrieval's options (pic2word, rtd)
 BATCH_SIZE = typer.Option(
-    256, "--batch-size", min=2, help="pic2word: images per step; rtd: text triplets per step."
+    256,
+    "--batch-size",
+    min=2,
+    help="pic2word: images per step; rtd: text triplets per step; omniview: objects per step.",
 )
 PROMPT = typer.Option(
     "a photo of * that {}",
@@ -28,10 +31,12 @@ META = typer.Option(
 REGULATE = typer.Option(
     True,
     "--regulate/--no-regulate",
-    help="gram: step the context with the meta-learned gradient regulator (plain SGD at the meta-training's α), "
-    "or with AdamW from the meta-learned start only.",
+    help="gram: step the context with the meta-learned gradient regulator (θ − lr·ψ(∇L), by default the "
+    "meta-training's inner steps at its α), or with AdamW from the meta-learned start only.",
 )
-INNER_LR = typer.Option(1.0, "--inner-lr", help="gram-meta: α of the regulated inner step θ − α·ψ(∇L).")
+INNER_LR = typer.Option(
+    1.0, "--inner-lr", min=0.0, help="gram-meta: α of the regulated inner step θ − α·ψ(∇L)."
+)
 INNER_STEPS = typer.Option(1, "--inner-steps", min=1, help="gram-meta: inner steps on each support task.")
 TASKS = typer.Option(4, "--tasks", min=1, help="gram-meta: (support, query) task pairs per meta-step.")
 WAYS = typer.Option(
@@ -64,7 +69,8 @@ SHOTS_OPTION = typer.Option(16, "--shots", "-k", min=1, help="Images per class (
 SEED_OPTION = typer.Option(
     0,
     "--seed",
-    help="Seed of the shots drawn and of the initialisation (LoRA's A, a random CoOp context, CLIP-Adapter).",
+    help="Seed of the shots drawn and of the initialisation (LoRA's A, a random CoOp or gram-meta context, "
+    "CLIP-Adapter, omniview's adapter), and of gram-meta's tasks and omniview's batches.",
 )
 SPLIT_OPTION = typer.Option(
     "all", "--classes", help="all, base (the first half of the sorted classes, as CoOp) or novel."
