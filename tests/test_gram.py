@@ -34,6 +34,15 @@ def _tiny(table, context_length=32):
     return records, tok, DualEncoder(spec).eval()
 
 
+def _saved_base(table, tmp_path):
+    """The tiny model and tokenizer, saved as the checkpoint tmp_path/base that the adaptations start from."""
+    from lipkit.checkpoint import save_checkpoint
+
+    _, tok, model = _tiny(table)
+    save_checkpoint(tmp_path / "base", model, tok)
+    return tok, model
+
+
 def _regulator(size=6, rank=3, seed=1):
     torch.manual_seed(seed)
     reg = GradientRegulator(size, rank).double()
@@ -175,8 +184,7 @@ def test_gram_meta_then_gram_through_the_cli(table, tmp_path):
     from lipkit.checkpoint import load_checkpoint, save_checkpoint
     from lipkit.cli import app
 
-    _, tok, model = _tiny(table)
-    save_checkpoint(tmp_path / "base", model, tok)
+    tok, model = _saved_base(table, tmp_path)
     meta = _adapt(
         [
             tmp_path / "base",
@@ -239,10 +247,9 @@ def test_gram_unregulated_from_a_phrase_is_coop(table, tmp_path):
     phrase at the same steps and learning rate."""
     from lipkit.adapt.learners import CoopLearner
     from lipkit.adapt.run import adapt_checkpoint
-    from lipkit.checkpoint import load_checkpoint, save_checkpoint
+    from lipkit.checkpoint import load_checkpoint
 
-    _, tok, model = _tiny(table)
-    save_checkpoint(tmp_path / "base", model, tok)
+    tok, model = _saved_base(table, tmp_path)
     phrase = CoopLearner(model, tok, [], 0, "a", False).context.context.detach()
     save_meta(
         tmp_path / "meta",
@@ -312,10 +319,9 @@ def test_omniview_terms_against_a_loop_over_objects_with_gradients():
 
 
 def test_omniview_adapts_into_a_clip_adapter_checkpoint(table, tmp_path):
-    from lipkit.checkpoint import load_checkpoint, save_checkpoint
+    from lipkit.checkpoint import load_checkpoint
 
-    _, tok, model = _tiny(table)
-    save_checkpoint(tmp_path / "base", model, tok)
+    tok, model = _saved_base(table, tmp_path)
     info = _adapt(
         [
             tmp_path / "base",

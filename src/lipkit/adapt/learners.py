@@ -148,10 +148,9 @@ class GramLearner(CoopLearner):
         self.default_lr = info["inner_lr"] if regulate else 1e-3
         self.default_steps = info["inner_steps"] if regulate else 100
 
-    def optimizer(self, lr: float) -> torch.optim.Optimizer:
-        if self.regulator is None:
-            return torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
-        return RegulatedSGD(self.context.context, self.regulator, lr)
+    def optimizer(self, lr: float) -> torch.optim.Optimizer | None:
+        """Regulated SGD; None (unregulated): the AdamW every learner gets (adapt.run)."""
+        return None if self.regulator is None else RegulatedSGD(self.context.context, self.regulator, lr)
 
     def finish(self, model: DualEncoder, column: str) -> dict[str, Any]:
         extra = super().finish(model, column)
