@@ -18,10 +18,12 @@ reads; CLIP-Adapter's MLP, which every pooled image embedding passes through). I
 shots' loss and top-1 before and after). Checkpoints scored token-wise or lexically (FILIP, Wukong, LexLIP)
 are refused: these methods train the pooled similarity.
 
-Three methods differ: `gram-meta` (adapt.gram) trains no checkpoint but GRAM's meta-learned context and
+Four methods differ: `gram-meta` (adapt.gram) trains no checkpoint but GRAM's meta-learned context and
 gradient regulator on any image-text table, into OUT/gram.pt; `gram` is CoOp started from it (regulated
 steps, adapt.learners); `omniview` (adapt.omniview) trains CLIP-Adapter's MLP on the views of objects
-grouped by --column, not on shots of classes.
+grouped by --column, not on shots of classes; `ptunifier` (adapt.ptunifier) trains PTUnifier's pseudo-token
+pools and the matching head they feed on the table's image–caption pairs (any checkpoint: it leaves the
+towers and their similarity as they are).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from lipkit.adapt.learners import (
     template_class_features,
 )
 from lipkit.adapt.omniview import ViewSettings, train_views
+from lipkit.adapt.ptunifier import UnifySettings, train_unifier
 from lipkit.checkpoint import load_checkpoint, save_checkpoint
 from lipkit.config_eval import EvalConfig
 from lipkit.data.few_shot import class_split, few_shot
@@ -56,9 +59,13 @@ from lipkit.data.transforms import normalize
 from lipkit.errors import UserError
 from lipkit.models.adapters import COMPOSERS
 from lipkit.models.dual_encoder import DualEncoder
+from lipkit.models.pseudo_tokens import IMAGE_TOKENS, POOL_SIZE, TEXT_TOKENS
 from lipkit.models.pseudo_word import PROMPT
 
-METHODS = ("lora", "coop", "clip-adapter", "tip", "tip-f", "gram-meta", "gram", "omniview", *COMPOSERS)
+METHODS = (
+    *("lora", "coop", "clip-adapter", "tip", "tip-f", "gram-meta", "gram", "omniview", "ptunifier"),
+    *COMPOSERS,
+)
 PROMPTED = ("coop", "gram-meta", "gram", *COMPOSERS)  # methods that put learned word vectors in prompts
 # steps and learning rates beside composed's; gram's (None) are the learner's: regulated, the meta-training's
 # inner loop (its inner_steps at α, as MAML adapts at test time), else 100 AdamW steps at 1e-3
@@ -66,6 +73,7 @@ OWN_DEFAULTS = {
     "gram-meta": {"steps": 200, "lr": 1e-3},
     "gram": {"steps": None, "lr": None},
     "omniview": {"steps": 200, "lr": 1e-3},
+    "ptunifier": {"steps": 300, "lr": 1e-4},
 }
 TOKEN_SCORED = {"filip": "token-wise", "wukong": "token-wise", "lexlip": "lexically"}
 # config.json keys save_checkpoint writes itself (the rest of the source's config is carried over)
@@ -93,7 +101,9 @@ class AdaptSettings:
     ratio: float = 0.2
     tip_alpha: float = 1.0  # tip, tip-f
     tip_beta: float = 1.0
-    batch_size: int = 256  # pic2word: images per step; rtd: text triplets per step
+    batch_size: int | None = (
+        None  # pic2word: images per step; rtd: text triplets per step (256); ptunifier 64
+    )
     prompt: str = PROMPT  # pic2word, rtd: the composed query's wording
     noise: float = 0.5  # rtd: ε of the noised reference caption
     tau: float = 0.07  # rtd: temperature
@@ -105,11 +115,17 @@ class AdaptSettings:
     ways: int = 16  # gram-meta: concepts per task (its shots are --shots)
     domains: int = 8  # gram-meta
     view_weight: float = 1.0  # omniview: λ
+    pool: int = POOL_SIZE  # ptunifier: vectors per pool
+    pseudo_image: int = IMAGE_TOKENS  # ptunifier: k_v
+    pseudo_text: int = TEXT_TOKENS  # ptunifier: k_t
+    mask_ratio: float = 0.75  # ptunifier: r of the image-only term
 
     def __post_init__(self) -> None:
         defaults = {**DEFAULTS, **OWN_DEFAULTS}.get(self.method, {"steps": 100, "lr": 1e-3})
         self.steps = defaults["steps"] if self.steps is None else self.steps
         self.lr = defaults["lr"] if self.lr is None else self.lr
+        if self.batch_size is None:
+            self.batch_size = 64 if self.method == "ptunifier" else 256
 
 
 def _check(
@@ -151,7 +167,7 @@ def _check(
     if s.method == "gram":  # before any image is read: a wrong --meta fails at once
         load_meta(s.meta, model.text.word_width, checkpoint)
     objective = (info.get("train") or {}).get("objective", "")
-    if objective in TOKEN_SCORED:
+    if objective in TOKEN_SCORED and s.method != "ptunifier":
         raise UserError(
             f"This checkpoint is scored {TOKEN_SCORED[objective]} (train.objective {objective}) and adapt trains "
             "the pooled similarity; adapt a checkpoint trained with a pooled objective (e.g. infonce, siglip)."
@@ -248,6 +264,8 @@ def adapt_checkpoint(
         return _compose(checkpoint, Path(data), out, s, (model, tokenizer, source))
     if s.method == "gram-meta":
         return _meta(checkpoint, Path(data), out, s, (model, tokenizer))
+    if s.method == "ptunifier":
+        return _unify(checkpoint, read_table(data), out, s, (model, tokenizer, source))
     if not column:
         hint = "the column naming the object each row is a view of (e.g. concept)"
         raise UserError(
@@ -323,6 +341,20 @@ def _views(checkpoint: Path, records, column: str, out: Path, s: AdaptSettings, 
     model.add_adapter({"method": "clip-adapter", "reduction": s.reduction, "ratio": s.ratio}, adapter)
     model.requires_grad_(True)
     info = {"method": "omniview", "from": str(checkpoint.resolve()), "seed": s.seed, **trained}
+    _save(out, loaded, info)
+    return info
+
+
+def _unify(checkpoint: Path, records, out: Path, s: AdaptSettings, loaded: tuple) -> dict[str, Any]:
+    """ptunifier (adapt.ptunifier): pools and matching head on the frozen towers, saved with them."""
+    model, tokenizer, _ = loaded
+    model.requires_grad_(False)
+    model.eval()
+    names = ("steps", "lr", "batch_size", "pool", "pseudo_image", "pseudo_text", "mask_ratio", "seed")
+    torch.manual_seed(s.seed)  # the pools' and a fresh head's initialisation
+    trained = train_unifier(model, tokenizer, records, UnifySettings(**{k: getattr(s, k) for k in names}))
+    model.requires_grad_(True)
+    info = {"method": "ptunifier", "from": str(checkpoint.resolve()), "seed": s.seed, **trained}
     _save(out, loaded, info)
     return info
 

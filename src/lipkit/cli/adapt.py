@@ -12,10 +12,11 @@ from lipkit.cli.common import console
 
 # composed image retrieval's options (pic2word, rtd)
 BATCH_SIZE = typer.Option(
-    256,
+    None,
     "--batch-size",
     min=2,
-    help="pic2word: images per step; rtd: text triplets per step; omniview: objects per step.",
+    help="pic2word: images per step; rtd: text triplets per step; omniview: objects per step (256 each); "
+    "ptunifier: pairs per step (64).",
 )
 PROMPT = typer.Option(
     "a photo of * that {}",
@@ -52,25 +53,37 @@ VIEW_WEIGHT = typer.Option(
     1.0, "--view-weight", min=0.0, help="omniview: weight λ of the worst-view-to-anchor term."
 )
 
+# PTUnifier's
+POOL = typer.Option(2048, "--pool", min=1, help="ptunifier: vectors in each pseudo-token pool.")
+PSEUDO_IMAGE = typer.Option(
+    49, "--pseudo-image", min=1, help="ptunifier: pseudo image tokens that stand in for a missing image."
+)
+PSEUDO_TEXT = typer.Option(
+    32, "--pseudo-text", min=1, help="ptunifier: pseudo caption tokens that stand in for a missing caption."
+)
+MASK_RATIO = typer.Option(
+    0.75, "--mask-ratio", help="ptunifier: fraction of image tokens masked in the image-only term."
+)
 
 DATA_OPTION = typer.Option(
     ...,
     "--data",
     help="Labelled table the shots are drawn from (e.g. the training table); pic2word: any table (its "
-    "images); rtd: a table naming composed queries (`lipkit data build composed`'s train.jsonl).",
+    "images); rtd: a table naming composed queries (`lipkit data build composed`'s train.jsonl); "
+    "ptunifier: any image-caption table.",
 )
 COLUMN_OPTION = typer.Option(
     None,
     "--column",
     help="The class column of the table (e.g. subcategory); omniview: the column naming the object each "
-    "row is a view of (e.g. concept); not for gram-meta, pic2word, rtd.",
+    "row is a view of (e.g. concept); not for gram-meta, pic2word, rtd, ptunifier.",
 )
 SHOTS_OPTION = typer.Option(16, "--shots", "-k", min=1, help="Images per class (K).")
 SEED_OPTION = typer.Option(
     0,
     "--seed",
     help="Seed of the shots drawn and of the initialisation (LoRA's A, a random CoOp or gram-meta context, "
-    "CLIP-Adapter, omniview's adapter), and of gram-meta's tasks and omniview's batches.",
+    "CLIP-Adapter, omniview's adapter), and of gram-meta's tasks and omniview's and ptunifier's batches.",
 )
 SPLIT_OPTION = typer.Option(
     "all", "--classes", help="all, base (the first half of the sorted classes, as CoOp) or novel."
@@ -82,7 +95,9 @@ METHOD_OPTION = typer.Option(
     "(residual MLP on image features), tip (Tip-Adapter's training-free cache of the shots) or tip-f "
     "(the cache's keys fine-tuned), gram-meta (GRAM: meta-train a prompt context and a gradient regulator "
     "on an image-text table; writes OUT/gram.pt), gram (CoOp from that context, regulated steps), "
-    "omniview (an image adapter tuned so the views of one object, grouped by --column, agree); for composed image retrieval, pic2word (a mapping network turning "
+    "omniview (an image adapter tuned so the views of one object, grouped by --column, agree), ptunifier "
+    "(PTUnifier: pseudo-token pools so the matching head fuses image-only, caption-only or paired input, "
+    "trained on the table's pairs); for composed image retrieval, pic2word (a mapping network turning "
     "an image into a word, trained on images alone) or rtd (RTD: the text tower of a pic2word checkpoint "
     "tuned on text triplets).",
 )
@@ -90,12 +105,12 @@ STEPS_OPTION = typer.Option(
     None,
     "--steps",
     min=0,
-    help="Steps (default 100, full-batch; pic2word 300, rtd 200, gram-meta and omniview 200; gram with --regulate: the meta-training's inner steps; tip none).",
+    help="Steps (default 100, full-batch; pic2word 300, rtd 200, gram-meta and omniview 200, ptunifier 300; gram with --regulate: the meta-training's inner steps; tip none).",
 )
 LR_OPTION = typer.Option(
     None,
     "--lr",
-    help="Learning rate (default 1e-3; pic2word 1e-4, rtd 1e-5; gram with --regulate: the meta-training's α).",
+    help="Learning rate (default 1e-3; pic2word and ptunifier 1e-4, rtd 1e-5; gram with --regulate: the meta-training's α).",
 )
 TOWERS_OPTION = typer.Option("text", "--towers", help="lora: text, image (lipkit's ViT only) or both.")
 RANK_OPTION = typer.Option(4, "--rank", min=1, help="lora: rank r.")
@@ -155,12 +170,17 @@ def adapt(
     ways: int = WAYS,
     domains: int = DOMAINS,
     view_weight: float = VIEW_WEIGHT,
+    pool: int = POOL,
+    pseudo_image: int = PSEUDO_IMAGE,
+    pseudo_text: int = PSEUDO_TEXT,
+    mask_ratio: float = MASK_RATIO,
     overwrite: bool = OVERWRITE_OPTION,
 ) -> None:
     """Adapt a checkpoint to a labelled column with K images per class: LoRA merged into a tower, CoOp's
     learned prompt context (GRAM: from a meta-learned start), CLIP-Adapter or Tip-Adapter(-F), trained with the zero-shot classifier's
     cross-entropy; or teach it composed image retrieval (search with an image plus words) with Pic2Word,
-    then RTD. OUT/checkpoint is a lipkit checkpoint that `lipkit eval`, `embed` and `serve` read
+    then RTD; or PTUnifier's pools, so one fused feature serves image-only, caption-only and paired input.
+    OUT/checkpoint is a lipkit checkpoint that `lipkit eval`, `embed` and `serve` read
     (docs/adapt.md says what each method's export carries)."""
     from lipkit.adapt.run import AdaptSettings, adapt_checkpoint
 

