@@ -180,3 +180,33 @@ def test_ptunifier_refusals_are_one_sentence(table, tmp_path):
     )
     assert r.exit_code != 0 and isinstance(r.exception, UserError) and "[MASK] token" in str(r.exception)
     assert not (tmp_path / "out").exists()
+
+
+def test_fused_features_from_python_take_images_texts_or_pairs(table, tmp_path):
+    import lipkit
+    from lipkit.checkpoint import save_checkpoint
+    from lipkit.data.sources.registry import read_table
+    from objective_inputs import bert_dual_encoder, minilm_tokenizer
+
+    save_checkpoint(tmp_path / "base", bert_dual_encoder(D, context_length=16), minilm_tokenizer(16))
+    model, _, tok = lipkit.load(tmp_path / "base")  # no pools: a clear refusal
+    records = read_table(table)[:2]
+    images, texts = [r.image for r in records], [r.captions[0] for r in records]
+    with pytest.raises(UserError, match="--method ptunifier"):
+        lipkit.fused_features(model, tok, images)
+    args = [tmp_path / "base", tmp_path / "out", "--method", "ptunifier", "--data", table, "--steps", "1"]
+    assert (
+        _adapt(
+            [*args, "--batch-size", "4", "--pool", "8", "--pseudo-image", "2", "--pseudo-text", "2"]
+        ).exit_code
+        == 0
+    )
+    model, _, tok = lipkit.load(tmp_path / "out")
+    for out in (
+        lipkit.fused_features(model, tok, images),
+        lipkit.fused_features(model, tok, texts=texts),
+        lipkit.fused_features(model, tok, images, texts),
+    ):
+        assert out.shape == (2, model.matcher.cls_embedding.shape[-1]) and out.dtype == torch.float32
+    with pytest.raises(UserError, match="2 images and 1 texts"):
+        lipkit.fused_features(model, tok, images, texts[:1])

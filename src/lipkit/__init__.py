@@ -22,6 +22,7 @@ __all__ = [
     "composed_query",
     "evaluate",
     "fit",
+    "fused_features",
     "heatmap",
     "load",
     "train",
@@ -30,7 +31,16 @@ __all__ = [
 _API = frozenset(__all__) - {"__version__", "train"}
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ forwards on first use
-    from lipkit.api import Preprocess, composed_query, evaluate, fit, heatmap, load, zero_shot_classifier
+    from lipkit.api import (
+        Preprocess,
+        composed_query,
+        evaluate,
+        fit,
+        fused_features,
+        heatmap,
+        load,
+        zero_shot_classifier,
+    )
 
 
 def __getattr__(name: str) -> Any:  # PEP 562: called only for names not found in this module

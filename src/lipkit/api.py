@@ -39,12 +39,22 @@ from lipkit.eval.heatmaps import MAP_KINDS
 from lipkit.eval.suite import run_eval
 from lipkit.eval.zeroshot import class_embeddings
 from lipkit.models.dual_encoder import DualEncoder
+from lipkit.models.pseudo_tokens import PseudoTokenPools, encode_fused
 from lipkit.search.encode import PRECISIONS, prepare_for_inference
 from lipkit.search.heatmap import query_heatmap
 from lipkit.text.tokenizer import TextTokenizer
 from lipkit.train.launch import run_training
 
-__all__ = ["Preprocess", "composed_query", "evaluate", "fit", "heatmap", "load", "zero_shot_classifier"]
+__all__ = [
+    "Preprocess",
+    "composed_query",
+    "evaluate",
+    "fit",
+    "fused_features",
+    "heatmap",
+    "load",
+    "zero_shot_classifier",
+]
 
 ImageInput = Image.Image | str | Path | bytes
 
@@ -167,6 +177,41 @@ def composed_query(
         with torch.no_grad():
             v = model.encode_image(pixels).float().cpu()
             return model_queries(model, tokenizer, v, [text], 1)[0].to(model.device)
+    finally:
+        model.train(was_training)
+
+
+def fused_features(
+    model: DualEncoder,
+    tokenizer: TextTokenizer,
+    images: Sequence[ImageInput] | None = None,
+    texts: Sequence[str] | None = None,
+) -> torch.Tensor:
+    """PTUnifier's one representation for image-only, caption-only or paired input: float32 (B, W)
+    unit-length final [CLS] states of the checkpoint's matching head, the missing modality filled with
+    pseudo tokens from its pools (a checkpoint `lipkit adapt --method ptunifier` wrote; docs/adapt.md).
+    Pass `images`, `texts`, or both of the same length (image i with text i)."""
+    if not isinstance(getattr(model, "adapter", None), PseudoTokenPools) or not model.has_matcher:
+        raise UserError(
+            "fused_features needs a checkpoint with PTUnifier's pools; adapt one with "
+            "`lipkit adapt CHECKPOINT OUT --method ptunifier --data TABLE`."
+        )
+    if not images and not texts:
+        raise UserError("fused_features needs images, texts, or both.")
+    if images and texts and len(images) != len(texts):
+        raise UserError(
+            f"fused_features pairs image i with text i: got {len(images)} images and {len(texts)} texts."
+        )
+    spec = model.spec
+    pixels = None
+    if images:
+        pixels = torch.stack(
+            [Preprocess(spec.image_size, spec.image_mean, spec.image_std)(x) for x in images]
+        )
+    was_training = model.training
+    model.eval()
+    try:
+        return encode_fused(model, pixels, tokenizer(list(texts)) if texts else None).cpu()
     finally:
         model.train(was_training)
 

@@ -99,26 +99,42 @@ def mask_slots(b: int, n: int, ratio: float, gen: torch.Generator) -> torch.Tens
     return torch.zeros(b, n, dtype=torch.bool).scatter_(1, chosen, True)
 
 
-def unify_losses(model, aids: dict[str, nn.Module], pixels, ids, step: int, ratio: float, gen) -> dict:
-    """The four terms (module docstring) on one batch: pixels (B, 3, S, S) normalised, ids (B, L)."""
+def unify_losses(model, aids: dict[str, nn.Module], images: tuple, ids, step: int, ratio: float, gen) -> dict:
+    """The four terms (module docstring) on one batch: images = (pooled (B, D), tokens (B, N, D)) the
+    frozen tower's normalised features, ids (B, L) the captions."""
     head, pools = model.matcher, model.adapter
+    pooled, image_tokens = images
     with torch.no_grad():
-        pooled, image_tokens = model.visual(pixels, return_tokens=True)
         text_pooled, text_tokens = model.text(ids, return_tokens=True)
-        image_tokens, text_tokens = F.normalize(image_tokens, dim=-1), F.normalize(text_tokens, dim=-1)
-        sims = F.normalize(pooled, dim=-1) @ F.normalize(text_pooled, dim=-1).t()
+        text_tokens = F.normalize(text_tokens, dim=-1)
+        sims = pooled @ F.normalize(text_pooled, dim=-1).t()
         keys = caption_keys(ids)  # identical captions: never each other's negatives
     mask = ids != model.spec.pad_id
-    images, texts, labels = matching_pairs(sims, keys, float(model.scale()))
-    logits = head(image_tokens[images], text_tokens[texts], mask[texts])
+    pair_images, texts, labels = matching_pairs(sims, keys, float(model.scale()))
+    logits = head(image_tokens[pair_images], text_tokens[texts], mask[texts])
     mlm = aids["mlm"]
+    masked_captions = mlm.encode(model, ids, step)  # one draw: L_mlm and L_umlm mask the same words
     masked = mask_slots(*image_tokens.shape[:2], ratio, gen).to(image_tokens.device)
     return {
         "itm": F.binary_cross_entropy_with_logits(logits, labels),
-        "mlm": mlm(model, head, image_tokens, ids, step)[0],
-        "umlm": mlm(model, PseudoImageFusion(head, pools), None, ids, step)[0],
+        "mlm": mlm.score(head, image_tokens, masked_captions)[0],
+        "umlm": mlm.score(PseudoImageFusion(head, pools), None, masked_captions)[0],
         "umim": aids["mim"](head, pools, image_tokens, masked),
     }
+
+
+@torch.no_grad()
+def frozen_image_features(model, store: ImageStore, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image of the store through the frozen tower once: (pooled (N, D), tokens (N, T, D)),
+    normalised, float32 on the model's device (smaller than the decoded pixels they replace)."""
+    pooled, tokens = [], []
+    mean, std = model.spec.image_mean, model.spec.image_std
+    for start in track(range(0, len(store.records), chunk), description="image features"):
+        pixels = normalize(store.get(range(start, min(start + chunk, len(store.records)))), mean, std)
+        p, t = model.visual(pixels.to(model.device), return_tokens=True)
+        pooled.append(F.normalize(p.float(), dim=-1))
+        tokens.append(F.normalize(t.float(), dim=-1))
+    return torch.cat(pooled), torch.cat(tokens)
 
 
 def _masked_lm(tokenizer) -> FusionMLM:
@@ -172,12 +188,9 @@ def train_unifier(model, tokenizer, records: list[Record], s: UnifySettings) -> 
         "text_tokens": s.pseudo_text,
     }
     model.add_adapter(settings, pools.to(model.device))
-    with torch.no_grad():
-        _, probe = model.visual(
-            normalize(store.get([0]), model.spec.image_mean, model.spec.image_std).to(model.device),
-            return_tokens=True,
-        )
-    aids = _aids(model, mlm, probe.shape[1])
+    pooled, tokens = frozen_image_features(model, store)
+    del store  # the features replace the pixels
+    aids = _aids(model, mlm, tokens.shape[1])
     params = [
         *model.matcher.parameters(),
         *pools.parameters(),
@@ -190,9 +203,9 @@ def train_unifier(model, tokenizer, records: list[Record], s: UnifySettings) -> 
     before = after = None
     for step in track(range(s.steps), description="adapt (ptunifier)"):
         batch = torch.randperm(len(rows), generator=gen)[: s.batch_size].tolist()
-        pixels = normalize(store.get(batch), model.spec.image_mean, model.spec.image_std).to(model.device)
         ids = tokenizer([rows[i].captions[0] for i in batch]).to(model.device)
-        terms = unify_losses(model, aids, pixels, ids, step, s.mask_ratio, gen)
+        images = (pooled[batch], tokens[batch])
+        terms = unify_losses(model, aids, images, ids, step, s.mask_ratio, gen)
         loss = sum(terms.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -74,12 +74,25 @@ class FusionMLM(nn.Module):
         """model: the DualEncoder (its text tower encodes the masked captions); head: its matching head;
         image_tokens (B, N, D) normalised; ids (B, L) the first captions; step: seeds the masks.
         Returns (L_mlm, the accuracy of the masked-word predictions)."""
-        assert self.output is not None, "the trainer binds the objective to its model first"
+        return self.score(head, image_tokens, self.encode(model, ids, step))
+
+    def encode(self, model: nn.Module, ids: torch.Tensor, step: int) -> tuple[torch.Tensor, ...]:
+        """The masked captions through the text tower: (normalised token features, real-token mask,
+        labels (−1 where not masked)), trimmed to the longest caption — what `score` fuses (once per
+        batch, however many fusions read it)."""
         ids, real = trim_text(ids, ids != model.spec.pad_id)  # the all-padding columns dropped: exact
-        n = ids.shape[1]
         ((masked, labels),) = self.masker(ids, (self.rate,), step)
         _, tokens = model.text(masked, return_tokens=True)
-        states = head.fuse(image_tokens, F.normalize(tokens, dim=-1), real)[:, 1 : 1 + n]
+        return F.normalize(tokens, dim=-1), real, labels
+
+    def score(
+        self, head: nn.Module, image_tokens: torch.Tensor | None, encoded: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L_mlm, accuracy) of the `encode`d masked captions fused by `head` with `image_tokens`."""
+        assert self.output is not None, "the trainer binds the objective to its model first"
+        tokens, real, labels = encoded
+        n = tokens.shape[1]
+        states = head.fuse(image_tokens, tokens, real)[:, 1 : 1 + n]
         chosen = labels >= 0
         logits = self.output(states[chosen].to(self.output[0].weight.dtype))
         target = labels[chosen]
