@@ -210,3 +210,13 @@ def test_fused_features_from_python_take_images_texts_or_pairs(table, tmp_path):
         assert out.shape == (2, model.matcher.cls_embedding.shape[-1]) and out.dtype == torch.float32
     with pytest.raises(UserError, match="2 images and 1 texts"):
         lipkit.fused_features(model, tok, images, texts[:1])
+
+
+def test_eval_reranks_with_a_head_ptunifier_trained_on_the_towers():
+    from lipkit.config_eval import EvalConfig
+    from lipkit.eval.similarity_choice import head_objective, resolve_rerank
+
+    adapted = {"train": {"objective": "infonce"}, "adapted": {"method": "ptunifier"}}
+    assert resolve_rerank(EvalConfig(), head_objective(adapted)).rerank_top == 20
+    other = {"train": {"objective": "infonce"}, "adapted": {"method": "coop"}}
+    assert resolve_rerank(EvalConfig(), head_objective(other)).rerank_top == 0

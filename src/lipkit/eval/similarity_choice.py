@@ -34,6 +34,14 @@ def resolve_tokens_kept(cfg: EvalConfig, objective: str | None, objective_args: 
     return replace(cfg, image_tokens_kept=int(objective_args.get("image_tokens_kept", DEFAULT_KEPT) or 0))
 
 
+def head_objective(info: dict) -> str | None:
+    """What decides whether a checkpoint's matching head matches its towers (`resolve_rerank`): its
+    train.objective, or "itm" when `lipkit adapt --method ptunifier` trained the head on its frozen towers."""
+    if (info.get("adapted") or {}).get("method") == "ptunifier":
+        return "itm"
+    return (info.get("train") or {}).get("objective")
+
+
 def resolve_rerank(cfg: EvalConfig, objective: str | None) -> EvalConfig:
     """`cfg` with eval.rerank_top kept for a model trained with the itm objective and 0 otherwise: a matching
     head that a later run (another objective) did not train no longer matches its towers."""

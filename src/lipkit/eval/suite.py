@@ -22,7 +22,12 @@ from lipkit.device import use_bf16
 from lipkit.errors import UserError
 from lipkit.eval.evaluate import evaluate_records, fit_probes, image_style
 from lipkit.eval.few_shot_protocol import few_shot_metrics
-from lipkit.eval.similarity_choice import resolve_rerank, resolve_similarity, resolve_tokens_kept
+from lipkit.eval.similarity_choice import (
+    head_objective,
+    resolve_rerank,
+    resolve_similarity,
+    resolve_tokens_kept,
+)
 from lipkit.malloc import keep_freed_memory
 
 
@@ -46,7 +51,7 @@ def _run_eval(checkpoint: str | Path, splits: dict[str, str], cfg: Config, out: 
     trained = info.get("train", {})
     similarity = resolve_similarity(cfg.eval.similarity, trained.get("objective"))
     eval_cfg = resolve_tokens_kept(cfg.eval, trained.get("objective"), trained.get("objective_args") or {})
-    eval_cfg = resolve_rerank(eval_cfg, trained.get("objective"))
+    eval_cfg = resolve_rerank(eval_cfg, head_objective(info))
     results: dict[str, Any] = {
         "checkpoint": str(Path(checkpoint).resolve()),
         "model": {"preset": info.get("preset", "custom"), "params": model.num_params()},
