@@ -5,17 +5,19 @@ do the pseudo tokens add?
     python bench/ptunifier.py          # adapts (300 steps), probes, re-ranks; docs/ptunifier-bench.json
     python bench/ptunifier.py --report # reprint the table from docs/ptunifier-bench.json
 
-The checkpoint is adapted with `lipkit adapt --method ptunifier` on the training table (its defaults: 300
-steps of 64 pairs, frozen towers, a fresh 2-layer matching head). Then a linear probe (eval.linear_probe:
-standardised features, λ chosen on a held-out fifth) on the subcategory, fitted on K = 16 training images per
-class (3 draws) or on the whole training table, is scored on test-style (the held-out artist), for four
-image-only features:
+The checkpoint is adapted twice with `lipkit adapt --method ptunifier` on the training table (its defaults:
+300 steps of 64 pairs, frozen towers, a fresh 2-layer matching head): with the pools trained (lipkit's
+default) and with `--freeze-pools` (the reference code's pools, never trained). Then a linear probe
+(eval.linear_probe: standardised features, λ chosen on a held-out fifth) on the subcategory, fitted on K = 16
+training images per class (3 draws) or on the whole training table, is scored on test-style (the held-out
+artist), for four image-only features:
   * pooled: the image tower's normalised embedding (what the dual encoder uses);
   * fused + pseudo caption: the adapted head's [CLS] with the image and k_t pseudo caption tokens (PTUnifier);
   * fused, no caption: the same head with the image tokens alone (the caption slot left empty);
-  * fused + untrained pool: pseudo caption tokens from a fresh N(0, 0.02²) pool (the same head).
-Paired input: `lipkit eval` on test-style with eval.rerank_top = 20, caption→image R@1 of the dual encoder
-and after the adapted head re-ranks its top 20.
+  * frozen pools: fused + pseudo caption of the `--freeze-pools` run.
+Cross-modal, on test-style: caption→image R@1 of the dual encoder (pooled embeddings), of the fused
+features (caption alone against image alone, both through the head: one space for both kinds of input),
+and, paired, after the adapted head re-ranks the dual encoder's top 20 (`lipkit eval`, eval.rerank_top 20).
 """
 
 from __future__ import annotations
@@ -40,35 +42,55 @@ from lipkit.data.sources.registry import read_table
 from lipkit.data.transforms import normalize
 from lipkit.eval.linear_probe import fit_linear_probe
 from lipkit.eval.suite import run_eval
-from lipkit.models.pseudo_tokens import PseudoTokenPools, fused_cls
+from lipkit.models.pseudo_tokens import encode_fused, fused_cls
 
-FEATURES = ("pooled", "fused + pseudo caption", "fused, no caption", "fused + untrained pool")
+FEATURES = ("pooled", "fused + pseudo caption", "fused, no caption", "frozen pools")
 SEEDS = (0, 1, 2)
 
 
 @torch.no_grad()
-def features(model, records, chunk: int = 128) -> dict[str, torch.Tensor]:
-    """(N, ·) each image-only feature of FEATURES for every record (all must be readable)."""
+def features(models: dict, records, chunk: int = 128) -> dict[str, torch.Tensor]:
+    """(N, ·) each image-only feature of FEATURES for every record (all must be readable); `models` the
+    "trained" and "frozen" adaptations (the same towers)."""
+    model, frozen = models["trained"], models["frozen"]
     store = ImageStore(records, model.spec.image_size, cache=True, desc="images")
     assert not store.problems, "every image must be readable (the rows must stay aligned)"
-    torch.manual_seed(0)  # the untrained pool
-    fresh = PseudoTokenPools(model.spec.embed_dim, model.adapter.image_pool.shape[0], 1, model.adapter.text_k)
     out: dict[str, list[torch.Tensor]] = {name: [] for name in FEATURES}
+    mean, std = model.spec.image_mean, model.spec.image_std
     for start in range(0, len(records), chunk):
-        pixels = normalize(
-            store.get(range(start, min(start + chunk, len(records)))),
-            model.spec.image_mean,
-            model.spec.image_std,
-        )
+        pixels = normalize(store.get(range(start, min(start + chunk, len(records)))), mean, std)
         pooled, tokens = model.visual(pixels, return_tokens=True)
         tokens = F.normalize(tokens, dim=-1)
         empty = tokens.new_zeros(tokens.shape[0], 0, tokens.shape[-1])
+        no_text = torch.zeros(tokens.shape[0], 0, dtype=torch.bool)
         out["pooled"].append(F.normalize(pooled, dim=-1))
         out["fused + pseudo caption"].append(fused_cls(model, tokens))
-        no_text = torch.zeros(tokens.shape[0], 0, dtype=torch.bool)
         out["fused, no caption"].append(model.matcher.fuse(tokens, empty, no_text)[:, 0])
-        out["fused + untrained pool"].append(model.matcher.fuse(*fresh.complete(tokens, None, None))[:, 0])
+        out["frozen pools"].append(fused_cls(frozen, tokens))
     return {name: torch.cat(parts).float() for name, parts in out.items()}
+
+
+@torch.no_grad()
+def fused_retrieval(model, tokenizer, records, chunk: int = 128) -> dict[str, float]:
+    """Caption→image R@1 (%) on `records` (each first caption's own image), pooled and fused."""
+    store = ImageStore(records, model.spec.image_size, cache=True, desc="images")
+    mean, std = model.spec.image_mean, model.spec.image_std
+    image, text, fused_image, fused_text = [], [], [], []
+    for start in range(0, len(records), chunk):
+        part = range(start, min(start + chunk, len(records)))
+        pixels = normalize(store.get(part), mean, std)
+        ids = tokenizer([records[i].captions[0] for i in part])
+        image.append(model.encode_image(pixels))
+        text.append(model.encode_text(ids))
+        fused_image.append(encode_fused(model, pixels))
+        fused_text.append(encode_fused(model, ids=ids))
+    keys = [r.image for r in records]
+
+    def r1(queries, gallery) -> float:
+        best = (torch.cat(queries) @ torch.cat(gallery).t()).argmax(1).tolist()
+        return round(100 * sum(keys[j] == keys[i] for i, j in enumerate(best)) / len(keys), 2)
+
+    return {"dense R@1": r1(text, image), "fused R@1": r1(fused_text, fused_image)}
 
 
 def probe_top1(train: torch.Tensor, train_labels: list, test: torch.Tensor, test_labels: list) -> float:
@@ -77,15 +99,15 @@ def probe_top1(train: torch.Tensor, train_labels: list, test: torch.Tensor, test
     return 100 * (scores.argmax(1) == target).double().mean().item()
 
 
-def probes(model, column: str = "subcategory") -> list[dict]:
+def probes(models: dict, column: str = "subcategory") -> list[dict]:
     root = default_root()
     train, style = read_table(root / "train.jsonl"), read_table(root / "test-style.jsonl")
-    test_feats, test_labels = features(model, style), [str(r.meta[column]) for r in style]
+    test_feats, test_labels = features(models, style), [str(r.meta[column]) for r in style]
     rows = []
     draws = {f"K=16 seed {s}": few_shot(train, column, 16, s)[0] for s in SEEDS}
     draws["all rows"] = train
     for name, records in draws.items():
-        feats, labels = features(model, records), [str(r.meta[column]) for r in records]
+        feats, labels = features(models, records), [str(r.meta[column]) for r in records]
         row = {"probe": name, "images": len(records)}
         for kind in FEATURES:
             row[kind] = round(probe_top1(feats[kind], labels, test_feats[kind], test_labels), 2)
@@ -104,31 +126,44 @@ def rerank(checkpoint: Path, out: Path) -> dict:
         "metrics"
     ]
     return {
-        "dense R@1": round(100 * m["retrieval/text_to_image/R@1"], 2),
+        "eval dense R@1": round(100 * m["retrieval/text_to_image/R@1"], 2),
         "re-ranked R@1": round(100 * m["retrieval/reranked/text_to_image/R@1"], 2),
     }
 
 
-def run(args) -> dict:
-    root = default_root()
-    adapted = args.runs / "adapted"
+def adapt(args, name: str, **extra) -> tuple[Path, dict]:
+    out = args.runs / name
     start = time.perf_counter()
     info = adapt_checkpoint(
         args.checkpoint,
-        root / "train.jsonl",
+        default_root() / "train.jsonl",
         "",
-        adapted,
+        out,
         overwrite=True,
         method="ptunifier",
         steps=args.steps,
+        **extra,
     )
-    minutes = round((time.perf_counter() - start) / 60, 1)
-    model, _, _ = load_checkpoint(adapted / "checkpoint")
-    model.eval()
+    return out / "checkpoint", {**info, "minutes": round((time.perf_counter() - start) / 60, 1)}
+
+
+def run(args) -> dict:
+    trained, info = adapt(args, "adapted")
+    frozen, frozen_info = adapt(args, "frozen-pools", freeze_pools=True)
+    models = {
+        name: load_checkpoint(path)[0].eval() for name, path in (("trained", trained), ("frozen", frozen))
+    }
+    _, tokenizer, _ = load_checkpoint(trained)
+    style = read_table(default_root() / "test-style.jsonl")
     return {
-        "adapt": {**info, "minutes": minutes},
-        "probes": probes(model),
-        "paired": rerank(adapted / "checkpoint", args.runs / "eval.json"),
+        "adapt": info,
+        "adapt frozen pools": frozen_info,
+        "probes": probes(models),
+        "paired": {
+            **fused_retrieval(models["trained"], tokenizer, style),
+            "fused R@1, frozen pools": fused_retrieval(models["frozen"], tokenizer, style)["fused R@1"],
+            **rerank(trained, args.runs / "eval.json"),
+        },
     }
 
 
@@ -149,14 +184,18 @@ def table(result: dict) -> str:
                 + " | ".join(f"{r[k]:.1f}" for k in FEATURES)
                 + " |"
             )
-    p, a = result["paired"], result["adapt"]
+    p = result["paired"]
     lines.append("")
     lines.append(
-        f"caption→image R@1 on test-style: dense {p['dense R@1']:.1f}, re-ranked (top 20) {p['re-ranked R@1']:.1f}"
+        f"caption→image R@1 on test-style: dense {p['dense R@1']:.1f}, fused caption alone → image alone "
+        f"{p['fused R@1']:.1f} (frozen pools {p['fused R@1, frozen pools']:.1f}), dense re-ranked by the head "
+        f"(top 20) {p['re-ranked R@1']:.1f} (eval's dense {p['eval dense R@1']:.1f})"
     )
-    lines.append(
-        f"adapt: {a['steps']} steps, {a['minutes']} min, first/last step {a['first_step']} / {a['last_step']}"
-    )
+    for name in ("adapt", "adapt frozen pools"):
+        a = result[name]
+        lines.append(
+            f"{name}: {a['steps']} steps, {a['minutes']} min, first/last step {a['first_step']} / {a['last_step']}"
+        )
     return "\n".join(lines)
 
 

@@ -40,7 +40,7 @@ from lipkit.eval.suite import run_eval
 from lipkit.eval.zeroshot import class_embeddings
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.models.pseudo_tokens import PseudoTokenPools, encode_fused
-from lipkit.search.encode import PRECISIONS, prepare_for_inference
+from lipkit.search.encode import PRECISIONS, inference_precision, prepare_for_inference
 from lipkit.search.heatmap import query_heatmap
 from lipkit.text.tokenizer import TextTokenizer
 from lipkit.train.launch import run_training
@@ -196,6 +196,8 @@ def fused_features(
             "fused_features needs a checkpoint with PTUnifier's pools; adapt one with "
             "`lipkit adapt CHECKPOINT OUT --method ptunifier --data TABLE`."
         )
+    if isinstance(texts, str) or isinstance(images, str | bytes | Path | Image.Image):
+        raise UserError("fused_features takes lists: pass texts=[...] and images=[...], even for one item.")
     if not images and not texts:
         raise UserError("fused_features needs images, texts, or both.")
     if images and texts and len(images) != len(texts):
@@ -210,8 +212,10 @@ def fused_features(
         )
     was_training = model.training
     model.eval()
+    precision = "bf16" if any(p.dtype == torch.bfloat16 for p in model.parameters()) else "fp32"
     try:
-        return encode_fused(model, pixels, tokenizer(list(texts)) if texts else None).cpu()
+        with inference_precision(model, precision):  # a model loaded with precision="bf16" too
+            return encode_fused(model, pixels, tokenizer(list(texts)) if texts else None).cpu()
     finally:
         model.train(was_training)
 

@@ -119,6 +119,7 @@ class AdaptSettings:
     pseudo_image: int = IMAGE_TOKENS  # ptunifier: k_v
     pseudo_text: int = TEXT_TOKENS  # ptunifier: k_t
     mask_ratio: float = 0.75  # ptunifier: r of the image-only term
+    freeze_pools: bool = False  # ptunifier: the reference code's untrained pools
 
     def __post_init__(self) -> None:
         defaults = {**DEFAULTS, **OWN_DEFAULTS}.get(self.method, {"steps": 100, "lr": 1e-3})
@@ -350,7 +351,10 @@ def _unify(checkpoint: Path, records, out: Path, s: AdaptSettings, loaded: tuple
     model, tokenizer, _ = loaded
     model.requires_grad_(False)
     model.eval()
-    names = ("steps", "lr", "batch_size", "pool", "pseudo_image", "pseudo_text", "mask_ratio", "seed")
+    names = (
+        *("steps", "lr", "batch_size", "pool", "pseudo_image", "pseudo_text", "mask_ratio", "freeze_pools"),
+        "seed",
+    )
     torch.manual_seed(s.seed)  # the pools' and a fresh head's initialisation
     trained = train_unifier(model, tokenizer, records, UnifySettings(**{k: getattr(s, k) for k in names}))
     model.requires_grad_(True)

@@ -61,6 +61,11 @@ PSEUDO_IMAGE = typer.Option(
 PSEUDO_TEXT = typer.Option(
     32, "--pseudo-text", min=1, help="ptunifier: pseudo caption tokens that stand in for a missing caption."
 )
+FREEZE_POOLS = typer.Option(
+    False,
+    "--freeze-pools",
+    help="ptunifier: keep the pools at their random start (the reference code's; by default they train).",
+)
 MASK_RATIO = typer.Option(
     0.75, "--mask-ratio", help="ptunifier: fraction of image tokens masked in the image-only term."
 )
@@ -83,7 +88,8 @@ SEED_OPTION = typer.Option(
     0,
     "--seed",
     help="Seed of the shots drawn and of the initialisation (LoRA's A, a random CoOp or gram-meta context, "
-    "CLIP-Adapter, omniview's adapter), and of gram-meta's tasks and omniview's and ptunifier's batches.",
+    "CLIP-Adapter, omniview's adapter, ptunifier's pools and head), and of gram-meta's tasks, omniview's "
+    "batches and ptunifier's batches and masks.",
 )
 SPLIT_OPTION = typer.Option(
     "all", "--classes", help="all, base (the first half of the sorted classes, as CoOp) or novel."
@@ -174,6 +180,7 @@ def adapt(
     pseudo_image: int = PSEUDO_IMAGE,
     pseudo_text: int = PSEUDO_TEXT,
     mask_ratio: float = MASK_RATIO,
+    freeze_pools: bool = FREEZE_POOLS,
     overwrite: bool = OVERWRITE_OPTION,
 ) -> None:
     """Adapt a checkpoint to a labelled column with K images per class: LoRA merged into a tower, CoOp's

@@ -38,7 +38,12 @@ def adapter_of(settings: dict[str, Any], embed_dim: int, text: nn.Module) -> nn.
             )
         if method == "ptunifier":
             sizes = (int(settings["pool"]), int(settings["image_tokens"]), int(settings["text_tokens"]))
-            return PseudoTokenPools(embed_dim, *sizes)
+            try:
+                return PseudoTokenPools(embed_dim, *sizes)
+            except ValueError as e:
+                raise UserError(
+                    f"model adapter {settings!r} does not fit ({e}); re-run `lipkit adapt`."
+                ) from e
         if method in COMPOSERS:
             return PseudoWord(embed_dim, text.word_width, int(settings["hidden"]), float(settings["dropout"]))
     except KeyError as e:

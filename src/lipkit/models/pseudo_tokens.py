@@ -1,23 +1,28 @@
 """PTUnifier's pseudo-token pools (Chen et al., 2023, "Towards Unifying Medical Vision-and-Language
 Pre-training via Soft Prompts", §3.2): one fusion model takes image-only, text-only or paired input by
-filling the missing modality with soft prompts chosen from a learned pool.
+filling the missing modality with soft prompts chosen from a pool.
 
 Two pools of `size` vectors in the shared embedding space, P_v (pseudo image tokens) and P_t (pseudo caption
 tokens), drawn from N(0, 0.02²). For an input that lacks one modality, the present one's token features
-x_1 … x_n (the tower's normalised outputs; a caption's real tokens only) give the query q = mean_k x_k, and
+x_1 … x_n (the tower's normalised outputs; a caption's real tokens after its start token, as the
+reference code skips [CLS]) give the query q = mean_k x_k, and
 
     pseudo(q, P, k) = [P_{j_1}; …; P_{j_k}],    j_1 … j_k = top-k_j (q · P_j)     (best first)
 
 stands in for the missing tokens: k_v = 49 image tokens for a caption alone, k_t = 32 caption tokens (all
 real) for an image alone. The fusion (models.matching_head's [CLS; caption; image] sequence) then runs
 unchanged, and its final [CLS] state is one representation for all three kinds of input (`fused_cls`).
-The selection is not differentiable in q (the top-k indices); the chosen pool rows are.
+The selection is not differentiable in q (the top-k indices); the chosen pool rows are (the reference
+code looks them up without gradient, so its pools never train: adapt.ptunifier's `freeze_pools`).
 
 What differs from the paper: its pools sit at the *input* of the towers (pseudo tokens are encoded by the
 missing modality's encoder, then fused by co-attention layers), and the query is the mean of the present
 modality's input embeddings; here the towers are a dual encoder's, so the pools sit at the fusion head's input
 in the shared embedding space, where a caption's mean feature and a pool of image-token vectors can be
-compared directly, and the query is the mean of the tower's output features.
+compared directly, and the query is the mean of the tower's output features. The paper wraps pseudo caption
+tokens in [CLS]/[SEP] and puts a vision [CLS] before pseudo image tokens, and represents an input by two
+pooled [CLS] states of its two-stream fusion; here the pseudo tokens stand alone and the single-stream
+head's one [CLS] is the representation.
 """
 
 from __future__ import annotations
@@ -79,8 +84,9 @@ class PseudoTokenPools(nn.Module):
         if text_mask is None:
             text_mask = torch.ones(text_tokens.shape[:2], dtype=torch.bool, device=text_tokens.device)
         if image_tokens is None:
-            real = text_mask.to(text_tokens.dtype)[..., None]
-            query = (text_tokens * real).sum(1) / real.sum(1).clamp_min(1)
+            words = slice(1, None) if text_tokens.shape[1] > 1 else slice(None)  # after the start token
+            real = text_mask[:, words].to(text_tokens.dtype)[..., None]
+            query = (text_tokens[:, words] * real).sum(1) / real.sum(1).clamp_min(1)
             image_tokens = pseudo_tokens(query, self.image_pool, self.image_k).to(text_tokens.dtype)
         return image_tokens, text_tokens, text_mask
 

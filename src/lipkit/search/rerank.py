@@ -35,8 +35,9 @@ IMAGES_PER_CALL = 64  # shortlist images through the image tower per call
 def resolve_rerank(
     requested: int | None, model: DualEncoder, checkpoint: str | Path, objective: str | None
 ) -> int:
-    """--rerank: None → DEFAULT_TOP for a checkpoint trained with the itm objective (a head that a later run
-    of another objective left untrained is not used unasked), else 0; a number is checked."""
+    """--rerank: None → DEFAULT_TOP for a checkpoint trained with the itm objective or adapted with
+    `--method ptunifier` (eval.similarity_choice.head_objective; a head that a later run of another objective
+    left untrained is not used unasked), else 0; a number is checked."""
     has = getattr(model, "has_matcher", False)
     if requested is None:
         return DEFAULT_TOP if has and objective == "itm" else 0
@@ -45,7 +46,7 @@ def resolve_rerank(
     if requested and not has:
         raise UserError(
             f"Checkpoint '{checkpoint}' has no image–text matching head to re-rank with; train one with "
-            "train.objective=itm, or drop --rerank."
+            "train.objective=itm (or add one with `lipkit adapt --method ptunifier`), or drop --rerank."
         )
     return requested
 
