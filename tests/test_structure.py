@@ -9,7 +9,8 @@ Layers, lowest first (a module may import its own layer's package and any layer 
     checkpoint   the checkpoint directory format; builds a DualEncoder, so it sits right above models
     objectives   one file per method
     eval         zero-shot, retrieval, probes, report (never imports train)
-    train        trainer, launch (may call eval); adapt: few-shot adaptation of a checkpoint (LoRA)
+    train        trainer, launch (may call eval); adapt: few-shot adaptation of a checkpoint (LoRA); attack:
+                 adversarial evaluation (PGD through eval)
     search, interop
     curate       data curation with a model: score, filter, dedup, cluster, reduce, associate (uses embed)
     cli, api     the command line (and __main__); the Python API (lipkit.load, fit, evaluate, ...)
@@ -36,7 +37,7 @@ LAYERS = [
     {"checkpoint"},
     {"objectives"},
     {"eval"},
-    {"train", "adapt"},
+    {"train", "adapt", "attack"},
     {"search", "interop"},
     {"curate"},
     {"cli", "__main__", "api"},

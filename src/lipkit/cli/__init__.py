@@ -10,6 +10,7 @@ import typer
 
 from lipkit import __version__
 from lipkit.cli import adapt as adapt_commands
+from lipkit.cli import attack as attack_commands
 from lipkit.cli import curate_cluster, curate_dedup, curate_score, data, data_build, interop, search
 from lipkit.cli import eval as eval_commands
 from lipkit.cli import train as train_commands
@@ -48,6 +49,7 @@ app.command("eval")(eval_commands.eval_)
 app.command()(eval_commands.report)
 app.command()(eval_commands.caption)
 app.command()(adapt_commands.adapt)
+app.command()(attack_commands.attack)
 app.add_typer(data.app, name="data")
 data_build.register(data.app)  # data build emoji | noisy | canvases
 curate_cluster.register(data.app)  # data cluster, reduce, associate

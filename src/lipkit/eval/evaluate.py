@@ -139,7 +139,7 @@ def evaluate_records(
         _classify(model, tokenizer, records, cfg, images, column, probes, metrics, chance, label_set)
     result: dict[str, Any] = {"similarity": similarity, "n_images": len(records), "n_texts": 0}
     if any(r.captions for r in records):
-        texts = _RetrievalTexts.of(records, cfg.retrieval_caption, cfg.protocol == "clip_benchmark")
+        texts = RetrievalTexts.of(records, cfg.retrieval_caption, cfg.protocol == "clip_benchmark")
         sims = _retrieve(model, tokenizer, cfg.batch_size, images, texts, metrics, chance)
         if getattr(model, "has_matcher", False) and cfg.rerank_top:  # ONNX models: none
             rerank_metrics(
@@ -268,7 +268,7 @@ def _classify(
 
 
 @dataclass
-class _RetrievalTexts:
+class RetrievalTexts:
     """The split's distinct retrieval captions and which images each describes."""
 
     captions: list[str]  # per image, its `eval.retrieval_caption`
@@ -277,7 +277,7 @@ class _RetrievalTexts:
     relevant: torch.Tensor  # (T, N)
 
     @classmethod
-    def of(cls, records: Sequence[Record], which: int, every_caption: bool = False) -> _RetrievalTexts:
+    def of(cls, records: Sequence[Record], which: int, every_caption: bool = False) -> RetrievalTexts:
         """lipkit: caption `which` of each image, distinct texts relevant to every image that has them;
         `every_caption` (CLIP_benchmark): every caption of every image, each relevant to its image only."""
         captions = [r.captions[min(which, len(r.captions) - 1)] if r.captions else "" for r in records]
@@ -333,7 +333,7 @@ def _retrieve_per_group(
         )
         m: dict[str, float] = {}
         c: dict[str, float] = {}
-        _retrieve(model, tokenizer, cfg.batch_size, kept, _RetrievalTexts.of(subset, 0), m, c)
+        _retrieve(model, tokenizer, cfg.batch_size, kept, RetrievalTexts.of(subset, 0), m, c)
         prefix = f"retrieval/{column}={value}/"
         metrics.update(
             {prefix + k.removeprefix("retrieval/"): v for k, v in m.items() if k.startswith("retrieval/")}
@@ -346,7 +346,7 @@ def _retrieve(
     tokenizer: TextTokenizer,
     batch_size: int,
     images: _Images,
-    texts: _RetrievalTexts,
+    texts: RetrievalTexts,
     metrics: dict[str, float],
     chance: dict[str, float],
 ) -> torch.Tensor:
@@ -371,7 +371,7 @@ def _retrieve(
     return sims
 
 
-def _details(records: Sequence[Record], texts: _RetrievalTexts, sims: torch.Tensor) -> dict[str, Any]:
+def _details(records: Sequence[Record], texts: RetrievalTexts, sims: torch.Tensor) -> dict[str, Any]:
     """What the report shows: the top 5 images of 8 text queries, and a heat map of 8 images × their
     captions."""
     examples = []

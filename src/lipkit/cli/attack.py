@@ -1,0 +1,69 @@
+"""`lipkit attack`: a split's metrics under adversarial images (lipkit.attack; docs/robustness.md)."""
+
+from __future__ import annotations
+
+import json
+from fractions import Fraction
+from pathlib import Path
+
+import typer
+
+from lipkit.cli.common import console
+from lipkit.errors import UserError
+
+METRICS = ("zeroshot/{column}/top1", "retrieval/text_to_image/R@1", "retrieval/image_to_text/R@1")
+
+
+def _fraction(text: str, name: str) -> float:
+    try:
+        return float(Fraction(text.strip()))
+    except (ValueError, ZeroDivisionError):
+        raise UserError(f"{name} must be a number or a fraction such as 2/255, not '{text}'.") from None
+
+
+def attack(
+    checkpoint: Path = typer.Argument(..., help="The checkpoint to attack (e.g. runs/demo/checkpoint)."),
+    source: Path = typer.Argument(..., help="The split whose images are perturbed (e.g. test-style.jsonl)."),
+    out: Path = typer.Argument(
+        ..., help="Folder for attack.json (clean and attacked metrics, success rate)."
+    ),
+    method: str = typer.Option("pgd", "--method", help="pgd: white-box projected gradient ascent."),
+    task: str = typer.Option(
+        "zeroshot",
+        "--task",
+        help="zeroshot: ascend the zero-shot loss of --column; retrieval: push each image from its captions.",
+    ),
+    column: str = typer.Option("subcategory", "--column", help="zeroshot: the class column."),
+    eps: str = typer.Option("2/255", "--eps", help="Budget ε as a fraction of the pixel range (0 = clean)."),
+    norm: str = typer.Option("linf", "--norm", help="linf (each pixel within ε) or l2 (the image's norm)."),
+    steps: int = typer.Option(10, "--steps", help="Ascent steps."),
+    step_size: str = typer.Option("", "--step-size", help="Step α (default ε/4; for linf at least 1/255)."),
+    limit: int = typer.Option(0, "--limit", help="Attack this many images spread over the split (0: all)."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Images per attack batch (and eval batch)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random starts."),
+) -> None:
+    """Perturb a split's images with PGD and report its metrics clean and under attack (docs/robustness.md)."""
+    from lipkit.attack.run import attack_split
+
+    alpha = _fraction(step_size, "--step-size") if step_size else None
+    result = attack_split(
+        checkpoint,
+        source,
+        out,
+        method=method,
+        task=task,
+        column=column,
+        eps=_fraction(eps, "--eps"),
+        norm=norm,
+        steps=steps,
+        step_size=alpha,
+        limit=limit,
+        batch_size=batch_size,
+        seed=seed,
+    )
+    shown = {}
+    for key in (m.format(column=column) for m in METRICS):
+        if key in result["clean"]:
+            shown[key] = [round(result["clean"][key], 4), round(result["attacked"][key], 4)]
+    print(json.dumps({"images": result["images"], "success_rate": round(result["success_rate"], 4), **shown}))
+    console.print(f"[bold]clean → attacked[/] written to {out / 'attack.json'}")

@@ -1,0 +1,131 @@
+"""Adversarial evaluation (lipkit.attack): PGD's projections and budgets, its losses against loops and their
+gradients against finite differences on a tiny model, ε = 0 reproducing eval's clean metrics exactly, and
+`lipkit attack` end to end."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from lipkit.attack.pgd import pgd, project, retrieval_loss, to_u8, zeroshot_loss
+from lipkit.errors import UserError
+
+
+def _tiny(table):
+    from conftest import tiny_eval_setup
+
+    records, tok, model = tiny_eval_setup(table, n=12)
+    return records, tok, model.double().requires_grad_(False)
+
+
+def test_projection_keeps_each_image_inside_its_ball():
+    torch.manual_seed(0)
+    delta = torch.randn(3, 3, 4, 4)
+    assert project(delta, 0.1, "linf").abs().max() <= 0.1
+    norms = project(delta, 0.5, "l2").flatten(1).norm(dim=1)
+    assert torch.allclose(norms, torch.full((3,), 0.5))
+    small = delta * 1e-3
+    assert torch.equal(project(small, 0.5, "l2"), small)  # inside: unchanged
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_pgd_stays_within_budget_and_image_range_and_raises_the_loss(norm):
+    torch.manual_seed(1)
+    w = torch.randn(3 * 4 * 4, dtype=torch.float64)
+    loss = lambda x: (x.flatten(1) @ w).sin() + (x.flatten(1) @ w)  # noqa: E731  a smooth loss to ascend
+    x = torch.rand(5, 3, 4, 4, dtype=torch.float64)
+    eps = 8 / 255 if norm == "linf" else 0.5
+    adv = pgd(loss, x, eps, 10, eps / 4, norm, torch.Generator().manual_seed(0))
+    delta = (adv - x).flatten(1)
+    size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+    assert (size <= eps + 1e-12).all() and adv.min() >= 0 and adv.max() <= 1
+    assert (loss(adv) > loss(x)).all()
+    again = pgd(loss, x, eps, 10, eps / 4, norm, torch.Generator().manual_seed(0))
+    assert torch.equal(adv, again)  # one seed, one attack
+    assert torch.equal(pgd(loss, x, 0.0, 10, 0.1, norm, torch.Generator()), x)
+
+
+def test_rounding_to_8_bits_stays_within_a_whole_number_linf_budget():
+    torch.manual_seed(2)
+    x = torch.randint(0, 256, (2, 3, 5, 5)).double() / 255
+    delta = (torch.rand_like(x) * 2 - 1) * 2 / 255
+    assert ((to_u8(x + delta).double() / 255 - x).abs() <= 2 / 255 + 1e-12).all()
+
+
+def test_losses_are_their_per_image_formulas_with_finite_difference_gradients(table):
+    records, tok, model = _tiny(table)
+    torch.manual_seed(3)
+    x = torch.rand(3, 3, model.spec.image_size, model.spec.image_size, dtype=torch.float64)
+    classes = F.normalize(torch.randn(4, model.spec.embed_dim, dtype=torch.float64), dim=-1)
+    labels = torch.tensor([0, 2, 3])
+    texts = F.normalize(torch.randn(5, model.spec.embed_dim, dtype=torch.float64), dim=-1)
+    own = [[0], [1, 4], [2]]
+    zs, rt = zeroshot_loss(model, classes, labels), retrieval_loss(model, texts, own)
+    mean = torch.tensor(model.spec.image_mean, dtype=torch.float64).view(3, 1, 1)
+    std = torch.tensor(model.spec.image_std, dtype=torch.float64).view(3, 1, 1)
+    t = model.scale()
+    for i in range(3):  # one image at a time
+        f = F.normalize(model.visual(((x[i] - mean) / std)[None]), dim=-1)[0]
+        z = t * classes @ f
+        assert torch.allclose(zs(x)[i], -torch.log_softmax(z, 0)[labels[i]], atol=1e-10)
+        p = torch.softmax(t * texts @ f, 0)
+        assert torch.allclose(rt(x)[i], -p[own[i]].sum().log(), atol=1e-10)
+    for loss in (zs, rt):
+        xg = x.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(loss(xg).sum(), xg)
+        gen = torch.Generator().manual_seed(4)
+        for _ in range(3):  # directional derivatives along random directions
+            v = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+            h = 1e-5
+            numeric = (loss(x + h * v).sum() - loss(x - h * v).sum()) / (2 * h)
+            assert torch.allclose((grad * v).sum(), numeric, rtol=1e-5, atol=1e-8)
+
+
+def _attack(args):
+    from lipkit.cli import app
+
+    return CliRunner().invoke(app, ["attack", *map(str, args)])
+
+
+@pytest.mark.parametrize("task", ["zeroshot", "retrieval"])
+def test_eps_zero_reproduces_evals_clean_metrics_exactly(table, tmp_path, task):
+    from lipkit.attack.run import attack_split
+    from lipkit.checkpoint import save_checkpoint
+
+    _, tok, model = _tiny(table)
+    save_checkpoint(tmp_path / "ckpt", model.float(), tok)
+    clean = attack_split(tmp_path / "ckpt", table, tmp_path / "a", task=task, eps=0.0, limit=24, batch_size=8)
+    assert clean["attacked"] == clean["clean"] and clean["success_rate"] == 0.0
+    assert clean["largest_perturbation"] == 0.0
+    attacked = attack_split(
+        tmp_path / "ckpt", table, tmp_path / "b", task=task, eps=8 / 255, steps=3, limit=24, batch_size=8
+    )
+    assert attacked["clean"] == clean["clean"]
+    assert attacked["largest_perturbation"] <= 8 / 255 + 1e-6
+    key = "zeroshot/subcategory/top1" if task == "zeroshot" else "retrieval/image_to_text/R@1"
+    assert attacked["attacked"][key] <= attacked["clean"][key]
+
+
+def test_the_cli_reports_clean_and_attacked_and_refuses_in_one_sentence(table, tmp_path):
+    from lipkit.checkpoint import save_checkpoint
+
+    _, tok, model = _tiny(table)
+    save_checkpoint(tmp_path / "ckpt", model.float(), tok)
+    r = _attack(
+        [tmp_path / "ckpt", table, tmp_path / "out", "--eps", "4/255", "--steps", "2", "--limit", "16"]
+    )
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    shown = json.loads(next(line for line in r.output.splitlines() if line.startswith("{")))
+    assert set(shown) >= {"images", "success_rate", "zeroshot/subcategory/top1"}
+    saved = json.loads((tmp_path / "out" / "attack.json").read_text())
+    assert saved["settings"]["eps"] == pytest.approx(4 / 255) and saved["images"] == 16
+    for args, needle in (
+        (["--eps", "two"], "--eps must be a number"),
+        (["--norm", "l3"], "--norm must be one of"),
+        (["--column", "nope"], "Column 'nope'"),
+    ):
+        r = _attack([tmp_path / "ckpt", table, tmp_path / "x", "--limit", "4", *args])
+        assert r.exit_code != 0 and isinstance(r.exception, UserError), r.output
+        assert needle in str(r.exception)
