@@ -9,9 +9,9 @@ at radius ε·u, u ~ U(0, 1)):
     ℓ2:  δ ← Π_ε(δ + α·∇_δ L / ‖∇_δ L‖₂)              Π_ε: scale onto the ball ‖δ‖₂ ≤ ε
     then δ ← clip(x + δ, 0, 1) − x                      (a real image), `steps` times
 
-and the adversarial image is x + δ rounded to 8 bits (an image file can hold it; for ℓ∞ at ε = k/255 the
-rounding stays within the budget, for ℓ2 it may exceed ε by at most √(3HW)/510 — the run reports the
-realised norm). ε = 0 returns x itself.
+and the adversarial image is x + δ with each pixel's change truncated toward zero to whole 1/255 levels
+(`toward`: an 8-bit image, as a file holds it, never further from x than PGD went, so within ε in both
+norms; changes under 1/255 are dropped). ε = 0 returns x itself.
 
 Losses (the model in eval mode; t its logit scale; f the normalised image embedding):
     zero-shot:  L(x) = CE(t·f(x)·Cᵀ, y)              C the (re-normalised) class embeddings, y the label
@@ -68,9 +68,12 @@ def pgd(
     return (x + delta).detach()
 
 
-def to_u8(x: torch.Tensor) -> torch.Tensor:
-    """[0, 1] floats → the nearest 8-bit image."""
-    return (x * 255).round().clamp(0, 255).to(torch.uint8)
+def toward(clean_u8: torch.Tensor, adversarial: torch.Tensor) -> torch.Tensor:
+    """The 8-bit image nearest to `adversarial` on the clean image's side: each pixel's change truncated
+    toward zero to whole 1/255 levels, so no pixel moves further than PGD moved it (both norms stay within
+    ε; a change smaller than 1/255 is dropped)."""
+    change = torch.trunc((adversarial - clean_u8.to(adversarial.dtype) / 255) * 255)
+    return (clean_u8.to(torch.int16) + change.to(torch.int16)).clamp(0, 255).to(torch.uint8)
 
 
 def _features(model, x: torch.Tensor) -> torch.Tensor:

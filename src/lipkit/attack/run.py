@@ -22,17 +22,20 @@ from typing import Any
 import torch
 from rich.progress import track
 
-from lipkit.attack.pgd import NORMS, Loss, pgd, retrieval_loss, to_u8, zeroshot_loss
+from lipkit.attack.pgd import NORMS, Loss, pgd, retrieval_loss, toward, zeroshot_loss
 from lipkit.checkpoint import load_checkpoint
 from lipkit.config_eval import EvalConfig
 from lipkit.data.image_store import ImageStore
-from lipkit.data.label_sets import fill_template
+from lipkit.data.label_sets import INDEX_SUFFIX, fill_template
 from lipkit.data.records import spread_subset
-from lipkit.data.sources.registry import read_table
+from lipkit.data.sources.registry import eval_labels, read_table
+from lipkit.device import pick_device
 from lipkit.errors import UserError
 from lipkit.eval.embedding import embed_images, embed_texts
-from lipkit.eval.evaluate import RetrievalTexts, evaluate_records
+from lipkit.eval.evaluate import RetrievalTexts, check_has_images, evaluate_records
+from lipkit.eval.similarity_choice import resolve_similarity
 from lipkit.eval.zeroshot import class_embeddings
+from lipkit.models.adapters import applies_to
 
 TASKS = ("zeroshot", "retrieval")
 METHODS = ("pgd",)
@@ -58,21 +61,39 @@ class AttackSettings:
 
 
 def _check(s: AttackSettings) -> None:
-    """Refuse, in one sentence each, what this attack cannot do."""
+    """Refuse, in one sentence each, settings this attack cannot use."""
     choices = (("method", s.method, METHODS), ("task", s.task, TASKS), ("norm", s.norm, NORMS))
     for name, value, allowed in choices:
         if value not in allowed:
             raise UserError(f"--{name} must be one of {', '.join(allowed)}, not '{value}'.")
-    if not 0 <= s.eps <= 1:
-        raise UserError(
-            f"--eps must be between 0 and 1 (a fraction of the pixel range, e.g. 2/255), got {s.eps}."
-        )
+    if s.eps < 0 or (s.norm == "linf" and s.eps > 1):
+        raise UserError(f"--eps must be 0 or more (for linf at most 1, e.g. 2/255), got {s.eps}.")
+    if s.eps and s.steps and not (s.step_size or 0) > 0:
+        raise UserError(f"--step-size must be more than 0, got {s.step_size}.")
     if s.steps < 0 or s.batch_size < 1 or s.limit < 0:
         raise UserError("--steps and --limit must be 0 or more and --batch-size at least 1.")
 
 
-def _targets(model, tokenizer, records, s: AttackSettings, cfg: EvalConfig) -> tuple[Any, Any]:
-    """(what each batch's loss is built from, what scores an image's correctness) for the task."""
+def _check_model(model, info: dict, s: AttackSettings) -> None:
+    """Refuse checkpoints whose reported score is not the pooled cosine the attack ascends."""
+    objective = (info.get("train") or {}).get("objective")
+    scored = resolve_similarity("auto", objective)
+    if scored != "dense":
+        how = "token-wise" if scored == "filip" else "lexically"
+        raise UserError(
+            f"This checkpoint is scored {how} (train.objective {objective}) and the attack ascends the pooled "
+            "similarity; attack a checkpoint scored by pooled embeddings."
+        )
+    if s.task == "zeroshot" and applies_to(model.spec.adapter, s.column):
+        raise UserError(
+            f"This checkpoint classifies '{s.column}' with a class head from `lipkit adapt`, which the attack "
+            "does not ascend; attack the checkpoint it was adapted from, or another --column."
+        )
+
+
+def _targets(model, tokenizer, records, s: AttackSettings, cfg: EvalConfig, sets: dict) -> tuple[Any, Any]:
+    """(what each batch's loss is built from, what scores an image's correctness) for the task; the classes,
+    templates and labels as eval's zero-shot takes them (a source's own label set when it names one)."""
     if s.task == "zeroshot":
         values = [r.meta.get(s.column) for r in records]
         if any(v in (None, "") or isinstance(v, list) for v in values):
@@ -80,13 +101,16 @@ def _targets(model, tokenizer, records, s: AttackSettings, cfg: EvalConfig) -> t
                 f"Column '{s.column}' does not give every image one label; pass a single-label --column "
                 "(e.g. subcategory) or --task retrieval."
             )
-        classes = sorted(set(values))
-        prompts = [fill_template(t, str(c)) for c in classes for t in cfg.templates]
-        emb = class_embeddings(
-            embed_texts(model, tokenizer, prompts, cfg.batch_size), len(classes), len(cfg.templates)
-        )
-        labels = torch.tensor([classes.index(v) for v in values])
-        return emb, labels
+        label_set = sets.get(s.column)
+        classes = label_set.classes if label_set else sorted(set(values))
+        templates = (label_set.templates if label_set else None) or cfg.templates
+        indices = [r.meta.get(s.column + INDEX_SUFFIX) for r in records] if label_set else [None]
+        if any(i is None for i in indices):
+            index = {c: i for i, c in enumerate(classes)}
+            indices = [index[v] for v in values]
+        prompts = [fill_template(t, str(c)) for c in classes for t in templates]
+        texts = embed_texts(model, tokenizer, prompts, cfg.batch_size)
+        return class_embeddings(texts, len(classes), len(templates)), torch.tensor(indices)
     if not all(r.captions for r in records):
         raise UserError("--task retrieval needs a caption for every image of SOURCE; give each row one.")
     texts = RetrievalTexts.of(records, cfg.retrieval_caption)
@@ -116,7 +140,8 @@ def perturb(model, store: ImageStore, targets: tuple, s: AttackSettings) -> tupl
     for start in track(range(0, n, s.batch_size), description=f"{s.method} ε={s.eps:.4g}"):
         rows = range(start, min(start + s.batch_size, n))
         clean = store.get(rows).to(model.device).float() / 255.0
-        adv = to_u8(pgd(_loss(model, s, targets, rows), clean, s.eps, s.steps, s.step_size, s.norm, gen))
+        found = pgd(_loss(model, s, targets, rows), clean, s.eps, s.steps, s.step_size, s.norm, gen)
+        adv = toward(store.get(rows).to(model.device), found)
         delta = (adv.float() / 255.0 - clean).flatten(1)
         size = delta.abs().amax(1) if s.norm == "linf" else delta.norm(dim=1)
         largest = max(largest, float(size.max()))
@@ -130,9 +155,12 @@ def attack_split(
     """Attack SOURCE's images (module docstring); write OUT/attack.json and return it."""
     s = AttackSettings(**settings)
     _check(s)
-    model, tokenizer, _ = load_checkpoint(Path(checkpoint).expanduser())
-    model.eval().requires_grad_(False)
-    records = spread_subset(read_table(source), s.limit)
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"Output '{out}' is a file; choose a directory path.")
+    model, tokenizer, info = load_checkpoint(Path(checkpoint).expanduser())
+    _check_model(model, info, s)
+    model.to(pick_device("auto")).eval().requires_grad_(False)
     cfg = EvalConfig(
         class_columns=[s.column] if s.task == "zeroshot" else [],
         templates=s.templates,
@@ -141,16 +169,22 @@ def attack_split(
         precision="fp32",
         batch_size=s.batch_size,
     )
-    store = ImageStore(records, model.spec.image_size, cache=True, desc="attack")
+    sets = eval_labels(source)
+    store = ImageStore(
+        spread_subset(read_table(source), s.limit), model.spec.image_size, cache=True, desc="attack"
+    )
+    check_has_images("", store)
     records = store.records  # the readable ones
-    targets = _targets(model, tokenizer, records, s, cfg)
+    targets = _targets(model, tokenizer, records, s, cfg, sets)
     adversarial, largest = perturb(model, store, targets, s)
     attacked = copy.copy(store)
     attacked.cache = adversarial
     clean_right = _correct(model, store, targets, s, s.batch_size)
     fooled = clean_right & ~_correct(model, attacked, targets, s, s.batch_size)
     scores = {
-        name: evaluate_records(model, tokenizer, records, cfg, store=st, details=False)["metrics"]
+        name: evaluate_records(model, tokenizer, records, cfg, store=st, details=False, labels=sets)[
+            "metrics"
+        ]
         for name, st in (("clean", store), ("attacked", attacked))
     }
     result = {
@@ -159,10 +193,9 @@ def attack_split(
         "images": len(records),
         "settings": asdict(s),
         "largest_perturbation": largest,
-        "success_rate": float(fooled.sum()) / max(1, int(clean_right.sum())),
+        "success_rate": float(fooled.sum()) / int(clean_right.sum()) if clean_right.any() else None,
         **scores,
     }
-    out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     (out / "attack.json").write_text(json.dumps(result, indent=1))
     return result

@@ -23,7 +23,7 @@ def _fraction(text: str, name: str) -> float:
 
 def attack(
     checkpoint: Path = typer.Argument(..., help="The checkpoint to attack (e.g. runs/demo/checkpoint)."),
-    source: Path = typer.Argument(..., help="The split whose images are perturbed (e.g. test-style.jsonl)."),
+    source: str = typer.Argument(..., help="The split whose images are perturbed (e.g. test-style.jsonl)."),
     out: Path = typer.Argument(
         ..., help="Folder for attack.json (clean and attacked metrics, success rate)."
     ),
@@ -65,5 +65,10 @@ def attack(
     for key in (m.format(column=column) for m in METRICS):
         if key in result["clean"]:
             shown[key] = [round(result["clean"][key], 4), round(result["attacked"][key], 4)]
-    print(json.dumps({"images": result["images"], "success_rate": round(result["success_rate"], 4), **shown}))
+    rate = result["success_rate"]
+    print(
+        json.dumps(
+            {"images": result["images"], "success_rate": None if rate is None else round(rate, 4), **shown}
+        )
+    )
     console.print(f"[bold]clean → attacked[/] written to {out / 'attack.json'}")
