@@ -10,8 +10,9 @@ at radius ε·u, u ~ U(0, 1)):
     then δ ← clip(x + δ, 0, 1) − x                      (a real image), `steps` times
 
 and the adversarial image is x + δ with each pixel's change truncated toward zero to whole 1/255 levels
-(`toward`: an 8-bit image, as a file holds it, never further from x than PGD went, so within ε in both
-norms; changes under 1/255 are dropped). ε = 0 returns x itself.
+(`toward`: an 8-bit image, as a file holds it, never further from x than PGD went — up to 1/1000 of a
+level, so that float error in x + δ does not drop a whole level — so within ε in both norms; changes
+under 1/255 are dropped). ε = 0 returns x itself.
 
 Losses (the model in eval mode; t its logit scale; f the normalised image embedding):
     zero-shot:  L(x) = CE(t·f(x)·Cᵀ, y)              C the (re-normalised) class embeddings, y the label
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 NORMS = ("linf", "l2")
+LEVEL_SLACK = 1e-3  # of a 1/255 level: float error in x + δ must not drop a whole level
 Loss = Callable[[torch.Tensor], torch.Tensor]  # (B, 3, H, W) in [0, 1] → (B,) losses to ascend
 
 
@@ -72,7 +74,8 @@ def toward(clean_u8: torch.Tensor, adversarial: torch.Tensor) -> torch.Tensor:
     """The 8-bit image nearest to `adversarial` on the clean image's side: each pixel's change truncated
     toward zero to whole 1/255 levels, so no pixel moves further than PGD moved it (both norms stay within
     ε; a change smaller than 1/255 is dropped)."""
-    change = torch.trunc((adversarial - clean_u8.to(adversarial.dtype) / 255) * 255)
+    change = (adversarial - clean_u8.to(adversarial.dtype) / 255) * 255
+    change = torch.trunc(change + change.sign() * LEVEL_SLACK)  # 0.9999… of a level (float error) is one
     return (clean_u8.to(torch.int16) + change.to(torch.int16)).clamp(0, 255).to(torch.uint8)
 
 
