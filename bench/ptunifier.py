@@ -52,7 +52,7 @@ SEEDS = (0, 1, 2)
 def features(models: dict, records, chunk: int = 128) -> dict[str, torch.Tensor]:
     """(N, ·) each image-only feature of FEATURES for every record (all must be readable); `models` the
     "trained" and "frozen" adaptations (the same towers)."""
-    model, frozen = models["trained"], models["frozen"]
+    model, frozen = models["trained"], models.get("frozen")
     store = ImageStore(records, model.spec.image_size, cache=True, desc="images")
     assert not store.problems, "every image must be readable (the rows must stay aligned)"
     out: dict[str, list[torch.Tensor]] = {name: [] for name in FEATURES}
@@ -66,8 +66,9 @@ def features(models: dict, records, chunk: int = 128) -> dict[str, torch.Tensor]
         out["pooled"].append(F.normalize(pooled, dim=-1))
         out["fused + pseudo caption"].append(fused_cls(model, tokens))
         out["fused, no caption"].append(model.matcher.fuse(tokens, empty, no_text)[:, 0])
-        out["frozen pools"].append(fused_cls(frozen, tokens))
-    return {name: torch.cat(parts).float() for name, parts in out.items()}
+        if frozen is not None:
+            out["frozen pools"].append(fused_cls(frozen, tokens))
+    return {name: torch.cat(parts).float() for name, parts in out.items() if parts}
 
 
 @torch.no_grad()
@@ -109,7 +110,7 @@ def probes(models: dict, column: str = "subcategory") -> list[dict]:
     for name, records in draws.items():
         feats, labels = features(models, records), [str(r.meta[column]) for r in records]
         row = {"probe": name, "images": len(records)}
-        for kind in FEATURES:
+        for kind in (k for k in FEATURES if k in feats):
             row[kind] = round(probe_top1(feats[kind], labels, test_feats[kind], test_labels), 2)
         print(json.dumps(row), flush=True)
         rows.append(row)
@@ -132,7 +133,13 @@ def rerank(checkpoint: Path, out: Path) -> dict:
 
 
 def adapt(args, name: str, **extra) -> tuple[Path, dict]:
+    """The adaptation OUT/name/checkpoint: made now, or (--reuse) the one already there with these steps."""
     out = args.runs / name
+    saved = out / "checkpoint" / "config.json"
+    if args.reuse and saved.is_file():
+        info = json.loads(saved.read_text())["adapted"]
+        if info["steps"] == args.steps and info["pools"] == ("frozen" if extra else "trained"):
+            return out / "checkpoint", {**info, "minutes": None}
     start = time.perf_counter()
     info = adapt_checkpoint(
         args.checkpoint,
@@ -149,53 +156,53 @@ def adapt(args, name: str, **extra) -> tuple[Path, dict]:
 
 def run(args) -> dict:
     trained, info = adapt(args, "adapted")
-    frozen, frozen_info = adapt(args, "frozen-pools", freeze_pools=True)
-    models = {
-        name: load_checkpoint(path)[0].eval() for name, path in (("trained", trained), ("frozen", frozen))
-    }
+    runs = {"adapt": info}
+    paths = {"trained": trained}
+    if not args.skip_frozen:
+        paths["frozen"], runs["adapt frozen pools"] = adapt(args, "frozen-pools", freeze_pools=True)
+    models = {name: load_checkpoint(path)[0].eval() for name, path in paths.items()}
     _, tokenizer, _ = load_checkpoint(trained)
     style = read_table(default_root() / "test-style.jsonl")
+    paired = fused_retrieval(models["trained"], tokenizer, style)
+    if "frozen" in models:
+        paired["fused R@1, frozen pools"] = fused_retrieval(models["frozen"], tokenizer, style)["fused R@1"]
     return {
-        "adapt": info,
-        "adapt frozen pools": frozen_info,
+        **runs,
         "probes": probes(models),
-        "paired": {
-            **fused_retrieval(models["trained"], tokenizer, style),
-            "fused R@1, frozen pools": fused_retrieval(models["frozen"], tokenizer, style)["fused R@1"],
-            **rerank(trained, args.runs / "eval.json"),
-        },
+        "paired": {**paired, **rerank(trained, args.runs / "eval.json")},
     }
 
 
 def table(result: dict) -> str:
-    lines = ["| probe on test-style subcategory (top-1 %) | " + " | ".join(FEATURES) + " |"]
-    lines.append("|" + "---|" * (len(FEATURES) + 1))
+    kinds = [k for k in FEATURES if k in result["probes"][0]]
+    lines = ["| probe on test-style subcategory (top-1 %) | " + " | ".join(kinds) + " |"]
+    lines.append("|" + "---|" * (len(kinds) + 1))
     few = [r for r in result["probes"] if r["probe"].startswith("K=16")]
     if few:
         cells = []
-        for kind in FEATURES:
+        for kind in kinds:
             values = [r[kind] for r in few]
             cells.append(f"{statistics.mean(values):.1f} ± {statistics.pstdev(values):.1f}")
         lines.append(f"| K = 16 ({len(few)} draws) | " + " | ".join(cells) + " |")
     for r in result["probes"]:
         if not r["probe"].startswith("K=16"):
-            lines.append(
-                f"| {r['probe']} ({r['images']} images) | "
-                + " | ".join(f"{r[k]:.1f}" for k in FEATURES)
-                + " |"
-            )
+            cells = " | ".join(f"{r[k]:.1f}" for k in kinds)
+            lines.append(f"| {r['probe']} ({r['images']} images) | {cells} |")
     p = result["paired"]
+    frozen = p.get("fused R@1, frozen pools")
     lines.append("")
     lines.append(
         f"caption→image R@1 on test-style: dense {p['dense R@1']:.1f}, fused caption alone → image alone "
-        f"{p['fused R@1']:.1f} (frozen pools {p['fused R@1, frozen pools']:.1f}), dense re-ranked by the head "
-        f"(top 20) {p['re-ranked R@1']:.1f} (eval's dense {p['eval dense R@1']:.1f})"
+        f"{p['fused R@1']:.1f}"
+        + (f" (frozen pools {frozen:.1f})" if frozen is not None else "")
+        + f", dense re-ranked by the head (top 20) {p['re-ranked R@1']:.1f} (eval's dense {p['eval dense R@1']:.1f})"
     )
     for name in ("adapt", "adapt frozen pools"):
-        a = result[name]
-        lines.append(
-            f"{name}: {a['steps']} steps, {a['minutes']} min, first/last step {a['first_step']} / {a['last_step']}"
-        )
+        if name in result:
+            a = result[name]
+            lines.append(
+                f"{name}: {a['steps']} steps, {a['minutes']} min, first/last step {a['first_step']} / {a['last_step']}"
+            )
     return "\n".join(lines)
 
 
@@ -205,6 +212,8 @@ def main() -> None:
     ap.add_argument("--runs", type=Path, default=Path("runs/ptunifier-bench"))
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--out", type=Path, default=Path("docs/ptunifier-bench.json"))
+    ap.add_argument("--reuse", action="store_true", help="keep adaptations already in --runs (same steps)")
+    ap.add_argument("--skip-frozen", action="store_true", help="leave out the --freeze-pools adaptation")
     ap.add_argument("--report", action="store_true", help="reprint the table from --out")
     args = ap.parse_args()
     if not args.report:
