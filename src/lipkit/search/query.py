@@ -18,7 +18,6 @@ from lipkit.data.transforms import normalize
 from lipkit.device import pick_device
 from lipkit.errors import UserError
 from lipkit.eval.composed_retrieval import composed_queries
-from lipkit.eval.similarity_choice import head_objective
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.search.encode import (
     Towers,
@@ -161,7 +160,8 @@ class Searcher:
         self.model, self.tokenizer, self.config = load_checkpoint(checkpoint)
         prepare_for_inference(self.model.to(pick_device(device)), self.precision)
         self.index = load_index(index_path)
-        self.rerank_top = resolve_rerank(rerank, self.model, checkpoint, head_objective(self.config))
+        objective = (self.config.get("train") or {}).get("objective")  # a ptunifier head: only when asked
+        self.rerank_top = resolve_rerank(rerank, self.model, checkpoint, objective)
         self.size = int(self.model.spec.image_size)
         self.dim = int(self.model.spec.embed_dim)
         if self.index.kind != "sparse" and self.index.dim != self.dim:

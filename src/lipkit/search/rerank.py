@@ -35,9 +35,10 @@ IMAGES_PER_CALL = 64  # shortlist images through the image tower per call
 def resolve_rerank(
     requested: int | None, model: DualEncoder, checkpoint: str | Path, objective: str | None
 ) -> int:
-    """--rerank: None → DEFAULT_TOP for a checkpoint trained with the itm objective or adapted with
-    `--method ptunifier` (eval.similarity_choice.head_objective; a head that a later run of another objective
-    left untrained is not used unasked), else 0; a number is checked."""
+    """--rerank: None → DEFAULT_TOP for a checkpoint trained with the itm objective (a head that a later run
+    of another objective left untrained, or that `lipkit adapt --method ptunifier` added, is used only when
+    asked: docs/adapt.md measures the latter re-ranking worse than the dense order), else 0; a number is
+    checked."""
     has = getattr(model, "has_matcher", False)
     if requested is None:
         return DEFAULT_TOP if has and objective == "itm" else 0
