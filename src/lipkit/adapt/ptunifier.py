@@ -60,7 +60,7 @@ from lipkit.models.pseudo_tokens import (
     TEXT_TOKENS,
     PseudoTokenPools,
     fused_cls,
-    pseudo_tokens,
+    masked_mean,
 )
 from lipkit.objectives.fusion_mlm import FusionMLM
 from lipkit.objectives.itm import matching_pairs
@@ -97,10 +97,7 @@ class MaskedTokens(nn.Module):
         self, head: nn.Module, pools: PseudoTokenPools, tokens: torch.Tensor, masked: torch.Tensor
     ) -> torch.Tensor:
         """tokens (B, N, D) normalised, masked (B, N) bool → L_umim."""
-        visible = (~masked).to(tokens.dtype)[..., None]
-        query = (tokens * visible).sum(1) / visible.sum(1).clamp_min(1)
-        pseudo = pseudo_tokens(query, pools.text_pool, pools.text_k).to(tokens.dtype)
-        real = torch.ones(pseudo.shape[:2], dtype=torch.bool, device=pseudo.device)
+        pseudo, real = pools.pseudo_caption(masked_mean(tokens, ~masked))  # chosen by the visible slots
         filled = torch.where(masked[..., None], (self.mask + self.position).to(tokens.dtype), tokens)
         states = head.fuse(filled, pseudo, real)[:, 1 + pseudo.shape[1] :]
         error = (self.regress(states[masked]) - tokens[masked]).pow(2).sum(-1)

@@ -139,9 +139,10 @@ def perturb(model, store: ImageStore, targets: tuple, s: AttackSettings) -> tupl
     n, out, largest = len(store.records), [], 0.0
     for start in track(range(0, n, s.batch_size), description=f"{s.method} ε={s.eps:.4g}"):
         rows = range(start, min(start + s.batch_size, n))
-        clean = store.get(rows).to(model.device).float() / 255.0
+        clean_u8 = store.get(rows).to(model.device)
+        clean = clean_u8.float() / 255.0
         found = pgd(_loss(model, s, targets, rows), clean, s.eps, s.steps, s.step_size, s.norm, gen)
-        adv = toward(store.get(rows).to(model.device), found)
+        adv = toward(clean_u8, found)
         delta = (adv.float() / 255.0 - clean).flatten(1)
         size = delta.abs().amax(1) if s.norm == "linf" else delta.norm(dim=1)
         largest = max(largest, float(size.max()))

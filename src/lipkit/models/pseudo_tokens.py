@@ -79,16 +79,26 @@ class PseudoTokenPools(nn.Module):
             raise ValueError("PTUnifier's fusion needs an image, a caption or both")
         if text_tokens is None:
             assert image_tokens is not None
-            pseudo = pseudo_tokens(image_tokens.mean(1), self.text_pool, self.text_k).to(image_tokens.dtype)
-            return image_tokens, pseudo, torch.ones(pseudo.shape[:2], dtype=torch.bool, device=pseudo.device)
+            return (image_tokens, *self.pseudo_caption(image_tokens.mean(1).to(image_tokens.dtype)))
         if text_mask is None:
             text_mask = torch.ones(text_tokens.shape[:2], dtype=torch.bool, device=text_tokens.device)
         if image_tokens is None:
             words = slice(1, None) if text_tokens.shape[1] > 1 else slice(None)  # after the start token
-            real = text_mask[:, words].to(text_tokens.dtype)[..., None]
-            query = (text_tokens[:, words] * real).sum(1) / real.sum(1).clamp_min(1)
+            query = masked_mean(text_tokens[:, words], text_mask[:, words])
             image_tokens = pseudo_tokens(query, self.image_pool, self.image_k).to(text_tokens.dtype)
         return image_tokens, text_tokens, text_mask
+
+    def pseudo_caption(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, D) image queries → (k_t pseudo caption tokens (B, k_t, D) in the query's dtype, their
+        all-real mask)."""
+        pseudo = pseudo_tokens(query, self.text_pool, self.text_k).to(query.dtype)
+        return pseudo, torch.ones(pseudo.shape[:2], dtype=torch.bool, device=pseudo.device)
+
+
+def masked_mean(tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """(B, N, D) tokens and a (B, N) bool mask → (B, D) the mean of the kept tokens (0 where none is)."""
+    weight = keep.to(tokens.dtype)[..., None]
+    return (tokens * weight).sum(1) / weight.sum(1).clamp_min(1)
 
 
 def fused_cls(
