@@ -79,10 +79,15 @@ def toward(clean_u8: torch.Tensor, adversarial: torch.Tensor) -> torch.Tensor:
     return (clean_u8.to(torch.int16) + change.to(torch.int16)).clamp(0, 255).to(torch.uint8)
 
 
-def _features(model, x: torch.Tensor) -> torch.Tensor:
+def embeddings(model, x: torch.Tensor) -> torch.Tensor:
+    """The image tower's pooled embeddings (not normalised) of [0, 1] pixels, normalised by mean/std first."""
     mean = torch.tensor(model.spec.image_mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(model.spec.image_std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return F.normalize(model.encode_image((x - mean) / std, normalize=False).to(x.dtype), dim=-1)
+    return model.encode_image((x - mean) / std, normalize=False).to(x.dtype)
+
+
+def _features(model, x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(embeddings(model, x), dim=-1)
 
 
 def zeroshot_loss(model, classes: torch.Tensor, labels: torch.Tensor) -> Loss:

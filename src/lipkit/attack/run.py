@@ -74,7 +74,7 @@ def _check(s: AttackSettings) -> None:
         raise UserError("--steps and --limit must be 0 or more and --batch-size at least 1.")
 
 
-def _check_model(model, info: dict, s: AttackSettings) -> None:
+def check_model(model, info: dict, s: AttackSettings) -> None:
     """Refuse checkpoints whose reported score is not the pooled cosine the attack ascends."""
     objective = (info.get("train") or {}).get("objective")
     scored = resolve_similarity("auto", objective)
@@ -91,7 +91,9 @@ def _check_model(model, info: dict, s: AttackSettings) -> None:
         )
 
 
-def _targets(model, tokenizer, records, s: AttackSettings, cfg: EvalConfig, sets: dict) -> tuple[Any, Any]:
+def task_targets(
+    model, tokenizer, records, s: AttackSettings, cfg: EvalConfig, sets: dict
+) -> tuple[Any, Any]:
     """(what each batch's loss is built from, what scores an image's correctness) for the task; the classes,
     templates and labels as eval's zero-shot takes them (a source's own label set when it names one)."""
     if s.task == "zeroshot":
@@ -160,7 +162,7 @@ def attack_split(
     if out.exists() and not out.is_dir():
         raise UserError(f"Output '{out}' is a file; choose a directory path.")
     model, tokenizer, info = load_checkpoint(Path(checkpoint).expanduser())
-    _check_model(model, info, s)
+    check_model(model, info, s)
     model.to(pick_device("auto")).eval().requires_grad_(False)
     cfg = EvalConfig(
         class_columns=[s.column] if s.task == "zeroshot" else [],
@@ -176,7 +178,7 @@ def attack_split(
     )
     check_has_images("", store)
     records = store.records  # the readable ones
-    targets = _targets(model, tokenizer, records, s, cfg, sets)
+    targets = task_targets(model, tokenizer, records, s, cfg, sets)
     adversarial, largest = perturb(model, store, targets, s)
     attacked = copy.copy(store)
     attacked.cache = adversarial

@@ -50,6 +50,7 @@ app.command()(eval_commands.report)
 app.command()(eval_commands.caption)
 app.command()(adapt_commands.adapt)
 app.command()(attack_commands.attack)
+app.command()(attack_commands.harden)
 app.add_typer(data.app, name="data")
 data_build.register(data.app)  # data build emoji | noisy | canvases
 curate_cluster.register(data.app)  # data cluster, reduce, associate

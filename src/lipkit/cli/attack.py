@@ -72,3 +72,51 @@ def attack(
         )
     )
     console.print(f"[bold]clean → attacked[/] written to {out / 'attack.json'}")
+
+
+def harden(
+    checkpoint: Path = typer.Argument(..., help="The checkpoint to fine-tune (e.g. runs/demo/checkpoint)."),
+    out: Path = typer.Argument(..., help="Run folder: the hardened checkpoint goes to OUT/checkpoint."),
+    data: str = typer.Option(..., "--data", help="The table whose images it trains on (e.g. train.jsonl)."),
+    method: str = typer.Option(
+        "fare",
+        "--method",
+        help="fare: keep each image's embedding where it was under attack (no labels); "
+        "tecoa: zero-shot cross-entropy of --column under attack.",
+    ),
+    eps: str = typer.Option(
+        "2/255", "--eps", help="ℓ∞ budget trained against (a fraction of the pixel range)."
+    ),
+    attack_steps: int = typer.Option(5, "--attack-steps", help="PGD steps of the inner attack (papers: 10)."),
+    step_size: str = typer.Option(
+        "", "--step-size", help="The inner attack's step (default max(ε/4, 1/255))."
+    ),
+    steps: int = typer.Option(200, "--steps", help="Fine-tuning steps."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per step."),
+    lr: float = typer.Option(1e-4, "--lr", help="AdamW learning rate of the image tower."),
+    column: str = typer.Option("subcategory", "--column", help="tecoa: the class column."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the batches and the attack's random starts."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT/checkpoint."),
+) -> None:
+    """Adversarially fine-tune a checkpoint's image tower (FARE or TeCoA; docs/robustness.md), then measure it
+    with `lipkit attack OUT/checkpoint ...`."""
+    from lipkit.attack.harden import harden_checkpoint
+
+    record = harden_checkpoint(
+        checkpoint,
+        data,
+        out,
+        overwrite,
+        method=method,
+        eps=_fraction(eps, "--eps"),
+        attack_steps=attack_steps,
+        step_size=_fraction(step_size, "--step-size") if step_size else None,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        column=column,
+        seed=seed,
+    )
+    first, last = record["loss"][0], record["loss"][-1]
+    print(json.dumps({"method": method, "steps": steps, "loss_first_step": first, "loss_last_step": last}))
+    console.print(f"[bold]hardened checkpoint[/] written to {out / 'checkpoint'}")
