@@ -150,3 +150,86 @@ def test_the_cli_reports_clean_and_attacked_and_refuses_in_one_sentence(table, t
         r = _attack([tmp_path / "ckpt", table, tmp_path / "x", "--limit", "4", *args])
         assert r.exit_code != 0 and isinstance(r.exception, UserError), r.output
         assert needle in str(r.exception)
+
+
+def test_the_contrastive_loss_and_the_farthest_captions_are_their_loops():
+    from lipkit.attack.universal import contrastive_loss, farthest
+
+    torch.manual_seed(5)
+    adv = F.normalize(torch.randn(3, 8, dtype=torch.float64), dim=-1)
+    texts = F.normalize(torch.randn(6, 8, dtype=torch.float64), dim=-1)
+    relevant = torch.tensor(
+        [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 0], [0, 0, 0, 1], [0, 1, 0, 1]]
+    )
+    relevant = relevant.bool()  # (T, N): which pool image each caption describes
+    far_rows = farthest(adv, texts, relevant)
+    for i in range(3):
+        means = [
+            float(sum(adv[i] @ texts[j] for j in range(6) if relevant[j, n]) / relevant[:, n].sum())
+            for n in range(4)
+        ]
+        assert int(far_rows[i]) == min(range(4), key=means.__getitem__)
+    own, far = relevant[:, [0, 2, 3]].t(), relevant[:, far_rows].t()
+    got = contrastive_loss(adv, texts, own, far, 0.1)
+    for i in range(3):
+        e = [torch.exp(adv[i] @ texts[j] / 0.1) for j in range(6)]
+        g = sum(e[j] for j in range(6) if far[i, j])
+        p = sum(e[j] for j in range(6) if own[i, j])
+        assert torch.allclose(got[i], -torch.log(g / (g + p)), atol=1e-10)
+
+
+def test_the_learned_universal_perturbation_beats_random_noise_on_its_own_objective(table):
+    from lipkit.attack.pgd import embeddings
+    from lipkit.attack.universal import (
+        UniversalSettings,
+        contrastive_loss,
+        farthest,
+        learn_universal,
+        random_perturbation,
+    )
+    from lipkit.data.image_store import ImageStore
+    from lipkit.eval.embedding import embed_texts
+    from lipkit.eval.evaluate import RetrievalTexts
+
+    records, tok, model = _tiny(table)
+    model = model.float()
+    store = ImageStore(records, model.spec.image_size, cache=True, desc="test")
+    s = UniversalSettings(eps=16 / 255, steps=30, batch_size=6)
+    delta, losses = learn_universal(model, tok, store, s)
+    again, _ = learn_universal(model, tok, store, s)
+    assert torch.equal(delta, again) and delta.abs().max() <= s.eps + 1e-7 and len(losses) == 30
+    pool = RetrievalTexts.of(store.records, 0)
+    texts = embed_texts(model, tok, pool.texts, 64).float()
+    x = store.get(range(len(records))).float() / 255
+
+    def objective(d):  # C-PGC's loss over every image, without the noise augmentation
+        with torch.no_grad():
+            clean = F.normalize(embeddings(model, x), dim=-1)
+            adv = F.normalize(embeddings(model, (x + d).clamp(0, 1)), dim=-1)
+            far = pool.relevant[:, farthest(clean, texts, pool.relevant)].t()
+            cl = contrastive_loss(adv, texts, pool.relevant.t(), far, s.tau)
+            return (cl - (adv - clean).pow(2).sum(1)).mean()
+
+    assert objective(delta) < objective(random_perturbation(tuple(delta.shape), s.eps, 1)) - 0.05
+
+
+def test_uap_writes_the_random_baseline_the_perturbation_and_a_gallery(table, tmp_path):
+    from lipkit.checkpoint import save_checkpoint
+
+    _, tok, model = _tiny(table)
+    save_checkpoint(tmp_path / "ckpt", model.float(), tok)
+    args = [tmp_path / "ckpt", table, tmp_path / "u", "--method", "uap", "--train", table, "--eps", "8/255"]
+    r = _attack([*args, "--steps", "3", "--batch-size", "8", "--limit", "16", "--gallery", "4"])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    saved = json.loads((tmp_path / "u" / "attack.json").read_text())
+    assert set(saved) >= {"clean", "attacked", "random", "success_rate", "random_success_rate", "universal"}
+    assert saved["largest_perturbation"] <= 8 / 255 + 1e-6
+    assert torch.load(tmp_path / "u" / "perturbation.pt").shape == (
+        3,
+        model.spec.image_size,
+        model.spec.image_size,
+    )
+    page = (tmp_path / "u" / "report.html").read_text()
+    assert page.count("<figure") == 1 + 3 * 4 and "random noise of the same" in page
+    r = _attack([tmp_path / "ckpt", table, tmp_path / "v", "--method", "uap", "--limit", "4"])
+    assert isinstance(r.exception, UserError) and "--train TABLE" in str(r.exception)

@@ -147,7 +147,8 @@ def harden_checkpoint(
     if s.method == "tecoa":
         targets = AttackSettings(task="zeroshot", column=s.column, templates=s.templates)
         cfg = EvalConfig(class_columns=[s.column], templates=s.templates, precision="fp32")
-        classes, labels = task_targets(model, tokenizer, store.records, targets, cfg, eval_labels(data))
+        found = task_targets(model, tokenizer, store.records, targets, cfg, eval_labels(data))
+        classes, labels = found.emb, found.truth
     trained = fine_tune(model, store, s, classes, labels)
     kept = {k: v for k, v in asdict(s).items() if s.method == "tecoa" or k not in ("column", "templates")}
     record = {"from": str(checkpoint.resolve()), "data": str(data), **kept, **trained}

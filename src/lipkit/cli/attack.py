@@ -27,7 +27,12 @@ def attack(
     out: Path = typer.Argument(
         ..., help="Folder for attack.json (clean and attacked metrics, success rate)."
     ),
-    method: str = typer.Option("pgd", "--method", help="pgd: white-box projected gradient ascent."),
+    method: str = typer.Option(
+        "pgd",
+        "--method",
+        help="pgd: white-box projected gradient ascent per image; uap: one universal perturbation for every "
+        "image, learned on --train with C-PGC's contrastive loss (compared with random noise of the same ε).",
+    ),
     task: str = typer.Option(
         "zeroshot",
         "--task",
@@ -36,13 +41,18 @@ def attack(
     column: str = typer.Option("subcategory", "--column", help="zeroshot: the class column."),
     eps: str = typer.Option("2/255", "--eps", help="Budget ε as a fraction of the pixel range (0 = clean)."),
     norm: str = typer.Option("linf", "--norm", help="linf (each pixel within ε) or l2 (the image's norm)."),
-    steps: int = typer.Option(10, "--steps", help="Ascent steps."),
-    step_size: str = typer.Option("", "--step-size", help="Step α (default ε/4; for linf at least 1/255)."),
+    steps: int | None = typer.Option(None, "--steps", help="pgd: ascent steps (10); uap: training batches (200)."),
+    step_size: str = typer.Option(
+        "", "--step-size", help="Step α (pgd: ε/4, for linf at least 1/255; uap: ε/8)."
+    ),
+    train: str = typer.Option("", "--train", help="uap: the table the perturbation is learned on."),
+    gallery: int = typer.Option(12, "--gallery", help="Clean/adversarial pairs shown in OUT/report.html."),
     limit: int = typer.Option(0, "--limit", help="Attack this many images spread over the split (0: all)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per attack batch (and eval batch)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random starts."),
 ) -> None:
-    """Perturb a split's images with PGD and report its metrics clean and under attack (docs/robustness.md)."""
+    """Perturb a split's images (PGD, or one universal perturbation) and report its metrics clean and under
+    attack, with a gallery of clean/adversarial pairs in OUT/report.html (docs/robustness.md)."""
     from lipkit.attack.run import attack_split
 
     alpha = _fraction(step_size, "--step-size") if step_size else None
@@ -60,18 +70,19 @@ def attack(
         limit=limit,
         batch_size=batch_size,
         seed=seed,
+        train=train,
+        gallery=gallery,
     )
+    names = [n for n in ("clean", "attacked", "random") if n in result]
     shown = {}
     for key in (m.format(column=column) for m in METRICS):
         if key in result["clean"]:
-            shown[key] = [round(result["clean"][key], 4), round(result["attacked"][key], 4)]
-    rate = result["success_rate"]
-    print(
-        json.dumps(
-            {"images": result["images"], "success_rate": None if rate is None else round(rate, 4), **shown}
-        )
-    )
-    console.print(f"[bold]clean → attacked[/] written to {out / 'attack.json'}")
+            shown[key] = [round(result[n][key], 4) for n in names]
+    rates = {
+        k: None if result[k] is None else round(result[k], 4) for k in result if k.endswith("success_rate")
+    }
+    print(json.dumps({"images": result["images"], **rates, **shown}))
+    console.print(f"[bold]{' → '.join(names)}[/] written to {out / 'attack.json'} and {out / 'report.html'}")
 
 
 def harden(

@@ -26,7 +26,7 @@ __all__ = ["write_report"]
 
 _THUMB_MAX = 128  # longest side of embedded thumbnails (pixels); CSS upscales them for display
 _HEAT_THUMB = 48  # thumbnail side in the heat-map figure (pixels, before matplotlib zoom)
-_CSS = """
+CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f5f6f8;
 color:#1d2330}
 main{max-width:1150px;margin:0 auto;padding:24px}
@@ -315,7 +315,7 @@ def write_report(run_dir: Path, results: dict | None = None, out_dir: Path | Non
         )
     page = (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>lipkit report: '
-        f"{esc(run_dir.name)}</title><style>{_CSS}</style></head><body><header><h1>lipkit run report"
+        f"{esc(run_dir.name)}</title><style>{CSS}</style></head><body><header><h1>lipkit run report"
         f"</h1><dl>{header}</dl></header><main>{''.join(body)}</main></body></html>\n"
     )
     index = out_dir / "index.html"
