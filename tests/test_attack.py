@@ -233,3 +233,90 @@ def test_uap_writes_the_random_baseline_the_perturbation_and_a_gallery(table, tm
     assert page.count("<figure") == 1 + 3 * 4 and "random noise of the same" in page
     r = _attack([tmp_path / "ckpt", table, tmp_path / "v", "--method", "uap", "--limit", "4"])
     assert isinstance(r.exception, UserError) and "--train TABLE" in str(r.exception)
+
+
+def test_sga_loss_is_the_set_sum_over_scales_with_finite_difference_gradients(table):
+    from lipkit.attack.sga import padded, scaled_copies, set_loss
+
+    _, _, model = _tiny(table)
+    size = model.spec.image_size
+    torch.manual_seed(6)
+    x = torch.rand(2, 3, size, size, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    assert torch.allclose(scaled_copies(x, [1.0], gen, noise=0.0)[2:], x, atol=1e-12)  # scale 1: itself
+    sets = [F.normalize(torch.randn(k, model.spec.embed_dim, dtype=torch.float64), dim=-1) for k in (3, 1)]
+    guide, mask = padded(sets)
+    assert mask.tolist() == [[True, True, True], [True, False, False]]
+    scales = (0.5, 1.5)
+    loss = set_loss(model, guide, mask, gen, scales, noise=0.0)
+    mean = torch.tensor(model.spec.image_mean, dtype=torch.float64).view(3, 1, 1)
+    std = torch.tensor(model.spec.image_std, dtype=torch.float64).view(3, 1, 1)
+    for i in range(2):  # one image, one scale, one text at a time
+        views = [x[i : i + 1]]
+        for s in scales:
+            small = F.interpolate(views[0], size=(round(size * s),) * 2, mode="bicubic", antialias=s < 1)
+            views.append(F.interpolate(small.clamp(0, 1), size=(size, size), mode="bicubic", antialias=s > 1))
+        want = 0.0
+        for v in views:
+            f = F.normalize(model.visual((v - mean) / std), dim=-1)[0]
+            want = want - sum(float(f @ t) for t in sets[i])
+        assert abs(float(loss(x)[i]) - want) < 1e-10
+    xg = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(loss(xg).sum(), xg)
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    numeric = (loss(x + 1e-5 * v).sum() - loss(x - 1e-5 * v).sum()) / 2e-5
+    assert torch.allclose((grad * v).sum(), numeric, rtol=1e-5, atol=1e-8)
+
+
+def test_transfer_to_itself_is_the_white_box_result_and_saved_images_score_the_same(table, tmp_path):
+    from lipkit.attack.run import attack_split
+    from lipkit.checkpoint import save_checkpoint
+    from lipkit.config_eval import EvalConfig
+    from lipkit.data.sources.registry import read_table
+    from lipkit.eval.evaluate import evaluate_records
+
+    _, tok, model = _tiny(table)
+    save_checkpoint(tmp_path / "ckpt", model.float(), tok)
+    for method in ("sga", "pgd"):
+        r = attack_split(
+            tmp_path / "ckpt",
+            table,
+            tmp_path / method,
+            method=method,
+            eps=16 / 255,
+            steps=3,
+            limit=16,
+            batch_size=8,
+            transfer=[str(tmp_path / "ckpt")],
+            save_images=True,
+        )
+        assert r["largest_perturbation"] <= 16 / 255 + 1e-6
+        (same,) = r["transfer"]
+        assert same["clean"] == r["clean"] and same["attacked"] == r["attacked"]
+        assert same["success_rate"] == r["success_rate"]
+        saved = read_table(tmp_path / method / "adversarial.jsonl")  # the split as a table any tool reads
+        assert len(saved) == 16 and all(x.image.parent.name == "adversarial" for x in saved)
+        cfg = EvalConfig(class_columns=["subcategory"], linear_probe="", rerank_top=0, batch_size=8)
+        again = evaluate_records(model.float(), tok, saved, cfg, details=False)["metrics"]
+        assert again == r["attacked"]
+    page = (tmp_path / "pgd" / "report.html").read_text()
+    assert "Transfer: the same images on other checkpoints" in page
+    r = _attack([tmp_path / "ckpt", table, tmp_path / "y", "--method", "sga", "--norm", "l2", "--limit", "4"])
+    assert isinstance(r.exception, UserError) and "--norm linf" in str(r.exception)
+
+
+def test_stores_are_resized_for_a_target_of_another_image_size(table):
+    from lipkit.attack.scoring import resized
+    from lipkit.data.image_store import ImageStore
+
+    records, _, model = _tiny(
+        table,
+    )
+    store = ImageStore(records[:3], 32, cache=True, desc="test")
+    assert resized(store, 32) is store
+    small = resized(store, 16)
+    assert (
+        small.cache.shape == (3, 3, 16, 16)
+        and small.cache.dtype == torch.uint8
+        and store.cache.shape[-1] == 32
+    )

@@ -34,7 +34,7 @@ from rich.progress import track
 
 from lipkit.adapt.run import _save
 from lipkit.attack.pgd import Loss, embeddings, pgd, zeroshot_loss
-from lipkit.attack.run import AttackSettings, check_model, task_targets
+from lipkit.attack.scoring import check_model, task_targets
 from lipkit.checkpoint import load_checkpoint
 from lipkit.config_eval import EvalConfig
 from lipkit.data.image_store import ImageStore
@@ -136,8 +136,7 @@ def harden_checkpoint(
     checkpoint, out = Path(checkpoint).expanduser(), Path(out).expanduser()
     _check(s, out, overwrite)
     model, tokenizer, info = load_checkpoint(checkpoint)
-    task = "zeroshot" if s.method == "tecoa" else "retrieval"
-    check_model(model, info, AttackSettings(task=task, column=s.column))
+    check_model(model, info, "zeroshot" if s.method == "tecoa" else "retrieval", s.column)
     model.to(pick_device("auto")).eval()
     torch.manual_seed(s.seed)
     records = spread_subset(read_table(data), s.steps * s.batch_size)  # the images the steps will see
@@ -145,9 +144,8 @@ def harden_checkpoint(
     check_has_images("", store)
     classes = labels = None
     if s.method == "tecoa":
-        targets = AttackSettings(task="zeroshot", column=s.column, templates=s.templates)
         cfg = EvalConfig(class_columns=[s.column], templates=s.templates, precision="fp32")
-        found = task_targets(model, tokenizer, store.records, targets, cfg, eval_labels(data))
+        found = task_targets(model, tokenizer, store.records, "zeroshot", s.column, cfg, eval_labels(data))
         classes, labels = found.emb, found.truth
     trained = fine_tune(model, store, s, classes, labels)
     kept = {k: v for k, v in asdict(s).items() if s.method == "tecoa" or k not in ("column", "templates")}

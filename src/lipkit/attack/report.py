@@ -58,6 +58,21 @@ def _metrics_table(result: dict[str, Any], names: list[str]) -> str:
     return f"<table><thead><tr><th>metric (%)</th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
+def _transfer_table(result: dict[str, Any]) -> str:
+    """One row per transfer target: its success rate and each metric clean → attacked."""
+    keys = [k for k, v in result["clean"].items() if isinstance(v, (int, float))]
+    head = "".join(f"<th>{esc(k)}</th>" for k in keys)
+    rows = []
+    for t in result["transfer"]:
+        rate = "—" if t["success_rate"] is None else f"{100 * t['success_rate']:.1f}"
+        cells = "".join(f"<td>{100 * t['clean'][k]:.1f} → {100 * t['attacked'][k]:.1f}</td>" for k in keys)
+        rows.append(f"<tr><td>{esc(t['checkpoint'])}</td><td>{rate}</td>{cells}</tr>")
+    return (
+        "<section><h2>Transfer: the same images on other checkpoints</h2><table><thead><tr><th>checkpoint</th>"
+        f"<th>success (%)</th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></section>"
+    )
+
+
 def write_report(
     out: Path,
     result: dict[str, Any],
@@ -78,6 +93,8 @@ def write_report(
     parts = [
         f"<section><h2>Metrics</h2><p>{esc(' · '.join(rates))}</p>{_metrics_table(result, names)}</section>"
     ]
+    if result.get("transfer"):
+        parts.append(_transfer_table(result))
     if universal is not None:
         picture = _figure(amplified(universal, s["eps"]), "δ (amplified)", None)
         parts.append(f"<section><h2>The universal perturbation</h2>{picture}</section>")

@@ -1,14 +1,19 @@
-"""`lipkit attack CHECKPOINT SOURCE OUT --method pgd`: a split's metrics under white-box PGD (attack.pgd),
-beside the clean ones, computed by `lipkit eval`'s own function on the same images.
+"""`lipkit attack CHECKPOINT SOURCE OUT`: a split's metrics under adversarial images, beside the clean ones,
+computed by `lipkit eval`'s own function on the same images — for the checkpoint attacked and for each
+checkpoint the images are transferred to.
 
-Every image of the split (or `limit` of them, spread over it) is perturbed once, for one task:
-`zeroshot` ascends the zero-shot cross-entropy of `column` (its classes and eval's templates, as `lipkit
-eval` builds the classifier), `retrieval` pushes each image away from its own captions. The adversarial
-8-bit images then take the clean images' place in an ImageStore and eval.evaluate.evaluate_records scores
-both stores with one EvalConfig (fp32, no linear probe, no re-ranking): ε = 0 gives the clean metrics
-exactly. The attack success rate is the share of the images the model got right clean (zero-shot top-1;
-retrieval: the image's top caption is one of its own) that it gets wrong under attack. Deterministic for a
-seed (the random starts), the model in eval mode.
+Every image of the split (or `limit` of them, spread over it) is perturbed once. `pgd` (attack.pgd) ascends,
+per image, the task's loss: `zeroshot` the zero-shot cross-entropy of `column` (its classes and eval's
+templates, as `lipkit eval` builds the classifier), `retrieval` −log of the softmax mass on the image's own
+captions. `sga` (attack.sga) ascends SGA's set-level loss at several scales. `uap` (attack.universal) adds
+one perturbation learned on `train` to every image, and a random one of the same ε beside it. The
+adversarial 8-bit images take the clean images' place in an ImageStore and eval.evaluate.evaluate_records
+scores every store with one EvalConfig (fp32, no linear probe, no re-ranking): ε = 0 gives the clean metrics
+exactly. The success rate is the share of the images the model got right clean (zero-shot top-1; retrieval:
+the image's top caption is one of its own) that it gets wrong under attack. Transfer targets (`transfer`)
+score the same 8-bit images (resized bilinearly when their image size differs) with their own text tower.
+Deterministic for a seed, the models in eval mode. OUT gets attack.json, report.html (attack.report) and,
+with `save_images`, the adversarial split as PNGs and a table (adversarial.jsonl) any tool can read.
 """
 
 from __future__ import annotations
@@ -17,40 +22,29 @@ import copy
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
+from PIL import Image
 from rich.progress import track
 
 from lipkit.attack.pgd import NORMS, Loss, pgd, retrieval_loss, toward, zeroshot_loss
 from lipkit.attack.report import write_report
+from lipkit.attack.scoring import Targets, check_model, guidance_sets, resized, score_stores, task_targets
+from lipkit.attack.sga import STEP, set_loss
 from lipkit.attack.universal import UniversalSettings, learn_universal, random_perturbation
 from lipkit.checkpoint import load_checkpoint
 from lipkit.config_eval import EvalConfig
 from lipkit.data.image_store import ImageStore
-from lipkit.data.label_sets import INDEX_SUFFIX, fill_template
 from lipkit.data.records import spread_subset
 from lipkit.data.sources.registry import eval_labels, read_table
 from lipkit.device import pick_device
 from lipkit.errors import UserError
-from lipkit.eval.embedding import embed_images, embed_texts
-from lipkit.eval.evaluate import RetrievalTexts, check_has_images, evaluate_records
-from lipkit.eval.similarity_choice import resolve_similarity
-from lipkit.eval.zeroshot import class_embeddings
-from lipkit.models.adapters import applies_to
+from lipkit.eval.evaluate import check_has_images
 
 TASKS = ("zeroshot", "retrieval")
-METHODS = ("pgd", "uap")
-DEFAULT_STEPS = {"pgd": 10, "uap": 200}
-
-
-class Targets(NamedTuple):
-    """What the task scores an image against: embeddings (K, D), the truth (N,) labels or (N, K) own-caption
-    mask, and the K names (classes or captions) for the report."""
-
-    emb: torch.Tensor
-    truth: torch.Tensor
-    names: list[str]
+METHODS = ("pgd", "sga", "uap")
+DEFAULT_STEPS = {"pgd": 10, "sga": 10, "uap": 200}
 
 
 @dataclass
@@ -61,19 +55,21 @@ class AttackSettings:
     eps: float = 2 / 255
     norm: str = "linf"
     steps: int | None = None  # None: DEFAULT_STEPS of the method
-    step_size: float | None = None  # None: pgd ε/4 (at least 1/255 for ℓ∞ at ε > 0); uap ε/8
+    step_size: float | None = None  # None: pgd ε/4 (at least 1/255 for ℓ∞ at ε > 0); sga 0.5/255; uap ε/8
     limit: int = 0  # 0: every image
     batch_size: int = 64
     seed: int = 0
     train: str = ""  # uap: the table δ is learned on
     gallery: int = 12  # clean/adversarial pairs shown in OUT/report.html
+    transfer: list[str] = field(default_factory=list)  # checkpoints that also score the adversarial images
+    save_images: bool = False  # write OUT/adversarial/*.png and OUT/adversarial.jsonl
     templates: list[str] = field(default_factory=lambda: list(EvalConfig().templates))
 
     def __post_init__(self) -> None:
         if self.steps is None:
             self.steps = DEFAULT_STEPS.get(self.method, 10)
-        if self.step_size is None and self.method == "uap":
-            self.step_size = self.eps / 8
+        if self.step_size is None and self.method in ("uap", "sga"):
+            self.step_size = self.eps / 8 if self.method == "uap" else STEP
         if self.step_size is None:
             self.step_size = max(self.eps / 4, 1 / 255 if self.norm == "linf" and self.eps else 0.0)
 
@@ -90,82 +86,30 @@ def _check(s: AttackSettings) -> None:
         raise UserError(f"--step-size must be more than 0, got {s.step_size}.")
     if s.steps < 0 or s.batch_size < 1 or s.limit < 0 or s.gallery < 0:
         raise UserError("--steps, --limit and --gallery must be 0 or more and --batch-size at least 1.")
+    if s.method == "sga" and s.norm != "linf":
+        raise UserError("--method sga is an ℓ∞ attack; pass --norm linf.")
     if s.method == "uap" and (not s.train or s.norm != "linf"):
         raise UserError(
             "--method uap learns one ℓ∞ perturbation on a table: pass --train TABLE (and --norm linf)."
         )
 
 
-def check_model(model, info: dict, s: AttackSettings) -> None:
-    """Refuse checkpoints whose reported score is not the pooled cosine the attack ascends."""
-    objective = (info.get("train") or {}).get("objective")
-    scored = resolve_similarity("auto", objective)
-    if scored != "dense":
-        how = "token-wise" if scored == "filip" else "lexically"
-        raise UserError(
-            f"This checkpoint is scored {how} (train.objective {objective}) and the attack ascends the pooled "
-            "similarity; attack a checkpoint scored by pooled embeddings."
-        )
-    if s.task == "zeroshot" and applies_to(model.spec.adapter, s.column):
-        raise UserError(
-            f"This checkpoint classifies '{s.column}' with a class head from `lipkit adapt`, which the attack "
-            "does not ascend; attack the checkpoint it was adapted from, or another --column."
-        )
-
-
-def task_targets(model, tokenizer, records, s: AttackSettings, cfg: EvalConfig, sets: dict) -> Targets:
-    """What the task scores each image against (Targets): the classes, templates and labels as eval's
-    zero-shot takes them (a source's own label set when it names one), or the split's retrieval captions."""
+def _loss(model, s: AttackSettings, targets: Targets, rows: range, guide: tuple, gen) -> Loss:
+    device, rows = model.device, list(rows)
+    if s.method == "sga":
+        return set_loss(model, guide[0][rows].to(device), guide[1][rows].to(device), gen)
     if s.task == "zeroshot":
-        values = [r.meta.get(s.column) for r in records]
-        if any(v in (None, "") or isinstance(v, list) for v in values):
-            raise UserError(
-                f"Column '{s.column}' does not give every image one label; pass a single-label --column "
-                "(e.g. subcategory) or --task retrieval."
-            )
-        label_set = sets.get(s.column)
-        classes = label_set.classes if label_set else sorted(set(values))
-        templates = (label_set.templates if label_set else None) or cfg.templates
-        indices = [r.meta.get(s.column + INDEX_SUFFIX) for r in records] if label_set else [None]
-        if any(i is None for i in indices):
-            index = {c: i for i, c in enumerate(classes)}
-            indices = [index[v] for v in values]
-        prompts = [fill_template(t, str(c)) for c in classes for t in templates]
-        texts = embed_texts(model, tokenizer, prompts, cfg.batch_size)
-        emb = class_embeddings(texts, len(classes), len(templates))
-        return Targets(emb, torch.tensor(indices), [str(c) for c in classes])
-    if not all(r.captions for r in records):
-        raise UserError("--task retrieval needs a caption for every image of SOURCE; give each row one.")
-    texts = RetrievalTexts.of(records, cfg.retrieval_caption)
-    emb = embed_texts(model, tokenizer, texts.texts, cfg.batch_size)
-    return Targets(emb, texts.relevant.t(), texts.texts)  # truth (N, T): image i's own captions
-
-
-def _loss(model, s: AttackSettings, targets: Targets, rows: range) -> Loss:
-    emb, truth, _ = targets
-    device = model.device
-    if s.task == "zeroshot":
-        return zeroshot_loss(model, emb.to(device), truth[list(rows)].to(device))
-    return retrieval_loss(model, emb.to(device), [truth[i].nonzero()[:, 0].tolist() for i in rows])
-
-
-def predict(model, store: ImageStore, targets: Targets, batch: int) -> torch.Tensor:
-    """(N,) each image's best class / caption (its row of targets.emb)."""
-    return (embed_images(model, store, batch) @ targets.emb.t()).argmax(1)
-
-
-def is_right(targets: Targets, best: torch.Tensor) -> torch.Tensor:
-    """(N,) bool: the zero-shot top-1 is the label / the nearest caption is one of the image's own."""
-    if targets.truth.dim() == 2:
-        return targets.truth[torch.arange(len(best)), best]
-    return best == targets.truth
+        return zeroshot_loss(model, targets.emb.to(device), targets.truth[rows].to(device))
+    return retrieval_loss(
+        model, targets.emb.to(device), [targets.truth[i].nonzero()[:, 0].tolist() for i in rows]
+    )
 
 
 def perturb(
-    model, store: ImageStore, targets: Targets, s: AttackSettings, delta: torch.Tensor | None = None
+    model, store: ImageStore, targets: Targets, s: AttackSettings, delta=None, guide=()
 ) -> tuple[torch.Tensor, float]:
-    """The adversarial 8-bit images of the whole store — PGD's, or x + `delta` (one perturbation for all) —
-    and the largest realised ‖δ‖ (in the norm)."""
+    """The adversarial 8-bit images of the whole store — PGD's on the method's loss (`guide`: SGA's text
+    sets), or x + `delta` (one perturbation for all) — and the largest realised ‖δ‖ (in the norm)."""
     gen = torch.Generator().manual_seed(s.seed)
     n, out, largest = len(store.records), [], 0.0
     for start in track(range(0, n, s.batch_size), description=f"{s.method} ε={s.eps:.4g}"):
@@ -175,7 +119,8 @@ def perturb(
         if delta is not None:
             found = (clean + delta.to(clean)).clamp(0, 1)
         else:
-            found = pgd(_loss(model, s, targets, rows), clean, s.eps, s.steps, s.step_size, s.norm, gen)
+            loss = _loss(model, s, targets, rows, guide, gen)
+            found = pgd(loss, clean, s.eps, s.steps, s.step_size, s.norm, gen)
         adv = toward(clean_u8, found)
         change = (adv.float() / 255.0 - clean).flatten(1)
         size = change.abs().amax(1) if s.norm == "linf" else change.norm(dim=1)
@@ -201,18 +146,49 @@ def _universal(model, tokenizer, s: AttackSettings, out: Path) -> tuple[dict[str
     return {"attacked": delta, "random": random_perturbation(tuple(delta.shape), s.eps, s.seed + 1)}, learned
 
 
+def _load(path: str | Path, s: AttackSettings) -> tuple:
+    model, tokenizer, info = load_checkpoint(Path(path).expanduser())
+    check_model(model, info, s.task, s.column)
+    return model.to(pick_device("auto")).eval().requires_grad_(False), tokenizer
+
+
+def _transfer(path: str, records, stores: dict, s: AttackSettings, cfg: EvalConfig, sets: dict) -> dict:
+    """Another checkpoint's metrics on the same clean and adversarial images (its own text tower)."""
+    model, tokenizer = _load(path, s)
+    own = {name: resized(st, model.spec.image_size) for name, st in stores.items()}
+    targets = task_targets(model, tokenizer, records, s.task, s.column, cfg, sets)
+    scored = score_stores(model, tokenizer, records, cfg, sets, own, targets)
+    rates = {
+        f"{name}_success_rate" if name != "attacked" else "success_rate": v
+        for name, v in scored["success"].items()
+    }
+    return {"checkpoint": str(Path(path).resolve()), **rates, **scored["metrics"]}
+
+
+def save_adversarial(out: Path, records, images: torch.Tensor) -> Path:
+    """OUT/adversarial/NNNNNN.png and OUT/adversarial.jsonl: the split's rows with the adversarial images."""
+    folder = out / "adversarial"
+    folder.mkdir(parents=True, exist_ok=True)
+    with (out / "adversarial.jsonl").open("w", encoding="utf-8") as f:
+        for i, (record, image) in enumerate(zip(records, images, strict=True)):
+            path = folder / f"{i:06d}.png"
+            Image.fromarray(image.permute(1, 2, 0).contiguous().numpy()).save(path)
+            row = {**record.meta, "image": str(path.resolve()), "captions": record.captions}
+            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+    return out / "adversarial.jsonl"
+
+
 def attack_split(
     checkpoint: str | Path, source: str | Path, out: str | Path, **settings: Any
 ) -> dict[str, Any]:
-    """Attack SOURCE's images (module docstring); write OUT/attack.json and return it."""
+    """Attack SOURCE's images (module docstring); write OUT/attack.json and OUT/report.html; return the
+    former's content."""
     s = AttackSettings(**settings)
     _check(s)
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"Output '{out}' is a file; choose a directory path.")
-    model, tokenizer, info = load_checkpoint(Path(checkpoint).expanduser())
-    check_model(model, info, s)
-    model.to(pick_device("auto")).eval().requires_grad_(False)
+    model, tokenizer = _load(checkpoint, s)
     cfg = EvalConfig(
         class_columns=[s.column] if s.task == "zeroshot" else [],
         templates=s.templates,
@@ -227,37 +203,28 @@ def attack_split(
     )
     check_has_images("", store)
     records = store.records  # the readable ones
-    targets = task_targets(model, tokenizer, records, s, cfg, sets)
+    targets = task_targets(model, tokenizer, records, s.task, s.column, cfg, sets)
+    guide = guidance_sets(model, tokenizer, records, targets, cfg.batch_size) if s.method == "sga" else ()
     deltas, learned = _universal(model, tokenizer, s, out) if s.method == "uap" else ({"attacked": None}, {})
     stores, largest = {"clean": store}, {}
     for name, delta in deltas.items():
         stores[name] = copy.copy(store)
-        stores[name].cache, largest[name] = perturb(model, store, targets, s, delta)
-    best = {name: predict(model, st, targets, s.batch_size) for name, st in stores.items()}
-    right = {name: is_right(targets, b) for name, b in best.items()}
-    success = {
-        name: float((right["clean"] & ~right[name]).sum()) / int(right["clean"].sum())
-        if right["clean"].any()
-        else None
-        for name in deltas
-    }
-    scores = {
-        name: evaluate_records(model, tokenizer, records, cfg, store=st, details=False, labels=sets)[
-            "metrics"
-        ]
-        for name, st in stores.items()
-    }
+        stores[name].cache, largest[name] = perturb(model, store, targets, s, delta, guide)
+    scored = score_stores(model, tokenizer, records, cfg, sets, stores, targets)
     result = {
         "checkpoint": str(Path(checkpoint).resolve()),
         "source": str(source),
         "images": len(records),
         "settings": asdict(s),
         "largest_perturbation": largest["attacked"],
-        "success_rate": success["attacked"],
-        **({"random_success_rate": success["random"], "universal": learned} if learned else {}),
-        **scores,
+        "success_rate": scored["success"]["attacked"],
+        **({"random_success_rate": scored["success"]["random"], "universal": learned} if learned else {}),
+        **scored["metrics"],
+        "transfer": [_transfer(path, records, stores, s, cfg, sets) for path in s.transfer],
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "attack.json").write_text(json.dumps(result, indent=1))
-    write_report(out, result, stores, best, right, targets.names, deltas.get("attacked"))
+    write_report(out, result, stores, scored["best"], scored["right"], targets.names, deltas.get("attacked"))
+    if s.save_images:
+        save_adversarial(out, records, stores["attacked"].cache)
     return result

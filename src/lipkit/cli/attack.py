@@ -30,8 +30,9 @@ def attack(
     method: str = typer.Option(
         "pgd",
         "--method",
-        help="pgd: white-box projected gradient ascent per image; uap: one universal perturbation for every "
-        "image, learned on --train with C-PGC's contrastive loss (compared with random noise of the same ε).",
+        help="pgd: white-box projected gradient ascent per image; sga: SGA's set-level guidance (texts and "
+        "scales) for attacks that transfer; uap: one universal perturbation for every image, learned on --train "
+        "with C-PGC's contrastive loss (compared with random noise of the same ε).",
     ),
     task: str = typer.Option(
         "zeroshot",
@@ -41,12 +42,22 @@ def attack(
     column: str = typer.Option("subcategory", "--column", help="zeroshot: the class column."),
     eps: str = typer.Option("2/255", "--eps", help="Budget ε as a fraction of the pixel range (0 = clean)."),
     norm: str = typer.Option("linf", "--norm", help="linf (each pixel within ε) or l2 (the image's norm)."),
-    steps: int | None = typer.Option(None, "--steps", help="pgd: ascent steps (10); uap: training batches (200)."),
+    steps: int | None = typer.Option(
+        None, "--steps", help="pgd: ascent steps (10); uap: training batches (200)."
+    ),
     step_size: str = typer.Option(
         "", "--step-size", help="Step α (pgd: ε/4, for linf at least 1/255; uap: ε/8)."
     ),
     train: str = typer.Option("", "--train", help="uap: the table the perturbation is learned on."),
     gallery: int = typer.Option(12, "--gallery", help="Clean/adversarial pairs shown in OUT/report.html."),
+    transfer: list[str] = typer.Option(
+        [], "--transfer", help="Another checkpoint to score the same adversarial images on (repeatable)."
+    ),
+    save_images: bool = typer.Option(
+        False,
+        "--save-images",
+        help="Also write the adversarial split: OUT/adversarial/*.png, OUT/adversarial.jsonl.",
+    ),
     limit: int = typer.Option(0, "--limit", help="Attack this many images spread over the split (0: all)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per attack batch (and eval batch)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random starts."),
@@ -72,6 +83,8 @@ def attack(
         seed=seed,
         train=train,
         gallery=gallery,
+        transfer=list(transfer),
+        save_images=save_images,
     )
     names = [n for n in ("clean", "attacked", "random") if n in result]
     shown = {}
@@ -82,6 +95,9 @@ def attack(
         k: None if result[k] is None else round(result[k], 4) for k in result if k.endswith("success_rate")
     }
     print(json.dumps({"images": result["images"], **rates, **shown}))
+    for t in result["transfer"]:
+        moved = {k: [round(t["clean"][k], 4), round(t["attacked"][k], 4)] for k in shown if k in t["clean"]}
+        print(json.dumps({"transfer": t["checkpoint"], "success_rate": t["success_rate"], **moved}))
     console.print(f"[bold]{' → '.join(names)}[/] written to {out / 'attack.json'} and {out / 'report.html'}")
 
 
