@@ -320,3 +320,74 @@ def test_stores_are_resized_for_a_target_of_another_image_size(table):
         and small.cache.dtype == torch.uint8
         and store.cache.shape[-1] == 32
     )
+
+
+def test_word_substitution_keeps_to_its_budget_and_never_lowers_the_loss(table):
+    from lipkit.attack.words import Vocabulary, WordSettings, caption_losses, substitute
+    from lipkit.data.image_store import ImageStore
+    from lipkit.eval.embedding import embed_images, embed_texts
+
+    records, tok, model = _tiny(table)
+    model = model.float()
+    store = ImageStore(records, model.spec.image_size, cache=True, desc="test")
+    images = embed_images(model, store, 8)
+    vocab = Vocabulary(model, tok)
+    assert vocab.words and all(w.isalpha() and len(w) > 1 for w in vocab.words)
+    assert all(
+        vocab.tok.encode(w, add_special_tokens=False).ids == [int(i)]
+        for w, i in zip(vocab.words, vocab.ids, strict=True)
+    )
+    near = vocab.nearest(vocab.words[0], 5)
+    assert len(near) == 5 and vocab.words[0] not in near
+    captions = [r.captions[0] for r in records[:6]]
+    own = torch.eye(len(records), dtype=torch.bool)[:6]
+    got = caption_losses(model, tok, captions, own, images, 8)
+    emb = embed_texts(model, tok, captions, 8).float()
+    for j in range(6):  # the retrieval loss of each caption as a query, one at a time
+        p = torch.softmax(model.scale().float() * images @ emb[j], 0)
+        assert torch.allclose(got[j], -p[j].log(), atol=1e-5)
+    s = WordSettings(words=1, candidates=4)
+    for j, caption in enumerate(captions):
+        adv = substitute(model, tok, vocab, caption, own[j], images, s)
+        before, after = caption.split(), adv.split()
+        assert len(after) == len(before) and sum(a != b for a, b in zip(before, after, strict=True)) <= 1
+        losses = caption_losses(model, tok, [caption, adv], own[j].expand(2, -1), images, 8)
+        assert losses[1] >= losses[0] - 1e-6
+        if adv != caption:  # the kept word is the best of its word's candidates
+            i = next(k for k, (a, b) in enumerate(zip(before, after, strict=True)) if a != b)
+            options = vocab.nearest(before[i], 4)
+            tried = [" ".join(before[:i] + [w] + before[i + 1 :]) for w in options]
+            all_losses = caption_losses(model, tok, tried, own[j].expand(len(tried), -1), images, 8)
+            assert after[i] == options[int(all_losses.argmax())]
+
+
+def test_the_words_attack_scores_the_split_with_its_adversarial_captions(table, tmp_path):
+    from lipkit.checkpoint import save_checkpoint
+
+    _, tok, model = _tiny(table)
+    save_checkpoint(tmp_path / "ckpt", model.float(), tok)
+    r = _attack(
+        [
+            tmp_path / "ckpt",
+            table,
+            tmp_path / "w",
+            "--method",
+            "words",
+            "--task",
+            "retrieval",
+            "--limit",
+            "16",
+        ]
+    )
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    saved = json.loads((tmp_path / "w" / "attack.json").read_text())
+    assert saved["changed_captions"] == len(saved["substitutions"]) <= saved["captions"]
+    from lipkit.data.records import spread_subset
+    from lipkit.data.sources.registry import read_table
+
+    clean = {r.captions[0] for r in spread_subset(read_table(table), 16)}  # the split attacked
+    produced = [p["adversarial"] for p in saved["substitutions"]]
+    assert len(set(produced)) == len(produced) and not set(produced) & clean  # no query merged or borrowed
+    assert "Changed captions" in (tmp_path / "w" / "report.html").read_text()
+    r = _attack([tmp_path / "ckpt", table, tmp_path / "z", "--method", "words", "--limit", "4"])
+    assert isinstance(r.exception, UserError) and "--task retrieval" in str(r.exception)

@@ -111,6 +111,16 @@ def write_report(
         )
     if rows:
         parts.append(f"<section><h2>Clean and adversarial pairs</h2>{''.join(rows)}</section>")
+    return _page(out, result, parts)
+
+
+def _page(out: Path, result: dict[str, Any], parts: list[str]) -> Path:
+    s = result["settings"]
+    budget = (
+        ("words", f"{s['words']} per caption, {s['candidates']} candidates")
+        if s["method"] == "words"
+        else ("ε", f"{s['eps'] * 255:.3g}/255 ({s['norm']})")
+    )
     header = "".join(
         f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>"
         for k, v in (
@@ -119,7 +129,7 @@ def write_report(
             ("images", result["images"]),
             ("method", s["method"]),
             ("task", s["task"]),
-            ("ε", f"{s['eps'] * 255:.3g}/255 ({s['norm']})"),
+            budget,
             ("steps", s["steps"]),
         )
     )
@@ -131,3 +141,22 @@ def write_report(
     path = out / "report.html"
     path.write_text(page, encoding="utf-8")
     return path
+
+
+def write_caption_report(out: Path, result: dict[str, Any], pairs: list[dict[str, Any]], k: int = 50) -> Path:
+    """OUT/report.html of the word-substitution attack: the metrics and up to k changed captions."""
+    rate = result["success_rate"]
+    summary = f"{result['changed_captions']} of {result['captions']} captions changed" + (
+        "" if rate is None else f" · success rate {100 * rate:.1f} %"
+    )
+    rows = "".join(
+        f"<tr><td>{esc(p['caption'])}</td><td>{esc(p['adversarial'])}</td>"
+        f"<td>{'right' if p['right'] else 'wrong'} → {'right' if p['right_attacked'] else 'wrong'}</td></tr>"
+        for p in pairs[:k]
+    )
+    parts = [
+        f"<section><h2>Metrics</h2><p>{esc(summary)}</p>{_metrics_table(result, ['clean', 'attacked'])}</section>",
+        "<section><h2>Changed captions</h2><table><thead><tr><th>caption</th><th>adversarial</th>"
+        f"<th>top-1 image</th></tr></thead><tbody>{rows}</tbody></table></section>",
+    ]
+    return _page(out, result, parts)

@@ -29,10 +29,11 @@ from PIL import Image
 from rich.progress import track
 
 from lipkit.attack.pgd import NORMS, Loss, pgd, retrieval_loss, toward, zeroshot_loss
-from lipkit.attack.report import write_report
+from lipkit.attack.report import write_caption_report, write_report
 from lipkit.attack.scoring import Targets, check_model, guidance_sets, resized, score_stores, task_targets
 from lipkit.attack.sga import STEP, set_loss
 from lipkit.attack.universal import UniversalSettings, learn_universal, random_perturbation
+from lipkit.attack.words import WordSettings, words_attack
 from lipkit.checkpoint import load_checkpoint
 from lipkit.config_eval import EvalConfig
 from lipkit.data.image_store import ImageStore
@@ -43,8 +44,8 @@ from lipkit.errors import UserError
 from lipkit.eval.evaluate import check_has_images
 
 TASKS = ("zeroshot", "retrieval")
-METHODS = ("pgd", "sga", "uap")
-DEFAULT_STEPS = {"pgd": 10, "sga": 10, "uap": 200}
+METHODS = ("pgd", "sga", "uap", "words")
+DEFAULT_STEPS = {"pgd": 10, "sga": 10, "uap": 200, "words": 0}
 
 
 @dataclass
@@ -63,6 +64,8 @@ class AttackSettings:
     gallery: int = 12  # clean/adversarial pairs shown in OUT/report.html
     transfer: list[str] = field(default_factory=list)  # checkpoints that also score the adversarial images
     save_images: bool = False  # write OUT/adversarial/*.png and OUT/adversarial.jsonl
+    words: int = 1  # words: words changed per caption at most
+    candidates: int = 10  # words: nearest vocabulary words tried per word
     templates: list[str] = field(default_factory=lambda: list(EvalConfig().templates))
 
     def __post_init__(self) -> None:
@@ -86,6 +89,10 @@ def _check(s: AttackSettings) -> None:
         raise UserError(f"--step-size must be more than 0, got {s.step_size}.")
     if s.steps < 0 or s.batch_size < 1 or s.limit < 0 or s.gallery < 0:
         raise UserError("--steps, --limit and --gallery must be 0 or more and --batch-size at least 1.")
+    if s.method == "words" and (s.task != "retrieval" or s.words < 1 or s.candidates < 1):
+        raise UserError(
+            "--method words attacks retrieval captions: pass --task retrieval, --words and --candidates ≥ 1."
+        )
     if s.method == "sga" and s.norm != "linf":
         raise UserError("--method sga is an ℓ∞ attack; pass --norm linf.")
     if s.method == "uap" and (not s.train or s.norm != "linf"):
@@ -178,6 +185,28 @@ def save_adversarial(out: Path, records, images: torch.Tensor) -> Path:
     return out / "adversarial.jsonl"
 
 
+def _words(out: Path, records, store, targets, cfg, sets, s: AttackSettings, loaded: tuple) -> dict:
+    """--method words (attack.words): the captions attacked, the images as they are."""
+    model, tokenizer, checkpoint, source = loaded
+    settings = WordSettings(s.words, s.candidates, s.batch_size)
+    scored = words_attack(model, tokenizer, records, store, targets, cfg, sets, settings)
+    result = {
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "source": str(source),
+        "images": len(records),
+        "captions": scored["captions"],
+        "changed_captions": len(scored["pairs"]),
+        "settings": asdict(s),
+        "success_rate": scored["success"],
+        **scored["metrics"],
+        "transfer": [],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "attack.json").write_text(json.dumps({**result, "substitutions": scored["pairs"]}, indent=1))
+    write_caption_report(out, result, scored["pairs"])
+    return result
+
+
 def attack_split(
     checkpoint: str | Path, source: str | Path, out: str | Path, **settings: Any
 ) -> dict[str, Any]:
@@ -204,6 +233,8 @@ def attack_split(
     check_has_images("", store)
     records = store.records  # the readable ones
     targets = task_targets(model, tokenizer, records, s.task, s.column, cfg, sets)
+    if s.method == "words":
+        return _words(out, records, store, targets, cfg, sets, s, (model, tokenizer, checkpoint, source))
     guide = guidance_sets(model, tokenizer, records, targets, cfg.batch_size) if s.method == "sga" else ()
     deltas, learned = _universal(model, tokenizer, s, out) if s.method == "uap" else ({"attacked": None}, {})
     stores, largest = {"clean": store}, {}

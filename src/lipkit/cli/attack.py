@@ -32,7 +32,8 @@ def attack(
         "--method",
         help="pgd: white-box projected gradient ascent per image; sga: SGA's set-level guidance (texts and "
         "scales) for attacks that transfer; uap: one universal perturbation for every image, learned on --train "
-        "with C-PGC's contrastive loss (compared with random noise of the same ε).",
+        "with C-PGC's contrastive loss (compared with random noise of the same ε); words: replace caption words "
+        "by their nearest vocabulary words (text→image retrieval, --task retrieval).",
     ),
     task: str = typer.Option(
         "zeroshot",
@@ -50,6 +51,10 @@ def attack(
     ),
     train: str = typer.Option("", "--train", help="uap: the table the perturbation is learned on."),
     gallery: int = typer.Option(12, "--gallery", help="Clean/adversarial pairs shown in OUT/report.html."),
+    words: int = typer.Option(1, "--words", help="words: words changed per caption at most."),
+    candidates: int = typer.Option(
+        10, "--candidates", help="words: nearest vocabulary words tried per word."
+    ),
     transfer: list[str] = typer.Option(
         [], "--transfer", help="Another checkpoint to score the same adversarial images on (repeatable)."
     ),
@@ -85,6 +90,8 @@ def attack(
         gallery=gallery,
         transfer=list(transfer),
         save_images=save_images,
+        words=words,
+        candidates=candidates,
     )
     names = [n for n in ("clean", "attacked", "random") if n in result]
     shown = {}
