@@ -93,6 +93,12 @@ def attack(
         words=words,
         candidates=candidates,
     )
+    _show(result, column, out)
+
+
+def _show(result: dict, column: str, out: Path) -> None:
+    """One JSON line of the headline metrics (clean, attacked[, random]) and success rates, one per transfer
+    target."""
     names = [n for n in ("clean", "attacked", "random") if n in result]
     shown = {}
     for key in (m.format(column=column) for m in METRICS):
