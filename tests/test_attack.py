@@ -308,18 +308,15 @@ def test_transfer_to_itself_is_the_white_box_result_and_saved_images_score_the_s
 def test_stores_are_resized_for_a_target_of_another_image_size(table):
     from lipkit.attack.scoring import resized
     from lipkit.data.image_store import ImageStore
+    from lipkit.data.sources.registry import read_table
 
-    records, _, model = _tiny(
-        table,
-    )
-    store = ImageStore(records[:3], 32, cache=True, desc="test")
+    store = ImageStore(read_table(table)[:3], 32, cache=True, desc="test")
     assert resized(store, 32) is store
+    before = store.cache.clone()
     small = resized(store, 16)
-    assert (
-        small.cache.shape == (3, 3, 16, 16)
-        and small.cache.dtype == torch.uint8
-        and store.cache.shape[-1] == 32
-    )
+    want = F.interpolate(before.float(), size=(16, 16), mode="bilinear", antialias=True).round().clamp(0, 255)
+    assert small.cache.dtype == torch.uint8 and torch.equal(small.cache, want.to(torch.uint8))
+    assert torch.equal(store.cache, before) and small.size == 16 and store.size == 32
 
 
 def test_word_substitution_keeps_to_its_budget_and_never_lowers_the_loss(table):
@@ -381,7 +378,9 @@ def test_the_words_attack_scores_the_split_with_its_adversarial_captions(table, 
     )
     assert r.exit_code == 0, r.output + repr(r.exception)
     saved = json.loads((tmp_path / "w" / "attack.json").read_text())
-    assert saved["changed_captions"] == len(saved["substitutions"]) <= saved["captions"]
+    for sub in saved["substitutions"]:  # one word changed, the others as they were
+        before, after = sub["caption"].split(), sub["adversarial"].split()
+        assert len(before) == len(after) and sum(a != b for a, b in zip(before, after, strict=True)) == 1
     from lipkit.data.records import spread_subset
     from lipkit.data.sources.registry import read_table
 
@@ -389,5 +388,36 @@ def test_the_words_attack_scores_the_split_with_its_adversarial_captions(table, 
     produced = [p["adversarial"] for p in saved["substitutions"]]
     assert len(set(produced)) == len(produced) and not set(produced) & clean  # no query merged or borrowed
     assert "Changed captions" in (tmp_path / "w" / "report.html").read_text()
-    r = _attack([tmp_path / "ckpt", table, tmp_path / "z", "--method", "words", "--limit", "4"])
-    assert isinstance(r.exception, UserError) and "--task retrieval" in str(r.exception)
+    for args, needle in (
+        (["--method", "words", "--limit", "4"], "--task retrieval"),
+        (["--method", "words", "--task", "retrieval", "--save-images"], "drop --transfer and --save-images"),
+        (["--transfer", tmp_path / "nowhere"], "nowhere"),
+        (["--method", "uap", "--train", table, "--steps", "0"], "--steps ≥ 1"),
+    ):
+        r = _attack([tmp_path / "ckpt", table, tmp_path / "z", "--limit", "4", *args])
+        assert isinstance(r.exception, UserError) and needle in str(r.exception), (args, r.output)
+    assert not (tmp_path / "z" / "attack.json").exists()
+    bare = tmp_path / "bare.jsonl"  # a --train table without captions
+    rows = [json.loads(line) for line in table.read_text().splitlines()[:8]]
+    bare.write_text(
+        "".join(
+            json.dumps({**row, "image": str(table.parent / row["image"]), "captions": []}) + "\n"
+            for row in rows
+        )
+    )
+    r = _attack(
+        [
+            tmp_path / "ckpt",
+            table,
+            tmp_path / "b",
+            "--limit",
+            "4",
+            "--method",
+            "uap",
+            "--train",
+            bare,
+            "--steps",
+            "1",
+        ]
+    )
+    assert isinstance(r.exception, UserError) and "has no usable rows" in str(r.exception), r.output

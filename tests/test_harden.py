@@ -47,7 +47,7 @@ def test_one_step_is_pgd_on_the_current_weights_then_adamw_on_the_image_tower(ta
 
     records, _, model = _tiny(table)
     store = _store(records, model)
-    s = HardenSettings(steps=1, batch_size=4, eps=8 / 255, attack_steps=2, lr=1e-2)
+    s = HardenSettings(method="fare", steps=1, batch_size=4, eps=8 / 255, attack_steps=2, lr=1e-2)
     by_hand = copy.deepcopy(model)
     fine_tune(model, store, s)
     x = store.get(_batches(len(store.records), s)[0].tolist()).float() / 255
@@ -74,7 +74,7 @@ def test_fare_makes_the_tower_harder_to_move_and_trains_nothing_else(table):
     records, _, model = _tiny(table, n=24)
     store = _store(records, model)
     before = copy.deepcopy(model)
-    s = HardenSettings(steps=40, batch_size=8, eps=16 / 255, attack_steps=3, lr=3e-3)
+    s = HardenSettings(method="fare", steps=40, batch_size=8, eps=16 / 255, attack_steps=3, lr=3e-3)
     trained = fine_tune(model, store, s)
     assert trained["trainable_parameters"] == sum(p.numel() for p in model.visual.parameters())
     for (name, a), b in zip(model.state_dict().items(), before.state_dict().values(), strict=True):
@@ -113,7 +113,7 @@ def test_the_cli_saves_a_checkpoint_that_loads_and_refuses_in_one_sentence(table
         hardened, _, info = load_checkpoint(tmp_path / method / "checkpoint")
         assert info["adapted"]["method"] == method and info["adapted"]["eps"] == pytest.approx(2 / 255)
         assert ("column" in info["adapted"]) == (method == "tecoa")
-    again = _harden([tmp_path / "ckpt", tmp_path / "fare2", "--data", table, *quick])
+    again = _harden([tmp_path / "ckpt", tmp_path / "fare2", "--data", table, "--method", "fare", *quick])
     assert again.exit_code == 0
     a = load_checkpoint(tmp_path / "fare" / "checkpoint")[0].state_dict()
     b = load_checkpoint(tmp_path / "fare2" / "checkpoint")[0].state_dict()
@@ -126,5 +126,5 @@ def test_the_cli_saves_a_checkpoint_that_loads_and_refuses_in_one_sentence(table
         r = _harden([tmp_path / "ckpt", tmp_path / "x", "--data", table, *quick, *args])
         assert r.exit_code != 0 and isinstance(r.exception, UserError), r.output
         assert needle in str(r.exception)
-    r = _harden([tmp_path / "ckpt", tmp_path / "fare", "--data", table, *quick])
+    r = _harden([tmp_path / "ckpt", tmp_path / "fare", "--data", table, "--method", "fare", *quick])
     assert isinstance(r.exception, UserError) and "--overwrite" in str(r.exception)

@@ -49,7 +49,7 @@ METHODS = ("fare", "tecoa")
 
 @dataclass
 class HardenSettings:
-    method: str = "fare"
+    method: str = "tecoa"
     eps: float = 2 / 255  # the ℓ∞ budget trained against
     attack_steps: int = 5  # PGD steps of the inner max (the papers: 10)
     step_size: float | None = None  # None: max(ε/4, 1/255), as `lipkit attack`
@@ -75,6 +75,8 @@ def _check(s: HardenSettings, out: Path, overwrite: bool) -> None:
         )
     if s.steps < 1 or s.batch_size < 1 or not s.lr > 0:
         raise UserError("--steps and --batch-size must be at least 1 and --lr above 0.")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"Output '{out}' is a file; choose a directory path.")
     if (out / "checkpoint").exists() and not overwrite:
         raise UserError(f"'{out / 'checkpoint'}' already exists; choose another OUT or pass --overwrite.")
 
@@ -99,10 +101,28 @@ def _batches(n: int, s: HardenSettings) -> list[torch.Tensor]:
     return [order[i * s.batch_size : (i + 1) * s.batch_size] for i in range(s.steps)]
 
 
+class FrozenImageSide(torch.nn.Module):
+    """φ₀ for FARE: a frozen copy of the model's image tower and image adapter (not the text tower)."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.spec = model.spec
+        self.visual = copy.deepcopy(model.visual).requires_grad_(False)
+        self.image_adapter = copy.deepcopy(model.image_adapter)
+        if self.image_adapter is not None:
+            self.image_adapter.requires_grad_(False)
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        feats = self.visual(images)
+        feats = self.image_adapter(feats) if self.image_adapter is not None else feats
+        return torch.nn.functional.normalize(feats, dim=-1) if normalize else feats
+
+
 def fine_tune(model, store: ImageStore, s: HardenSettings, classes=None, labels=None) -> dict[str, Any]:
-    """Train `model.visual` in place (module docstring); the first and last steps' clean and adversarial
-    losses."""
-    original = copy.deepcopy(model).requires_grad_(False)
+    """Train `model.visual` in place (module docstring); the first and last steps' losses, clean and
+    adversarial, both before that step's update. The model's requires_grad flags are restored."""
+    flags = [p.requires_grad for p in model.parameters()]
+    original = FrozenImageSide(model) if s.method == "fare" else None
     params = list(model.visual.parameters())
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
     gen = torch.Generator().manual_seed(s.seed)
@@ -114,16 +134,18 @@ def fine_tune(model, store: ImageStore, s: HardenSettings, classes=None, labels=
         loss_fn = _loss(model, original, s, x, y, classes)
         model.requires_grad_(False)  # the inner max needs the image's gradient only
         adversarial = pgd(loss_fn, x, s.eps, s.attack_steps, s.step_size, "linf", gen)
+        if step in (0, s.steps - 1):
+            with torch.no_grad():
+                clean = float(loss_fn(x).mean())
         model.visual.requires_grad_(True)
         loss = loss_fn(adversarial).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step in (0, s.steps - 1):
-            with torch.no_grad():
-                clean = float(loss_fn(x).mean())
-                history.append({"step": step + 1, "adversarial": float(loss), "clean": clean})
-    model.requires_grad_(True)
+            history.append({"step": step + 1, "adversarial": float(loss.detach()), "clean": clean})
+    for p, flag in zip(model.parameters(), flags, strict=True):
+        p.requires_grad_(flag)
     return {"trainable_parameters": sum(p.numel() for p in params), "loss": history}
 
 

@@ -1,6 +1,7 @@
 """OUT/report.html of `lipkit attack`: the metrics clean and under attack side by side, the universal
 perturbation when there is one, and a gallery of clean/adversarial pairs — each with what the model
-answered, and the change amplified so that it can be seen (mid-grey is no change, ±ε is black/white).
+answered, and the change amplified so that it can be seen (mid-grey is no change; ±ε is black/white for
+ℓ∞, the pair's largest change for ℓ2).
 The page is self-contained (images as data URIs), in the style of `lipkit report`."""
 
 from __future__ import annotations
@@ -101,7 +102,9 @@ def write_report(
     rows = []
     for i in chosen(right, s["gallery"]):
         clean, adv = stores["clean"].cache[i], stores["attacked"].cache[i]
-        change = amplified((adv.float() - clean.float()) / 255, s["eps"])
+        moved = (adv.float() - clean.float()) / 255
+        # ℓ∞: ±ε is black/white; ℓ2 (ε is the image's radius): the pair's largest pixel change is
+        change = amplified(moved, s["eps"] if s["norm"] == "linf" else float(moved.abs().max()))
         rows.append(
             '<div class="query">'
             + _figure(clean, f"clean: {labels[best['clean'][i]]}", bool(right["clean"][i]))

@@ -95,10 +95,12 @@ def _check(s: AttackSettings) -> None:
         )
     if s.method == "sga" and s.norm != "linf":
         raise UserError("--method sga is an ℓ∞ attack; pass --norm linf.")
-    if s.method == "uap" and (not s.train or s.norm != "linf"):
+    if s.method == "uap" and (not s.train or s.norm != "linf" or s.steps < 1):
         raise UserError(
-            "--method uap learns one ℓ∞ perturbation on a table: pass --train TABLE (and --norm linf)."
+            "--method uap learns one ℓ∞ perturbation on a table: pass --train TABLE, --steps ≥ 1 and --norm linf."
         )
+    if s.method == "words" and (s.transfer or s.save_images):
+        raise UserError("--method words changes captions, not images: drop --transfer and --save-images.")
 
 
 def _loss(model, s: AttackSettings, targets: Targets, rows: range, guide: tuple, gen) -> Loss:
@@ -138,13 +140,22 @@ def perturb(
 
 def _universal(model, tokenizer, s: AttackSettings, out: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """uap: δ learned on --train (attack.universal) and the random δ of the same ε; δ saved to OUT."""
+    rows = read_table(s.train)
+    if not rows:
+        raise UserError(
+            f"--train '{s.train}' has no usable rows (each needs an image and a caption); fix it."
+        )
     train = ImageStore(
-        spread_subset(read_table(s.train), s.steps * s.batch_size),
+        spread_subset(rows, s.steps * s.batch_size),
         model.spec.image_size,
         cache=True,
         desc="uap train",
     )
     check_has_images("", train)
+    if not all(r.captions for r in train.records):
+        raise UserError(
+            f"--train '{s.train}' needs a caption for every image (C-PGC's loss reads them); give each row one."
+        )
     settings = UniversalSettings(s.eps, s.steps, s.batch_size, s.step_size, seed=s.seed)
     delta, losses = learn_universal(model, tokenizer, train, settings)
     out.mkdir(parents=True, exist_ok=True)
@@ -159,9 +170,9 @@ def _load(path: str | Path, s: AttackSettings) -> tuple:
     return model.to(pick_device("auto")).eval().requires_grad_(False), tokenizer
 
 
-def _transfer(path: str, records, stores: dict, s: AttackSettings, cfg: EvalConfig, sets: dict) -> dict:
+def _transfer(path: str, loaded: tuple, records, stores: dict, s: AttackSettings, cfg, sets: dict) -> dict:
     """Another checkpoint's metrics on the same clean and adversarial images (its own text tower)."""
-    model, tokenizer = _load(path, s)
+    model, tokenizer = loaded
     own = {name: resized(st, model.spec.image_size) for name, st in stores.items()}
     targets = task_targets(model, tokenizer, records, s.task, s.column, cfg, sets)
     scored = score_stores(model, tokenizer, records, cfg, sets, own, targets)
@@ -218,6 +229,7 @@ def attack_split(
     if out.exists() and not out.is_dir():
         raise UserError(f"Output '{out}' is a file; choose a directory path.")
     model, tokenizer = _load(checkpoint, s)
+    targets_loaded = [_load(path, s) for path in s.transfer]  # refused before the attack, not after
     cfg = EvalConfig(
         class_columns=[s.column] if s.task == "zeroshot" else [],
         templates=s.templates,
@@ -251,7 +263,10 @@ def attack_split(
         "success_rate": scored["success"]["attacked"],
         **({"random_success_rate": scored["success"]["random"], "universal": learned} if learned else {}),
         **scored["metrics"],
-        "transfer": [_transfer(path, records, stores, s, cfg, sets) for path in s.transfer],
+        "transfer": [
+            _transfer(path, loaded, records, stores, s, cfg, sets)
+            for path, loaded in zip(s.transfer, targets_loaded, strict=True)
+        ],
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "attack.json").write_text(json.dumps(result, indent=1))

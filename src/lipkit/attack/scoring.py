@@ -133,6 +133,10 @@ def resized(store: ImageStore, size: int) -> ImageStore:
     if store.cache.shape[-1] == size:
         return store
     out = copy.copy(store)
-    x = F.interpolate(store.cache.float(), size=(size, size), mode="bilinear", antialias=True)
-    out.cache, out.size = x.round().clamp(0, 255).to(torch.uint8), size
+    out.cache, out.size = torch.empty(len(store.cache), 3, size, size, dtype=torch.uint8), size
+    for i in range(0, len(store.cache), 256):  # in chunks: the float copy of a whole split is large
+        x = F.interpolate(
+            store.cache[i : i + 256].float(), size=(size, size), mode="bilinear", antialias=True
+        )
+        out.cache[i : i + 256] = x.round().clamp(0, 255).to(torch.uint8)
     return out

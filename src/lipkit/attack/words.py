@@ -48,7 +48,7 @@ class Vocabulary:
         self.tok = Tokenizer.from_str(tokenizer.tok.to_str())  # own copy, unpadded: one word's own ids
         self.tok.no_padding()
         self.tok.no_truncation()
-        vocab = self.tok.get_vocab_size()
+        vocab = min(self.tok.get_vocab_size(), model.spec.vocab_size)  # added tokens beyond the table: none
         with torch.no_grad():
             ids = torch.arange(vocab, device=model.device).unsqueeze(0)
             self.table = model.text.word_embedding(ids)[0].float().cpu()
@@ -62,6 +62,10 @@ class Vocabulary:
         self.ids = torch.tensor(keep, dtype=torch.long)
         self.words = [words[v] for v in keep]
         self.unit = F.normalize(self.table[self.ids], dim=-1)
+
+    def key(self, text: str) -> tuple[int, ...]:
+        """What the model reads of a text (its token ids): two texts with one key are one caption to it."""
+        return tuple(self.tok.encode(text, add_special_tokens=False).ids)
 
     def nearest(self, word: str, k: int) -> list[str]:
         """The k whole words nearest to `word` (not itself) by cosine of the mean input embedding."""
@@ -79,7 +83,7 @@ def caption_losses(
 ):
     """L(c) for each text (module docstring); `relevant` (len(texts), N) bool over the images (N, D)."""
     emb = embed_texts(model, tokenizer, texts, batch).float()
-    logp = torch.log_softmax(model.scale().detach().float() * emb @ images.t(), dim=1)
+    logp = torch.log_softmax(model.scale().detach().float().cpu() * emb @ images.t(), dim=1)
     return -logp.masked_fill(~relevant, float("-inf")).logsumexp(1)
 
 
@@ -94,7 +98,7 @@ def substitute(
     taken=frozenset(),
 ):
     """The caption with up to `s.words` words replaced (module docstring); `own` (N,) its relevant images;
-    a result in `taken` (the split's other captions and those already produced) is not tried."""
+    a result whose token ids are in `taken` (the split's other captions, those already produced) is not tried."""
     words = caption.split()
     if not words:
         return caption
@@ -110,7 +114,7 @@ def substitute(
         options, tried = [], []
         for w in vocab.nearest(words[i], s.candidates):
             text = " ".join(words[:i] + [w] + words[i + 1 :])
-            if text not in taken:
+            if vocab.key(text) not in taken:
                 options.append(w)
                 tried.append(text)
         if not options:
@@ -119,7 +123,7 @@ def substitute(
         best = int(losses.argmax())
         if losses[best] > base:
             words[i], base, changed = options[best], losses[best], changed + 1
-    return " ".join(words)
+    return " ".join(words) if changed else caption
 
 
 def attack_captions(
@@ -127,10 +131,10 @@ def attack_captions(
 ):
     """{caption: adversarial caption} for each distinct caption; `relevant` (T, N), `images` (N, D) normalised."""
     vocab = Vocabulary(model, tokenizer)
-    taken, out = set(texts), {}
+    taken, out = {vocab.key(t) for t in texts}, {}
     for j, t in enumerate(track(texts, description="word substitution")):
         out[t] = substitute(model, tokenizer, vocab, t, relevant[j], images, s, taken)
-        taken.add(out[t])
+        taken.add(vocab.key(out[t]))
     return out
 
 

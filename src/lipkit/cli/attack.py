@@ -119,10 +119,11 @@ def harden(
     out: Path = typer.Argument(..., help="Run folder: the hardened checkpoint goes to OUT/checkpoint."),
     data: str = typer.Option(..., "--data", help="The table whose images it trains on (e.g. train.jsonl)."),
     method: str = typer.Option(
-        "fare",
+        "tecoa",
         "--method",
-        help="fare: keep each image's embedding where it was under attack (no labels); "
-        "tecoa: zero-shot cross-entropy of --column under attack.",
+        help="tecoa: the zero-shot cross-entropy of --column's classes under attack (needs labels); "
+        "fare: keep each image's embedding where it was, under attack (no labels; see docs/robustness.md "
+        "for its learning rate).",
     ),
     eps: str = typer.Option(
         "2/255", "--eps", help="ℓ∞ budget trained against (a fraction of the pixel range)."
