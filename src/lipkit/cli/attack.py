@@ -44,10 +44,10 @@ def attack(
     eps: str = typer.Option("2/255", "--eps", help="Budget ε as a fraction of the pixel range (0 = clean)."),
     norm: str = typer.Option("linf", "--norm", help="linf (each pixel within ε) or l2 (the image's norm)."),
     steps: int | None = typer.Option(
-        None, "--steps", help="pgd: ascent steps (10); uap: training batches (200)."
+        None, "--steps", help="pgd, sga: ascent steps (10); uap: training batches (200)."
     ),
     step_size: str = typer.Option(
-        "", "--step-size", help="Step α (pgd: ε/4, for linf at least 1/255; uap: ε/8)."
+        "", "--step-size", help="Step α (pgd: ε/4, for linf at least 1/255; sga: 0.5/255; uap: ε/8)."
     ),
     train: str = typer.Option("", "--train", help="uap: the table the perturbation is learned on."),
     gallery: int = typer.Option(12, "--gallery", help="Clean/adversarial pairs shown in OUT/report.html."),
@@ -67,8 +67,9 @@ def attack(
     batch_size: int = typer.Option(64, "--batch-size", help="Images per attack batch (and eval batch)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random starts."),
 ) -> None:
-    """Perturb a split's images (PGD, or one universal perturbation) and report its metrics clean and under
-    attack, with a gallery of clean/adversarial pairs in OUT/report.html (docs/robustness.md)."""
+    """Perturb a split's images (PGD, SGA, one universal perturbation) or its captions (words) and report its
+    metrics clean and under attack, on this checkpoint and any --transfer ones, with a gallery of
+    clean/adversarial pairs in OUT/report.html (docs/robustness.md)."""
     from lipkit.attack.run import attack_split
 
     alpha = _fraction(step_size, "--step-size") if step_size else None
@@ -122,8 +123,8 @@ def harden(
         "tecoa",
         "--method",
         help="tecoa: the zero-shot cross-entropy of --column's classes under attack (needs labels); "
-        "fare: keep each image's embedding where it was, under attack (no labels; see docs/robustness.md "
-        "for its learning rate).",
+        "fare: keep each image's embedding where it was, under attack (no labels; docs/robustness.md has "
+        "what it did at this budget).",
     ),
     eps: str = typer.Option(
         "2/255", "--eps", help="ℓ∞ budget trained against (a fraction of the pixel range)."
