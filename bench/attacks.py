@@ -40,19 +40,21 @@ def _pct(x):
 
 def universal(args) -> list[dict]:
     rows = []
-    for eps in (2, 4):
+    for eps in args.uap_eps:
         start = time.perf_counter()
         r = attack_split(
             args.checkpoint,
             default_root() / "test-style.jsonl",
-            args.runs / f"uap-{eps}",
+            args.runs / f"uap-{eps}-{args.uap_steps}",
             method="uap",
             train=str(default_root() / "train.jsonl"),
             eps=eps / 255,
+            steps=args.uap_steps,
         )
         rows.append(
             {
                 "eps (/255)": eps,
+                "steps": args.uap_steps,
                 "images": r["images"],
                 "clean": _pct(r["clean"][ZS]),
                 "uap": _pct(r["attacked"][ZS]),
@@ -228,6 +230,8 @@ def main() -> None:
     )
     ap.add_argument("--runs", type=Path, default=Path("runs/attack-bench"))
     ap.add_argument("--limit", type=int, default=256)
+    ap.add_argument("--uap-eps", type=int, nargs="*", default=[2, 4], help="uap: budgets in 1/255")
+    ap.add_argument("--uap-steps", type=int, default=200, help="uap: training batches of 64")
     ap.add_argument(
         "--parts", nargs="*", default=["words", "transfer", "uap"], choices=["words", "transfer", "uap"]
     )
@@ -241,7 +245,12 @@ def main() -> None:
         for name in args.parts:
             if name == "transfer":
                 export(args)
-            done[name] = parts[name](args)
+            rows = parts[name](args)
+            if name == "uap":  # rows of other (ε, steps) kept
+                keep = {(r["eps (/255)"], r.get("steps", 200)) for r in rows}
+                old = [r for r in done.get("uap", []) if (r["eps (/255)"], r.get("steps", 200)) not in keep]
+                rows = old + rows
+            done[name] = rows
             args.out.write_text(json.dumps(done, indent=1))
     print(json.dumps(done, indent=1))
 
