@@ -42,15 +42,21 @@ def test_fare_loss_is_the_squared_distance_to_the_frozen_embedding(table):
 
 
 def test_one_step_is_pgd_on_the_current_weights_then_adamw_on_the_image_tower(table):
-    from lipkit.attack.harden import HardenSettings, _batches, fine_tune
+    from lipkit.attack.harden import HardenSettings, fine_tune
     from lipkit.attack.pgd import embeddings, pgd
+    from lipkit.data.image_store import epoch_batches
 
     records, _, model = _tiny(table)
     store = _store(records, model)
     s = HardenSettings(method="fare", steps=1, batch_size=4, eps=8 / 255, attack_steps=2, lr=1e-2)
     by_hand = copy.deepcopy(model)
     fine_tune(model, store, s)
-    x = store.get(_batches(len(store.records), s)[0].tolist()).float() / 255
+    x = (
+        store.get(
+            epoch_batches(len(store.records), 1, 4, torch.Generator().manual_seed(s.seed))[0].tolist()
+        ).float()
+        / 255
+    )
     with torch.no_grad():
         reference = embeddings(by_hand, x)
     loss = lambda z: (embeddings(by_hand, z) - reference).pow(2).sum(1)  # noqa: E731

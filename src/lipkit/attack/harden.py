@@ -37,7 +37,7 @@ from lipkit.attack.pgd import Loss, embeddings, pgd, zeroshot_loss
 from lipkit.attack.scoring import check_model, task_targets
 from lipkit.checkpoint import load_checkpoint
 from lipkit.config_eval import EvalConfig
-from lipkit.data.image_store import ImageStore
+from lipkit.data.image_store import ImageStore, epoch_batches
 from lipkit.data.records import spread_subset
 from lipkit.data.sources.registry import eval_labels, read_table
 from lipkit.device import pick_device
@@ -94,13 +94,6 @@ def _loss(model, original, s: HardenSettings, x: torch.Tensor, labels, classes) 
     return zeroshot_loss(model, classes.to(x.device), labels.to(x.device))
 
 
-def _batches(n: int, s: HardenSettings) -> list[torch.Tensor]:
-    """`steps` batches of row indices: seeded permutations of the table, one after another."""
-    gen = torch.Generator().manual_seed(s.seed)
-    order = torch.cat([torch.randperm(n, generator=gen) for _ in range(-(-s.steps * s.batch_size // n))])
-    return [order[i * s.batch_size : (i + 1) * s.batch_size] for i in range(s.steps)]
-
-
 class FrozenImageSide(torch.nn.Module):
     """φ₀ for FARE: a frozen copy of the model's image tower and image adapter (not the text tower)."""
 
@@ -127,7 +120,7 @@ def fine_tune(model, store: ImageStore, s: HardenSettings, classes=None, labels=
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
     gen = torch.Generator().manual_seed(s.seed)
     history = []
-    batches = _batches(len(store.records), s)
+    batches = epoch_batches(len(store.records), s.steps, s.batch_size, torch.Generator().manual_seed(s.seed))
     for step, rows in enumerate(track(batches, description=f"{s.method} ε={s.eps:.4g}")):
         x = store.get(rows.tolist()).to(model.device).float() / 255.0
         y = labels[rows] if labels is not None else None

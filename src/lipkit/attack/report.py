@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from lipkit.eval.report import CSS
-from lipkit.eval.report_figures import esc, png_uri
+from lipkit.eval.report_figures import esc, html_page, png_uri
 
 SHOWN_SIDE = 96  # pixels each thumbnail is drawn at
 
@@ -136,11 +136,7 @@ def _page(out: Path, result: dict[str, Any], parts: list[str]) -> Path:
             ("steps", s["steps"]),
         )
     )
-    page = (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>lipkit attack — {esc(out.name)}</title>"
-        f"<style>{CSS}</style></head><body><header><h1>lipkit attack</h1><dl>{header}</dl></header>"
-        f"<main>{''.join(parts)}</main></body></html>"
-    )
+    page = html_page(f"lipkit attack — {out.name}", "lipkit attack", header, "".join(parts), CSS)
     path = out / "report.html"
     path.write_text(page, encoding="utf-8")
     return path

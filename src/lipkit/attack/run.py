@@ -151,11 +151,7 @@ def _universal(model, tokenizer, s: AttackSettings, out: Path) -> tuple[dict[str
         cache=True,
         desc="uap train",
     )
-    check_has_images("", train)
-    if not all(r.captions for r in train.records):
-        raise UserError(
-            f"--train '{s.train}' needs a caption for every image (C-PGC's loss reads them); give each row one."
-        )
+    check_has_images("", train)  # read_table has dropped rows without a caption (C-PGC's loss reads them)
     settings = UniversalSettings(s.eps, s.steps, s.batch_size, s.step_size, seed=s.seed)
     delta, losses = learn_universal(model, tokenizer, train, settings)
     out.mkdir(parents=True, exist_ok=True)

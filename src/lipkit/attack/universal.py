@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from rich.progress import track
 
 from lipkit.attack.pgd import embeddings
-from lipkit.data.image_store import ImageStore
+from lipkit.data.image_store import ImageStore, epoch_batches
 from lipkit.eval.embedding import embed_texts
 from lipkit.eval.evaluate import RetrievalTexts
 
@@ -43,7 +43,7 @@ from lipkit.eval.evaluate import RetrievalTexts
 @dataclass
 class UniversalSettings:
     eps: float = 2 / 255
-    steps: int = 300
+    steps: int = 200
     batch_size: int = 32
     step_size: float | None = None  # None: ε/8
     tau: float = 0.1
@@ -68,11 +68,6 @@ def farthest(clean: torch.Tensor, texts: torch.Tensor, relevant: torch.Tensor) -
     return (clean @ means.t()).argmin(1)
 
 
-def _batches(n: int, s: UniversalSettings, gen: torch.Generator) -> list[torch.Tensor]:
-    order = torch.cat([torch.randperm(n, generator=gen) for _ in range(-(-s.steps * s.batch_size // n))])
-    return [order[i * s.batch_size : (i + 1) * s.batch_size] for i in range(s.steps)]
-
-
 def learn_universal(
     model, tokenizer, store: ImageStore, s: UniversalSettings, text_batch: int = 256
 ) -> tuple[torch.Tensor, list[float]]:
@@ -86,7 +81,9 @@ def learn_universal(
     delta = (torch.rand(3, size, size, generator=gen) * 2 - 1).to(device) * s.eps
     alpha = s.step_size or s.eps / 8
     losses = []
-    for rows in track(_batches(len(store.records), s, gen), description=f"uap ε={s.eps:.4g}"):
+    for rows in track(
+        epoch_batches(len(store.records), s.steps, s.batch_size, gen), description=f"uap ε={s.eps:.4g}"
+    ):
         x = store.get(rows.tolist()).to(device).float() / 255.0
         with torch.no_grad():
             clean = F.normalize(embeddings(model, x), dim=-1)

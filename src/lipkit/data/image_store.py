@@ -57,6 +57,13 @@ def worker_loader(dataset: Any, workers: int, seed: int, **kw: Any) -> DataLoade
     )
 
 
+def epoch_batches(n: int, steps: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """`steps` batches of row indices into n rows: seeded permutations of all n, one after another (each
+    row seen once per pass)."""
+    order = torch.cat([torch.randperm(n, generator=gen) for _ in range(-(-steps * batch_size // n))])
+    return [order[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
+
+
 class ImageStore:
     """uint8 images by index: decoded once into memory, or read from disk in worker processes.
 

@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 from PIL import Image
 
-from lipkit.eval.report_figures import esc, load_image, mpl, png_uri, save, slug
+from lipkit.eval.report_figures import esc, html_page, load_image, mpl, png_uri, save, slug
 from lipkit.eval.report_maps import localization_figure
 
 __all__ = ["write_report"]
@@ -313,11 +313,7 @@ def write_report(run_dir: Path, results: dict | None = None, out_dir: Path | Non
             f"{_examples(split.get('examples') or [], thumbs)}"
             f"{_captions(split.get('captions') or [], thumbs)}{_composed(split.get('composed'), thumbs)}</section>"
         )
-    page = (
-        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>lipkit report: '
-        f"{esc(run_dir.name)}</title><style>{CSS}</style></head><body><header><h1>lipkit run report"
-        f"</h1><dl>{header}</dl></header><main>{''.join(body)}</main></body></html>\n"
-    )
+    page = html_page(f"lipkit report: {run_dir.name}", "lipkit run report", header, "".join(body), CSS)
     index = out_dir / "index.html"
     index.write_text(page, encoding="utf-8")
     return index

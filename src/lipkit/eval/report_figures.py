@@ -19,6 +19,15 @@ def esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
+def html_page(title: str, heading: str, header: str, body: str, css: str) -> str:
+    """A self-contained page: `header` the <dl> items under the <h1>, `body` the <main> content."""
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
+        f"<style>{css}</style></head><body><header><h1>{esc(heading)}</h1><dl>{header}</dl></header>"
+        f"<main>{body}</main></body></html>\n"
+    )
+
+
 def png_uri(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
