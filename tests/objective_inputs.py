@@ -30,6 +30,8 @@ def _makers(b: int, d: int) -> dict[str, Callable[[], torch.Tensor]]:
         "image_features_2": lambda: _unit(b, d, seed=130),
         "text_features_2": lambda: _unit(b, d, seed=131),
         "image_tokens": lambda: _unit(b, 3, d, seed=132),
+        "script_features": lambda: _unit(b, 3, d, seed=148),  # 3 sentences a clip
+        "frame_features": lambda: torch.randn(b, 4, d, generator=g, dtype=F64).requires_grad_(),  # 4 frames
         "text_tokens": lambda: _unit(b, 5, d, seed=133),
         "text_mask": lambda: torch.ones(b, 5, dtype=torch.bool),  # the trainer's dtypes: bool and int64
         "caption_owner": lambda: torch.arange(b),
@@ -141,6 +143,13 @@ def bind_for_inputs(objective: nn.Module, inputs: dict) -> None:
         objective.double()
 
 
+def size_heads(objective: nn.Module, d: int) -> None:
+    """An objective with a head of its own sized to the features (script ordering), sized to `d`, float64."""
+    if hasattr(objective, "bind_width"):
+        objective.bind_width(d)
+        objective.double()
+
+
 def declared_inputs(objective: nn.Module) -> tuple[str, ...]:
     return tuple(getattr(objective, "inputs", POOLED))
 
@@ -154,6 +163,7 @@ def objective_inputs(objective: nn.Module, b: int = 4, d: int = 8) -> dict[str, 
     )
     inputs = {name: makers[name]() for name in declared_inputs(objective)}
     bind_for_inputs(objective, inputs)
+    size_heads(objective, d)
     return inputs
 
 

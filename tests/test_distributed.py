@@ -33,7 +33,7 @@ from lipkit.train.regions import RegionTable
 from lipkit.train.sample_labels import SampleLabels
 from lipkit.train.trainer import Trainer
 from test_local_losses import LOCAL_CASES
-from tiny_batch import BATCH, SPEC, WORDS, batch
+from tiny_batch import BATCH, SPEC, WORDS, batch, clips
 
 
 def make_trainer(tmp: Path, rank: int, world: int, per_image: int = 1, **train) -> Trainer:
@@ -63,6 +63,8 @@ def make_trainer(tmp: Path, rank: int, world: int, per_image: int = 1, **train) 
         caption_input="embedding" if text_only else "prefix" if prefix else "tokens",
         match_layers=1 if requires(needs, "matcher") else 0,  # the itm objective's fusion head
     )
+    if "frame_features" in needs:  # EZ-CLIP: clips of 4 frames through its prompted ViT
+        settings.update(temporal="ezclip", temporal_frames=4)
     spec = get_spec("tiny", **{**settings, **layout})
     model = DualEncoder(spec)
     if text_only:  # noise drawn per sample and step: the same rows on 1 or 2 ranks
@@ -162,6 +164,8 @@ def one_step(
     trainer = make_trainer(tmp, rank, world, per_image, **dict(train))
     model, cfg = trainer.model, trainer.cfg
     images, captions = batch(per_image)
+    if model.spec.temporal == "ezclip":
+        images = clips()
     if label_first:
         captions = [
             c
@@ -296,7 +300,7 @@ def objective_case(name: str) -> dict:
     """The default-option objective `name` on the test batch: two captions per image for those reading
     every caption (the registry says which), three AdamW steps."""
     needs = objective_needs(build_objective(name))
-    per_image = 2 if any(INPUTS[n].every_caption for n in needs) else 1
+    per_image = 4 if requires(needs, "script") else 2 if any(INPUTS[n].every_caption for n in needs) else 1
     return {"objective": name, "per_image": per_image, "steps": 3}
 
 

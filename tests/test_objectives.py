@@ -16,7 +16,7 @@ from lipkit.objectives.intra_modal import TripleContrast
 from lipkit.objectives.lexlip import LexiconContrast, flops_loss
 from lipkit.objectives.multi_positive import MultiPositiveInfoNCE
 from lipkit.objectives.sigmoid import INIT_LOG_LOGIT_SCALE, INIT_LOGIT_BIAS, INIT_LOGIT_SCALE, SigmoidLoss
-from objective_inputs import declared_inputs, every_input, objective_inputs
+from objective_inputs import declared_inputs, every_input, objective_inputs, size_heads
 
 F64 = torch.float64
 TOL = 1e-10  # the float64 agreement every comparison below reaches (the brief asks for 1e-5)
@@ -524,6 +524,7 @@ def test_every_objective_takes_a_superset_of_inputs_and_ignores_the_rest():
     out = {**every_input(), "something_else": torch.zeros(1)}
     for name in OBJECTIVES:
         objective = build_objective(name)
+        size_heads(objective, out["image_features"].shape[-1])
         loss = objective(**out)
         assert loss.ndim == 0 and torch.isfinite(loss), name
         needed = declared_inputs(objective)

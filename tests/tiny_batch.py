@@ -31,3 +31,9 @@ def batch(per_image: int = 1, seed: int = 1) -> tuple[torch.Tensor, list[str]]:
         for c in range(per_image)
     ]
     return images, captions
+
+
+def clips(frames: int = 4, seed: int = 1) -> torch.Tensor:
+    """BATCH seeded uint8 clips (BATCH, frames, 3, 32, 32), for objectives reading each frame's features."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (BATCH, frames, 3, 32, 32), dtype=torch.uint8, generator=g)

@@ -63,6 +63,10 @@ class DataConfig:
     samples_per_epoch: int = 0  # shards: samples in an epoch (0: count them once, cached beside them)
     shuffle_buffer: int = 1000  # shards: samples in the seeded in-shard shuffle buffer
     max_skip_fraction: float = 0.01  # stop when an epoch skips more than this fraction of its samples
+    # clips and slice stacks (a `frames` column, data/frames.py): frames decoded per sample, and how they
+    # are chosen — uniform (segment centres) or random (one per segment, seeded by the sample's key)
+    num_frames: int = 8
+    frame_sampling: str = "uniform"
 
 
 @dataclass

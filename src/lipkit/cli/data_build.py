@@ -11,7 +11,7 @@ from rich.console import Console
 from lipkit.errors import UserError
 
 console = Console(stderr=True)
-BUILT_IN = ("emoji", "noisy", "canvases", "composed")
+BUILT_IN = ("emoji", "noisy", "canvases", "composed", "motion")
 
 
 def build_canvases(
@@ -52,6 +52,20 @@ def build_composed_benchmark(out: Path | None, source: Path | None, force: bool)
     console.print(f"[bold green]composed[/] {where}: {shown}")
 
 
+def build_motion_clips(
+    out: Path | None, sources: dict, size: int, frames: int, counts: tuple, seed: int, force: bool
+) -> None:
+    """`lipkit data build motion`."""
+    from lipkit.data.builtin.motion import MotionOptions, build_motion, default_out
+
+    s = build_motion(out, sources, MotionOptions(frames, size, counts[0], counts[1], seed), force=force)
+    where = Path(out) if out is not None else default_out()
+    console.print(
+        f"[bold green]motion[/] {where}: {s['clips']['train']} training clips in train.jsonl, "
+        f"{s['clips']['test']} test clips in test.jsonl; {frames} frames of {size}×{size} px each"
+    )
+
+
 def data_build(
     name: str = typer.Argument(..., help=f"Dataset to build; built in: {', '.join(BUILT_IN)}."),
     out: Path = typer.Option(None, "--out", "-o", help="Output folder (default: the user cache dir)."),
@@ -62,19 +76,30 @@ def data_build(
     source: Path = typer.Option(
         None,
         "--source",
-        help="noisy: the captions table to copy (default: the emoji train table); canvases: the table of "
-        "objects for the training canvases (default: the emoji train table); composed: the folder of the "
+        help="noisy: the captions table to copy (default: the emoji train table); canvases, motion: the table "
+        "of objects for the training canvases / clips (default: the emoji train table); composed: the folder of the "
         "emoji tables (default: the emoji build).",
     ),
     test_source: Path = typer.Option(
-        None, "--test-source", help="canvases: the objects of the test canvases (default: emoji test-style)."
+        None,
+        "--test-source",
+        help="canvases, motion: the objects of the test canvases / clips (default: emoji test-style).",
     ),
     mispaired: float = typer.Option(
         0.3, "--mispaired", help="noisy: share of rows given another's captions."
     ),
     duplicates: float = typer.Option(0.1, "--duplicates", help="noisy: share of rows copied once more."),
     jpeg_quality: int = typer.Option(75, "--jpeg-quality", help="noisy: JPEG quality of re-encoded copies."),
-    size: int = typer.Option(256, "--size", help="canvases: side of each canvas in pixels."),
+    size: int = typer.Option(
+        None, "--size", help="canvases: side of each canvas in pixels (256); motion: of each frame (128)."
+    ),
+    frames: int = typer.Option(8, "--frames", help="motion: frames per clip."),
+    train_pairs: int = typer.Option(
+        1600, "--train-pairs", help="motion: training pairs of clips (a motion and its time reverse)."
+    ),
+    test_objects: int = typer.Option(
+        100, "--test-objects", help="motion: test objects, each with all ten motions."
+    ),
     objects: str = typer.Option("2-4", "--objects", help="canvases: objects per canvas, MIN-MAX."),
     scale: str = typer.Option(
         "0.25-0.45", "--scale", help="canvases: an object's longer side as a fraction of the canvas, MIN-MAX."
@@ -91,7 +116,10 @@ def data_build(
     `canvases`: a localisation benchmark — several objects of a table of cut-outs pasted on each canvas,
     with boxes, masks and one caption per object; train.jsonl from the training artists, test.jsonl from
     the held-out one. `composed`: composed image retrieval — the emoji tables as galleries whose rows name
-    the queries they answer (a reference variant of the same concept + "with dark skin tone")."""
+    the queries they answer (a reference variant of the same concept + "with dark skin tone"). `motion`:
+    clips of one object moving left/right/up/down, growing/shrinking, turning or turning into another, each
+    pair of opposite motions the same frames in reverse order; train.jsonl from the training artists,
+    test.jsonl (every motion of each object) from the held-out one."""
     if name == "noisy":
         from lipkit.cli.curate_dedup import build_noisy
 
@@ -99,7 +127,10 @@ def data_build(
     elif name == "canvases":
         sources = {"train": source, "test": test_source}
         counts = (train_canvases, test_canvases)
-        build_canvases(out, sources, size, objects, scale, max_overlap, counts, seed, force)
+        build_canvases(out, sources, size or 256, objects, scale, max_overlap, counts, seed, force)
+    elif name == "motion":
+        sources = {"train": source, "test": test_source}
+        build_motion_clips(out, sources, size or 128, frames, (train_pairs, test_objects), seed, force)
     elif name == "composed":
         build_composed_benchmark(out, source, force)
     elif name == "emoji":

@@ -241,6 +241,11 @@ def serve(
         MAX_PIXELS, help="Largest accepted image, in pixels (decompression-bomb guard)."
     ),
     max_query_chars: int = typer.Option(1000, help="Longest accepted text query."),
+    max_video_frames: int = typer.Option(
+        1800,
+        min=1,
+        help="Most frames decoded from an uploaded video query (its 8 frames are sampled from them).",
+    ),
     device: str = typer.Option("cpu", help="cpu, cuda or auto."),
     log_level: str = typer.Option("info", help="uvicorn log level: debug, info, warning, error."),
     threads: int = typer.Option(
@@ -275,7 +280,10 @@ def serve(
     from lipkit.search.server import serve as run_server
 
     limits = Limits(
-        max_upload_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels, max_query_chars=max_query_chars
+        max_upload_bytes=int(max_upload_mb * 2**20),
+        max_pixels=max_pixels,
+        max_query_chars=max_query_chars,
+        max_video_frames=max_video_frames,
     )
     keys = read_api_keys(api_keys) if api_keys is not None else ()
     if host not in ("127.0.0.1", "localhost", "::1") and not keys:

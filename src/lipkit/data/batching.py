@@ -18,17 +18,22 @@ from typing import Any
 import rich
 import torch
 
+from lipkit.data.frames import try_load_frames
 from lipkit.data.images import try_load_image
 from lipkit.data.records import REASONS, Record, describe
 from lipkit.data.sentences import sentence_pool
 from lipkit.data.text_augment import augment_caption
 from lipkit.errors import UserError
 
-Batch = tuple[torch.Tensor, list[str], list[str]]  # uint8 images (B, 3, H, W), captions (B·k), keys (B)
+# uint8 images (B, 3, H, W) or clips (B, T, 3, H, W), captions (B·k), keys (B)
+Batch = tuple[torch.Tensor, list[str], list[str]]
 Log = Callable[[dict[str, Any]], None]
 
 
 def decode_record(record: Record, size: int, style: str = "lipkit") -> tuple[torch.Tensor | None, str, str]:
+    """uint8 (3, S, S) — or (T, 3, S, S) for a record with frames (data/frames.py) — or None and why."""
+    if record.frames is not None:
+        return try_load_frames(record.frames, record.key, size, style)
     return try_load_image(record.source, size, style=style)
 
 

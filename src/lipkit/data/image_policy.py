@@ -13,3 +13,10 @@ IMAGE_REASONS = {
     "corrupt_image": "the image is truncated or corrupt",
     "too_large": f"the image has more than {MAX_PIXELS:,} pixels (decompression bomb limit)",
 }
+
+# Why a multi-frame sample (data/frames.py) could not be used, besides its frames' image reasons.
+VIDEO_REASONS = {
+    "broken_video": "the video cannot be decoded, has no video stream or is truncated",
+    "no_frames": "the sample's frame list is empty",
+    "too_long_video": "the video has more frames than the limit",
+}

@@ -87,8 +87,8 @@ class ImageStore:
             self._fill(desc)
 
     def _fill(self, desc: str) -> None:
-        records, size = self.records, self.size
-        cache = torch.empty(len(records), 3, size, size, dtype=torch.uint8)
+        records = self.records
+        cache: torch.Tensor | None = None  # (N, 3, S, S), or (N, T, 3, S, S) for clips
         keep: list[int] = []
         with Progress(transient=True) as bar:
             task = bar.add_task(f"decoding {desc} images", total=len(records))
@@ -100,9 +100,13 @@ class ImageStore:
                         task, description=f"decoding {desc} images ({sum(self.skipped.values())} skipped)"
                     )
                 else:
+                    if cache is None:
+                        cache = torch.empty(len(records), *x.shape, dtype=torch.uint8)
                     cache[len(keep)] = x
                     keep.append(i)
                 bar.advance(task)
+        if cache is None:
+            cache = torch.empty(0, 3, self.size, self.size, dtype=torch.uint8)
         self.cache = cache[: len(keep)] if len(keep) < len(records) else cache
         if self.problems:
             if not isinstance(records, list):

@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lipkit.data.image_policy import IMAGE_REASONS
+from lipkit.data.image_policy import IMAGE_REASONS, VIDEO_REASONS
 
 CAPTION_KEYS = ("captions", "caption", "text", "texts", "txt")  # looked up after data.caption_column
 
 REASONS = {
     **IMAGE_REASONS,
+    **VIDEO_REASONS,
     "no_image": "the row or sample names no image",
     "no_caption": "no non-empty caption",
     "no_label": "the sample has no class label",
@@ -39,6 +40,7 @@ class Record:
     meta: dict[str, Any] = field(default_factory=dict)
     key: str = ""  # the name of the sample in every format (default: the image path)
     data: bytes | None = None  # encoded image bytes when the source stores them inline
+    frames: Any = None  # a clip or slice stack (data/frames.py Frames): decoded instead of `image`
 
     def __post_init__(self) -> None:
         if not self.key:

@@ -33,6 +33,7 @@ from lipkit.data.captions import (
     check_meta_templates,
     filter_captions,
 )
+from lipkit.data.frames import with_frame_count
 from lipkit.data.image_store import ImageStore
 from lipkit.data.records import Record, Skip, collect, describe
 from lipkit.data.text_augment import check_text_augment
@@ -298,6 +299,7 @@ def open_records(d: Any, scan: Callable[..., Iterator[Record | Skip]]) -> Record
     """Read `d.train` (a DataConfig's source) with `scan`; caption languages, selection and meta captions
     applied."""
     records, skipped = collect(scan(d.train, d.image_column, d.caption_column, d.image_root))
+    with_frame_count(records, d.num_frames, d.frame_sampling)  # clips: data.num_frames each
     if d.caption_langs or d.caption_select or d.meta_captions:
         check_meta_templates(d.meta_captions)
         records = filter_captions(records, d.caption_select, d.caption_langs)

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from lipkit.config import EvalConfig
+from lipkit.data.frames import shown_frames
 from lipkit.data.image_store import ImageStore
 from lipkit.data.label_sets import INDEX_SUFFIX, LabelSet, fill_template
 from lipkit.data.records import Record, describe
@@ -32,8 +33,7 @@ from lipkit.text.tokenizer import TextTokenizer
 
 
 def image_style(cfg: EvalConfig) -> str:
-    """How evaluation decodes images (data.images.load_image's style): OpenCLIP's way under
-    `eval.protocol: clip_benchmark`, else lipkit's."""
+    """How evaluation decodes images: OpenCLIP's way under `eval.protocol: clip_benchmark`, else lipkit's."""
     return "open_clip" if cfg.protocol == "clip_benchmark" else "lipkit"
 
 
@@ -372,8 +372,7 @@ def _retrieve(
 
 
 def _details(records: Sequence[Record], texts: RetrievalTexts, sims: torch.Tensor) -> dict[str, Any]:
-    """What the report shows: the top 5 images of 8 text queries, and a heat map of 8 images × their
-    captions."""
+    """What the report shows: the top 5 images of 8 text queries, a heat map of 8 images × their captions."""
     examples = []
     for t in _spread(len(texts.texts), 8):
         top = sims[t].topk(min(5, len(records)))
@@ -385,6 +384,7 @@ def _details(records: Sequence[Record], texts: RetrievalTexts, sims: torch.Tenso
                         "image": str(records[i].image),
                         "score": round(s, 4),
                         "correct": bool(texts.relevant[t, i]),
+                        "frames": shown_frames(records[i]),  # a clip's strip ([] for an image)
                     }
                     for s, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
                 ],

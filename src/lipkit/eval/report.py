@@ -44,6 +44,7 @@ thead th{background:#eef0f4}.chance{color:#8a93a3;font-size:12px}.muted{color:#8
 .qtext{width:200px;flex:none;font-weight:600}
 figure{margin:0;text-align:center;font-size:11.5px}
 figure img,.ph{width:80px;height:80px;image-rendering:pixelated;border:3px solid #b8bec9;border-radius:4px}
+.strip{display:flex;gap:2px}.strip img,.strip .ph{width:48px;height:48px;border-width:2px}
 figure.ok img,figure.ok .ph{border-color:#23a559}figure.bad img,figure.bad .ph{border-color:#d9534f}
 .ph{display:flex;align-items:center;justify-content:center;background:#e3e6eb;color:#8a93a3;box-sizing:border-box}
 """
@@ -204,6 +205,13 @@ def _heatmap(split: str, heat: dict[str, Any], out_dir: Path) -> str:
     return save(fig, out_dir / f"heatmap_{slug(split)}.png")
 
 
+def _picture(path: str, thumbs: _Thumbs) -> str:
+    uri = thumbs.uri(path)
+    if uri:
+        return f'<img src="{uri}" alt="{esc(Path(path).name)}" title="{esc(path)}">'
+    return f'<div class="ph" title="{esc(path)}">missing</div>'
+
+
 def _examples(examples: list[dict[str, Any]], thumbs: _Thumbs) -> str:
     if not examples:
         return '<p class="muted">No retrieval examples.</p>'
@@ -214,12 +222,9 @@ def _examples(examples: list[dict[str, Any]], thumbs: _Thumbs) -> str:
             path = str(hit.get("image", ""))
             correct = hit.get("correct")
             cls = "ok" if correct is True else "bad" if correct is False else ""
-            uri = thumbs.uri(path)
-            pic = (
-                f'<img src="{uri}" alt="{esc(Path(path).name)}" title="{esc(path)}">'
-                if uri
-                else f'<div class="ph" title="{esc(path)}">missing</div>'
-            )
+            frames = hit.get("frames") or []  # a clip: a strip of its frames
+            pic = "".join(_picture(p, thumbs) for p in frames) if frames else _picture(path, thumbs)
+            pic = f'<div class="strip">{pic}</div>' if frames else pic
             score = hit.get("score")
             cap = f"{score:.3f}" if isinstance(score, (int, float)) else ""
             figs.append(f'<figure class="{cls}">{pic}<figcaption>{cap}</figcaption></figure>')

@@ -15,6 +15,7 @@ from lipkit.atomic import write_json_atomic
 from lipkit.checkpoint import load_checkpoint
 from lipkit.config import Config
 from lipkit.config_eval import EvalConfig
+from lipkit.data.frames import with_frame_count
 from lipkit.data.image_store import ImageStore
 from lipkit.data.records import spread_subset
 from lipkit.data.sources.registry import eval_labels, read_table
@@ -96,7 +97,9 @@ def _run_eval(checkpoint: str | Path, splits: dict[str, str], cfg: Config, out: 
     shot_records = _shot_table(cfg) if cfg.eval.few_shot else None
     for name, path in splits.items():
         records = read_table(path, d.image_column, d.caption_column, d.image_root)
-        records = spread_subset(records, cfg.eval.max_images)
+        records = spread_subset(
+            with_frame_count(records, d.num_frames, d.frame_sampling), cfg.eval.max_images
+        )
         # evaluate_records decodes the split; the few-shot protocol reads the same store
         store = _split_store(model, records, eval_cfg) if shot_records is not None else None
         results["splits"][name] = evaluate_records(

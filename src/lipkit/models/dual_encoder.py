@@ -13,6 +13,7 @@ from lipkit.data.transforms import normalize as normalize_pixels
 from lipkit.errors import UserError
 from lipkit.models.adapters import adapter_of
 from lipkit.models.caption_decoder import CaptionDecoder, TextReading
+from lipkit.models.frame_prompts import FramePrompts
 from lipkit.models.hf_text import HFTextTower
 from lipkit.models.image_adapter import ImageAdapter
 from lipkit.models.lexicon_head import LexiconHead
@@ -22,6 +23,7 @@ from lipkit.models.prefix_decoder import PrefixDecoder
 from lipkit.models.presets import ModelSpec
 from lipkit.models.pseudo_word import PseudoWord
 from lipkit.models.regions import as_rois, region_pool, require_patch_grid
+from lipkit.models.temporal import temporal_head_of
 from lipkit.models.text import TextTransformer
 from lipkit.models.timm_vision import TimmTower
 from lipkit.models.vision import VisionTransformer
@@ -69,6 +71,7 @@ class DualEncoder(nn.Module):
             )
         if spec.match_layers:  # an image–text matching head over both towers' projected tokens
             self.matcher = matcher_of(spec)
+        self.temporal = temporal_of(spec)  # clips: frame embeddings → one (models.temporal)
         if spec.adapter:  # what `lipkit adapt` added (models.adapters)
             self.adapter = adapter_of(spec.adapter, spec.embed_dim, self.text)
 
@@ -141,10 +144,41 @@ class DualEncoder(nn.Module):
         return self.encode_image_lexical(x).float().cpu()
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        feats = self.visual(images)
+        """Images (B, 3, S, S) — or clips (B, T, 3, S, S): every frame through the tower, then the temporal
+        head (models.temporal) — → (B, D) embeddings."""
+        feats = self.image_features(images)[0]
         if self.image_adapter is not None:  # CLIP-Adapter (models.image_adapter)
             feats = self.image_adapter(feats)
         return F.normalize(feats, dim=-1) if normalize else feats
+
+    def image_features(
+        self, images: torch.Tensor, return_tokens: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The image tower's pooled features (B, D) — for clips (B, T, 3, S, S), the temporal head's pooling
+        of the frames' — and, when asked for, its token features (images only); not normalised."""
+        if images.dim() != 5:
+            return self.visual(images, return_tokens=True) if return_tokens else (self.visual(images), None)
+        if return_tokens:
+            raise UserError(
+                "This objective or evaluation reads image tokens, and a clip (a `frames` sample) has one "
+                "embedding; use a pooled objective (infonce, siglip, multi_positive ...) for clips."
+            )
+        return self.temporal(self.frame_features(images)), None
+
+    def frame_features(self, clips: torch.Tensor) -> torch.Tensor:
+        """Clips (B, T, 3, S, S) → each frame's pooled features (B, T, D), not normalised: through the image
+        tower frame by frame, or through EZ-CLIP's prompted tower (models.frame_prompts)."""
+        if isinstance(self.temporal, FramePrompts):
+            return self.temporal.frames(self.visual, clips)
+        return self.visual(clips.flatten(0, 1)).unflatten(0, tuple(clips.shape[:2]))
+
+    def add_temporal(self, kind: str, layers: int = 1, heads: int = 4, frames: int = 64) -> None:
+        """A fresh temporal head on this model (a checkpoint trained on images: `model.init_from`)."""
+        spec = replace(
+            self.spec, temporal=kind, temporal_layers=layers, temporal_heads=heads, temporal_frames=frames
+        )
+        self.temporal = temporal_of(spec).to(self.device)  # refusals first: the spec stays consistent
+        self.spec = spec
 
     def encode_region(self, images: torch.Tensor, boxes, normalize: bool = True) -> torch.Tensor:
         """Images (B, 3, S, S) and boxes — a list with each image's (n_i, 4) boxes (x0, y0, x1, y1 as
@@ -231,6 +265,20 @@ def _frozen_to_eval(module: nn.Module) -> None:
         return
     for child in module.children():
         _frozen_to_eval(child)
+
+
+def temporal_of(spec: ModelSpec) -> nn.Module:
+    """The temporal head `spec` asks for, over the embedding dimension (EZ-CLIP's: inside the ViT tower)."""
+    if spec.temporal == "ezclip":
+        if spec.vision_tower != "vit" or spec.vision_attn_pool:
+            raise UserError(
+                "model temporal ezclip prompts lipkit's own ViT tower (vision_tower vit, no vision_attn_pool); "
+                "use temporal mean, transformer or attention for this image tower."
+            )
+        return FramePrompts(spec.vision_width, spec.vision_layers, spec.temporal_frames, spec.patch_size)
+    return temporal_head_of(
+        spec.temporal, spec.embed_dim, spec.temporal_layers, spec.temporal_heads, spec.temporal_frames
+    )
 
 
 def caption_decoder_of(spec: ModelSpec) -> CaptionDecoder | PrefixDecoder:

@@ -80,6 +80,12 @@ class ModelSpec:
     match_layers: int = 0
     match_width: int = 0
     match_heads: int = 4
+    # how a clip's or slice stack's frame embeddings become one (models.temporal): "" or "mean" (mean pooling),
+    # "transformer" (temporal_layers blocks, positions for temporal_frames frames) or "attention" (slice pooling)
+    temporal: str = ""
+    temporal_layers: int = 1
+    temporal_heads: int = 4
+    temporal_frames: int = 64
     # what `lipkit adapt` added beside the towers (models.adapters): {"method": "coop" | "clip-adapter" |
     # "tip", ...its settings}; None for a model that is not adapted (LoRA merges into the weights: None too)
     adapter: dict[str, Any] | None = None

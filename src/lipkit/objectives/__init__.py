@@ -16,6 +16,7 @@ from lipkit.objectives.coca import CaptionContrast
 from lipkit.objectives.conceptclip import ConceptAlignment
 from lipkit.objectives.distill import Distillation
 from lipkit.objectives.dreamlip import SubCaptionGrouping
+from lipkit.objectives.ezclip import EZCLIPLoss
 from lipkit.objectives.filip import FILIPLoss
 from lipkit.objectives.improved_baselines import ImprovedBaselines
 from lipkit.objectives.infonce import InfoNCE
@@ -28,6 +29,7 @@ from lipkit.objectives.nevlp import NoiseAdaptiveContrast
 from lipkit.objectives.plip import IdentityContrast
 from lipkit.objectives.priorclip import AffiliationContrast
 from lipkit.objectives.refine import CLIPRefine
+from lipkit.objectives.script_order import ScriptOrder
 from lipkit.objectives.self_distill import LocalGlobalDistillation
 from lipkit.objectives.sigmoid import SigmoidLoss
 from lipkit.objectives.tcl_momentum import MomentumTripleContrast
@@ -63,6 +65,8 @@ OBJECTIVES: dict[str, type[nn.Module]] = {
     "itm": ImageTextMatching,
     "text_lm": TextLanguageModel,
     "connector": ConnectorCaption,
+    "ezclip": EZCLIPLoss,
+    "script_order": ScriptOrder,
 }
 
 

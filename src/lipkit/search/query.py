@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from lipkit.data.frames import VIDEO_EXTS, Frames, sniff_video, try_load_frames
 from lipkit.data.image_policy import MAX_PIXELS
 from lipkit.data.images import classify_failure, load_image, open_image
 from lipkit.data.transforms import normalize
@@ -90,6 +91,25 @@ def decode_image_bytes(data: bytes, size: int, max_pixels: int) -> torch.Tensor:
         return load_image(data, size, max_pixels)
     except _DECODE_ERRORS as e:
         raise _rejection(e, data, what) from e
+
+
+def decode_upload(data: bytes, size: int, max_pixels: int, max_frames: int) -> torch.Tensor:
+    """An uploaded image → uint8 (3, size, size), or an uploaded video (MP4, WebM, MKV, AVI: by its first
+    bytes) → its DEFAULT_FRAMES frames (T, 3, size, size), within the server's pixel and frame limits."""
+    if not sniff_video(data[:16]):
+        return decode_image_bytes(data, size, max_pixels)
+    x, reason, detail = try_load_frames(
+        Frames(video=data), "upload", size, max_pixels=max_pixels, max_frames=max_frames
+    )
+    if x is not None:
+        return x
+    if reason in ("too_large", "too_long_video"):
+        raise ImageRejected(
+            f"The uploaded video is too large ({detail}); send a shorter or smaller video.", 413
+        )
+    raise ImageRejected(
+        f"The uploaded video cannot be decoded ({detail}); send a complete MP4, WebM or MKV file."
+    )
 
 
 def lexical_queries(
@@ -247,8 +267,14 @@ class Searcher:
         return self.image_queries(image_u8[None])
 
     def image_queries(self, images_u8: torch.Tensor) -> np.ndarray:
-        """uint8 (B,3,S,S) → (B, D) query vectors, one model call."""
+        """uint8 (B,3,S,S) images or (B,T,3,S,S) clips → (B, D) query vectors, one model call."""
         self.check_image_queries()
+        if images_u8.dim() == 5 and (self.onnx is not None or self.sparse):
+            raise ImageRejected(
+                "Video queries are embedded by the PyTorch model through its temporal head; search a dense "
+                "index without --onnx/--int8 for them.",
+                400,
+            )
         if self.sparse:
             assert self.towers.lexical is not None  # checked just above
             return self.towers.lexical(images_u8)
@@ -294,7 +320,15 @@ class Searcher:
             return self.model.encode_region(x, [boxes]).float().cpu().numpy()
 
     def image_file(self, path: str | Path) -> torch.Tensor:
+        """An image file → uint8 (3, S, S); a video file (by its extension) → (DEFAULT_FRAMES, 3, S, S)."""
         p = Path(path)
+        if p.suffix.lower() in VIDEO_EXTS:
+            x, reason, detail = try_load_frames(Frames(video=p), str(p), self.size)
+            if x is None:
+                raise UserError(
+                    f"Video '{p}' cannot be used ({detail}); pass an MP4, WebM or MKV file that plays."
+                )
+            return x
         try:
             return load_image(p, self.size)
         except FileNotFoundError as e:

@@ -1,6 +1,6 @@
 """The server's query kinds for `MicroBatcher`: texts (cached by their exact text) and decoded images
 (never cached) and composed (a reference image and words, never cached), each encoded as one batch by the
-searcher's model. A new kind — token-wise, region, video — is one more class with `name`, `encode(items)`
+searcher's model; clips (uploaded videos) are a kind of their own. A new kind is one more class with `name`, `encode(items)`
 and `cache_key(item)`."""
 
 from __future__ import annotations
@@ -42,6 +42,12 @@ class ImageQueries:
         return None
 
 
+class VideoQueries(ImageQueries):
+    """uint8 (T,3,S,S) clips, decoded and resized (every upload has the same T): one (B,T,3,S,S) batch."""
+
+    name = "video"
+
+
 class ComposedQueries:
     """(uint8 (3,S,S) reference image, words) pairs: the image changed by the words (Searcher.composed_queries)."""
 
@@ -58,4 +64,4 @@ class ComposedQueries:
 
 
 def query_kinds(searcher: Searcher) -> list[TextQueries | ImageQueries | ComposedQueries]:
-    return [TextQueries(searcher), ImageQueries(searcher), ComposedQueries(searcher)]
+    return [TextQueries(searcher), ImageQueries(searcher), VideoQueries(searcher), ComposedQueries(searcher)]

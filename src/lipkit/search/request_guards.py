@@ -17,6 +17,7 @@ from lipkit.data.image_policy import MAX_PIXELS
 class Limits:
     max_upload_bytes: int = 5 * 1024 * 1024
     max_pixels: int = MAX_PIXELS
+    max_video_frames: int = 1800  # frames decoded from an uploaded video query (a minute at 30 fps)
     max_query_chars: int = 1000
     max_k: int = 100
     default_k: int = 20

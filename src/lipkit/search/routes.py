@@ -26,7 +26,7 @@ from lipkit.search.batcher import MicroBatcher
 from lipkit.search.heatmap import query_heatmap
 from lipkit.search.index_format import item_bytes
 from lipkit.search.metrics import CONTENT_TYPE, ServerMetrics
-from lipkit.search.query import Searcher, decode_image_bytes
+from lipkit.search.query import Searcher, decode_image_bytes, decode_upload
 from lipkit.search.request_guards import ApiError, Limits, parse_boxes, parse_int
 from lipkit.search.request_reading import check_text, read_input
 
@@ -116,11 +116,12 @@ class SearchState:
         self.searcher.check_image_queries()
         if self.batcher is None:
             return await run_in_threadpool(self.searcher.image_query, image_u8)
-        return (await self.batcher.encode("image", image_u8))[None]
+        return (await self.batcher.encode("video" if image_u8.dim() == 4 else "image", image_u8))[None]
 
     async def upload_vector(self, data: bytes) -> np.ndarray:
-        s = self.searcher
-        image_u8 = await run_in_threadpool(decode_image_bytes, data, s.size, self.limits.max_pixels)
+        """(1, D): the query vector of an uploaded image or video (search.query.decode_upload)."""
+        s, lim = self.searcher, self.limits
+        image_u8 = await run_in_threadpool(decode_upload, data, s.size, lim.max_pixels, lim.max_video_frames)
         return await self.image_vector(image_u8)
 
     async def item_image(self, i: int) -> torch.Tensor:

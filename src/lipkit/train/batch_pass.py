@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lipkit.errors import UserError
 from lipkit.models.caption_decoder import caption_nll
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.models.regions import region_pool, require_patch_grid
@@ -92,9 +93,22 @@ class BatchPass:
     @functools.cached_property
     def image_out(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The image tower's pooled features and (when asked for) token features, not normalised."""
+        if self.images.dim() == 5:  # clips: their frames' features once, pooled by the temporal head
+            return self.model.temporal(self.frames), None
+        return self.model.image_features(self.images, return_tokens=self.image_tokens)
+
+    @functools.cached_property
+    def frames(self) -> torch.Tensor:
+        """(B, T, D) pooled features of each frame of the clips, not normalised (EZ-CLIP's motion loss)."""
+        if self.images.dim() != 5:
+            raise UserError(
+                "This objective reads each frame's features; train it on clips (a table with a `frames` column)."
+            )
         if self.image_tokens:
-            return self.model.visual(self.images, return_tokens=True)
-        return self.model.visual(self.images), None
+            self.model.image_features(
+                self.images, return_tokens=True
+            )  # refuses tokens of clips in one sentence
+        return self.model.frame_features(self.images)
 
     @functools.cached_property
     def image(self) -> tuple[torch.Tensor, torch.Tensor | None]:

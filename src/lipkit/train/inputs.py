@@ -91,6 +91,14 @@ INPUTS: dict[str, Input] = {
     "synth_features": Input(
         lambda p: p.text[0][1 :: p.k], "grad", "chunk", every_caption=True, requires="two"
     ),
+    # each image's captions after its first, (B, k − 1, D): a clip's script sentences in time order
+    "script_features": Input(
+        lambda p: p.text[0].unflatten(0, (-1, p.k))[:, 1:],
+        "grad",
+        None,
+        every_caption=True,
+        requires="script",
+    ),
     "text_features_2": Input(
         lambda p: p.text[0][1 :: p.k], "grad", "chunk", every_caption=True, requires="two"
     ),
@@ -104,6 +112,8 @@ INPUTS: dict[str, Input] = {
         "chunk",
         view="local",
     ),
+    # each frame's features of clips (B, T, D), not normalised (EZ-CLIP's motion loss)
+    "frame_features": Input(lambda p: p.frames, "grad", None),
     "image_tokens": Input(lambda p: p.image[1], "grad", "chunk", tokens="image"),
     "text_tokens": Input(lambda p: p.text[1], "grad", "chunk", tokens="text"),
     "text_mask": Input(lambda p: p.text_mask, "plain", "batch"),
@@ -201,6 +211,11 @@ _REQUIREMENTS: dict[str, tuple[Callable[[dict[str, Any]], bool], str]] = {
     "captions": (
         lambda s: s["captions"] >= 2,
         "contrasts several captions per image; set data.captions_per_image to 2 or more.",
+    ),
+    "script": (
+        lambda s: s["captions"] >= 3,
+        "orders each clip's script (its caption, then 2 or more sentences in time order); set data.caption_column "
+        "to the script column and data.captions_per_image to 1 + its sentences (e.g. 4).",
     ),
     "teacher": (
         lambda s: s["teacher"],

@@ -27,6 +27,7 @@ from lipkit.atomic import write_text_atomic
 from lipkit.checkpoint import find_resume, load_checkpoint, load_training_state
 from lipkit.config import Config
 from lipkit.data.batching import jsonl_log, skip_summary
+from lipkit.data.frames import with_frame_count
 from lipkit.data.image_store import ImageStore
 from lipkit.data.sources.registry import open_train_data, read_table
 from lipkit.device import pick_device, use_bf16
@@ -166,7 +167,9 @@ def run_training(cfg: Config) -> tuple[Path, TrainResult]:
     check_batch_split(t.batch_size, dist.world)  # before any data is read (the trainer checks it again)
     data = open_train_data(d)  # a table, parquet, a folder of images or WebDataset shards
     eval_tables = {
-        name: read_table(path, d.image_column, d.caption_column, d.image_root)
+        name: with_frame_count(
+            read_table(path, d.image_column, d.caption_column, d.image_root), d.num_frames, d.frame_sampling
+        )
         for name, path in d.eval.items()
     }
     run_dir = Path(t.output).expanduser()
@@ -310,6 +313,7 @@ def _build_model(
         model = start[0].train()
         fresh_decoder = attach_captioner(model, objective_needs(objective), cfg.model.overrides)
         attach_matcher(model, objective_needs(objective), cfg.model.overrides)
+        attach_temporal(model, cfg.model.overrides)
         if teacher is None and requires(objective_needs(objective), "teacher"):  # CLIP-Refine distils from it
             teacher = copy.deepcopy(model).eval().requires_grad_(False)  # the frozen starting model
     else:
@@ -330,6 +334,18 @@ def _build_model(
     if t.compile:
         model.compile_towers()
     return tokenizer, model, objective, teacher
+
+
+def attach_temporal(model: DualEncoder, overrides: dict[str, Any]) -> None:
+    """A fresh temporal head (model.overrides.temporal) on a starting checkpoint that has another or none."""
+    kind = overrides.get("temporal", "")
+    if kind and kind != (model.spec.temporal or "mean"):
+        model.add_temporal(
+            kind,
+            overrides.get("temporal_layers", 1),
+            overrides.get("temporal_heads", 4),
+            overrides.get("temporal_frames", 64),
+        )
 
 
 def _resume(trainer: Trainer, batches: Any, resume: Path, run_dir: Path) -> None:

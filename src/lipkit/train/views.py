@@ -16,6 +16,7 @@ import torch
 
 from lipkit.config import AugmentConfig
 from lipkit.data.transforms import augment, normalize
+from lipkit.errors import UserError
 from lipkit.models.presets import ModelSpec
 
 
@@ -63,6 +64,24 @@ class ViewMaker:
         if self.no_augmentation and scale is None:
             return normalize(images_u8, spec.image_mean, spec.image_std).to(self.device)
         lo, hi = scale if scale is not None else (a.scale_min, 1.0)
+        if (
+            images_u8.dim() == 5
+        ):  # clips: one draw per clip, the same crop in every frame (frames as channels)
+            if a.colour:
+                raise UserError("Clips train without colour jitter for now; set augment.colour=0.")
+            t = images_u8.shape[1]
+            x = augment(
+                images_u8.flatten(1, 2).float() / 255.0,
+                self.gen,
+                lo,
+                a.rotate_deg,
+                a.hflip,
+                a.blur_p,
+                0.0,
+                self.rows,
+                hi,
+            )
+            return normalize(x.unflatten(1, (t, 3)) * 255.0, spec.image_mean, spec.image_std).to(self.device)
         x = augment(
             images_u8.float() / 255.0, self.gen, lo, a.rotate_deg, a.hflip, a.blur_p, a.colour, self.rows, hi
         )

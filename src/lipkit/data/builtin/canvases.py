@@ -155,7 +155,7 @@ def _opaque_box(rgba: Image.Image) -> tuple[int, int, int, int] | None:
     return rgba.getchannel("A").point(lambda a: 255 if a >= ALPHA_OPAQUE else 0).getbbox()
 
 
-def _resized(im: Image.Image, side: int) -> Image.Image:
+def resized(im: Image.Image, side: int) -> Image.Image:
     w, h = im.size
     f = side / max(w, h)
     size = (max(1, round(w * f)), max(1, round(h * f)))
@@ -201,7 +201,7 @@ def plan_canvas(rng: random.Random, names: Sequence[str], cutouts: Any, opt: Can
                 rows.append(r)
         placed: list[Placed] = []
         for r in rows:
-            im = _resized(cutouts(r), round(rng.uniform(opt.min_scale, opt.max_scale) * opt.size))
+            im = resized(cutouts(r), round(rng.uniform(opt.min_scale, opt.max_scale) * opt.size))
             im = im.crop(_opaque_box(im) or (0, 0, *im.size))  # tight after resampling too
             box = _place(rng, im.size, [p.box for p in placed], opt)
             if box is None:
@@ -288,7 +288,7 @@ def write_split(
     return rows
 
 
-def _named(got: tuple[list[Record], dict[str, int]]) -> tuple[list[Record], dict[str, int]]:
+def named_records(got: tuple[list[Record], dict[str, int]]) -> tuple[list[Record], dict[str, int]]:
     """The usable rows that name their object (a first caption that is not blank); the others counted."""
     records, skipped = got
     named = [r for r in records if r.captions and r.captions[0].strip()]
@@ -297,7 +297,7 @@ def _named(got: tuple[list[Record], dict[str, int]]) -> tuple[list[Record], dict
     return named, skipped
 
 
-def _sources(sources: dict[str, str | Path] | None) -> dict[str, Path]:
+def checked_sources(sources: dict[str, str | Path] | None) -> dict[str, Path]:
     defaults = default_sources()
     got = {k: Path(v).expanduser() for k, v in (sources or {}).items() if v is not None}
     for split, path in defaults.items():
@@ -321,10 +321,10 @@ def build_canvases(
     """Build (or reuse) the canvases in `out` (see the module doc); its summary."""
     opt = options or CanvasOptions()
     opt.check()
-    srcs = _sources(sources)
+    srcs = checked_sources(sources)
     dest = Path(out).expanduser() if out is not None else default_out()
     old = check_build_out(dest, list(srcs.values()), FORMAT, "canvases build")
-    records = {split: _named(usable_records(path)) for split, path in srcs.items()}
+    records = {split: named_records(usable_records(path)) for split, path in srcs.items()}
     fps = {split: fingerprint(recs) for split, (recs, _) in records.items()}
     if (
         old is not None

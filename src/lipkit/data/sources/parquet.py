@@ -1,12 +1,14 @@
 """Parquet sources: a `.parquet` file or a folder of them, read one row group at a time; the image column
 holds encoded bytes, a path (relative to the image root, by default the file's folder) or a Hugging
-Face style struct `{bytes, path}` (see data/records.py for the record model)."""
+Face style struct `{bytes, path}` (see data/records.py for the record model). A `frames` column makes a row
+a clip: a list of such images, or a video's bytes or path (data/frames.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
 
+from lipkit.data.frames import FRAMES, frames_of
 from lipkit.data.records import Record, Skip, caption_record
 from lipkit.errors import UserError
 
@@ -58,7 +60,7 @@ def scan_parquet(
             raise UserError(f"Parquet file '{f}' cannot be read ({e}); replace it or leave it out.") from e
         names = pf.schema_arrow.names
         for col in (image_column, caption_column):
-            if col not in names:
+            if col not in names and not (col == image_column and FRAMES in names):
                 raise UserError(
                     f"Parquet file '{f}' has no column '{col}' (it has {sorted(names)}); "
                     "set data.image_column / data.caption_column to the right names."
@@ -71,7 +73,11 @@ def scan_parquet(
                 row += 1
                 image = values.pop(image_column, None)
                 captions = values.pop(caption_column, None)
+                clip = values.pop(FRAMES, None)
                 meta = {k: v for k, v in values.items() if not isinstance(v, bytes)}
+                if clip not in (None, "", []):  # a clip or slice stack (data/frames.py)
+                    yield _clip_record(f, root, clip, captions, meta, str(values.get("key") or where))
+                    continue
                 if isinstance(image, dict):  # Hugging Face datasets' Image feature
                     image = image.get("bytes") or image.get("path")
                 if isinstance(image, bytes | bytearray):
@@ -81,3 +87,14 @@ def scan_parquet(
                     yield caption_record(root / image.strip(), captions, meta, str(values.get("key") or ""))
                 else:
                     yield Skip("no_image", str(values.get("key") or where), "empty image cell")
+
+
+def _clip_record(f: Path, root: Path, clip: object, captions: object, meta: dict, key: str) -> Record | Skip:
+    """A row whose `frames` cell holds a list of images (bytes, paths or `{bytes, path}`) or a video."""
+    frames = frames_of(clip, root)
+    if frames is None:
+        return Skip("bad_row", key, f"'{FRAMES}' is not a list of images or a video")
+    record = caption_record(frames.video if isinstance(frames.video, Path) else f, captions, meta, key)
+    if isinstance(record, Record):
+        record.frames = frames
+    return record

@@ -1,5 +1,6 @@
 """Tables: CSV / TSV / JSONL naming one image per row (relative to the image root, by default the
 table's own folder) and one or more captions (a string, a JSON list in a CSV cell, or a JSONL list).
+A row with a `frames` cell — a list of images or a video file — is a clip (data/frames.py).
 Every other column is kept as metadata."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lipkit.data.composed import resolve_references
+from lipkit.data.frames import FRAMES, frames_of
 from lipkit.data.records import Record, Skip, caption_record, has_surrogates
 from lipkit.data.regions import MASK
 from lipkit.errors import UserError
@@ -81,24 +83,33 @@ def scan_table(
             continue
         if not checked:
             for col in (image_column, caption_column):
-                if col not in row:
+                if col not in row and not (col == image_column and FRAMES in row):
                     raise UserError(
                         f"Data table '{p}' has no column '{col}' (it has {sorted(row)}); "
                         f"set data.image_column / data.caption_column to the right names."
                     )
             checked = True
         image = row.get(image_column)
+        clip = frames_of(row.get(FRAMES), root) if row.get(FRAMES) not in (None, "", []) else None
         key = str(row.get("key") or "")  # default: the image path
         if has_surrogates(json.dumps(row, ensure_ascii=False)):
             yield Skip("bad_text", key or where, f"line {n} is not valid UTF-8")
             continue
-        if not isinstance(image, str) or not image.strip():
-            yield Skip("no_image", key or where, f"line {n} has no '{image_column}'")
+        if row.get(FRAMES) not in (None, "", []) and clip is None:
+            yield Skip("bad_row", key or where, f"line {n}: '{FRAMES}' is not a list of images or a video")
             continue
-        meta = {k: v for k, v in row.items() if k not in (image_column, caption_column)}
+        if clip is not None:  # a clip or slice stack: named (and shown) by its first frame or its video
+            image = str(clip.video if clip.video is not None else clip.items[0]) if image is None else image
+        if not isinstance(image, str) or not image.strip():
+            yield Skip("no_image", key or where, f"line {n} has no '{image_column}' (or '{FRAMES}')")
+            continue
+        meta = {k: v for k, v in row.items() if k not in (image_column, caption_column, FRAMES)}
         if isinstance(meta.get(MASK), str) and meta[MASK].strip():  # a label image, found like the image
             meta[MASK] = str(root / meta[MASK].strip())
         resolve_references(meta, root)  # composed-retrieval queries name their reference like an image
-        yield caption_record(root / image.strip(), row.get(caption_column), meta, key)
+        record = caption_record(root / image.strip(), row.get(caption_column), meta, key)
+        if clip is not None and isinstance(record, Record):
+            record.frames = clip
+        yield record
     if not checked:
         raise UserError(f"Data table '{p}' has no rows; add (image, caption) rows to it.")

@@ -1,0 +1,208 @@
+"""Multi-frame samples — video clips, stacks of slices — and their one decode path.
+
+A record's `frames` (`Frames`) is either a list of images (paths or encoded bytes, in time or depth order)
+or one video file (a path or bytes, decoded with PyAV, `pip install 'lipkit[video]'`). Decoding gives
+uint8 (T, 3, S, S): T frames (`data.num_frames`) chosen by `data.frame_sampling`:
+- `uniform`: the frame at the centre of each of T equal segments of the n frames, index ⌊(i + ½)·n / T⌋
+  (TSN's test-time sampling; T > n repeats frames). With T = n a clip is read frame for frame, so a list
+  and its reverse decode to exactly reversed tensors.
+- `random`: one frame drawn uniformly inside each segment, from a generator seeded by the record's key: a
+  fixed draw (the same frames every epoch, on every rank), so decoded clips can be cached like images.
+
+A video that cannot be opened or decoded, has no video stream, or yields fewer frames than its header
+declares (a truncated file) is skipped as `broken_video`; a frame list whose image cannot be used is skipped
+with that image's reason. Either way the sample is counted like any unusable image (data/records.py).
+"""
+
+from __future__ import annotations
+
+import io
+import zlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lipkit.data.image_policy import MAX_PIXELS
+from lipkit.data.images import image_pixels, try_load_image
+from lipkit.errors import UserError
+
+FRAMES = "frames"  # the table / parquet column (and shard member) that holds a sample's frames
+DEFAULT_FRAMES = 8
+SAMPLINGS = ("uniform", "random")
+VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".gif")
+MAX_VIDEO_FRAMES = 100_000  # frames decoded from one video before it is refused (a runaway stream)
+
+
+@dataclass(frozen=True)
+class Frames:
+    """A sample's frames: `items` (images, paths or bytes) or `video` (a file path or bytes); `count`
+    frames are decoded with `sampling`."""
+
+    items: tuple[Path | bytes, ...] = ()
+    video: Path | bytes | None = None
+    count: int = DEFAULT_FRAMES
+    sampling: str = "uniform"
+
+
+def frames_of(value: Any, root: Path) -> Frames | None:
+    """A `frames` cell as Frames: a list of image paths (relative to `root`) or bytes, a video path, video
+    bytes, or (from a JSON string) a list; None when the cell is empty or none of those."""
+    if isinstance(value, str) and value.strip().startswith("["):
+        import json
+
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return None
+    if isinstance(value, bytes | bytearray):
+        return Frames(video=bytes(value))
+    if isinstance(value, str) and value.strip():
+        return Frames(video=root / value.strip())
+    if isinstance(value, list | tuple):
+        items: list[Path | bytes] = []
+        for v in value:
+            if isinstance(v, dict):  # Hugging Face datasets' Image feature
+                v = v.get("bytes") or v.get("path")
+            if isinstance(v, bytes | bytearray):
+                items.append(bytes(v))
+            elif isinstance(v, str) and v.strip():
+                items.append(root / v.strip())
+            else:
+                return None
+        return Frames(items=tuple(items))
+    return None
+
+
+def with_frame_count(records: list, count: int, sampling: str = "uniform") -> list:
+    """`records` with every clip set to decode `count` frames by `sampling` (data.num_frames,
+    data.frame_sampling); records without frames are returned as they are."""
+    if count < 1:
+        raise UserError(f"data.num_frames must be 1 or more, not {count}.")
+    if sampling not in SAMPLINGS:
+        raise UserError(f"data.frame_sampling must be one of {', '.join(SAMPLINGS)}, not {sampling!r}.")
+    for r in records:
+        if r.frames is not None:
+            r.frames = replace(r.frames, count=count, sampling=sampling)
+    return records
+
+
+def shown_frames(record: Any, n: int = 4) -> list[str]:
+    """Up to `n` frame files of a clip spread over it (a report's strip); [] for images and video files."""
+    frames = getattr(record, "frames", None)
+    if frames is None or not frames.items or not all(isinstance(f, Path) for f in frames.items):
+        return []
+    return [
+        str(frames.items[i])
+        for i in frame_indices(len(frames.items), min(n, len(frames.items)), "uniform", "")
+    ]
+
+
+def frame_indices(n: int, count: int, sampling: str, key: str) -> list[int]:
+    """The `count` frame indices of `n` frames (see the module docstring)."""
+    if sampling == "random":
+        g = torch.Generator().manual_seed(zlib.crc32(key.encode("utf-8", "surrogatepass")))
+        draws = torch.rand(count, generator=g).tolist()
+        return [min(n - 1, int((i + u) * n / count)) for i, u in enumerate(draws)]
+    return [min(n - 1, int((i + 0.5) * n / count)) for i in range(count)]
+
+
+class TooManyFrames(ValueError):
+    pass
+
+
+def sniff_video(head: bytes) -> bool:
+    """Whether encoded bytes start like a video container lipkit decodes (MP4/MOV, Matroska/WebM, AVI)."""
+    return (
+        head[4:8] == b"ftyp"
+        or head.startswith(b"\x1aE\xdf\xa3")
+        or (head[:4] == b"RIFF" and head[8:12] == b"AVI ")
+    )
+
+
+def try_load_frames(
+    frames: Frames,
+    key: str,
+    size: int,
+    style: str = "lipkit",
+    *,
+    max_pixels: int = MAX_PIXELS,
+    max_frames: int = MAX_VIDEO_FRAMES,
+) -> tuple[torch.Tensor | None, str, str]:
+    """uint8 (T, 3, size, size), "", "" — or None, reason, detail (never raises on bad data). A video
+    frame over `max_pixels` or a video over `max_frames` frames is refused (`too_large`, `too_long_video`)."""
+    if frames.video is not None:
+        return _video(frames, key, size, style, max_pixels, max_frames)
+    if not frames.items:
+        return None, "no_frames", "empty frame list"
+    out = []
+    for i in frame_indices(len(frames.items), frames.count, frames.sampling, key):
+        x, reason, detail = try_load_image(frames.items[i], size, max_pixels, style=style)
+        if x is None:
+            return None, reason, f"frame {i}: {detail}"
+        out.append(x)
+    return torch.stack(out), "", ""
+
+
+def _video(
+    frames: Frames, key: str, size: int, style: str, max_pixels: int, max_frames: int
+) -> tuple[torch.Tensor | None, str, str]:
+    try:
+        import av
+    except ImportError as e:
+        raise UserError(
+            "Decoding video files needs PyAV; install it with `pip install 'lipkit[video]'`."
+        ) from e
+    src = frames.video
+    if isinstance(src, Path) and not src.is_file():
+        return None, "missing_file", f"{src} does not exist"
+    try:
+        with av.open(io.BytesIO(src) if isinstance(src, bytes) else str(src)) as container:
+            if not container.streams.video:
+                return None, "broken_video", "no video stream"
+            stream = container.streams.video[0]
+            declared = stream.frames
+            if declared > 0:  # decode in order, converting only the chosen frames
+                want = frame_indices(declared, frames.count, frames.sampling, key)
+                if declared > max_frames:
+                    return None, "too_long_video", f"{declared} frames, over the limit of {max_frames}"
+                picked, n = _decode_chosen(
+                    container, stream, set(want), size, style, (max_pixels, max_frames)
+                )
+                if n < declared:
+                    return None, "broken_video", f"{n} of the {declared} frames its header declares"
+                return torch.stack([picked[i] for i in want]), "", ""
+            every, n = _decode_chosen(container, stream, None, size, style, (max_pixels, max_frames))
+    except TooManyFrames as e:
+        return None, "too_long_video", str(e)
+    except PixelLimit as e:
+        return None, "too_large", str(e)
+    except (av.error.FFmpegError, OSError, ValueError, EOFError) as e:
+        return None, "broken_video", f"{type(e).__name__}: {e}"
+    if not n:
+        return None, "broken_video", "no frame decodes"
+    return torch.stack([every[i] for i in frame_indices(n, frames.count, frames.sampling, key)]), "", ""
+
+
+class PixelLimit(ValueError):
+    pass
+
+
+def _decode_chosen(
+    container: Any, stream: Any, chosen: set[int] | None, size: int, style: str, limits: tuple[int, int]
+) -> tuple[dict[int, torch.Tensor], int]:
+    """({index: uint8 (3, size, size)} of the `chosen` frames (all when None), frames decoded), within
+    `limits` (pixels per frame, frames)."""
+    max_pixels, max_frames = limits
+    picked: dict[int, torch.Tensor] = {}
+    n = 0
+    for frame in container.decode(stream):
+        if frame.width * frame.height > max_pixels:
+            raise PixelLimit(f"{frame.width}x{frame.height} frames exceed the limit of {max_pixels} pixels")
+        if n >= max_frames:
+            raise TooManyFrames(f"more than {max_frames} frames")
+        if chosen is None or n in chosen:
+            picked[n] = image_pixels(frame.to_image(), size, style)
+        n += 1
+    return picked, n

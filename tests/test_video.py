@@ -1,0 +1,421 @@
+"""Clips and slice stacks: the `frames` column, its decode (image lists and PyAV videos), the motion-clip
+benchmark, temporal heads (T = 1 equals the image model, order and permutation), and training on clips."""
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY_MODEL, tiny_run_cfg
+from lipkit.data.frames import Frames, frame_indices, try_load_frames, with_frame_count
+from lipkit.data.image_store import ImageStore
+from lipkit.data.sources.registry import read_records
+from lipkit.data.table_batches import TrainBatches
+from lipkit.models.dual_encoder import DualEncoder
+from lipkit.models.presets import get_spec
+from lipkit.models.temporal import SlicePooling, TemporalTransformer, temporal_head_of
+
+
+@pytest.fixture(scope="module")
+def motion(table, tmp_path_factory) -> Path:
+    """A small motion build (8 frames of 32 px; 12 training pairs, 3 test objects) from the fixture tables."""
+    from lipkit.data.builtin.motion import MotionOptions, build_motion
+
+    out = tmp_path_factory.mktemp("video") / "motion"
+    opt = MotionOptions(frames=8, size=32, train_pairs=12, test_objects=3)
+    build_motion(out, {"train": table, "test": table.parent / "test-style.jsonl"}, opt, progress=False)
+    return out
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text("utf-8").splitlines()]
+
+
+def test_motion_pairs_are_exact_time_reverses(motion):
+    test = rows(motion / "test.jsonl")
+    assert len(test) == 3 * 10  # every object with all five pairs, both directions
+    by_key = {r["key"]: r for r in test}
+    for r in test:
+        if r["key"].endswith("-0"):
+            other = by_key[r["key"][:-1] + "1"]
+            assert other["frames"] == r["frames"][::-1]
+            if r["pair"] != "morph":  # captions differ only in the motion
+                assert r["label"] == other["label"] and r["captions"][0] != other["captions"][0]
+                assert r["captions"][0].removeprefix(r["label"]) in (
+                    " moving right",
+                    " moving down",
+                    " growing",
+                    " turning counterclockwise",
+                )
+    assert Counter(r["motion"] for r in test)["moving left"] == 3
+    # decoded, the reverse clip is the same tensor flipped in time
+    recs, skipped = read_records(motion / "test.jsonl")
+    assert not skipped and all(r.frames is not None for r in recs)
+    a, _, _ = try_load_frames(recs[0].frames, recs[0].key, 32)
+    b, _, _ = try_load_frames(recs[1].frames, recs[1].key, 32)
+    assert a.shape == (8, 3, 32, 32) and torch.equal(a.flip(0), b) and not torch.equal(a, b)
+
+
+def test_frame_sampling():
+    assert frame_indices(8, 8, "uniform", "k") == list(range(8))
+    assert frame_indices(16, 4, "uniform", "k") == [2, 6, 10, 14]  # segment centres
+    assert frame_indices(2, 4, "uniform", "k") == [0, 0, 1, 1]
+    r = frame_indices(100, 5, "random", "clip-7")
+    assert r == frame_indices(100, 5, "random", "clip-7")  # a fixed draw per key
+    assert all(20 * i <= x < 20 * (i + 1) for i, x in enumerate(r))  # one per segment
+    assert r != frame_indices(100, 5, "random", "clip-8")
+
+
+def _write_video(path: Path, frames: torch.Tensor, codec: str = "ffv1") -> None:
+    av = pytest.importorskip("av")
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=8)
+        stream.width, stream.height = frames.shape[-1], frames.shape[-2]
+        stream.pix_fmt = "bgr0" if codec == "ffv1" else "yuv420p"
+        for f in frames:
+            frame = av.VideoFrame.from_ndarray(f.permute(1, 2, 0).contiguous().numpy(), format="rgb24")
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def test_video_files_decode_and_broken_ones_are_skipped(motion, tmp_path):
+    recs, _ = read_records(motion / "test.jsonl")
+    clip, _, _ = try_load_frames(recs[0].frames, recs[0].key, 32)
+    _write_video(tmp_path / "good.mkv", clip)
+    _write_video(tmp_path / "lossy.mp4", clip, "mpeg4")
+    data = (tmp_path / "lossy.mp4").read_bytes()
+    (tmp_path / "truncated.mp4").write_bytes(data[: len(data) // 2])
+    (tmp_path / "garbage.mp4").write_bytes(b"\x00not a video" * 50)
+    good, reason, _ = try_load_frames(Frames(video=tmp_path / "good.mkv"), "good", 32)
+    assert reason == "" and good.shape == clip.shape
+    assert (good.float() - clip.float()).abs().max() <= 2  # lossless up to the RGB round trip
+    table = tmp_path / "clips.jsonl"
+    lines = [
+        {"frames": "good.mkv", "captions": ["a"]},
+        {"frames": "lossy.mp4", "captions": ["b"]},
+        {"frames": "truncated.mp4", "captions": ["c"]},
+        {"frames": "garbage.mp4", "captions": ["d"]},
+        {"frames": "missing.mp4", "captions": ["e"]},
+        {"frames": [str(motion / "frames/test/test-00000/0.png"), "gone.png"], "captions": ["f"]},
+        {"frames": 7, "captions": ["g"]},
+    ]
+    table.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    recs, skipped = read_records(table)
+    assert skipped == Counter(bad_row=1) and len(recs) == 6
+    store = ImageStore(with_frame_count(recs, 4), 32, cache=True)
+    assert store.cache.shape == (2, 4, 3, 32, 32)
+    assert store.skipped == Counter(broken_video=2, missing_file=2)
+    assert [r.captions[0] for r in store.records] == ["a", "b"]
+
+
+def _tiny_model(**spec) -> DualEncoder:
+    torch.manual_seed(0)
+    return DualEncoder(
+        get_spec("tiny", **{**TINY_MODEL, **spec}, vocab_size=64, eot_id=1, context_length=8)
+    ).eval()
+
+
+@pytest.mark.parametrize("kind", ["", "mean", "transformer", "attention"])
+def test_one_frame_is_the_image_model(kind):
+    model = _tiny_model(temporal=kind, temporal_layers=2)
+    images = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        still = model.encode_image(images)
+        clip = model.encode_image(images[:, None])  # T = 1 through the clip path
+        frames = model.encode_image(images[:, None].expand(-1, 3, -1, -1, -1))  # three equal frames
+    assert (still - clip).abs().max() <= 1e-6
+    if kind != "transformer":  # positions make equal frames differ for the transformer
+        assert (still - frames).abs().max() <= 1e-5
+
+
+def _perturbed(head: torch.nn.Module) -> torch.nn.Module:
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return head
+
+
+def test_order_and_permutation():
+    x = torch.randn(4, 6, 32)
+    perm = torch.randperm(6)
+    for kind in ("mean", "attention"):
+        head = _perturbed(temporal_head_of(kind, 32, 1, 4, 16))
+        assert torch.allclose(head(x), head(x[:, perm]), atol=1e-5)
+    transformer = _perturbed(TemporalTransformer(32, 1, 4, 16))
+    assert not torch.allclose(transformer(x), transformer(x.flip(1)), atol=1e-3)  # order is seen
+    with pytest.raises(Exception, match="positions for 16 frames"):
+        transformer(torch.randn(1, 17, 32))
+    pool = _perturbed(SlicePooling(32, 4))
+    w = pool.weights(pool.block(x))
+    assert torch.allclose(w.sum(1), torch.ones(4, 4), atol=1e-5) and (w > 0).all()
+
+
+def test_slice_pooling_finds_the_slice_that_holds_the_answer():
+    """Volumes of 8 slices: one slice (anywhere) carries the class and a marker, the others carry random
+    classes without it. Attention pooling learns to read that slice; mean pooling mixes all eight."""
+    g = torch.Generator().manual_seed(0)
+    d, t, classes = 32, 8, 6
+    protos = torch.randn(classes, d, generator=g)
+    marker = torch.randn(d, generator=g)
+
+    def volumes(n):
+        y = torch.randint(classes, (n,), generator=g)
+        x = protos[torch.randint(classes, (n, t), generator=g)] + 0.3 * torch.randn(n, t, d, generator=g)
+        where = torch.randint(t, (n,), generator=g)
+        x[torch.arange(n), where] = protos[y] + marker
+        return x, y
+
+    (xt, yt), (xv, yv) = volumes(600), volumes(300)
+    acc = {}
+    for kind in ("mean", "attention"):
+        torch.manual_seed(0)
+        head, probe = temporal_head_of(kind, d, 1, 4, t), torch.nn.Linear(d, classes)
+        opt = torch.optim.Adam([*head.parameters(), *probe.parameters()], lr=1e-2)
+        for _ in range(150):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(probe(head(xt)), yt).backward()
+            opt.step()
+        with torch.no_grad():
+            acc[kind] = (probe(head(xv)).argmax(1) == yv).float().mean().item()
+    assert acc["attention"] > acc["mean"] + 0.2, acc
+
+
+def test_clip_batches_shard_over_ranks_like_one_process(motion):
+    recs, _ = read_records(motion / "train.jsonl")
+    one = TrainBatches(recs, 32, 8, seed=3, caption_policy="first", cache=True)
+    two = [
+        TrainBatches(recs, 32, 8, seed=3, caption_policy="first", cache=True, rank=r, world=2) for r in (0, 1)
+    ]
+    for whole, *parts in zip(one.epoch(1), two[0].epoch(1), two[1].epoch(1), strict=True):
+        assert whole[0].shape[1:] == (8, 3, 32, 32)
+        assert torch.equal(whole[0], torch.cat([p[0] for p in parts]))
+        assert whole[2] == [k for p in parts for k in p[2]]
+
+
+def test_train_eval_and_reload_a_temporal_model(motion, tmp_path):
+    from lipkit.checkpoint import load_checkpoint
+    from lipkit.train.launch import run_training
+
+    cfg = tiny_run_cfg(
+        motion / "train.jsonl",
+        tmp_path / "run",
+        "infonce",
+        data={"eval": {"test": str(motion / "test.jsonl")}, "num_frames": 4},
+        augment={"scale_min": 1.0, "rotate_deg": 0},
+        epochs=1,
+    )
+    cfg.model.overrides = {**TINY_MODEL, "temporal": "transformer"}
+    cfg.eval.class_columns = ["motion", "label"]
+    _, result = run_training(cfg)
+    assert result.steps == 3
+    metrics = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert metrics["split"] == "test" and "zeroshot/motion/top1" in metrics["metrics"]
+    loaded, _, _ = load_checkpoint(tmp_path / "run" / "checkpoint")
+    assert loaded.spec.temporal == "transformer"
+    assert loaded.temporal.blocks[0].attn.out_proj.weight.abs().sum() > 0  # trained away from zero
+    clips = torch.randint(0, 255, (2, 4, 3, 32, 32), dtype=torch.uint8)
+    forward, backward = loaded.embed_images_u8(clips), loaded.embed_images_u8(clips.flip(1))
+    assert (forward - backward).abs().max() > 1e-6  # three steps in, the head already sees the order
+
+
+def test_embed_search_and_serve_clips(motion, tmp_path):
+    """A clip table embeds like an image table; a video file searches from the CLI, and an uploaded video
+    over HTTP (a broken one refused with 400, one over the frame limit with 413)."""
+    import numpy as np
+    from fastapi.testclient import TestClient
+    from typer.testing import CliRunner
+
+    from lipkit.cli import app
+    from lipkit.search.embed import run_embed
+    from lipkit.search.index import build_index
+    from lipkit.search.query import Searcher
+    from lipkit.search.request_guards import Limits
+    from lipkit.search.server import create_app
+    from test_search_index import tiny_checkpoint
+
+    ckpt = tiny_checkpoint(tmp_path / "ckpt")
+    run_embed(ckpt, motion / "test.jsonl", tmp_path / "emb", batch_size=8, progress=False)
+    items = json.loads((tmp_path / "emb" / "ids.json").read_text())
+    assert len(items) == 30 and items[0]["path"].endswith("frames/test/test-00000/0.png")
+    build_index(np.load(tmp_path / "emb" / "image_emb.npy"), "flat", items).save(tmp_path / "index")
+    recs, _ = read_records(motion / "test.jsonl")
+    clip, _, _ = try_load_frames(recs[1].frames, recs[1].key, 32)  # uniform sampling of 8 frames: all
+    _write_video(tmp_path / "clip.mkv", clip)
+    out = CliRunner().invoke(
+        app, ["search", str(ckpt), str(tmp_path / "index"), "--image", str(tmp_path / "clip.mkv"), "--json"]
+    )
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["results"][0]["id"] == 1  # the clip finds itself
+    data = (tmp_path / "clip.mkv").read_bytes()
+    with TestClient(create_app(Searcher(ckpt, tmp_path / "index"), limits=Limits(max_video_frames=8))) as c:
+        r = c.post("/search", files={"file": ("clip.mkv", data, "video/x-matroska")}, data={"k": "3"})
+        assert r.status_code == 200, r.text
+        assert r.json()["results"][0]["id"] == 1
+        bad = c.post("/search", files={"file": ("clip.mkv", data[:200], "video/x-matroska")})
+        assert bad.status_code == 400 and "video" in bad.json()["error"]
+    with TestClient(create_app(Searcher(ckpt, tmp_path / "index"), limits=Limits(max_video_frames=4))) as c:
+        long = c.post("/search", files={"file": ("clip.mkv", data, "video/x-matroska")})
+        assert long.status_code == 413 and "frames" in long.json()["error"]
+
+
+def _motion_loss_loop(e: torch.Tensor) -> torch.Tensor:
+    b, t, d = e.shape
+    central, var = [], []
+    for i in range(b):
+        for k in range(d):
+            col = [e[i, j, k] for j in range(t)]
+            for j in range(t):
+                central.append((col[min(j + 1, t - 1)] - col[max(j - 1, 0)]).abs() / 2)
+            mean = sum(col) / t
+            var.append(sum((c - mean) ** 2 for c in col) / (t - 1))
+    return 1 / (sum(central) / len(central) + sum(var) / len(var) + 1)
+
+
+def test_ezclip_motion_loss_matches_a_loop():
+    from lipkit.objectives.ezclip import motion_loss
+
+    e = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)
+    fast, slow = motion_loss(e), _motion_loss_loop(e)
+    assert abs(fast.item() - slow.item()) <= 1e-10
+    (g_fast,) = torch.autograd.grad(fast, e)
+    (g_slow,) = torch.autograd.grad(slow, e)
+    assert (g_fast - g_slow).abs().max() <= 1e-10
+
+
+def test_ezclip_prompts_match_a_per_frame_loop():
+    """FramePrompts.frames against a loop: each frame's blocks run one at a time, the temporal token of
+    each layer computed from every frame's mean token by the layer's attention."""
+    model = _tiny_model(temporal="ezclip", temporal_frames=4)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for a in model.temporal.adapters:  # away from zero: the adapters must be in the loop too
+            a.fc2.weight.normal_(std=0.1)
+    vit, fp = model.visual, model.temporal
+    clips = torch.randn(2, 3, 3, 32, 32)
+    with torch.no_grad():
+        fast = model.frame_features(clips)
+        for b in range(2):
+            xs = [vit.embed(clips[b, t][None])[0] for t in range(3)]
+            for layer, block in enumerate(vit.transformer.resblocks):
+                z = torch.stack([fp.prompts[layer, t] + xs[t].mean(0) for t in range(3)])
+                z = block.attn(block.ln_1(z)[None])[0]
+                new = []
+                for t in range(3):
+                    h = torch.cat([xs[t], z[t][None]])
+                    x = xs[t] + block.attn(block.ln_1(h)[None])[0][:-1]
+                    x = x + fp.adapters[layer](x)
+                    new.append(x + block.mlp(block.ln_2(x)))
+                xs = new
+            for t in range(3):
+                ref = vit.ln_post(xs[t])[0] @ vit.proj
+                assert (fast[b, t] - ref).abs().max() <= 1e-5
+    assert torch.allclose(
+        model.encode_image(clips), torch.nn.functional.normalize(fast.mean(1), dim=-1), atol=1e-6
+    )
+    with pytest.raises(Exception, match="prompts for 4 frames"):
+        model.frame_features(torch.randn(1, 5, 3, 32, 32))
+
+
+def test_ezclip_trains_prompts_and_adapters_only(motion, tmp_path):
+    from lipkit.checkpoint import load_checkpoint
+    from lipkit.train.launch import run_training
+
+    cfg = tiny_run_cfg(
+        motion / "train.jsonl",
+        tmp_path / "run",
+        "ezclip",
+        data={"num_frames": 4},
+        augment={"scale_min": 1.0, "rotate_deg": 0},
+        epochs=1,
+        lock_image="all",
+    )
+    cfg.model.overrides = {**TINY_MODEL, "temporal": "ezclip", "temporal_frames": 4}
+    run_training(cfg)
+    model, _, _ = load_checkpoint(tmp_path / "run" / "checkpoint")
+    start = _tiny_model(temporal="ezclip", temporal_frames=4)
+    moved = [n for n, p in model.named_parameters() if not torch.equal(p, dict(start.named_parameters())[n])]
+    assert any(n.startswith("temporal.prompts") for n in moved) and any("adapters" in n for n in moved)
+    assert not any(n.startswith("visual.") for n in moved)
+
+
+def test_script_order_loss_matches_a_loop():
+    from lipkit.objectives.infonce import InfoNCE
+    from lipkit.objectives.script_order import ScriptOrder
+
+    torch.manual_seed(0)
+    b, k, d = 4, 3, 8
+    obj = ScriptOrder(sentences=k, width=16)
+    obj.bind_width(d)
+    obj.double()
+    img = torch.nn.functional.normalize(torch.randn(b, d, dtype=torch.float64), dim=-1).requires_grad_()
+    txt = torch.nn.functional.normalize(torch.randn(b * (k + 1), d, dtype=torch.float64), dim=-1)
+    scale = torch.tensor(10.0, dtype=torch.float64)
+    script = txt.view(b, k + 1, d)[:, 1:]  # what the trainer's script_features input holds
+    fast = obj(img, txt[:: k + 1], scale, script)
+    order = 0.0
+    for i in range(b):
+        for j in range(k):
+            u = txt[i * (k + 1) + 1 + j]
+            logits = obj.head(torch.cat([img[i], u, img[i] * u]))
+            order = order - torch.log_softmax(logits, dim=0)[j]
+    slow = InfoNCE()(img, txt[:: k + 1], scale) + order / (b * k)
+    assert abs(fast.item() - slow.item()) <= 1e-10
+    (g_fast,) = torch.autograd.grad(fast, img)
+    (g_slow,) = torch.autograd.grad(slow, img)
+    assert (g_fast - g_slow).abs().max() <= 1e-10
+    with pytest.raises(ValueError, match="sentences=2"):
+        obj(img, txt[:: k + 1], scale, script[:, :2])
+
+
+def test_script_order_trains_on_the_script_column(motion, tmp_path):
+    from lipkit.train.launch import run_training
+
+    cfg = tiny_run_cfg(
+        motion / "train.jsonl",
+        tmp_path / "run",
+        "script_order",
+        data={
+            "num_frames": 4,
+            "caption_column": "script",
+            "captions_per_image": 4,
+            "caption_policy": "first",
+        },
+        augment={"scale_min": 1.0, "rotate_deg": 0},
+        epochs=1,
+    )
+    cfg.model.overrides = {**TINY_MODEL, "temporal": "transformer"}
+    _, result = run_training(cfg)
+    assert result.steps == 3
+    rows_ = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss"] > 0 for r in rows_ if r.get("kind") == "train")
+
+
+def test_clip_augmentation_is_one_draw_per_clip():
+    """A clip's frames get the same crop and rotation (one draw per clip, as per image): a clip of equal
+    frames stays a clip of equal frames, and two ranks' windows draw what one process draws."""
+    from lipkit.config import AugmentConfig
+    from lipkit.train.views import ViewMaker
+
+    spec = get_spec("tiny", **TINY_MODEL)
+    clip = torch.randint(0, 255, (4, 1, 3, 32, 32), dtype=torch.uint8).expand(-1, 3, -1, -1, -1)
+    one = ViewMaker(
+        spec, AugmentConfig(blur_p=0.5), torch.Generator().manual_seed(0), torch.device("cpu"), None
+    )
+    x = one.view(clip)
+    assert (
+        x.shape == (4, 3, 3, 32, 32) and torch.equal(x[:, 0], x[:, 2]) and not torch.equal(x[0, 0], x[1, 0])
+    )
+    halves = [
+        ViewMaker(
+            spec, AugmentConfig(blur_p=0.5), torch.Generator().manual_seed(0), torch.device("cpu"), (r * 2, 4)
+        )
+        for r in (0, 1)
+    ]
+    assert torch.allclose(torch.cat([h.view(clip[r * 2 : r * 2 + 2]) for r, h in enumerate(halves)]), x)
+    with pytest.raises(Exception, match="colour"):
+        ViewMaker(spec, AugmentConfig(colour=0.3), torch.Generator(), torch.device("cpu"), None).view(clip)
