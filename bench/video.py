@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 
 from lipkit.checkpoint import load_checkpoint
+from lipkit.data.builtin.motion import PAIRS
+from lipkit.data.frames import DEFAULT_FRAMES, with_frame_count
 from lipkit.data.image_store import ImageStore
 from lipkit.data.sources.registry import read_table
 from lipkit.eval.embedding import embed_images, embed_texts
@@ -79,7 +81,7 @@ def trainable_share(checkpoint: Path) -> float:
 def score(checkpoint: Path, test: Path) -> dict:
     model, tokenizer, _ = load_checkpoint(checkpoint)
     model.eval()
-    records = read_table(test)
+    records = with_frame_count(read_table(test), model.spec.clip_frames or DEFAULT_FRAMES)
     clips = embed_images(model, ImageStore(records, model.spec.image_size, cache=True, desc="clips"), 32)
     motions = sorted({r.meta["motion"] for r in records})
     labels = sorted({r.meta["label"] for r in records})
@@ -116,7 +118,7 @@ def _object_of(record) -> str:
     """The test object a clip belongs to: test clips are keyed test-<pair number>-<direction>, and each
     object's five pairs are numbered in a row (data/builtin/motion.py)."""
     _, number, _ = record.key.split("-")
-    return str(int(number) // 5)
+    return str(int(number) // len(PAIRS))
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from lipkit.data.records import Record, Skip
 from lipkit.data.scan_report import Report, run_pass
 from lipkit.data.shard_writer import ShardOutput
 from lipkit.data.sources.registry import estimate_total, scan
+from lipkit.errors import UserError
 
 FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
 
@@ -43,6 +44,11 @@ def _as_png(im: Image.Image) -> bytes:
 def image_bytes(record: Record, verify: bool = False, size: int = 32) -> tuple[bytes, str] | Skip:
     """The encoded image of a record and its file extension, or why it cannot be used. Without `verify`
     only the header is read (empty, missing, not an image, too large); with it the image is decoded."""
+    if record.frames is not None:
+        raise UserError(
+            f"Sample '{record.key}' is a clip (a `frames` column); clips are not written to shards or copied "
+            "yet: keep them in a table or parquet file (docs/video.md)."
+        )
     data = _read_bytes(record)
     if isinstance(data, Skip):
         return data

@@ -3,20 +3,23 @@
 A record's `frames` (`Frames`) is either a list of images (paths or encoded bytes, in time or depth order)
 or one video file (a path or bytes, decoded with PyAV, `pip install 'lipkit[video]'`). Decoding gives
 uint8 (T, 3, S, S): T frames (`data.num_frames`) chosen by `data.frame_sampling`:
-- `uniform`: the frame at the centre of each of T equal segments of the n frames, index ⌊(i + ½)·n / T⌋
-  (TSN's test-time sampling; T > n repeats frames). With T = n a clip is read frame for frame, so a list
-  and its reverse decode to exactly reversed tensors.
+- `uniform`: the frame nearest the centre of each of T equal segments of the n frames (TSN's test-time
+  sampling; T > n repeats frames), ties going to the frame nearer the clip's middle: a list and its reverse
+  decode to exactly reversed tensors (`frame_indices`) — for any n and T but an odd T over an even n, whose
+  middle segment's centre falls between two frames.
 - `random`: one frame drawn uniformly inside each segment, from a generator seeded by the record's key: a
-  fixed draw (the same frames every epoch, on every rank), so decoded clips can be cached like images.
+  fixed draw (the same frames every epoch, on every rank), so decoded clips can be cached like images (a
+  clip and its reverse, having other keys, draw other frames).
 
-A video that cannot be opened or decoded, has no video stream, or yields fewer frames than its header
-declares (a truncated file) is skipped as `broken_video`; a frame list whose image cannot be used is skipped
+A video that cannot be opened or decoded, has no video stream, or holds fewer frames than its header
+declares (a truncated file; a shortfall of up to 5 % is allowed for edit lists) is skipped as `broken_video`; a frame list whose image cannot be used is skipped
 with that image's reason. Either way the sample is counted like any unusable image (data/records.py).
 """
 
 from __future__ import annotations
 
 import io
+import math
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,10 +31,10 @@ from lipkit.data.image_policy import MAX_PIXELS
 from lipkit.data.images import image_pixels, try_load_image
 from lipkit.errors import UserError
 
-FRAMES = "frames"  # the table / parquet column (and shard member) that holds a sample's frames
+FRAMES = "frames"  # the table / parquet column that holds a sample's frames
 DEFAULT_FRAMES = 8
 SAMPLINGS = ("uniform", "random")
-VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".gif")
+VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")  # a .gif is an image (its first frame)
 MAX_VIDEO_FRAMES = 100_000  # frames decoded from one video before it is refused (a runaway stream)
 
 
@@ -61,6 +64,8 @@ def frames_of(value: Any, root: Path) -> Frames | None:
     if isinstance(value, str) and value.strip():
         return Frames(video=root / value.strip())
     if isinstance(value, list | tuple):
+        if not value:
+            return None
         items: list[Path | bytes] = []
         for v in value:
             if isinstance(v, dict):  # Hugging Face datasets' Image feature
@@ -100,25 +105,30 @@ def shown_frames(record: Any, n: int = 4) -> list[str]:
 
 
 def frame_indices(n: int, count: int, sampling: str, key: str) -> list[int]:
-    """The `count` frame indices of `n` frames (see the module docstring)."""
+    """The `count` frame indices of `n` frames (see the module docstring). Uniform sampling takes the frame
+    nearest each segment's centre c_i = (i + ½)·n/T − ½, a tie going to the frame nearer the clip's middle, so
+    the indices are symmetric: a list and its reverse give exactly reversed frames (unless T is odd and n even:
+    then the middle segment's centre lies between two frames)."""
     if sampling == "random":
         g = torch.Generator().manual_seed(zlib.crc32(key.encode("utf-8", "surrogatepass")))
         draws = torch.rand(count, generator=g).tolist()
         return [min(n - 1, int((i + u) * n / count)) for i, u in enumerate(draws)]
-    return [min(n - 1, int((i + 0.5) * n / count)) for i in range(count)]
+    mid, out = (n - 1) / 2, []
+    for i in range(count):
+        c = (i + 0.5) * n / count - 0.5
+        out.append(min(n - 1, max(0, math.floor(c + 0.5) if c <= mid else math.ceil(c - 0.5))))
+    return out
 
 
-class TooManyFrames(ValueError):
-    pass
+# ISO base media files that hold still images (AVIF, HEIF), not video
+_STILL_BRANDS = (b"avif", b"avis", b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
 
 
 def sniff_video(head: bytes) -> bool:
     """Whether encoded bytes start like a video container lipkit decodes (MP4/MOV, Matroska/WebM, AVI)."""
-    return (
-        head[4:8] == b"ftyp"
-        or head.startswith(b"\x1aE\xdf\xa3")
-        or (head[:4] == b"RIFF" and head[8:12] == b"AVI ")
-    )
+    if head[4:8] == b"ftyp":
+        return head[8:12] not in _STILL_BRANDS
+    return head.startswith(b"\x1aE\xdf\xa3") or (head[:4] == b"RIFF" and head[8:12] == b"AVI ")
 
 
 def try_load_frames(
@@ -148,6 +158,8 @@ def try_load_frames(
 def _video(
     frames: Frames, key: str, size: int, style: str, max_pixels: int, max_frames: int
 ) -> tuple[torch.Tensor | None, str, str]:
+    """Two passes: the frames counted from the demuxed packets (nothing decoded), then decoded in order with
+    only the chosen ones converted to pixels — memory for T frames, whatever the video's length."""
     try:
         import av
     except ImportError as e:
@@ -157,52 +169,43 @@ def _video(
     src = frames.video
     if isinstance(src, Path) and not src.is_file():
         return None, "missing_file", f"{src} does not exist"
+
+    def opened() -> Any:
+        return av.open(io.BytesIO(src) if isinstance(src, bytes) else str(src))
+
     try:
-        with av.open(io.BytesIO(src) if isinstance(src, bytes) else str(src)) as container:
+        with opened() as container:
             if not container.streams.video:
                 return None, "broken_video", "no video stream"
             stream = container.streams.video[0]
+            w, h = stream.codec_context.width, stream.codec_context.height
+            if w * h > max_pixels:
+                return None, "too_large", f"{w}x{h} frames exceed the limit of {max_pixels} pixels"
             declared = stream.frames
-            if declared > 0:  # decode in order, converting only the chosen frames
-                want = frame_indices(declared, frames.count, frames.sampling, key)
-                if declared > max_frames:
-                    return None, "too_long_video", f"{declared} frames, over the limit of {max_frames}"
-                picked, n = _decode_chosen(
-                    container, stream, set(want), size, style, (max_pixels, max_frames)
-                )
-                if n < declared:
-                    return None, "broken_video", f"{n} of the {declared} frames its header declares"
-                return torch.stack([picked[i] for i in want]), "", ""
-            every, n = _decode_chosen(container, stream, None, size, style, (max_pixels, max_frames))
-    except TooManyFrames as e:
-        return None, "too_long_video", str(e)
-    except PixelLimit as e:
-        return None, "too_large", str(e)
+            n = sum(1 for packet in container.demux(stream) if packet.size)
+        if n > max_frames:
+            return None, "too_long_video", f"{n} frames, over the limit of {max_frames}"
+        if not n or (declared > 0 and n < 0.95 * declared - 1):  # edit lists may drop a frame or two
+            return None, "broken_video", f"{n} of the {declared} frames its header declares (truncated)"
+        want = frame_indices(n, frames.count, frames.sampling, key)
+        with opened() as container:
+            picked = _decode_chosen(container, container.streams.video[0], set(want), size, style, max_frames)
     except (av.error.FFmpegError, OSError, ValueError, EOFError) as e:
         return None, "broken_video", f"{type(e).__name__}: {e}"
-    if not n:
-        return None, "broken_video", "no frame decodes"
-    return torch.stack([every[i] for i in frame_indices(n, frames.count, frames.sampling, key)]), "", ""
-
-
-class PixelLimit(ValueError):
-    pass
+    if any(i not in picked for i in want):
+        return None, "broken_video", f"{len(picked)} of the {len(want)} chosen frames decode"
+    return torch.stack([picked[i] for i in want]), "", ""
 
 
 def _decode_chosen(
-    container: Any, stream: Any, chosen: set[int] | None, size: int, style: str, limits: tuple[int, int]
-) -> tuple[dict[int, torch.Tensor], int]:
-    """({index: uint8 (3, size, size)} of the `chosen` frames (all when None), frames decoded), within
-    `limits` (pixels per frame, frames)."""
-    max_pixels, max_frames = limits
+    container: Any, stream: Any, chosen: set[int], size: int, style: str, max_frames: int
+) -> dict[int, torch.Tensor]:
+    """{index: uint8 (3, size, size)} of the `chosen` frames, decoding in order (stopping after the last)."""
     picked: dict[int, torch.Tensor] = {}
-    n = 0
-    for frame in container.decode(stream):
-        if frame.width * frame.height > max_pixels:
-            raise PixelLimit(f"{frame.width}x{frame.height} frames exceed the limit of {max_pixels} pixels")
-        if n >= max_frames:
-            raise TooManyFrames(f"more than {max_frames} frames")
-        if chosen is None or n in chosen:
+    last = max(chosen)
+    for n, frame in enumerate(container.decode(stream)):
+        if n in chosen:
             picked[n] = image_pixels(frame.to_image(), size, style)
-        n += 1
-    return picked, n
+        if n >= last or n >= max_frames:
+            break
+    return picked

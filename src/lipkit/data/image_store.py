@@ -64,6 +64,16 @@ def epoch_batches(n: int, steps: int, batch_size: int, gen: torch.Generator) -> 
     return [order[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
 
 
+def check_same_shape(first: torch.Tensor, x: torch.Tensor, key: str) -> None:
+    """Refuse a source that mixes images and clips (a `frames` column on some rows only) in one sentence."""
+    if x.shape != first.shape:
+        what = {3: "an image", 4: "a clip"}
+        raise UserError(
+            f"Sample '{key}' is {what.get(x.dim(), 'a sample')} and an earlier one {what.get(first.dim(), 'not')}: "
+            "a table holds images or clips (a `frames` column), not both; split it into two tables."
+        )
+
+
 class ImageStore:
     """uint8 images by index: decoded once into memory, or read from disk in worker processes.
 
@@ -102,6 +112,7 @@ class ImageStore:
                 else:
                     if cache is None:
                         cache = torch.empty(len(records), *x.shape, dtype=torch.uint8)
+                    check_same_shape(cache[0], x, records[i].key)
                     cache[len(keep)] = x
                     keep.append(i)
                 bar.advance(task)
@@ -137,6 +148,8 @@ class ImageStore:
             else:
                 images.append(x)
                 kept.append(i)
+        for i, x in zip(kept[1:], images[1:], strict=True):
+            check_same_shape(images[0], x, self.records[i].key)
         out = torch.stack(images) if images else torch.empty(0, 3, self.size, self.size, dtype=torch.uint8)
         return out, kept, skips
 

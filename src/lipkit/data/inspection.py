@@ -12,7 +12,8 @@ from collections.abc import Iterator
 from multiprocessing import get_context
 from pathlib import Path
 
-from lipkit.data.images import classify_failure, open_image, try_load_image
+from lipkit.data.batching import decode_record
+from lipkit.data.images import classify_failure, open_image
 from lipkit.data.records import Record, Skip
 from lipkit.data.scan_report import Report, run_pass
 from lipkit.data.sources.registry import estimate_total, scan, source_kind
@@ -108,7 +109,7 @@ def inspect(
 
 def _check(args: tuple[Record, int]) -> Skip | None:
     record, size = args
-    _, reason, detail = try_load_image(record.source, size)
+    _, reason, detail = decode_record(record, size)  # an image, or every chosen frame of a clip
     return Skip(reason, record.key, detail) if reason else None
 
 

@@ -5,7 +5,8 @@ ezclip` on lipkit's own ViT tower (model vision_tower vit, no attentional pooler
 
 For a clip's frames x_t (each a token sequence), in every block ℓ of the frozen tower:
 
-    z_t   = P_ℓ,t + mean_n x_t,n                            (P: L × T × W learned prompts)
+    z_t   = P_ℓ,t + mean_n x_t,n                            (P: L × T × W learned prompts; n over the class
+                                                             token and the patches, as the reference code)
     z'    = Attn_ℓ(LN1_ℓ(z))                                (the block's own frozen attention, over the T frames)
     x_t  ← x_t + Attn_ℓ(LN1_ℓ([x_t ; z'_t]))[:N]            (the prompt is one more key/value, then dropped)
     x_t  ← x_t + A_ℓ(x_t),  A_ℓ(h) = W₂ GELU(W₁ h)          (adapter, width W/4, W₂ zero-initialised)

@@ -86,6 +86,9 @@ class ModelSpec:
     temporal_layers: int = 1
     temporal_heads: int = 4
     temporal_frames: int = 64
+    # frames per clip the model was trained on (data.num_frames; 0: not trained on clips): eval, embed, search
+    # and serve decode clips with as many (else data.num_frames, or 8)
+    clip_frames: int = 0
     # what `lipkit adapt` added beside the towers (models.adapters): {"method": "coop" | "clip-adapter" |
     # "tip", ...its settings}; None for a model that is not adapted (LoRA merges into the weights: None too)
     adapter: dict[str, Any] | None = None

@@ -80,13 +80,14 @@ class SlicePooling(nn.Module):
         b, t, d = h.shape
         k = self.key(self.ln(h)).view(b, t, self.heads, d // self.heads)
         scores = (k * self.query.to(k.dtype)).sum(-1) / math.sqrt(d // self.heads)
-        return scores.float().softmax(dim=1).to(h.dtype)
+        return scores.float().softmax(dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.block(x)
         b, t, d = h.shape
-        a = self.weights(h)
-        return (a.unsqueeze(-1) * h.view(b, t, self.heads, d // self.heads)).sum(1).reshape(b, d)
+        a = self.weights(h).float()  # the weighted sum in float32: bf16 weights would not sum to 1
+        pooled = (a.unsqueeze(-1) * h.float().view(b, t, self.heads, d // self.heads)).sum(1)
+        return pooled.reshape(b, d).to(h.dtype)
 
 
 def temporal_head_of(kind: str, width: int, layers: int, heads: int, max_frames: int) -> nn.Module:

@@ -33,6 +33,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from lipkit.errors import UserError
 from lipkit.models.presets import ModelSpec
+from lipkit.models.vision import require_images
 
 POOLS = ("avg", "max", "avgmax")  # not "": OpenCLIP reads it two ways (the network's own pool, or none)
 PROJECTIONS = ("linear", "mlp", "none")
@@ -196,6 +197,7 @@ class TimmTower(nn.Module):
         return torch.stack([self._cache.get(k, fresh.get(k)) for k in keys]).to(images.device)
 
     def forward(self, images: torch.Tensor, return_tokens: bool = False):
+        require_images(images)
         if not return_tokens:
             pooled = self._pooled(images)
             return self.head(pooled.to(images.dtype))

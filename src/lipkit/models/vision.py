@@ -74,6 +74,17 @@ class AttentionalPooler(nn.Module):
         return self.attn(q, x, x, need_weights=False)[0]
 
 
+def require_images(images: torch.Tensor) -> None:
+    """Refuse anything but a batch of images (B, 3, S, S) in one sentence: clips reach a tower only through
+    DualEncoder.image_features / frame_features, which pass it their frames."""
+    if images.dim() != 4:
+        raise UserError(
+            f"The image tower takes images (B, 3, S, S), not a {images.dim()}-D tensor: clips (a `frames` column) "
+            "go through the temporal head, which this objective, teacher or command does not use yet "
+            "(docs/video.md lists what takes clips)."
+        )
+
+
 class VisionTransformer(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
@@ -126,6 +137,7 @@ class VisionTransformer(nn.Module):
         return self.ln_pre(x)
 
     def forward(self, images: torch.Tensor, return_tokens: bool = False):
+        require_images(images)
         x = self.transformer(self.embed(images))
         if hasattr(self, "attn_pool"):
             x = self.attn_pool(x)

@@ -38,6 +38,7 @@ from rich.progress import (
 )
 
 from lipkit.atomic import atomic_write, job_manifest, save_npy_atomic, save_npz_atomic, write_json_atomic
+from lipkit.data.frames import with_frame_count
 from lipkit.data.records import Record
 from lipkit.errors import UserError
 from lipkit.models.dual_encoder import DualEncoder
@@ -272,6 +273,12 @@ def run_embed(
             {},
             {"runtime": "torch"},
         )
+    if any(r.frames is not None for r in records):  # clips: as many frames as the model was trained on
+        if not towers.clip_frames:
+            raise UserError(
+                f"{source} holds clips; the ONNX towers embed images only: embed it without --int8."
+            )
+        with_frame_count(records, towers.clip_frames)
     return embed_towers(
         towers,
         records,

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lipkit.data.frames import DEFAULT_FRAMES
 from lipkit.errors import UserError
 from lipkit.eval.token_similarity import pooled_and_tokens
 from lipkit.models.dual_encoder import DualEncoder
@@ -107,6 +108,7 @@ class Towers:
     # uint8 images → ((B, dim) embeddings, (B, T, dim) tokens) in one pass, for a token-wise index
     images_and_tokens: Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]] | None = None
     tokens_kept: int = 0  # image tokens kept per image for a token-wise index (0: all)
+    clip_frames: int = 0  # frames decoded per clip (0: images only, as ONNX towers)
 
     @classmethod
     def of_model(
@@ -140,6 +142,7 @@ class Towers:
                 lambda m, images: tuple(t.numpy() for t in pooled_and_tokens(m, images, token_wise or None))
             ),
             tokens_kept=token_wise or 0,
+            clip_frames=spec.clip_frames or DEFAULT_FRAMES,
         )
 
     @classmethod

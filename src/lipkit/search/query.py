@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from lipkit.data.frames import VIDEO_EXTS, Frames, sniff_video, try_load_frames
+from lipkit.data.frames import DEFAULT_FRAMES, VIDEO_EXTS, Frames, sniff_video, try_load_frames
 from lipkit.data.image_policy import MAX_PIXELS
 from lipkit.data.images import classify_failure, load_image, open_image
 from lipkit.data.transforms import normalize
@@ -93,13 +93,15 @@ def decode_image_bytes(data: bytes, size: int, max_pixels: int) -> torch.Tensor:
         raise _rejection(e, data, what) from e
 
 
-def decode_upload(data: bytes, size: int, max_pixels: int, max_frames: int) -> torch.Tensor:
+def decode_upload(
+    data: bytes, size: int, max_pixels: int, max_frames: int, frames: int = DEFAULT_FRAMES
+) -> torch.Tensor:
     """An uploaded image → uint8 (3, size, size), or an uploaded video (MP4, WebM, MKV, AVI: by its first
-    bytes) → its DEFAULT_FRAMES frames (T, 3, size, size), within the server's pixel and frame limits."""
+    bytes) → `frames` of its frames (T, 3, size, size), within the server's pixel and frame limits."""
     if not sniff_video(data[:16]):
         return decode_image_bytes(data, size, max_pixels)
     x, reason, detail = try_load_frames(
-        Frames(video=data), "upload", size, max_pixels=max_pixels, max_frames=max_frames
+        Frames(video=data, count=frames), "upload", size, max_pixels=max_pixels, max_frames=max_frames
     )
     if x is not None:
         return x
@@ -323,7 +325,8 @@ class Searcher:
         """An image file → uint8 (3, S, S); a video file (by its extension) → (DEFAULT_FRAMES, 3, S, S)."""
         p = Path(path)
         if p.suffix.lower() in VIDEO_EXTS:
-            x, reason, detail = try_load_frames(Frames(video=p), str(p), self.size)
+            frames = Frames(video=p, count=self.model.spec.clip_frames or DEFAULT_FRAMES)
+            x, reason, detail = try_load_frames(frames, str(p), self.size)
             if x is None:
                 raise UserError(
                     f"Video '{p}' cannot be used ({detail}); pass an MP4, WebM or MKV file that plays."

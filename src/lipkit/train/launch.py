@@ -40,6 +40,7 @@ from lipkit.models.presets import ModelSpec, get_spec
 from lipkit.objectives import build_objective
 from lipkit.text.tokenizer import TextTokenizer
 from lipkit.train.captioner_setup import attach_captioner, new_model_settings, prepare_text_only
+from lipkit.train.clip_setup import prepare_clips
 from lipkit.train.connector_setup import prepare_prefix
 from lipkit.train.distributed import Dist, check_batch_split, gather_objects, run_ended
 from lipkit.train.distributed import init as init_distributed
@@ -168,7 +169,8 @@ def run_training(cfg: Config) -> tuple[Path, TrainResult]:
     data = open_train_data(d)  # a table, parquet, a folder of images or WebDataset shards
     eval_tables = {
         name: with_frame_count(
-            read_table(path, d.image_column, d.caption_column, d.image_root), d.num_frames, d.frame_sampling
+            read_table(path, d.image_column, d.caption_column, d.image_root),
+            d.num_frames,  # uniform
         )
         for name, path in d.eval.items()
     }
@@ -313,11 +315,11 @@ def _build_model(
         model = start[0].train()
         fresh_decoder = attach_captioner(model, objective_needs(objective), cfg.model.overrides)
         attach_matcher(model, objective_needs(objective), cfg.model.overrides)
-        attach_temporal(model, cfg.model.overrides)
         if teacher is None and requires(objective_needs(objective), "teacher"):  # CLIP-Refine distils from it
             teacher = copy.deepcopy(model).eval().requires_grad_(False)  # the frozen starting model
     else:
         model, fresh_decoder = _new_model(cfg, tokenizer, objective, pretrained, resume), True
+    prepare_clips(model, objective, data, cfg)  # a temporal head, the clips' frame count, script checks
     check_patch_tokens(objective_needs(objective), not model.spec.vision_attn_pool, t.objective)
     model.lock("text", t.lock_text)
     model.lock("image", t.lock_image)
@@ -334,18 +336,6 @@ def _build_model(
     if t.compile:
         model.compile_towers()
     return tokenizer, model, objective, teacher
-
-
-def attach_temporal(model: DualEncoder, overrides: dict[str, Any]) -> None:
-    """A fresh temporal head (model.overrides.temporal) on a starting checkpoint that has another or none."""
-    kind = overrides.get("temporal", "")
-    if kind and kind != (model.spec.temporal or "mean"):
-        model.add_temporal(
-            kind,
-            overrides.get("temporal_layers", 1),
-            overrides.get("temporal_heads", 4),
-            overrides.get("temporal_frames", 64),
-        )
 
 
 def _resume(trainer: Trainer, batches: Any, resume: Path, run_dir: Path) -> None:

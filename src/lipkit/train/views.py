@@ -67,8 +67,11 @@ class ViewMaker:
         if (
             images_u8.dim() == 5
         ):  # clips: one draw per clip, the same crop in every frame (frames as channels)
-            if a.colour:
-                raise UserError("Clips train without colour jitter for now; set augment.colour=0.")
+            if a.colour or a.hflip:
+                raise UserError(
+                    "Clips train without colour jitter and without mirroring (a mirrored clip moving right moves "
+                    "left); set augment.colour=0 and augment.hflip=false."
+                )
             t = images_u8.shape[1]
             x = augment(
                 images_u8.flatten(1, 2).float() / 255.0,

@@ -3,8 +3,8 @@
 A clip is T frames (default 8) of a square canvas (default 128 px) of one pale colour with one object on it:
 a row of a source table (its image, transparency kept; its first caption is the object's name), doing one of
 
-    moving right / moving left           crossing the canvas horizontally (its height drawn at random)
-    moving down / moving up              crossing it vertically (its left edge drawn at random)
+    moving right / moving left           crossing the canvas horizontally (its row drawn at random)
+    moving down / moving up              crossing it vertically (its column drawn at random)
     growing / shrinking                  its longer side from 0.25 to 0.6 of the canvas, centred
     turning counterclockwise / turning clockwise   0° → 90° about its centre
     A turning into B / B turning into A  a cross-fade from one object to another

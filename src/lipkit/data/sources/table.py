@@ -98,8 +98,8 @@ def scan_table(
         if row.get(FRAMES) not in (None, "", []) and clip is None:
             yield Skip("bad_row", key or where, f"line {n}: '{FRAMES}' is not a list of images or a video")
             continue
-        if clip is not None:  # a clip or slice stack: named (and shown) by its first frame or its video
-            image = str(clip.video if clip.video is not None else clip.items[0]) if image is None else image
+        if clip is not None and not (isinstance(image, str) and image.strip()):  # named by its first frame
+            image = str(clip.video if clip.video is not None else clip.items[0])
         if not isinstance(image, str) or not image.strip():
             yield Skip("no_image", key or where, f"line {n} has no '{image_column}' (or '{FRAMES}')")
             continue
