@@ -49,9 +49,7 @@ from PIL import Image
 from platformdirs import user_cache_dir
 from rich.progress import Progress
 
-from lipkit.atomic import write_dir, write_json_atomic
-from lipkit.data.builtin.common import check_build_out, fingerprint, usable_records
-from lipkit.data.emoji import default_root
+from lipkit.data.builtin.common import finish_build, object_name, start_build
 from lipkit.data.images import open_image
 from lipkit.data.records import Record
 from lipkit.errors import UserError
@@ -110,11 +108,6 @@ class CanvasOptions:
             )
 
 
-def default_sources() -> dict[str, Path]:
-    """The emoji tables in the user cache (`lipkit data build emoji`): training artists, held-out artist."""
-    return {"train": default_root() / "train.jsonl", "test": default_root() / "test-style.jsonl"}
-
-
 def default_out() -> Path:
     return Path(user_cache_dir("lipkit")) / "datasets" / "canvases"
 
@@ -129,10 +122,6 @@ def parse_range(text: str, what: str, kind: type = int) -> tuple[Any, Any]:
     if lo is None:
         raise UserError(f"{what} must be MIN-MAX (e.g. 2-4), got '{text}'.")
     return lo, hi
-
-
-def object_name(record: Record) -> str:
-    return " ".join(record.captions[0].split())
 
 
 def join_names(names: Sequence[str]) -> str:
@@ -288,28 +277,6 @@ def write_split(
     return rows
 
 
-def named_records(got: tuple[list[Record], dict[str, int]]) -> tuple[list[Record], dict[str, int]]:
-    """The usable rows that name their object (a first caption that is not blank); the others counted."""
-    records, skipped = got
-    named = [r for r in records if r.captions and r.captions[0].strip()]
-    if len(named) < len(records):
-        skipped = {**skipped, "no_caption": skipped.get("no_caption", 0) + len(records) - len(named)}
-    return named, skipped
-
-
-def checked_sources(sources: dict[str, str | Path] | None) -> dict[str, Path]:
-    defaults = default_sources()
-    got = {k: Path(v).expanduser() for k, v in (sources or {}).items() if v is not None}
-    for split, path in defaults.items():
-        if split not in got and not path.is_file():
-            raise UserError(
-                f"The default {split} source '{path}' does not exist; build it with `lipkit data build emoji` "
-                f"or pass {'--source' if split == 'train' else '--test-source'} TABLE."
-            )
-        got.setdefault(split, path)
-    return got
-
-
 def build_canvases(
     out: str | Path | None = None,
     sources: dict[str, str | Path] | None = None,
@@ -321,24 +288,14 @@ def build_canvases(
     """Build (or reuse) the canvases in `out` (see the module doc); its summary."""
     opt = options or CanvasOptions()
     opt.check()
-    srcs = checked_sources(sources)
-    dest = Path(out).expanduser() if out is not None else default_out()
-    old = check_build_out(dest, list(srcs.values()), FORMAT, "canvases build")
-    records = {split: named_records(usable_records(path)) for split, path in srcs.items()}
-    fps = {split: fingerprint(recs) for split, (recs, _) in records.items()}
-    if (
-        old is not None
-        and not force
-        and old.get("options") == asdict(opt)
-        and old.get("version") == VERSION
-        and old.get("source_fingerprints") == fps
-    ):
-        return old
-    for split, (recs, _) in records.items():
+    build = start_build(out, sources, default_out(), FORMAT, "canvases build", (asdict(opt), VERSION), force)
+    if build.previous is not None:
+        return build.previous
+    for split, recs in build.records.items():
         distinct = len({object_name(r).casefold() for r in recs})
         if distinct < opt.max_objects:
             raise UserError(
-                f"The {split} source '{srcs[split]}' has {distinct} distinct object names; a canvas of "
+                f"The {split} source '{build.sources[split]}' has {distinct} distinct object names; a canvas of "
                 f"{opt.max_objects} objects needs that many — lower --objects or use a larger table."
             )
     counts = {"train": opt.train_canvases, "test": opt.test_canvases}
@@ -346,23 +303,9 @@ def build_canvases(
     def write(tmp: Path) -> dict[str, Any]:
         objects = {}
         with Progress(disable=not progress) as bar:
-            for split, (recs, _) in records.items():
+            for split, recs in build.records.items():
                 rows = write_split(tmp, split, recs, counts[split], opt, bar)
                 objects[split] = sum(len(r["boxes"]) for r in rows)
-        summary = {
-            "format": FORMAT,
-            "version": VERSION,
-            "sources": {k: str(v.resolve()) for k, v in srcs.items()},
-            "source_fingerprints": fps,
-            "options": asdict(opt),
-            "canvases": counts,
-            "objects": objects,
-            "skipped_source_rows": {k: s for k, (_, s) in records.items() if s},
-            "files": {"train": "train.jsonl", "test": "test.jsonl"},
-        }
-        write_json_atomic(tmp / "summary.json", summary)
-        return summary
+        return {"canvases": counts, "objects": objects}
 
-    result: dict[str, Any] = {}
-    write_dir(dest, lambda tmp: result.update(write(tmp)))
-    return result
+    return finish_build(build, FORMAT, (asdict(opt), VERSION), write)

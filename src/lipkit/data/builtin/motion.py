@@ -41,16 +41,8 @@ from PIL import Image
 from platformdirs import user_cache_dir
 from rich.progress import Progress
 
-from lipkit.atomic import write_dir, write_json_atomic
-from lipkit.data.builtin.canvases import (
-    checked_sources,
-    cutout,
-    named_records,
-    object_name,
-    resized,
-    text_columns,
-)
-from lipkit.data.builtin.common import check_build_out, fingerprint, usable_records
+from lipkit.data.builtin.canvases import cutout, resized, text_columns
+from lipkit.data.builtin.common import finish_build, object_name, start_build
 from lipkit.data.records import Record
 from lipkit.errors import UserError
 
@@ -223,34 +215,21 @@ def build_motion(
     """Build (or reuse) the motion clips in `out` (see the module doc); its summary."""
     opt = options or MotionOptions()
     opt.check()
-    srcs = checked_sources(sources)
-    dest = Path(out).expanduser() if out is not None else default_out()
-    old = check_build_out(dest, list(srcs.values()), FORMAT, "motion build")
-    records = {split: named_records(usable_records(path)) for split, path in srcs.items()}
-    fps = {split: fingerprint(recs) for split, (recs, _) in records.items()}
-    same = old is not None and old.get("options") == asdict(opt) and old.get("version") == VERSION
-    if same and not force and old.get("source_fingerprints") == fps:
-        return old
-    for split, (recs, _) in records.items():
+    build = start_build(out, sources, default_out(), FORMAT, "motion build", (asdict(opt), VERSION), force)
+    if build.previous is not None:
+        return build.previous
+    for split, recs in build.records.items():
         if len({object_name(r).casefold() for r in recs}) < 2:
-            raise UserError(f"The {split} source '{srcs[split]}' needs at least 2 distinct object names.")
+            raise UserError(
+                f"The {split} source '{build.sources[split]}' needs at least 2 distinct object names."
+            )
 
     def write(tmp: Path) -> dict[str, Any]:
         with Progress(disable=not progress) as bar:
-            clips = {split: write_split(tmp, split, recs, opt, bar) for split, (recs, _) in records.items()}
-        summary = {
-            "format": FORMAT,
-            "version": VERSION,
-            "sources": {k: str(v.resolve()) for k, v in srcs.items()},
-            "source_fingerprints": fps,
-            "options": asdict(opt),
-            "clips": clips,
-            "skipped_source_rows": {k: s for k, (_, s) in records.items() if s},
-            "files": {"train": "train.jsonl", "test": "test.jsonl"},
-        }
-        write_json_atomic(tmp / "summary.json", summary)
-        return summary
+            return {
+                "clips": {
+                    split: write_split(tmp, split, recs, opt, bar) for split, recs in build.records.items()
+                }
+            }
 
-    result: dict[str, Any] = {}
-    write_dir(dest, lambda tmp: result.update(write(tmp)))
-    return result
+    return finish_build(build, FORMAT, (asdict(opt), VERSION), write)
