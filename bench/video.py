@@ -44,6 +44,7 @@ RUNS = {
     "transformer": ["-c", "configs/motion.yaml", "--set", "model.overrides.temporal=transformer"],
     "attention": ["-c", "configs/motion.yaml", "--set", "model.overrides.temporal=attention"],
     "script": ["-c", "configs/motion.yaml", "-c", "configs/methods/script_order.yaml"],
+    "vdi": ["-c", "configs/motion.yaml", "-c", "configs/methods/vdi.yaml"],
     "vit-mean": [
         "-c", "configs/motion.yaml", "--set", "model.init_from=runs/demo-vit/checkpoint",
         "--set", "model.overrides.temporal=mean", "--set", "train.batch_size=32",

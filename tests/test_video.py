@@ -449,3 +449,74 @@ def test_tables_of_clips_validate_and_refuse_mixing_or_shards(motion, tmp_path):
     assert len(got) == 2 and not skipped and got[1].frames is None
     with pytest.raises(Exception, match="images or clips"):
         ImageStore(got, 32, cache=True)
+
+
+def test_change_phrases_by_rules():
+    from lipkit.data.change_phrases import change_phrase
+
+    assert change_phrase("grinning face moving left") == "moving left"
+    assert change_phrase("raising hands: medium-light skin tone growing") == "growing"
+    assert change_phrase("a cat turning into a smiling dog") == "turning into a smiling dog"
+    assert change_phrase("cat turning counterclockwise") == "turning counterclockwise"
+    assert change_phrase("a red building") == change_phrase("something") == change_phrase("a cat") == ""
+
+
+def _vdi_loop(img, txt, scale, frames, phrases, g):
+    """VDI's loss written out pair by pair."""
+    from lipkit.objectives.infonce import InfoNCE
+
+    b = img.shape[0]
+    d = [torch.nn.functional.normalize(g(frames[i, -1] - frames[i, 0]), dim=0) for i in range(b)]
+    same = [[bool(phrases[i] @ phrases[j] > 1 - 1e-4) for j in range(b)] for i in range(b)]
+    logit = [[scale * d[i] @ phrases[j] for j in range(b)] for i in range(b)]
+    rows = cols = 0.0
+    for i in range(b):
+        lse_r = torch.logsumexp(torch.stack(logit[i]), 0)
+        lse_c = torch.logsumexp(torch.stack([logit[j][i] for j in range(b)]), 0)
+        pos_r, pos_c = [j for j in range(b) if same[i][j]], [j for j in range(b) if same[j][i]]
+        rows = rows - sum(logit[i][j] - lse_r for j in pos_r) / len(pos_r)
+        cols = cols - sum(logit[j][i] - lse_c for j in pos_c) / len(pos_c)
+    return InfoNCE()(img, txt, scale) + 0.5 * (rows + cols) / b
+
+
+def test_vdi_loss_matches_a_loop():
+    from lipkit.objectives.vdi import VisualDynamics
+
+    torch.manual_seed(0)
+    b, t, d = 5, 4, 8
+    obj = VisualDynamics()
+    obj.bind_width(d)
+    obj.double()
+    unit = lambda *s: torch.nn.functional.normalize(torch.randn(*s, dtype=torch.float64), dim=-1)  # noqa: E731
+    img, txt = unit(b, d).requires_grad_(), unit(b, d)
+    phrases = unit(b, d)
+    phrases[3] = phrases[1]  # two clips with the same phrase: positives of each other
+    frames = torch.randn(b, t, d, dtype=torch.float64, requires_grad=True)
+    scale = torch.tensor(10.0, dtype=torch.float64)
+    fast = obj(img, txt, scale, frames, phrases)
+    slow = _vdi_loop(img, txt, scale, frames, phrases, obj.g)
+    assert abs(fast.item() - slow.item()) <= 1e-10
+    for x in (img, frames):
+        (g_fast,) = torch.autograd.grad(fast, x, retain_graph=True)
+        (g_slow,) = torch.autograd.grad(slow, x, retain_graph=True)
+        assert (g_fast - g_slow).abs().max() <= 1e-10
+
+
+def test_vdi_trains_on_change_phrases(motion, tmp_path):
+    from lipkit.train.launch import run_training
+
+    data = {"num_frames": 4, "captions_per_image": 2, "caption_policy": "first"}
+    cfg = tiny_run_cfg(
+        motion / "train.jsonl",
+        tmp_path / "run",
+        "vdi",
+        data=data,
+        augment={"scale_min": 1.0, "rotate_deg": 0},
+        epochs=1,
+    )
+    cfg.model.overrides = {**TINY_MODEL, "temporal": "transformer"}
+    with pytest.raises(Exception, match="change_phrases=true"):
+        run_training(cfg)
+    cfg.data.change_phrases = True
+    _, result = run_training(cfg)
+    assert result.steps == 3

@@ -67,6 +67,9 @@ class DataConfig:
     # are chosen — uniform (segment centres) or random (one per segment, seeded by the sample's key)
     num_frames: int = 8
     frame_sampling: str = "uniform"
+    # put each row's change phrase ("moving left", data/change_phrases.py: rules over its first caption)
+    # second among its captions (the vdi objective reads it there; the first caption when there is none)
+    change_phrases: bool = False
 
 
 @dataclass

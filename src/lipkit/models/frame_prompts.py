@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lipkit.errors import UserError
+from lipkit.models.temporal import TemporalHead
 
 
 class Adapter(nn.Module):
@@ -45,18 +46,15 @@ class Adapter(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-class FramePrompts(nn.Module):
-    """EZ-CLIP's prompts and adapters for a ViT of `layers` blocks of `width`, clips of up to `frames` frames."""
+class FramePrompts(TemporalHead):
+    """EZ-CLIP's prompts and adapters for a ViT of `layers` blocks of `width`, clips of up to `frames` frames;
+    as a temporal head, the prompted tower's frame embeddings are its states and their mean the clip's."""
 
     def __init__(self, width: int, layers: int, frames: int, patch: int) -> None:
         super().__init__()
         bound = math.sqrt(6.0 / (3 * patch * patch + width))
         self.prompts = nn.Parameter(torch.empty(layers, frames, width).uniform_(-bound, bound))
         self.adapters = nn.ModuleList(Adapter(width) for _ in range(layers))
-
-    def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        """Frame embeddings (B, T, D) → the clip's (B, D): their mean."""
-        return frames.mean(1)
 
     def frames(self, vit: nn.Module, clips: torch.Tensor) -> torch.Tensor:
         """Clips (B, T, 3, S, S) through the prompted tower → frame embeddings (B, T, D), not normalised."""

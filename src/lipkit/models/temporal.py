@@ -32,9 +32,22 @@ from lipkit.models.transformer import ResidualBlock
 TEMPORAL_KINDS = ("mean", "transformer", "attention")
 
 
-class MeanPool(nn.Module):
+class TemporalHead(nn.Module):
+    """Frame embeddings (B, T, D) → per-frame states (B, T, D) → one pooled embedding (B, D). The states are
+    what objectives reading each frame see (EZ-CLIP's motion loss, VDI's dynamics)."""
+
+    def states(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def pool(self, states: torch.Tensor) -> torch.Tensor:
+        return states.mean(1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.mean(1)
+        return self.pool(self.states(x))
+
+
+class MeanPool(TemporalHead):
+    pass
 
 
 def _zero_block(width: int, heads: int) -> ResidualBlock:
@@ -46,13 +59,13 @@ def _zero_block(width: int, heads: int) -> ResidualBlock:
     return block
 
 
-class TemporalTransformer(nn.Module):
+class TemporalTransformer(TemporalHead):
     def __init__(self, width: int, layers: int, heads: int, max_frames: int) -> None:
         super().__init__()
         self.positions = nn.Parameter(torch.randn(max_frames, width) * 0.02)
         self.blocks = nn.ModuleList(_zero_block(width, heads) for _ in range(layers))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def states(self, x: torch.Tensor) -> torch.Tensor:
         t = x.shape[1]
         if t > self.positions.shape[0]:
             raise UserError(
@@ -63,10 +76,10 @@ class TemporalTransformer(nn.Module):
         h = h0
         for block in self.blocks:
             h = block(h)
-        return (x + (h - h0)).mean(1)
+        return x + (h - h0)
 
 
-class SlicePooling(nn.Module):
+class SlicePooling(TemporalHead):
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
@@ -82,8 +95,10 @@ class SlicePooling(nn.Module):
         scores = (k * self.query.to(k.dtype)).sum(-1) / math.sqrt(d // self.heads)
         return scores.float().softmax(dim=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.block(x)
+    def states(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+    def pool(self, h: torch.Tensor) -> torch.Tensor:
         b, t, d = h.shape
         a = self.weights(h).float()  # the weighted sum in float32: bf16 weights would not sum to 1
         pooled = (a.unsqueeze(-1) * h.float().view(b, t, self.heads, d // self.heads)).sum(1)

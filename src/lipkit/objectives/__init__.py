@@ -34,6 +34,7 @@ from lipkit.objectives.self_distill import LocalGlobalDistillation
 from lipkit.objectives.sigmoid import SigmoidLoss
 from lipkit.objectives.tcl_momentum import MomentumTripleContrast
 from lipkit.objectives.unime import HardNegativeContrast
+from lipkit.objectives.vdi import VisualDynamics
 from lipkit.objectives.vpgtrans import ConnectorCaption, TextLanguageModel
 from lipkit.objectives.wukong import ReducedTokenInteraction
 
@@ -67,6 +68,7 @@ OBJECTIVES: dict[str, type[nn.Module]] = {
     "connector": ConnectorCaption,
     "ezclip": EZCLIPLoss,
     "script_order": ScriptOrder,
+    "vdi": VisualDynamics,
 }
 
 

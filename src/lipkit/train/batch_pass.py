@@ -93,13 +93,14 @@ class BatchPass:
     @functools.cached_property
     def image_out(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The image tower's pooled features and (when asked for) token features, not normalised."""
-        if self.images.dim() == 5:  # clips: their frames' features once, pooled by the temporal head
-            return self.model.temporal(self.frames), None
+        if self.images.dim() == 5:  # clips: their frames' states once, pooled by the temporal head
+            return self.model.temporal.pool(self.frames), None
         return self.model.image_features(self.images, return_tokens=self.image_tokens)
 
     @functools.cached_property
     def frames(self) -> torch.Tensor:
-        """(B, T, D) pooled features of each frame of the clips, not normalised (EZ-CLIP's motion loss)."""
+        """(B, T, D) the temporal head's states of each frame of the clips — what it pools —, not normalised
+        (EZ-CLIP's motion loss, VDI's dynamics)."""
         if self.images.dim() != 5:
             raise UserError(
                 "This objective reads each frame's features; train it on clips (a table with a `frames` column)."
@@ -108,7 +109,7 @@ class BatchPass:
             self.model.image_features(
                 self.images, return_tokens=True
             )  # refuses tokens of clips in one sentence
-        return self.model.frame_features(self.images)
+        return self.model.temporal.states(self.model.frame_features(self.images))
 
     @functools.cached_property
     def image(self) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -17,6 +17,13 @@ def prepare_clips(model: DualEncoder, objective: Any, data: Any, cfg: Any) -> No
     records = getattr(data, "records", None) or []
     if records and records[0].frames is not None:
         model.spec = replace(model.spec, clip_frames=cfg.data.num_frames)
+    if getattr(objective, "needs_change_phrases", False) and not (
+        cfg.data.change_phrases and cfg.data.caption_policy == "first" and cfg.data.captions_per_image >= 2
+    ):
+        raise UserError(
+            f"Objective '{cfg.train.objective}' reads each clip's change phrase as its second caption; set "
+            "data.change_phrases=true, data.caption_policy=first and data.captions_per_image=2."
+        )
     if requires(objective_needs(objective), "script"):
         check_script_data(cfg.data, getattr(objective, "sentences", 0), cfg.train.objective)
 

@@ -112,7 +112,7 @@ INPUTS: dict[str, Input] = {
         "chunk",
         view="local",
     ),
-    # each frame's features of clips (B, T, D), not normalised (EZ-CLIP's motion loss)
+    # each frame's state in the temporal head of clips (B, T, D), not normalised (EZ-CLIP's motion loss, VDI)
     "frame_features": Input(lambda p: p.frames, "grad", None),
     "image_tokens": Input(lambda p: p.image[1], "grad", "chunk", tokens="image"),
     "text_tokens": Input(lambda p: p.text[1], "grad", "chunk", tokens="text"),
