@@ -459,6 +459,10 @@ def test_change_phrases_by_rules():
     assert change_phrase("a cat turning into a smiling dog") == "turning into a smiling dog"
     assert change_phrase("cat turning counterclockwise") == "turning counterclockwise"
     assert change_phrase("a red building") == change_phrase("something") == change_phrase("a cat") == ""
+    # a verb ending the caption wins over an earlier verb + direction in the object's name
+    assert change_phrase("backhand index pointing right: medium-light skin tone growing") == "growing"
+    assert change_phrase("right arrow curving left shrinking") == "shrinking"
+    assert change_phrase("A cat Turning into a dog.") == "Turning into a dog"
 
 
 def _vdi_loop(img, txt, scale, frames, phrases, g):
@@ -491,12 +495,13 @@ def test_vdi_loss_matches_a_loop():
     img, txt = unit(b, d).requires_grad_(), unit(b, d)
     phrases = unit(b, d)
     phrases[3] = phrases[1]  # two clips with the same phrase: positives of each other
+    phrases.requires_grad_()
     frames = torch.randn(b, t, d, dtype=torch.float64, requires_grad=True)
     scale = torch.tensor(10.0, dtype=torch.float64)
     fast = obj(img, txt, scale, frames, phrases)
     slow = _vdi_loop(img, txt, scale, frames, phrases, obj.g)
     assert abs(fast.item() - slow.item()) <= 1e-10
-    for x in (img, frames):
+    for x in (img, frames, phrases, obj.g.weight):
         (g_fast,) = torch.autograd.grad(fast, x, retain_graph=True)
         (g_slow,) = torch.autograd.grad(slow, x, retain_graph=True)
         assert (g_fast - g_slow).abs().max() <= 1e-10
@@ -517,6 +522,9 @@ def test_vdi_trains_on_change_phrases(motion, tmp_path):
     cfg.model.overrides = {**TINY_MODEL, "temporal": "transformer"}
     with pytest.raises(Exception, match="change_phrases=true"):
         run_training(cfg)
-    cfg.data.change_phrases = True
+    cfg.data.change_phrases, cfg.train.objective = True, "infonce"
+    with pytest.raises(Exception, match="only for the vdi objective"):
+        run_training(cfg)
+    cfg.train.objective = "vdi"
     _, result = run_training(cfg)
     assert result.steps == 3

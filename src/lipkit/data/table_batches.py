@@ -33,7 +33,7 @@ from lipkit.data.captions import (
     check_meta_templates,
     filter_captions,
 )
-from lipkit.data.change_phrases import change_phrase
+from lipkit.data.change_phrases import add_change_phrases
 from lipkit.data.frames import with_frame_count
 from lipkit.data.image_store import ImageStore
 from lipkit.data.records import Record, Skip, collect, describe
@@ -308,8 +308,7 @@ def open_records(d: Any, scan: Callable[..., Iterator[Record | Skip]]) -> Record
     if d.caption_mix:
         check_mix_columns([r.meta for r in records], d.caption_mix, d.caption_column, str(d.train))
     if d.change_phrases:  # VDI: each row's change phrase second (its first caption when none is found)
-        for r in (r for r in records if r.captions):
-            r.captions = [r.captions[0], change_phrase(r.captions[0]) or r.captions[0], *r.captions[1:]]
+        add_change_phrases(records, str(d.train))
     captioned = captioned_records(records, d.train)
     skipped["no_caption"] += len(records) - len(captioned)
     return RecordSource(captioned, skipped, d)

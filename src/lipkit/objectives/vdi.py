@@ -9,7 +9,7 @@ head's state of frame t (models/temporal.py; frame_features) and g a learned lin
 
     δ_i = g(s_{i,T} − s_{i,1}) / ‖·‖                       (the net change over the clip)
     P_ij = 1 when u_i and u_j are the same phrase (cosine > 1 − 1e-4), else 0
-    L_dyn = ½ [ −Σ_j P_ij/|P_i| log softmax_j(τ δ_i·u_j) − Σ_j P_ji/|P_·i| log softmax_i(τ δ_i·u_j) ] averaged
+    L_dyn = ½ mean_i [ −Σ_j P_ij/|P_i·| log softmax_j(τ δ_i·u_j) − Σ_j P_ji/|P_·i| log softmax_j(τ δ_j·u_i) ]
     L = InfoNCE(clip embeddings, captions) + λ · L_dyn        (τ the model's logit scale, λ `dynamics_weight`)
 
 The net change is taken from the temporal head's states, so with a frozen image tower the term trains the head
@@ -83,7 +83,7 @@ class VisualDynamics(nn.Module):
     ) -> torch.Tensor:
         loss = self.contrast(image_features, text_features, logit_scale)
         u = text_features_2
-        same = (u @ u.t()) > 1 - 1e-4
+        same = ((u @ u.t()) > 1 - 1e-4) | torch.eye(len(u), dtype=torch.bool, device=u.device)  # own phrase
         logits = logit_scale * self.dynamics(frame_features) @ u.t().to(self.g.weight.dtype)
         dtype = torch.promote_types(logits.dtype, torch.float32)
         return loss + self.dynamics_weight * soft_targets_loss(logits.to(dtype), same)

@@ -17,13 +17,7 @@ def prepare_clips(model: DualEncoder, objective: Any, data: Any, cfg: Any) -> No
     records = getattr(data, "records", None) or []
     if records and records[0].frames is not None:
         model.spec = replace(model.spec, clip_frames=cfg.data.num_frames)
-    if getattr(objective, "needs_change_phrases", False) and not (
-        cfg.data.change_phrases and cfg.data.caption_policy == "first" and cfg.data.captions_per_image >= 2
-    ):
-        raise UserError(
-            f"Objective '{cfg.train.objective}' reads each clip's change phrase as its second caption; set "
-            "data.change_phrases=true, data.caption_policy=first and data.captions_per_image=2."
-        )
+    check_change_phrases(cfg.data, getattr(objective, "needs_change_phrases", False), cfg.train.objective)
     if requires(objective_needs(objective), "script"):
         check_script_data(cfg.data, getattr(objective, "sentences", 0), cfg.train.objective)
 
@@ -62,4 +56,25 @@ def check_script_data(d: Any, sentences: int, objective: str) -> None:
             f"Objective '{objective}' orders {sentences} sentences after each caption but data.captions_per_image "
             f"is {d.captions_per_image}; set it to {sentences + 1} (or train.objective_args.sentences to "
             f"{d.captions_per_image - 1})."
+        )
+
+
+def check_change_phrases(d: Any, needed: bool, objective: str) -> None:
+    """VDI reads each clip's change phrase as its second caption: data.change_phrases on, nothing that reorders,
+    edits or replaces captions; and data.change_phrases only for an objective that reads the phrases."""
+    if d.change_phrases and not needed:
+        raise UserError(
+            f"data.change_phrases puts a phrase among each row's captions, which objective '{objective}' would "
+            "train on as a caption; set it only for the vdi objective."
+        )
+    if needed and not (
+        d.change_phrases
+        and d.caption_policy == "first"
+        and d.captions_per_image >= 2
+        and not (d.text_augment or d.split_sentences or d.caption_mix)
+    ):
+        raise UserError(
+            f"Objective '{objective}' reads each clip's change phrase as its second caption; set "
+            "data.change_phrases=true, data.caption_policy=first, data.captions_per_image=2, and leave "
+            "data.text_augment, data.split_sentences and data.caption_mix off."
         )

@@ -308,4 +308,4 @@ def build_canvases(
                 objects[split] = sum(len(r["boxes"]) for r in rows)
         return {"canvases": counts, "objects": objects}
 
-    return finish_build(build, FORMAT, (asdict(opt), VERSION), write)
+    return finish_build(build, FORMAT, write)

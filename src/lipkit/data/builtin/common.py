@@ -102,6 +102,7 @@ class Build:
     skipped: dict[str, dict[str, int]]
     fingerprints: dict[str, str]
     previous: dict[str, Any] | None
+    settings: tuple[dict[str, Any], int]  # the build's options and row-layout version
 
 
 def start_build(
@@ -123,18 +124,17 @@ def start_build(
     same = old is not None and old.get("options") == options and old.get("version") == version
     previous = old if same and not force and old.get("source_fingerprints") == fps else None
     records = {split: recs for split, (recs, _) in read.items()}
-    return Build(dest, srcs, records, {k: s for k, (_, s) in read.items() if s}, fps, previous)
+    skipped = {k: s for k, (_, s) in read.items() if s}
+    return Build(dest, srcs, records, skipped, fps, previous, settings)
 
 
-def finish_build(
-    build: Build, fmt: str, settings: tuple[dict[str, Any], int], write: Callable[[Path], dict[str, Any]]
-) -> dict[str, Any]:
+def finish_build(build: Build, fmt: str, write: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
     """Write the build whole into `build.dest` (atomically): `write(tmp)` writes the splits and returns their
     counts, then summary.json (the counts, options, sources and their fingerprints) last; the summary."""
 
     def written(tmp: Path) -> dict[str, Any]:
         counts = write(tmp)
-        options, version = settings
+        options, version = build.settings
         summary = {
             "format": fmt,
             "version": version,

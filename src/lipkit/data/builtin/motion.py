@@ -232,4 +232,4 @@ def build_motion(
                 }
             }
 
-    return finish_build(build, FORMAT, (asdict(opt), VERSION), write)
+    return finish_build(build, FORMAT, write)
