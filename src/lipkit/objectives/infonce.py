@@ -33,3 +33,15 @@ class InfoNCE(nn.Module):
         logits = logit_scale * image_features @ text_features.t()
         labels = torch.arange(logits.shape[0], device=logits.device)
         return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+
+
+class WidthBound(nn.Module):
+    """An objective with a head of its own sized to the model's embeddings (script ordering, VDI): the trainer
+    calls `bind_model` before it builds the optimizer; `bind_width(dim)` makes the head (tests call it alone)."""
+
+    def bind_width(self, dim: int) -> None:
+        raise NotImplementedError
+
+    def bind_model(self, model: nn.Module) -> None:
+        self.bind_width(model.spec.embed_dim)
+        self.to(next(model.parameters()).device)

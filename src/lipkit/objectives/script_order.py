@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lipkit.objectives.infonce import InfoNCE
+from lipkit.objectives.infonce import InfoNCE, WidthBound
 
 
-class ScriptOrder(nn.Module):
+class ScriptOrder(WidthBound):
     local_form: ClassVar[str | None] = None
     inputs: ClassVar[tuple[str, ...]] = ("image_features", "text_features", "logit_scale", "script_features")
 
@@ -41,12 +41,6 @@ class ScriptOrder(nn.Module):
         self.sentences, self.order_weight, self.width = sentences, order_weight, width
         self.head: nn.Sequential | None = None  # sized to the embeddings by bind_model / bind_width
         self.contrast = InfoNCE()
-
-    def bind_model(self, model: nn.Module) -> None:
-        """The position head, sized to the model's embedding width (before the optimizer is built)."""
-        self.bind_width(model.spec.embed_dim)
-        assert self.head is not None
-        self.head.to(next(model.parameters()).device)
 
     def bind_width(self, dim: int) -> None:
         self.head = nn.Sequential(

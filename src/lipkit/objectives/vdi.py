@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lipkit.objectives.infonce import InfoNCE
+from lipkit.objectives.infonce import InfoNCE, WidthBound
 
 
 def soft_targets_loss(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
@@ -38,7 +38,7 @@ def soft_targets_loss(logits: torch.Tensor, positives: torch.Tensor) -> torch.Te
     return 0.5 * (rows + cols)
 
 
-class VisualDynamics(nn.Module):
+class VisualDynamics(WidthBound):
     local_form: ClassVar[str | None] = None
     inputs: ClassVar[tuple[str, ...]] = (
         "image_features",
@@ -56,11 +56,6 @@ class VisualDynamics(nn.Module):
         self.dynamics_weight = dynamics_weight
         self.g: nn.Linear | None = None  # sized to the embeddings by bind_model / bind_width
         self.contrast = InfoNCE()
-
-    def bind_model(self, model: nn.Module) -> None:
-        self.bind_width(model.spec.embed_dim)
-        assert self.g is not None
-        self.g.to(next(model.parameters()).device)
 
     def bind_width(self, dim: int) -> None:
         self.g = nn.Linear(dim, dim)
