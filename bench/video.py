@@ -68,9 +68,8 @@ def train(name: str) -> None:
     subprocess.run(["lipkit", "train", *RUNS[name], "--set", f"train.output=runs/motion-{name}"], check=True)
 
 
-def trainable_share(checkpoint: Path) -> float:
+def trainable_share(model: torch.nn.Module, checkpoint: Path) -> float:
     """The share of the model's parameters its run trained (its config's locks applied again)."""
-    model, _, _ = load_checkpoint(checkpoint)
     run = json.loads((checkpoint.parent / "config.json").read_text())
     model.lock("text", run["train"]["lock_text"])
     model.lock("image", run["train"]["lock_image"])
@@ -79,8 +78,7 @@ def trainable_share(checkpoint: Path) -> float:
 
 
 @torch.no_grad()
-def score(checkpoint: Path, test: Path) -> dict:
-    model, tokenizer, _ = load_checkpoint(checkpoint)
+def score(model: torch.nn.Module, tokenizer, test: Path) -> dict:
     model.eval()
     records = with_frame_count(read_table(test), model.spec.clip_frames or DEFAULT_FRAMES)
     clips = embed_images(model, ImageStore(records, model.spec.image_size, cache=True, desc="clips"), 32)
@@ -131,15 +129,17 @@ def main() -> None:
     )
     ap.add_argument("--out", type=Path, default=Path("docs/video-bench.json"))
     a = ap.parse_args()
-    results = {name: score(Path(ckpt), a.test) for name, ckpt in UNTRAINED.items()}
+    results = {name: score(*load_checkpoint(ckpt)[:2], a.test) for name, ckpt in UNTRAINED.items()}
     for name in a.runs:
         if not a.no_train:
             train(name)
         run = Path(f"runs/motion-{name}")
         log = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         steps = max((x.get("step", 0) for x in log), default=0)
-        share = round(100 * trainable_share(run / "checkpoint"), 2)
-        results[name] = {**score(run / "checkpoint", a.test), "steps": steps, "trainable %": share}
+        model, tokenizer, _ = load_checkpoint(run / "checkpoint")
+        row = score(model, tokenizer, a.test)  # then the run's locks, to count what it trained
+        share = round(100 * trainable_share(model, run / "checkpoint"), 2)
+        results[name] = {**row, "steps": steps, "trainable %": share}
         print(name, results[name], file=sys.stderr)
     a.out.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     for name, row in results.items():

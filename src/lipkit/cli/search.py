@@ -244,7 +244,7 @@ def serve(
     max_video_frames: int = typer.Option(
         1800,
         min=1,
-        help="Most frames decoded from an uploaded video query (its 8 frames are sampled from them).",
+        help="Most frames decoded from an uploaded video query (the model's clip frames are sampled from them).",
     ),
     device: str = typer.Option("cpu", help="cpu, cuda or auto."),
     log_level: str = typer.Option("info", help="uvicorn log level: debug, info, warning, error."),

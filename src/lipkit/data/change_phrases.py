@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import re
 
+import rich
+
 NOT_VERBS = {
     "anything", "bling", "building", "ceiling", "clothing", "darling", "during", "evening", "everything", "king",
     "morning",
@@ -58,8 +60,6 @@ def add_change_phrases(records: list, source: str) -> None:
         if isinstance(langs, list) and langs:
             r.meta["langs"] = [langs[0], langs[0], *langs[1:]]
     if missing:
-        import rich
-
         rich.get_console().print(
             f"[yellow]data.change_phrases:[/] no change phrase in the first caption of {missing} of {len(records)} "
             f"rows of {source} (their caption stands in for it)",

@@ -95,7 +95,7 @@ def with_frame_count(records: list, count: int, sampling: str = "uniform") -> li
 
 def shown_frames(record: Any, n: int = 4) -> list[str]:
     """Up to `n` frame files of a clip spread over it (a report's strip); [] for images and video files."""
-    frames = getattr(record, "frames", None)
+    frames = record.frames
     if frames is None or not frames.items or not all(isinstance(f, Path) for f in frames.items):
         return []
     return [

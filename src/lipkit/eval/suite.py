@@ -49,6 +49,7 @@ def _run_eval(checkpoint: str | Path, splits: dict[str, str], cfg: Config, out: 
     else:
         keep_freed_memory()  # CPU embedding without a page fault per batch (lipkit/malloc.py)
     d = cfg.data
+    frames = model.spec.clip_frames or d.num_frames  # clips decode as many frames as the model trained on
     trained = info.get("train", {})
     similarity = resolve_similarity(cfg.eval.similarity, trained.get("objective"))
     eval_cfg = resolve_tokens_kept(cfg.eval, trained.get("objective"), trained.get("objective_args") or {})
@@ -67,7 +68,7 @@ def _run_eval(checkpoint: str | Path, splits: dict[str, str], cfg: Config, out: 
                 "(or --set eval.linear_probe=PATH)."
             )
         probe_records = read_table(table, d.image_column, d.caption_column, d.image_root)
-        with_frame_count(probe_records, model.spec.clip_frames or d.num_frames)  # clips: as trained
+        with_frame_count(probe_records, frames)
         probes = fit_probes(
             model, probe_records, cfg.eval.class_columns, cfg.eval.batch_size, image_style(cfg.eval)
         )
@@ -96,12 +97,10 @@ def _run_eval(checkpoint: str | Path, splits: dict[str, str], cfg: Config, out: 
         scorer = _caption_scorer(cfg.eval.caption_scorer, checkpoint, model.device, started)
         results["caption_scorer"] = str(Path(cfg.eval.caption_scorer).expanduser().resolve())
     shot_records = _shot_table(cfg) if cfg.eval.few_shot else None
-    with_frame_count(shot_records or [], model.spec.clip_frames or d.num_frames)
+    with_frame_count(shot_records or [], frames)
     for name, path in splits.items():
         records = read_table(path, d.image_column, d.caption_column, d.image_root)
-        records = spread_subset(
-            with_frame_count(records, model.spec.clip_frames or d.num_frames), cfg.eval.max_images
-        )
+        records = spread_subset(with_frame_count(records, frames), cfg.eval.max_images)
         # evaluate_records decodes the split; the few-shot protocol reads the same store
         store = _split_store(model, records, eval_cfg) if shot_records is not None else None
         results["splits"][name] = evaluate_records(

@@ -163,7 +163,12 @@ class DualEncoder(nn.Module):
                 "This objective or evaluation reads image tokens, and a clip (a `frames` sample) has one "
                 "embedding; use a pooled objective (infonce, siglip, multi_positive ...) for clips."
             )
-        return self.temporal(self.frame_features(images)), None
+        return self.temporal.pool(self.frame_states(images)), None
+
+    def frame_states(self, clips: torch.Tensor) -> torch.Tensor:
+        """Clips (B, T, 3, S, S) → the temporal head's state of each frame (B, T, D): what it pools, and what
+        objectives reading each frame see (models.temporal)."""
+        return self.temporal.states(self.frame_features(clips))
 
     def frame_features(self, clips: torch.Tensor) -> torch.Tensor:
         """Clips (B, T, 3, S, S) → each frame's pooled features (B, T, D), not normalised: through the image

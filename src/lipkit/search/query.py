@@ -321,11 +321,16 @@ class Searcher:
         with torch.inference_mode(), inference_precision(self.model, self.precision):
             return self.model.encode_region(x, [boxes]).float().cpu().numpy()
 
+    @property
+    def clip_frames(self) -> int:
+        """Frames decoded from a video query: as many as the model was trained on (else DEFAULT_FRAMES)."""
+        return self.model.spec.clip_frames or DEFAULT_FRAMES
+
     def image_file(self, path: str | Path) -> torch.Tensor:
         """An image file → uint8 (3, S, S); a video file (by its extension) → (DEFAULT_FRAMES, 3, S, S)."""
         p = Path(path)
         if p.suffix.lower() in VIDEO_EXTS:
-            frames = Frames(video=p, count=self.model.spec.clip_frames or DEFAULT_FRAMES)
+            frames = Frames(video=p, count=self.clip_frames)
             x, reason, detail = try_load_frames(frames, str(p), self.size)
             if x is None:
                 raise UserError(

@@ -20,7 +20,6 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, Response
 
 from lipkit import __version__
-from lipkit.data.frames import DEFAULT_FRAMES
 from lipkit.data.images import sniff_image_type
 from lipkit.eval.heatmaps import MAP_KINDS
 from lipkit.search.batcher import MicroBatcher
@@ -122,9 +121,8 @@ class SearchState:
     async def upload_vector(self, data: bytes) -> np.ndarray:
         """(1, D): the query vector of an uploaded image or video (search.query.decode_upload)."""
         s, lim = self.searcher, self.limits
-        frames = s.model.spec.clip_frames or DEFAULT_FRAMES
         image_u8 = await run_in_threadpool(
-            decode_upload, data, s.size, lim.max_pixels, lim.max_video_frames, frames
+            decode_upload, data, s.size, lim.max_pixels, lim.max_video_frames, s.clip_frames
         )
         return await self.image_vector(image_u8)
 

@@ -93,9 +93,11 @@ class BatchPass:
     @functools.cached_property
     def image_out(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The image tower's pooled features and (when asked for) token features, not normalised."""
-        if self.images.dim() == 5:  # clips: their frames' states once, pooled by the temporal head
+        if self.images.dim() == 5 and not self.image_tokens:  # clips: their frames' states once, then pooled
             return self.model.temporal.pool(self.frames), None
-        return self.model.image_features(self.images, return_tokens=self.image_tokens)
+        return self.model.image_features(
+            self.images, return_tokens=self.image_tokens
+        )  # refuses clips' tokens
 
     @functools.cached_property
     def frames(self) -> torch.Tensor:
@@ -105,11 +107,7 @@ class BatchPass:
             raise UserError(
                 "This objective reads each frame's features; train it on clips (a table with a `frames` column)."
             )
-        if self.image_tokens:
-            self.model.image_features(
-                self.images, return_tokens=True
-            )  # refuses tokens of clips in one sentence
-        return self.model.temporal.states(self.model.frame_features(self.images))
+        return self.model.frame_states(self.images)
 
     @functools.cached_property
     def image(self) -> tuple[torch.Tensor, torch.Tensor | None]:

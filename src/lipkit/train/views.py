@@ -64,30 +64,15 @@ class ViewMaker:
         if self.no_augmentation and scale is None:
             return normalize(images_u8, spec.image_mean, spec.image_std).to(self.device)
         lo, hi = scale if scale is not None else (a.scale_min, 1.0)
-        if (
-            images_u8.dim() == 5
-        ):  # clips: one draw per clip, the same crop in every frame (frames as channels)
-            if a.colour or a.hflip:
-                raise UserError(
-                    "Clips train without colour jitter and without mirroring (a mirrored clip moving right moves "
-                    "left); set augment.colour=0 and augment.hflip=false."
-                )
-            t = images_u8.shape[1]
-            x = augment(
-                images_u8.flatten(1, 2).float() / 255.0,
-                self.gen,
-                lo,
-                a.rotate_deg,
-                a.hflip,
-                a.blur_p,
-                0.0,
-                self.rows,
-                hi,
+        clips = images_u8.dim() == 5  # one draw per clip: its frames stacked as channels get the same crop
+        if clips and (a.colour or a.hflip):
+            raise UserError(
+                "Clips train without colour jitter and without mirroring (a mirrored clip moving right moves "
+                "left); set augment.colour=0 and augment.hflip=false."
             )
-            return normalize(x.unflatten(1, (t, 3)) * 255.0, spec.image_mean, spec.image_std).to(self.device)
-        x = augment(
-            images_u8.float() / 255.0, self.gen, lo, a.rotate_deg, a.hflip, a.blur_p, a.colour, self.rows, hi
-        )
+        x = (images_u8.flatten(1, 2) if clips else images_u8).float() / 255.0
+        x = augment(x, self.gen, lo, a.rotate_deg, a.hflip, a.blur_p, a.colour, self.rows, hi)
+        x = x.unflatten(1, (images_u8.shape[1], 3)) if clips else x
         return normalize(x * 255.0, spec.image_mean, spec.image_std).to(self.device)
 
     def views(

@@ -90,12 +90,13 @@ def scan_table(
                     )
             checked = True
         image = row.get(image_column)
-        clip = frames_of(row.get(FRAMES), root) if row.get(FRAMES) not in (None, "", []) else None
+        cell = row.get(FRAMES)
+        clip = frames_of(cell, root) if cell not in (None, "", []) else None
         key = str(row.get("key") or "")  # default: the image path
         if has_surrogates(json.dumps(row, ensure_ascii=False)):
             yield Skip("bad_text", key or where, f"line {n} is not valid UTF-8")
             continue
-        if row.get(FRAMES) not in (None, "", []) and clip is None:
+        if cell not in (None, "", []) and clip is None:
             yield Skip("bad_row", key or where, f"line {n}: '{FRAMES}' is not a list of images or a video")
             continue
         if clip is not None and not (isinstance(image, str) and image.strip()):  # named by its first frame
