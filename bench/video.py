@@ -27,6 +27,7 @@ import json
 import subprocess
 import sys
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -36,7 +37,9 @@ from lipkit.data.builtin.motion import PAIRS
 from lipkit.data.frames import DEFAULT_FRAMES, with_frame_count
 from lipkit.data.image_store import ImageStore
 from lipkit.data.sources.registry import read_table
+from lipkit.data.transforms import normalize as normalize_pixels
 from lipkit.eval.embedding import embed_images, embed_texts
+from lipkit.objectives.glscl import global_scores
 
 # run → the `lipkit train` arguments that make it (each on the demo's 8-minute budget)
 RUNS = {
@@ -50,7 +53,9 @@ RUNS = {
         "--set", "model.overrides.temporal=mean", "--set", "train.batch_size=32",
     ],
     "ezclip": ["-c", "configs/motion.yaml", "-c", "configs/methods/ezclip.yaml"],
+    "glscl": ["-c", "configs/motion.yaml", "-c", "configs/methods/glscl.yaml"],
 }  # fmt: skip
+GLOBAL_SCORED = ("transformer", "glscl")  # also scored by GLSCL's text-conditioned pooling (S^g)
 UNTRAINED = {
     "demo (untrained, mean)": "runs/demo/checkpoint",
     "demo-vit (untrained, mean)": "runs/demo-vit/checkpoint",
@@ -78,16 +83,43 @@ def trainable_share(model: torch.nn.Module, checkpoint: Path) -> float:
 
 
 @torch.no_grad()
-def score(model: torch.nn.Module, tokenizer, test: Path) -> dict:
+def clip_states(model: torch.nn.Module, store: ImageStore, batch_size: int = 32) -> torch.Tensor:
+    """(N, T, D) the temporal head's frame states of every clip, float32 on the CPU."""
+    n = len(store.records)
+    out = []
+    for s in range(0, n, batch_size):
+        x = normalize_pixels(
+            store.get(range(s, min(n, s + batch_size))), model.spec.image_mean, model.spec.image_std
+        )
+        out.append(model.frame_states(x.to(model.device)).float().cpu())
+    return torch.cat(out)
+
+
+def gim_similarity(states: torch.Tensor, temperature: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Texts (N_t, D) → (N_clips, N_t) GLSCL global scores S^g (objectives/glscl.py), 100 texts at a time."""
+    return lambda texts: (
+        torch.cat(
+            [global_scores(texts[s : s + 100], states, temperature) for s in range(0, len(texts), 100)]
+        ).T
+    )
+
+
+@torch.no_grad()
+def score(model: torch.nn.Module, tokenizer, test: Path, gim: float = 0.0) -> dict:
+    """The scores of the module docstring: by the dense cosine of pooled clip embeddings, or (`gim`: its
+    temperature) by GLSCL's text-conditioned pooling of the frame states."""
     model.eval()
     records = with_frame_count(read_table(test), model.spec.clip_frames or DEFAULT_FRAMES)
-    clips = embed_images(model, ImageStore(records, model.spec.image_size, cache=True, desc="clips"), 32)
+    store = ImageStore(records, model.spec.image_size, cache=True, desc="clips")
+    if gim:
+        sim = gim_similarity(clip_states(model, store), gim)
+    else:
+        clips = embed_images(model, store, 32)
+        sim = lambda texts: clips @ texts.T  # noqa: E731
     motions = sorted({r.meta["motion"] for r in records})
     labels = sorted({r.meta["label"] for r in records})
-    m_emb = embed_texts(model, tokenizer, motions, 256)
-    l_emb = embed_texts(model, tokenizer, labels, 256)
-    c_emb = embed_texts(model, tokenizer, [r.captions[0] for r in records], 256)
-    m_sims = clips @ m_emb.T
+    m_sims = sim(embed_texts(model, tokenizer, motions, 256))
+    c_sims = sim(embed_texts(model, tokenizer, [r.captions[0] for r in records], 256)).T  # captions × clips
     own = torch.tensor([motions.index(r.meta["motion"]) for r in records])
     direction = [
         m_sims[i, own[i]] > m_sims[i, motions.index(OPPOSITE[r.meta["motion"]])]
@@ -99,16 +131,17 @@ def score(model: torch.nn.Module, tokenizer, test: Path) -> dict:
         groups[_object_of(r)].append(i)
     within = []
     for rows in groups.values():
-        sims = c_emb[rows] @ clips[rows].T  # each caption against its object's clips
+        sims = c_sims[rows][:, rows]  # each caption against its object's clips
         within += (sims.argmax(1) == torch.arange(len(rows))).tolist()
-    t2v = (c_emb @ clips.T).argmax(1) == torch.arange(len(records))
+    t2v = c_sims.argmax(1) == torch.arange(len(records))
     lab = torch.tensor([labels.index(r.meta["label"]) for r in records])
+    l_sims = sim(embed_texts(model, tokenizer, labels, 256))
     return {
         "motion top-1": round(100 * (m_sims.argmax(1) == own).float().mean().item(), 1),
         "direction": round(100 * sum(map(bool, direction)) / len(direction), 1),
         "within-object t→v R@1": round(100 * sum(within) / len(within), 1),
         "t→v R@1": round(100 * t2v.float().mean().item(), 1),
-        "object top-1": round(100 * ((clips @ l_emb.T).argmax(1) == lab).float().mean().item(), 1),
+        "object top-1": round(100 * (l_sims.argmax(1) == lab).float().mean().item(), 1),
         "head parameters": sum(p.numel() for p in model.temporal.parameters()),
     }
 
@@ -128,6 +161,7 @@ def main() -> None:
         "--test", type=Path, default=Path("~/.cache/lipkit/datasets/motion/test.jsonl").expanduser()
     )
     ap.add_argument("--out", type=Path, default=Path("docs/video-bench.json"))
+    ap.add_argument("--gim-temperature", type=float, default=0.03, help="τ_g of GLSCL's global score")
     a = ap.parse_args()
     results = {name: score(*load_checkpoint(ckpt)[:2], a.test) for name, ckpt in UNTRAINED.items()}
     for name in a.runs:
@@ -141,6 +175,8 @@ def main() -> None:
         share = round(100 * trainable_share(model, run / "checkpoint"), 2)
         results[name] = {**row, "steps": steps, "trainable %": share}
         print(name, results[name], file=sys.stderr)
+        if name in GLOBAL_SCORED:
+            results[f"{name}, scored by S^g"] = score(model, tokenizer, a.test, gim=a.gim_temperature)
     a.out.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     for name, row in results.items():
         print(name, row)

@@ -432,7 +432,7 @@ def test_clip_augmentation_is_one_draw_per_clip():
             ViewMaker(spec, refused, torch.Generator(), cpu, None).view(clip)
 
 
-def test_tables_of_clips_validate_and_refuse_mixing_or_shards(motion, tmp_path):
+def test_tables_of_clips_validate_and_refuse_mixing(motion, tmp_path):
     from lipkit.data.convert import image_bytes
     from lipkit.data.inspection import validate
 
@@ -449,6 +449,80 @@ def test_tables_of_clips_validate_and_refuse_mixing_or_shards(motion, tmp_path):
     assert len(got) == 2 and not skipped and got[1].frames is None
     with pytest.raises(Exception, match="images or clips"):
         ImageStore(got, 32, cache=True)
+
+
+def _decoded(records, frames: int = 4) -> list[torch.Tensor]:
+    return [try_load_frames(r.frames, r.key, 32)[0] for r in with_frame_count(records, frames)]
+
+
+def test_clips_convert_to_shards_that_decode_shard_and_train_alike(motion, tmp_path):
+    """Frame lists and videos through `lipkit data convert`: the shards decode to the table's frames, their
+    batches split over 2 ranks exactly as 1 process, resume exactly, and train a clip model."""
+    from lipkit.data.convert import convert
+    from lipkit.data.shard_batches import ShardBatches
+    from lipkit.data.sources.shards import expand_shards
+    from lipkit.train.launch import run_training
+
+    report = convert(motion / "train.jsonl", tmp_path / "shards", shard_size=5, verify=True, progress=False)
+    assert report.samples == 24 and not report.skipped
+    table, _ = read_records(motion / "train.jsonl")
+    shards, _ = read_records(report.extra["pattern"])
+    assert [r.key for r in shards] == [r.key for r in table]
+    assert all(torch.equal(a, b) for a, b in zip(_decoded(shards), _decoded(table), strict=True))
+    urls = expand_shards(report.extra["pattern"])
+
+    def make(rank: int, world: int, workers: int = 0) -> ShardBatches:
+        return ShardBatches(
+            urls, 32, 8, 3, "first", workers=workers, rank=rank, world=world, clip=(4, "uniform")
+        )
+
+    one, two = make(0, 1, 2), [make(r, 2, 1) for r in (0, 1)]  # 2 streams each way (data/shard_batches.py)
+    for whole, *parts in zip(one.epoch(0), two[0].epoch(0), two[1].epoch(0), strict=True):
+        assert whole[0].shape[1:] == (4, 3, 32, 32)
+        assert torch.equal(whole[0], torch.cat([p[0] for p in parts]))
+        assert whole[2] == [k for p in parts for k in p[2]]
+    first = make(0, 1)
+    batches = first.epoch(1)
+    next(batches)
+    resumed = make(0, 1)
+    resumed.load_state(first.state())
+    assert [b[2] for b in resumed.epoch(1, 1)] == [b[2] for b in batches]
+    cfg = tiny_run_cfg(report.extra["pattern"], tmp_path / "run", "infonce", data={"num_frames": 4}, epochs=1)
+    cfg.model.overrides = {**TINY_MODEL, "temporal": "transformer"}
+    run_dir, result = run_training(cfg)
+    assert result.steps == 3
+    from lipkit.checkpoint import load_checkpoint
+
+    assert load_checkpoint(run_dir / "checkpoint")[0].spec.clip_frames == 4
+
+
+def test_videos_convert_to_shards_and_mixed_shards_are_refused(motion, tmp_path):
+    from lipkit.data.convert import convert
+    from lipkit.data.shard_batches import ShardBatches
+    from lipkit.data.sources.shards import expand_shards
+
+    recs, _ = read_records(motion / "test.jsonl")
+    clip, _, _ = try_load_frames(recs[0].frames, recs[0].key, 32)
+    _write_video(tmp_path / "good.mkv", clip)
+    (tmp_path / "garbage.mp4").write_bytes(b"\x00not a video" * 50)
+    lines = [
+        {"frames": "good.mkv", "captions": ["a video"]},
+        {"frames": "garbage.mp4", "captions": ["garbage"]},
+        {"image": str(recs[0].frames.items[0]), "captions": ["an image"]},
+    ]
+    table = tmp_path / "videos.jsonl"
+    table.write_text("".join(json.dumps(x) + "\n" for x in lines[:2]))
+    report = convert(table, tmp_path / "shards", verify=True, progress=False)
+    assert report.samples == 1 and report.skipped == Counter(broken_video=1)
+    shards, _ = read_records(report.extra["pattern"])
+    assert shards[0].frames.video[:4] == b"\x1aE\xdf\xa3"  # the .mkv member: the file's bytes as they were
+    direct = try_load_frames(Frames(video=tmp_path / "good.mkv"), "v", 32)[0]
+    assert torch.equal(_decoded(shards, 8)[0], direct)
+    table.write_text("".join(json.dumps(x) + "\n" for x in [lines[0], lines[2]] * 2))
+    report = convert(table, tmp_path / "mixed", progress=False)
+    urls = expand_shards(report.extra["pattern"])
+    with pytest.raises(Exception, match="mix clips and single images"):
+        next(ShardBatches(urls, 32, 4, 3, "first", shuffle_buffer=1).epoch(0))
 
 
 def test_change_phrases_by_rules():
@@ -528,3 +602,98 @@ def test_vdi_trains_on_change_phrases(motion, tmp_path):
     cfg.train.objective = "vdi"
     _, result = run_training(cfg)
     assert result.steps == 3
+
+
+def _glscl_loop(obj, txt, scale, frames, words, mask):
+    """GLSCL's loss written out pair by pair and query by query; each caption's decoder reads its real words
+    only (no padding mask)."""
+    import torch.nn.functional as F
+
+    b, t = frames.shape[:2]
+    k = obj.shape[0]
+    unit = lambda x: x / x.norm()  # noqa: E731
+    clips = [obj.local(frames[i : i + 1])[0] for i in range(b)]
+    caps = [obj.local(words[i : i + 1, : int(mask[i].sum())])[0] for i in range(b)]
+    s = torch.zeros(b, b, dtype=txt.dtype)
+    for a in range(b):
+        for c in range(b):
+            w = torch.softmax(torch.stack([unit(txt[a]) @ unit(frames[c, j]) for j in range(t)]) / 0.03, 0)
+            pooled = sum(w[j] * frames[c, j] for j in range(t))
+            local = sum(caps[a][q] @ clips[c][q] for q in range(k)) / k
+            s[a, c] = unit(txt[a]) @ unit(pooled) + 0.5 * local
+    logits = scale * s
+    contrast = (
+        0.5
+        * sum(-torch.log_softmax(logits[i], 0)[i] - torch.log_softmax(logits[:, i], 0)[i] for i in range(b))
+        / b
+    )
+    d = [[sum(clips[n][i] @ clips[n][j] for n in range(b)) / b for j in range(k)] for i in range(k)]
+    div = sum(
+        torch.clamp(0.1 + d[i][j] - d[i][i], min=0) + torch.clamp(0.1 + d[i][j] - d[j][j], min=0)
+        for i in range(k)
+        for j in range(k)
+        if i != j
+    ) / (k * (k - 1))
+    mean_v, mean_w = sum(clips) / b, sum(caps) / b
+    paired = [sum(clips[n][q] @ caps[n][q] for n in range(b)) / b for q in range(k)]
+    con = F.mse_loss(mean_v, mean_w) + 0.02 * sum((p - 0.75) ** 2 for p in paired)
+    return contrast + 1e-4 * div + con
+
+
+def test_glscl_loss_matches_a_loop():
+    from lipkit.objectives.glscl import GlobalLocalConsistency
+
+    torch.manual_seed(0)
+    b, t, d, length = 4, 3, 8, 5
+    obj = GlobalLocalConsistency(queries=3, layers=2, heads=2, diversity_weight=1e-4)
+    obj.bind_width(d)
+    obj.double()
+    txt = torch.nn.functional.normalize(torch.randn(b, d, dtype=torch.float64), dim=-1).requires_grad_()
+    frames = torch.randn(b, t, d, dtype=torch.float64, requires_grad=True)
+    words = torch.randn(b, length, d, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1] * n + [0] * (length - n) for n in (5, 2, 3, 1)], dtype=torch.bool)
+    scale = torch.tensor(10.0, dtype=torch.float64)
+    fast = obj(txt, scale, frames, words, mask)
+    slow = _glscl_loop(obj, txt, scale, frames, words, mask)
+    assert abs(fast.item() - slow.item()) <= 1e-10
+    for x in (
+        txt,
+        frames,
+        words,
+        obj.local.queries,
+        obj.local.decoder.layers[0].multihead_attn.in_proj_weight,
+    ):
+        (g_fast,) = torch.autograd.grad(fast, x, retain_graph=True)
+        (g_slow,) = torch.autograd.grad(slow, x, retain_graph=True)
+        assert (g_fast - g_slow).abs().max() <= 1e-10
+    with pytest.raises(ValueError, match="heads=3"):
+        GlobalLocalConsistency(heads=3).bind_width(8)
+
+
+def test_glscl_trains_and_its_global_score_tends_to_the_dense_cosine(motion, tmp_path):
+    from lipkit.objectives.glscl import global_scores
+    from lipkit.train.launch import run_training
+
+    cfg = tiny_run_cfg(
+        motion / "train.jsonl",
+        tmp_path / "run",
+        "glscl",
+        data={"num_frames": 4},
+        augment={"scale_min": 1.0, "rotate_deg": 0},
+        epochs=1,
+        objective_args={"queries": 4, "layers": 1, "heads": 2},
+    )
+    cfg.model.overrides = {**TINY_MODEL, "temporal": "transformer"}
+    _, result = run_training(cfg)
+    assert result.steps == 3
+    # S^g with a flat softmax is the cosine of the mean-pooled clip (what the dense index serves)
+    torch.manual_seed(0)
+    text, frames = torch.randn(3, 8, dtype=torch.float64), torch.randn(5, 4, 8, dtype=torch.float64)
+    dense = (
+        torch.nn.functional.normalize(text, dim=-1)
+        @ torch.nn.functional.normalize(frames.mean(1), dim=-1).t()
+    )
+    assert torch.allclose(global_scores(text, frames, 1e9), dense, atol=1e-9)
+    sharp = global_scores(text, frames, 1e-4)  # a sharp softmax: the best-aligned frame's cosine
+    best = torch.einsum("ad,btd->abt", *(torch.nn.functional.normalize(x, dim=-1) for x in (text, frames)))
+    assert torch.allclose(sharp, best.max(-1).values, atol=1e-6)

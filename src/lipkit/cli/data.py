@@ -86,14 +86,15 @@ def convert(
     out: Path = typer.Argument(..., help="Folder for the shards (created; must hold no shards yet)."),
     shard_size: int = typer.Option(1000, "--shard-size", "-n", help="Samples per shard."),
     verify: bool = typer.Option(
-        False, "--verify", help="Decode every image (slower) instead of reading headers only."
+        False, "--verify", help="Decode every image and clip (slower) instead of reading headers only."
     ),
     image_column: str = _image_column(),
     caption_column: str = _caption_column(),
     image_root_: str = _image_root(),
 ) -> None:
-    """Write WebDataset shards (img2dataset layout: NNNNNNNNN.jpg|png|webp + .txt + .json) and
-    lipkit-counts.json. Unusable samples are skipped and listed by reason."""
+    """Write WebDataset shards (img2dataset layout: NNNNNNNNN.jpg|png|webp + .txt + .json; a clip's video as
+    NNNNNNNNN.mp4|webm|mkv|…, or its frames as NNNNNNNNN.0000.jpg, .0001.jpg, …) and lipkit-counts.json.
+    Unusable samples are skipped and listed by reason."""
     from lipkit.data.convert import convert as run
 
     report = run(src, out, shard_size, image_column, caption_column, image_root_, verify).to_dict()

@@ -1,6 +1,6 @@
 """What `lipkit data convert` does (the CLI only parses and prints): any source (table, parquet, folder,
 shards) to WebDataset shards. Image bytes are copied as they are (formats outside jpg/png/webp/gif/bmp/tif
-are re-encoded as PNG), unusable samples are skipped and counted; `lipkit-counts.json` is written beside
+are re-encoded as PNG), a clip's video file or frame images alike, unusable samples are skipped and counted; `lipkit-counts.json` is written beside
 the shards."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from lipkit.data.frames import try_load_frames, video_member
 from lipkit.data.images import classify_failure, empty_source, open_image, try_load_image
 from lipkit.data.records import Record, Skip
 from lipkit.data.scan_report import Report, run_pass
@@ -23,15 +24,45 @@ FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": 
 def _read_bytes(record: Record) -> bytes | Skip:
     """The encoded image of a record: its inline bytes, or its file's."""
     data = record.data  # read once (a lazy record fetches it on each access)
-    if data is not None:
-        return data
+    return data if data is not None else _file_bytes(Path(record.image), record.key)
+
+
+def _file_bytes(path: Path, key: str) -> bytes | Skip:
     try:
-        return Path(record.image).read_bytes()
+        return path.read_bytes()
     except OSError as e:
-        reason, detail = classify_failure(e, record.image)
+        reason, detail = classify_failure(e, str(path))
         if reason != "missing_file" and reason != "unreadable_file":
             reason, detail = "unreadable_file", str(e)
-        return Skip(reason, record.key, detail)
+        return Skip(reason, key, detail)
+
+
+def clip_members(record: Record, verify: bool = False, size: int = 32) -> dict[str, bytes] | Skip:
+    """A clip's shard members (data/sources/shards.py): `{ext: video bytes}`, or `{"0000.jpg": frame bytes,
+    …}` with each frame as image_bytes gives it; or why it cannot be used (`verify`: all of it decoded)."""
+    frames = record.frames
+    assert frames is not None
+    if verify and (reason := try_load_frames(frames, record.key, size)[1:])[0]:
+        return Skip(reason[0], record.key, reason[1])
+    if frames.video is not None:
+        video = frames.video
+        data = video if isinstance(video, bytes) else _file_bytes(video, record.key)
+        if isinstance(data, Skip):
+            return data
+        ext = video_member(video, data)
+        return {ext: data} if ext else Skip("broken_video", record.key, "not a video container lipkit reads")
+    members: dict[str, bytes] = {}
+    for i, item in enumerate(frames.items):
+        one = (
+            Record(item, [], key=record.key)
+            if isinstance(item, Path)
+            else Record(Path(""), [], key=record.key, data=item)
+        )
+        got = image_bytes(one)
+        if isinstance(got, Skip):
+            return Skip(got.reason, record.key, f"frame {i}: {got.detail}")
+        members[f"{i:04d}.{got[1]}"] = got[0]
+    return members
 
 
 def _as_png(im: Image.Image) -> bytes:
@@ -46,8 +77,8 @@ def image_bytes(record: Record, verify: bool = False, size: int = 32) -> tuple[b
     only the header is read (empty, missing, not an image, too large); with it the image is decoded."""
     if record.frames is not None:
         raise UserError(
-            f"Sample '{record.key}' is a clip (a `frames` column); clips are not written to shards or copied "
-            "yet: keep them in a table or parquet file (docs/video.md)."
+            f"Sample '{record.key}' is a clip (a `frames` column); clips are not copied here: keep them in a "
+            "table, parquet file or shards (`lipkit data convert`, docs/video.md)."
         )
     data = _read_bytes(record)
     if isinstance(data, Skip):
@@ -83,10 +114,10 @@ def convert(
     writer = ShardOutput(Path(out), shard_size)
 
     def work(record: Record) -> Skip | None:
-        got = image_bytes(record, verify)
+        got = clip_members(record, verify) if record.frames is not None else image_bytes(record, verify)
         if isinstance(got, Skip):
             return got
-        writer.write(record, *got)
+        writer.write_members(record, got if isinstance(got, dict) else {got[1]: got[0]})
         return None
 
     items = scan(src, image_column, caption_column, image_root)

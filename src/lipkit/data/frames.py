@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from lipkit.data.image_policy import MAX_PIXELS
+from lipkit.data.image_policy import IMAGE_EXTS, MAX_PIXELS
 from lipkit.data.images import image_pixels, try_load_image
 from lipkit.errors import UserError
 
@@ -36,6 +36,7 @@ DEFAULT_FRAMES = 8
 SAMPLINGS = ("uniform", "random")
 VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")  # a .gif is an image (its first frame)
 MAX_VIDEO_FRAMES = 100_000  # frames decoded from one video before it is refused (a runaway stream)
+VIDEO_MEMBERS = tuple(e[1:] for e in VIDEO_EXTS)  # a WebDataset sample's video member: key.mp4, key.webm, …
 
 
 @dataclass(frozen=True)
@@ -80,13 +81,51 @@ def frames_of(value: Any, root: Path) -> Frames | None:
     return None
 
 
-def with_frame_count(records: list, count: int, sampling: str = "uniform") -> list:
-    """`records` with every clip set to decode `count` frames by `sampling` (data.num_frames,
-    data.frame_sampling); records without frames are returned as they are."""
+def shard_frames(sample: dict[str, Any]) -> Frames | None:
+    """A WebDataset sample's clip: its video member (`key.mp4`, `.webm`, … ) or its numbered frame members
+    (`key.0000.jpg`, `key.0001.png`, … in the numbers' order); None for a sample of one image."""
+    for ext in VIDEO_MEMBERS:
+        if ext in sample:
+            return Frames(video=bytes(sample[ext]))
+    numbered = []
+    for name, data in sample.items():
+        number, _, ext = str(name).partition(".")
+        if number.isdigit() and ext.lower() in IMAGE_EXTS:
+            numbered.append((int(number), bytes(data)))
+    return Frames(items=tuple(data for _, data in sorted(numbered))) if numbered else None
+
+
+def video_member(video: Path | bytes, data: bytes) -> str | None:
+    """The member extension a video is written under in a shard (its file's, else by its first bytes);
+    None when the bytes are no container lipkit decodes."""
+    if isinstance(video, Path) and video.suffix.lower() in VIDEO_EXTS:
+        return video.suffix.lower()[1:]
+    if not sniff_video(data[:16]):
+        return None
+    return "mp4" if data[4:8] == b"ftyp" else "avi" if data[:4] == b"RIFF" else "mkv"
+
+
+def stack_samples(images: list[torch.Tensor], where: str) -> torch.Tensor:
+    """Decoded samples as one batch; one sentence when they mix clips and single images."""
+    if len({x.dim() for x in images}) > 1:
+        raise UserError(
+            f"{where} mix clips and single images; keep clips and images in separate datasets (docs/video.md)."
+        )
+    return torch.stack(images)
+
+
+def check_frame_settings(count: int, sampling: str) -> None:
+    """data.num_frames and data.frame_sampling, or one sentence saying what to set."""
     if count < 1:
         raise UserError(f"data.num_frames must be 1 or more, not {count}.")
     if sampling not in SAMPLINGS:
         raise UserError(f"data.frame_sampling must be one of {', '.join(SAMPLINGS)}, not {sampling!r}.")
+
+
+def with_frame_count(records: list, count: int, sampling: str = "uniform") -> list:
+    """`records` with every clip set to decode `count` frames by `sampling` (data.num_frames,
+    data.frame_sampling); records without frames are returned as they are."""
+    check_frame_settings(count, sampling)
     for r in records:
         if r.frames is not None:
             r.frames = replace(r.frames, count=count, sampling=sampling)

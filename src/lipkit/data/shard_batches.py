@@ -42,6 +42,7 @@ import torch
 from lipkit.data.batching import Batch, Log, SkipCounter, choose_captions, data_line
 from lipkit.data.caption_mix import check_mix
 from lipkit.data.captions import add_meta_captions_checked, check_meta_templates, filter_captions
+from lipkit.data.frames import DEFAULT_FRAMES, check_frame_settings, stack_samples
 from lipkit.data.records import Skip, describe
 from lipkit.data.shard_streams import (
     Item,
@@ -93,8 +94,10 @@ class ShardBatches:
         caption_mix: dict[str, float] | None = None,
         text_augment: dict[str, float] | None = None,
         split_sentences: bool = False,
+        clip: tuple[int, str] = (DEFAULT_FRAMES, "uniform"),  # a clip's data.num_frames, data.frame_sampling
     ) -> None:
         check_meta_templates(meta_captions)
+        check_frame_settings(*clip)
         check_mix(caption_mix or {})
         check_text_augment(text_augment or {})
         self.mix = dict(caption_mix or {})
@@ -107,7 +110,7 @@ class ShardBatches:
         # how a sample's captions are chosen (batching.choose_captions after the key, seed and epoch)
         self.choice = (caption_policy, captions_per_image, dict(text_augment or {}), split_sentences)
         self.caption_column, self.langs = caption_column, list(langs)
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.clip = rank, world, clip
         self.counts = cached_counts(self.urls) if samples_per_epoch > 0 else shard_counts(self.urls)
         self.num_samples = samples_per_epoch if samples_per_epoch > 0 else sum(self.counts.values())
         if self.num_samples < batch_size:
@@ -268,6 +271,7 @@ class ShardBatches:
                 passes=0,
                 meta=self.meta,
                 mix=self.mix,
+                clip=self.clip,
             )
             feeds.append(feed(spec, self.workers > 0, (self.seed * 100_003 + epoch) * 1_009 + s.g))
         return feeds
@@ -305,7 +309,7 @@ class ShardBatches:
         return rows
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
-        """This rank's batches of `epoch` from batch `start_batch` on: (uint8 images (b, 3, H, W),
+        """This rank's batches of `epoch` from batch `start_batch` on: (uint8 images (b, 3, H, W) or clips,
         captions (b·k, image-major), keys (b)), b = batch_size // world."""
         replay = self._start(epoch, start_batch)
         batch, n = start_batch - replay, len(self)
@@ -328,7 +332,7 @@ class ShardBatches:
                     logged = sum(self.skips.epoch.values())
                     self.log(data_line(self._state, epoch * n + batch))
                 yield (
-                    torch.stack([x for _, _, x in rows]),
+                    stack_samples([x for _, _, x in rows], "The training shards' samples"),
                     [
                         c
                         for key, caps, _ in rows
@@ -385,6 +389,7 @@ class ShardSource:
             caption_mix=d.caption_mix,
             text_augment=d.text_augment,
             split_sentences=d.split_sentences,
+            clip=(d.num_frames, d.frame_sampling),
         )
 
 

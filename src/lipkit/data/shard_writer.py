@@ -15,7 +15,7 @@ from lipkit.errors import UserError
 class ShardOutput:
     """Write samples into `out/00000.tar`, `00001.tar` ... (`shard_size` samples each) with
     webdataset's ShardWriter, then `lipkit-counts.json`. Each sample: `NNNNNNNNN.<ext>` (the image
-    bytes as they were), `.txt` (the first caption, for img2dataset readers) and `.json` (all captions,
+    bytes as they were; a clip's `.mp4`, or its frames `.0000.jpg`, `.0001.jpg`, …), `.txt` (the first caption, for img2dataset readers) and `.json` (all captions,
     the source key and the metadata)."""
 
     def __init__(self, out: Path, shard_size: int) -> None:
@@ -39,8 +39,12 @@ class ShardOutput:
         self.n = 0
 
     def write(self, record: Record, image: bytes, ext: str) -> None:
+        self.write_members(record, {ext: image})
+
+    def write_members(self, record: Record, members: dict[str, bytes]) -> None:
+        """One sample: `members` (extension → bytes: the image, or a clip's video or numbered frames)."""
         body = {**record.meta, "key": record.key, "captions": record.captions}  # the record's own win
-        sample = {"__key__": f"{self.n:09d}", ext: image}
+        sample: dict[str, object] = {"__key__": f"{self.n:09d}", **members}
         if record.captions:  # an image without captions (a classification set) has no .txt
             sample["txt"] = record.captions[0]
         sample["json"] = json.dumps(body, ensure_ascii=False, default=str).encode("utf-8")

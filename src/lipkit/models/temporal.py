@@ -15,8 +15,8 @@ runs every (B, T, 3, S, S) input through one of these (model `temporal`):
   projections start at zero (uniform weights: mean pooling; T = 1: the image embedding).
 
 EZ-CLIP's temporal prompts act inside the tower: models/frame_prompts.py (model `temporal: ezclip`).
-Not implemented: GLSCL's shared queries, video-specific image towers (3-D convolutions, divided space–time
-attention).
+GLSCL's shared queries read these heads' frame states inside its objective (objectives/glscl.py).
+Not implemented: video-specific image towers (3-D convolutions, divided space–time attention).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from lipkit.objectives.distill import Distillation
 from lipkit.objectives.dreamlip import SubCaptionGrouping
 from lipkit.objectives.ezclip import EZCLIPLoss
 from lipkit.objectives.filip import FILIPLoss
+from lipkit.objectives.glscl import GlobalLocalConsistency
 from lipkit.objectives.improved_baselines import ImprovedBaselines
 from lipkit.objectives.infonce import InfoNCE
 from lipkit.objectives.intra_modal import TripleContrast
@@ -69,6 +70,7 @@ OBJECTIVES: dict[str, type[nn.Module]] = {
     "ezclip": EZCLIPLoss,
     "script_order": ScriptOrder,
     "vdi": VisualDynamics,
+    "glscl": GlobalLocalConsistency,
 }
 
 

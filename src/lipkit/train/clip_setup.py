@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from lipkit.data.sources.shards import holds_clips
 from lipkit.errors import UserError
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.train.inputs import objective_needs, requires
@@ -14,12 +15,19 @@ from lipkit.train.inputs import objective_needs, requires
 
 def prepare_clips(model: DualEncoder, objective: Any, data: Any, cfg: Any) -> None:
     attach_temporal(model, cfg.model.overrides)
-    records = getattr(data, "records", None) or []
-    if records and records[0].frames is not None:
+    if trains_on_clips(data):
         model.spec = replace(model.spec, clip_frames=cfg.data.num_frames)
     check_change_phrases(cfg.data, getattr(objective, "needs_change_phrases", False), cfg.train.objective)
     if requires(objective_needs(objective), "script"):
         check_script_data(cfg.data, getattr(objective, "sentences", 0), cfg.train.objective)
+
+
+def trains_on_clips(data: Any) -> bool:
+    """Whether the training source holds clips: a table's first record, or the first shard's first sample."""
+    records, urls = getattr(data, "records", None), getattr(data, "urls", None)
+    if records:
+        return records[0].frames is not None
+    return bool(urls) and holds_clips(urls[0])
 
 
 def attach_temporal(model: DualEncoder, overrides: dict[str, Any]) -> None:

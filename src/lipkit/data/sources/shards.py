@@ -3,7 +3,9 @@
 Layout (img2dataset's): consecutive tar members share a key, `key.jpg|png|webp|...` is the image,
 `key.txt` one caption and/or `key.json` an object with the captions (`captions`, `caption`, `text`
 or data.caption_column: a string or a list) and any metadata; a `key` field in the JSON names the
-sample (lipkit writes the source's key there), else the tar key does. Shards are named by a brace
+sample (lipkit writes the source's key there), else the tar key does. A clip (data/frames.py) has a video
+member (`key.mp4`, `.webm`, `.mkv`, `.avi`, `.mov`, `.m4v`) or numbered frames (`key.0000.jpg`, `key.0001.jpg`, …)
+instead of the image. Shards are named by a brace
 pattern (`shards/{00000..00099}.tar`), a list of `.tar` paths, a folder, or `pipe:` URLs (any
 command that writes a tar to stdout); `webdataset` opens them and groups members into samples.
 
@@ -31,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from lipkit.atomic import write_text_atomic
+from lipkit.data.frames import shard_frames
 from lipkit.data.image_policy import IMAGE_EXTS
 from lipkit.data.records import Record, Skip, caption_record, parse_captions, parse_json_meta
 from lipkit.errors import UserError
@@ -187,12 +190,24 @@ def parse_sample(sample: dict[str, Any], caption_column: str = "captions") -> Re
         key = str(meta.pop("key", "") or key)
     if captions is None and "txt" in sample:
         captions = sample["txt"]
+    clip = shard_frames(sample)  # a video member or numbered frames (data/frames.py)
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
-    if ext is None:
+    if ext is None and clip is None:
         return Skip("no_image", key, f"no {'/'.join(IMAGE_EXTS[:4])} member")
     if captions is None:
         return Skip("no_caption", key, "no .txt or .json caption")
-    return caption_record(Path(str(sample.get("__url__", ""))), captions, meta, key, data=sample[ext])
+    first = sample[ext] if ext else clip.video if clip.video is not None else clip.items[0]  # type: ignore[union-attr]
+    record = caption_record(Path(str(sample.get("__url__", ""))), captions, meta, key, data=first)
+    if isinstance(record, Record):
+        record.frames = clip
+    return record
+
+
+def holds_clips(url: str) -> bool:
+    """Whether the shard's first sample is a clip (a video member or numbered frames)."""
+    with contextlib.closing(read_shard(url, ShardStatus(url))) as samples:
+        sample = next(samples, None)
+    return sample is not None and shard_frames(sample) is not None
 
 
 def scan_shards(
