@@ -7,6 +7,9 @@ docs/video.md.
     python bench/video.py                 # trains runs/motion-{mean,transformer,...} (~9 min each)
     python bench/video.py --no-train      # scores the runs already there (and runs/demo, runs/demo-vit untrained)
 
+GLSCL (configs/methods/glscl.yaml) and the temporal transformer are scored a second time by GLSCL's global
+score S^g (eval/frame_similarity.py; rows "…, scored by S^g"), as `lipkit eval` scores a glscl run.
+
 EZ-CLIP and its mean-pooling baseline start from runs/demo-vit (`lipkit train --config configs/demo-vit.yaml`):
 EZ-CLIP prompts a ViT tower.
 
@@ -27,7 +30,6 @@ import json
 import subprocess
 import sys
 from collections import defaultdict
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -37,9 +39,8 @@ from lipkit.data.builtin.motion import PAIRS
 from lipkit.data.frames import DEFAULT_FRAMES, with_frame_count
 from lipkit.data.image_store import ImageStore
 from lipkit.data.sources.registry import read_table
-from lipkit.data.transforms import normalize as normalize_pixels
 from lipkit.eval.embedding import embed_images, embed_texts
-from lipkit.objectives.glscl import global_scores
+from lipkit.eval.frame_similarity import frame_scores, frame_states
 
 # run → the `lipkit train` arguments that make it (each on the demo's 8-minute budget)
 RUNS = {
@@ -83,28 +84,6 @@ def trainable_share(model: torch.nn.Module, checkpoint: Path) -> float:
 
 
 @torch.no_grad()
-def clip_states(model: torch.nn.Module, store: ImageStore, batch_size: int = 32) -> torch.Tensor:
-    """(N, T, D) the temporal head's frame states of every clip, float32 on the CPU."""
-    n = len(store.records)
-    out = []
-    for s in range(0, n, batch_size):
-        x = normalize_pixels(
-            store.get(range(s, min(n, s + batch_size))), model.spec.image_mean, model.spec.image_std
-        )
-        out.append(model.frame_states(x.to(model.device)).float().cpu())
-    return torch.cat(out)
-
-
-def gim_similarity(states: torch.Tensor, temperature: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Texts (N_t, D) → (N_clips, N_t) GLSCL global scores S^g (objectives/glscl.py), 100 texts at a time."""
-    return lambda texts: (
-        torch.cat(
-            [global_scores(texts[s : s + 100], states, temperature) for s in range(0, len(texts), 100)]
-        ).T
-    )
-
-
-@torch.no_grad()
 def score(model: torch.nn.Module, tokenizer, test: Path, gim: float = 0.0) -> dict:
     """The scores of the module docstring: by the dense cosine of pooled clip embeddings, or (`gim`: its
     temperature) by GLSCL's text-conditioned pooling of the frame states."""
@@ -112,7 +91,8 @@ def score(model: torch.nn.Module, tokenizer, test: Path, gim: float = 0.0) -> di
     records = with_frame_count(read_table(test), model.spec.clip_frames or DEFAULT_FRAMES)
     store = ImageStore(records, model.spec.image_size, cache=True, desc="clips")
     if gim:
-        sim = gim_similarity(clip_states(model, store), gim)
+        states = frame_states(model, store, 32)
+        sim = lambda texts: frame_scores(texts, states, gim).T  # noqa: E731
     else:
         clips = embed_images(model, store, 32)
         sim = lambda texts: clips @ texts.T  # noqa: E731
@@ -163,7 +143,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("docs/video-bench.json"))
     ap.add_argument("--gim-temperature", type=float, default=0.03, help="τ_g of GLSCL's global score")
     a = ap.parse_args()
-    results = {name: score(*load_checkpoint(ckpt)[:2], a.test) for name, ckpt in UNTRAINED.items()}
+    results = json.loads(a.out.read_text()) if a.out.is_file() else {}  # the rows of runs not scored now stay
+    results.update({name: score(*load_checkpoint(ckpt)[:2], a.test) for name, ckpt in UNTRAINED.items()})
     for name in a.runs:
         if not a.no_train:
             train(name)

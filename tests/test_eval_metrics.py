@@ -119,16 +119,16 @@ def test_filip_evaluation_scores_pairs_token_wise(table, keep):
 def test_wukong_models_are_scored_with_their_own_token_count():
     from lipkit.config import EvalConfig
     from lipkit.errors import UserError
-    from lipkit.eval.similarity_choice import resolve_tokens_kept
+    from lipkit.eval.similarity_choice import resolve_trained_settings
 
     auto = EvalConfig()
-    assert resolve_tokens_kept(auto, "wukong", {"image_tokens_kept": 5}).image_tokens_kept == 5
-    assert resolve_tokens_kept(auto, "wukong", {}).image_tokens_kept == 12  # the objective's default
-    assert resolve_tokens_kept(auto, "wukong", {"image_tokens_kept": None}).image_tokens_kept == 0  # all
-    assert resolve_tokens_kept(auto, "filip", {}).image_tokens_kept == 0
-    assert resolve_tokens_kept(EvalConfig(image_tokens_kept=7), "wukong", {}).image_tokens_kept == 7
+    assert resolve_trained_settings(auto, "wukong", {"image_tokens_kept": 5}).image_tokens_kept == 5
+    assert resolve_trained_settings(auto, "wukong", {}).image_tokens_kept == 12  # the objective's default
+    assert resolve_trained_settings(auto, "wukong", {"image_tokens_kept": None}).image_tokens_kept == 0  # all
+    assert resolve_trained_settings(auto, "filip", {}).image_tokens_kept == 0
+    assert resolve_trained_settings(EvalConfig(image_tokens_kept=7), "wukong", {}).image_tokens_kept == 7
     with pytest.raises(UserError, match="image_tokens_kept"):
-        resolve_tokens_kept(EvalConfig(image_tokens_kept=-1), "filip", {})
+        resolve_trained_settings(EvalConfig(image_tokens_kept=-1), "filip", {})
 
 
 def test_lexical_evaluation_uses_the_lexicon_heads(table):

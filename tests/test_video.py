@@ -415,21 +415,28 @@ def test_clip_augmentation_is_one_draw_per_clip():
     frames stays a clip of equal frames, the next clip gets another draw, and two ranks' windows draw what one
     process draws."""
     from lipkit.config import AugmentConfig
+    from lipkit.data.transforms import jitter_colour
     from lipkit.train.views import ViewMaker
 
     spec = get_spec("tiny", **TINY_MODEL)
     clip = torch.randint(0, 255, (1, 1, 3, 32, 32), dtype=torch.uint8).expand(
         4, 3, -1, -1, -1
     )  # 4 equal clips
-    aug, cpu = AugmentConfig(blur_p=0.5), torch.device("cpu")
+    aug, cpu = AugmentConfig(blur_p=0.5, colour=0.4), torch.device("cpu")
     x = ViewMaker(spec, aug, torch.Generator().manual_seed(0), cpu, None).view(clip)
     assert x.shape == (4, 3, 3, 32, 32) and torch.equal(x[:, 0], x[:, 2])  # one crop for a clip's frames
     assert not torch.equal(x[0], x[1])  # another for the next clip
     halves = [ViewMaker(spec, aug, torch.Generator().manual_seed(0), cpu, (r * 2, 4)) for r in (0, 1)]
     assert torch.allclose(torch.cat([h.view(clip[r * 2 : r * 2 + 2]) for r, h in enumerate(halves)]), x)
-    for refused in (AugmentConfig(colour=0.3), AugmentConfig(hflip=True)):
-        with pytest.raises(Exception, match="mirroring"):
-            ViewMaker(spec, refused, torch.Generator(), cpu, None).view(clip)
+    with pytest.raises(Exception, match="mirroring"):
+        ViewMaker(spec, AugmentConfig(hflip=True), torch.Generator(), cpu, None).view(clip)
+    # a clip's frames take the colour factors an image takes from the same draws
+    frames = torch.rand(2, 3, 3, 8, 8)
+    gen = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    jittered = jitter_colour(frames.flatten(1, 2), gen(), 0.5).unflatten(1, (3, 3))
+    for t in range(3):
+        assert torch.allclose(jittered[:, t], jitter_colour(frames[:, t], gen(), 0.5), atol=1e-6)
+    assert not torch.allclose(jittered, frames, atol=1e-2)
 
 
 def test_tables_of_clips_validate_and_refuse_mixing(motion, tmp_path):
@@ -519,10 +526,26 @@ def test_videos_convert_to_shards_and_mixed_shards_are_refused(motion, tmp_path)
     direct = try_load_frames(Frames(video=tmp_path / "good.mkv"), "v", 32)[0]
     assert torch.equal(_decoded(shards, 8)[0], direct)
     table.write_text("".join(json.dumps(x) + "\n" for x in [lines[0], lines[2]] * 2))
-    report = convert(table, tmp_path / "mixed", progress=False)
-    urls = expand_shards(report.extra["pattern"])
     with pytest.raises(Exception, match="mix clips and single images"):
-        next(ShardBatches(urls, 32, 4, 3, "first", shuffle_buffer=1).epoch(0))
+        convert(table, tmp_path / "mixed", progress=False)
+    # shards of images after shards of clips: the first shard's first sample decides, any other kind stops
+    table.write_text(json.dumps(lines[2]) + "\n")
+    images = convert(table, tmp_path / "images", progress=False)
+    urls = expand_shards(report.extra["pattern"]) + expand_shards(images.extra["pattern"])
+    with pytest.raises(Exception, match="sample '.*' is a single image among clips"):
+        list(ShardBatches(urls, 32, 2, 3, "first", clip=(8, "uniform")).epoch(0))
+
+
+def test_shard_frame_members_in_number_order():
+    from lipkit.data.frames import shard_frames
+    from lipkit.data.sources.shards import parse_sample
+
+    frames = shard_frames({"__key__": "k", "10.jpg": b"ten", "2.png": b"two", "0.jpg": b"zero", "txt": b"x"})
+    assert frames.items == (b"zero", b"two", b"ten")  # by number, not by name
+    assert shard_frames({"mp4": b"video", "0.jpg": b"zero"}).video == b"video"  # the video wins
+    assert shard_frames({"jpg": b"image", "٣.jpg": b"not ascii"}) is None  # a single image
+    got = parse_sample({"__key__": "k", "0001.jpg": b"a", "1.png": b"b", "txt": b"cap"})
+    assert got.reason == "no_frames" and "share the number 1" in got.detail
 
 
 def test_change_phrases_by_rules():
@@ -671,6 +694,12 @@ def test_glscl_loss_matches_a_loop():
 
 
 def test_glscl_trains_and_its_global_score_tends_to_the_dense_cosine(motion, tmp_path):
+    from dataclasses import replace
+
+    from lipkit.checkpoint import load_checkpoint
+    from lipkit.config import EvalConfig
+    from lipkit.eval.evaluate import evaluate_records
+    from lipkit.eval.similarity_choice import resolve_similarity, resolve_trained_settings
     from lipkit.objectives.glscl import global_scores
     from lipkit.train.launch import run_training
 
@@ -686,6 +715,23 @@ def test_glscl_trains_and_its_global_score_tends_to_the_dense_cosine(motion, tmp
     cfg.model.overrides = {**TINY_MODEL, "temporal": "transformer"}
     _, result = run_training(cfg)
     assert result.steps == 3
+    # lipkit eval scores the run by its global score (eval.similarity auto → frames); with a flat softmax
+    # that is the dense cosine of the pooled clip, metric for metric
+    model, tok, _ = load_checkpoint(tmp_path / "run" / "checkpoint")
+    recs = with_frame_count(read_records(motion / "test.jsonl")[0], 4)
+    ecfg = EvalConfig(class_columns=["motion", "label"], templates=["{}", "a {}"])
+    got = {
+        t: evaluate_records(model, tok, recs, replace(ecfg, frame_temperature=t), similarity="frames")
+        for t in (0.03, 1e9)
+    }
+    dense = evaluate_records(model, tok, recs, ecfg, similarity="dense")
+    assert got[1e9]["metrics"] == pytest.approx(dense["metrics"]) and got[0.03]["metrics"] != dense["metrics"]
+    assert resolve_similarity("auto", "glscl") == "frames"
+    assert resolve_trained_settings(EvalConfig(), "glscl", {"pool_temperature": 0.5}).frame_temperature == 0.5
+    images = read_records(motion / "train.jsonl")[0][:2]
+    for r in images:
+        r.frames = None
+    assert evaluate_records(model, tok, images, ecfg, similarity="frames")["similarity"] == "dense"
     # S^g with a flat softmax is the cosine of the mean-pooled clip (what the dense index serves)
     torch.manual_seed(0)
     text, frames = torch.randn(3, 8, dtype=torch.float64), torch.randn(5, 4, 8, dtype=torch.float64)

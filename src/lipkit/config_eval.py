@@ -15,9 +15,12 @@ class EvalConfig:
     # also retrieval per value of this list column parallel to the captions, e.g. langs: per-language R@K
     group_by: str = ""
     # how a pair is scored: "dense" (cosine of the pooled embeddings), "filip" (token-wise late
-    # interaction), "lexical" (sparse dot product of LexLIP term weights), or "auto": filip / lexical for
-    # checkpoints trained with the filip or wukong / lexlip objective, dense otherwise
+    # interaction), "lexical" (sparse dot product of LexLIP term weights), "frames" (clips: GLSCL's
+    # text-conditioned pooling of the frame states; image splits and adapted models are scored dense),
+    # or "auto": filip / lexical / frames for checkpoints
+    # trained with the filip or wukong / lexlip / glscl objective, dense otherwise
     similarity: str = "auto"
+    frame_temperature: float = 0.0  # τ_g of similarity=frames; 0: a glscl run's own, else 0.03
     # token-wise scoring keeps the K image tokens most aligned with each image's mean token (Wukong's
     # reduced-token interaction); 0: a model trained with wukong keeps its own K, any other every token
     image_tokens_kept: int = 0

@@ -39,7 +39,7 @@ def check_model(model, info: dict, task: str, column: str) -> None:
     objective = (info.get("train") or {}).get("objective")
     scored = resolve_similarity("auto", objective)
     if scored != "dense":
-        how = "token-wise" if scored == "filip" else "lexically"
+        how = {"filip": "token-wise", "lexical": "lexically"}.get(scored, "by text-conditioned frame pooling")
         raise UserError(
             f"This checkpoint is scored {how} (train.objective {objective}) and the attack ascends the pooled "
             "similarity; attack a checkpoint scored by pooled embeddings."

@@ -6,11 +6,12 @@ the shards."""
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 from pathlib import Path
 
 from PIL import Image
 
-from lipkit.data.frames import try_load_frames, video_member
+from lipkit.data.frames import mixed_kinds, try_load_frames, video_member
 from lipkit.data.images import classify_failure, empty_source, open_image, try_load_image
 from lipkit.data.records import Record, Skip
 from lipkit.data.scan_report import Report, run_pass
@@ -39,10 +40,12 @@ def _file_bytes(path: Path, key: str) -> bytes | Skip:
 
 def clip_members(record: Record, verify: bool = False, size: int = 32) -> dict[str, bytes] | Skip:
     """A clip's shard members (data/sources/shards.py): `{ext: video bytes}`, or `{"0000.jpg": frame bytes,
-    …}` with each frame as image_bytes gives it; or why it cannot be used (`verify`: all of it decoded)."""
+    …}` with each frame as image_bytes gives it; or why it cannot be used (`verify`: every frame of a list
+    decoded, a video's frames as training samples them by default)."""
     frames = record.frames
     assert frames is not None
-    if verify and (reason := try_load_frames(frames, record.key, size)[1:])[0]:
+    every = replace(frames, count=len(frames.items), sampling="uniform") if frames.items else frames
+    if verify and (reason := try_load_frames(every, record.key, size)[1:])[0]:
         return Skip(reason[0], record.key, reason[1])
     if frames.video is not None:
         video = frames.video
@@ -50,7 +53,8 @@ def clip_members(record: Record, verify: bool = False, size: int = 32) -> dict[s
         if isinstance(data, Skip):
             return data
         ext = video_member(video, data)
-        return {ext: data} if ext else Skip("broken_video", record.key, "not a video container lipkit reads")
+        why = "not an MP4, MOV, WebM, MKV or AVI file (convert it to one of those)"
+        return {ext: data} if ext else Skip("broken_video", record.key, why)
     members: dict[str, bytes] = {}
     for i, item in enumerate(frames.items):
         one = (
@@ -77,8 +81,8 @@ def image_bytes(record: Record, verify: bool = False, size: int = 32) -> tuple[b
     only the header is read (empty, missing, not an image, too large); with it the image is decoded."""
     if record.frames is not None:
         raise UserError(
-            f"Sample '{record.key}' is a clip (a `frames` column); clips are not copied here: keep them in a "
-            "table, parquet file or shards (`lipkit data convert`, docs/video.md)."
+            f"Sample '{record.key}' is a clip, and only single images are copied here; keep clips in their "
+            "table, parquet file or shards (docs/video.md)."
         )
     data = _read_bytes(record)
     if isinstance(data, Skip):
@@ -112,8 +116,12 @@ def convert(
 ) -> Report:
     """Write WebDataset shards of `src` into `out`; the report's extra holds shards, pattern and rate."""
     writer = ShardOutput(Path(out), shard_size)
+    kinds: set[bool] = set()  # clips or images: the shards hold one kind (data/shard_streams.py)
 
     def work(record: Record) -> Skip | None:
+        kinds.add(record.frames is not None)
+        if len(kinds) > 1:
+            raise mixed_kinds(record.key, record.frames is not None, f"The samples of '{src}'")
         got = clip_members(record, verify) if record.frames is not None else image_bytes(record, verify)
         if isinstance(got, Skip):
             return got

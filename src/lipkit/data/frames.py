@@ -81,37 +81,40 @@ def frames_of(value: Any, root: Path) -> Frames | None:
     return None
 
 
-def shard_frames(sample: dict[str, Any]) -> Frames | None:
-    """A WebDataset sample's clip: its video member (`key.mp4`, `.webm`, … ) or its numbered frame members
-    (`key.0000.jpg`, `key.0001.png`, … in the numbers' order); None for a sample of one image."""
+def shard_frames(sample: dict[str, Any]) -> Frames | str | None:
+    """A WebDataset sample's clip: its video member (`key.mp4`, `.webm`, …; it wins over frame members) or its
+    numbered frame members (`key.0000.jpg`, `key.1.png`, … in the numbers' order); None for a sample of one
+    image; a sentence when two frame members share a number."""
     for ext in VIDEO_MEMBERS:
         if ext in sample:
             return Frames(video=bytes(sample[ext]))
-    numbered = []
+    numbered: dict[int, tuple[str, bytes]] = {}
     for name, data in sample.items():
         number, _, ext = str(name).partition(".")
-        if number.isdigit() and ext.lower() in IMAGE_EXTS:
-            numbered.append((int(number), bytes(data)))
-    return Frames(items=tuple(data for _, data in sorted(numbered))) if numbered else None
+        if number.isascii() and number.isdigit() and ext.lower() in IMAGE_EXTS:
+            if int(number) in numbered:
+                return f"frame members {numbered[int(number)][0]} and {name} share the number {int(number)}"
+            numbered[int(number)] = (str(name), bytes(data))
+    return Frames(items=tuple(numbered[n][1] for n in sorted(numbered))) if numbered else None
 
 
 def video_member(video: Path | bytes, data: bytes) -> str | None:
-    """The member extension a video is written under in a shard (its file's, else by its first bytes);
-    None when the bytes are no container lipkit decodes."""
-    if isinstance(video, Path) and video.suffix.lower() in VIDEO_EXTS:
-        return video.suffix.lower()[1:]
+    """The member extension a video is written under in a shard (its file's, else by its first bytes); None
+    when its first bytes are not those of a container a shard member can name (MP4/MOV, Matroska/WebM, AVI)."""
     if not sniff_video(data[:16]):
         return None
+    if isinstance(video, Path) and video.suffix.lower() in VIDEO_EXTS:
+        return video.suffix.lower()[1:]
     return "mp4" if data[4:8] == b"ftyp" else "avi" if data[:4] == b"RIFF" else "mkv"
 
 
-def stack_samples(images: list[torch.Tensor], where: str) -> torch.Tensor:
-    """Decoded samples as one batch; one sentence when they mix clips and single images."""
-    if len({x.dim() for x in images}) > 1:
-        raise UserError(
-            f"{where} mix clips and single images; keep clips and images in separate datasets (docs/video.md)."
-        )
-    return torch.stack(images)
+def mixed_kinds(key: str, clip: bool, where: str) -> UserError:
+    """The one sentence for a dataset that mixes clips and single images (sample `key` is a clip or not)."""
+    kind, other = ("a clip", "single images") if clip else ("a single image", "clips")
+    return UserError(
+        f"{where} mix clips and single images: sample '{key}' is {kind} among {other}; keep clips and images in "
+        "separate datasets (docs/video.md)."
+    )
 
 
 def check_frame_settings(count: int, sampling: str) -> None:

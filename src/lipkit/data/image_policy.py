@@ -17,6 +17,6 @@ IMAGE_REASONS = {
 # Why a multi-frame sample (data/frames.py) could not be used, besides its frames' image reasons.
 VIDEO_REASONS = {
     "broken_video": "the video cannot be decoded, has no video stream or is truncated",
-    "no_frames": "the sample's frame list is empty",
+    "no_frames": "the sample's frame list is empty, or two of its frame members share a number",
     "too_long_video": "the video has more frames than the limit",
 }

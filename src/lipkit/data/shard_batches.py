@@ -42,7 +42,6 @@ import torch
 from lipkit.data.batching import Batch, Log, SkipCounter, choose_captions, data_line
 from lipkit.data.caption_mix import check_mix
 from lipkit.data.captions import add_meta_captions_checked, check_meta_templates, filter_captions
-from lipkit.data.frames import DEFAULT_FRAMES, check_frame_settings, stack_samples
 from lipkit.data.records import Skip, describe
 from lipkit.data.shard_streams import (
     Item,
@@ -57,6 +56,7 @@ from lipkit.data.shard_streams import (
 from lipkit.data.sources.shards import (
     ShardStatus,
     cached_counts,
+    clip_settings,
     expand_shards,
     parse_sample,
     read_shard,
@@ -94,10 +94,9 @@ class ShardBatches:
         caption_mix: dict[str, float] | None = None,
         text_augment: dict[str, float] | None = None,
         split_sentences: bool = False,
-        clip: tuple[int, str] = (DEFAULT_FRAMES, "uniform"),  # a clip's data.num_frames, data.frame_sampling
+        clip: tuple[int, str] | None = None,  # clips: (data.num_frames, data.frame_sampling); None: images
     ) -> None:
         check_meta_templates(meta_captions)
-        check_frame_settings(*clip)
         check_mix(caption_mix or {})
         check_text_augment(text_augment or {})
         self.mix = dict(caption_mix or {})
@@ -332,7 +331,7 @@ class ShardBatches:
                     logged = sum(self.skips.epoch.values())
                     self.log(data_line(self._state, epoch * n + batch))
                 yield (
-                    stack_samples([x for _, _, x in rows], "The training shards' samples"),
+                    torch.stack([x for _, _, x in rows]),
                     [
                         c
                         for key, caps, _ in rows
@@ -389,7 +388,7 @@ class ShardSource:
             caption_mix=d.caption_mix,
             text_augment=d.text_augment,
             split_sentences=d.split_sentences,
-            clip=(d.num_frames, d.frame_sampling),
+            clip=clip_settings(self.urls[0], d.num_frames, d.frame_sampling),
         )
 
 

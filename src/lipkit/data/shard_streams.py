@@ -24,7 +24,7 @@ from torch.utils.data import IterableDataset
 from lipkit.data.batching import decode_record
 from lipkit.data.caption_mix import mixed_captions
 from lipkit.data.captions import filter_captions
-from lipkit.data.frames import DEFAULT_FRAMES, stack_samples
+from lipkit.data.frames import mixed_kinds
 from lipkit.data.image_store import worker_loader
 from lipkit.data.records import Skip
 from lipkit.data.sources.shards import ShardStatus, parse_sample, read_shard, shard_name
@@ -78,7 +78,7 @@ class StreamSpec:
     passes: int = 1  # passes to read, then an "end" item; 0: pass after pass, never ending
     meta: list[str] = field(default_factory=list)  # data.meta_captions templates
     mix: dict[str, float] = field(default_factory=dict)  # data.caption_mix (data/caption_mix.py)
-    clip: tuple[int, str] = (DEFAULT_FRAMES, "uniform")  # a clip's data.num_frames, data.frame_sampling
+    clip: tuple[int, str] | None = None  # clips (data.num_frames, data.frame_sampling), or None: images
 
 
 class ShardStream(IterableDataset):
@@ -127,13 +127,7 @@ class ShardStream(IterableDataset):
         def add(m: int, item: tuple, image: torch.Tensor | None) -> Iterator[Chunk]:
             nonlocal group, items, images
             if group is not None and m // CHUNK != group and items:
-                yield (
-                    p,
-                    items,
-                    stack_samples(images, f"The shard {shard_name(url)} samples")
-                    if images
-                    else self._empty(),
-                )
+                yield p, items, torch.stack(images) if images else self._empty()
                 items, images = [], []
             group = m // CHUNK
             items.append(item)
@@ -149,11 +143,7 @@ class ShardStream(IterableDataset):
                 status.samples, ("skip", k, status.samples, s.reason, s.key, s.detail, s.count), None
             )
         if items:
-            yield (
-                p,
-                items,
-                stack_samples(images, f"The shard {shard_name(url)} samples") if images else self._empty(),
-            )
+            yield p, items, torch.stack(images) if images else self._empty()
 
     def _item(self, k: int, m: int, sample: dict[str, Any]) -> tuple[tuple, torch.Tensor | None]:
         spec = self.spec
@@ -165,7 +155,9 @@ class ShardStream(IterableDataset):
             if not kept:
                 return ("filtered", k, m), None
             parsed = kept[0]
-        if parsed.frames is not None:  # a clip: data.num_frames frames by data.frame_sampling
+        if (parsed.frames is not None) != (spec.clip is not None):  # the first shard's first sample decides
+            raise mixed_kinds(parsed.key, parsed.frames is not None, "The training shards")
+        if spec.clip is not None:  # a clip: data.num_frames frames by data.frame_sampling
             parsed.frames = replace(parsed.frames, count=spec.clip[0], sampling=spec.clip[1])
         image, reason, detail = decode_record(parsed, spec.size)
         if image is None:

@@ -38,15 +38,18 @@ def jitter_colour(
     images: torch.Tensor, generator: torch.Generator, strength: float, rows: Rows | None = None
 ) -> torch.Tensor:
     """Per image: brightness, contrast and saturation each scaled by a factor in [1-s, 1+s] (hue is kept:
-    the colour of a thing is often what its caption says). `images` in [0, 1], (B, 3, H, W)."""
-    f = 1 + (_draw((3,), generator, rows, images.shape[0]).view(3, -1, 1, 1, 1) * 2 - 1) * strength
-    grey = (images * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
-    x = images * f[0]  # brightness
-    mean = grey.mean((2, 3), keepdim=True) * f[0]
-    x = (x - mean) * f[1] + mean  # contrast around the image's mean grey
-    grey = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    the colour of a thing is often what its caption says). `images` in [0, 1], (B, 3, H, W) — or (B, 3k, H, W),
+    the k frames of a clip stacked as channels, which all take the clip's factors (one draw per clip)."""
+    f = 1 + (_draw((3,), generator, rows, images.shape[0]).view(3, -1, 1, 1, 1, 1) * 2 - 1) * strength
+    frames = images.unflatten(1, (-1, 3))  # (B, k, 3, H, W)
+    weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 1, 3, 1, 1)
+    grey = (frames * weights).sum(2, keepdim=True)
+    x = frames * f[0]  # brightness
+    mean = grey.mean((3, 4), keepdim=True) * f[0]
+    x = (x - mean) * f[1] + mean  # contrast around each frame's mean grey
+    grey = (x * weights).sum(2, keepdim=True)
     x = (x - grey) * f[2] + grey  # saturation
-    return x.clamp(0, 1)
+    return x.clamp(0, 1).flatten(1, 2)
 
 
 def blur_some(

@@ -20,12 +20,13 @@ from lipkit.eval.adapted_classes import adapted_class_scores
 from lipkit.eval.caption_eval import caption_split
 from lipkit.eval.composed_retrieval import composed_metrics
 from lipkit.eval.embedding import embed_images, embed_texts
+from lipkit.eval.frame_similarity import frame_scores, frame_states
 from lipkit.eval.linear_probe import LinearProbe, fit_linear_probe
 from lipkit.eval.localization import localization_metrics
 from lipkit.eval.multilabel import multilabel_zeroshot
 from lipkit.eval.regions import has_regions, region_metrics
 from lipkit.eval.rerank import rerank_metrics
-from lipkit.eval.retrieval import retrieval_chance, retrieval_scores_metrics
+from lipkit.eval.retrieval import RetrievalTexts, retrieval_chance, retrieval_scores_metrics
 from lipkit.eval.similarity_choice import SIMILARITIES
 from lipkit.eval.zeroshot import class_embeddings, zeroshot_chance, zeroshot_scores_metrics
 from lipkit.models.dual_encoder import DualEncoder
@@ -114,23 +115,21 @@ def evaluate_records(
     scorer: tuple[DualEncoder, TextTokenizer] | None = None,
 ) -> dict[str, Any]:
     """Metrics (and chance levels) for one split; with `details`, also retrieval examples and a heat map.
-    `similarity`: "dense" (cosine of pooled embeddings) or "filip" (token-wise, see eval.token_similarity).
+    `similarity`: "dense" (cosine of pooled embeddings), "filip" (token-wise, see eval.token_similarity),
+    "lexical" or "frames" (clips, eval.frame_similarity).
     `probes`: linear probes per class column (`fit_probes`) scored as `probe/<column>/...`. `labels`:
     the classes and templates of a set that names them itself (registry.eval_labels), by column; those
     columns are classified too. A model with a caption decoder captions the split (eval.caption_eval;
     `scorer`: the other checkpoint that gives CLIP-score). Retrieval needs captions: a split without any
     has none; rows naming composed queries: eval.composed_retrieval. A split with no usable image (every
     one missing or corrupt, or none at all) is a UserError naming `split`."""
-    if similarity not in SIMILARITIES:
-        raise ValueError(f"similarity must be one of {SIMILARITIES}, not {similarity!r}")
-    if similarity == "lexical" and not model.has_lexicon:
-        raise UserError("eval.similarity=lexical needs a model with LexLIP heads (trained with lexlip).")
+    similarity = _checked_similarity(similarity, model, records)
     was_training = model.training
     model.eval()
     style = image_style(cfg)
     store = store or ImageStore(records, model.spec.image_size, cache=True, desc="evaluation", style=style)
     check_has_images(split, store)
-    images = _embed_split(model, store, cfg.batch_size, similarity, probes, cfg.image_tokens_kept)
+    images = _embed_split(model, store, cfg.batch_size, similarity, probes, cfg)
     metrics: dict[str, float] = {}
     chance: dict[str, float] = {}
     labels = labels or {}
@@ -178,6 +177,19 @@ def evaluate_records(
     return result
 
 
+def _checked_similarity(similarity: str, model: DualEncoder, records: Sequence[Record]) -> str:
+    """`similarity` for this model and split: frames scores clips of a model `lipkit adapt` did not change
+    (images, and its class heads or CLIP-Adapter, are scored by the pooled cosine)."""
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {SIMILARITIES}, not {similarity!r}")
+    if similarity == "lexical" and not model.has_lexicon:
+        raise UserError("eval.similarity=lexical needs a model with LexLIP heads (trained with lexlip).")
+    adapted = getattr(model.spec, "adapter", None)  # (an ONNX stand-in has no spec.adapter)
+    if similarity == "frames" and (adapted or not records or records[0].frames is None):
+        return "dense"
+    return similarity
+
+
 @dataclass
 class _Images:
     """A split's images under the similarity in use (and dense embeddings for linear probes)."""
@@ -185,6 +197,8 @@ class _Images:
     dense: torch.Tensor | None  # (N, D) pooled embeddings
     tokens: Any  # FILIP: token embeddings (eval.token_similarity.image_tokens)
     lexical: torch.Tensor | None  # LexLIP: (N, V) term weights
+    frames: torch.Tensor | None = None  # GLSCL: (N, T, D) frame states (eval.frame_similarity)
+    temperature: float = 0.0  # of the frames' score (eval.frame_temperature)
 
 
 def _embed_split(
@@ -193,13 +207,15 @@ def _embed_split(
     batch_size: int,
     similarity: str,
     probes: dict[str, LinearProbe] | None,
-    tokens_kept: int = 0,
+    cfg: EvalConfig,
 ) -> _Images:
-    filip = similarity == "filip"
+    filip, kept = similarity == "filip", cfg.image_tokens_kept or None
     return _Images(
         embed_images(model, store, batch_size) if similarity == "dense" or probes else None,
-        token_similarity.image_tokens(model, store, batch_size, tokens_kept or None) if filip else None,
+        token_similarity.image_tokens(model, store, batch_size, kept) if filip else None,
         lexical_images(model, store, batch_size) if similarity == "lexical" else None,
+        frame_states(model, store, batch_size) if similarity == "frames" else None,
+        cfg.frame_temperature,
     )
 
 
@@ -222,6 +238,8 @@ def _class_scores(
         lex = lexical_texts(model, tokenizer, prompts, batch_size)
         return images.lexical @ lex.view(len(classes), len(templates), -1).mean(1).t()
     cls = class_embeddings(embed_texts(model, tokenizer, prompts, batch_size), len(classes), len(templates))
+    if images.frames is not None:
+        return frame_scores(cls, images.frames, images.temperature).t()
     adapted = adapted_class_scores(model, tokenizer, images.dense, classes, column, cls, batch_size)
     return images.dense @ cls.t() if adapted is None else adapted  # a class head from `lipkit adapt`, or not
 
@@ -267,35 +285,6 @@ def _classify(
             chance[f"probe/{column}/{name}"] = chance[f"zeroshot/{column}/{name}"]
 
 
-@dataclass
-class RetrievalTexts:
-    """The split's distinct retrieval captions and which images each describes."""
-
-    captions: list[str]  # per image, its `eval.retrieval_caption`
-    texts: list[str]  # distinct, sorted
-    index: dict[str, int]  # text → its row
-    relevant: torch.Tensor  # (T, N)
-
-    @classmethod
-    def of(cls, records: Sequence[Record], which: int, every_caption: bool = False) -> RetrievalTexts:
-        """lipkit: caption `which` of each image, distinct texts relevant to every image that has them;
-        `every_caption` (CLIP_benchmark): every caption of every image, each relevant to its image only."""
-        captions = [r.captions[min(which, len(r.captions) - 1)] if r.captions else "" for r in records]
-        if every_caption:
-            owners = [i for i, r in enumerate(records) for _ in r.captions]
-            texts = [c for r in records for c in r.captions]
-            index = {t: i for i, t in reversed(list(enumerate(texts)))}  # a text's first row
-            rows = torch.arange(len(texts))
-        else:
-            texts = sorted(set(captions))
-            index = {t: i for i, t in enumerate(texts)}
-            owners = list(range(len(records)))
-            rows = torch.tensor([index[c] for c in captions])
-        relevant = torch.zeros(len(texts), len(records), dtype=torch.bool)
-        relevant[rows, torch.tensor(owners)] = True
-        return cls(captions, texts, index, relevant)
-
-
 def _retrieve_per_group(
     model: DualEncoder,
     tokenizer: TextTokenizer,
@@ -329,7 +318,11 @@ def _retrieve_per_group(
         index = torch.tensor([i for i, _ in members])
         subset = [replace(records[i], captions=[c]) for i, c in members]
         kept = _Images(
-            *(None if x is None else x[index] for x in (images.dense, images.tokens, images.lexical))
+            *(
+                None if x is None else x[index]
+                for x in (images.dense, images.tokens, images.lexical, images.frames)
+            ),
+            images.temperature,
         )
         m: dict[str, float] = {}
         c: dict[str, float] = {}
@@ -362,6 +355,11 @@ def _retrieve(
         image_to_text = sims.t()
         metrics["lexicon/image_nonzero_terms"] = (images.lexical > 0).sum(1).double().mean().item()
         metrics["lexicon/text_nonzero_terms"] = (txt_lex > 0).sum(1).double().mean().item()
+    elif images.frames is not None:
+        sims = frame_scores(
+            embed_texts(model, tokenizer, texts.texts, batch_size), images.frames, images.temperature
+        )
+        image_to_text = sims.t()
     else:
         sims = embed_texts(model, tokenizer, texts.texts, batch_size) @ images.dense.t()
         image_to_text = sims.t()

@@ -7,7 +7,12 @@ among its K most similar.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
+
+from lipkit.data.records import Record
 
 
 def recall_at_k(
@@ -43,3 +48,32 @@ def retrieval_chance(relevant: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)) -
                 miss = miss * ((n - r - j) / (n - j)).clamp(min=0)
             out[f"{name}/R@{k}"] = (1 - miss).mean().item()
     return out
+
+
+@dataclass
+class RetrievalTexts:
+    """The split's distinct retrieval captions and which images each describes."""
+
+    captions: list[str]  # per image, its `eval.retrieval_caption`
+    texts: list[str]  # distinct, sorted
+    index: dict[str, int]  # text → its row
+    relevant: torch.Tensor  # (T, N)
+
+    @classmethod
+    def of(cls, records: Sequence[Record], which: int, every_caption: bool = False) -> RetrievalTexts:
+        """lipkit: caption `which` of each image, distinct texts relevant to every image that has them;
+        `every_caption` (CLIP_benchmark): every caption of every image, each relevant to its image only."""
+        captions = [r.captions[min(which, len(r.captions) - 1)] if r.captions else "" for r in records]
+        if every_caption:
+            owners = [i for i, r in enumerate(records) for _ in r.captions]
+            texts = [c for r in records for c in r.captions]
+            index = {t: i for i, t in reversed(list(enumerate(texts)))}  # a text's first row
+            rows = torch.arange(len(texts))
+        else:
+            texts = sorted(set(captions))
+            index = {t: i for i, t in enumerate(texts)}
+            owners = list(range(len(records)))
+            rows = torch.tensor([index[c] for c in captions])
+        relevant = torch.zeros(len(texts), len(records), dtype=torch.bool)
+        relevant[rows, torch.tensor(owners)] = True
+        return cls(captions, texts, index, relevant)

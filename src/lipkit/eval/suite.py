@@ -27,7 +27,7 @@ from lipkit.eval.similarity_choice import (
     head_objective,
     resolve_rerank,
     resolve_similarity,
-    resolve_tokens_kept,
+    resolve_trained_settings,
 )
 from lipkit.malloc import keep_freed_memory
 
@@ -52,7 +52,9 @@ def _run_eval(checkpoint: str | Path, splits: dict[str, str], cfg: Config, out: 
     frames = model.spec.clip_frames or d.num_frames  # clips decode as many frames as the model trained on
     trained = info.get("train", {})
     similarity = resolve_similarity(cfg.eval.similarity, trained.get("objective"))
-    eval_cfg = resolve_tokens_kept(cfg.eval, trained.get("objective"), trained.get("objective_args") or {})
+    eval_cfg = resolve_trained_settings(
+        cfg.eval, trained.get("objective"), trained.get("objective_args") or {}
+    )
     eval_cfg = resolve_rerank(eval_cfg, head_objective(info))
     results: dict[str, Any] = {
         "checkpoint": str(Path(checkpoint).resolve()),

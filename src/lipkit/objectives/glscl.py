@@ -19,13 +19,17 @@ frame_features), w_{a,r} the caption's word features (text_tokens) and x̂ = x/�
 Defaults are the recipe's (train_msrvtt.sh): K = 8 queries, 3 decoder layers, τ_g = 3 over CLIP's unnormalised
 features (norms near 10), here 0.03 over cosines; λ = 0.5, α = 1e-4, β = 0.02, m = 0.1, μ = 0.75.
 
-Differences from the code: the decoder has no dropout (a step is exact across ranks and resumes) and masks
-the captions' padding (the code attends to it); it reads normalised frame states and words; the diagonal term
+Differences from the code: the pooling weights come from cosines (the code's from raw dot products, so a
+frame of larger norm weighs more there); every clip has T frames, so no frame is masked (a clip shorter than T
+repeats frames, which then count twice; the code masks padded frames); the decoder has no dropout (a step is
+exact across ranks and resumes), its feed-forward is 4·D wide (the code's 2048, the same at D = 512), it masks
+the captions' padding (the code attends to it) and reads normalised frame states and words; the diagonal term
 takes the batch mean of V_bk·W_bk (the code divides the batch's sum by K). The diversity term covers the
-clips' queries only, as the code's loss does. GLSCL's inference uses the global score alone; lipkit's
-evaluation, index and server score a clip by its temporal head's pooled embedding (the dense cosine: S^g
-with τ_g → ∞), and `global_scores` gives S^g for a benchmark to compare (bench/video.py). Not implemented:
-the code's per-chunk ("center") variant of the global score.
+clips' queries only, as the code's loss does. GLSCL's inference uses the global score alone, and so does
+`lipkit eval` for a glscl run (eval/frame_similarity.py); the index and the server score a clip by its temporal
+head's pooled embedding, as a text-dependent score cannot be indexed (for the mean and transformer heads that is
+S^g with τ_g → ∞; slice pooling weighs the frames by its own query).
+Not implemented: the code's per-chunk ("center") variant of the global score.
 """
 
 from __future__ import annotations
@@ -41,11 +45,14 @@ from lipkit.objectives.infonce import WidthBound
 
 def global_scores(text: torch.Tensor, frames: torch.Tensor, temperature: float) -> torch.Tensor:
     """(N_t, N_v) S^g: each caption (N_t, D) against each clip's text-conditioned pooling of its (N_v, T, D)
-    frame states (the module docstring)."""
+    frame states (the module docstring). The pooled vectors p_ab are never built: t̂_a·p_ab = Σ_t α_abt t̂_a·s_bt
+    and ‖p_ab‖² = Σ_tu α_abt α_abu s_bt·s_bu, so memory is N_t·N_v·T, not N_t·N_v·D."""
     t = F.normalize(text, dim=-1)
-    weights = torch.einsum("ad,btd->abt", t, F.normalize(frames, dim=-1)).div(temperature).softmax(-1)
-    pooled = torch.einsum("abt,btd->abd", weights, frames)
-    return torch.einsum("ad,abd->ab", t, F.normalize(pooled, dim=-1))
+    dots = torch.einsum("ad,btd->abt", t, frames)  # t̂_a · s_bt
+    weights = (dots / frames.norm(dim=-1).clamp(min=1e-12) / temperature).softmax(-1)  # cosines / τ_g
+    gram = frames @ frames.transpose(1, 2)  # (N_v, T, T)
+    square = torch.einsum("abt,btu,abu->ab", weights, gram, weights)
+    return (weights * dots).sum(-1) / square.clamp(min=0).sqrt().clamp(min=1e-12)
 
 
 def diversity_loss(concepts: torch.Tensor, margin: float) -> torch.Tensor:

@@ -85,13 +85,15 @@ def token_wise_of(info: dict[str, Any]) -> int | None:
     embeddings; else the image tokens kept per image (0: all) — FILIP's and Wukong's late interaction, as
     `lipkit eval` scores them (eval.similarity_choice, `auto`)."""
     from lipkit.config import EvalConfig
-    from lipkit.eval.similarity_choice import resolve_similarity, resolve_tokens_kept
+    from lipkit.eval.similarity_choice import resolve_similarity, resolve_trained_settings
 
     trained = info.get("train", {}) or {}
     objective = trained.get("objective")
     if resolve_similarity("auto", objective) != "filip":
         return None
-    return resolve_tokens_kept(EvalConfig(), objective, trained.get("objective_args") or {}).image_tokens_kept
+    return resolve_trained_settings(
+        EvalConfig(), objective, trained.get("objective_args") or {}
+    ).image_tokens_kept
 
 
 @dataclass

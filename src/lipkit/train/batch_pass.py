@@ -105,7 +105,7 @@ class BatchPass:
         (EZ-CLIP's motion loss, VDI's dynamics)."""
         if self.images.dim() != 5:
             raise UserError(
-                "This objective reads each frame's features; train it on clips (a table with a `frames` column)."
+                "This objective reads each frame's features; train it on clips (a `frames` column, or shards of clips)."
             )
         return self.model.frame_states(self.images)
 

@@ -22,7 +22,7 @@ from lipkit.data.records import Record
 from lipkit.data.sources.registry import eval_labels
 from lipkit.device import use_bf16
 from lipkit.eval.evaluate import evaluate_records
-from lipkit.eval.similarity_choice import resolve_rerank, resolve_similarity, resolve_tokens_kept
+from lipkit.eval.similarity_choice import resolve_rerank, resolve_similarity, resolve_trained_settings
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.text.tokenizer import TextTokenizer
 from lipkit.train.distributed import gather_objects
@@ -46,7 +46,8 @@ class Evaluator:
         self.device, self.console = device, console
         self.similarity = resolve_similarity(cfg.eval.similarity, cfg.train.objective)
         self.eval_cfg = resolve_rerank(
-            resolve_tokens_kept(cfg.eval, cfg.train.objective, cfg.train.objective_args), cfg.train.objective
+            resolve_trained_settings(cfg.eval, cfg.train.objective, cfg.train.objective_args),
+            cfg.train.objective,
         )
         self.labels = {name: eval_labels(path) for name, path in cfg.data.eval.items()}
         self.last: dict[str, float] = {}

@@ -64,11 +64,12 @@ class ViewMaker:
         if self.no_augmentation and scale is None:
             return normalize(images_u8, spec.image_mean, spec.image_std).to(self.device)
         lo, hi = scale if scale is not None else (a.scale_min, 1.0)
-        clips = images_u8.dim() == 5  # one draw per clip: its frames stacked as channels get the same crop
-        if clips and (a.colour or a.hflip):
+        clips = (
+            images_u8.dim() == 5
+        )  # one draw per clip: its frames stacked as channels, the same crop and colour
+        if clips and a.hflip:
             raise UserError(
-                "Clips train without colour jitter and without mirroring (a mirrored clip moving right moves "
-                "left); set augment.colour=0 and augment.hflip=false."
+                "Clips train without mirroring (a mirrored clip moving right moves left); set augment.hflip=false."
             )
         x = (images_u8.flatten(1, 2) if clips else images_u8).float() / 255.0
         x = augment(x, self.gen, lo, a.rotate_deg, a.hflip, a.blur_p, a.colour, self.rows, hi)

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from lipkit.atomic import write_text_atomic
-from lipkit.data.frames import shard_frames
+from lipkit.data.frames import Frames, check_frame_settings, shard_frames
 from lipkit.data.image_policy import IMAGE_EXTS
 from lipkit.data.records import Record, Skip, caption_record, parse_captions, parse_json_meta
 from lipkit.errors import UserError
@@ -191,9 +191,11 @@ def parse_sample(sample: dict[str, Any], caption_column: str = "captions") -> Re
     if captions is None and "txt" in sample:
         captions = sample["txt"]
     clip = shard_frames(sample)  # a video member or numbered frames (data/frames.py)
+    if isinstance(clip, str):
+        return Skip("no_frames", key, clip)
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if ext is None and clip is None:
-        return Skip("no_image", key, f"no {'/'.join(IMAGE_EXTS[:4])} member")
+        return Skip("no_image", key, f"no {'/'.join(IMAGE_EXTS[:4])} member, video or numbered frames")
     if captions is None:
         return Skip("no_caption", key, "no .txt or .json caption")
     first = sample[ext] if ext else clip.video if clip.video is not None else clip.items[0]  # type: ignore[union-attr]
@@ -207,7 +209,16 @@ def holds_clips(url: str) -> bool:
     """Whether the shard's first sample is a clip (a video member or numbered frames)."""
     with contextlib.closing(read_shard(url, ShardStatus(url))) as samples:
         sample = next(samples, None)
-    return sample is not None and shard_frames(sample) is not None
+    return sample is not None and isinstance(shard_frames(sample), (Frames, str))
+
+
+def clip_settings(url: str, count: int, sampling: str) -> tuple[int, str] | None:
+    """(data.num_frames, data.frame_sampling) for shards whose first shard (`url`) starts with a clip (then
+    every sample must be one), else None: single images."""
+    if not holds_clips(url):
+        return None
+    check_frame_settings(count, sampling)
+    return count, sampling
 
 
 def scan_shards(
