@@ -1,7 +1,7 @@
 """What `lipkit data convert` does (the CLI only parses and prints): any source (table, parquet, folder,
 shards) to WebDataset shards. Image bytes are copied as they are (formats outside jpg/png/webp/gif/bmp/tif
-are re-encoded as PNG), a clip's video file or frame images alike, unusable samples are skipped and counted; `lipkit-counts.json` is written beside
-the shards."""
+are re-encoded as PNG), and so are a clip's video file or frame images; unusable samples are skipped and
+counted; `lipkit-counts.json` is written beside the shards."""
 
 from __future__ import annotations
 
