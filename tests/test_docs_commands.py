@@ -77,7 +77,7 @@ DEFAULT_PREFIXES = (
     "make demo",
     "lipkit eval runs/demo/checkpoint",
     "lipkit report runs/demo",
-    "lipkit data convert",
+    "lipkit data convert ~/.cache/lipkit/datasets/emoji/",  # (the motion clips' convert runs with -m slow)
     "lipkit data inspect",
     "lipkit data export-eval",
     "lipkit embed runs/demo/checkpoint",

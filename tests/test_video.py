@@ -633,7 +633,7 @@ def _glscl_loop(obj, txt, scale, frames, words, mask):
     import torch.nn.functional as F
 
     b, t = frames.shape[:2]
-    k = obj.shape[0]
+    k = obj.queries
     unit = lambda x: x / x.norm()  # noqa: E731
     clips = [obj.local(frames[i : i + 1])[0] for i in range(b)]
     caps = [obj.local(words[i : i + 1, : int(mask[i].sum())])[0] for i in range(b)]

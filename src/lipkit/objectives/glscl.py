@@ -115,19 +115,18 @@ class GlobalLocalConsistency(WidthBound):
             raise ValueError("queries, layers and heads must be 1 or more")
         if pool_temperature <= 0 or min(local_weight, diversity_weight, consistency_beta, margin) < 0:
             raise ValueError("pool_temperature must be above 0 and the weights and margin 0 or more")
-        self.shape = (queries, layers, heads)
+        self.queries, self.layers, self.heads = queries, layers, heads
         self.pool_temperature, self.local_weight = pool_temperature, local_weight
         self.diversity_weight, self.margin = diversity_weight, margin
         self.consistency_beta, self.consistency_target = consistency_beta, consistency_target
         self.local: SharedQueries | None = None  # sized to the embeddings by bind_model / bind_width
 
     def bind_width(self, dim: int) -> None:
-        queries, layers, heads = self.shape
-        if dim % heads:
+        if dim % self.heads:
             raise ValueError(
-                f"the embedding width {dim} must divide into heads={heads}; set objective_args.heads"
+                f"the embedding width {dim} must divide into heads={self.heads}; set objective_args.heads"
             )
-        self.local = SharedQueries(dim, queries, layers, heads)
+        self.local = SharedQueries(dim, self.queries, self.layers, self.heads)
 
     def concepts(
         self, frames: torch.Tensor, words: torch.Tensor, mask: torch.Tensor
