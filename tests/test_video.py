@@ -505,6 +505,7 @@ def test_clips_convert_to_shards_that_decode_shard_and_train_alike(motion, tmp_p
 
 def test_videos_convert_to_shards_and_mixed_shards_are_refused(motion, tmp_path):
     from lipkit.data.convert import convert
+    from lipkit.data.inspection import inspect
     from lipkit.data.shard_batches import ShardBatches
     from lipkit.data.sources.shards import expand_shards
 
@@ -519,6 +520,8 @@ def test_videos_convert_to_shards_and_mixed_shards_are_refused(motion, tmp_path)
     ]
     table = tmp_path / "videos.jsonl"
     table.write_text("".join(json.dumps(x) + "\n" for x in lines[:2]))
+    seen = inspect(table, progress=False)  # the container by its first bytes, not as an image
+    assert seen.extra["image_formats"] == {"MKV": 1} and seen.skipped == Counter(broken_video=1)
     report = convert(table, tmp_path / "shards", verify=True, progress=False)
     assert report.samples == 1 and report.skipped == Counter(broken_video=1)
     shards, _ = read_records(report.extra["pattern"])

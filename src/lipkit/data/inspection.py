@@ -13,6 +13,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from lipkit.data.batching import decode_record
+from lipkit.data.frames import video_member
 from lipkit.data.images import classify_failure, open_image
 from lipkit.data.records import Record, Skip
 from lipkit.data.scan_report import Report, run_pass
@@ -74,6 +75,8 @@ def inspect(
             langs.update(str(t) for t in tags)
         elif isinstance(tags, str) and tags:
             langs[tags] += 1
+        if record.frames is not None and record.frames.video is not None:
+            return _video_format(record, formats)
         source = record.source
         try:
             with open_image(source) as im:  # the header only
@@ -105,6 +108,25 @@ def inspect(
         stats = {"n": len(v), "min": v[0], "median": v[len(v) // 2], "max": v[-1]}
         report.extra["clip_score"] = {**stats, "histogram": score_histogram(v)}
     return report
+
+
+def _video_format(record: Record, formats: Counter[str]) -> Skip | None:
+    """Count a video clip's container by its first bytes (its frames are decoded by `validate`)."""
+    video = record.frames.video
+    try:
+        if isinstance(video, bytes):
+            head = video[:16]
+        else:
+            with open(video, "rb") as f:
+                head = f.read(16)
+    except OSError as e:
+        reason, detail = classify_failure(e, str(video))
+        return Skip(reason, record.key, detail)
+    ext = video_member(video, head)
+    if ext is None:
+        return Skip("broken_video", record.key, "not an MP4, MOV, WebM, MKV or AVI file")
+    formats[ext.upper()] += 1
+    return None
 
 
 def _check(args: tuple[Record, int]) -> Skip | None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from collections.abc import Generator, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import rich
@@ -24,7 +24,7 @@ from torch.utils.data import IterableDataset
 from lipkit.data.batching import decode_record
 from lipkit.data.caption_mix import mixed_captions
 from lipkit.data.captions import filter_captions
-from lipkit.data.frames import mixed_kinds
+from lipkit.data.frames import mixed_kinds, with_frame_count
 from lipkit.data.image_store import worker_loader
 from lipkit.data.records import Skip
 from lipkit.data.sources.shards import ShardStatus, parse_sample, read_shard, shard_name
@@ -158,7 +158,7 @@ class ShardStream(IterableDataset):
         if (parsed.frames is not None) != (spec.clip is not None):  # the first shard's first sample decides
             raise mixed_kinds(parsed.key, parsed.frames is not None, "The training shards")
         if spec.clip is not None:  # a clip: data.num_frames frames by data.frame_sampling
-            parsed.frames = replace(parsed.frames, count=spec.clip[0], sampling=spec.clip[1])
+            with_frame_count([parsed], *spec.clip)
         image, reason, detail = decode_record(parsed, spec.size)
         if image is None:
             return ("skip", k, m, reason, parsed.key, detail, 1), None
