@@ -19,6 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of the cross-entropy of softmax(logits) against each row's target distribution."""
+    return -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
+
+
 class InfoNCE(nn.Module):
     local_form: ClassVar[str | None] = "rows"  # train.local_losses: each rank its own rows and columns
     inputs: ClassVar[tuple[str, ...]] = ("image_features", "text_features", "logit_scale")

@@ -32,9 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
+from lipkit.objectives.infonce import soft_cross_entropy
 
 
 class CLIPRefine(nn.Module):

@@ -40,11 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lipkit.objectives.infonce import soft_cross_entropy
 from lipkit.objectives.momentum import ema_update, momentum_copy
-
-
-def soft_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
 
 
 def pool_grid(tokens: torch.Tensor, grid: int) -> torch.Tensor:
@@ -177,10 +174,10 @@ class MomentumTripleContrast(nn.Module):
                 self.distill_alpha * F.softmax(t * y_m @ all_i.t(), dim=1) + (1 - self.distill_alpha) * onehot
             )
         terms = {
-            "i2t": soft_ce(t * x @ all_t.t(), i2t_target),
-            "t2i": soft_ce(t * y @ all_i.t(), t2i_target),
-            "i2i": soft_ce(t * x @ all_i.t(), onehot),
-            "t2t": soft_ce(t * y @ all_t.t(), onehot),
+            "i2t": soft_cross_entropy(t * x @ all_t.t(), i2t_target),
+            "t2i": soft_cross_entropy(t * y @ all_i.t(), t2i_target),
+            "i2i": soft_cross_entropy(t * x @ all_i.t(), onehot),
+            "t2t": soft_cross_entropy(t * y @ all_t.t(), onehot),
         }
         loss = sum(terms.values())
         if self.local_weight:

@@ -27,15 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lipkit.objectives.infonce import InfoNCE, WidthBound
+from lipkit.objectives.infonce import InfoNCE, WidthBound, soft_cross_entropy
 
 
 def soft_targets_loss(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
     """½ (rows' + columns' cross-entropy against the uniform distribution over each one's positives)."""
     p = positives.to(logits.dtype)
-    rows = -(p / p.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
-    cols = -(p / p.sum(0, keepdim=True) * logits.log_softmax(0)).sum(0).mean()
-    return 0.5 * (rows + cols)
+    rows = soft_cross_entropy(logits, p / p.sum(1, keepdim=True))
+    return 0.5 * (rows + soft_cross_entropy(logits.t(), (p / p.sum(0, keepdim=True)).t()))
 
 
 class VisualDynamics(WidthBound):
