@@ -350,6 +350,7 @@ class ShardSource:
 
     urls: list[str]
     cfg: Any = None
+    clip: tuple[int, str] | None = None  # clips: (data.num_frames, data.frame_sampling); None: images
 
     def captions(self) -> Iterator[str]:
         """Every training caption (for a tokenizer)."""
@@ -388,10 +389,11 @@ class ShardSource:
             caption_mix=d.caption_mix,
             text_augment=d.text_augment,
             split_sentences=d.split_sentences,
-            clip=clip_settings(self.urls[0], d.num_frames, d.frame_sampling),
+            clip=self.clip,
         )
 
 
 def open_shards(d: Any) -> ShardSource:
     """The shards `d.train` (a DataConfig's source) names; the sample records are streamed per epoch."""
-    return ShardSource(expand_shards(d.train), d)
+    urls = expand_shards(d.train)
+    return ShardSource(urls, d, clip_settings(urls[0], d.num_frames, d.frame_sampling))  # its first sample

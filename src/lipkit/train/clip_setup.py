@@ -7,7 +7,6 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from lipkit.data.sources.shards import holds_clips
 from lipkit.errors import UserError
 from lipkit.models.dual_encoder import DualEncoder
 from lipkit.train.inputs import objective_needs, requires
@@ -23,11 +22,12 @@ def prepare_clips(model: DualEncoder, objective: Any, data: Any, cfg: Any) -> No
 
 
 def trains_on_clips(data: Any) -> bool:
-    """Whether the training source holds clips: a table's first record, or the first shard's first sample."""
-    records, urls = getattr(data, "records", None), getattr(data, "urls", None)
+    """Whether the training source holds clips: a table's first record, or (shards) the first shard's first
+    sample, as data.shard_batches.open_shards read it."""
+    records = getattr(data, "records", None)
     if records:
         return records[0].frames is not None
-    return bool(urls) and holds_clips(urls[0])
+    return getattr(data, "clip", None) is not None
 
 
 def attach_temporal(model: DualEncoder, overrides: dict[str, Any]) -> None:
