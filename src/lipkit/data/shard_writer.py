@@ -15,8 +15,8 @@ from lipkit.errors import UserError
 class ShardOutput:
     """Write samples into `out/00000.tar`, `00001.tar` ... (`shard_size` samples each) with
     webdataset's ShardWriter, then `lipkit-counts.json`. Each sample: `NNNNNNNNN.<ext>` (the image
-    bytes as they were; a clip's `.mp4`, or its frames `.0000.jpg`, `.0001.jpg`, …), `.txt` (the first caption, for img2dataset readers) and `.json` (all captions,
-    the source key and the metadata)."""
+    bytes as they were; a clip's `.mp4`, or its frames `.0000.jpg`, `.0001.jpg`, …), `.txt` (the first
+    caption, for img2dataset readers) and `.json` (all captions, the source key and the metadata)."""
 
     def __init__(self, out: Path, shard_size: int) -> None:
         if shard_size < 1:

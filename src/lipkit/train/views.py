@@ -64,9 +64,8 @@ class ViewMaker:
         if self.no_augmentation and scale is None:
             return normalize(images_u8, spec.image_mean, spec.image_std).to(self.device)
         lo, hi = scale if scale is not None else (a.scale_min, 1.0)
-        clips = (
-            images_u8.dim() == 5
-        )  # one draw per clip: its frames stacked as channels, the same crop and colour
+        # one draw per clip: its frames stacked as channels take the same crop and colour
+        clips = images_u8.dim() == 5
         if clips and a.hflip:
             raise UserError(
                 "Clips train without mirroring (a mirrored clip moving right moves left); set augment.hflip=false."

@@ -3,11 +3,11 @@
 Layout (img2dataset's): consecutive tar members share a key, `key.jpg|png|webp|...` is the image,
 `key.txt` one caption and/or `key.json` an object with the captions (`captions`, `caption`, `text`
 or data.caption_column: a string or a list) and any metadata; a `key` field in the JSON names the
-sample (lipkit writes the source's key there), else the tar key does. A clip (data/frames.py) has a video
-member (`key.mp4`, `.webm`, `.mkv`, `.avi`, `.mov`, `.m4v`) or numbered frames (`key.0000.jpg`, `key.0001.jpg`, …)
-instead of the image. Shards are named by a brace
-pattern (`shards/{00000..00099}.tar`), a list of `.tar` paths, a folder, or `pipe:` URLs (any
-command that writes a tar to stdout); `webdataset` opens them and groups members into samples.
+sample (lipkit writes the source's key there), else the tar key does. A clip (data/frames.py) has a
+video member (`key.mp4`, `.webm`, `.mkv`, `.avi`, `.mov`, `.m4v`) or numbered frames (`key.0000.jpg`,
+`key.0001.jpg`, …) instead of the image. Shards are named by a brace pattern (`shards/{00000..00099}.tar`),
+a list of `.tar` paths, a folder, or `pipe:` URLs (any command that writes a tar to stdout); `webdataset`
+opens them and groups members into samples.
 
 Damage is reported, never fatal: a shard that cannot be opened, ends in the middle of a member
 (truncated download) or has a damaged header or trailing garbage (where `tarfile` would silently stop)
